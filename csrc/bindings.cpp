@@ -1,0 +1,120 @@
+// NOTE (kt-sft engine, Python bindings)
+// The module never sees torch: tensors arrive as integer data pointers plus sizes, and kt_sft/engine checks
+// dtype, shape, device and contiguity before every call. Compute calls release the GIL.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "cpu_features.h"
+#include "moe_layer.h"
+
+namespace py = pybind11;
+using namespace kt_sft;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+int dtype_code(const std::string& name) {
+  if (name == "float32") return kF32;
+  if (name == "bfloat16") return kBF16;
+  if (name == "float16") return kF16;
+  throw std::invalid_argument("unsupported dtype '" + name + "' (expected float32, bfloat16 or float16)");
+}
+
+const char* dtype_name(int code) { return code == kF32 ? "float32" : code == kBF16 ? "bfloat16" : "float16"; }
+
+py::dict cpu_info() {
+  const CpuFeatures& f = cpu_features();
+  py::dict d;
+  d["vendor"] = f.vendor;
+  d["model"] = f.model;
+  py::dict flags;
+  flags["avx2"] = f.avx2;
+  flags["fma"] = f.fma;
+  flags["f16c"] = f.f16c;
+  flags["avx512f"] = f.avx512f;
+  flags["avx512bw"] = f.avx512bw;
+  flags["avx512vl"] = f.avx512vl;
+  flags["avx512dq"] = f.avx512dq;
+  flags["avx512_bf16"] = f.avx512_bf16;
+  flags["amx_tile"] = f.amx_tile;
+  flags["amx_bf16"] = f.amx_bf16;
+  flags["amx_int8"] = f.amx_int8;
+  d["flags"] = flags;
+  py::dict os;
+  os["ymm"] = f.os_ymm;
+  os["zmm"] = f.os_zmm;
+  os["amx_tiles"] = f.os_amx;
+  os["amx_permitted"] = f.amx_permitted;
+  d["os"] = os;
+  d["amx_note"] = f.amx_note;
+  d["physical_cores"] = physical_cores();
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_engine, m) {
+  m.doc() = "kt-sft CPU MoE engine (no torch inside: raw pointers, checked by kt_sft.engine)";
+  m.def("cpu_info", &cpu_info, "CPUID / OS-state features relevant to the kernels");
+  m.def("supported_isas", &supported_isas, "ISA paths this CPU and OS can run, best last");
+  m.def(
+      "isa_supported",
+      [](const std::string& isa) {
+        std::string why;
+        bool ok = isa_supported(isa, &why);
+        return py::make_tuple(ok, why);
+      },
+      "(ok, reason) for one ISA path");
+  m.def("select_isa", &select_isa, py::arg("isa") = "",
+        "Choose the kernel path ('' = KT_SFT_ISA or the best supported); raises if the CPU cannot run it");
+  m.def("current_isa", &current_isa);
+  m.def("set_num_threads", &set_num_threads, py::arg("n"), "0 = KT_SFT_THREADS or physical cores");
+  m.def("num_threads", &num_threads);
+
+  py::class_<MoELayer>(m, "MoELayer")
+      .def(py::init([](int E, int H, int I, const std::string& dtype, const std::string& activation, int max_saved) {
+             if (activation != "silu") throw std::invalid_argument("activation '" + activation + "' is not implemented (expected 'silu')");
+             const int wt = dtype_code(dtype);
+             if (wt == kF16) throw std::invalid_argument("engine dtype must be bfloat16 or float32");
+             return new MoELayer(E, H, I, wt, kSiluGLU, max_saved);
+           }),
+           py::arg("experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("dtype") = "bfloat16",
+           py::arg("activation") = "silu", py::arg("max_saved") = 4)
+      .def(
+          "set_weights",
+          [](MoELayer& self, int which, int e0, int n, uintptr_t src, const std::string& src_dtype, int64_t s_e,
+             int64_t s_r, int64_t s_c) {
+            py::gil_scoped_release nogil;
+            self.set_weights(which, e0, n, ptr<const void>(src), dtype_code(src_dtype), s_e, s_r, s_c);
+          },
+          py::arg("which"), py::arg("expert_begin"), py::arg("n_experts"), py::arg("src"), py::arg("src_dtype"),
+          py::arg("stride_expert"), py::arg("stride_row"), py::arg("stride_col"))
+      .def(
+          "forward",
+          [](MoELayer& self, int T, int k, uintptr_t x, uintptr_t ids, uintptr_t w, uintptr_t y, bool save) {
+            py::gil_scoped_release nogil;
+            return self.forward(T, k, ptr<const void>(x), ptr<const int64_t>(ids), ptr<const float>(w), ptr<void>(y),
+                                save);
+          },
+          py::arg("T"), py::arg("k"), py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("y"),
+          py::arg("save_for_backward"))
+      .def(
+          "backward",
+          [](MoELayer& self, uint64_t handle, int T, int k, uintptr_t dy, uintptr_t dx, uintptr_t dw) {
+            py::gil_scoped_release nogil;
+            self.backward(handle, T, k, ptr<const void>(dy), ptr<void>(dx), ptr<float>(dw));
+          },
+          py::arg("handle"), py::arg("T"), py::arg("k"), py::arg("dy"), py::arg("dx"), py::arg("dw"))
+      .def("saved_shape", &MoELayer::saved_shape, py::arg("handle"))
+      .def("release", &MoELayer::release, py::arg("handle"))
+      .def("missing_weights", &MoELayer::missing_weights)
+      .def_property_readonly("experts", &MoELayer::experts)
+      .def_property_readonly("hidden", &MoELayer::hidden)
+      .def_property_readonly("intermediate", &MoELayer::intermediate)
+      .def_property_readonly("dtype", [](const MoELayer& l) { return dtype_name(l.wtype()); })
+      .def_property_readonly("max_saved", &MoELayer::max_saved)
+      .def_property_readonly("packed_bytes", &MoELayer::packed_bytes)
+      .def_property_readonly("saved_bytes", &MoELayer::saved_bytes);
+}

@@ -1,0 +1,125 @@
+// NOTE (kt-sft engine, shared definitions)
+// Layout:    one MoE layer's frozen experts are stored as *panels*: a weight W[N][K] (out N, reduce K) is
+//            padded to Np = roundup(N, 32), Kp = roundup(K, 32) with zeros and cut into Np/16 panels of 16
+//            output columns. BF16 panels are VNNI pairs, panel[k/2][n][k%2] (the AMX B-tile and
+//            AVX512-BF16 vdpbf16ps layout); F32 panels are panel[k][n]. One panel = Kp*16 elements.
+// Algorithm: every kernel is "C[M][32] = A[M][Kp] x (two panels)"; tasks wrap it with gathers and fused
+//            epilogues (activation, routing weight, saved activations).
+// Invariants: padded weight rows/cols are zero, activation buffers have zero K-padding columns, per-expert
+//            row segments start at multiples of kRowAlign so a 32-row AMX block never leaves the buffer.
+//            Everything in this header has internal linkage (static inline): it is compiled once per ISA
+//            translation unit with that unit's flags, and no out-of-line copy can leak across units.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+namespace kt_sft {
+
+constexpr int kPanel = 16;     // output columns per panel
+constexpr int kBlock = 32;     // output columns per kernel call (two panels) and padding unit
+constexpr int kRowAlign = 32;  // per-expert row segments start at multiples of this
+
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+enum Activation : int { kSiluGLU = 0 };
+
+static inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+static inline int imin(int a, int b) { return a < b ? a : b; }
+static inline int dtype_size(int dt) { return dt == kF32 ? 4 : 2; }
+
+// ---- scalar conversions (bit-exact round-to-nearest-even, NaN stays NaN) ----
+static inline float bits_to_f32(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline uint32_t f32_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+static inline float bf16_to_f32(uint16_t h) { return bits_to_f32(uint32_t(h) << 16); }
+static inline uint16_t f32_to_bf16(float f) {
+  uint32_t u = f32_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+static inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  if (exp == 0x1f) return bits_to_f32(sign | 0x7f800000u | (man << 13));
+  if (exp == 0) {  // zero or subnormal: value = man * 2^-24
+    float v = float(man) * 5.9604644775390625e-8f;
+    return sign ? -v : v;
+  }
+  return bits_to_f32(sign | ((exp + 112u) << 23) | (man << 13));
+}
+static inline float load_as_f32(const void* p, size_t i, int dt) {
+  if (dt == kF32) return static_cast<const float*>(p)[i];
+  if (dt == kBF16) return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+}
+
+// exp(x) to ~2 ulp on [-87, 88], written as plain arithmetic so each ISA unit auto-vectorises it.
+static inline float exp_approx(float x) {
+  x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+  float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t e = int32_t(n) + 127;
+  return p * bits_to_f32(uint32_t(e) << 23);
+}
+static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+
+// ---- what the driver hands to the per-ISA kernels ----
+struct LayerView {
+  int E, H, I, Hp, Ip, wtype;           // wtype: kF32 or kBF16, also the activation dtype
+  const void* gate;                     // [E] x panels of W_gate[Ip][Hp]
+  const void* up;                       // [E] x panels of W_up[Ip][Hp]
+  const void* down;                     // [E] x panels of W_down[Hp][Ip]
+  size_t expert_elems;                  // Ip*Hp: elements of one expert's gate (= up = down) panels
+};
+
+struct Task { int expert, block, row0, rows; };  // rows [row0, row0+rows) of the expert's segment
+
+struct ForwardBuffers {
+  const int* seg_start;      // [E] first row of each expert's segment in the gathered buffers
+  const float* row_weight;   // [rows] routing weight of each gathered row
+  const void* xg;            // [rows][Hp] gathered input (wtype)
+  void* act;                 // [rows][Ip] silu(gate)*up (wtype), input of the down GEMM
+  void* gate_out;            // [rows][Ip] saved gate pre-activation (wtype) or null
+  void* up_out;              // [rows][Ip] saved up pre-activation (wtype) or null
+  float* out_rows;           // [rows][Hp] routing-weighted expert outputs (f32)
+};
+
+struct BackwardBuffers {
+  const int* seg_start;
+  const float* row_weight;
+  const void* dyg;           // [rows][Hp] gathered output gradient (wtype), unweighted
+  const void* gate_in;       // [rows][Ip] saved gate pre-activation
+  const void* up_in;         // [rows][Ip] saved up pre-activation
+  float* dw_part;            // [rows][Ip/32] partial <dy, expert_out> per output block
+  void* dgu;                 // [rows][2*Ip] (d gate | d up) (wtype)
+  float* dx_rows;            // [rows][Hp] input gradient per gathered row (f32)
+};
+
+// Per-worker scratch: C tiles and one transposed weight block for backward.
+struct Scratch {
+  float* c0;     // [kRowAlign][kBlock]
+  float* c1;     // [kRowAlign][kBlock]
+  void* packed;  // 2 panels of up to max(Hp, 2*Ip) rows, wtype
+};
+
+struct KernelTable {
+  const char* name;
+  void (*gate_up)(const LayerView&, const ForwardBuffers&, const Task&, Scratch&);
+  void (*down)(const LayerView&, const ForwardBuffers&, const Task&, Scratch&);
+  void (*bwd_act)(const LayerView&, const BackwardBuffers&, const Task&, Scratch&);
+  void (*bwd_input)(const LayerView&, const BackwardBuffers&, const Task&, Scratch&);
+};
+
+// One table per ISA translation unit; call only after cpu_features says the ISA runs here.
+const KernelTable* kernels_scalar();
+const KernelTable* kernels_avx2();
+const KernelTable* kernels_avx512();
+const KernelTable* kernels_amx();
+
+}  // namespace kt_sft

@@ -1,0 +1,152 @@
+#include "cpu_features.h"
+
+#include <cpuid.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <set>
+#include <thread>
+#include <utility>
+
+namespace kt_sft {
+namespace {
+
+constexpr int kArchReqXcompPerm = 0x1023;  // <asm/prctl.h>, Linux 5.16+
+constexpr int kXfeatureXtiledata = 18;
+
+void cpuid(unsigned leaf, unsigned sub, unsigned r[4]) { __cpuid_count(leaf, sub, r[0], r[1], r[2], r[3]); }
+
+unsigned long long xgetbv0() {
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (static_cast<unsigned long long>(hi) << 32) | lo;
+}
+
+CpuFeatures detect() {
+  CpuFeatures f;
+  unsigned r[4];
+  cpuid(0, 0, r);
+  const unsigned max_leaf = r[0];
+  char vendor[13] = {0};
+  std::memcpy(vendor, &r[1], 4);
+  std::memcpy(vendor + 4, &r[3], 4);
+  std::memcpy(vendor + 8, &r[2], 4);
+  f.vendor = vendor;
+  cpuid(0x80000000u, 0, r);
+  if (r[0] >= 0x80000004u) {
+    char brand[49] = {0};
+    for (unsigned i = 0; i < 3; ++i) {
+      cpuid(0x80000002u + i, 0, r);
+      std::memcpy(brand + 16 * i, r, 16);
+    }
+    f.model = brand;
+    while (!f.model.empty() && f.model.back() == ' ') f.model.pop_back();
+    while (!f.model.empty() && f.model.front() == ' ') f.model.erase(0, 1);
+  }
+  if (max_leaf < 1) return f;
+  cpuid(1, 0, r);
+  const bool osxsave = r[2] & (1u << 27);
+  f.sse42 = r[2] & (1u << 20);
+  f.fma = r[2] & (1u << 12);
+  f.avx = r[2] & (1u << 28);
+  f.f16c = r[2] & (1u << 29);
+  if (osxsave) {
+    const unsigned long long xcr0 = xgetbv0();
+    f.os_ymm = (xcr0 & 0x6) == 0x6;
+    f.os_zmm = f.os_ymm && (xcr0 & 0xe0) == 0xe0;
+    f.os_amx = (xcr0 & (3ull << 17)) == (3ull << 17);
+  }
+  if (max_leaf >= 7) {
+    cpuid(7, 0, r);
+    const unsigned max_sub = r[0];
+    f.avx2 = r[1] & (1u << 5);
+    f.avx512f = r[1] & (1u << 16);
+    f.avx512dq = r[1] & (1u << 17);
+    f.avx512bw = r[1] & (1u << 30);
+    f.avx512vl = r[1] & (1u << 31);
+    f.amx_bf16 = r[3] & (1u << 22);
+    f.amx_tile = r[3] & (1u << 24);
+    f.amx_int8 = r[3] & (1u << 25);
+    if (max_sub >= 1) {
+      cpuid(7, 1, r);
+      f.avx512_bf16 = r[0] & (1u << 5);
+    }
+  }
+  if (!(f.amx_tile && f.amx_bf16)) {
+    f.amx_note = "CPU has no AMX-BF16";
+  } else if (!f.os_amx) {
+    f.amx_note = "OS has not enabled the AMX tile state in XCR0";
+  } else {
+    // Linux hands out the 8 KiB tile state only on request; without it the first tile instruction faults.
+    long rc = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata);
+    if (rc == 0) {
+      f.amx_permitted = true;
+    } else {
+      f.amx_note = std::string("arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA) failed: ") + std::strerror(errno) +
+                   " (Linux >= 5.16 needed)";
+    }
+  }
+  return f;
+}
+
+}  // namespace
+
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures f = detect();
+  return f;
+}
+
+bool isa_supported(const std::string& isa, std::string* why) {
+  const CpuFeatures& f = cpu_features();
+  auto fail = [&](const std::string& m) {
+    if (why) *why = m;
+    return false;
+  };
+  const bool avx2_ok = f.avx2 && f.fma && f.os_ymm;
+  const bool avx512_ok = f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512_bf16 && f.os_zmm;
+  if (isa == "scalar") return true;
+  if (isa == "avx2") return avx2_ok ? true : fail(!f.os_ymm ? "OS has not enabled the YMM state" : "CPU lacks avx2/fma");
+  if (isa == "avx512") {
+    if (avx512_ok) return true;
+    if (!f.avx512f) return fail("CPU lacks avx512f");
+    if (!f.avx512_bf16) return fail("CPU lacks avx512_bf16 (e.g. Skylake/Cascade Lake: use avx2)");
+    if (!f.os_zmm) return fail("OS has not enabled the ZMM state");
+    return fail("CPU lacks avx512bw/vl/dq");
+  }
+  if (isa == "amx") {
+    if (!avx512_ok) return fail("amx path also needs avx512 with avx512_bf16");
+    return f.amx_permitted ? true : fail(f.amx_note);
+  }
+  return fail("unknown ISA '" + isa + "' (expected scalar, avx2, avx512 or amx)");
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (const char* isa : {"scalar", "avx2", "avx512", "amx"})
+    if (isa_supported(isa, nullptr)) out.push_back(isa);
+  return out;
+}
+
+int physical_cores() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return int(std::thread::hardware_concurrency());
+  std::set<std::pair<std::string, std::string>> cores;
+  int logical = 0;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (!CPU_ISSET(cpu, &set)) continue;
+    ++logical;
+    const std::string base = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
+    std::ifstream pkg(base + "physical_package_id"), core(base + "core_id");
+    std::string p, c;
+    if (!(pkg >> p) || !(core >> c)) return logical > 0 ? CPU_COUNT(&set) : 1;
+    cores.insert({p, c});
+  }
+  return cores.empty() ? (logical > 0 ? logical : 1) : int(cores.size());
+}
+
+}  // namespace kt_sft

@@ -1,0 +1,88 @@
+// NOTE (kt-sft engine, AMX-BF16 path: Sapphire Rapids and later)
+// Layout:    tiles 0-3 = C (2x2 blocks of 16 rows x 16 fp32), 4-5 = A (16 rows x 32 bf16 each, rows 0-15 and
+//            16-31 of the block), 6-7 = B (16 k-pair rows x 16 columns x 2 = one 1 KiB slice of a panel, so a
+//            B tile is 16 consecutive panel rows and loads with a 64-byte stride).
+// Algorithm: per 32-k step: 2 A loads, 2 B loads, 4 tdpbf16ps; a 32x32 fp32 block leaves through the
+//            scratch C buffer. Blocks of 4 rows or fewer (decode) and F32 layers use the AVX512 kernels,
+//            which are bandwidth-bound there anyway.
+// Invariants: row segments are padded to 32 rows and K to 32, so the 16-row tile loads never leave the
+//            buffers (rows beyond M are computed and discarded). Tile configuration is thread state and
+//            other libraries (oneDNN) may change it, so every task loads ours first. The kernel process must
+//            hold the XTILEDATA permission (cpu_features.cpp asks the kernel for it before selecting amx).
+#include <immintrin.h>
+#include "../common.h"
+
+namespace kt_sft {
+namespace {
+
+#define KT_ISA_NAME "amx"
+#include "avx512_microkernels.h"
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+static inline void task_begin() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+static void mk(const uint16_t* A, size_t lda, int M, const uint16_t* B0, const uint16_t* B1, int Kp, float* C) {
+  if (M <= 4) {
+    mk_avx512(A, lda, M, B0, B1, Kp, C);
+    return;
+  }
+  const size_t sa = lda * sizeof(uint16_t);
+  _tile_zero(0);
+  _tile_zero(1);
+  if (M <= 16) {
+    for (int k0 = 0; k0 < Kp; k0 += 32) {
+      _tile_loadd(4, A + k0, sa);
+      _tile_loadd(6, B0 + size_t(k0) * kPanel, 64);
+      _tile_loadd(7, B1 + size_t(k0) * kPanel, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    _tile_stored(0, C, kBlock * sizeof(float));
+    _tile_stored(1, C + kPanel, kBlock * sizeof(float));
+    return;
+  }
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int k0 = 0; k0 < Kp; k0 += 32) {
+    _tile_loadd(4, A + k0, sa);
+    _tile_loadd(5, A + 16 * lda + k0, sa);
+    _tile_loadd(6, B0 + size_t(k0) * kPanel, 64);
+    _tile_loadd(7, B1 + size_t(k0) * kPanel, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, C, kBlock * sizeof(float));
+  _tile_stored(1, C + kPanel, kBlock * sizeof(float));
+  _tile_stored(2, C + 16 * kBlock, kBlock * sizeof(float));
+  _tile_stored(3, C + 16 * kBlock + kPanel, kBlock * sizeof(float));
+}
+
+static inline void mk(const float* A, size_t lda, int M, const float* B0, const float* B1, int Kp, float* C) {
+  mk_avx512(A, lda, M, B0, B1, Kp, C);
+}
+
+#include "moe_tasks.inc"
+
+}  // namespace
+
+const KernelTable* kernels_amx() { return &kTable; }
+
+}  // namespace kt_sft

@@ -1,0 +1,431 @@
+#include "moe_layer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <mutex>
+#include <stdexcept>
+
+#include "cpu_features.h"
+#include "thread_pool.h"
+
+namespace kt_sft {
+namespace {
+
+constexpr int kRowChunk = 256;    // rows per task: balances skewed experts, keeps A rows in L2
+constexpr int kTokenChunk = 32;   // tokens per gather / reduce task
+
+struct Engine {
+  std::mutex mu;  // serialises compute calls: the scratch below is shared by every layer
+  const KernelTable* kt = nullptr;
+  std::string isa;
+  std::unique_ptr<ThreadPool> pool;
+  Buffer xg, act, rows_f32, dw_part;
+  std::vector<Buffer> c0, c1, packed;
+};
+
+Engine& engine() {
+  static Engine* e = new Engine();  // never destroyed: worker threads must not outlive a static destructor
+  return *e;
+}
+
+const KernelTable* table_for(const std::string& isa) {
+  if (isa == "scalar") return kernels_scalar();
+  if (isa == "avx2") return kernels_avx2();
+  if (isa == "avx512") return kernels_avx512();
+  return kernels_amx();
+}
+
+int default_threads() {
+  if (const char* env = std::getenv("KT_SFT_THREADS")) {
+    char* end = nullptr;
+    long n = std::strtol(env, &end, 10);
+    if (end == env || *end != '\0' || n < 1 || n > 4096)
+      throw std::invalid_argument(std::string("KT_SFT_THREADS='") + env + "' is not a positive integer");
+    return int(n);
+  }
+  return std::max(1, physical_cores());
+}
+
+// Called with engine().mu held.
+void ensure_ready(Engine& eng) {
+  if (!eng.kt) {
+    const char* env = std::getenv("KT_SFT_ISA");
+    std::string want = env ? env : "";
+    std::string why;
+    if (!want.empty() && !isa_supported(want, &why))
+      throw std::runtime_error("KT_SFT_ISA=" + want + " cannot run on this CPU: " + why);
+    eng.isa = want.empty() ? supported_isas().back() : want;
+    eng.kt = table_for(eng.isa);
+  }
+  if (!eng.pool) eng.pool.reset(new ThreadPool(default_threads()));
+}
+
+void ensure_scratch(Engine& eng, int Hp, int Ip, int wtype) {
+  const size_t n = size_t(eng.pool->size());
+  const size_t es = size_t(dtype_size(wtype));
+  const size_t packed = 2 * size_t(std::max(Hp, 2 * Ip)) * kPanel * es;
+  eng.c0.resize(n);
+  eng.c1.resize(n);
+  eng.packed.resize(n);
+  for (size_t w = 0; w < n; ++w) {
+    eng.c0[w].reserve(size_t(kRowAlign) * kBlock * sizeof(float));
+    eng.c1[w].reserve(size_t(kRowAlign) * kBlock * sizeof(float));
+    eng.packed[w].reserve(packed);
+  }
+}
+
+Scratch scratch_of(Engine& eng, int worker) {
+  return Scratch{static_cast<float*>(eng.c0[worker].get()), static_cast<float*>(eng.c1[worker].get()),
+                 eng.packed[worker].get()};
+}
+
+std::vector<Task> make_tasks(const RoutingPlan& plan, int blocks) {
+  std::vector<Task> tasks;
+  for (int e = 0; e < int(plan.count.size()); ++e)
+    for (int b = 0; b < blocks; ++b)
+      for (int r0 = 0; r0 < plan.count[e]; r0 += kRowChunk)
+        tasks.push_back(Task{e, b, r0, std::min(kRowChunk, plan.count[e] - r0)});
+  return tasks;
+}
+
+// Copies token rows (H elements, wtype) into their k gathered rows, zeroing the K padding.
+void gather_rows(ThreadPool& pool, const RoutingPlan& plan, const void* src, void* dst, int H, int Hp, size_t es) {
+  const int chunks = (plan.T + kTokenChunk - 1) / kTokenChunk;
+  pool.run(chunks, [&](int chunk, int) {
+    const int t1 = std::min(plan.T, (chunk + 1) * kTokenChunk);
+    for (int t = chunk * kTokenChunk; t < t1; ++t)
+      for (int j = 0; j < plan.k; ++j) {
+        char* d = static_cast<char*>(dst) + size_t(plan.row_of[size_t(t) * plan.k + j]) * Hp * es;
+        std::memcpy(d, static_cast<const char*>(src) + size_t(t) * H * es, size_t(H) * es);
+        std::memset(d + size_t(H) * es, 0, size_t(Hp - H) * es);
+      }
+  });
+}
+
+// dst[t][0..H) = sum_j rows[row_of[t][j]][0..H), in slot order, stored as wtype.
+void sum_rows(ThreadPool& pool, const RoutingPlan& plan, const float* rows, void* dst, int H, int Hp, int wtype) {
+  const int chunks = (plan.T + kTokenChunk - 1) / kTokenChunk;
+  pool.run(chunks, [&](int chunk, int) {
+    std::vector<float> acc(static_cast<size_t>(H));
+    const int t1 = std::min(plan.T, (chunk + 1) * kTokenChunk);
+    for (int t = chunk * kTokenChunk; t < t1; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int j = 0; j < plan.k; ++j) {
+        const float* r = rows + size_t(plan.row_of[size_t(t) * plan.k + j]) * Hp;
+        for (int c = 0; c < H; ++c) acc[c] += r[c];
+      }
+      if (wtype == kF32) {
+        std::memcpy(static_cast<float*>(dst) + size_t(t) * H, acc.data(), size_t(H) * sizeof(float));
+      } else {
+        uint16_t* d = static_cast<uint16_t*>(dst) + size_t(t) * H;
+        for (int c = 0; c < H; ++c) d[c] = f32_to_bf16(acc[c]);
+      }
+    }
+  });
+}
+
+const char* kWhich[3] = {"gate", "up", "down"};
+
+}  // namespace
+
+// ---------------------------------------------------------------- Buffer
+
+Buffer::~Buffer() { std::free(ptr_); }
+
+void* Buffer::reserve(size_t bytes) {
+  if (bytes <= bytes_) return ptr_;
+  std::free(ptr_);
+  ptr_ = nullptr;
+  bytes_ = 0;
+  const size_t rounded = (bytes + 63) / 64 * 64;
+  ptr_ = std::aligned_alloc(64, rounded);
+  if (!ptr_) throw std::bad_alloc();
+  bytes_ = rounded;
+  return ptr_;
+}
+
+// ---------------------------------------------------------------- engine settings
+
+std::string select_isa(const std::string& isa) {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  std::string want = isa;
+  if (want.empty()) {
+    const char* env = std::getenv("KT_SFT_ISA");
+    want = env ? env : "";
+  }
+  std::string why;
+  if (want.empty()) {
+    want = supported_isas().back();
+  } else if (!isa_supported(want, &why)) {
+    throw std::runtime_error("ISA '" + want + "' cannot run on this CPU: " + why);
+  }
+  eng.isa = want;
+  eng.kt = table_for(want);
+  return want;
+}
+
+std::string current_isa() {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  ensure_ready(eng);
+  return eng.isa;
+}
+
+void set_num_threads(int n) {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  if (n < 0 || n > 4096) throw std::invalid_argument("num_threads must be in [0, 4096], got " + std::to_string(n));
+  eng.pool.reset();
+  eng.pool.reset(new ThreadPool(n == 0 ? default_threads() : n));
+}
+
+int num_threads() {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  ensure_ready(eng);
+  return eng.pool->size();
+}
+
+// ---------------------------------------------------------------- MoELayer
+
+MoELayer::MoELayer(int experts, int hidden, int intermediate, int wtype, int activation, int max_saved)
+    : E_(experts), H_(hidden), I_(intermediate), wtype_(wtype), activation_(activation) {
+  if (E_ < 1 || H_ < 1 || I_ < 1) throw std::invalid_argument("experts, hidden and intermediate must be >= 1");
+  if (wtype != kBF16 && wtype != kF32) throw std::invalid_argument("engine dtype must be bf16 or f32");
+  if (activation != kSiluGLU) throw std::invalid_argument("only the SiLU-gated (silu_glu) expert is implemented");
+  if (max_saved < 1) throw std::invalid_argument("max_saved must be >= 1");
+  Hp_ = round_up(H_, kBlock);
+  Ip_ = round_up(I_, kBlock);
+  expert_elems_ = size_t(Ip_) * Hp_;
+  const size_t bytes = size_t(E_) * expert_elems_ * dtype_size(wtype_);
+  gate_.reserve(bytes);
+  up_.reserve(bytes);
+  down_.reserve(bytes);
+  loaded_.assign(3 * size_t(E_), 0);
+  slots_.resize(size_t(max_saved));
+}
+
+LayerView MoELayer::view() const {
+  return LayerView{E_, H_, I_, Hp_, Ip_, wtype_, gate_.get(), up_.get(), down_.get(), expert_elems_};
+}
+
+void MoELayer::set_weights(int which, int e0, int n, const void* src, int src_dtype, int64_t s_e, int64_t s_r,
+                           int64_t s_c) {
+  if (which < 0 || which > 2) throw std::invalid_argument("which must be 0 (gate), 1 (up) or 2 (down)");
+  if (e0 < 0 || n < 1 || e0 + n > E_)
+    throw std::invalid_argument("experts [" + std::to_string(e0) + ", " + std::to_string(e0 + n) +
+                                ") outside [0, " + std::to_string(E_) + ")");
+  if (src_dtype != kF32 && src_dtype != kBF16 && src_dtype != kF16)
+    throw std::invalid_argument("source dtype must be float32, bfloat16 or float16");
+  const int N = which == 2 ? H_ : I_, K = which == 2 ? I_ : H_;
+  const int Np = which == 2 ? Hp_ : Ip_, Kp = which == 2 ? Ip_ : Hp_;
+  const int panels = Np / kPanel;
+  char* base = static_cast<char*>(which == 0 ? gate_.get() : which == 1 ? up_.get() : down_.get());
+  const size_t es = size_t(dtype_size(wtype_));
+  std::vector<int> bad(size_t(n) * panels, 0);
+
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  ensure_ready(eng);
+  eng.pool->run(n * panels, [&](int task, int) {
+    const int e = e0 + task / panels, p = task % panels;
+    char* dst = base + (size_t(e) * expert_elems_ + size_t(p) * Kp * kPanel) * es;
+    for (int nn = 0; nn < kPanel; ++nn) {
+      const int row = p * kPanel + nn;
+      for (int k = 0; k < Kp; ++k) {
+        float v = 0.f;
+        if (row < N && k < K) {
+          v = load_as_f32(src, size_t(int64_t(e - e0) * s_e + int64_t(row) * s_r + int64_t(k) * s_c), src_dtype);
+          if (!std::isfinite(v)) bad[size_t(task)] = 1;
+        }
+        if (wtype_ == kF32)
+          reinterpret_cast<float*>(dst)[size_t(k) * kPanel + nn] = v;
+        else
+          reinterpret_cast<uint16_t*>(dst)[(size_t(k / 2) * kPanel + nn) * 2 + (k & 1)] = f32_to_bf16(v);
+      }
+    }
+  });
+  for (int task = 0; task < n * panels; ++task)
+    if (bad[size_t(task)])
+      throw std::invalid_argument(std::string("non-finite value (NaN/Inf) in the ") + kWhich[which] +
+                                  " weights of expert " + std::to_string(e0 + task / panels));
+  for (int e = e0; e < e0 + n; ++e) loaded_[size_t(which) * E_ + e] = 1;
+}
+
+std::vector<std::string> MoELayer::missing_weights() const {
+  std::vector<std::string> out;
+  for (int w = 0; w < 3; ++w)
+    for (int e = 0; e < E_; ++e)
+      if (!loaded_[size_t(w) * E_ + e]) out.push_back("expert " + std::to_string(e) + " " + kWhich[w]);
+  return out;
+}
+
+size_t MoELayer::saved_bytes() const {
+  size_t b = 0;
+  for (const auto& s : slots_) b += s.gate.bytes() + s.up.bytes();
+  return b;
+}
+
+void MoELayer::build_plan(int T, int k, const int64_t* ids, const float* w, RoutingPlan& plan) const {
+  plan.T = T;
+  plan.k = k;
+  plan.count.assign(size_t(E_), 0);
+  for (size_t i = 0; i < size_t(T) * k; ++i) {
+    const int64_t e = ids[i];
+    if (e < 0 || e >= E_)
+      throw std::invalid_argument("topk_ids[" + std::to_string(i / k) + "][" + std::to_string(i % k) + "] = " +
+                                  std::to_string(e) + " is outside [0, " + std::to_string(E_) + ")");
+    ++plan.count[size_t(e)];
+  }
+  plan.seg_start.assign(size_t(E_), 0);
+  int rows = 0;
+  for (int e = 0; e < E_; ++e) {
+    plan.seg_start[size_t(e)] = rows;
+    rows += round_up(plan.count[size_t(e)], kRowAlign);
+  }
+  plan.rows = rows;
+  plan.row_of.resize(size_t(T) * k);
+  plan.row_token.assign(size_t(rows), -1);
+  plan.row_weight.assign(size_t(rows), 0.f);
+  std::vector<int> cursor(plan.seg_start);
+  for (size_t i = 0; i < size_t(T) * k; ++i) {
+    const int row = cursor[size_t(ids[i])]++;
+    plan.row_of[i] = row;
+    plan.row_token[size_t(row)] = int(i / k);
+    plan.row_weight[size_t(row)] = w[i];
+  }
+}
+
+SavedSlot* MoELayer::find_slot(uint64_t handle) {
+  for (auto& s : slots_)
+    if (handle != 0 && s.handle == handle) return &s;
+  return nullptr;
+}
+
+void MoELayer::release(uint64_t handle) {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  if (SavedSlot* s = find_slot(handle)) s->handle = 0;
+}
+
+uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, const float* w, void* y, bool save) {
+  if (T < 0 || k < 1) throw std::invalid_argument("need T >= 0 and k >= 1");
+  const std::vector<std::string> missing = missing_weights();
+  if (!missing.empty())
+    throw std::runtime_error("weights were never loaded for " + missing.front() + " (" +
+                             std::to_string(missing.size()) + " projections missing)");
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  ensure_ready(eng);
+  RoutingPlan local;
+  SavedSlot* slot = nullptr;
+  if (save) {  // a free slot, else the oldest
+    for (auto& s : slots_)
+      if (!slot || s.handle < slot->handle) slot = &s;
+  }
+  RoutingPlan& plan = slot ? slot->plan : local;
+  build_plan(T, k, ids, w, plan);
+  const uint64_t handle = save ? next_handle_++ : 0;
+  if (slot) slot->handle = handle;
+  if (T == 0) return handle;
+
+  const size_t es = size_t(dtype_size(wtype_));
+  const size_t rows = size_t(plan.rows);
+  ensure_scratch(eng, Hp_, Ip_, wtype_);
+  ForwardBuffers fb{};
+  fb.seg_start = plan.seg_start.data();
+  fb.row_weight = plan.row_weight.data();
+  fb.xg = eng.xg.reserve(rows * Hp_ * es);
+  fb.act = eng.act.reserve(rows * 2 * Ip_ * es);
+  fb.out_rows = static_cast<float*>(eng.rows_f32.reserve(rows * Hp_ * sizeof(float)));
+  if (slot) {
+    fb.gate_out = slot->gate.reserve(rows * Ip_ * es);
+    fb.up_out = slot->up.reserve(rows * Ip_ * es);
+  }
+  const LayerView L = view();
+  ThreadPool& pool = *eng.pool;
+  const KernelTable* kt = eng.kt;
+  gather_rows(pool, plan, x, const_cast<void*>(fb.xg), H_, Hp_, es);
+  std::vector<Task> tasks = make_tasks(plan, Ip_ / kBlock);
+  pool.run(int(tasks.size()), [&](int i, int wk) {
+    Scratch s = scratch_of(eng, wk);
+    kt->gate_up(L, fb, tasks[size_t(i)], s);
+  });
+  tasks = make_tasks(plan, Hp_ / kBlock);
+  pool.run(int(tasks.size()), [&](int i, int wk) {
+    Scratch s = scratch_of(eng, wk);
+    kt->down(L, fb, tasks[size_t(i)], s);
+  });
+  sum_rows(pool, plan, fb.out_rows, y, H_, Hp_, wtype_);
+  return handle;
+}
+
+SavedSlot& MoELayer::live_slot(uint64_t handle) {
+  SavedSlot* slot = find_slot(handle);
+  if (!slot)
+    throw std::runtime_error(
+        "the activations saved by this forward are gone: either backward already ran for it, or more than "
+        "max_saved=" + std::to_string(slots_.size()) +
+        " forwards with save_for_backward ran on this layer before its backward (raise max_saved)");
+  return *slot;
+}
+
+std::pair<int, int> MoELayer::saved_shape(uint64_t handle) {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  const SavedSlot& slot = live_slot(handle);
+  return {slot.plan.T, slot.plan.k};
+}
+
+void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx, float* dw) {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  ensure_ready(eng);
+  SavedSlot* slot = &live_slot(handle);
+  if (slot->plan.T != T || slot->plan.k != k)
+    throw std::invalid_argument("backward got T=" + std::to_string(T) + ", k=" + std::to_string(k) +
+                                " but the forward had T=" + std::to_string(slot->plan.T) +
+                                ", k=" + std::to_string(slot->plan.k));
+  const RoutingPlan& plan = slot->plan;
+  slot->handle = 0;  // consumed; buffers stay for the next forward
+  if (plan.T == 0) return;
+
+  const size_t es = size_t(dtype_size(wtype_));
+  const size_t rows = size_t(plan.rows);
+  const int ipb = Ip_ / kBlock;
+  ensure_scratch(eng, Hp_, Ip_, wtype_);
+  BackwardBuffers bb{};
+  bb.seg_start = plan.seg_start.data();
+  bb.row_weight = plan.row_weight.data();
+  bb.dyg = eng.xg.reserve(rows * Hp_ * es);
+  bb.gate_in = slot->gate.get();
+  bb.up_in = slot->up.get();
+  bb.dw_part = static_cast<float*>(eng.dw_part.reserve(rows * ipb * sizeof(float)));
+  bb.dgu = eng.act.reserve(rows * 2 * Ip_ * es);
+  bb.dx_rows = static_cast<float*>(eng.rows_f32.reserve(rows * Hp_ * sizeof(float)));
+  const LayerView L = view();
+  ThreadPool& pool = *eng.pool;
+  const KernelTable* kt = eng.kt;
+  gather_rows(pool, plan, dy, const_cast<void*>(bb.dyg), H_, Hp_, es);
+  std::vector<Task> tasks = make_tasks(plan, ipb);
+  pool.run(int(tasks.size()), [&](int i, int wk) {
+    Scratch s = scratch_of(eng, wk);
+    kt->bwd_act(L, bb, tasks[size_t(i)], s);
+  });
+  tasks = make_tasks(plan, Hp_ / kBlock);
+  pool.run(int(tasks.size()), [&](int i, int wk) {
+    Scratch s = scratch_of(eng, wk);
+    kt->bwd_input(L, bb, tasks[size_t(i)], s);
+  });
+  sum_rows(pool, plan, bb.dx_rows, dx, H_, Hp_, wtype_);
+  for (size_t i = 0; i < size_t(plan.T) * plan.k; ++i) {
+    const float* part = bb.dw_part + size_t(plan.row_of[i]) * ipb;
+    float s = 0.f;
+    for (int b = 0; b < ipb; ++b) s += part[b];
+    dw[i] = s;
+  }
+}
+
+}  // namespace kt_sft

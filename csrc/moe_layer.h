@@ -1,0 +1,97 @@
+// NOTE (kt-sft engine, one MoE layer's frozen routed experts)
+// Layout:    gate, up: panels of [Ip][Hp] per expert; down: panels of [Hp][Ip] per expert (common.h), one
+//            64-byte aligned allocation per projection, wtype bf16 or f32. No other copy of the weights is kept.
+// Algorithm: forward groups the T*k (token, slot) pairs by expert into row segments, runs the per-ISA tasks
+//            over (expert x 32-column block x row chunk) on the thread pool, then sums each token's k rows.
+//            Backward replays the saved routing plan with dy. See kernels/moe_tasks.inc.
+// Invariants: what forward keeps for backward lives in a bounded set of slots (max_saved per layer, reused
+//            buffers, LRU); a stale handle is an error, never silently wrong math. Scratch buffers are shared by
+//            all layers of the process and guarded by one mutex, so calls are serialised and may run with
+//            the Python GIL released.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common.h"
+
+namespace kt_sft {
+
+// 64-byte aligned, grow-only buffer.
+class Buffer {
+ public:
+  Buffer() = default;
+  ~Buffer();
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  Buffer(Buffer&& o) noexcept : ptr_(o.ptr_), bytes_(o.bytes_) { o.ptr_ = nullptr; o.bytes_ = 0; }
+  void* reserve(size_t bytes);  // contents are not kept when it grows
+  void* get() const { return ptr_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+struct RoutingPlan {
+  int T = 0, k = 0, rows = 0;        // rows: padded total of all segments
+  std::vector<int> seg_start, count; // [E]
+  std::vector<int> row_of;           // [T*k] gathered row of (token, slot)
+  std::vector<int> row_token;        // [rows] token of each row (-1 for padding)
+  std::vector<float> row_weight;     // [rows]
+};
+
+struct SavedSlot {
+  uint64_t handle = 0;  // 0 = free
+  RoutingPlan plan;
+  Buffer gate, up;      // [rows][Ip] pre-activations, wtype
+};
+
+class MoELayer {
+ public:
+  MoELayer(int experts, int hidden, int intermediate, int wtype, int activation, int max_saved);
+
+  // Packs rows x cols of projection `which` (0 gate [I][H], 1 up [I][H], 2 down [H][I]) for experts
+  // [e0, e0+n) from src (dtype src_dtype) with element strides (expert, row, col). Throws on NaN/Inf.
+  void set_weights(int which, int e0, int n, const void* src, int src_dtype, int64_t s_e, int64_t s_r, int64_t s_c);
+  // y[T][H] = sum_j w[t][j] * expert_{ids[t][j]}(x[t]); returns a handle for backward when save is set.
+  uint64_t forward(int T, int k, const void* x, const int64_t* ids, const float* w, void* y, bool save);
+  // dx[T][H] (wtype) and dw[T][k] (f32) for the forward identified by handle.
+  void backward(uint64_t handle, int T, int k, const void* dy, void* dx, float* dw);
+  // (T, k) of the forward behind `handle`; throws if its saved activations are gone.
+  std::pair<int, int> saved_shape(uint64_t handle);
+  void release(uint64_t handle);
+
+  int experts() const { return E_; }
+  int hidden() const { return H_; }
+  int intermediate() const { return I_; }
+  int wtype() const { return wtype_; }
+  int max_saved() const { return int(slots_.size()); }
+  size_t packed_bytes() const { return 3 * size_t(E_) * expert_elems_ * dtype_size(wtype_); }
+  size_t saved_bytes() const;
+  std::vector<std::string> missing_weights() const;  // "expert 3 down", ...
+
+ private:
+  LayerView view() const;
+  void build_plan(int T, int k, const int64_t* ids, const float* w, RoutingPlan& plan) const;
+  SavedSlot* find_slot(uint64_t handle);
+  SavedSlot& live_slot(uint64_t handle);  // find_slot or a clear error
+
+  int E_, H_, I_, Hp_, Ip_, wtype_, activation_;
+  size_t expert_elems_;
+  Buffer gate_, up_, down_;
+  std::vector<uint8_t> loaded_;  // [3][E]
+  std::vector<SavedSlot> slots_;
+  uint64_t next_handle_ = 1;
+};
+
+// Process-wide engine settings.
+std::string select_isa(const std::string& isa);  // "" = best available; returns the chosen name
+std::string current_isa();
+void set_num_threads(int n);                     // 0 = KT_SFT_THREADS or physical cores
+int num_threads();
+
+}  // namespace kt_sft

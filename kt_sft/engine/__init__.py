@@ -1,0 +1,14 @@
+"""Python side of the CPU MoE engine: checked wrappers and autograd glue over `kt_sft._engine`.
+
+`ExpertLayer` owns one MoE layer's frozen routed experts; `moe_experts` is the differentiable call.
+ISA selection: `KT_SFT_ISA=scalar|avx2|avx512|amx` (default: best this CPU runs), threads: `KT_SFT_THREADS`.
+"""
+from .autograd import MoEExpertsFunction, moe_experts
+from .layer import ExpertLayer
+from .runtime import (available_isas, cpu_info, current_isa, isa_supported, num_threads, select_isa,
+                      set_num_threads, use_isa)
+
+__all__ = [
+    "ExpertLayer", "MoEExpertsFunction", "moe_experts", "available_isas", "cpu_info", "current_isa",
+    "isa_supported", "num_threads", "select_isa", "set_num_threads", "use_isa",
+]

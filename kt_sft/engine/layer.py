@@ -1,0 +1,133 @@
+"""`ExpertLayer`: one MoE layer's frozen routed experts, packed in CPU memory for the C++ engine.
+
+Weights come in per expert (`mlp.experts.{e}.gate_proj.weight` as on the Hub) or fused (transformers 5
+keeps `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]` in memory); either way they are converted and
+packed straight into the engine's layout, so once the caller drops its tensors only one copy remains.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _engine
+from .checks import ENGINE_DTYPES, SOURCE_DTYPES, check_tensor, dtype_name
+
+PROJECTIONS = {"gate": 0, "up": 1, "down": 2}
+
+
+class ExpertLayer:
+    """SiLU-gated experts: y_t = sum_j w_tj * down_e(silu(gate_e x_t) * up_e x_t), e = topk_ids[t, j].
+
+    `dtype` is both the packed weight type and the activation type of forward/backward (bfloat16 for
+    training; float32 is the exact-arithmetic path used by parity tests). `max_saved` bounds how many
+    forwards may keep activations for a later backward on this layer.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        dtype: torch.dtype = torch.bfloat16,
+        activation: str = "silu",
+        max_saved: int = 4,
+    ) -> None:
+        self.dtype = dtype
+        self._layer = _engine.MoELayer(
+            int(num_experts), int(hidden_size), int(intermediate_size), dtype_name(dtype, ENGINE_DTYPES),
+            activation, int(max_saved),
+        )
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+
+    # ------------------------------------------------------------------ loading
+    def set_projection(self, which: str, weight: torch.Tensor, expert_begin: int = 0) -> None:
+        """Pack `weight` [n, rows, cols] for experts expert_begin..+n; gate/up are [I, H], down is [H, I].
+
+        Any CPU strides work (slices of a fused tensor need no copy); fp16/fp32 are converted to the engine
+        dtype; NaN/Inf raise ValueError naming the expert.
+        """
+        if which not in PROJECTIONS:
+            raise ValueError(f"which={which!r}: expected one of {', '.join(PROJECTIONS)}")
+        rows, cols = ((self.hidden_size, self.intermediate_size) if which == "down"
+                      else (self.intermediate_size, self.hidden_size))
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            weight = weight.unsqueeze(0)
+        w = check_tensor(f"{which} weight", weight, dtype=tuple(SOURCE_DTYPES), shape=(None, rows, cols),
+                         contiguous=False)
+        n = w.shape[0]
+        if not 0 <= expert_begin or expert_begin + n > self.num_experts:
+            raise ValueError(f"experts [{expert_begin}, {expert_begin + n}) are outside [0, {self.num_experts})")
+        if n == 0:
+            return
+        se, sr, sc = w.stride()
+        self._layer.set_weights(PROJECTIONS[which], int(expert_begin), int(n), w.data_ptr(),
+                                SOURCE_DTYPES[w.dtype], se, sr, sc)
+
+    def load_expert(self, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        """One expert from Hub-style per-expert tensors gate/up [I, H] and down [H, I]."""
+        for which, w in (("gate", gate), ("up", up), ("down", down)):
+            self.set_projection(which, w, expert)
+
+    def load_fused(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, expert_begin: int = 0) -> None:
+        """transformers 5 layout: gate_up_proj [n, 2I, H] (gate rows first, then up), down_proj [n, H, I]."""
+        I = self.intermediate_size
+        check_tensor("gate_up_proj", gate_up_proj, dtype=tuple(SOURCE_DTYPES), shape=(None, 2 * I, self.hidden_size),
+                     contiguous=False)
+        self.set_projection("gate", gate_up_proj[:, :I], expert_begin)
+        self.set_projection("up", gate_up_proj[:, I:], expert_begin)
+        self.set_projection("down", down_proj, expert_begin)
+
+    @classmethod
+    def from_fused(cls, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, **kwargs) -> "ExpertLayer":
+        E, two_i, H = gate_up_proj.shape
+        layer = cls(E, H, two_i // 2, **kwargs)
+        layer.load_fused(gate_up_proj, down_proj)
+        return layer
+
+    def missing_weights(self) -> list[str]:
+        return list(self._layer.missing_weights())
+
+    # ------------------------------------------------------------------ compute
+    def _check_routing(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+        check_tensor("x", x, dtype=self.dtype, shape=(None, self.hidden_size))
+        T = x.shape[0]
+        check_tensor("topk_ids", topk_ids, dtype=torch.int64, shape=(T, None))
+        if topk_ids.shape[1] < 1:
+            raise ValueError("topk_ids: expected at least one expert per token (k >= 1)")
+        check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=tuple(topk_ids.shape))
+
+    def forward(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, save_for_backward: bool = False
+    ) -> tuple[torch.Tensor, int]:
+        """y [T, H] (engine dtype) and a handle for `backward` (0 when nothing was saved)."""
+        self._check_routing(x, topk_ids, topk_weights)
+        T, k = topk_ids.shape
+        y = torch.empty(T, self.hidden_size, dtype=self.dtype)
+        handle = self._layer.forward(T, k, x.data_ptr(), topk_ids.data_ptr(), topk_weights.data_ptr(), y.data_ptr(),
+                                     bool(save_for_backward))
+        return y, handle
+
+    def backward(self, handle: int, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dx [T, H] engine dtype, d topk_weights [T, k] float32) for the forward that returned `handle`."""
+        T, k = self._layer.saved_shape(int(handle))
+        check_tensor("dy", dy, dtype=self.dtype, shape=(T, self.hidden_size))
+        dx = torch.empty(T, self.hidden_size, dtype=self.dtype)
+        dw = torch.empty(T, k, dtype=torch.float32)
+        self._layer.backward(int(handle), T, k, dy.data_ptr(), dx.data_ptr(), dw.data_ptr())
+        return dx, dw
+
+    def release(self, handle: int) -> None:
+        """Drop what a forward saved (its backward will not come)."""
+        if handle:
+            self._layer.release(int(handle))
+
+    @property
+    def packed_bytes(self) -> int:
+        return self._layer.packed_bytes
+
+    @property
+    def saved_bytes(self) -> int:
+        return self._layer.saved_bytes
+
+    def __repr__(self) -> str:
+        return (f"ExpertLayer(experts={self.num_experts}, hidden={self.hidden_size}, "
+                f"intermediate={self.intermediate_size}, dtype={self.dtype}, packed={self.packed_bytes / 2**20:.1f} MiB)")

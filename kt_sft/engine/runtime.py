@@ -1,0 +1,56 @@
+"""Process-wide engine settings: which ISA path runs and how many threads it uses."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from .. import _engine
+
+ISA_ORDER = ("scalar", "avx2", "avx512", "amx")
+
+
+def cpu_info() -> dict:
+    """CPU model, the feature flags the kernels care about, and the OS state for them."""
+    return _engine.cpu_info()
+
+
+def available_isas() -> list[str]:
+    """ISA paths this CPU and OS can run, slowest first."""
+    return list(_engine.supported_isas())
+
+
+def isa_supported(isa: str) -> tuple[bool, str]:
+    """(True, "") when this CPU and OS can run the path, else (False, why)."""
+    ok, why = _engine.isa_supported(isa)
+    return bool(ok), str(why)
+
+
+def select_isa(isa: str | None = None) -> str:
+    """Pick the kernel path (None: `KT_SFT_ISA`, else the best available). Raises if the CPU cannot run it."""
+    if isa is not None and isa not in ISA_ORDER:
+        raise ValueError(f"isa={isa!r}: expected one of {', '.join(ISA_ORDER)}")
+    return _engine.select_isa(isa or "")
+
+
+def current_isa() -> str:
+    return _engine.current_isa()
+
+
+@contextlib.contextmanager
+def use_isa(isa: str) -> Iterator[str]:
+    """Run a block on one ISA path (tests use it to compare every path with the reference)."""
+    before = current_isa()
+    select_isa(isa)
+    try:
+        yield isa
+    finally:
+        select_isa(before)
+
+
+def set_num_threads(n: int = 0) -> None:
+    """Resize the worker pool (0: `KT_SFT_THREADS`, else the physical cores of this process's CPU set)."""
+    _engine.set_num_threads(int(n))
+
+
+def num_threads() -> int:
+    return _engine.num_threads()

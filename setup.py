@@ -1,0 +1,67 @@
+"""Build kt-sft and its CPU engine `kt_sft._engine`.
+
+The engine is a plain pybind11 module (no torch headers, no libtorch), so one build serves any torch >= 2.4.
+Each ISA kernel unit is compiled with its own target flags and nothing else ever gets them: the right unit is
+picked at run time from CPUID (csrc/cpu_features.cpp), so no CPU can hit an instruction it lacks (no SIGILL,
+no -march=native).
+"""
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pybind11
+from setuptools import find_packages, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.extension import Extension
+
+BASE_FLAGS = ["-std=c++17", "-O3", "-march=x86-64", "-mtune=generic", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
+AVX512 = ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"]
+ISA_UNITS = {  # source -> extra target flags, used for that translation unit only
+    "csrc/kernels/isa_scalar.cpp": [],
+    "csrc/kernels/isa_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+    "csrc/kernels/isa_avx512.cpp": AVX512,
+    "csrc/kernels/isa_amx.cpp": AVX512 + ["-mamx-tile", "-mamx-bf16"],
+}
+BASE_SOURCES = ["csrc/bindings.cpp", "csrc/moe_layer.cpp", "csrc/cpu_features.cpp", "csrc/thread_pool.cpp"]
+HEADERS = ["csrc/common.h", "csrc/cpu_features.h", "csrc/moe_layer.h", "csrc/thread_pool.h",
+           "csrc/kernels/moe_tasks.inc", "csrc/kernels/avx512_microkernels.h"]
+
+
+class BuildEngine(build_ext):
+    """Compiles the ISA units (in parallel) with their own flags, then links them into the extension."""
+
+    def build_extension(self, ext):
+        jobs = int(os.environ.get("KT_SFT_BUILD_JOBS", os.cpu_count() or 1))
+        include = [pybind11.get_include(), "csrc"]
+
+        def compile_unit(item):
+            src, flags = item
+            return self.compiler.compile([src], output_dir=self.build_temp, include_dirs=include,
+                                         extra_postargs=BASE_FLAGS + ["-fPIC"] + flags, depends=HEADERS)
+
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            ext.extra_objects = [o for objs in pool.map(compile_unit, ISA_UNITS.items()) for o in objs]
+        self.parallel = jobs
+        super().build_extension(ext)
+
+
+engine = Extension(
+    "kt_sft._engine",
+    sources=BASE_SOURCES,
+    include_dirs=[pybind11.get_include(), "csrc"],
+    extra_compile_args=BASE_FLAGS,
+    extra_link_args=["-pthread"],
+    depends=HEADERS + list(ISA_UNITS),
+    language="c++",
+)
+
+setup(
+    name="kt-sft",
+    version="0.1.0",
+    description="LoRA fine-tuning of large MoE models with routed experts on a CPU engine (AMX/AVX512/AVX2)",
+    packages=find_packages(include=["kt_sft", "kt_sft.*"]),
+    ext_modules=[engine],
+    cmdclass={"build_ext": BuildEngine},
+    python_requires=">=3.9",
+    # torch is deliberately not listed: pip would pull a CUDA build onto CPU boxes. Bring your own torch >= 2.4.
+    install_requires=[],
+)
