@@ -12,7 +12,8 @@
 namespace kt_sft {
 namespace {
 
-constexpr int kRowChunk = 256;    // rows per task: balances skewed experts, keeps A rows in L2
+constexpr int kRowChunk = 256;      // forward rows per task: balances skewed experts, keeps A rows in L2
+constexpr int kRowChunkBwd = 2048;  // backward tasks repack their weight block first: fewer, longer tasks
 constexpr int kTokenChunk = 32;   // tokens per gather / reduce task
 
 struct Engine {
@@ -80,12 +81,12 @@ Scratch scratch_of(Engine& eng, int worker) {
                  eng.packed[worker].get()};
 }
 
-std::vector<Task> make_tasks(const RoutingPlan& plan, int blocks) {
+std::vector<Task> make_tasks(const RoutingPlan& plan, int blocks, int chunk) {
   std::vector<Task> tasks;
   for (int e = 0; e < int(plan.count.size()); ++e)
     for (int b = 0; b < blocks; ++b)
-      for (int r0 = 0; r0 < plan.count[e]; r0 += kRowChunk)
-        tasks.push_back(Task{e, b, r0, std::min(kRowChunk, plan.count[e] - r0)});
+      for (int r0 = 0; r0 < plan.count[e]; r0 += chunk)
+        tasks.push_back(Task{e, b, r0, std::min(chunk, plan.count[e] - r0)});
   return tasks;
 }
 
@@ -348,12 +349,12 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
   ThreadPool& pool = *eng.pool;
   const KernelTable* kt = eng.kt;
   gather_rows(pool, plan, x, const_cast<void*>(fb.xg), H_, Hp_, es);
-  std::vector<Task> tasks = make_tasks(plan, Ip_ / kBlock);
+  std::vector<Task> tasks = make_tasks(plan, Ip_ / kBlock, kRowChunk);
   pool.run(int(tasks.size()), [&](int i, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->gate_up(L, fb, tasks[size_t(i)], s);
   });
-  tasks = make_tasks(plan, Hp_ / kBlock);
+  tasks = make_tasks(plan, Hp_ / kBlock, kRowChunk);
   pool.run(int(tasks.size()), [&](int i, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->down(L, fb, tasks[size_t(i)], s);
@@ -409,12 +410,12 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
   ThreadPool& pool = *eng.pool;
   const KernelTable* kt = eng.kt;
   gather_rows(pool, plan, dy, const_cast<void*>(bb.dyg), H_, Hp_, es);
-  std::vector<Task> tasks = make_tasks(plan, ipb);
+  std::vector<Task> tasks = make_tasks(plan, ipb, kRowChunkBwd);
   pool.run(int(tasks.size()), [&](int i, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->bwd_act(L, bb, tasks[size_t(i)], s);
   });
-  tasks = make_tasks(plan, Hp_ / kBlock);
+  tasks = make_tasks(plan, Hp_ / kBlock, kRowChunkBwd);
   pool.run(int(tasks.size()), [&](int i, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->bwd_input(L, bb, tasks[size_t(i)], s);

@@ -1,0 +1,162 @@
+"""One MoE layer, forward + backward (input and routing-weight grads, frozen experts): kt-sft engine vs a
+naive PyTorch per-expert loop, in the same run.
+
+Default shape: DeepSeek-V2-Lite (E=64, k=6, H=2048, I=1408), 4096 tokens.
+    python benchmarks/bench_moe.py                     # full V2-Lite layer (needs ~3 GB RAM)
+    python benchmarks/bench_moe.py --small             # seconds-long version (`make demo` before the training demo)
+    python benchmarks/bench_moe.py --tokens 1024 --threads 16 --isa amx
+Reported per layer: fwd ms, bwd ms, TFLOPS (fwd and bwd each do 6*T*k*H*I flops), tokens/s; ratio last.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import kt_sft.engine as ke
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--topk", type=int, default=6)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=1408)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=0, help="0 = KT_SFT_THREADS or physical cores")
+    p.add_argument("--isa", default=None, help="scalar|avx2|avx512|amx (default: best available)")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--skewed", action="store_true", help="route most tokens to a few experts")
+    p.add_argument("--no-baseline", action="store_true", help="skip the naive torch loop")
+    p.add_argument("--small", action="store_true", help="E=8 k=2 H=256 I=192 T=256: a quick run")
+    args = p.parse_args()
+    if args.small:
+        args.experts, args.topk, args.hidden, args.intermediate, args.tokens = 8, 2, 256, 192, 256
+    return args
+
+
+def make_inputs(a: argparse.Namespace):
+    gen = torch.Generator().manual_seed(0)
+    E, H, I, T, k = a.experts, a.hidden, a.intermediate, a.tokens, a.topk
+    gate_up = (torch.randn(E, 2 * I, H, generator=gen) * H ** -0.5).bfloat16()
+    down = (torch.randn(E, H, I, generator=gen) * I ** -0.5).bfloat16()
+    scores = torch.randn(T, E, generator=gen)
+    if a.skewed:
+        scores[:, : max(1, E // 16)] += 3.0
+    ids = scores.topk(k, dim=-1).indices.contiguous()
+    w = torch.softmax(torch.randn(T, k, generator=gen), -1).contiguous()
+    x = torch.randn(T, H, generator=gen).bfloat16()
+    dy = torch.randn(T, H, generator=gen).bfloat16()
+    return gate_up, down, ids, w, x, dy
+
+
+def naive_forward(x, ids, w, gate_up, down):
+    """The baseline: a Python loop over experts with torch matmuls (bf16), autograd for backward."""
+    I = down.shape[2]
+    y = torch.zeros_like(x)
+    for e in range(gate_up.shape[0]):
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        gu = x[tok] @ gate_up[e].T
+        out = (F.silu(gu[:, :I]) * gu[:, I:]) @ down[e].T
+        y = y.index_add(0, tok, out * w[tok, slot, None].to(out.dtype))
+    return y
+
+
+def timed(fn, iters: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_engine(a, gate_up, down, ids, w, x, dy):
+    layer = ke.ExpertLayer.from_fused(gate_up, down, dtype=torch.bfloat16)
+    state = {}
+
+    def fwd():
+        state["y"], state["h"] = layer.forward(x, ids, w, save_for_backward=True)
+
+    def bwd():
+        state["dx"], state["dw"] = layer.backward(state["h"], dy)
+
+    fwd()
+    bwd()
+    t_fwd = timed(fwd, a.iters, a.warmup)
+    times = []
+    for _ in range(a.iters):  # every backward needs its own forward
+        fwd()
+        t0 = time.perf_counter()
+        bwd()
+        times.append(time.perf_counter() - t0)
+    return t_fwd, statistics.median(times), state, layer
+
+
+def bench_naive(a, gate_up, down, ids, w, x, dy):
+    state = {}
+
+    def fwd():
+        xr = x.detach().requires_grad_(True)
+        wr = w.detach().requires_grad_(True)
+        state.update(x=xr, w=wr, y=naive_forward(xr, ids, wr, gate_up, down))
+
+    def bwd():
+        state["dx"], state["dw"] = torch.autograd.grad(state["y"], (state["x"], state["w"]), dy)
+
+    fwd()
+    bwd()
+    t_fwd = timed(fwd, a.iters, a.warmup)
+    times = []
+    for _ in range(a.iters):
+        fwd()
+        t0 = time.perf_counter()
+        bwd()
+        times.append(time.perf_counter() - t0)
+    return t_fwd, statistics.median(times), state
+
+
+def row(name: str, t_fwd: float, t_bwd: float, flops: float, tokens: int) -> str:
+    return (f"{name:<22} {t_fwd * 1e3:9.1f} {t_bwd * 1e3:9.1f} {flops / t_fwd / 1e12:8.2f} "
+            f"{flops / t_bwd / 1e12:8.2f} {tokens / (t_fwd + t_bwd):11.0f}")
+
+
+def main() -> None:
+    a = parse_args()
+    if a.isa:
+        ke.select_isa(a.isa)
+    ke.set_num_threads(a.threads)
+    threads = ke.num_threads()
+    torch.set_num_threads(threads)
+    E, H, I, T, k = a.experts, a.hidden, a.intermediate, a.tokens, a.topk
+    info = ke.cpu_info()
+    print(f"cpu: {info['model']} | engine isa={ke.current_isa()} threads={threads} | torch {torch.__version__} "
+          f"threads={torch.get_num_threads()}")
+    print(f"shape: E={E} k={k} H={H} I={I} T={T}{' skewed' if a.skewed else ''} | iters={a.iters} (median)")
+    inputs = make_inputs(a)
+    flops = 6.0 * T * k * H * I
+    header = f"{'':<22} {'fwd ms':>9} {'bwd ms':>9} {'fwd TF/s':>8} {'bwd TF/s':>8} {'tokens/s':>11}"
+    ours = bench_engine(a, *inputs)
+    print(header)
+    print(row(f"kt-sft ({ke.current_isa()})", ours[0], ours[1], flops, T))
+    if a.no_baseline:
+        return
+    base = bench_naive(a, *inputs)
+    print(row("naive torch loop", base[0], base[1], flops, T))
+    diff = (ours[2]["y"].float() - base[2]["y"].float()).norm() / base[2]["y"].float().norm()
+    ddx = (ours[2]["dx"].float() - base[2]["dx"].float()).norm() / base[2]["dx"].float().norm()
+    print(f"agreement with the naive loop: rel diff y {diff:.2e}, dx {ddx:.2e}")
+    print(f"ratio (ours / naive tokens/s): {(base[0] + base[1]) / (ours[0] + ours[1]):.2f}x "
+          f"(fwd {base[0] / ours[0]:.2f}x, bwd {base[1] / ours[1]:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

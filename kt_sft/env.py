@@ -1,0 +1,47 @@
+"""`python -m kt_sft env`: what a bug report needs — versions, CPU, the flags the kernels use, ISA, threads."""
+from __future__ import annotations
+
+import importlib.metadata as md
+import platform
+import sys
+
+PACKAGES = ("kt-sft", "torch", "transformers", "peft", "accelerate", "datasets", "trl", "llamafactory",
+            "deepspeed", "safetensors")
+FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile", "amx_bf16",
+         "amx_int8")
+
+
+def _version(name: str) -> str:
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return "not installed"
+
+
+def report() -> str:
+    from .engine import runtime
+
+    lines = [f"python: {sys.version.split()[0]} ({platform.platform()})"]
+    lines += [f"{name}: {_version(name)}" for name in PACKAGES]
+    info = runtime.cpu_info()
+    lines.append(f"cpu: {info['model'] or info['vendor']} ({info['physical_cores']} physical cores available)")
+    lines.append("cpu flags: " + " ".join(f"{f}={'yes' if info['flags'][f] else 'no'}" for f in FLAGS))
+    os_state = info["os"]
+    lines.append("os state: " + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in os_state.items()))
+    if info["amx_note"]:
+        lines.append(f"amx: unavailable ({info['amx_note']})")
+    lines.append("isa paths available: " + ", ".join(runtime.available_isas()))
+    try:
+        lines.append(f"isa chosen: {runtime.current_isa()}  threads: {runtime.num_threads()}")
+    except (RuntimeError, ValueError) as err:  # e.g. KT_SFT_ISA names a path this CPU cannot run
+        lines.append(f"isa chosen: none ({err})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] != ["env"]:
+        print("usage: python -m kt_sft env", file=sys.stderr)
+        return 2
+    print(report())
+    return 0
