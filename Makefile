@@ -1,0 +1,51 @@
+# kt-sft entry points for CPU-only dev boxes and CI (.ci/run = `make test`).
+# A clean clone needs only python3 + pip: `make test` sets up .venv, builds the engine, tests.
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+JOBS        ?= 2
+PYTEST_ARGS ?=
+BENCH_ARGS  ?=
+
+STAMP        := $(VENV)/.kt-sft-setup-ok
+SETUP_INPUTS := scripts/setup_cpu.sh scripts/make_stub_wheels.py $(wildcard requirements/*.txt)
+# The venv is made from python3, so its extension suffix is python3's (PY may not exist yet).
+EXT_SUFFIX   := $(shell python3 -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+ENGINE_SO    := kt_sft/_engine$(EXT_SUFFIX)
+ENGINE_SRCS  := $(wildcard setup.py) $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: setup build test demo bench clean distclean
+
+setup: $(STAMP)
+
+# Re-run the (idempotent) set-up only when its inputs changed since the last success.
+$(STAMP): $(SETUP_INPUTS)
+	VENV=$(VENV) scripts/setup_cpu.sh
+
+# Rebuild only when a source or setup.py is newer than the .so.  --force: make already
+# decided it is stale (build_ext's own check ignores e.g. setup.py flag changes); touch:
+# keep the .so newer than its sources even if nothing was relinked.
+ifneq ($(wildcard setup.py),)
+build: setup $(ENGINE_SO)
+$(ENGINE_SO): $(ENGINE_SRCS) | $(STAMP)
+	KT_SFT_BUILD_JOBS=$(JOBS) $(PY) setup.py build_ext --inplace --force -j $(JOBS)
+	touch $@
+else
+build: setup
+	@echo "make build: no setup.py yet, nothing to build"
+endif
+
+test: build
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+demo: build
+	$(PY) benchmarks/bench_moe.py --small
+
+bench: build
+	$(PY) benchmarks/bench_moe.py $(BENCH_ARGS)
+
+clean:
+	rm -rf build/ dist/ *.egg-info .pytest_cache kt_sft/_engine*.so
+	find . -path ./$(VENV) -prune -o -path ./.git -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
