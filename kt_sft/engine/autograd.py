@@ -80,32 +80,89 @@ def _from_engine(name: str, t: torch.Tensor, device: torch.device, dtype: torch.
     return t.to(device=device, dtype=dtype)
 
 
+class RetainedForwards:
+    """What one layer's forwards kept for a later backward, so a checkpoint recompute does not re-run the experts.
+
+    Gradient checkpointing runs a layer's forward again before its backward with bit-identical inputs. An entry
+    holds (x, topk_ids, topk_weights, y, handle) of a forward that saved activations; a forward whose inputs
+    equal an entry's returns that entry's y and handle instead of computing. Bounded by the layer's
+    `max_saved` (oldest dropped, in step with the engine's own LRU slots); backward drops the entry it used.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.entries: list[tuple] = []
+
+    def find(self, x, ids, w):
+        for entry in self.entries:
+            ex, eids, ew = entry[:3]
+            if ex.shape == x.shape and eids.shape == ids.shape and torch.equal(eids, ids) and torch.equal(ew, w) \
+                    and torch.equal(ex, x):
+                return entry
+        return None
+
+    def add(self, x, ids, w, y, handle) -> None:
+        self.entries.append((x.clone(), ids.clone(), w.clone(), y, handle))
+        del self.entries[: max(0, len(self.entries) - self.capacity)]
+
+    def drop(self, handle) -> None:
+        self.entries = [e for e in self.entries if e[4] != handle]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for e in self.entries for t in (e[0], e[1], e[2], e[3]))
+
+
+def retained_forwards(layer: ExpertLayer) -> RetainedForwards:
+    cache = getattr(layer, "_retained", None)
+    if cache is None:
+        cache = layer._retained = RetainedForwards(layer.max_saved)
+    return cache
+
+
 class MoEExpertsFunction(torch.autograd.Function):
     """y = experts(x) weighted by topk_weights; gradients for x and topk_weights, none for the frozen weights."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: ExpertLayer):
+    def forward(ctx, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: ExpertLayer,
+                save: bool):
         if x.dim() != 2:
             raise ValueError(f"x: expected [tokens, hidden], got shape {list(x.shape)}")
-        save = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         x_host = _to_engine("x", x, layer.dtype)
         ids_host = _to_engine("ids", topk_ids, torch.int64)
         w_host = _to_engine("w", topk_weights, torch.float32)
-        y, handle = layer.forward(x_host, ids_host, w_host, save_for_backward=save)
+        retained = retained_forwards(layer) if save else None
+        hit = retained.find(x_host, ids_host, w_host) if retained is not None else None
+        if hit is not None:
+            y, handle = hit[3], hit[4]
+        else:
+            y, handle = layer.forward(x_host, ids_host, w_host, save_for_backward=save)
+            if save:
+                retained.add(x_host, ids_host, w_host, y, handle)
         ctx.layer, ctx.handle = layer, handle
         ctx.x_meta = (x.device, x.dtype)
         ctx.w_meta = (topk_weights.device, topk_weights.dtype)
-        return _from_engine("y", y, x.device, x.dtype)
+        out = _from_engine("y", y, x.device, x.dtype)
+        return out.clone() if save and out.data_ptr() == y.data_ptr() else out  # the retained y must stay intact
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         layer: ExpertLayer = ctx.layer
+        if not ctx.handle:
+            raise RuntimeError("this experts forward saved nothing for backward (it ran without inputs requiring grad)")
+        retained_forwards(layer).drop(ctx.handle)
         dx, dw = layer.backward(ctx.handle, _to_engine("dy", dy, layer.dtype))
         dx = _from_engine("dx", dx, *ctx.x_meta) if ctx.needs_input_grad[0] else None
         dw = _from_engine("dw", dw, *ctx.w_meta) if ctx.needs_input_grad[2] else None
-        return dx, None, dw, None
+        return dx, None, dw, None, None
 
 
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: ExpertLayer) -> torch.Tensor:
-    """Differentiable routed-experts call: x [T, H], topk_ids [T, k], topk_weights [T, k] -> y [T, H]."""
-    return MoEExpertsFunction.apply(x, topk_ids, topk_weights, layer)
+    """Differentiable routed-experts call: x [T, H], topk_ids [T, k], topk_weights [T, k] -> y [T, H].
+
+    Activations are saved when a gradient can flow to x or topk_weights. That includes a forward under no_grad
+    whose inputs require grad: reentrant gradient checkpointing runs its first pass that way, and keeping the
+    result lets the recompute pass skip the CPU experts (see RetainedForwards).
+    """
+    save = x.requires_grad or topk_weights.requires_grad
+    return MoEExpertsFunction.apply(x, topk_ids, topk_weights, layer, save)

@@ -37,6 +37,7 @@ class ExpertLayer:
             activation, int(max_saved),
         )
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.max_saved = int(max_saved)
 
     # ------------------------------------------------------------------ loading
     def set_projection(self, which: str, weight: torch.Tensor, expert_begin: int = 0) -> None:
@@ -126,7 +127,9 @@ class ExpertLayer:
 
     @property
     def saved_bytes(self) -> int:
-        return self._layer.saved_bytes
+        """Host bytes held for backward: the engine's slots plus the inputs/outputs kept for checkpoint reuse."""
+        retained = getattr(self, "_retained", None)
+        return self._layer.saved_bytes + (retained.nbytes if retained is not None else 0)
 
     def __repr__(self) -> str:
         return (f"ExpertLayer(experts={self.num_experts}, hidden={self.hidden_size}, "
