@@ -157,12 +157,13 @@ class MoEExpertsFunction(torch.autograd.Function):
         return dx, None, dw, None, None
 
 
-def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: ExpertLayer) -> torch.Tensor:
+def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: ExpertLayer,
+                retain: bool = False) -> torch.Tensor:
     """Differentiable routed-experts call: x [T, H], topk_ids [T, k], topk_weights [T, k] -> y [T, H].
 
-    Activations are saved when a gradient can flow to x or topk_weights. That includes a forward under no_grad
-    whose inputs require grad: reentrant gradient checkpointing runs its first pass that way, and keeping the
+    Activations are saved when a gradient can flow to x or topk_weights, or when `retain` asks for it: a
+    training-mode forward under no_grad is the first pass of reentrant gradient checkpointing, and keeping its
     result lets the recompute pass skip the CPU experts (see RetainedForwards).
     """
-    save = x.requires_grad or topk_weights.requires_grad
+    save = retain or (torch.is_grad_enabled() and (x.requires_grad or topk_weights.requires_grad))
     return MoEExpertsFunction.apply(x, topk_ids, topk_weights, layer, save)

@@ -25,7 +25,9 @@ def kt_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
     shape = hidden_states.shape
     x = hidden_states.reshape(-1, shape[-1])
     k = top_k_index.shape[-1]
-    y = moe_experts(x, top_k_index.reshape(-1, k), top_k_weights.reshape(-1, k), layer)
+    # Training under no_grad = the first pass of reentrant checkpointing: retain for the recompute pass.
+    retain = self.training and not torch.is_grad_enabled()
+    y = moe_experts(x, top_k_index.reshape(-1, k), top_k_weights.reshape(-1, k), layer, retain=retain)
     return y.view(shape)
 
 
