@@ -147,9 +147,13 @@ def load_model(
                                 "model directory (config.json + *.safetensors)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     engine_dtype = engine_dtype or (torch.float32 if dtype == torch.float32 else torch.bfloat16)
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON: {err}") from err
+    family = get_family(model_type, rule)  # before transformers, whose error would not list what we support
     config = AutoConfig.from_pretrained(path)
     _check_config(path, config)
-    family = get_family(config.model_type, rule)
     hidden_act = getattr(config, "hidden_act", None)
     if not family.accepts_activation(hidden_act):
         raise ValueError(f"{path}: hidden_act={hidden_act!r}, but the engine runs {family.activation}-gated experts")

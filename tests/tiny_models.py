@@ -1,0 +1,126 @@
+"""Tiny random MoE checkpoints written by stock transformers, one per supported family.
+
+`make_tiny_checkpoint(model_type, path)` builds a 3–4 layer model (hidden 64, 8 routed experts of width 16,
+top-2, vocab 128) with `AutoConfig.for_model` + `AutoModelForCausalLM.from_config`, re-initialises every
+tensor from a seeded generator so that logits are far from uniform and the routed experts matter, and saves
+it with `save_pretrained(max_shard_size=...)`, i.e. with the per-expert keys transformers 5.6 writes on disk
+(`...mlp.experts.0.gate_proj.weight`; mixtral: `...block_sparse_moe.experts.0.w1.weight`) spread over
+several shard files. Each fp32 checkpoint is 0.45–0.56 MB in 10–16 shards (max_shard_size="40KB").
+
+Per family (transformers 5.6 names):
+  dense first layer:  qwen2_moe mlp_only_layers=[0]; qwen3_moe decoder_sparse_step=2 (MoE at layers 1, 3);
+                      deepseek_v2/v3, glm4_moe first_k_dense_replace=1; mixtral has none (every layer MoE)
+  shared experts:     qwen2_moe shared_expert (+ sigmoid shared_expert_gate); deepseek/glm n_shared_experts=1
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+FAMILIES = ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "mixtral", "glm4_moe")
+
+HIDDEN, EXPERTS, MOE_INTER, TOP_K, VOCAB = 64, 8, 16, 2, 128
+
+_COMMON = dict(
+    vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    num_experts_per_tok=TOP_K, hidden_act="silu", max_position_embeddings=64, tie_word_embeddings=False,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+# deepseek MLA, kept tiny: q (rank q_lora_rank or plain q_proj) -> heads x (nope 8 + rope 8); kv rank 16.
+_MLA = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
+
+FAMILY_KWARGS = {
+    "qwen2_moe": dict(num_experts=EXPERTS, moe_intermediate_size=MOE_INTER, intermediate_size=48,
+                      shared_expert_intermediate_size=32, mlp_only_layers=[0], norm_topk_prob=False),
+    "qwen3_moe": dict(num_experts=EXPERTS, moe_intermediate_size=MOE_INTER, intermediate_size=48,
+                      num_hidden_layers=4, decoder_sparse_step=2, norm_topk_prob=True, head_dim=16),
+    # v2 (Lite-style): plain q_proj, softmax greedy top-k, no top-k renormalisation, scaled weights
+    "deepseek_v2": dict(_MLA, n_routed_experts=EXPERTS, moe_intermediate_size=MOE_INTER, intermediate_size=48,
+                        n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, topk_method="greedy",
+                        routed_scaling_factor=1.5),
+    # v3: low-rank q, sigmoid scores + e_score_correction_bias, group-limited (4 groups of 2, best 2 groups)
+    "deepseek_v3": dict(_MLA, n_routed_experts=EXPERTS, moe_intermediate_size=MOE_INTER, intermediate_size=48,
+                        n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=24, n_group=4, topk_group=2,
+                        norm_topk_prob=True, routed_scaling_factor=2.5),
+    # mixtral: the experts' width is `intermediate_size`; no dense layer, no shared expert
+    "mixtral": dict(num_local_experts=EXPERTS, intermediate_size=MOE_INTER, head_dim=16),
+    # glm4_moe: like v3 routing with a single group; partial rotary, attention biases (GLM-4.5 has them)
+    "glm4_moe": dict(n_routed_experts=EXPERTS, moe_intermediate_size=MOE_INTER, intermediate_size=48,
+                     n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
+                     routed_scaling_factor=1.5, attention_bias=True, head_dim=16),
+}
+# What the configs above must produce: MoE layer indices and the shared-expert submodule of the MoE block.
+MOE_LAYERS = {"qwen2_moe": [1, 2], "qwen3_moe": [1, 3], "deepseek_v2": [1, 2], "deepseek_v3": [1, 2],
+              "mixtral": [0, 1, 2], "glm4_moe": [1, 2]}
+SHARED_EXPERT = {"qwen2_moe": "shared_expert", "deepseek_v2": "shared_experts", "deepseek_v3": "shared_experts",
+                 "glm4_moe": "shared_experts"}
+
+
+def tiny_config(model_type: str, **overrides):
+    if model_type not in FAMILY_KWARGS:
+        raise ValueError(f"no tiny config for {model_type!r}; have {FAMILIES}")
+    return AutoConfig.for_model(model_type, **{**_COMMON, **FAMILY_KWARGS[model_type], **overrides})
+
+
+@torch.no_grad()
+def _reinit(model: torch.nn.Module, seed: int) -> None:
+    """Every tensor from one seeded generator, scaled so activations stay O(1) and logits are far from flat.
+
+    Matrices ~ N(0, 1/fan_in) (the fused experts per expert: fan_in = last dim), embeddings ~ N(0, 1),
+    norms ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.02^2), routers ~ N(0, 4/H) (spread-out router logits), the
+    correction bias of sigmoid routers ~ N(0, 0.05^2) (so a loader that drops it changes the routing).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for name, t in sorted(model.state_dict().items()):
+        if not t.is_floating_point():
+            continue
+        r = torch.randn(t.shape, generator=gen, dtype=torch.float32)
+        if name.endswith("e_score_correction_bias"):
+            v = 0.05 * r
+        elif "norm" in name and t.dim() == 1:
+            v = 1.0 + 0.1 * r
+        elif t.dim() == 1:
+            v = 0.02 * r
+        elif "embed_tokens" in name:
+            v = r
+        elif name.endswith(".gate.weight"):  # the routers (mlp.gate)
+            v = r * 2.0 / math.sqrt(t.shape[-1])
+        else:
+            v = r / math.sqrt(t.shape[-1])
+        t.copy_(v.to(t.dtype))
+
+
+def make_tiny_model(model_type: str, *, dtype=torch.float32, seed: int = 0, **overrides):
+    config = tiny_config(model_type, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _reinit(model, seed)
+    return model.to(dtype).eval()
+
+
+def shard_files(path) -> list[str]:
+    index = Path(path) / "model.safetensors.index.json"
+    if not index.exists():
+        return ["model.safetensors"]
+    return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+
+
+def expert_keys_on_disk(path) -> dict[str, str]:
+    """{per-expert key: shard file} from the checkpoint's index."""
+    weight_map = json.loads((Path(path) / "model.safetensors.index.json").read_text())["weight_map"]
+    return {k: f for k, f in weight_map.items() if ".experts." in k}
+
+
+def make_tiny_checkpoint(model_type: str, path, *, dtype=torch.float32, seed: int = 0,
+                         max_shard_size="40KB"):
+    """Writes a tiny random `model_type` checkpoint to `path` (config.json + sharded safetensors); returns config."""
+    path = Path(path)
+    model = make_tiny_model(model_type, dtype=dtype, seed=seed)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    experts = expert_keys_on_disk(path)
+    assert len(set(experts.values())) > 1, f"{model_type}: routed experts fit in one shard; lower max_shard_size"
+    return model.config
