@@ -64,3 +64,24 @@ def test_dense_on_gpu_matches_stock_on_gpu(qwen3_ckpt):
     with torch.no_grad():
         a, b = ours(ids).logits, stock(ids).logits
     assert ((a - b).norm() / b.norm()).item() < 1e-5
+
+
+def test_refuses_when_host_ram_is_short(qwen3_ckpt, monkeypatch):
+    import kt_sft.loader as loader
+
+    monkeypatch.setattr(loader, "_free_host_bytes", lambda: 1024)
+    with pytest.raises(MemoryError, match=r"host RAM .* available"):
+        kt_sft.load_model(qwen3_ckpt, device="cpu", dtype=torch.float32, progress=False)
+
+
+def test_quantized_checkpoint_names_its_format(qwen3_ckpt, tmp_path):
+    import json
+    import shutil
+
+    path = tmp_path / "fp8"
+    shutil.copytree(qwen3_ckpt, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="quantized checkpoint.*fp8 e4m3"):
+        kt_sft.load_model(path, device="cpu", dtype=torch.float32, progress=False)
