@@ -138,20 +138,20 @@ def load_model(
 
     device: where everything but the routed experts goes (default: cuda if available, else cpu).
     dtype: dtype of those non-expert weights. engine_dtype: packed expert dtype (default: float32 when dtype is
-    float32, else bfloat16). rule: a family YAML overriding the built-in registry entry (kt_optimize_rule).
-    threads: engine worker threads (0 = KT_SFT_THREADS or physical cores).
+    float32, else the family file's defaults.engine_dtype, bfloat16). rule: a family YAML overriding the built-in registry entry (kt_optimize_rule).
+    threads: engine worker threads (0 = the family file's defaults.threads; 'auto' = KT_SFT_THREADS or physical cores).
     """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json here; model_name_or_path must be a local Hugging Face "
                                 "model directory (config.json + *.safetensors)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    engine_dtype = engine_dtype or (torch.float32 if dtype == torch.float32 else torch.bfloat16)
     try:
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
     except (OSError, ValueError) as err:
         raise ValueError(f"{path / 'config.json'} is not valid JSON: {err}") from err
     family = get_family(model_type, rule)  # before transformers, whose error would not list what we support
+    engine_dtype, threads = _resolve_defaults(family, dtype, engine_dtype, threads)
     config = AutoConfig.from_pretrained(path)
     _check_config(path, config)
     hidden_act = getattr(config, "hidden_act", None)
@@ -189,6 +189,24 @@ def load_model(
     model.kt_summary = _summary(layers, engine_dtype, device)
     logger.info(model.kt_summary)
     return model
+
+
+def _resolve_defaults(family: MoEFamily, dtype, engine_dtype, threads) -> tuple[torch.dtype, int]:
+    """Explicit arguments win; then the family file's defaults; fp32 models get the exact fp32 engine."""
+    if engine_dtype is None:
+        if dtype == torch.float32:
+            engine_dtype = torch.float32
+        else:
+            name = str(family.defaults.get("engine_dtype", "bfloat16"))
+            if name not in ("bfloat16", "float32"):
+                raise ValueError(f"{family.source}: defaults.engine_dtype must be bfloat16 or float32, got {name!r}")
+            engine_dtype = getattr(torch, name)
+    if not threads:
+        value = family.defaults.get("threads", "auto")
+        if value != "auto" and not (isinstance(value, int) and value > 0):
+            raise ValueError(f"{family.source}: defaults.threads must be 'auto' or a positive integer, got {value!r}")
+        threads = 0 if value == "auto" else value
+    return engine_dtype, threads
 
 
 def _load_key(key, f, layers, expert_re, fused_re, placer) -> None:

@@ -85,3 +85,26 @@ def test_quantized_checkpoint_names_its_format(qwen3_ckpt, tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="quantized checkpoint.*fp8 e4m3"):
         kt_sft.load_model(path, device="cpu", dtype=torch.float32, progress=False)
+
+
+def test_rule_file_defaults_apply_and_explicit_arguments_win(qwen3_ckpt, tmp_path):
+    import kt_sft.engine as ke
+    from kt_sft.models.registry import FAMILY_DIR
+
+    rule = tmp_path / "my_qwen3.yaml"
+    text = (FAMILY_DIR / "qwen3_moe.yaml").read_text()
+    rule.write_text(text.replace("engine_dtype: bfloat16", "engine_dtype: float32").replace("threads: auto", "threads: 1"))
+    before = ke.num_threads()
+    try:
+        model = kt_sft.load_model(qwen3_ckpt, device="cpu", dtype=torch.bfloat16, rule=rule, progress=False)
+        assert {m.kt_layer.dtype for m in model.modules() if hasattr(m, "kt_layer")} == {torch.float32}
+        assert ke.num_threads() == 1
+        model = kt_sft.load_model(qwen3_ckpt, device="cpu", dtype=torch.bfloat16, rule=rule, threads=2,
+                                  engine_dtype=torch.bfloat16, progress=False)
+        assert {m.kt_layer.dtype for m in model.modules() if hasattr(m, "kt_layer")} == {torch.bfloat16}
+        assert ke.num_threads() == 2
+    finally:
+        ke.set_num_threads(before)
+    rule.write_text(text.replace("model_type: qwen3_moe", "model_type: mixtral"))
+    with pytest.raises(ValueError, match="is for model_type 'mixtral'"):
+        kt_sft.load_model(qwen3_ckpt, device="cpu", rule=rule, progress=False)
