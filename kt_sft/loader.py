@@ -172,8 +172,8 @@ def load_model(
     expert_re, fused_re = family.expert_key_regexes(), family.fused_key_regexes()
     placer = _Placer(model, device, dtype)
     if check_memory and os.environ.get("KT_SFT_SKIP_MEMORY_CHECK") != "1":
-        dense = sum(p.numel() * (4 if p.dtype == torch.float32 else torch.finfo(dtype).bits // 8)
-                    for p in model.parameters())
+        expert_params = {id(p) for m in modules.values() for p in m.parameters()}
+        dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_params)
         _check_memory(sum(l.packed_bytes for l in layers.values()), dense,
                       max(s.stat().st_size for s in shards if s.is_file()), device)
 
@@ -219,10 +219,8 @@ def _load_key(key, f, layers, expert_re, fused_re, placer) -> None:
         m = regex.match(key)
         if m and int(m["layer"]) in layers:
             layer = layers[int(m["layer"])]
-            if proj == "gate_up":  # [E, 2I, H], gate rows first
-                fused = f.get_tensor(key)
-                layer.set_projection("gate", fused[:, : layer.intermediate_size])
-                layer.set_projection("up", fused[:, layer.intermediate_size:])
+            if proj == "gate_up":
+                layer.load_gate_up(f.get_tensor(key))
             else:
                 layer.set_projection("down", f.get_tensor(key))
             return

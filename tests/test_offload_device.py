@@ -108,3 +108,19 @@ def test_rule_file_defaults_apply_and_explicit_arguments_win(qwen3_ckpt, tmp_pat
     rule.write_text(text.replace("model_type: qwen3_moe", "model_type: mixtral"))
     with pytest.raises(ValueError, match="is for model_type 'mixtral'"):
         kt_sft.load_model(qwen3_ckpt, device="cpu", rule=rule, progress=False)
+
+
+def test_gpu_memory_check_counts_only_dense_weights(qwen3_ckpt, monkeypatch):
+    """The routed experts never go to the GPU, so they must not count against its free memory."""
+    import kt_sft.loader as loader
+
+    seen = {}
+    real = loader._check_memory
+
+    def spy(expert_bytes, dense_bytes, largest_shard, device):
+        seen.update(expert=expert_bytes, dense=dense_bytes)
+        return real(expert_bytes, dense_bytes, largest_shard, device)
+
+    monkeypatch.setattr(loader, "_check_memory", spy)
+    model = kt_sft.load_model(qwen3_ckpt, device="cpu", dtype=torch.float32, progress=False)
+    assert seen["dense"] == sum(p.numel() * p.element_size() for p in model.parameters())
