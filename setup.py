@@ -11,6 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pybind11
 from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
 from setuptools.extension import Extension
 
 BASE_FLAGS = ["-std=c++17", "-O3", "-march=x86-64", "-mtune=generic", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
@@ -44,6 +46,52 @@ class BuildEngine(build_ext):
         super().build_extension(ext)
 
 
+# The LLaMA-Factory hook: a .pth at the site-packages root runs this line at every interpreter start (torchrun
+# children included). It costs one env lookup unless USE_KT is set; the name sorts after `__editable__*.pth`, so
+# an editable install's import finder is already in place when it runs.
+HOOK_PTH = "kt_sft-llamafactory-hook.pth"
+HOOK_LINE = ("import os; os.environ.get('USE_KT', '').strip().lower() in ('1', 'true', 'y', 'yes', 'on') "
+             "and __import__('kt_sft.llamafactory.startup').llamafactory.startup.activate()\n")
+
+
+class BuildPyWithHook(build_py):
+    """Regular wheels: put the hook .pth at the root of build_lib, which installs to site-packages."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, HOOK_PTH)
+        with open(target, "w") as f:
+            f.write(HOOK_LINE)
+
+    def get_outputs(self, include_bytecode=True):
+        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, HOOK_PTH)]
+
+
+class EditableWheelWithHook(editable_wheel):
+    """Editable installs (PEP 660) ship only setuptools' own finder .pth; add ours to that wheel too."""
+
+    def _select_strategy(self, name, tag, build_lib):
+        return _StrategyWithHook(super()._select_strategy(name, tag, build_lib))
+
+
+class _StrategyWithHook:
+    """Wraps a setuptools editable strategy: its files, then the hook .pth."""
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+
+    def __enter__(self):
+        self.strategy.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.strategy.__exit__(*exc)
+
+    def __call__(self, wheel, files, mapping):
+        self.strategy(wheel, files, mapping)
+        wheel.writestr(HOOK_PTH, HOOK_LINE.encode())
+
+
 engine = Extension(
     "kt_sft._engine",
     sources=BASE_SOURCES,
@@ -60,7 +108,7 @@ setup(
     description="LoRA fine-tuning of large MoE models with routed experts on a CPU engine (AMX/AVX512/AVX2)",
     packages=find_packages(include=["kt_sft", "kt_sft.*"]),
     ext_modules=[engine],
-    cmdclass={"build_ext": BuildEngine},
+    cmdclass={"build_ext": BuildEngine, "build_py": BuildPyWithHook, "editable_wheel": EditableWheelWithHook},
     python_requires=">=3.9",
     # torch is deliberately not listed: pip would pull a CUDA build onto CPU boxes. Bring your own torch >= 2.4.
     install_requires=[],

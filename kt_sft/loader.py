@@ -133,6 +133,10 @@ def load_model(
     max_saved: int = 4,
     check_memory: bool = True,
     progress: bool = True,
+    config=None,
+    expert_path: str | os.PathLike | None = None,
+    chunk_size: int = 0,
+    retain_activations: bool = True,
 ):
     """Load a Hugging Face MoE checkpoint directory with the routed experts on the CPU engine.
 
@@ -140,19 +144,31 @@ def load_model(
     dtype: dtype of those non-expert weights. engine_dtype: packed expert dtype (default: float32 when dtype is
     float32, else the family file's defaults.engine_dtype, bfloat16). rule: a family YAML overriding the built-in registry entry (kt_optimize_rule).
     threads: engine worker threads (0 = the family file's defaults.threads; 'auto' = KT_SFT_THREADS or physical cores).
+    config: an already loaded (and possibly patched, e.g. by LLaMA-Factory) config of this checkpoint.
+    expert_path: a directory whose safetensors hold the routed-expert tensors (default: `path`); expert keys
+    are then read only from there and everything else only from `path`.
+    chunk_size: most tokens per engine call (longer inputs are split; 0 = no limit).
+    retain_activations: keep the experts' forward for gradient checkpointing's recompute pass (see
+    kt_sft.models.experts); False runs the CPU experts again instead.
     """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json here; model_name_or_path must be a local Hugging Face "
                                 "model directory (config.json + *.safetensors)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     try:
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
     except (OSError, ValueError) as err:
         raise ValueError(f"{path / 'config.json'} is not valid JSON: {err}") from err
     family = get_family(model_type, rule)  # before transformers, whose error would not list what we support
     engine_dtype, threads = _resolve_defaults(family, dtype, engine_dtype, threads)
-    config = AutoConfig.from_pretrained(path)
+    if config is None:
+        config = AutoConfig.from_pretrained(path)
+    elif getattr(config, "model_type", model_type) != model_type:
+        raise ValueError(f"config model_type {config.model_type!r} does not match {path / 'config.json'} "
+                         f"({model_type!r})")
     _check_config(path, config)
     hidden_act = getattr(config, "hidden_act", None)
     if not family.accepts_activation(hidden_act):
@@ -167,21 +183,28 @@ def load_model(
     for idx, module in sorted(modules.items()):
         E, two_i, H = module.gate_up_proj.shape
         layers[idx] = engine.ExpertLayer(E, H, two_i // 2, dtype=engine_dtype, max_saved=max_saved)
+        layers[idx].chunk_size, layers[idx].retain_activations = int(chunk_size), bool(retain_activations)
 
     shards, weight_map = _shards(path)
+    sources = {shard: "all" for shard in shards}
+    if expert_path is not None and Path(expert_path).resolve() != path.resolve():
+        expert_shards, expert_map = _shards(Path(expert_path))
+        sources = {shard: "dense" for shard in shards}
+        sources.update({shard: "experts" for shard in expert_shards})
+        weight_map = {**weight_map, **expert_map}
     expert_re, fused_re = family.expert_key_regexes(), family.fused_key_regexes()
     placer = _Placer(model, device, dtype)
     if check_memory and os.environ.get("KT_SFT_SKIP_MEMORY_CHECK") != "1":
         expert_params = {id(p) for m in modules.values() for p in m.parameters()}
         dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_params)
         _check_memory(sum(l.packed_bytes for l in layers.values()), dense,
-                      max(s.stat().st_size for s in shards if s.is_file()), device)
+                      max(s.stat().st_size for s in sources if s.is_file()), device)
 
-    for shard in tqdm(shards, desc="kt-sft: loading shards", disable=not progress):
+    for shard, kinds in tqdm(sources.items(), desc="kt-sft: loading shards", disable=not progress):
         with _open(shard) as f:
             for key in f.keys():
                 try:
-                    _load_key(key, f, layers, expert_re, fused_re, placer)
+                    _load_key(key, f, layers, expert_re, fused_re, placer, kinds)
                 except (RuntimeError, ValueError) as err:
                     raise type(err)(f"{key} in {shard.name}: {err}") from err
     _finish(model, family, layers, modules, weight_map, placer, device)
@@ -209,21 +232,27 @@ def _resolve_defaults(family: MoEFamily, dtype, engine_dtype, threads) -> tuple[
     return engine_dtype, threads
 
 
-def _load_key(key, f, layers, expert_re, fused_re, placer) -> None:
+def _load_key(key, f, layers, expert_re, fused_re, placer, kinds: str = "all") -> None:
+    """Route one checkpoint tensor: into an engine layer, onto the model, or (kinds says) not from this shard."""
     for proj, regex in expert_re.items():
         m = regex.match(key)
         if m and int(m["layer"]) in layers:
-            layers[int(m["layer"])].set_projection(proj, f.get_tensor(key), int(m["expert"]))
+            if kinds != "dense":
+                layers[int(m["layer"])].set_projection(proj, f.get_tensor(key), int(m["expert"]))
             return
     for proj, regex in fused_re.items():
         m = regex.match(key)
         if m and int(m["layer"]) in layers:
+            if kinds == "dense":
+                return
             layer = layers[int(m["layer"])]
             if proj == "gate_up":
                 layer.load_gate_up(f.get_tensor(key))
             else:
                 layer.set_projection("down", f.get_tensor(key))
             return
+    if kinds == "experts":
+        return
     name = placer.name_of(key)
     if name is None:
         placer.unexpected.append(key)  # e.g. DeepSeek-V3's MTP layer; stock transformers skips these too
@@ -259,5 +288,6 @@ def _summary(layers: dict, engine_dtype: torch.dtype, device: torch.device) -> s
     experts = sum(l.num_experts for l in layers.values())
     packed = sum(l.packed_bytes for l in layers.values())
     dt = {torch.bfloat16: "bf16", torch.float32: "fp32"}[engine_dtype]
-    return (f"kt-sft: {len(layers)} MoE layers / {experts} experts ({packed / 1e9:.1f} GB {dt}) on CPU engine "
+    size = f"{packed / 1e9:.1f} GB" if packed >= 1e8 else f"{packed / 1e6:.1f} MB"
+    return (f"kt-sft: {len(layers)} MoE layers / {experts} experts ({size} {dt}) on CPU engine "
             f"[{engine.current_isa()}, {engine.num_threads()} threads]; dense on {device}")

@@ -25,10 +25,20 @@ def kt_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
     shape = hidden_states.shape
     x = hidden_states.reshape(-1, shape[-1])
     k = top_k_index.shape[-1]
+    ids, weights = top_k_index.reshape(-1, k), top_k_weights.reshape(-1, k)
     # Training under no_grad = the first pass of reentrant checkpointing: retain for the recompute pass.
-    retain = self.training and not torch.is_grad_enabled()
-    y = moe_experts(x, top_k_index.reshape(-1, k), top_k_weights.reshape(-1, k), layer, retain=retain)
-    return y.view(shape)
+    retain = self.training and not torch.is_grad_enabled() and getattr(layer, "retain_activations", True)
+    chunk = getattr(layer, "chunk_size", 0)
+    if not chunk or x.shape[0] <= chunk:
+        return moe_experts(x, ids, weights, layer, retain=retain).view(shape)
+    calls = -(-x.shape[0] // chunk)
+    if calls > layer.max_saved and (retain or torch.is_grad_enabled()):
+        raise RuntimeError(f"chunk_size={chunk} splits {x.shape[0]} tokens into {calls} engine calls, but each MoE "
+                           f"layer keeps only {layer.max_saved} saved forwards (kt_max_cache_depth); raise "
+                           f"kt_max_cache_depth to >= {calls} or chunk_size")
+    parts = [moe_experts(xc, ic, wc, layer, retain=retain)
+             for xc, ic, wc in zip(x.split(chunk), ids.split(chunk), weights.split(chunk))]
+    return torch.cat(parts).view(shape)
 
 
 ExpertsInterface.register(IMPLEMENTATION, kt_experts_forward)

@@ -81,6 +81,10 @@ def load_family_file(path: str | Path) -> MoEFamily:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
         raise ValueError(f"cannot read the model rule file {path}: {err}") from err
+    if isinstance(data, list) and any(isinstance(e, dict) and "match" in e for e in data):
+        raise ValueError(f"{path} is a KTransformers injection rule (match/replace entries); kt-sft places experts "
+                         "from its own family files instead: remove kt_optimize_rule (the family is picked from "
+                         "model_type) or point it to a file in the format of kt_sft/models/families/*.yaml")
     if not isinstance(data, dict) or "model_type" not in data:
         raise ValueError(f"{path}: expected a mapping with at least model_type, experts_module and checkpoint")
     known = set(MoEFamily.__dataclass_fields__) - {"source"}
@@ -104,7 +108,13 @@ def supported_model_types() -> list[str]:
 
 
 def get_family(model_type: str, rule: str | Path | None = None) -> MoEFamily:
-    """The registry entry for `model_type`, or the one in `rule` (a YAML path) when given."""
+    """The registry entry for `model_type`, or the one `rule` names (a family YAML path or a built-in name)."""
+    if rule and not Path(rule).exists() and str(rule) in builtin_families():
+        fam = builtin_families()[str(rule)]
+        if fam.model_type != model_type:
+            raise UnsupportedModelError(f"rule {rule!r} is the built-in family for model_type {fam.model_type!r}, "
+                                        f"but the checkpoint's config.json says {model_type!r}")
+        return fam
     if rule:
         fam = load_family_file(rule)
         if fam.model_type != model_type:

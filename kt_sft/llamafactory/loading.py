@@ -1,0 +1,65 @@
+"""LLaMA-Factory's `from_pretrained` call, answered by kt-sft's loader (see patches.patch_loader).
+
+LLaMA-Factory has already read and patched the config (attention implementation, rope scaling, KV cache,
+MoE aux-loss settings) and picked the dtype; we keep all of that and only change where the weights go:
+routed experts into the CPU engine, everything else onto the compute device.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..loader import load_model
+from .config import KTSettings
+
+
+def _device(device_map: Any) -> torch.device:
+    """LLaMA-Factory passes {"": device} for single-device runs; anything else means "the default device"."""
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        return torch.device(device_map[""])
+    if isinstance(device_map, (str, torch.device)) and str(device_map) not in ("auto", "balanced", "sequential"):
+        return torch.device(device_map)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _dtype(requested: Any, config) -> torch.dtype:
+    if isinstance(requested, torch.dtype):
+        return requested
+    if requested in (None, "auto"):
+        value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if value is None:
+            return torch.float32
+        return value if isinstance(value, torch.dtype) else getattr(torch, str(value).replace("torch.", ""))
+    return getattr(torch, str(requested))
+
+
+def _logger():
+    from llamafactory.extras import logging as lf_logging
+
+    return lf_logging.get_logger("llamafactory.kt_sft")
+
+
+def load_for_llamafactory(path, kwargs: dict, model_args, settings: KTSettings, is_trainable: bool):
+    """Build the model for LLaMA-Factory's `load_class.from_pretrained(**init_kwargs)` call."""
+    config = kwargs.get("config")
+    dtype = _dtype(kwargs.get("dtype", kwargs.get("torch_dtype", "auto")), config)
+    engine_dtype = getattr(torch, settings.engine_dtype) if settings.engine_dtype else None
+    model = load_model(
+        path,
+        device=_device(kwargs.get("device_map")),
+        dtype=dtype,
+        engine_dtype=engine_dtype,
+        rule=settings.rule,
+        threads=settings.threads,
+        max_saved=settings.max_cache_depth,
+        config=config,
+        expert_path=settings.expert_path,
+        chunk_size=settings.chunk_size,
+        retain_activations=settings.retain_activations,
+        progress=True,
+    )
+    _logger().info_rank0(model.kt_summary)
+    return model

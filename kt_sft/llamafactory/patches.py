@@ -1,0 +1,113 @@
+"""What the hook changes in stock LLaMA-Factory 0.9.5, one function per module (applied by `startup`).
+
+Everything else (data pipeline, templates, Trainer, PEFT set-up, logging, plot_loss, progress bars) stays
+LLaMA-Factory's own code. The changes:
+
+- `llamafactory.hparams.parser`:
+  * `check_version`: `use_kt` makes LLaMA-Factory demand the packages kt-kernel / transformers-kt /
+    accelerate-kt; kt-sft provides that contract (checked: its engine imports), other requirements pass through.
+  * `_parse_args`: takes our `kt_*` keys out of the arguments before LLaMA-Factory's strict parser sees them,
+    then validates them with the parsed dataclasses (`config.resolve`) and attaches the resolved settings to
+    the ModelArguments as `kt_sft_settings`. Bad combinations fail here, before any weight is read.
+- `llamafactory.model.loader`:
+  * `load_model` marks the load as a kt-sft one (a context variable) when `use_kt` is on, and
+  * `AutoModelForCausalLM`, as that module sees it, builds the model with `kt_sft.loader.load_model` while the
+    mark is set (LLaMA-Factory's patch_config / patch_model / init_adapter run around it unchanged).
+"""
+from __future__ import annotations
+
+import contextvars
+import functools
+from typing import Any, Callable
+
+_KT_REQUIREMENTS = ("kt-kernel", "transformers-kt", "accelerate-kt")
+_active_load: contextvars.ContextVar = contextvars.ContextVar("kt_sft_active_load", default=None)
+
+
+def _require_engine(requirement: str) -> None:
+    try:
+        from .. import engine  # noqa: F401  (imports kt_sft._engine, the compiled module)
+    except ImportError as err:
+        raise ImportError(f"use_kt needs {requirement}, which kt-sft provides, but kt-sft's engine does not import "
+                          f"({err}); rebuild it with `pip install -e .` (or `make build`)") from err
+
+
+def patch_parser(parser_module) -> None:
+    from . import config
+
+    original_check = parser_module.check_version
+    original_parse = parser_module._parse_args
+    if getattr(original_parse, "_kt_sft", False):
+        return
+
+    @functools.wraps(original_check)
+    def check_version(requirement: str, mandatory: bool = False) -> None:
+        if requirement.split("=")[0].split("<")[0].split(">")[0].strip() in _KT_REQUIREMENTS:
+            return _require_engine(requirement)
+        return original_check(requirement, mandatory)
+
+    @functools.wraps(original_parse)
+    def _parse_args(parser, args=None, allow_extra_keys: bool = False):
+        rest, ours = config.split_kt_keys(parser_module.read_args(args))
+        parsed = original_parse(parser, rest, allow_extra_keys)
+        by_name = {type(obj).__name__: obj for obj in parsed}
+        model_args = by_name.get("ModelArguments")
+        if model_args is not None:
+            model_args.kt_sft_settings = config.resolve(
+                ours, model_args, by_name.get("FinetuningArguments"), by_name.get("TrainingArguments"))
+        return parsed
+
+    _parse_args._kt_sft = True
+    parser_module.check_version = check_version
+    parser_module._parse_args = _parse_args
+
+
+def _settings_for(model_args):
+    from .config import resolve
+
+    settings = getattr(model_args, "kt_sft_settings", None)
+    return settings if settings is not None else resolve({}, model_args)
+
+
+class _AutoModelForCausalLM:
+    """Stands in for transformers' AutoModelForCausalLM inside llamafactory.model.loader only."""
+
+    def __init__(self, auto_class) -> None:
+        self._auto = auto_class
+
+    def __getattr__(self, name: str) -> Any:  # _model_mapping, from_config, ... as the real class has them
+        return getattr(self._auto, name)
+
+    def from_pretrained(self, pretrained_model_name_or_path=None, *args, **kwargs):
+        active = _active_load.get()
+        if active is None:
+            return self._auto.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        from .loading import load_for_llamafactory
+
+        return load_for_llamafactory(pretrained_model_name_or_path, kwargs, *active)
+
+
+def patch_loader(loader_module) -> None:
+    original_load = loader_module.load_model
+    if getattr(original_load, "_kt_sft", False):
+        return
+
+    @functools.wraps(original_load)
+    def load_model(tokenizer, model_args, finetuning_args, is_trainable: bool = False, add_valuehead: bool = False):
+        if not getattr(model_args, "use_kt", False):
+            return original_load(tokenizer, model_args, finetuning_args, is_trainable, add_valuehead)
+        token = _active_load.set((model_args, _settings_for(model_args), is_trainable))
+        try:
+            return original_load(tokenizer, model_args, finetuning_args, is_trainable, add_valuehead)
+        finally:
+            _active_load.reset(token)
+
+    load_model._kt_sft = True
+    loader_module.load_model = load_model
+    loader_module.AutoModelForCausalLM = _AutoModelForCausalLM(loader_module.AutoModelForCausalLM)
+
+
+PATCHES: dict[str, Callable] = {
+    "llamafactory.hparams.parser": patch_parser,
+    "llamafactory.model.loader": patch_loader,
+}

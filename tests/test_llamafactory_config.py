@@ -1,0 +1,126 @@
+"""The LLaMA-Factory hook's argument handling, in process: our keys are accepted with their meaning, and bad keys or
+contradictory combinations fail inside LLaMA-Factory's own `get_train_args` (so before any weight is read)."""
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from kt_sft.llamafactory import config as ktc
+from kt_sft.llamafactory.startup import activate
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_MODEL = REPO / "examples" / "demo" / "model"
+
+
+@pytest.fixture(scope="module")
+def get_train_args():
+    activate()  # what the .pth does at interpreter start when USE_KT=1 (here LLaMA-Factory may be imported already)
+    from llamafactory.hparams import get_train_args
+
+    return get_train_args
+
+
+def _args(tmp_path, **extra):
+    base = dict(model_name_or_path=str(DEMO_MODEL), stage="sft", do_train=True, finetuning_type="lora",
+                dataset="kt_demo", dataset_dir=str(REPO / "examples/demo/data"), template="qwen3_nothink",
+                output_dir=str(tmp_path / "out"), report_to="none", use_kt=True)
+    base.update(extra)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def test_keys_resolve_to_settings(get_train_args, tmp_path):
+    model_args, *_ = get_train_args(_args(tmp_path, kt_backend="fp32", cpu_infer=2, chunk_size=512,
+                                          kt_cpu_activation="recompute", kt_max_cache_depth=6,
+                                          kt_optimize_rule="qwen3_moe"))
+    assert model_args.kt_sft_settings == ktc.KTSettings(rule="qwen3_moe", engine_dtype="float32", threads=2,
+                                                        chunk_size=512, retain_activations=False,
+                                                        max_cache_depth=6)
+    model_args, *_ = get_train_args(_args(tmp_path))
+    assert model_args.kt_sft_settings == ktc.KTSettings()  # every default is "auto"
+
+
+def test_argv_form_is_split_too():
+    rest, ours = ktc.split_kt_keys(["--use_kt", "true", "--kt_backend", "FP32", "--chunk_size=64", "--lr", "1"])
+    assert rest == ["--use_kt", "true", "--lr", "1"]
+    assert ours == {"kt_backend": "FP32", "chunk_size": "64"}
+
+
+def _zero3_config(tmp_path) -> str:
+    path = tmp_path / "ds_z3.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_batch_size": "auto",
+                                "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}))
+    return str(path)
+
+
+BAD = [
+    ({"kt_bogus": 1}, "unknown kt-sft key(s) kt_bogus"),
+    ({"finetuning_type": "full"}, "finetuning_type='full'"),
+    ({"finetuning_type": "freeze"}, "trains LoRA adapters only"),
+    ({"stage": "dpo"}, "supported stages are sft, pt"),
+    ({"kt_backend": "AMXINT8"}, "AMXINT8"),
+    ({"kt_backend": "Q4"}, "'Q4' is not one of"),
+    ({"cpu_infer": 2, "kt_num_threads": 3}, "disagree"),
+    ({"kt_num_threads": -1}, "kt_num_threads: expected an integer >= 0"),
+    ({"chunk_size": "many"}, "chunk_size: expected an integer"),
+    ({"kt_cpu_activation": "offload"}, "retain or recompute"),
+    ({"use_kt": False, "kt_backend": "AMXBF16"}, "use_kt is false"),
+    ({"kt_maxlen": 4096}, "use LLaMA-Factory's cutoff_len"),
+    ({"kt_weight_path": "/some/where"}, "pre-quantized .kt expert files are not supported"),
+    ({"kt_use_lora_experts": True}, "GPU-side LoRA experts are not supported"),
+    ({"kt_expert_checkpoint_path": "/no/such/dir"}, "is not a directory"),
+    ({"quantization_bit": 4}, "quantization_bit"),
+    ({"model_name_or_path": "Qwen/Qwen3-30B-A3B"}, "does not download models"),
+    ({"kt_optimize_rule": "mixtral"}, "built-in family for model_type 'mixtral'"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD, ids=[m.split()[0].strip("'=:") for _, m in BAD])
+def test_bad_config_fails_before_loading(get_train_args, tmp_path, extra, message):
+    with pytest.raises(ktc.KTConfigError, match=None) as err:
+        get_train_args(_args(tmp_path, **extra))
+    assert message in str(err.value)
+
+
+def test_zero3_is_refused(get_train_args, tmp_path):
+    with pytest.raises(ktc.KTConfigError, match="ZeRO-3"):
+        get_train_args(_args(tmp_path, deepspeed=_zero3_config(tmp_path)))
+
+
+def test_upstream_injection_rule_gets_a_pointer(get_train_args, tmp_path):
+    rule = tmp_path / "DeepSeek-V2-Lite-Chat-sft-amx.yaml"
+    rule.write_text("- match:\n    name: '^model\\.layers\\..*\\.mlp\\.experts$'\n  replace:\n    class: x\n")
+    with pytest.raises(ktc.KTConfigError, match="KTransformers injection rule"):
+        get_train_args(_args(tmp_path, kt_optimize_rule=str(rule)))
+
+
+def test_unsupported_model_type_lists_supported(get_train_args, tmp_path):
+    model = tmp_path / "dense"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ktc.KTConfigError, match=r"'llama' is not supported by kt-sft \(supported: .*qwen3_moe"):
+        get_train_args(_args(tmp_path, model_name_or_path=str(model)))
+
+
+def test_hook_file_is_installed_and_only_active_with_use_kt():
+    pth = Path(sysconfig.get_paths()["purelib"]) / "kt_sft-llamafactory-hook.pth"
+    assert pth.is_file(), "pip install -e . should have placed the hook .pth in site-packages"
+    probe = "import sys; print(any(type(f).__name__ == '_PostImportFinder' for f in sys.meta_path))"
+    for value, active in (("1", "True"), ("true", "True"), ("0", "False"), ("", "False")):
+        env = {**os.environ, "USE_KT": value}
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == active, (value, out.stdout, out.stderr)
+
+
+def test_cli_error_reaches_the_user(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in _args(tmp_path, kt_backend="AMXINT8").items()))
+    cli = Path(sys.executable).parent / "llamafactory-cli"
+    out = subprocess.run([str(cli), "train", str(cfg)], env={**os.environ, "USE_KT": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode != 0
+    assert "kt_backend: AMXINT8 (int8 experts) is not built yet" in out.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
