@@ -37,8 +37,14 @@ endif
 test: build
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
+DEMO_YAML := examples/train_lora/demo_lora_sft_kt.yaml
+DEMO_OUT  := $(shell sed -n 's/^output_dir: *//p' $(DEMO_YAML))
+
+# The embedded demo through the real entry point: stock llamafactory-cli with the kt-sft hook (USE_KT=1).
 demo: build
-	$(PY) benchmarks/bench_moe.py --small
+	USE_KT=1 $(VENV)/bin/llamafactory-cli train $(DEMO_YAML)
+	@echo "kt-sft demo: LoRA adapter in $(DEMO_OUT)/ (adapter_config.json + adapter_model.safetensors), loss plot $(DEMO_OUT)/training_loss.png"
+	@$(PY) -c "import json; h=[e['loss'] for e in json.load(open('$(DEMO_OUT)/trainer_state.json'))['log_history'] if 'loss' in e]; print(f'kt-sft demo: loss {h[0]:.3f} (first log) -> {h[-1]:.3f} (last log)')"
 
 bench: build
 	$(PY) benchmarks/bench_moe.py $(BENCH_ARGS)

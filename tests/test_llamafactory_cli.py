@@ -1,0 +1,133 @@
+"""`USE_KT=1 llamafactory-cli train` end to end through the real CLI (subprocesses), on the embedded demo.
+
+- the kt-sft run logs the same per-step losses as stock LLaMA-Factory (fp32 experts), and the loss falls;
+- the saved adapter is a standard PEFT directory: vanilla `PeftModel.from_pretrained` on stock transformers
+  gives the logits of our engine with the same adapter;
+- a run killed after a checkpoint save resumes with the losses of the uninterrupted run.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import kt_sft
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_YAML = REPO / "examples" / "train_lora" / "demo_lora_sft_kt.yaml"
+CLI = Path(sys.executable).parent / "llamafactory-cli"
+SUMMARY = re.compile(r"kt-sft: \d+ MoE layers / \d+ experts \([\d.]+ [MG]B fp32\) on CPU engine "
+                     r"\[(scalar|avx2|avx512|amx), \d+ threads\]; dense on cpu")
+STEPS = 8
+
+
+def _config(out: Path, use_kt: bool = True, **overrides) -> dict:
+    cfg = yaml.safe_load(DEMO_YAML.read_text())
+    for key in ("model_name_or_path", "dataset_dir"):
+        cfg[key] = str(REPO / cfg[key])
+    cfg.update(output_dir=str(out), max_steps=STEPS, logging_steps=1, save_steps=STEPS, kt_backend="FP32",
+               num_train_epochs=1, overwrite_output_dir=True)
+    cfg.update(overrides)
+    if not use_kt:  # stock LLaMA-Factory: none of our keys
+        cfg = {k: v for k, v in cfg.items() if not (k.startswith("kt_") or k in ("use_kt", "cpu_infer", "chunk_size"))}
+    return cfg
+
+
+def _launch(cfg: dict, tmp: Path, use_kt: bool = True) -> subprocess.Popen:
+    path = tmp / f"{Path(cfg['output_dir']).name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "USE_KT": "1" if use_kt else "0", "KT_SFT_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    log = open(tmp / f"{Path(cfg['output_dir']).name}.log", "w")
+    return subprocess.Popen([str(CLI), "train", str(path)], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def _train(cfg: dict, tmp: Path, use_kt: bool = True) -> str:
+    proc = _launch(cfg, tmp, use_kt)
+    proc.wait(timeout=600)
+    log = (tmp / f"{Path(cfg['output_dir']).name}.log").read_text()
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
+def _history(out: Path) -> dict[int, dict]:
+    state = json.loads((out / "trainer_state.json").read_text())
+    return {e["step"]: e for e in state["log_history"] if "loss" in e}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lf")
+    ours = _train(_config(tmp / "kt"), tmp)
+    _train(_config(tmp / "stock", use_kt=False), tmp, use_kt=False)
+    return tmp, ours
+
+
+def test_cli_matches_stock_llamafactory_and_loss_falls(runs):
+    tmp, log = runs
+    assert SUMMARY.search(log), "start-up summary line missing"
+    ours, stock = _history(tmp / "kt"), _history(tmp / "stock")
+    assert sorted(ours) == sorted(stock) == list(range(1, STEPS + 1))
+    for step in ours:  # losses are logged rounded to 4 decimals; grad norms are not
+        assert ours[step]["loss"] == pytest.approx(stock[step]["loss"], abs=2e-4), step
+        assert ours[step]["grad_norm"] == pytest.approx(stock[step]["grad_norm"], rel=1e-4), step
+    assert ours[STEPS]["loss"] < ours[1]["loss"] - 0.3
+    assert (tmp / "kt" / "training_loss.png").is_file()
+
+
+def test_adapter_is_standard_peft_and_reproduces_engine_logits(runs):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tmp, _ = runs
+    adapter = tmp / "kt"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "LORA"
+    base_path = REPO / "examples" / "demo" / "model"
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        stock_base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
+        base_logits = stock_base(input_ids=ids).logits
+        stock = PeftModel.from_pretrained(stock_base, adapter).eval()
+        stock_logits = stock(input_ids=ids).logits
+        ours = PeftModel.from_pretrained(kt_sft.load_model(base_path, device="cpu", dtype=torch.float32,
+                                                           progress=False), adapter).eval()
+        our_logits = ours(input_ids=ids).logits
+    scale = stock_logits.abs().max()
+    assert (our_logits - stock_logits).abs().max() <= 1e-5 * scale
+    assert (stock_logits - base_logits).abs().max() > 1e-3 * scale  # the adapter is not a no-op
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None or path.exists(), f"run ended before writing {path}"
+        assert time.time() < deadline, f"timed out waiting for {path}"
+        time.sleep(0.05)
+
+
+def test_resume_after_kill_matches_uninterrupted(runs):
+    tmp, _ = runs
+    half = STEPS // 2
+    cfg = _config(tmp / "killed", save_steps=half)
+    proc = _launch(cfg, tmp)
+    checkpoint = tmp / "killed" / f"checkpoint-{half}"
+    _wait_for(checkpoint / "trainer_state.json", proc)  # transformers writes the trainer state last
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (tmp / "killed" / "adapter_model.safetensors").exists() or proc.returncode == 0
+
+    _train(_config(tmp / "killed", overwrite_output_dir=False, save_steps=half,
+                   resume_from_checkpoint=str(checkpoint)), tmp)
+    resumed, uninterrupted = _history(tmp / "killed"), _history(tmp / "kt")
+    assert set(range(half + 1, STEPS + 1)) <= set(resumed)
+    for step in range(half + 1, STEPS + 1):
+        assert resumed[step]["loss"] == uninterrupted[step]["loss"], step
+        assert resumed[step]["grad_norm"] == pytest.approx(uninterrupted[step]["grad_norm"], rel=1e-6), step
