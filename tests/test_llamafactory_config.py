@@ -124,3 +124,26 @@ def test_cli_error_reaches_the_user(tmp_path):
     assert out.returncode != 0
     assert "kt_backend: AMXINT8 (int8 experts) is not built yet" in out.stderr
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+EXAMPLE_FAMILIES = {"qwen3_30b_a3b": "qwen3_moe", "deepseek_v2_lite": "deepseek_v2", "deepseek_v3": "deepseek_v3",
+                    "mixtral_8x7b": "mixtral", "glm4_5_air": "glm4_moe", "demo": "qwen3_moe"}
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLE_FAMILIES))
+def test_example_configs_parse(get_train_args, tmp_path, name):
+    """Every shipped example parses with the hook (its checkpoint path swapped for a stand-in of its family)."""
+    import yaml
+
+    path = REPO / "examples" / "train_lora" / f"{name}_lora_sft_kt.yaml"
+    text = path.read_text()
+    assert text.startswith("# ") and f"USE_KT=1 llamafactory-cli train examples/train_lora/{path.name}" in text
+    assert "RAM" in text and "GPU" in text  # says what memory it needs
+    cfg = yaml.safe_load(text)
+    stand_in = tmp_path / "model"
+    stand_in.mkdir()
+    (stand_in / "config.json").write_text(json.dumps({"model_type": EXAMPLE_FAMILIES[name]}))
+    cfg.update(model_name_or_path=str(stand_in), output_dir=str(tmp_path / "out"), bf16=False)
+    model_args, _, _, finetuning_args, _ = get_train_args(cfg)
+    assert model_args.use_kt and model_args.kt_sft_settings.engine_dtype == "bfloat16"
+    assert finetuning_args.finetuning_type == "lora"
