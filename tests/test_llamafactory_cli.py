@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,12 +18,12 @@ import torch
 import yaml
 
 import kt_sft
+from test_llamafactory_config import llamafactory_cli
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_YAML = REPO / "examples" / "train_lora" / "demo_lora_sft_kt.yaml"
-CLI = Path(sys.executable).parent / "llamafactory-cli"
 SUMMARY = re.compile(r"kt-sft: \d+ MoE layers / \d+ experts \([\d.]+ [MG]B fp32\) on CPU engine "
-                     r"\[(scalar|avx2|avx512|amx), \d+ threads\]; dense on cpu")
+                     r"\[(scalar|avx2|avx512|amx), \d+ threads\]; dense on (cpu|cuda:\d+)")
 STEPS = 8
 
 
@@ -45,7 +44,7 @@ def _launch(cfg: dict, tmp: Path, use_kt: bool = True) -> subprocess.Popen:
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "USE_KT": "1" if use_kt else "0", "KT_SFT_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
     log = open(tmp / f"{Path(cfg['output_dir']).name}.log", "w")
-    return subprocess.Popen([str(CLI), "train", str(path)], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(llamafactory_cli("train", str(path)), env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
 def _train(cfg: dict, tmp: Path, use_kt: bool = True) -> str:

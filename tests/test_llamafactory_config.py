@@ -1,7 +1,9 @@
 """The LLaMA-Factory hook's argument handling, in process: our keys are accepted with their meaning, and bad keys or
 contradictory combinations fail inside LLaMA-Factory's own `get_train_args` (so before any weight is read)."""
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -13,6 +15,16 @@ from kt_sft.llamafactory import config as ktc
 from kt_sft.llamafactory.startup import activate
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def llamafactory_cli(*args: str) -> list[str]:
+    """The `llamafactory-cli` console script of this interpreter's environment (or on PATH)."""
+    script = Path(sys.executable).parent / "llamafactory-cli"
+    found = str(script) if script.is_file() else shutil.which("llamafactory-cli")
+    assert found, "llamafactory-cli not found next to this python nor on PATH"
+    return [found, *args]
+
+
 DEMO_MODEL = REPO / "examples" / "demo" / "model"
 
 
@@ -85,9 +97,15 @@ def test_bad_config_fails_before_loading(get_train_args, tmp_path, extra, messag
     assert message in str(err.value)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed here")
 def test_zero3_is_refused(get_train_args, tmp_path):
-    with pytest.raises(ktc.KTConfigError, match="ZeRO-3"):
-        get_train_args(_args(tmp_path, deepspeed=_zero3_config(tmp_path)))
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    try:
+        with pytest.raises(ktc.KTConfigError, match="ZeRO-3"):
+            get_train_args(_args(tmp_path, deepspeed=_zero3_config(tmp_path)))
+    finally:
+        unset_hf_deepspeed_config()  # process-global in transformers; later tests must not see ZeRO-3
 
 
 def test_upstream_injection_rule_gets_a_pointer(get_train_args, tmp_path):
@@ -118,8 +136,7 @@ def test_hook_file_is_installed_and_only_active_with_use_kt():
 def test_cli_error_reaches_the_user(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in _args(tmp_path, kt_backend="AMXINT8").items()))
-    cli = Path(sys.executable).parent / "llamafactory-cli"
-    out = subprocess.run([str(cli), "train", str(cfg)], env={**os.environ, "USE_KT": "1"}, capture_output=True,
+    out = subprocess.run(llamafactory_cli("train", str(cfg)), env={**os.environ, "USE_KT": "1"}, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode != 0
     assert "kt_backend: AMXINT8 (int8 experts) is not built yet" in out.stderr
