@@ -76,11 +76,12 @@ pip install -q -c "$CONS" -r "$REQS" --find-links "$WHEELS"
 if [ ! -f setup.py ]; then
   log "no setup.py yet: skipping 'pip install -e .'"
 elif "$PY" - "$ROOT" <<'EOF'; then
-import importlib.metadata as m, json, pathlib, sys
+import importlib.metadata as m, json, pathlib, sys, sysconfig
 url = pathlib.Path(sys.argv[1]).as_uri()
-for d in m.distributions():  # already editable-installed from this checkout?
+hook = pathlib.Path(sysconfig.get_paths()["purelib"]) / "kt_sft-llamafactory-hook.pth"
+for d in m.distributions():  # already editable-installed from this checkout, with the USE_KT hook .pth?
     info = json.loads(d.read_text("direct_url.json") or "{}")
-    if info.get("url") == url and info.get("dir_info", {}).get("editable"):
+    if info.get("url") == url and info.get("dir_info", {}).get("editable") and hook.is_file():
         sys.exit(0)
 sys.exit(1)
 EOF

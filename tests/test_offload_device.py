@@ -124,3 +124,74 @@ def test_gpu_memory_check_counts_only_dense_weights(qwen3_ckpt, monkeypatch):
     monkeypatch.setattr(loader, "_check_memory", spy)
     model = kt_sft.load_model(qwen3_ckpt, device="cpu", dtype=torch.float32, progress=False)
     assert seen["dense"] == sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _loss_and_grads(model, reentrant=None):
+    """Loss and dense-parameter gradients of one training step (gradients reach them through the experts' dx)."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    if reentrant is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.enable_input_require_grads()
+    model.train()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_step(a, b, rtol=1e-6):
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    assert torch.allclose(loss_a, loss_b, rtol=rtol, atol=0)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], rtol=rtol, atol=1e-7), name
+
+
+def test_chunk_size_splits_engine_calls_without_changing_the_math(qwen3_ckpt):
+    whole = kt_sft.load_model(qwen3_ckpt, device="cpu", dtype=torch.float32, progress=False)
+    chunked = kt_sft.load_model(qwen3_ckpt, device="cpu", dtype=torch.float32, chunk_size=5, max_saved=8,
+                                progress=False)
+    calls = _count_engine_forwards(chunked)
+    _assert_same_step(_loss_and_grads(whole), _loss_and_grads(chunked))
+    moe_layers = sum(1 for m in chunked.modules() if hasattr(m, "kt_layer"))
+    assert calls["n"] == moe_layers * 5  # 24 tokens in calls of <= 5
+    too_few_slots = kt_sft.load_model(qwen3_ckpt, device="cpu", dtype=torch.float32, chunk_size=5, progress=False)
+    with pytest.raises(RuntimeError, match="raise kt_max_cache_depth to >= 5"):
+        _loss_and_grads(too_few_slots)
+
+
+def test_recompute_mode_reruns_experts_with_the_same_result(qwen3_ckpt):
+    retain = kt_sft.load_model(qwen3_ckpt, device="cpu", dtype=torch.float32, progress=False)
+    recompute = kt_sft.load_model(qwen3_ckpt, device="cpu", dtype=torch.float32, retain_activations=False,
+                                  progress=False)
+    calls = _count_engine_forwards(recompute)
+    _assert_same_step(_loss_and_grads(retain, reentrant=True), _loss_and_grads(recompute, reentrant=True))
+    assert calls["n"] == 2 * sum(1 for m in recompute.modules() if hasattr(m, "kt_layer"))
+
+
+def test_experts_from_a_separate_directory(qwen3_ckpt, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dense_dir, expert_dir = tmp_path / "dense", tmp_path / "experts"
+    dense_dir.mkdir()
+    expert_dir.mkdir()
+    for name in ("config.json", "generation_config.json"):
+        if (qwen3_ckpt / name).exists():
+            shutil.copy(qwen3_ckpt / name, dense_dir / name)
+    tensors = {}
+    for shard in qwen3_ckpt.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    save_file({k: v for k, v in tensors.items() if ".experts." not in k}, dense_dir / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if ".experts." in k}, expert_dir / "experts.safetensors")
+
+    whole = kt_sft.load_model(qwen3_ckpt, device="cpu", dtype=torch.float32, progress=False)
+    split = kt_sft.load_model(dense_dir, device="cpu", dtype=torch.float32, expert_path=expert_dir, progress=False)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(whole(input_ids=ids).logits, split(input_ids=ids).logits)
+    with pytest.raises(KeyError, match="expert tensor .* is missing"):
+        kt_sft.load_model(dense_dir, device="cpu", dtype=torch.float32, progress=False)
