@@ -164,3 +164,9 @@ def test_example_configs_parse(get_train_args, tmp_path, name):
     model_args, _, _, finetuning_args, _ = get_train_args(cfg)
     assert model_args.use_kt and model_args.kt_sft_settings.engine_dtype == "bfloat16"
     assert finetuning_args.finetuning_type == "lora"
+
+
+def test_readme_documents_every_key():
+    readme = (REPO / "README.md").read_text()
+    for key in list(ktc.KEYS) + list(ktc.RETIRED):
+        assert f"| `{key}` |" in readme, f"README.md 'Config keys' lacks {key}"
