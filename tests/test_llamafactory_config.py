@@ -133,6 +133,18 @@ def test_hook_file_is_installed_and_only_active_with_use_kt():
         assert out.stdout.strip() == active, (value, out.stdout, out.stderr)
 
 
+def test_hook_is_active_in_torchrun_children(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os, sys\nactive = any(type(f).__name__ == '_PostImportFinder' for f in sys.meta_path)\n"
+                     "print('rank', os.environ['RANK'], 'hook', active)\n")
+    env = {**os.environ, "USE_KT": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+                          str(probe)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sorted(line for line in out.stdout.splitlines() if line.startswith("rank")) == \
+        ["rank 0 hook True", "rank 1 hook True"]
+
+
 def test_cli_error_reaches_the_user(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in _args(tmp_path, kt_backend="AMXINT8").items()))
