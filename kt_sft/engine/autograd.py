@@ -47,9 +47,14 @@ class PinnedStaging:
         return host
 
     def to_device(self, name: str, host: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Host tensor -> device via a pinned buffer; the copy runs asynchronously on the current stream."""
-        pinned = self.buffer(name, tuple(host.shape), host.dtype)
-        pinned.copy_(host)
+        """Host tensor -> device via a pinned buffer; the copy runs asynchronously on the current stream.
+        `host` may already be that buffer (the engine wrote into it): then nothing is copied on the host."""
+        pinned = self._buffers.get(name)
+        if pinned is None or host.data_ptr() != pinned.data_ptr():
+            pinned = self.buffer(name, tuple(host.shape), host.dtype)
+            pinned.copy_(host)
+        else:
+            pinned = host
         out = torch.empty(host.shape, dtype=host.dtype, device=device)
         out.copy_(pinned, non_blocking=True)
         ev = torch.cuda.Event()
@@ -136,7 +141,11 @@ class MoEExpertsFunction(torch.autograd.Function):
         if hit is not None:
             y, handle = hit[3], hit[4]
         else:
-            y, handle = layer.forward(x_host, ids_host, w_host, save_for_backward=save)
+            # Inference (decode) on a GPU: the engine writes straight into the pinned buffer the result is copied
+            # from, so a step costs no host allocation and no extra host copy.
+            out = _staging_buffers().buffer("y", (x.shape[0], layer.hidden_size), layer.dtype) \
+                if x.device.type == "cuda" and not save else None
+            y, handle = layer.forward(x_host, ids_host, w_host, save_for_backward=save, out=out)
             if save:
                 retained.add(x_host, ids_host, w_host, y, handle)
         ctx.layer, ctx.handle = layer, handle

@@ -6,6 +6,8 @@ packed straight into the engine's layout, so once the caller drops its tensors o
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import _engine
@@ -101,12 +103,15 @@ class ExpertLayer:
         check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=tuple(topk_ids.shape))
 
     def forward(
-        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, save_for_backward: bool = False
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, save_for_backward: bool = False,
+        out: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, int]:
-        """y [T, H] (engine dtype) and a handle for `backward` (0 when nothing was saved)."""
+        """y [T, H] (engine dtype; written into `out` when given) and a handle for `backward` (0: nothing saved)."""
         self._check_routing(x, topk_ids, topk_weights)
         T, k = topk_ids.shape
-        y = torch.empty(T, self.hidden_size, dtype=self.dtype)
+        if out is not None:
+            check_tensor("out", out, dtype=self.dtype, shape=(T, self.hidden_size))
+        y = out if out is not None else torch.empty(T, self.hidden_size, dtype=self.dtype)
         handle = self._layer.forward(T, k, x.data_ptr(), topk_ids.data_ptr(), topk_weights.data_ptr(), y.data_ptr(),
                                      bool(save_for_backward))
         return y, handle

@@ -219,6 +219,10 @@ def _check_model(model_args, settings: KTSettings) -> None:
         get_family(model_type, settings.rule)
     except (UnsupportedModelError, FileNotFoundError, ValueError) as err:
         raise KTConfigError(f"model_name_or_path={path!r}: {err}") from err
+    for adapter in getattr(model_args, "adapter_name_or_path", None) or []:
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            raise KTConfigError(f"adapter_name_or_path={adapter!r}: no adapter_config.json there; give the output_dir "
+                                "(or a checkpoint-N directory) of a LoRA training run")
 
 
 def _check_training(training_args) -> None:

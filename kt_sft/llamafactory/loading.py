@@ -62,4 +62,41 @@ def load_for_llamafactory(path, kwargs: dict, model_args, settings: KTSettings, 
         progress=True,
     )
     _logger().info_rank0(model.kt_summary)
+    for adapter in getattr(model_args, "adapter_name_or_path", None) or []:
+        check_adapter_fits(adapter, model, path)
     return model
+
+
+def check_adapter_fits(adapter: str, model, base_path) -> None:
+    """Refuse, naming both sides, an adapter whose LoRA factors do not fit this model's modules (PEFT would
+    fail later with a bare size-mismatch list, or load silently into nothing when module names differ)."""
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    config = json.loads(open(os.path.join(adapter, "adapter_config.json")).read())
+    trained_on = config.get("base_model_name_or_path") or "an unrecorded base model"
+    weights = os.path.join(adapter, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"adapter_name_or_path={adapter!r}: adapter_model.safetensors is missing")
+    with safe_open(weights, framework="pt") as f:
+        shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    modules = dict(model.named_modules())
+    for key, shape in sorted(shapes.items()):
+        for factor in ("lora_A", "lora_B"):
+            if f".{factor}." not in key:
+                continue
+            name = key.split(f".{factor}.")[0].removeprefix("base_model.model.")
+            module = modules.get(name)
+            if module is None:
+                raise ValueError(f"adapter {adapter} (trained on {trained_on}) does not fit model_name_or_path "
+                                 f"{base_path}: it has LoRA weights for {name}, which this model does not have")
+            expected = getattr(module, "in_features", None) if factor == "lora_A" else \
+                getattr(module, "out_features", None)
+            actual = shape[1] if factor == "lora_A" else shape[0]
+            if expected is not None and actual != expected:
+                side = "in_features" if factor == "lora_A" else "out_features"
+                raise ValueError(f"adapter {adapter} (trained on {trained_on}) does not fit model_name_or_path "
+                                 f"{base_path}: {name}.{factor} is {list(shape)} but the module has {side}="
+                                 f"{expected}")

@@ -9,6 +9,8 @@ LLaMA-Factory's own code. The changes:
   * `_parse_args`: takes our `kt_*` keys out of the arguments before LLaMA-Factory's strict parser sees them,
     then validates them with the parsed dataclasses (`config.resolve`) and attaches the resolved settings to
     the ModelArguments as `kt_sft_settings`. Bad combinations fail here, before any weight is read.
+- `llamafactory.train.sft.workflow`: lets `predict_with_generate` / `compute_accuracy` run (see
+  `patch_sft_workflow`).
 - `llamafactory.model.loader`:
   * `load_model` marks the load as a kt-sft one (a context variable) when `use_kt` is on, and
   * `AutoModelForCausalLM`, as that module sees it, builds the model with `kt_sft.loader.load_model` while the
@@ -107,7 +109,28 @@ def patch_loader(loader_module) -> None:
     loader_module.AutoModelForCausalLM = _AutoModelForCausalLM(loader_module.AutoModelForCausalLM)
 
 
+def patch_sft_workflow(workflow_module) -> None:
+    """LLaMA-Factory 0.9.5's run_sft refuses predict_with_generate / compute_accuracy under use_kt (kt-kernel's
+    backend cannot generate). Ours runs stock `generate` and evaluation, so run_sft's own load_model call (the
+    only place in run_sft that needs use_kt) loads through kt-sft and then clears use_kt on these arguments for
+    the rest of run_sft; the model already is what it is, and `kt_sft_loaded` records how it was built."""
+    original_load = workflow_module.load_model
+    if getattr(original_load, "_kt_sft_workflow", False):
+        return
+
+    @functools.wraps(original_load)
+    def load_model(tokenizer, model_args, finetuning_args, is_trainable: bool = False, add_valuehead: bool = False):
+        model = original_load(tokenizer, model_args, finetuning_args, is_trainable, add_valuehead)
+        if getattr(model_args, "use_kt", False):
+            model_args.kt_sft_loaded, model_args.use_kt = True, False
+        return model
+
+    load_model._kt_sft_workflow = True
+    workflow_module.load_model = load_model
+
+
 PATCHES: dict[str, Callable] = {
     "llamafactory.hparams.parser": patch_parser,
     "llamafactory.model.loader": patch_loader,
+    "llamafactory.train.sft.workflow": patch_sft_workflow,
 }
