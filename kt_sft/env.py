@@ -40,8 +40,12 @@ def report() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:
+        from .llamafactory.evaluate import main as run_eval
+
+        return run_eval(argv[1:])
     if argv[:1] != ["env"]:
-        print("usage: python -m kt_sft env", file=sys.stderr)
+        print("usage: python -m kt_sft env | python -m kt_sft eval config.yaml", file=sys.stderr)
         return 2
     print(report())
     return 0
