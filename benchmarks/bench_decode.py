@@ -58,10 +58,39 @@ def decode_tokens_per_s(model, batch: int, new: int, vocab: int, prompt: int = 3
     return batch * (new - new // 8) / (long - short)
 
 
-def measure(model, args, vocab: int) -> dict:
+class ExpertsTimer:
+    """Wall time spent inside the kt experts calls (sync on the inputs + engine + staging), to split a step."""
+
+    def __init__(self) -> None:
+        import kt_sft.models.experts as experts
+
+        self.module, self.seconds, self.calls = experts, 0.0, 0
+        self.original = experts.moe_experts
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = self.original(*args, **kwargs)
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+            return out
+
+        experts.moe_experts = timed
+
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
+
+
+def measure(model, args, vocab: int, timer: ExpertsTimer | None = None) -> dict:
     result = {"prefill": prefill_tokens_per_s(model, args.prompt, vocab)}
     for batch in args.batches:
+        if timer:
+            timer.reset()
+        start = time.perf_counter()
         result[f"decode_b{batch}"] = decode_tokens_per_s(model, batch, args.new_tokens, vocab)
+        if timer:
+            total = time.perf_counter() - start
+            print(f"decode b{batch}: {timer.seconds / total:.0%} of the time in {timer.calls} experts calls "
+                  f"({timer.seconds / max(timer.calls, 1) * 1e6:.0f} us each)", flush=True)
     return result
 
 
@@ -87,7 +116,7 @@ def main() -> None:
     ours = kt_sft.load_model(args.dir, dtype=torch.bfloat16, progress=False).eval()
     vocab = ours.config.vocab_size
     print(ours.kt_summary, flush=True)
-    results = {"kt-sft": measure(ours, args, vocab)}
+    results = {"kt-sft": measure(ours, args, vocab, ExpertsTimer())}
     del ours
     gc.collect()
     torch.cuda.empty_cache()

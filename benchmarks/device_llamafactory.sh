@@ -15,10 +15,10 @@ KT_SFT_ISA=amx python3 -m pytest -q -p no:cacheprovider tests/test_llamafactory_
   > "$out/tests_lf.log" 2>&1
 echo "tests[amx, llamafactory hook]: $(tail -1 "$out/tests_lf.log")"; grep -E "^(FAILED|ERROR)" "$out/tests_lf.log" | head
 start=$SECONDS
-USE_KT=1 llamafactory-cli train examples/train_lora/demo_lora_sft_kt.yaml output_dir="$out/demo" > "$out/demo.log" 2>&1
+USE_KT=1 llamafactory-cli train examples/train_lora/demo_lora_sft_kt.yaml output_dir=/tmp/kt-sft-demo > "$out/demo.log" 2>&1
 echo "demo: rc=$? wall=$((SECONDS - start))s"
 grep -E "kt-sft: [0-9]+ MoE layers|train_runtime|train_loss|Figure saved" "$out/demo.log" | sed 's/.*>> //'
-python3 - "$out/demo" <<'PY'
+python3 - /tmp/kt-sft-demo <<'PY'
 import json, sys
 h = [e for e in json.load(open(f"{sys.argv[1]}/trainer_state.json"))["log_history"] if "loss" in e]
 print(f"demo loss {h[0]['loss']} (step {h[0]['step']}) -> {h[-1]['loss']} (step {h[-1]['step']})")

@@ -2,9 +2,27 @@
 
 #include <immintrin.h>
 
+#include <chrono>
+#include <cstdlib>
+
 namespace kt_sft {
 
-ThreadPool::ThreadPool(int threads) {
+namespace {
+// How long an idle worker spins before sleeping. Measured in time, not pause instructions: `pause` costs ~10
+// cycles on older cores but ~140 on Sapphire Rapids, so a fixed count spun 20x longer there. Long enough to
+// bridge the phases of one engine call and back-to-back calls; short enough that workers leave the cores to the
+// Python/CUDA thread between decode layers (KT_SFT_SPIN_US overrides; 0 = sleep at once).
+int spin_microseconds() {
+  const char* env = std::getenv("KT_SFT_SPIN_US");
+  if (env && *env) {
+    const int v = std::atoi(env);
+    if (v >= 0) return v;
+  }
+  return 100;
+}
+}  // namespace
+
+ThreadPool::ThreadPool(int threads) : spin_us_(spin_microseconds()) {
   for (int w = 1; w < threads; ++w) workers_.emplace_back([this, w] { worker_loop(w); });
 }
 
@@ -44,8 +62,12 @@ void ThreadPool::run(int n, const std::function<void(int, int)>& fn) {
 void ThreadPool::worker_loop(int worker) {
   unsigned seen = 0;
   for (;;) {
-    // Spin ~50 us for the next call, then sleep.
-    for (int spin = 0; spin < 20000 && generation_.load(std::memory_order_acquire) == seen; ++spin) _mm_pause();
+    // Spin spin_us_ for the next call, then sleep.
+    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
+    while (generation_.load(std::memory_order_acquire) == seen) {
+      for (int i = 0; i < 32 && generation_.load(std::memory_order_acquire) == seen; ++i) _mm_pause();
+      if (std::chrono::steady_clock::now() >= until) break;
+    }
     if (generation_.load(std::memory_order_acquire) == seen) {
       std::unique_lock<std::mutex> lock(mu_);
       wake_.wait(lock, [&] { return generation_.load() != seen; });

@@ -2,7 +2,8 @@
 // One pool per process, sized by KT_SFT_THREADS (default: physical cores). `run(n, fn)` executes fn(task,
 // worker) for task = 0..n-1 on the calling thread plus the workers; tasks are handed out one at a time from
 // an atomic counter, so a skewed task list (one busy expert) still balances. Workers spin briefly before
-// sleeping so back-to-back calls (decode steps, layer after layer) do not pay a futex wake-up each time.
+// sleeping (KT_SFT_SPIN_US, default 100 us) so the phases of a call and back-to-back calls do not pay a futex
+// wake-up each time, while a Python thread that runs between calls gets the cores back soon after.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -37,6 +38,7 @@ class ThreadPool {
   int n_ = 0;
   const std::function<void(int, int)>* fn_ = nullptr;
   bool stop_ = false;
+  const int spin_us_;
 };
 
 }  // namespace kt_sft
