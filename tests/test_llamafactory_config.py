@@ -85,6 +85,7 @@ BAD = [
     ({"kt_use_lora_experts": True}, "GPU-side LoRA experts are not supported"),
     ({"kt_expert_checkpoint_path": "/no/such/dir"}, "is not a directory"),
     ({"quantization_bit": 4}, "quantization_bit"),
+    ({"use_unsloth": True}, "use_unsloth with use_kt"),
     ({"model_name_or_path": "Qwen/Qwen3-30B-A3B"}, "does not download models"),
     ({"kt_optimize_rule": "mixtral"}, "built-in family for model_type 'mixtral'"),
 ]
@@ -98,6 +99,17 @@ def test_bad_config_fails_before_loading(get_train_args, tmp_path, extra, messag
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed here")
+def test_infer_backend_other_than_huggingface_is_refused(tmp_path):
+    activate()
+    from llamafactory.hparams import get_infer_args
+
+    args = dict(model_name_or_path=str(DEMO_MODEL), template="qwen3_nothink", use_kt=True)
+    model_args, *_ = get_infer_args(args)
+    assert model_args.kt_sft_settings == ktc.KTSettings()
+    with pytest.raises(ktc.KTConfigError, match="infer_backend='vllm' with use_kt"):
+        get_infer_args({**args, "infer_backend": "vllm"})
+
+
 def test_zero3_is_refused(get_train_args, tmp_path):
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 

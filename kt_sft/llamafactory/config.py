@@ -191,6 +191,12 @@ def resolve(keys: dict[str, Any], model_args, finetuning_args=None, training_arg
                             "quantization_bit (int8 experts will come as kt_backend: AMXINT8)")
     if getattr(model_args, "train_from_scratch", False):
         raise KTConfigError("train_from_scratch with use_kt: kt-sft fine-tunes an existing checkpoint")
+    if getattr(model_args, "use_unsloth", False):
+        raise KTConfigError("use_unsloth with use_kt: both replace model loading; remove use_unsloth")
+    backend = str(getattr(model_args, "infer_backend", "huggingface") or "huggingface")
+    if backend.lower() not in ("huggingface", "hf", "enginename.hf"):
+        raise KTConfigError(f"infer_backend={backend!r} with use_kt: the CPU expert engine serves through "
+                            "infer_backend: huggingface (vLLM/SGLang would load the whole model themselves)")
     if getattr(model_args, "mixture_of_depths", None):
         raise KTConfigError("mixture_of_depths with use_kt is not supported; remove it")
     if training_args is not None:
