@@ -66,3 +66,16 @@ def test_greedy_generation_matches_stock(checkpoints, family, tmp_path):
     lora_tokens = _generate(stock_lora, ids, mask)
     assert not torch.equal(lora_tokens, base_tokens)  # the adapter changes what is generated
     assert torch.equal(_generate(ours_lora, ids, mask), lora_tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_greedy_generation_on_gpu_matches_stock_on_gpu(checkpoints, family):
+    """Dense layers on the GPU, experts on the engine (the decode path through pinned staging) vs stock on the GPU."""
+    from transformers import AutoModelForCausalLM
+
+    ids, mask = (t.cuda() for t in _prompts())
+    stock = AutoModelForCausalLM.from_pretrained(checkpoints[family], dtype=torch.float32).cuda().eval()
+    ours = kt_sft.load_model(checkpoints[family], device="cuda", dtype=torch.float32, progress=False).eval()
+    assert torch.equal(_generate(ours, ids, mask), _generate(stock, ids, mask))

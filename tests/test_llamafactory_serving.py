@@ -7,6 +7,7 @@
   keeps serving;
 - an adapter of another base model or a missing adapter path fails with an error naming them.
 """
+import importlib.util
 import json
 import os
 import re
@@ -124,6 +125,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "sse_starlette", "httpx")),
+                    reason="llamafactory-cli api needs fastapi, uvicorn, sse-starlette (and httpx for the client)")
 def test_api_server_over_loopback(adapter, tmp_path):
     import httpx
 
