@@ -5,7 +5,10 @@ Default shape: DeepSeek-V2-Lite (E=64, k=6, H=2048, I=1408), 4096 tokens.
     python benchmarks/bench_moe.py                     # full V2-Lite layer (needs ~3 GB RAM)
     python benchmarks/bench_moe.py --small             # seconds-long version (`make demo` before the training demo)
     python benchmarks/bench_moe.py --tokens 1024 --threads 16 --isa amx
+    python benchmarks/bench_moe.py --tokens 1024 --lora-rank 8 --no-baseline   # + LoRA on the routed experts
 Reported per layer: fwd ms, bwd ms, TFLOPS (fwd and bwd each do 6*T*k*H*I flops), tokens/s; ratio last.
+--lora-rank R (> 0) adds a row for the engine with per-expert LoRA of rank R on gate_up and down (PEFT layout,
+fp32 factors, factor gradients included in bwd) and the LoRA overhead (frozen-only tokens/s / with-LoRA tokens/s).
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skewed", action="store_true", help="route most tokens to a few experts")
     p.add_argument("--no-baseline", action="store_true", help="skip the naive torch loop")
     p.add_argument("--small", action="store_true", help="E=8 k=2 H=256 I=192 T=256: a quick run")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="also time the engine with expert LoRA of this rank on gate_up and down (0 = off)")
     args = p.parse_args()
     if args.small:
         args.experts, args.topk, args.hidden, args.intermediate, args.tokens = 8, 2, 256, 192, 256
@@ -79,15 +84,27 @@ def timed(fn, iters: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def bench_engine(a, gate_up, down, ids, w, x, dy):
-    layer = ke.ExpertLayer.from_fused(gate_up, down, dtype=torch.bfloat16)
+def make_lora(a: argparse.Namespace, rank: int) -> ke.ExpertLoRA:
+    """PEFT-layout factors of rank `rank` on both projections, lora_alpha = 2r; B random (a trained adapter)."""
+    gen = torch.Generator().manual_seed(1)
+    E, H, I, r = a.experts, a.hidden, a.intermediate, rank
+    A_gu = (torch.rand(r * E, 2 * I, generator=gen) * 2 - 1) * (2 * I) ** -0.5
+    B_gu = torch.randn(H, r * E, generator=gen) * 1e-2
+    A_d = (torch.rand(r * E, H, generator=gen) * 2 - 1) * H ** -0.5
+    B_d = torch.randn(I, r * E, generator=gen) * 1e-2
+    return ke.ExpertLoRA(A_gu, B_gu, A_d, B_d, scale_gu=2.0, scale_d=2.0)
+
+
+def bench_engine(a, gate_up, down, ids, w, x, dy, lora=None, layer=None):
+    layer = layer or ke.ExpertLayer.from_fused(gate_up, down, dtype=torch.bfloat16)
     state = {}
 
     def fwd():
-        state["y"], state["h"] = layer.forward(x, ids, w, save_for_backward=True)
+        state["y"], state["h"] = layer.forward(x, ids, w, save_for_backward=True, lora=lora)
 
     def bwd():
-        state["dx"], state["dw"] = layer.backward(state["h"], dy)
+        out = layer.backward(state["h"], dy, lora=lora)
+        state["dx"], state["dw"] = out[0], out[1]
 
     fwd()
     bwd()
@@ -147,6 +164,11 @@ def main() -> None:
     ours = bench_engine(a, *inputs)
     print(header)
     print(row(f"kt-sft ({ke.current_isa()})", ours[0], ours[1], flops, T))
+    if a.lora_rank > 0:
+        lo = bench_engine(a, *inputs, lora=make_lora(a, a.lora_rank), layer=ours[3])
+        print(row(f"kt-sft + LoRA r={a.lora_rank}", lo[0], lo[1], flops, T))
+        print(f"LoRA overhead (frozen-only tokens/s / with-LoRA tokens/s): {(lo[0] + lo[1]) / (ours[0] + ours[1]):.3f}x "
+              f"(fwd {lo[0] / ours[0]:.3f}x, bwd {lo[1] / ours[1]:.3f}x); TF/s columns count the frozen flops only")
     if a.no_baseline:
         return
     base = bench_naive(a, *inputs)

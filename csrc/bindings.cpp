@@ -22,6 +22,24 @@ int dtype_code(const std::string& name) {
   throw std::invalid_argument("unsupported dtype '" + name + "' (expected float32, bfloat16 or float16)");
 }
 
+// LoRA arguments from Python: ranks (r_gu, r_d), scales (s_gu, s_d), factor pointers (A_gu, B_gu, A_d, B_d);
+// kt_sft/engine/checks.py has validated dtype (fp32), device, contiguity and shapes.
+LoraArgs lora_args(const std::vector<int>& ranks, const std::vector<double>& scales,
+                   const std::vector<uintptr_t>& ptrs) {
+  if (ranks.size() != 2 || scales.size() != 2 || ptrs.size() != 4)
+    throw std::invalid_argument("lora: expected 2 ranks, 2 scales and 4 factor pointers");
+  LoraArgs a;
+  a.r_gu = ranks[0];
+  a.r_d = ranks[1];
+  a.s_gu = float(scales[0]);
+  a.s_d = float(scales[1]);
+  a.A_gu = ptr<const float>(ptrs[0]);
+  a.B_gu = ptr<const float>(ptrs[1]);
+  a.A_d = ptr<const float>(ptrs[2]);
+  a.B_d = ptr<const float>(ptrs[3]);
+  return a;
+}
+
 const char* dtype_name(int code) { return code == kF32 ? "float32" : code == kBF16 ? "bfloat16" : "float16"; }
 
 py::dict cpu_info() {
@@ -93,20 +111,41 @@ PYBIND11_MODULE(_engine, m) {
           py::arg("stride_expert"), py::arg("stride_row"), py::arg("stride_col"))
       .def(
           "forward",
-          [](MoELayer& self, int T, int k, uintptr_t x, uintptr_t ids, uintptr_t w, uintptr_t y, bool save) {
+          [](MoELayer& self, int T, int k, uintptr_t x, uintptr_t ids, uintptr_t w, uintptr_t y, bool save,
+             const std::vector<int>& lora_ranks, const std::vector<double>& lora_scales,
+             const std::vector<uintptr_t>& lora_factors) {
+            const bool lo = !lora_ranks.empty();
+            const LoraArgs la = lo ? lora_args(lora_ranks, lora_scales, lora_factors) : LoraArgs{};
             py::gil_scoped_release nogil;
             return self.forward(T, k, ptr<const void>(x), ptr<const int64_t>(ids), ptr<const float>(w), ptr<void>(y),
-                                save);
+                                save, lo ? &la : nullptr);
           },
           py::arg("T"), py::arg("k"), py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("y"),
-          py::arg("save_for_backward"))
+          py::arg("save_for_backward"), py::arg("lora_ranks") = std::vector<int>{},
+          py::arg("lora_scales") = std::vector<double>{}, py::arg("lora_factors") = std::vector<uintptr_t>{},
+          "lora_*: empty = no LoRA; else (r_gu, r_d), (s_gu, s_d), fp32 (A_gu, B_gu, A_d, B_d) pointers (PEFT layout)")
       .def(
           "backward",
-          [](MoELayer& self, uint64_t handle, int T, int k, uintptr_t dy, uintptr_t dx, uintptr_t dw) {
+          [](MoELayer& self, uint64_t handle, int T, int k, uintptr_t dy, uintptr_t dx, uintptr_t dw,
+             const std::vector<int>& lora_ranks, const std::vector<double>& lora_scales,
+             const std::vector<uintptr_t>& lora_factors, const std::vector<uintptr_t>& lora_grads) {
+            const bool lo = !lora_ranks.empty();
+            const LoraArgs la = lo ? lora_args(lora_ranks, lora_scales, lora_factors) : LoraArgs{};
+            LoraGrads lg;
+            if (lo) {
+              if (lora_grads.size() != 4) throw std::invalid_argument("lora_grads: expected 4 pointers");
+              lg = LoraGrads{ptr<float>(lora_grads[0]), ptr<float>(lora_grads[1]), ptr<float>(lora_grads[2]),
+                             ptr<float>(lora_grads[3])};
+            }
             py::gil_scoped_release nogil;
-            self.backward(handle, T, k, ptr<const void>(dy), ptr<void>(dx), ptr<float>(dw));
+            self.backward(handle, T, k, ptr<const void>(dy), ptr<void>(dx), ptr<float>(dw), lo ? &la : nullptr,
+                          lo ? &lg : nullptr);
           },
-          py::arg("handle"), py::arg("T"), py::arg("k"), py::arg("dy"), py::arg("dx"), py::arg("dw"))
+          py::arg("handle"), py::arg("T"), py::arg("k"), py::arg("dy"), py::arg("dx"), py::arg("dw"),
+          py::arg("lora_ranks") = std::vector<int>{}, py::arg("lora_scales") = std::vector<double>{},
+          py::arg("lora_factors") = std::vector<uintptr_t>{}, py::arg("lora_grads") = std::vector<uintptr_t>{},
+          "with the forward's LoRA: also writes the factor gradients (PEFT layouts, fp32) into lora_grads")
+      .def("saved_lora_ranks", &MoELayer::saved_lora_ranks, py::arg("handle"))
       .def("saved_shape", &MoELayer::saved_shape, py::arg("handle"))
       .def("release", &MoELayer::release, py::arg("handle"))
       .def("missing_weights", &MoELayer::missing_weights)

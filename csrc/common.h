@@ -9,6 +9,10 @@
 //            row segments start at multiples of kRowAlign so a 32-row AMX block never leaves the buffer.
 //            Everything in this header has internal linkage (static inline): it is compiled once per ISA
 //            translation unit with that unit's flags, and no out-of-line copy can leak across units.
+// LoRA:      optional per-expert LoRA on gate_up / down (docs/expert_lora_format.md) reaches the tasks as
+//            LoraView: fp32 factors repacked per call into per-expert, zero-padded, row-major scratch
+//            (At_gu [E][r_gu][2Ip], Bt_gu [E][r_gu][Hp], At_d [E][r_d][Hp], Bt_d [E][r_d][Ip]); a null view or
+//            r = 0 means no LoRA on that projection.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -80,6 +84,32 @@ struct LayerView {
 
 struct Task { int expert, block, row0, rows; };  // rows [row0, row0+rows) of the expert's segment
 
+// Per-expert LoRA factors for one call, repacked by the driver (see the LoRA note above). Row rho of
+// At_gu[e] is A_gu,e[rho] with gate columns at [0, I) and up columns at [Ip, Ip+I); Bt_*[e][rho] is column
+// rho of B_*,e (the input-side factor) laid along the reduction dimension. Padding is zero.
+struct LoraView {
+  int r_gu, r_d;
+  float s_gu, s_d;
+  const float* At_gu;  // [E][r_gu][2*Ip]
+  const float* Bt_gu;  // [E][r_gu][Hp]
+  const float* At_d;   // [E][r_d][Hp]
+  const float* Bt_d;   // [E][r_d][Ip]
+};
+
+// out[row][rho] = scale_row * sum_k src[row][k] * mat[e][rho][k] for the rows of one task (the rank-r
+// projections x.B_gu, h.B_d, dy.A_d^T, dz.A_gu^T). K is a multiple of kBlock; fp32 accumulation.
+struct LoraProj {
+  const int* seg_start;
+  const void* src;           // [rows][ld] wtype
+  int ld, K, r;
+  const float* mat;          // [E][r][K]
+  float* out;                // [rows][r]
+  const float* row_scale;    // [rows] or null (= 1)
+};
+
+// Factor-gradient task: kind 0 dA_gu, 1 dB_gu, 2 dA_d, 3 dB_d for 32 columns `block` of one expert.
+struct GradTask { int kind, expert, block; };
+
 struct ForwardBuffers {
   const int* seg_start;      // [E] first row of each expert's segment in the gathered buffers
   const float* row_weight;   // [rows] routing weight of each gathered row
@@ -88,6 +118,9 @@ struct ForwardBuffers {
   void* gate_out;            // [rows][Ip] saved gate pre-activation (wtype) or null
   void* up_out;              // [rows][Ip] saved up pre-activation (wtype) or null
   float* out_rows;           // [rows][Hp] routing-weighted expert outputs (f32)
+  const LoraView* lora;      // null: frozen experts only
+  const float* u_gu;         // [rows][r_gu] x.B_gu (LoRA only)
+  const float* q_d;          // [rows][r_d]  h.B_d (LoRA only)
 };
 
 struct BackwardBuffers {
@@ -99,6 +132,20 @@ struct BackwardBuffers {
   float* dw_part;            // [rows][Ip/32] partial <dy, expert_out> per output block
   void* dgu;                 // [rows][2*Ip] (d gate | d up) (wtype)
   float* dx_rows;            // [rows][Hp] input gradient per gathered row (f32)
+  // LoRA only (lora == null otherwise):
+  const LoraView* lora;
+  const int* count;          // [E] routed rows per expert
+  const int* row_token;      // [rows] token of each gathered row
+  const void* x;             // [T][H] saved layer input (wtype)
+  const float* u_gu;         // [rows][r_gu] saved x.B_gu
+  const float* q_d;          // [rows][r_d]  saved h.B_d
+  const float* dyA;          // [rows][r_d]  dy.A_d^T (unweighted)
+  const float* t_gu;         // [rows][r_gu] dz.A_gu^T
+  void* h;                   // [rows][Ip] silu(g)*u as the down GEMM consumed it (wtype), from bwd_act
+  float* gA_gu;              // [r_gu*E][2I]  PEFT layouts, every element written
+  float* gB_gu;              // [H][r_gu*E]
+  float* gA_d;               // [r_d*E][H]
+  float* gB_d;               // [I][r_d*E]
 };
 
 // Per-worker scratch: C tiles and one transposed weight block for backward.
@@ -106,6 +153,7 @@ struct Scratch {
   float* c0;     // [kRowAlign][kBlock]
   float* c1;     // [kRowAlign][kBlock]
   void* packed;  // 2 panels of up to max(Hp, 2*Ip) rows, wtype
+  float* acc;    // [max rank][kBlock] LoRA gradient accumulator
 };
 
 struct KernelTable {
@@ -114,6 +162,8 @@ struct KernelTable {
   void (*down)(const LayerView&, const ForwardBuffers&, const Task&, Scratch&);
   void (*bwd_act)(const LayerView&, const BackwardBuffers&, const Task&, Scratch&);
   void (*bwd_input)(const LayerView&, const BackwardBuffers&, const Task&, Scratch&);
+  void (*lora_proj)(const LayerView&, const LoraProj&, const Task&);
+  void (*lora_grad)(const LayerView&, const BackwardBuffers&, const GradTask&, Scratch&);
 };
 
 // One table per ISA translation unit; call only after cpu_features says the ISA runs here.

@@ -22,7 +22,9 @@ struct Engine {
   std::string isa;
   std::unique_ptr<ThreadPool> pool;
   Buffer xg, act, rows_f32, dw_part;
-  std::vector<Buffer> c0, c1, packed;
+  std::vector<Buffer> c0, c1, packed, acc;
+  // LoRA: repacked factors (LoraView), rank-r projections of unsaved forwards / backward, h for dB_d.
+  Buffer l_at_gu, l_bt_gu, l_at_d, l_bt_d, l_u, l_q, l_dya, l_tgu, l_h;
 };
 
 Engine& engine() {
@@ -78,8 +80,56 @@ void ensure_scratch(Engine& eng, int Hp, int Ip, int wtype) {
 
 Scratch scratch_of(Engine& eng, int worker) {
   return Scratch{static_cast<float*>(eng.c0[worker].get()), static_cast<float*>(eng.c1[worker].get()),
-                 eng.packed[worker].get()};
+                 eng.packed[worker].get(), worker < int(eng.acc.size()) ? static_cast<float*>(eng.acc[worker].get())
+                                                                        : nullptr};
 }
+
+// PEFT flat factors -> the per-expert, zero-padded LoraView layout (common.h), one task per expert.
+LoraView repack_lora(Engine& eng, const LoraArgs& a, int E, int H, int I, int Hp, int Ip) {
+  LoraView v{};
+  v.r_gu = a.r_gu;
+  v.r_d = a.r_d;
+  v.s_gu = a.s_gu;
+  v.s_d = a.s_d;
+  const size_t f = sizeof(float);
+  float* at_gu = static_cast<float*>(eng.l_at_gu.reserve(std::max<size_t>(1, size_t(E) * a.r_gu * 2 * Ip * f)));
+  float* bt_gu = static_cast<float*>(eng.l_bt_gu.reserve(std::max<size_t>(1, size_t(E) * a.r_gu * Hp * f)));
+  float* at_d = static_cast<float*>(eng.l_at_d.reserve(std::max<size_t>(1, size_t(E) * a.r_d * Hp * f)));
+  float* bt_d = static_cast<float*>(eng.l_bt_d.reserve(std::max<size_t>(1, size_t(E) * a.r_d * Ip * f)));
+  eng.pool->run(E, [&](int e, int) {
+    const size_t rg = size_t(a.r_gu), rd = size_t(a.r_d);
+    for (size_t rho = 0; rho < rg; ++rho) {
+      const float* src = a.A_gu + (size_t(e) * rg + rho) * 2 * I;
+      float* d = at_gu + (size_t(e) * rg + rho) * 2 * Ip;
+      std::memset(d, 0, size_t(2) * Ip * f);
+      std::memcpy(d, src, size_t(I) * f);
+      std::memcpy(d + Ip, src + I, size_t(I) * f);
+      float* b = bt_gu + (size_t(e) * rg + rho) * Hp;
+      for (int h = 0; h < H; ++h) b[h] = a.B_gu[size_t(h) * rg * E + rho * E + e];
+      for (int h = H; h < Hp; ++h) b[h] = 0.f;
+    }
+    for (size_t rho = 0; rho < rd; ++rho) {
+      float* d = at_d + (size_t(e) * rd + rho) * Hp;
+      std::memcpy(d, a.A_d + (size_t(e) * rd + rho) * H, size_t(H) * f);
+      for (int h = H; h < Hp; ++h) d[h] = 0.f;
+      float* b = bt_d + (size_t(e) * rd + rho) * Ip;
+      for (int i = 0; i < I; ++i) b[i] = a.B_d[size_t(i) * rd * E + rho * E + e];
+      for (int i = I; i < Ip; ++i) b[i] = 0.f;
+    }
+  });
+  v.At_gu = at_gu;
+  v.Bt_gu = bt_gu;
+  v.At_d = at_d;
+  v.Bt_d = bt_d;
+  return v;
+}
+
+void check_lora_args(const LoraArgs& a) {
+  if (a.r_gu < 0 || a.r_d < 0) throw std::invalid_argument("LoRA ranks must be >= 0");
+  if (a.r_gu > 0 && (!a.A_gu || !a.B_gu)) throw std::invalid_argument("LoRA gate_up rank > 0 but a factor is null");
+  if (a.r_d > 0 && (!a.A_d || !a.B_d)) throw std::invalid_argument("LoRA down rank > 0 but a factor is null");
+}
+
 
 std::vector<Task> make_tasks(const RoutingPlan& plan, int blocks, int chunk) {
   std::vector<Task> tasks;
@@ -88,6 +138,14 @@ std::vector<Task> make_tasks(const RoutingPlan& plan, int blocks, int chunk) {
       for (int r0 = 0; r0 < plan.count[e]; r0 += chunk)
         tasks.push_back(Task{e, b, r0, std::min(chunk, plan.count[e] - r0)});
   return tasks;
+}
+
+// Rank-r row projections out[row][rho] = scale_row * src[row] . mat[e][rho] over every routed row.
+void run_proj(ThreadPool& pool, const KernelTable* kt, const LayerView& L, const RoutingPlan& plan,
+              const void* src, int ld, int K, int r, const float* mat, float* out, const float* row_scale) {
+  LoraProj P{plan.seg_start.data(), src, ld, K, r, mat, out, row_scale};
+  std::vector<Task> tasks = make_tasks(plan, 1, kRowChunk);
+  pool.run(int(tasks.size()), [&](int i, int) { kt->lora_proj(L, P, tasks[size_t(i)]); });
 }
 
 // Copies token rows (H elements, wtype) into their k gathered rows, zeroing the K padding.
@@ -265,7 +323,7 @@ std::vector<std::string> MoELayer::missing_weights() const {
 
 size_t MoELayer::saved_bytes() const {
   size_t b = 0;
-  for (const auto& s : slots_) b += s.gate.bytes() + s.up.bytes();
+  for (const auto& s : slots_) b += s.gate.bytes() + s.up.bytes() + s.x.bytes() + s.u_gu.bytes() + s.q_d.bytes();
   return b;
 }
 
@@ -311,8 +369,11 @@ void MoELayer::release(uint64_t handle) {
   if (SavedSlot* s = find_slot(handle)) s->handle = 0;
 }
 
-uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, const float* w, void* y, bool save) {
+uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, const float* w, void* y, bool save,
+                           const LoraArgs* lora) {
   if (T < 0 || k < 1) throw std::invalid_argument("need T >= 0 and k >= 1");
+  const bool lo = lora && lora->on();
+  if (lo) check_lora_args(*lora);
   const std::vector<std::string> missing = missing_weights();
   if (!missing.empty())
     throw std::runtime_error("weights were never loaded for " + missing.front() + " (" +
@@ -329,7 +390,11 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
   RoutingPlan& plan = slot ? slot->plan : local;
   build_plan(T, k, ids, w, plan);
   const uint64_t handle = save ? next_handle_++ : 0;
-  if (slot) slot->handle = handle;
+  if (slot) {
+    slot->handle = handle;
+    slot->r_gu = lo ? lora->r_gu : 0;
+    slot->r_d = lo ? lora->r_d : 0;
+  }
   if (T == 0) return handle;
 
   const size_t es = size_t(dtype_size(wtype_));
@@ -349,11 +414,25 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
   ThreadPool& pool = *eng.pool;
   const KernelTable* kt = eng.kt;
   gather_rows(pool, plan, x, const_cast<void*>(fb.xg), H_, Hp_, es);
+  LoraView lv{};
+  if (lo) {
+    lv = repack_lora(eng, *lora, E_, H_, I_, Hp_, Ip_);
+    fb.lora = &lv;
+    const size_t ub = std::max<size_t>(1, rows * lora->r_gu * sizeof(float));
+    const size_t qb = std::max<size_t>(1, rows * lora->r_d * sizeof(float));
+    fb.u_gu = static_cast<float*>(slot ? slot->u_gu.reserve(ub) : eng.l_u.reserve(ub));
+    fb.q_d = static_cast<float*>(slot ? slot->q_d.reserve(qb) : eng.l_q.reserve(qb));
+    if (slot) std::memcpy(slot->x.reserve(size_t(T) * H_ * es), x, size_t(T) * H_ * es);
+    if (lora->r_gu > 0)
+      run_proj(pool, kt, L, plan, fb.xg, Hp_, Hp_, lora->r_gu, lv.Bt_gu, const_cast<float*>(fb.u_gu), nullptr);
+  }
   std::vector<Task> tasks = make_tasks(plan, Ip_ / kBlock, kRowChunk);
   pool.run(int(tasks.size()), [&](int i, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->gate_up(L, fb, tasks[size_t(i)], s);
   });
+  if (lo && lora->r_d > 0)
+    run_proj(pool, kt, L, plan, fb.act, Ip_, Ip_, lora->r_d, lv.Bt_d, const_cast<float*>(fb.q_d), nullptr);
   tasks = make_tasks(plan, Hp_ / kBlock, kRowChunk);
   pool.run(int(tasks.size()), [&](int i, int wk) {
     Scratch s = scratch_of(eng, wk);
@@ -373,6 +452,13 @@ SavedSlot& MoELayer::live_slot(uint64_t handle) {
   return *slot;
 }
 
+std::pair<int, int> MoELayer::saved_lora_ranks(uint64_t handle) {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  const SavedSlot& slot = live_slot(handle);
+  return {slot.r_gu, slot.r_d};
+}
+
 std::pair<int, int> MoELayer::saved_shape(uint64_t handle) {
   Engine& eng = engine();
   std::lock_guard<std::mutex> lock(eng.mu);
@@ -380,7 +466,8 @@ std::pair<int, int> MoELayer::saved_shape(uint64_t handle) {
   return {slot.plan.T, slot.plan.k};
 }
 
-void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx, float* dw) {
+void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx, float* dw, const LoraArgs* lora,
+                        const LoraGrads* grads) {
   Engine& eng = engine();
   std::lock_guard<std::mutex> lock(eng.mu);
   ensure_ready(eng);
@@ -389,9 +476,33 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
     throw std::invalid_argument("backward got T=" + std::to_string(T) + ", k=" + std::to_string(k) +
                                 " but the forward had T=" + std::to_string(slot->plan.T) +
                                 ", k=" + std::to_string(slot->plan.k));
+  const bool lo = lora && lora->on();
+  const int saved_rgu = slot->r_gu, saved_rd = slot->r_d;
+  if (lo != (saved_rgu > 0 || saved_rd > 0) || (lo && (lora->r_gu != saved_rgu || lora->r_d != saved_rd)))
+    throw std::invalid_argument("backward got LoRA ranks (gate_up " + std::to_string(lo ? lora->r_gu : 0) + ", down " +
+                                std::to_string(lo ? lora->r_d : 0) + ") but the forward ran with (" +
+                                std::to_string(saved_rgu) + ", " + std::to_string(saved_rd) + ")");
+  if (lo) {
+    check_lora_args(*lora);
+    if (!grads || (lora->r_gu > 0 && (!grads->A_gu || !grads->B_gu)) || (lora->r_d > 0 && (!grads->A_d || !grads->B_d)))
+      throw std::invalid_argument("backward with LoRA needs gradient buffers for every targeted factor");
+  }
   const RoutingPlan& plan = slot->plan;
   slot->handle = 0;  // consumed; buffers stay for the next forward
-  if (plan.T == 0) return;
+  if (plan.T == 0) {
+    if (lo) {
+      const size_t f = sizeof(float);
+      if (lora->r_gu > 0) {
+        std::memset(grads->A_gu, 0, size_t(lora->r_gu) * E_ * 2 * I_ * f);
+        std::memset(grads->B_gu, 0, size_t(lora->r_gu) * E_ * H_ * f);
+      }
+      if (lora->r_d > 0) {
+        std::memset(grads->A_d, 0, size_t(lora->r_d) * E_ * H_ * f);
+        std::memset(grads->B_d, 0, size_t(lora->r_d) * E_ * I_ * f);
+      }
+    }
+    return;
+  }
 
   const size_t es = size_t(dtype_size(wtype_));
   const size_t rows = size_t(plan.rows);
@@ -410,21 +521,66 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
   ThreadPool& pool = *eng.pool;
   const KernelTable* kt = eng.kt;
   gather_rows(pool, plan, dy, const_cast<void*>(bb.dyg), H_, Hp_, es);
+  LoraView lv{};
+  const int rg = lo ? lora->r_gu : 0, rd = lo ? lora->r_d : 0;
+  if (lo) {
+    lv = repack_lora(eng, *lora, E_, H_, I_, Hp_, Ip_);
+    bb.lora = &lv;
+    bb.count = plan.count.data();
+    bb.row_token = plan.row_token.data();
+    bb.x = slot->x.get();
+    bb.u_gu = static_cast<const float*>(slot->u_gu.get());
+    bb.q_d = static_cast<const float*>(slot->q_d.get());
+    bb.dyA = static_cast<float*>(eng.l_dya.reserve(std::max<size_t>(1, rows * rd * sizeof(float))));
+    bb.t_gu = static_cast<float*>(eng.l_tgu.reserve(std::max<size_t>(1, rows * rg * sizeof(float))));
+    bb.h = rd > 0 ? eng.l_h.reserve(rows * Ip_ * es) : nullptr;
+    bb.gA_gu = grads->A_gu;
+    bb.gB_gu = grads->B_gu;
+    bb.gA_d = grads->A_d;
+    bb.gB_d = grads->B_d;
+    const size_t n = size_t(pool.size());
+    eng.acc.resize(n);
+    for (size_t wk = 0; wk < n; ++wk) eng.acc[wk].reserve(size_t(std::max(rg, rd)) * kBlock * sizeof(float));
+    if (rd > 0) run_proj(pool, kt, L, plan, bb.dyg, Hp_, Hp_, rd, lv.At_d, const_cast<float*>(bb.dyA), nullptr);
+  }
   std::vector<Task> tasks = make_tasks(plan, ipb, kRowChunkBwd);
   pool.run(int(tasks.size()), [&](int i, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->bwd_act(L, bb, tasks[size_t(i)], s);
   });
+  if (rg > 0) run_proj(pool, kt, L, plan, bb.dgu, 2 * Ip_, 2 * Ip_, rg, lv.At_gu, const_cast<float*>(bb.t_gu), nullptr);
   tasks = make_tasks(plan, Hp_ / kBlock, kRowChunkBwd);
   pool.run(int(tasks.size()), [&](int i, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->bwd_input(L, bb, tasks[size_t(i)], s);
   });
+  if (lo) {  // factor gradients: one task per (factor, expert, 32 columns); big experts first
+    std::vector<GradTask> gt;
+    std::vector<int> order(static_cast<size_t>(E_));
+    for (int e = 0; e < E_; ++e) order[size_t(e)] = e;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int a, int b) { return plan.count[size_t(a)] > plan.count[size_t(b)]; });
+    const int nb[4] = {2 * Ip_ / kBlock, Hp_ / kBlock, Hp_ / kBlock, Ip_ / kBlock};
+    for (int e : order)
+      for (int kind = 0; kind < 4; ++kind)
+        if ((kind < 2 ? rg : rd) > 0)
+          for (int b = 0; b < nb[kind]; ++b) gt.push_back(GradTask{kind, e, b});
+    pool.run(int(gt.size()), [&](int i, int wk) {
+      Scratch s = scratch_of(eng, wk);
+      kt->lora_grad(L, bb, gt[size_t(i)], s);
+    });
+  }
   sum_rows(pool, plan, bb.dx_rows, dx, H_, Hp_, wtype_);
   for (size_t i = 0; i < size_t(plan.T) * plan.k; ++i) {
-    const float* part = bb.dw_part + size_t(plan.row_of[i]) * ipb;
+    const size_t row = size_t(plan.row_of[i]);
+    const float* part = bb.dw_part + row * ipb;
     float s = 0.f;
     for (int b = 0; b < ipb; ++b) s += part[b];
+    if (rd > 0) {  // <dy, s_d * q.A_d> = s_d * q . (dy.A_d^T)
+      float l = 0.f;
+      for (int rho = 0; rho < rd; ++rho) l += bb.q_d[row * rd + rho] * bb.dyA[row * rd + rho];
+      s += lora->s_d * l;
+    }
     dw[i] = s;
   }
 }

@@ -8,6 +8,12 @@
 //            buffers, LRU); a stale handle is an error, never silently wrong math. Scratch buffers are shared by
 //            all layers of the process and guarded by one mutex, so calls are serialised and may run with
 //            the Python GIL released.
+// LoRA:      optional per-expert LoRA (PEFT layout, docs/expert_lora_format.md) arrives as raw fp32 pointers to
+//            caller-owned factors on every call (LoraArgs) and is never kept: each call repacks the factors into
+//            shared scratch. A forward that saves with LoRA also keeps in its slot the layer input x [T][H]
+//            (for dB_gu), u = x.B_gu [rows][r_gu] and q = h.B_d [rows][r_d] (fp32); its backward must get
+//            factors of the same ranks (the same values, which the Python glue enforces) and writes the four
+//            factor gradients in PEFT's layouts.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -47,7 +53,29 @@ struct RoutingPlan {
 struct SavedSlot {
   uint64_t handle = 0;  // 0 = free
   RoutingPlan plan;
-  Buffer gate, up;      // [rows][Ip] pre-activations, wtype
+  Buffer gate, up;      // [rows][Ip] pre-activations (LoRA-adapted when LoRA ran), wtype
+  int r_gu = 0, r_d = 0;  // LoRA ranks of the forward (0 = none)
+  Buffer x;             // LoRA only: [T][H] layer input, wtype
+  Buffer u_gu, q_d;     // LoRA only: [rows][r_gu] x.B_gu and [rows][r_d] h.B_d, f32
+};
+
+// LoRA factors of one call, PEFT flat layouts, fp32, contiguous (r = 0: that projection has no LoRA):
+//   A_gu [r_gu*E][2I], B_gu [H][r_gu*E], A_d [r_d*E][H], B_d [I][r_d*E];  s_* = lora_alpha / r.
+struct LoraArgs {
+  int r_gu = 0, r_d = 0;
+  float s_gu = 0.f, s_d = 0.f;
+  const float* A_gu = nullptr;
+  const float* B_gu = nullptr;
+  const float* A_d = nullptr;
+  const float* B_d = nullptr;
+  bool on() const { return r_gu > 0 || r_d > 0; }
+};
+// Gradients of the factors above, same layouts; every element is written (zeros for unrouted experts).
+struct LoraGrads {
+  float* A_gu = nullptr;
+  float* B_gu = nullptr;
+  float* A_d = nullptr;
+  float* B_d = nullptr;
 };
 
 class MoELayer {
@@ -58,9 +86,15 @@ class MoELayer {
   // [e0, e0+n) from src (dtype src_dtype) with element strides (expert, row, col). Throws on NaN/Inf.
   void set_weights(int which, int e0, int n, const void* src, int src_dtype, int64_t s_e, int64_t s_r, int64_t s_c);
   // y[T][H] = sum_j w[t][j] * expert_{ids[t][j]}(x[t]); returns a handle for backward when save is set.
-  uint64_t forward(int T, int k, const void* x, const int64_t* ids, const float* w, void* y, bool save);
-  // dx[T][H] (wtype) and dw[T][k] (f32) for the forward identified by handle.
-  void backward(uint64_t handle, int T, int k, const void* dy, void* dx, float* dw);
+  // lora: optional per-expert LoRA on gate_up / down (null or all ranks 0 = frozen experts only).
+  uint64_t forward(int T, int k, const void* x, const int64_t* ids, const float* w, void* y, bool save,
+                   const LoraArgs* lora = nullptr);
+  // dx[T][H] (wtype) and dw[T][k] (f32) for the forward identified by handle; with LoRA (same ranks as that
+  // forward) also the factor gradients into `grads`.
+  void backward(uint64_t handle, int T, int k, const void* dy, void* dx, float* dw, const LoraArgs* lora = nullptr,
+                const LoraGrads* grads = nullptr);
+  // (r_gu, r_d) of the forward behind `handle` (0, 0 without LoRA).
+  std::pair<int, int> saved_lora_ranks(uint64_t handle);
   // (T, k) of the forward behind `handle`; throws if its saved activations are gone.
   std::pair<int, int> saved_shape(uint64_t handle);
   void release(uint64_t handle);

@@ -1,5 +1,6 @@
 """Autograd glue: `moe_experts(x, topk_ids, topk_weights, layer)` runs the routed experts on the CPU engine
-and lets `loss.backward()` flow into `x` and `topk_weights` (the experts themselves are frozen).
+and lets `loss.backward()` flow into `x` and `topk_weights` (the experts themselves are frozen), and, with
+`lora=ExpertLoRA(...)`, into the four LoRA factor tensors (their `.grad`, like any parameter).
 
 Inputs may live on a GPU: they are copied through pinned host buffers (reused, grow-only) and results go
 back non-blocking; an event guards each pinned buffer so it is not overwritten while a copy still reads it.
@@ -11,6 +12,7 @@ from typing import Optional
 import torch
 
 from .layer import ExpertLayer
+from .lora import ExpertLoRA
 
 
 class PinnedStaging:
@@ -89,8 +91,10 @@ class RetainedForwards:
     """What one layer's forwards kept for a later backward, so a checkpoint recompute does not re-run the experts.
 
     Gradient checkpointing runs a layer's forward again before its backward with bit-identical inputs. An entry
-    holds (x, topk_ids, topk_weights, y, handle) of a forward that saved activations; a forward whose inputs
-    equal an entry's returns that entry's y and handle instead of computing. Bounded by the layer's
+    holds (x, topk_ids, topk_weights, y, handle, lora_key) of a forward that saved activations; a forward whose
+    inputs equal an entry's returns that entry's y and handle instead of computing. lora_key identifies the LoRA
+    factors (tensor identity, storage and in-place version, scales; None without LoRA), so an optimizer step
+    in between is never missed. Bounded by the layer's
     `max_saved` (oldest dropped, in step with the engine's own LRU slots); backward drops the entry it used.
     """
 
@@ -98,16 +102,16 @@ class RetainedForwards:
         self.capacity = capacity
         self.entries: list[tuple] = []
 
-    def find(self, x, ids, w):
+    def find(self, x, ids, w, lora_key=None):
         for entry in self.entries:
             ex, eids, ew = entry[:3]
-            if ex.shape == x.shape and eids.shape == ids.shape and torch.equal(eids, ids) and torch.equal(ew, w) \
-                    and torch.equal(ex, x):
+            if ex.shape == x.shape and eids.shape == ids.shape and entry[5] == lora_key and torch.equal(eids, ids) \
+                    and torch.equal(ew, w) and torch.equal(ex, x):
                 return entry
         return None
 
-    def add(self, x, ids, w, y, handle) -> None:
-        self.entries.append((x.clone(), ids.clone(), w.clone(), y, handle))
+    def add(self, x, ids, w, y, handle, lora_key=None) -> None:
+        self.entries.append((x.clone(), ids.clone(), w.clone(), y, handle, lora_key))
         del self.entries[: max(0, len(self.entries) - self.capacity)]
 
     def drop(self, handle) -> None:
@@ -125,19 +129,34 @@ def retained_forwards(layer: ExpertLayer) -> RetainedForwards:
     return cache
 
 
+def _lora_key(factors, scales):
+    if scales is None:
+        return None
+    return tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in factors) + tuple(scales)
+
+
+def _factor_to_host(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # CPU fp32 contiguous factors (the usual case) are passed as they are, without a copy.
+    return None if t is None else t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+
 class MoEExpertsFunction(torch.autograd.Function):
-    """y = experts(x) weighted by topk_weights; gradients for x and topk_weights, none for the frozen weights."""
+    """y = experts(x) weighted by topk_weights; gradients for x, topk_weights and the optional LoRA factors
+    (A_gu, B_gu, A_d, B_d, PEFT layout), none for the frozen weights."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: ExpertLayer,
-                save: bool):
+                save: bool, lora_scales=None, A_gu=None, B_gu=None, A_d=None, B_d=None):
         if x.dim() != 2:
             raise ValueError(f"x: expected [tokens, hidden], got shape {list(x.shape)}")
+        factors = (A_gu, B_gu, A_d, B_d)
+        lora = None if lora_scales is None else ExpertLoRA(*(_factor_to_host(t) for t in factors), *lora_scales)
+        lora_key = _lora_key(factors, lora_scales)
         x_host = _to_engine("x", x, layer.dtype)
         ids_host = _to_engine("ids", topk_ids, torch.int64)
         w_host = _to_engine("w", topk_weights, torch.float32)
         retained = retained_forwards(layer) if save else None
-        hit = retained.find(x_host, ids_host, w_host) if retained is not None else None
+        hit = retained.find(x_host, ids_host, w_host, lora_key) if retained is not None else None
         if hit is not None:
             y, handle = hit[3], hit[4]
         else:
@@ -145,12 +164,17 @@ class MoEExpertsFunction(torch.autograd.Function):
             # from, so a step costs no host allocation and no extra host copy.
             out = _staging_buffers().buffer("y", (x.shape[0], layer.hidden_size), layer.dtype) \
                 if x.device.type == "cuda" and not save else None
-            y, handle = layer.forward(x_host, ids_host, w_host, save_for_backward=save, out=out)
+            y, handle = layer.forward(x_host, ids_host, w_host, save_for_backward=save, out=out, lora=lora)
             if save:
-                retained.add(x_host, ids_host, w_host, y, handle)
+                retained.add(x_host, ids_host, w_host, y, handle, lora_key)
         ctx.layer, ctx.handle = layer, handle
         ctx.x_meta = (x.device, x.dtype)
         ctx.w_meta = (topk_weights.device, topk_weights.dtype)
+        ctx.lora_scales = lora_scales
+        if lora_scales is not None:
+            # Saved so that autograd refuses a backward after an in-place update of a factor (the engine's saved
+            # u = x.B_gu and q = h.B_d belong to the values of this forward).
+            ctx.save_for_backward(*factors)
         out = _from_engine("y", y, x.device, x.dtype)
         return out.clone() if save and out.data_ptr() == y.data_ptr() else out  # the retained y must stay intact
 
@@ -160,19 +184,38 @@ class MoEExpertsFunction(torch.autograd.Function):
         if not ctx.handle:
             raise RuntimeError("this experts forward saved nothing for backward (it ran without inputs requiring grad)")
         retained_forwards(layer).drop(ctx.handle)
-        dx, dw = layer.backward(ctx.handle, _to_engine("dy", dy, layer.dtype))
+        dy_host = _to_engine("dy", dy, layer.dtype)
+        factor_grads = (None,) * 4
+        if ctx.lora_scales is None:
+            dx, dw = layer.backward(ctx.handle, dy_host)
+        else:
+            factors = ctx.saved_tensors
+            lora = ExpertLoRA(*(_factor_to_host(t) for t in factors), *ctx.lora_scales)
+            dx, dw, grads = layer.backward(ctx.handle, dy_host, lora=lora)
+            factor_grads = tuple(
+                g.to(device=t.device, dtype=t.dtype) if g is not None and ctx.needs_input_grad[6 + i] else None
+                for i, (g, t) in enumerate(zip(grads, factors)))
         dx = _from_engine("dx", dx, *ctx.x_meta) if ctx.needs_input_grad[0] else None
         dw = _from_engine("dw", dw, *ctx.w_meta) if ctx.needs_input_grad[2] else None
-        return dx, None, dw, None, None
+        return ((dx, None, dw, None, None, None) + factor_grads)[: len(ctx.needs_input_grad)]
 
 
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: ExpertLayer,
-                retain: bool = False) -> torch.Tensor:
+                retain: bool = False, lora: Optional[ExpertLoRA] = None) -> torch.Tensor:
     """Differentiable routed-experts call: x [T, H], topk_ids [T, k], topk_weights [T, k] -> y [T, H].
 
-    Activations are saved when a gradient can flow to x or topk_weights, or when `retain` asks for it: a
-    training-mode forward under no_grad is the first pass of reentrant gradient checkpointing, and keeping its
-    result lets the recompute pass skip the CPU experts (see RetainedForwards).
+    Activations are saved when a gradient can flow to x, topk_weights or a LoRA factor, or when `retain` asks
+    for it: a training-mode forward under no_grad is the first pass of reentrant gradient checkpointing, and
+    keeping its result lets the recompute pass skip the CPU experts (see RetainedForwards).
+
+    `lora`: per-expert LoRA on the routed experts (`ExpertLoRA`, PEFT's flat layout, one rank per projection).
+    The factors may be parameters on any device (GPU ones are copied to the host for each call, their gradients
+    back); their gradients arrive through autograd, so accumulation, clipping and optimizers work as usual.
     """
-    save = retain or (torch.is_grad_enabled() and (x.requires_grad or topk_weights.requires_grad))
-    return MoEExpertsFunction.apply(x, topk_ids, topk_weights, layer, save)
+    factors = (None,) * 4 if lora is None else lora.factors()
+    save = retain or (torch.is_grad_enabled() and (x.requires_grad or topk_weights.requires_grad or any(
+        t is not None and t.requires_grad for t in factors)))
+    if lora is None:
+        return MoEExpertsFunction.apply(x, topk_ids, topk_weights, layer, save)
+    scales = (float(lora.scale_gu), float(lora.scale_d))
+    return MoEExpertsFunction.apply(x, topk_ids, topk_weights, layer, save, scales, *factors)

@@ -4,6 +4,7 @@ The engine trusts pointers and sizes blindly, so each check names the argument a
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -44,3 +45,44 @@ def dtype_name(dtype: torch.dtype, allowed: dict) -> str:
         want = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise TypeError(f"dtype {str(dtype).replace('torch.', '')} is not supported here (expected {want})")
     return allowed[dtype]
+
+
+_LORA_FIELDS = (("A_gu", "B_gu", "scale_gu", "gate_up"), ("A_d", "B_d", "scale_d", "down"))
+
+
+def check_lora(lora: object, num_experts: int, hidden: int, intermediate: int) -> tuple[int, int]:
+    """Validate an `ExpertLoRA` for a layer of (E, H, I); returns the ranks (r_gu, r_d).
+
+    Each factor must be a contiguous fp32 CPU tensor in PEFT's flat layout: A_gu [r_gu*E, 2I], B_gu [H, r_gu*E],
+    A_d [r_d*E, H], B_d [I, r_d*E]; the two projections may have different ranks, and a projection may be left
+    out (both of its factors None), but not both.
+    """
+    from .lora import ExpertLoRA
+
+    if not isinstance(lora, ExpertLoRA):
+        raise TypeError(f"lora: expected kt_sft.engine.ExpertLoRA, got {type(lora).__name__}")
+    E, H, I = num_experts, hidden, intermediate
+    dims = {"gate_up": (2 * I, H), "down": (H, I)}  # (A columns = output dim, B rows = input dim)
+    ranks = []
+    for a_name, b_name, s_name, proj in _LORA_FIELDS:
+        A, B = getattr(lora, a_name), getattr(lora, b_name)
+        if A is None and B is None:
+            ranks.append(0)
+            continue
+        if A is None or B is None:
+            missing = a_name if A is None else b_name
+            raise ValueError(f"lora.{missing}: is None but the other {proj} factor is given (give both or neither)")
+        out_dim, in_dim = dims[proj]
+        check_tensor(f"lora.{b_name}", B, dtype=torch.float32, shape=(in_dim, None))
+        if B.shape[1] == 0 or B.shape[1] % E:
+            raise ValueError(f"lora.{b_name}: expected shape [{in_dim}, r*{E}] (r >= 1, {E} experts), "
+                             f"got {list(B.shape)}")
+        r = B.shape[1] // E
+        check_tensor(f"lora.{a_name}", A, dtype=torch.float32, shape=(r * E, out_dim))
+        scale = getattr(lora, s_name)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+            raise TypeError(f"lora.{s_name}: expected a finite float, got {scale!r}")
+        ranks.append(r)
+    if ranks == [0, 0]:
+        raise ValueError("lora: no factors given (pass lora=None for the frozen experts)")
+    return ranks[0], ranks[1]

@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 
 from .. import _engine
-from .checks import ENGINE_DTYPES, SOURCE_DTYPES, check_tensor, dtype_name
+from .checks import ENGINE_DTYPES, SOURCE_DTYPES, check_lora, check_tensor, dtype_name
+from .lora import ExpertLoRA, ExpertLoRAGrads
 
 PROJECTIONS = {"gate": 0, "up": 1, "down": 2}
 
@@ -102,28 +103,57 @@ class ExpertLayer:
             raise ValueError("topk_ids: expected at least one expert per token (k >= 1)")
         check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=tuple(topk_ids.shape))
 
+    def _lora_args(self, lora: Optional[ExpertLoRA]) -> dict:
+        if lora is None:
+            return {}
+        ranks = check_lora(lora, self.num_experts, self.hidden_size, self.intermediate_size)
+        ptrs = [0 if t is None else t.data_ptr() for t in lora.factors()]
+        return dict(lora_ranks=list(ranks), lora_scales=[float(lora.scale_gu), float(lora.scale_d)],
+                    lora_factors=ptrs)
+
     def forward(
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, save_for_backward: bool = False,
-        out: Optional[torch.Tensor] = None,
+        out: Optional[torch.Tensor] = None, lora: Optional[ExpertLoRA] = None,
     ) -> tuple[torch.Tensor, int]:
-        """y [T, H] (engine dtype; written into `out` when given) and a handle for `backward` (0: nothing saved)."""
+        """y [T, H] (engine dtype; written into `out` when given) and a handle for `backward` (0: nothing saved).
+
+        `lora`: per-expert LoRA on gate_up / down (fp32 CPU factors in PEFT's layout, see kt_sft.engine.lora),
+        computed in fp32 inside the engine; the same factors must be passed to `backward`.
+        """
         self._check_routing(x, topk_ids, topk_weights)
         T, k = topk_ids.shape
         if out is not None:
             check_tensor("out", out, dtype=self.dtype, shape=(T, self.hidden_size))
+        largs = self._lora_args(lora)
         y = out if out is not None else torch.empty(T, self.hidden_size, dtype=self.dtype)
         handle = self._layer.forward(T, k, x.data_ptr(), topk_ids.data_ptr(), topk_weights.data_ptr(), y.data_ptr(),
-                                     bool(save_for_backward))
+                                     bool(save_for_backward), **largs)
         return y, handle
 
-    def backward(self, handle: int, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(dx [T, H] engine dtype, d topk_weights [T, k] float32) for the forward that returned `handle`."""
+    def backward(self, handle: int, dy: torch.Tensor, lora: Optional[ExpertLoRA] = None):
+        """(dx [T, H] engine dtype, d topk_weights [T, k] float32) for the forward that returned `handle`.
+
+        When that forward ran with `lora`, pass the same factors: the result is then (dx, dw, ExpertLoRAGrads)
+        with fp32 gradients of A_gu, B_gu, A_d, B_d in their own layouts (zeros for experts no token was routed to).
+        """
         T, k = self._layer.saved_shape(int(handle))
         check_tensor("dy", dy, dtype=self.dtype, shape=(T, self.hidden_size))
+        largs = self._lora_args(lora)
+        saved = tuple(self._layer.saved_lora_ranks(int(handle)))
+        if lora is None and saved != (0, 0):
+            raise ValueError(f"backward: the forward ran with LoRA (ranks gate_up={saved[0]}, down={saved[1]}); "
+                             "pass the same lora= to backward")
+        if lora is not None and tuple(largs["lora_ranks"]) != saved:
+            raise ValueError(f"backward: lora ranks (gate_up={largs['lora_ranks'][0]}, down={largs['lora_ranks'][1]})"
+                             f" differ from the forward's (gate_up={saved[0]}, down={saved[1]})")
         dx = torch.empty(T, self.hidden_size, dtype=self.dtype)
         dw = torch.empty(T, k, dtype=torch.float32)
-        self._layer.backward(int(handle), T, k, dy.data_ptr(), dx.data_ptr(), dw.data_ptr())
-        return dx, dw
+        grads = None
+        if lora is not None:
+            grads = ExpertLoRAGrads(*(None if t is None else torch.empty_like(t) for t in lora.factors()))
+            largs["lora_grads"] = [0 if g is None else g.data_ptr() for g in grads]
+        self._layer.backward(int(handle), T, k, dy.data_ptr(), dx.data_ptr(), dw.data_ptr(), **largs)
+        return (dx, dw) if grads is None else (dx, dw, grads)
 
     def release(self, handle: int) -> None:
         """Drop what a forward saved (its backward will not come)."""
