@@ -17,7 +17,8 @@ IMPLEMENTATION = "kt"
 
 
 def kt_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                       top_k_weights: torch.Tensor) -> torch.Tensor:
+                       top_k_weights: torch.Tensor, lora=None) -> torch.Tensor:
+    """`lora`: the ExpertLoRA of a PEFT adapter on these experts (see expert_lora.py), computed by the engine."""
     layer = getattr(self, "kt_layer", None)
     if layer is None:
         raise RuntimeError(f"experts_implementation='{IMPLEMENTATION}' but this {type(self).__name__} has no CPU "
@@ -30,13 +31,13 @@ def kt_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
     retain = self.training and not torch.is_grad_enabled() and getattr(layer, "retain_activations", True)
     chunk = getattr(layer, "chunk_size", 0)
     if not chunk or x.shape[0] <= chunk:
-        return moe_experts(x, ids, weights, layer, retain=retain).view(shape)
+        return moe_experts(x, ids, weights, layer, retain=retain, lora=lora).view(shape)
     calls = -(-x.shape[0] // chunk)
     if calls > layer.max_saved and (retain or torch.is_grad_enabled()):
         raise RuntimeError(f"chunk_size={chunk} splits {x.shape[0]} tokens into {calls} engine calls, but each MoE "
                            f"layer keeps only {layer.max_saved} saved forwards (kt_max_cache_depth); raise "
                            f"kt_max_cache_depth to >= {calls} or chunk_size")
-    parts = [moe_experts(xc, ic, wc, layer, retain=retain)
+    parts = [moe_experts(xc, ic, wc, layer, retain=retain, lora=lora)
              for xc, ic, wc in zip(x.split(chunk), ids.split(chunk), weights.split(chunk))]
     return torch.cat(parts).view(shape)
 

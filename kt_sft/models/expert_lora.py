@@ -1,0 +1,170 @@
+"""LoRA on the routed experts as standard PEFT adapters, computed by the CPU engine.
+
+PEFT 0.18 puts LoRA on fused 3-D expert parameters with `LoraConfig(target_parameters=[...])`: each targeted
+parameter of an experts module gets a `lora.ParamWrapper` (two targets = two nested wrappers), whose factors
+`lora_A` [r*E, d1] / `lora_B` [d2, r*E] are what adapter_model.safetensors stores (docs/expert_lora_format.md).
+Our experts modules hold no real weights (they are in the engine), so:
+
+1. `expert_params_exposed(model)`: for PEFT's injection, each engine-backed experts module shows `gate_up_proj`
+   and `down_proj` as parameters again: zero-stride fp32 CPU stand-ins of the right shape (one float of storage).
+   PEFT creates, initialises and places the factors from them (fp32, on the CPU); afterwards the stand-ins are
+   taken out of the parameter set again, so `.to()`, optimizers and state_dict never see them.
+2. `attach_expert_lora(model)`: the outermost wrapper of each experts module forwards to the engine with the
+   factors of every wrapper in its chain (`ExpertLoRA`), so the engine computes the LoRA terms next to the frozen
+   GEMMs and returns their gradients; the factor modules ignore `.to()` (they stay fp32 in CPU RAM, where the
+   engine reads them without a copy, and the optimizer updates them there); merging is refused.
+
+Why fp32 master factors in CPU RAM: the factors are small next to the experts (r=8 on V2-Lite: 0.27 GB for all
+26 layers), the engine computes the LoRA terms in fp32 anyway, and fp32 keeps AdamW's small updates from rounding
+away; in CPU RAM they cost no transfer per step.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..engine import ExpertLoRA
+from .experts import kt_experts_forward
+
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+# Names `lora_target` / target_parameters may use for the routed experts (besides "<module path>.<param>").
+EXPERT_ALIASES = {"experts": EXPERT_PARAMS, "gate_up_proj": ("gate_up_proj",), "down_proj": ("down_proj",)}
+
+
+def engine_experts_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if getattr(m, "kt_layer", None) is not None}
+
+
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    """Full names of the routed-expert parameters targets can name, e.g. model.layers.1.mlp.experts.down_proj."""
+    return [f"{name}.{p}" for name in engine_experts_modules(model) for p in EXPERT_PARAMS]
+
+
+def resolve_expert_targets(model: nn.Module, names) -> list[str]:
+    """target_parameters entries for `names` (aliases or parameter-name suffixes); error when one matches nothing."""
+    full = expert_parameter_names(model)
+    out = []
+    for name in names:
+        suffixes = [f"mlp.experts.{p}" for p in EXPERT_ALIASES[name]] if name in EXPERT_ALIASES else [name]
+        for suffix in suffixes:
+            if not any(f == suffix or f.endswith("." + suffix) for f in full):
+                shown = ", ".join(full[:4]) + (", ..." if len(full) > 4 else "")
+                raise ValueError(f"target {name!r} matches no routed-expert parameter of this model; its expert "
+                                 f"parameters are {shown} (use 'experts', 'gate_up_proj', 'down_proj' or a suffix "
+                                 "of those names)")
+            if suffix not in out:
+                out.append(suffix)
+    return out
+
+
+@contextlib.contextmanager
+def expert_params_exposed(model: nn.Module) -> Iterator[None]:
+    exposed = []
+    for module in engine_experts_modules(model).values():
+        if any(name in module._parameters for name in EXPERT_PARAMS):
+            continue
+        layer = module.kt_layer
+        E, H, I = layer.num_experts, layer.hidden_size, layer.intermediate_size
+        for name, shape in (("gate_up_proj", (E, 2 * I, H)), ("down_proj", (E, H, I))):
+            module.__dict__.pop(name, None)
+            stand_in = torch.zeros((), dtype=torch.float32).expand(shape)
+            module.register_parameter(name, nn.Parameter(stand_in, requires_grad=False))
+        exposed.append(module)
+    try:
+        yield
+    finally:
+        for module in exposed:
+            for name in EXPERT_PARAMS:
+                param = module._parameters.pop(name, None)
+                if param is not None:
+                    object.__setattr__(module, name, param.detach())
+
+
+def _wrapper_chain(module: nn.Module) -> tuple[list[nn.Module], nn.Module]:
+    from peft.tuners.lora.layer import ParamWrapper
+
+    chain = []
+    while isinstance(module, ParamWrapper):
+        chain.append(module)
+        module = module.base_layer
+    return chain, module
+
+
+def _active_factors(chain) -> Optional[ExpertLoRA]:
+    factors = {}
+    for wrapper in chain:
+        if wrapper.disable_adapters or wrapper.merged:
+            continue
+        for adapter in wrapper.active_adapters:
+            if adapter in wrapper.lora_A:
+                factors[wrapper.parameter_name] = (wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight,
+                                                   float(wrapper.scaling[adapter]))
+                break
+    if not factors:
+        return None
+    gu, d = factors.get("gate_up_proj"), factors.get("down_proj")
+    return ExpertLoRA(A_gu=gu[0] if gu else None, B_gu=gu[1] if gu else None, A_d=d[0] if d else None,
+                      B_d=d[1] if d else None, scale_gu=gu[2] if gu else 1.0, scale_d=d[2] if d else 1.0)
+
+
+def _engine_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+    chain, experts = _wrapper_chain(self)
+    return kt_experts_forward(experts, hidden_states, top_k_index, top_k_weights, lora=_active_factors(chain))
+
+
+def _refuse_merge(self, *args, **kwargs):
+    raise NotImplementedError("merging expert LoRA into the CPU engine's packed weights is not supported; serve "
+                              "the adapter unmerged (kt-sft computes it next to the frozen experts)")
+
+
+def _stay_put(self, fn, recurse=True):  # nn.Module._apply: keep the factors fp32 in CPU RAM
+    return self
+
+
+def attach_expert_lora(model: nn.Module) -> int:
+    """Route every PEFT-wrapped engine experts module through the engine with its LoRA; returns how many."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    wrappers = [m for m in model.modules() if isinstance(m, ParamWrapper)]
+    inner = {id(w.base_layer) for w in wrappers}
+    attached = 0
+    for outer in (w for w in wrappers if id(w) not in inner):
+        chain, experts = _wrapper_chain(outer)
+        if getattr(experts, "kt_layer", None) is None:
+            continue
+        outer.forward = types.MethodType(_engine_forward, outer)
+        for wrapper in chain:
+            wrapper.merge = types.MethodType(_refuse_merge, wrapper)
+            for adapter in list(wrapper.lora_A):
+                for factor in (wrapper.lora_A[adapter], wrapper.lora_B[adapter]):
+                    if factor.weight.device.type != "cpu" or factor.weight.dtype != torch.float32:
+                        factor.to(device="cpu", dtype=torch.float32)
+                    factor._apply = types.MethodType(_stay_put, factor)
+        attached += 1
+    return attached
+
+
+def get_peft_model(model: nn.Module, config, **kwargs):
+    """peft.get_peft_model for a kt-sft model: `target_parameters` may name the routed experts."""
+    import peft
+
+    if getattr(config, "target_parameters", None):
+        config.target_parameters = resolve_expert_targets(model, list(config.target_parameters))
+    with expert_params_exposed(model):
+        peft_model = peft.get_peft_model(model, config, **kwargs)
+    attach_expert_lora(peft_model)
+    return peft_model
+
+
+def load_adapter(model: nn.Module, adapter_path, **kwargs):
+    """peft.PeftModel.from_pretrained for a kt-sft model (expert LoRA in the adapter goes to the engine)."""
+    from peft import PeftModel
+
+    with expert_params_exposed(model):
+        peft_model = PeftModel.from_pretrained(model, adapter_path, **kwargs)
+    attach_expert_lora(peft_model)
+    return peft_model
