@@ -130,3 +130,28 @@ def test_resume_after_kill_matches_uninterrupted(runs):
     for step in range(half + 1, STEPS + 1):
         assert resumed[step]["loss"] == uninterrupted[step]["loss"], step
         assert resumed[step]["grad_norm"] == pytest.approx(uninterrupted[step]["grad_norm"], rel=1e-6), step
+
+
+def test_lora_target_can_name_the_routed_experts(runs):
+    """`lora_target: all,experts`: LoRA on every GPU linear plus the routed experts (engine-computed), saved as
+    PEFT target_parameters; vanilla PEFT on stock transformers reproduces the engine's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tmp, _ = runs
+    out = tmp / "experts"
+    _train(_config(out, lora_target="all,experts", max_steps=4), tmp)
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(adapter_config["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    assert set(adapter_config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    base_path = REPO / "examples" / "demo" / "model"
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
+                                          out).eval()
+        expected = stock(input_ids=ids).logits
+        from kt_sft.models.expert_lora import load_adapter
+
+        ours = load_adapter(kt_sft.load_model(base_path, device="cpu", dtype=torch.float32, progress=False), out)
+        got = ours.eval()(input_ids=ids).logits
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()

@@ -194,3 +194,21 @@ def test_readme_documents_every_key():
     readme = (REPO / "README.md").read_text()
     for key in list(ktc.KEYS) + list(ktc.RETIRED):
         assert f"| `{key}` |" in readme, f"README.md 'Config keys' lacks {key}"
+
+
+def test_lora_target_split_for_engine_models():
+    """`all` expands to LLaMA-Factory's linear list; expert names become target_parameters; a wrong expert
+    parameter name is refused with this model's expert parameter names."""
+    import torch
+
+    import kt_sft
+    from kt_sft.llamafactory.patches import split_lora_targets
+    from kt_sft.models.expert_lora import resolve_expert_targets
+
+    model = kt_sft.load_model(DEMO_MODEL, device="cpu", dtype=torch.float32, progress=False)
+    assert split_lora_targets(model, ["all", "experts"]) == (["k_proj", "o_proj", "q_proj", "v_proj"], ["experts"])
+    assert split_lora_targets(model, ["q_proj", "mlp.experts.down_proj"]) == (["q_proj"], ["mlp.experts.down_proj"])
+    assert resolve_expert_targets(model, ["experts"]) == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    with pytest.raises(ValueError, match=r"'mlp.experts.w13' matches no routed-expert parameter of this model; "
+                                         r"its expert parameters are model.layers.0.mlp.experts.gate_up_proj"):
+        resolve_expert_targets(model, *split_lora_targets(model, ["all", "mlp.experts.w13"])[1:])

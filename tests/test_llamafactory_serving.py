@@ -29,17 +29,22 @@ DATA = REPO / "examples" / "demo" / "data"
 OURS = {"use_kt": True, "kt_backend": "FP32"}
 
 
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
-    """A LoRA adapter for the demo model with non-zero B, saved by PEFT (what training would leave behind)."""
+EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+@pytest.fixture(scope="module", params=["attention", "attention+experts"])
+def adapter(request, tmp_path_factory):
+    """A LoRA adapter for the demo model with non-zero B, saved by stock PEFT (what training would leave behind):
+    on the attention linears, or also on the routed experts (target_parameters)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     path = tmp_path_factory.mktemp("adapter")
     torch.manual_seed(5)
     model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32)
+    experts = EXPERT_PARAMS if request.param == "attention+experts" else None
     get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
-                                     lora_dropout=0.0)).save_pretrained(path)
+                                     lora_dropout=0.0, target_parameters=experts)).save_pretrained(path)
     return path
 
 

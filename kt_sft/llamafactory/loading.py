@@ -83,20 +83,30 @@ def check_adapter_fits(adapter: str, model, base_path) -> None:
     with safe_open(weights, framework="pt") as f:
         shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
     modules = dict(model.named_modules())
+
+    def refuse(detail: str):
+        raise ValueError(f"adapter {adapter} (trained on {trained_on}) does not fit model_name_or_path {base_path}: "
+                         f"{detail}")
+
     for key, shape in sorted(shapes.items()):
         for factor in ("lora_A", "lora_B"):
             if f".{factor}." not in key:
                 continue
-            name = key.split(f".{factor}.")[0].removeprefix("base_model.model.")
+            name = key.split(f".{factor}.")[0].removeprefix("base_model.model.").replace(".base_layer", "")
             module = modules.get(name)
             if module is None:
-                raise ValueError(f"adapter {adapter} (trained on {trained_on}) does not fit model_name_or_path "
-                                 f"{base_path}: it has LoRA weights for {name}, which this model does not have")
+                refuse(f"it has LoRA weights for {name}, which this model does not have")
+            layer = getattr(module, "kt_layer", None)
+            if layer is not None:  # expert LoRA (PEFT target_parameters): A [r*E, d1], B [d2, r*E]
+                E, H, I = layer.num_experts, layer.hidden_size, layer.intermediate_size
+                dims = {(2 * I, H), (H, I)} if factor == "lora_A" else {(H, 2 * I), (I, H)}
+                inner, rank_dim = (shape[1], shape[0]) if factor == "lora_A" else (shape[0], shape[1])
+                if not any(inner == d[0] for d in dims) or rank_dim % E:
+                    refuse(f"{key} is {list(shape)}, but {name} has {E} experts with hidden {H} and intermediate {I}")
+                continue
             expected = getattr(module, "in_features", None) if factor == "lora_A" else \
                 getattr(module, "out_features", None)
             actual = shape[1] if factor == "lora_A" else shape[0]
             if expected is not None and actual != expected:
                 side = "in_features" if factor == "lora_A" else "out_features"
-                raise ValueError(f"adapter {adapter} (trained on {trained_on}) does not fit model_name_or_path "
-                                 f"{base_path}: {name}.{factor} is {list(shape)} but the module has {side}="
-                                 f"{expected}")
+                refuse(f"{name}.{factor} is {list(shape)} but the module has {side}={expected}")

@@ -11,6 +11,8 @@ LLaMA-Factory's own code. The changes:
     the ModelArguments as `kt_sft_settings`. Bad combinations fail here, before any weight is read.
 - `llamafactory.train.sft.workflow`: lets `predict_with_generate` / `compute_accuracy` run (see
   `patch_sft_workflow`).
+- `llamafactory.model.adapter`: PEFT set-up on an engine model goes through kt_sft.models.expert_lora
+  (`lora_target` may name the routed experts; see `patch_adapter`).
 - `llamafactory.model.loader`:
   * `load_model` marks the load as a kt-sft one (a context variable) when `use_kt` is on, and
   * `AutoModelForCausalLM`, as that module sees it, builds the model with `kt_sft.loader.load_model` while the
@@ -129,8 +131,62 @@ def patch_sft_workflow(workflow_module) -> None:
     workflow_module.load_model = load_model
 
 
+def _is_engine_model(model) -> bool:
+    return any(getattr(m, "kt_layer", None) is not None for m in model.modules())
+
+
+def split_lora_targets(model, target_modules) -> tuple[list[str], list[str]]:
+    """LLaMA-Factory's lora_target list -> (target_modules, expert target_parameters) for an engine model.
+
+    `experts`, `gate_up_proj`, `down_proj` and `...experts.<param>` name the routed experts; `all` expands to
+    LLaMA-Factory's own "every linear" list (what `lora_target: all` means when it stands alone)."""
+    from llamafactory.model.model_utils.misc import find_all_linear_modules
+
+    from ..models.expert_lora import EXPERT_ALIASES, EXPERT_PARAMS
+
+    names = [target_modules] if isinstance(target_modules, str) else list(target_modules or [])
+    experts = [n for n in names if n in EXPERT_ALIASES or n.rsplit(".", 1)[-1] in EXPERT_PARAMS or "experts." in n]
+    modules = [n for n in names if n not in experts]
+    if "all" in modules:
+        modules = [n for n in modules if n != "all"] + find_all_linear_modules(model, freeze_vision_tower=True)
+    return sorted(set(modules)), experts
+
+
+def patch_adapter(adapter_module) -> None:
+    """LLaMA-Factory's init_adapter (use_kt branch) calls `get_peft_model` and `PeftModel.from_pretrained` by the
+    names it imported; on an engine model they go through kt_sft.models.expert_lora, so `lora_target` may name the
+    routed experts and adapters with expert LoRA load onto the engine."""
+    from ..models import expert_lora
+
+    original_get = adapter_module.get_peft_model
+    if getattr(original_get, "_kt_sft", False):
+        return
+
+    @functools.wraps(original_get)
+    def get_peft_model(model, peft_config, *args, **kwargs):
+        if not _is_engine_model(model):
+            return original_get(model, peft_config, *args, **kwargs)
+        modules, experts = split_lora_targets(model, peft_config.target_modules)
+        if experts:
+            peft_config.target_modules = modules
+            peft_config.target_parameters = list(getattr(peft_config, "target_parameters", None) or []) + experts
+        return expert_lora.get_peft_model(model, peft_config, *args, **kwargs)
+
+    class PeftModel(adapter_module.PeftModel):
+        @classmethod
+        def from_pretrained(cls, model, model_id, *args, **kwargs):
+            if _is_engine_model(model):
+                return expert_lora.load_adapter(model, model_id, *args, **kwargs)
+            return super().from_pretrained(model, model_id, *args, **kwargs)
+
+    get_peft_model._kt_sft = True
+    adapter_module.get_peft_model = get_peft_model
+    adapter_module.PeftModel = PeftModel
+
+
 PATCHES: dict[str, Callable] = {
     "llamafactory.hparams.parser": patch_parser,
     "llamafactory.model.loader": patch_loader,
     "llamafactory.train.sft.workflow": patch_sft_workflow,
+    "llamafactory.model.adapter": patch_adapter,
 }
