@@ -140,7 +140,11 @@ def test_lora_target_can_name_the_routed_experts(runs):
 
     tmp, _ = runs
     out = tmp / "experts"
-    _train(_config(out, lora_target="all,experts", max_steps=4), tmp)
+    _train(_config(out, lora_target="all,experts", max_steps=4, save_steps=2), tmp)
+    resumed = tmp / "experts_resumed"  # the expert factors and their optimizer state come back on resume
+    _train(_config(resumed, lora_target="all,experts", max_steps=4, save_steps=2,
+                   resume_from_checkpoint=str(out / "checkpoint-2")), tmp)
+    assert [_history(resumed)[s]["grad_norm"] for s in (3, 4)] == [_history(out)[s]["grad_norm"] for s in (3, 4)]
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert sorted(adapter_config["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
     assert set(adapter_config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
