@@ -107,7 +107,9 @@ struct LoraProj {
   const float* row_scale;    // [rows] or null (= 1)
 };
 
-// Factor-gradient task: kind 0 dA_gu, 1 dB_gu, 2 dA_d, 3 dB_d for 32 columns `block` of one expert.
+// Factor-gradient task: kind 0 dA_gu, 1 dB_gu, 2 dA_d, 3 dB_d for column blocks [block*kGradBlocks,
+// (block+1)*kGradBlocks) of 32 columns of one expert.
+constexpr int kGradBlocks = 4;
 struct GradTask { int kind, expert, block; };
 
 struct ForwardBuffers {

@@ -560,7 +560,8 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
     for (int e = 0; e < E_; ++e) order[size_t(e)] = e;
     std::stable_sort(order.begin(), order.end(),
                      [&](int a, int b) { return plan.count[size_t(a)] > plan.count[size_t(b)]; });
-    const int nb[4] = {2 * Ip_ / kBlock, Hp_ / kBlock, Hp_ / kBlock, Ip_ / kBlock};
+    int nb[4] = {2 * Ip_ / kBlock, Hp_ / kBlock, Hp_ / kBlock, Ip_ / kBlock};
+    for (int& n : nb) n = (n + kGradBlocks - 1) / kGradBlocks;  // tasks cover kGradBlocks column blocks
     for (int e : order)
       for (int kind = 0; kind < 4; ++kind)
         if ((kind < 2 ? rg : rd) > 0)
