@@ -105,15 +105,12 @@ def split_kt_keys(args: Any) -> tuple[Any, dict[str, Any]]:
 
 
 def _as_int(key: str, value: Any, minimum: int) -> int:
-    try:
-        number = int(value)
-        if str(number) != str(value).strip() and not isinstance(value, int):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise KTConfigError(f"{key}: expected an integer >= {minimum}, got {value!r}") from None
-    if number < minimum:
+    """An int, or a string of digits (YAML/CLI overrides); not a bool, a float or anything else."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not (isinstance(value, int) or text.lstrip("-").isdigit()) \
+            or int(text) < minimum:
         raise KTConfigError(f"{key}: expected an integer >= {minimum}, got {value!r}")
-    return number
+    return int(text)
 
 
 def _settings_from_keys(keys: dict[str, Any], model_args) -> KTSettings:

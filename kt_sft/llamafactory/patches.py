@@ -131,10 +131,6 @@ def patch_sft_workflow(workflow_module) -> None:
     workflow_module.load_model = load_model
 
 
-def _is_engine_model(model) -> bool:
-    return any(getattr(m, "kt_layer", None) is not None for m in model.modules())
-
-
 def split_lora_targets(model, target_modules) -> tuple[list[str], list[str]]:
     """LLaMA-Factory's lora_target list -> (target_modules, expert target_parameters) for an engine model.
 
@@ -164,7 +160,7 @@ def patch_adapter(adapter_module) -> None:
 
     @functools.wraps(original_get)
     def get_peft_model(model, peft_config, *args, **kwargs):
-        if not _is_engine_model(model):
+        if not expert_lora.engine_experts_modules(model):
             return original_get(model, peft_config, *args, **kwargs)
         modules, experts = split_lora_targets(model, peft_config.target_modules)
         if experts:
@@ -175,7 +171,7 @@ def patch_adapter(adapter_module) -> None:
     class PeftModel(adapter_module.PeftModel):
         @classmethod
         def from_pretrained(cls, model, model_id, *args, **kwargs):
-            if _is_engine_model(model):
+            if expert_lora.engine_experts_modules(model):
                 return expert_lora.load_adapter(model, model_id, *args, **kwargs)
             return super().from_pretrained(model, model_id, *args, **kwargs)
 
