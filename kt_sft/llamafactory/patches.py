@@ -13,6 +13,8 @@ LLaMA-Factory's own code. The changes:
   `patch_sft_workflow`).
 - `llamafactory.model.adapter`: PEFT set-up on an engine model goes through kt_sft.models.expert_lora
   (`lora_target` may name the routed experts; see `patch_adapter`).
+- `llamafactory.chat.hf_engine`: the daemon thread that streams `generate` is stopped and joined when the
+  interpreter exits (see `patch_hf_engine`).
 - `llamafactory.model.loader`:
   * `load_model` marks the load as a kt-sft one (a context variable) when `use_kt` is on, and
   * `AutoModelForCausalLM`, as that module sees it, builds the model with `kt_sft.loader.load_model` while the
@@ -20,8 +22,11 @@ LLaMA-Factory's own code. The changes:
 """
 from __future__ import annotations
 
+import atexit
 import contextvars
 import functools
+import threading
+import weakref
 from typing import Any, Callable
 
 _KT_REQUIREMENTS = ("kt-kernel", "transformers-kt", "accelerate-kt")
@@ -180,7 +185,53 @@ def patch_adapter(adapter_module) -> None:
     adapter_module.PeftModel = PeftModel
 
 
+_exiting = threading.Event()
+_generate_threads: weakref.WeakSet = weakref.WeakSet()
+
+
+def _stop_generation_at_exit() -> None:
+    """atexit: ask running generations to stop at their next token, then wait for their threads to end."""
+    _exiting.set()
+    for thread in list(_generate_threads):
+        thread.join(timeout=120)
+
+
+def patch_hf_engine(engine_module) -> None:
+    """LLaMA-Factory's HuggingfaceEngine streams from `model.generate` running in a daemon thread. If the
+    interpreter exits (chat's `exit`, an API server shutting down, Ctrl-C) while that thread still generates or
+    is tearing down its frames, Python 3.11 ends the thread inside torch's tensor deallocator and the process
+    aborts with "terminate called without an active exception" (stock LLaMA-Factory too: about 1 chat session in
+    20 on a 2-core CPU). Here the thread gets one more stopping criterion, true once the interpreter starts
+    exiting, and an atexit handler joins it before finalization, so exits are clean and take at most one token."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    if getattr(engine_module.Thread, "_kt_sft", False):
+        return
+
+    class StopAtExit(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), _exiting.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    class GenerateThread(engine_module.Thread):
+        _kt_sft = True
+
+        def __init__(self, *args, kwargs=None, **thread_kwargs):
+            kwargs = dict(kwargs or {})
+            kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []),
+                                                                StopAtExit()])
+            super().__init__(*args, kwargs=kwargs, **thread_kwargs)
+
+        def start(self):
+            _generate_threads.add(self)
+            super().start()
+
+    engine_module.Thread = GenerateThread
+    atexit.register(_stop_generation_at_exit)
+
+
 PATCHES: dict[str, Callable] = {
+    "llamafactory.chat.hf_engine": patch_hf_engine,
     "llamafactory.hparams.parser": patch_parser,
     "llamafactory.model.loader": patch_loader,
     "llamafactory.train.sft.workflow": patch_sft_workflow,
