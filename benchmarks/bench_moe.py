@@ -6,9 +6,11 @@ Default shape: DeepSeek-V2-Lite (E=64, k=6, H=2048, I=1408), 4096 tokens.
     python benchmarks/bench_moe.py --small             # seconds-long version (`make demo` before the training demo)
     python benchmarks/bench_moe.py --tokens 1024 --threads 16 --isa amx
     python benchmarks/bench_moe.py --tokens 1024 --lora-rank 8 --no-baseline   # + LoRA on the routed experts
+    python benchmarks/bench_moe.py --tokens 1024 --int8 --no-baseline          # + int8 weights (kt_backend AMXINT8)
 Reported per layer: fwd ms, bwd ms, TFLOPS (fwd and bwd each do 6*T*k*H*I flops), tokens/s; ratio last.
 --lora-rank R (> 0) adds a row for the engine with per-expert LoRA of rank R on gate_up and down (PEFT layout,
 fp32 factors, factor gradients included in bwd) and the LoRA overhead (frozen-only tokens/s / with-LoRA tokens/s).
+--int8 adds a row for the same layer with int8 weights (per-channel scales, computed in bf16) and its weight memory.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skewed", action="store_true", help="route most tokens to a few experts")
     p.add_argument("--no-baseline", action="store_true", help="skip the naive torch loop")
     p.add_argument("--small", action="store_true", help="E=8 k=2 H=256 I=192 T=256: a quick run")
+    p.add_argument("--int8", action="store_true", help="also time the layer with int8 weights (kt_backend AMXINT8)")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="also time the engine with expert LoRA of this rank on gate_up and down (0 = off)")
     args = p.parse_args()
@@ -170,6 +173,13 @@ def main() -> None:
         print(row(f"kt-sft + LoRA r={a.lora_rank}", lo[0], lo[1], flops, T))
         print(f"LoRA overhead (frozen-only tokens/s / with-LoRA tokens/s): {(lo[0] + lo[1]) / (ours[0] + ours[1]):.3f}x "
               f"(fwd {lo[0] / ours[0]:.3f}x, bwd {lo[1] / ours[1]:.3f}x); TF/s columns count the frozen flops only")
+    if a.int8:
+        q = bench_engine(a, *inputs, layer=ke.ExpertLayer.from_fused(inputs[0], inputs[1], dtype=torch.bfloat16,
+                                                                      weights="int8"))
+        print(row(f"kt-sft int8 weights", q[0], q[1], flops, T))
+        print(f"int8 / bf16 weights: tokens/s {(ours[0] + ours[1]) / (q[0] + q[1]):.3f}x "
+              f"(fwd {ours[0] / q[0]:.3f}x, bwd {ours[1] / q[1]:.3f}x); weight memory "
+              f"{q[3].packed_bytes / 2**30:.2f} GiB vs {ours[3].packed_bytes / 2**30:.2f} GiB")
     if a.no_baseline:
         return
     base = bench_naive(a, *inputs)

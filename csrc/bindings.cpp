@@ -92,14 +92,18 @@ PYBIND11_MODULE(_engine, m) {
   m.def("num_threads", &num_threads);
 
   py::class_<MoELayer>(m, "MoELayer")
-      .def(py::init([](int E, int H, int I, const std::string& dtype, const std::string& activation, int max_saved) {
+      .def(py::init([](int E, int H, int I, const std::string& dtype, const std::string& activation, int max_saved,
+                       const std::string& weights) {
              if (activation != "silu") throw std::invalid_argument("activation '" + activation + "' is not implemented (expected 'silu')");
              const int wt = dtype_code(dtype);
              if (wt == kF16) throw std::invalid_argument("engine dtype must be bfloat16 or float32");
-             return new MoELayer(E, H, I, wt, kSiluGLU, max_saved);
+             if (!weights.empty() && weights != "int8")
+               throw std::invalid_argument("weights must be '' (the engine dtype) or 'int8', got '" + weights + "'");
+             return new MoELayer(E, H, I, wt, kSiluGLU, max_saved, weights == "int8");
            }),
            py::arg("experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("dtype") = "bfloat16",
-           py::arg("activation") = "silu", py::arg("max_saved") = 4)
+           py::arg("activation") = "silu", py::arg("max_saved") = 4, py::arg("weights") = "")
+      .def_property_readonly("int8_weights", &MoELayer::int8_weights)
       .def(
           "set_weights",
           [](MoELayer& self, int which, int e0, int n, uintptr_t src, const std::string& src_dtype, int64_t s_e,

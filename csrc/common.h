@@ -9,6 +9,13 @@
 //            row segments start at multiples of kRowAlign so a 32-row AMX block never leaves the buffer.
 //            Everything in this header has internal linkage (static inline): it is compiled once per ISA
 //            translation unit with that unit's flags, and no out-of-line copy can leak across units.
+// INT8:      a layer may store its weights as int8 panels (same element order as the BF16 VNNI panels, one
+//            byte each) with one fp32 scale per output channel n: q = clamp(round_half_even(w / s), -127, 127),
+//            s = max_k |w[n][k]| / 127 (0 for an all-zero channel, q = 0). The kernels never multiply int8: each
+//            task first expands the weight block it uses to bf16(q * s) (forward: a per-worker copy of its two
+//            panels; backward: inside the transposed repack), so an int8 layer computes exactly what a bf16
+//            layer holding those dequantized weights computes, at half the weight memory and bandwidth.
+//            Activations stay bf16 (wtype kBF16); f32 layers have no int8 form.
 // LoRA:      optional per-expert LoRA on gate_up / down (docs/expert_lora_format.md) reaches the tasks as
 //            LoraView: fp32 factors repacked per call into per-expert, zero-padded, row-major scratch
 //            (At_gu [E][r_gu][2Ip], Bt_gu [E][r_gu][Hp], At_d [E][r_d][Hp], Bt_d [E][r_d][Ip]); a null view or
@@ -80,6 +87,10 @@ struct LayerView {
   const void* up;                       // [E] x panels of W_up[Ip][Hp]
   const void* down;                     // [E] x panels of W_down[Hp][Ip]
   size_t expert_elems;                  // Ip*Hp: elements of one expert's gate (= up = down) panels
+  int wq;                               // 1: gate/up/down are int8 panels with the scales below (INT8 note)
+  const float* gate_s;                  // [E][Ip] per-output-channel scales (int8 only)
+  const float* up_s;                    // [E][Ip]
+  const float* down_s;                  // [E][Hp]
 };
 
 struct Task { int expert, block, row0, rows; };  // rows [row0, row0+rows) of the expert's segment
@@ -156,6 +167,7 @@ struct Scratch {
   float* c1;     // [kRowAlign][kBlock]
   void* packed;  // 2 panels of up to max(Hp, 2*Ip) rows, wtype
   float* acc;    // [max rank][kBlock] LoRA gradient accumulator
+  void* wdq;     // int8 layers: dequantized weight blocks, 4 panels of up to max(Hp, Ip) rows (bf16)
 };
 
 struct KernelTable {

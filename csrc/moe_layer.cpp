@@ -13,6 +13,7 @@ namespace kt_sft {
 namespace {
 
 constexpr int kRowChunk = 256;      // forward rows per task: balances skewed experts, keeps A rows in L2
+constexpr int kRowChunkInt8 = 1024; // int8 layers: each forward task dequantizes its weight block, so fewer, longer
 constexpr int kRowChunkBwd = 2048;  // backward tasks repack their weight block first: fewer, longer tasks
 constexpr int kTokenChunk = 32;   // tokens per gather / reduce task
 
@@ -22,7 +23,7 @@ struct Engine {
   std::string isa;
   std::unique_ptr<ThreadPool> pool;
   Buffer xg, act, rows_f32, dw_part;
-  std::vector<Buffer> c0, c1, packed, acc;
+  std::vector<Buffer> c0, c1, packed, acc, wdq;
   // LoRA: repacked factors (LoraView), rank-r projections of unsaved forwards / backward, h for dB_d.
   Buffer l_at_gu, l_bt_gu, l_at_d, l_bt_d, l_u, l_q, l_dya, l_tgu, l_h;
 };
@@ -64,24 +65,27 @@ void ensure_ready(Engine& eng) {
   if (!eng.pool) eng.pool.reset(new ThreadPool(default_threads()));
 }
 
-void ensure_scratch(Engine& eng, int Hp, int Ip, int wtype) {
+void ensure_scratch(Engine& eng, int Hp, int Ip, int wtype, bool wq) {
   const size_t n = size_t(eng.pool->size());
   const size_t es = size_t(dtype_size(wtype));
   const size_t packed = 2 * size_t(std::max(Hp, 2 * Ip)) * kPanel * es;
   eng.c0.resize(n);
   eng.c1.resize(n);
   eng.packed.resize(n);
+  eng.wdq.resize(n);
   for (size_t w = 0; w < n; ++w) {
     eng.c0[w].reserve(size_t(kRowAlign) * kBlock * sizeof(float));
     eng.c1[w].reserve(size_t(kRowAlign) * kBlock * sizeof(float));
     eng.packed[w].reserve(packed);
+    if (wq) eng.wdq[w].reserve(size_t(4) * std::max(Hp, Ip) * kPanel * sizeof(uint16_t));
   }
 }
 
 Scratch scratch_of(Engine& eng, int worker) {
   return Scratch{static_cast<float*>(eng.c0[worker].get()), static_cast<float*>(eng.c1[worker].get()),
                  eng.packed[worker].get(), worker < int(eng.acc.size()) ? static_cast<float*>(eng.acc[worker].get())
-                                                                        : nullptr};
+                                                                        : nullptr,
+                 eng.wdq[worker].get()};
 }
 
 // PEFT flat factors -> the per-expert, zero-padded LoraView layout (common.h), one task per expert.
@@ -249,25 +253,34 @@ int num_threads() {
 
 // ---------------------------------------------------------------- MoELayer
 
-MoELayer::MoELayer(int experts, int hidden, int intermediate, int wtype, int activation, int max_saved)
-    : E_(experts), H_(hidden), I_(intermediate), wtype_(wtype), activation_(activation) {
+MoELayer::MoELayer(int experts, int hidden, int intermediate, int wtype, int activation, int max_saved,
+                   bool int8_weights)
+    : E_(experts), H_(hidden), I_(intermediate), wtype_(wtype), activation_(activation), wq_(int8_weights) {
   if (E_ < 1 || H_ < 1 || I_ < 1) throw std::invalid_argument("experts, hidden and intermediate must be >= 1");
   if (wtype != kBF16 && wtype != kF32) throw std::invalid_argument("engine dtype must be bf16 or f32");
   if (activation != kSiluGLU) throw std::invalid_argument("only the SiLU-gated (silu_glu) expert is implemented");
   if (max_saved < 1) throw std::invalid_argument("max_saved must be >= 1");
+  if (wq_ && wtype != kBF16) throw std::invalid_argument("int8 weights need the bfloat16 engine dtype");
   Hp_ = round_up(H_, kBlock);
   Ip_ = round_up(I_, kBlock);
   expert_elems_ = size_t(Ip_) * Hp_;
-  const size_t bytes = size_t(E_) * expert_elems_ * dtype_size(wtype_);
+  const size_t bytes = size_t(E_) * expert_elems_ * (wq_ ? 1 : dtype_size(wtype_));
   gate_.reserve(bytes);
   up_.reserve(bytes);
   down_.reserve(bytes);
+  if (wq_) {
+    gate_s_.reserve(size_t(E_) * Ip_ * sizeof(float));
+    up_s_.reserve(size_t(E_) * Ip_ * sizeof(float));
+    down_s_.reserve(size_t(E_) * Hp_ * sizeof(float));
+  }
   loaded_.assign(3 * size_t(E_), 0);
   slots_.resize(size_t(max_saved));
 }
 
 LayerView MoELayer::view() const {
-  return LayerView{E_, H_, I_, Hp_, Ip_, wtype_, gate_.get(), up_.get(), down_.get(), expert_elems_};
+  return LayerView{E_, H_, I_, Hp_, Ip_, wtype_, gate_.get(), up_.get(), down_.get(), expert_elems_, wq_ ? 1 : 0,
+                   static_cast<const float*>(gate_s_.get()), static_cast<const float*>(up_s_.get()),
+                   static_cast<const float*>(down_s_.get())};
 }
 
 void MoELayer::set_weights(int which, int e0, int n, const void* src, int src_dtype, int64_t s_e, int64_t s_r,
@@ -288,11 +301,35 @@ void MoELayer::set_weights(int which, int e0, int n, const void* src, int src_dt
   Engine& eng = engine();
   std::lock_guard<std::mutex> lock(eng.mu);
   ensure_ready(eng);
+  float* scales = !wq_ ? nullptr : static_cast<float*>(which == 0 ? gate_s_.get() : which == 1 ? up_s_.get()
+                                                                                                  : down_s_.get());
   eng.pool->run(n * panels, [&](int task, int) {
     const int e = e0 + task / panels, p = task % panels;
-    char* dst = base + (size_t(e) * expert_elems_ + size_t(p) * Kp * kPanel) * es;
+    char* dst = base + (size_t(e) * expert_elems_ + size_t(p) * Kp * kPanel) * (wq_ ? 1 : es);
     for (int nn = 0; nn < kPanel; ++nn) {
       const int row = p * kPanel + nn;
+      if (wq_) {  // per-channel symmetric int8 (common.h, INT8)
+        const auto value = [&](int k) {
+          return load_as_f32(src, size_t(int64_t(e - e0) * s_e + int64_t(row) * s_r + int64_t(k) * s_c), src_dtype);
+        };
+        float amax = 0.f;
+        if (row < N)
+          for (int k = 0; k < K; ++k) {
+            const float v = value(k);
+            if (!std::isfinite(v)) bad[size_t(task)] = 1;
+            amax = std::max(amax, std::fabs(v));
+          }
+        const float sc = amax / 127.0f;
+        scales[size_t(e) * Np + row] = sc;
+        int8_t* q = reinterpret_cast<int8_t*>(dst);
+        for (int k = 0; k < Kp; ++k) {
+          float r = 0.f;
+          if (row < N && k < K && sc > 0.f && std::isfinite(sc))
+            r = std::min(127.f, std::max(-127.f, std::nearbyint(value(k) / sc)));
+          q[(size_t(k / 2) * kPanel + nn) * 2 + (k & 1)] = int8_t(r);
+        }
+        continue;
+      }
       for (int k = 0; k < Kp; ++k) {
         float v = 0.f;
         if (row < N && k < K) {
@@ -399,7 +436,7 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
 
   const size_t es = size_t(dtype_size(wtype_));
   const size_t rows = size_t(plan.rows);
-  ensure_scratch(eng, Hp_, Ip_, wtype_);
+  ensure_scratch(eng, Hp_, Ip_, wtype_, wq_);
   ForwardBuffers fb{};
   fb.seg_start = plan.seg_start.data();
   fb.row_weight = plan.row_weight.data();
@@ -426,14 +463,14 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
     if (lora->r_gu > 0)
       run_proj(pool, kt, L, plan, fb.xg, Hp_, Hp_, lora->r_gu, lv.Bt_gu, const_cast<float*>(fb.u_gu), nullptr);
   }
-  std::vector<Task> tasks = make_tasks(plan, Ip_ / kBlock, kRowChunk);
+  std::vector<Task> tasks = make_tasks(plan, Ip_ / kBlock, wq_ ? kRowChunkInt8 : kRowChunk);
   pool.run(int(tasks.size()), [&](int i, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->gate_up(L, fb, tasks[size_t(i)], s);
   });
   if (lo && lora->r_d > 0)
     run_proj(pool, kt, L, plan, fb.act, Ip_, Ip_, lora->r_d, lv.Bt_d, const_cast<float*>(fb.q_d), nullptr);
-  tasks = make_tasks(plan, Hp_ / kBlock, kRowChunk);
+  tasks = make_tasks(plan, Hp_ / kBlock, wq_ ? kRowChunkInt8 : kRowChunk);
   pool.run(int(tasks.size()), [&](int i, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->down(L, fb, tasks[size_t(i)], s);
@@ -507,7 +544,7 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
   const size_t es = size_t(dtype_size(wtype_));
   const size_t rows = size_t(plan.rows);
   const int ipb = Ip_ / kBlock;
-  ensure_scratch(eng, Hp_, Ip_, wtype_);
+  ensure_scratch(eng, Hp_, Ip_, wtype_, wq_);
   BackwardBuffers bb{};
   bb.seg_start = plan.seg_start.data();
   bb.row_weight = plan.row_weight.data();

@@ -1,6 +1,7 @@
 // NOTE (kt-sft engine, one MoE layer's frozen routed experts)
 // Layout:    gate, up: panels of [Ip][Hp] per expert; down: panels of [Hp][Ip] per expert (common.h), one
-//            64-byte aligned allocation per projection, wtype bf16 or f32. No other copy of the weights is kept.
+//            64-byte aligned allocation per projection, wtype bf16 or f32, or int8 + per-channel fp32 scales
+//            (common.h, INT8). No other copy of the weights is kept.
 // Algorithm: forward groups the T*k (token, slot) pairs by expert into row segments, runs the per-ISA tasks
 //            over (expert x 32-column block x row chunk) on the thread pool, then sums each token's k rows.
 //            Backward replays the saved routing plan with dy. See kernels/moe_tasks.inc.
@@ -80,10 +81,13 @@ struct LoraGrads {
 
 class MoELayer {
  public:
-  MoELayer(int experts, int hidden, int intermediate, int wtype, int activation, int max_saved);
+  // int8_weights: store the weights as int8 with per-output-channel scales (common.h, INT8); needs wtype bf16.
+  MoELayer(int experts, int hidden, int intermediate, int wtype, int activation, int max_saved,
+           bool int8_weights = false);
 
   // Packs rows x cols of projection `which` (0 gate [I][H], 1 up [I][H], 2 down [H][I]) for experts
-  // [e0, e0+n) from src (dtype src_dtype) with element strides (expert, row, col). Throws on NaN/Inf.
+  // [e0, e0+n) from src (dtype src_dtype) with element strides (expert, row, col), quantizing each output
+  // row (channel) of an int8 layer. Throws on NaN/Inf.
   void set_weights(int which, int e0, int n, const void* src, int src_dtype, int64_t s_e, int64_t s_r, int64_t s_c);
   // y[T][H] = sum_j w[t][j] * expert_{ids[t][j]}(x[t]); returns a handle for backward when save is set.
   // lora: optional per-expert LoRA on gate_up / down (null or all ranks 0 = frozen experts only).
@@ -104,7 +108,12 @@ class MoELayer {
   int intermediate() const { return I_; }
   int wtype() const { return wtype_; }
   int max_saved() const { return int(slots_.size()); }
-  size_t packed_bytes() const { return 3 * size_t(E_) * expert_elems_ * dtype_size(wtype_); }
+  bool int8_weights() const { return wq_; }
+  // Weight memory: panels (int8: 1 byte per element) plus the int8 scales.
+  size_t packed_bytes() const {
+    return 3 * size_t(E_) * expert_elems_ * (wq_ ? 1 : dtype_size(wtype_)) +
+           (wq_ ? size_t(E_) * (2 * Ip_ + Hp_) * sizeof(float) : 0);
+  }
   size_t saved_bytes() const;
   std::vector<std::string> missing_weights() const;  // "expert 3 down", ...
 
@@ -115,8 +124,10 @@ class MoELayer {
   SavedSlot& live_slot(uint64_t handle);  // find_slot or a clear error
 
   int E_, H_, I_, Hp_, Ip_, wtype_, activation_;
+  bool wq_;
   size_t expert_elems_;
   Buffer gate_, up_, down_;
+  Buffer gate_s_, up_s_, down_s_;  // int8 only: [E][Ip], [E][Ip], [E][Hp] fp32 scales
   std::vector<uint8_t> loaded_;  // [3][E]
   std::vector<SavedSlot> slots_;
   uint64_t next_handle_ = 1;

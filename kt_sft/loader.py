@@ -28,6 +28,9 @@ from .models.experts import attach_engine, use_engine
 from .models.registry import MoEFamily, get_family
 
 logger = logging.getLogger(__name__)
+
+# engine_dtype names (family files, LLaMA-Factory's kt_backend) -> torch dtypes; int8 = int8 weights, bf16 compute.
+ENGINE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
 GB = 1024 ** 3
 
 
@@ -142,7 +145,8 @@ def load_model(
 
     device: where everything but the routed experts goes (default: cuda if available, else cpu).
     dtype: dtype of those non-expert weights. engine_dtype: packed expert dtype (default: float32 when dtype is
-    float32, else the family file's defaults.engine_dtype, bfloat16). rule: a family YAML overriding the built-in registry entry (kt_optimize_rule).
+    float32, else the family file's defaults.engine_dtype, bfloat16); torch.int8 stores the experts as int8
+    with per-channel scales, quantized while loading, and computes in bfloat16 (half the RAM of bfloat16). rule: a family YAML overriding the built-in registry entry (kt_optimize_rule).
     threads: engine worker threads (0 = the family file's defaults.threads; 'auto' = KT_SFT_THREADS or physical cores).
     config: an already loaded (and possibly patched, e.g. by LLaMA-Factory) config of this checkpoint.
     expert_path: a directory whose safetensors hold the routed-expert tensors (default: `path`); expert keys
@@ -182,7 +186,7 @@ def load_model(
     layers = {}
     for idx, module in sorted(modules.items()):
         E, two_i, H = module.gate_up_proj.shape
-        layers[idx] = engine.ExpertLayer(E, H, two_i // 2, dtype=engine_dtype, max_saved=max_saved)
+        layers[idx] = engine.ExpertLayer(E, H, two_i // 2, max_saved=max_saved, **_layer_format(engine_dtype))
         layers[idx].chunk_size, layers[idx].retain_activations = int(chunk_size), bool(retain_activations)
 
     shards, weight_map = _shards(path)
@@ -221,9 +225,12 @@ def _resolve_defaults(family: MoEFamily, dtype, engine_dtype, threads) -> tuple[
             engine_dtype = torch.float32
         else:
             name = str(family.defaults.get("engine_dtype", "bfloat16"))
-            if name not in ("bfloat16", "float32"):
-                raise ValueError(f"{family.source}: defaults.engine_dtype must be bfloat16 or float32, got {name!r}")
-            engine_dtype = getattr(torch, name)
+            if name not in ENGINE_DTYPES:
+                raise ValueError(f"{family.source}: defaults.engine_dtype must be one of {sorted(ENGINE_DTYPES)}, "
+                                 f"got {name!r}")
+            engine_dtype = ENGINE_DTYPES[name]
+    if engine_dtype not in ENGINE_DTYPES.values():
+        raise ValueError(f"engine_dtype must be torch.bfloat16, torch.float32 or torch.int8, got {engine_dtype}")
     if not threads:
         value = family.defaults.get("threads", "auto")
         if value != "auto" and not (isinstance(value, int) and value > 0):
@@ -284,10 +291,17 @@ def _finish(model, family, layers, modules, weight_map, placer, device) -> None:
                        len(placer.unexpected), placer.unexpected[0])
 
 
+def _layer_format(engine_dtype: torch.dtype) -> dict:
+    """ExpertLayer arguments for an engine dtype: int8 = int8 weights computed in bfloat16."""
+    if engine_dtype == torch.int8:
+        return {"dtype": torch.bfloat16, "weights": "int8"}
+    return {"dtype": engine_dtype}
+
+
 def _summary(layers: dict, engine_dtype: torch.dtype, device: torch.device) -> str:
     experts = sum(l.num_experts for l in layers.values())
     packed = sum(l.packed_bytes for l in layers.values())
-    dt = {torch.bfloat16: "bf16", torch.float32: "fp32"}[engine_dtype]
+    dt = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int8: "int8"}[engine_dtype]
     size = f"{packed / 1e9:.1f} GB" if packed >= 1e8 else f"{packed / 1e6:.1f} MB"
     return (f"kt-sft: {len(layers)} MoE layers / {experts} experts ({size} {dt}) on CPU engine "
             f"[{engine.current_isa()}, {engine.num_threads()} threads]; dense on {device}")

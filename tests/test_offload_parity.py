@@ -270,6 +270,28 @@ def test_lora_training_bf16_engine(family, ckpt):
 
 
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_lora_training_int8_engine_tracks_bf16(family, ckpt):
+    """kt_backend AMXINT8 (int8 experts, per-channel scales): every step's loss within 2 % of the bf16-engine
+    run, and the packed experts take about half the memory."""
+    runs, packed = {}, {}
+    for engine_dtype in (torch.bfloat16, torch.int8):
+        model = load_model(ckpt, dtype=torch.float32, engine_dtype=engine_dtype)
+        layers = [m.kt_layer for m in model.modules() if hasattr(m, "kt_layer")]
+        packed[engine_dtype] = sum(layer.packed_bytes for layer in layers)
+        assert {layer.weights for layer in layers} == {"int8" if engine_dtype == torch.int8 else "bfloat16"}
+        assert re.search(r"\(\S+ [MG]B (int8|bf16)\)", model.kt_summary).group(1) == \
+            ("int8" if engine_dtype == torch.int8 else "bf16")
+        runs[engine_dtype] = lora_run(model, family, make_batches(STEPS)).losses
+    dev = [abs(a - b) / abs(b) for a, b in zip(runs[torch.int8], runs[torch.bfloat16])]
+    print(f"[parity] train {family} int8 vs bf16 engine: loss rel dev max {max(dev):.2e} "
+          f"(loss {runs[torch.bfloat16][0]:.3f} -> {runs[torch.bfloat16][-1]:.3f}); packed "
+          f"{packed[torch.int8]} vs {packed[torch.bfloat16]} bytes")
+    assert max(dev) <= 0.02
+    assert runs[torch.int8][-1] < runs[torch.int8][0] - 0.1, "the int8 run must learn too"
+    assert packed[torch.int8] < 0.56 * packed[torch.bfloat16]
+
+
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 @pytest.mark.parametrize("reentrant", [pytest.param(False, id="non_reentrant"), pytest.param(True, id="reentrant")])
 def test_lora_training_gradient_checkpointing(family, ckpt, reentrant):
     """fp32 engine with gradient checkpointing (experts recomputed in backward; the reentrant flavour runs

@@ -3,6 +3,9 @@
 //            row is 16 floats = one zmm. Both panels of a 32-column block are read together.
 // Algorithm: register block of R <= 12 rows x 32 columns (24 zmm accumulators), A pairs broadcast.
 // Invariants: needs AVX512F/BW/VL/DQ + AVX512_BF16; fp32 accumulation.
+// INT8:      dequant_row_avx512 expands one 32-element VNNI row of an int8 panel to bf16(q * s) with
+//            vcvtne2ps2bf16 (round to nearest even, as f32_to_bf16; it treats denormal products as zero, which
+//            only a channel with max |w| < 1.5e-36 could produce).
 // Included inside an anonymous namespace, after <immintrin.h>.
 
 template <int R>
@@ -71,3 +74,13 @@ static inline void block_f32(const float* A, size_t lda, const float* B0, const 
 KT_AVX512_ROWS(mk_avx512, uint16_t, block_bf16)
 KT_AVX512_ROWS(mk_avx512, float, block_f32)
 #undef KT_AVX512_ROWS
+
+#define KT_DEQUANT_ROW dequant_row_avx512
+static inline void dequant_row_avx512(const int8_t* q, const float* sv, uint16_t* dst) {
+  // maskz forms: the unmasked intrinsics start from _mm512_undefined_*, which GCC 12 warns about.
+  const __m512i i0 = _mm512_maskz_cvtepi8_epi32(0xffff, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  const __m512i i1 = _mm512_maskz_cvtepi8_epi32(0xffff, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
+  const __m512 f0 = _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xffff, i0), _mm512_loadu_ps(sv));
+  const __m512 f1 = _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xffff, i1), _mm512_loadu_ps(sv + 16));
+  _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));  // low half from f0
+}

@@ -22,7 +22,10 @@ class ExpertLayer:
 
     `dtype` is both the packed weight type and the activation type of forward/backward (bfloat16 for
     training; float32 is the exact-arithmetic path used by parity tests). `max_saved` bounds how many
-    forwards may keep activations for a later backward on this layer.
+    forwards may keep activations for a later backward on this layer. `weights="int8"` stores the frozen
+    weights as int8 with one scale per output channel (half the memory of bf16; needs dtype bfloat16): the layer
+    then computes exactly what a bf16 layer holding the dequantized weights bf16(q * scale) would
+    (csrc/common.h, INT8).
     """
 
     def __init__(
@@ -33,11 +36,17 @@ class ExpertLayer:
         dtype: torch.dtype = torch.bfloat16,
         activation: str = "silu",
         max_saved: int = 4,
+        weights: Optional[str] = None,
     ) -> None:
+        if weights not in (None, "int8"):
+            raise ValueError(f"weights must be None (stored in the engine dtype) or 'int8', got {weights!r}")
+        if weights == "int8" and dtype != torch.bfloat16:
+            raise ValueError(f"int8 expert weights compute in bfloat16; got dtype={dtype}")
         self.dtype = dtype
+        self.weights = weights or dtype_name(dtype, ENGINE_DTYPES)
         self._layer = _engine.MoELayer(
             int(num_experts), int(hidden_size), int(intermediate_size), dtype_name(dtype, ENGINE_DTYPES),
-            activation, int(max_saved),
+            activation, int(max_saved), weights or "",
         )
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.max_saved = int(max_saved)
@@ -172,4 +181,4 @@ class ExpertLayer:
 
     def __repr__(self) -> str:
         return (f"ExpertLayer(experts={self.num_experts}, hidden={self.hidden_size}, "
-                f"intermediate={self.intermediate_size}, dtype={self.dtype}, packed={self.packed_bytes / 2**20:.1f} MiB)")
+                f"intermediate={self.intermediate_size}, dtype={self.dtype}, weights={self.weights}, packed={self.packed_bytes / 2**20:.1f} MiB)")

@@ -19,7 +19,8 @@ KEYS: dict[str, str] = {
     "kt_optimize_rule": "Model family rule: a family name (e.g. qwen3_moe) or a family YAML (kt_sft/models/families "
                         "format). Default: picked from config.json's model_type.",
     "kt_backend": "Expert weight format in RAM: AMXBF16 (default; bf16, runs on amx/avx512/avx2/scalar, whichever "
-                  "the CPU has) or FP32 (exact fp32 experts, for parity checks). AMXINT8 is not built yet.",
+                  "the CPU has), AMXINT8 (int8 with one scale per output channel, quantized while loading: half "
+                  "the RAM, computed in bf16 on the same paths) or FP32 (exact fp32 experts, for parity checks).",
     "kt_num_threads": "CPU engine threads. 0 / unset: KT_SFT_THREADS, else the physical cores of the CPU set.",
     "cpu_infer": "KTransformers' name for kt_num_threads (same meaning; give one or equal values).",
     "chunk_size": "Most tokens per engine call: longer micro-batches are split, bounding the engine's scratch "
@@ -49,7 +50,7 @@ RETIRED: dict[str, str] = {
     "kt_mode": "remove the key: kt-sft has one training mode",
     "kt_share_cache_pool": "remove the key: kt-sft shares engine scratch across layers always",
 }
-BACKENDS = {"AMXBF16": "bfloat16", "BF16": "bfloat16", "FP32": "float32"}
+BACKENDS = {"AMXBF16": "bfloat16", "BF16": "bfloat16", "AMXINT8": "int8", "INT8": "int8", "FP32": "float32"}
 SUPPORTED_STAGES = ("sft", "pt")
 
 
@@ -62,7 +63,7 @@ class KTSettings:
     """What the loader and engine need, resolved from the YAML (see KEYS for the meaning of each field)."""
 
     rule: Optional[str] = None
-    engine_dtype: Optional[str] = None  # "bfloat16" | "float32" | None (= the family default / fp32 model)
+    engine_dtype: Optional[str] = None  # "bfloat16" | "float32" | "int8" | None (= the family default / fp32 model)
     threads: int = 0
     chunk_size: int = 0
     retain_activations: bool = True
@@ -128,8 +129,6 @@ def _settings_from_keys(keys: dict[str, Any], model_args) -> KTSettings:
     backend = keys.get("kt_backend")
     if backend not in (None, ""):
         name = str(backend).strip().upper()
-        if name == "AMXINT8":
-            raise KTConfigError("kt_backend: AMXINT8 (int8 experts) is not built yet; use AMXBF16")
         if name not in BACKENDS:
             raise KTConfigError(f"kt_backend: {backend!r} is not one of {', '.join(BACKENDS)}")
         settings.engine_dtype = BACKENDS[name]
@@ -185,7 +184,7 @@ def resolve(keys: dict[str, Any], model_args, finetuning_args=None, training_arg
                                 f"{', '.join(SUPPORTED_STAGES)}")
     if getattr(model_args, "quantization_bit", None) is not None:
         raise KTConfigError("quantization_bit with use_kt: the routed experts are already in CPU RAM; remove "
-                            "quantization_bit (int8 experts will come as kt_backend: AMXINT8)")
+                            "quantization_bit (for int8 experts use kt_backend: AMXINT8)")
     if getattr(model_args, "train_from_scratch", False):
         raise KTConfigError("train_from_scratch with use_kt: kt-sft fine-tunes an existing checkpoint")
     if getattr(model_args, "use_unsloth", False):

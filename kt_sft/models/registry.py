@@ -9,7 +9,7 @@ Adding a family = one file in `kt_sft/models/families/` (or any YAML passed as `
     fused_checkpoint optional fused names on disk: gate_up [E, 2I, H] (gate rows first) / down [E, H, I]
     activation       the gated activation (config.hidden_act must be one of `activation_aliases`)
     on_device        informational: what stays stock on the GPU (attention, router, shared experts, dense MLPs)
-    defaults         engine_dtype (bfloat16/float32) and threads (auto or n) used when the caller sets none
+    defaults         engine_dtype (bfloat16/float32/int8) and threads (auto or n) used when the caller sets none
 """
 from __future__ import annotations
 
