@@ -33,13 +33,15 @@ def v2_lite_config(layers: int):
         hidden_act="silu", tie_word_embeddings=False, dtype="bfloat16")
 
 
-def write_checkpoint(out: Path, layers: int, shard_bytes: int) -> None:
-    """Random bf16 tensors with the Hub's per-expert names, written shard by shard (never the whole model)."""
+def write_checkpoint(out: Path, layers: int, shard_bytes: int, config=None) -> None:
+    """Random bf16 tensors with the Hub's per-expert names, written shard by shard (never the whole model).
+
+    config: another deepseek_v2-family config to write (default: V2-Lite's shape with `layers` decoder layers)."""
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    config = v2_lite_config(layers)
+    config = config if config is not None else v2_lite_config(layers)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     specs = []

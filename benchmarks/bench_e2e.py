@@ -1,0 +1,389 @@
+"""End-to-end LoRA training on a DeepSeek-V2-Lite-shaped random checkpoint: kt-sft (routed experts on the CPU
+engine, everything else on the GPU) against stock transformers + PEFT with the whole model on the GPU, same run.
+
+Writes the checkpoint once (the real V2-Lite config shape: 27 decoder layers = 1 dense + 26 MoE, ~15.7B params,
+31 GB of bf16 in 2 GB safetensors shards, per-expert keys as on the Hub; reused when `--dir` already holds it),
+then trains each side in its own process, so peak GPU memory and peak host RSS are per side, on the same random
+token batches (labels = input_ids) with the same LoRA config. Per side it reports:
+
+  tokens/s         batch x seq / median step wall (cuda-synchronized), after `--warmup` steps
+  GPU compute ms   union of the CUDA kernel intervals of one extra, profiled step (torch.profiler, CUDA activity)
+  copies ms        union of the CUDA memcpy/memset intervals of that step (the engine's host<->device staging)
+  CPU experts ms   wall time inside the engine's forward + backward calls per step (ExpertLayer.forward/backward)
+  GPU idle         1 - (kernels + copies, merged) / the profiled step's wall
+  peak GPU         torch.cuda.max_memory_allocated over training (weights included); peak RSS = ru_maxrss
+
+and last the ratios and whether the targets hold (>= 1,500 tokens/s, <= 6 GB GPU, GPU idle < 30% of a step).
+The stock side runs without gradient checkpointing (the fastest setting that fits an 80 GB H100; on OOM it
+retries with checkpointing and says so). The figures mean something on the device (16-core AMX + H100) only:
+
+    python benchmarks/bench_e2e.py --dir /tmp/v2lite-rand --layers 27       # device: bash benchmarks/device_e2e.sh
+    python benchmarks/bench_e2e.py --tiny                                   # CPU smoke run of the script itself
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_load import v2_lite_config, write_checkpoint  # noqa: E402  (same random checkpoint writer)
+
+GB = 1024 ** 3
+# LoRA on the attention projections and on the dense / shared-expert MLP linears (not the router `mlp.gate`).
+DEFAULT_TARGETS = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+TARGETS = {"tokens_per_s": 1500, "peak_gpu_gb": 6.0, "gpu_idle": 0.30}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)  # stdout carries the child's RESULT line only
+
+
+def tiny_config(layers: int):
+    """V2-Lite's structure (MLA with plain q_proj, dense first layer, shared experts) at toy sizes."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        "deepseek_v2", vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+        n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=64, q_lora_rank=None,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=512,
+        hidden_act="silu", tie_word_embeddings=False, dtype="bfloat16")
+
+
+def ensure_checkpoint(path: Path, config, shard_bytes: int) -> None:
+    """Write the random checkpoint unless `path` already holds one of this shape with every shard present."""
+    index, cfg = path / "model.safetensors.index.json", path / "config.json"
+    if index.is_file() and cfg.is_file():
+        on_disk = json.loads(cfg.read_text())
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        same = all(on_disk.get(k) == getattr(config, k) for k in ("num_hidden_layers", "hidden_size", "n_routed_experts"))
+        if same and all((path / s).is_file() for s in shards):
+            print(f"reusing {path} ({config.num_hidden_layers} layers, {len(shards)} shards)", flush=True)
+            return
+        log(f"{path} holds another shape or misses shards: rewriting it")
+    start = time.perf_counter()
+    write_checkpoint(path, config.num_hidden_layers, shard_bytes, config=config)
+    print(f"wrote {path} ({config.num_hidden_layers} layers) in {time.perf_counter() - start:.0f}s", flush=True)
+
+
+class EngineTimer:
+    """Wall time inside the CPU engine's forward/backward calls and inside the autograd glue's host<->device
+    staging (`_to_engine` / `_from_engine`; its device->host side waits for the queued GPU work first)."""
+
+    def __init__(self) -> None:
+        import kt_sft.engine.autograd as glue
+        from kt_sft.engine import ExpertLayer
+
+        self.seconds = {"forward": 0.0, "backward": 0.0, "staging": 0.0}
+        self.calls = 0
+        for name in ("forward", "backward"):
+            setattr(ExpertLayer, name, self._timed(getattr(ExpertLayer, name), name, count=True))
+        for name in ("_to_engine", "_from_engine"):  # looked up as module globals at call time
+            setattr(glue, name, self._timed(getattr(glue, name), "staging"))
+
+    def _timed(self, fn, bucket: str, count: bool = False):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[bucket] += time.perf_counter() - start
+                self.calls += count
+
+        return timed
+
+    def take(self) -> dict:
+        out = {**self.seconds, "calls": self.calls}
+        self.seconds = dict.fromkeys(self.seconds, 0.0)
+        self.calls = 0
+        return out
+
+
+def _merged_ms(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals (us in, ms out): concurrent streams count once."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total / 1e3
+
+
+def profile_gpu(step, device: torch.device) -> dict:
+    """GPU busy time of one step from a CUDA-activity trace; without CUDA every figure is n/a (None)."""
+    if device.type != "cuda":
+        step()
+        return {"gpu_kernel_ms": None, "gpu_copy_ms": None, "gpu_busy_ms": None, "profiled_step_ms": None}
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1e3
+    with tempfile.TemporaryDirectory() as tmp:  # the chrome trace names the device categories explicitly
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text()).get("traceEvents", [])
+    spans = {"kernel": [], "copy": []}
+    for e in events:
+        kind = {"kernel": "kernel", "gpu_memcpy": "copy", "gpu_memset": "copy"}.get(e.get("cat"))
+        if kind and "dur" in e:
+            spans[kind].append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
+    if not spans["kernel"]:  # CUPTI unavailable (e.g. no profiling permission): n/a, not a 100% idle GPU
+        log("profiler recorded no CUDA kernels; GPU compute / copies / idle are n/a")
+        return {"gpu_kernel_ms": None, "gpu_copy_ms": None, "gpu_busy_ms": None, "profiled_step_ms": wall_ms}
+    return {"gpu_kernel_ms": _merged_ms(spans["kernel"]), "gpu_copy_ms": _merged_ms(spans["copy"]),
+            "gpu_busy_ms": _merged_ms(spans["kernel"] + spans["copy"]), "profiled_step_ms": wall_ms}
+
+
+def lora_config(args):
+    from peft import LoraConfig
+
+    return LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
+                      target_modules=list(args.lora_target),
+                      target_parameters=list(EXPERT_TARGETS) if args.expert_lora else None)
+
+
+def load_side(side: str, args, device: torch.device):
+    """The LoRA-wrapped model of one side, and what loading it cost."""
+    info = {}
+    start = time.perf_counter()
+    if side == "ours":
+        import kt_sft
+        from kt_sft.models.expert_lora import get_peft_model
+
+        engine_dtype = {"bf16": torch.bfloat16, "int8": torch.int8}[args.engine_dtype]
+        model = kt_sft.load_model(args.dir, device=device, dtype=torch.bfloat16, engine_dtype=engine_dtype,
+                                  threads=args.threads, progress=False)
+        info["summary"] = model.kt_summary
+    else:
+        from peft import get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.dir, dtype=torch.bfloat16, device_map=str(device))
+        info["summary"] = (f"stock transformers: whole model on {device}, experts_implementation="
+                           f"{getattr(model.config, '_experts_implementation', None)}")
+    info["load_s"] = time.perf_counter() - start
+    torch.manual_seed(0)  # same LoRA init on both sides (B = 0: the first step's loss is the base model's)
+    model = get_peft_model(model, lora_config(args))
+    if device.type == "cuda":
+        info["gpu_after_load_gb"] = torch.cuda.memory_allocated(device) / GB
+    return model, info
+
+
+def token_batches(args, vocab: int, count: int, device: torch.device) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1234)  # identical batches on both sides
+    return [torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(device) for _ in range(count)]
+
+
+def train(model, args, device: torch.device, checkpointing: bool, timer: EngineTimer | None) -> dict:
+    if checkpointing:  # non-reentrant: kt-sft's retained forwards spare the experts the recompute
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batches = token_batches(args, model.config.vocab_size, args.warmup + args.steps + 1, device)
+
+    def step(ids):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    walls, engine, losses = [], [], []
+    for i, ids in enumerate(batches[:-1]):
+        if timer:
+            timer.take()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = step(ids)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+        losses.append(loss.item())
+        log(f"  step {i + 1}/{len(batches) - 1}{' (warm-up)' if i < args.warmup else ''}: {wall * 1e3:.0f} ms, "
+            f"loss {losses[-1]:.4f}")
+        if i >= args.warmup:
+            walls.append(wall)
+            if timer:
+                engine.append(timer.take())
+    res = profile_gpu(lambda: step(batches[-1]), device)
+    step_s = statistics.median(walls)
+    res.update(step_ms=step_s * 1e3, tokens_per_s=args.batch * args.seq / step_s, losses=losses,
+               gradient_checkpointing=checkpointing)
+    if res["gpu_busy_ms"] is not None:
+        res["gpu_idle"] = max(0.0, 1.0 - res["gpu_busy_ms"] / res["profiled_step_ms"])
+    if engine:
+        mean_ms = lambda key: 1e3 * sum(e[key] for e in engine) / len(engine)  # noqa: E731
+        res.update(experts_fwd_ms=mean_ms("forward"), experts_bwd_ms=mean_ms("backward"),
+                   staging_ms=mean_ms("staging"), engine_calls=engine[-1]["calls"])
+        res["experts_ms"] = res["experts_fwd_ms"] + res["experts_bwd_ms"]
+    if device.type == "cuda":
+        res["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / GB
+        res["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / GB
+    return res
+
+
+def run_child(side: str, args) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.zeros(1, device=device)  # CUDA context up before anything is timed
+    model, info = load_side(side, args, device)
+    log(f"{side}: {info['summary']} (loaded in {info['load_s']:.0f}s)")
+    timer = EngineTimer() if side == "ours" else None
+    checkpointing = args.gradient_checkpointing if side == "ours" else args.stock_gradient_checkpointing
+    oom = None
+    try:
+        res = train(model, args, device, checkpointing, timer)
+    except torch.OutOfMemoryError as err:
+        oom = str(err).splitlines()[0]
+    if oom is not None:  # retried outside the except block, so the failed step's frames are gone
+        if checkpointing:
+            raise RuntimeError(f"{side}: out of GPU memory even with gradient checkpointing: {oom}")
+        log(f"{side}: out of GPU memory without gradient checkpointing; retrying with it ({oom})")
+        model.zero_grad(set_to_none=True)  # the failed step's partial gradients
+        gc.collect()
+        torch.cuda.empty_cache()
+        res = train(model, args, device, True, timer)
+        res["note"] = "OOM without gradient checkpointing; measured with it"
+    res.update(info)
+    res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
+    res["host"] = f"{gpu}; {os.cpu_count()} CPUs; torch {torch.__version__}"
+    if side == "ours":
+        import kt_sft.engine as ke
+
+        res["engine"] = f"{ke.current_isa()}, {ke.num_threads()} threads"
+    return res
+
+
+def run_side(side: str, args) -> dict | None:
+    """One side in a fresh process (its own RSS and GPU peaks); its progress streams to our stderr."""
+    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", side]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        print(f"{side}: failed (rc={proc.returncode}); see stderr above", flush=True)
+        return None
+    return json.loads(line[len("RESULT "):])
+
+
+def _cell(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _label(side: str, r: dict, args) -> str:
+    ckpt = ", grad ckpt" if r["gradient_checkpointing"] else ""
+    return f"kt-sft (ours{ckpt})" if side == "ours" else f"stock (all on {args.device}{ckpt})"
+
+
+def report(results: dict, args) -> None:
+    cols = [("tokens/s", "tokens_per_s", ".0f", 1), ("step ms", "step_ms", ".0f", 1),
+            ("GPU compute ms", "gpu_kernel_ms", ".0f", 1), ("copies ms", "gpu_copy_ms", ".1f", 1),
+            ("CPU experts ms", "experts_ms", ".0f", 1), ("GPU idle %", "gpu_idle", ".1f", 100),
+            ("peak GPU GB", "peak_gpu_gb", ".2f", 1), ("peak RSS GB", "peak_rss_gb", ".1f", 1),
+            ("loss step 1", "losses", ".4f", 1)]
+    if results:  # the parent never touches CUDA: no context of its own on the GPU the children measure
+        print(f"\ndevice: {next(iter(results.values()))['host']}")
+    print(f"LoRA r={args.lora_rank} on {', '.join(args.lora_target)}{' + routed experts' if args.expert_lora else ''}; "
+          f"batch {args.batch} x {args.seq} tokens; {args.steps} timed steps after {args.warmup} warm-up")
+    print(f"{'':<34}" + "".join(f"{c[0]:>15}" for c in cols))
+    for side, r in results.items():
+        cells = []
+        for _, key, spec, scale in cols:
+            v = r.get(key)
+            v = v[0] if key == "losses" and v else v
+            cells.append(_cell(None if v is None else v * scale, spec))
+        print(f"{_label(side, r, args):<34}" + "".join(f"{c:>15}" for c in cells))
+    for side, r in results.items():
+        extra = f"; {r['note']}" if r.get("note") else ""
+        print(f"{side}: {r['summary']}; load {r['load_s']:.0f}s; GPU after load "
+              f"{_cell(r.get('gpu_after_load_gb'), '.2f')} GB, peak reserved {_cell(r.get('peak_reserved_gb'), '.2f')} GB"
+              f"; profiled step {_cell(r.get('profiled_step_ms'), '.0f')} ms{extra}")
+    ours, stock = results.get("ours"), results.get("stock")
+    if ours and ours.get("experts_ms") is not None:
+        print(f"ours per step: CPU experts forward {ours['experts_fwd_ms']:.0f} ms + backward {ours['experts_bwd_ms']:.0f} "
+              f"ms over {ours['engine_calls']} engine calls; staging (host wall, incl. waiting for queued GPU work) "
+              f"{ours['staging_ms']:.0f} ms; engine {ours['engine']}")
+    if ours:
+        checks = [("tokens/s >= 1,500", ours.get("tokens_per_s"), lambda v: v >= TARGETS["tokens_per_s"], ".0f", 1),
+                  ("peak GPU <= 6 GB", ours.get("peak_gpu_gb"), lambda v: v <= TARGETS["peak_gpu_gb"], ".2f", 1),
+                  ("GPU idle < 30% of a step", ours.get("gpu_idle"), lambda v: v < TARGETS["gpu_idle"], ".1f", 100)]
+        judged = args.device == "cuda" and not args.tiny  # the targets are for the full shape on the device
+        for label, v, ok, spec, scale in checks:
+            verdict = ("holds" if ok(v) else "MISSED") if judged and v is not None else "n/a (device run only)"
+            print(f"target {label:<26} ours {_cell(None if v is None else v * scale, spec):>8}: {verdict}")
+    if ours and stock:  # same weights, batches and LoRA init: the losses agree up to bf16 (int8 experts: more)
+        diff = max(abs(a - b) for a, b in zip(ours["losses"], stock["losses"]))
+        print(f"loss per step ours vs stock: max |difference| {diff:.4f} over {len(ours['losses'])} steps")
+        gpu = (f"; peak GPU ours/stock {ours['peak_gpu_gb'] / stock['peak_gpu_gb']:.3f}"
+               if ours.get("peak_gpu_gb") and stock.get("peak_gpu_gb") else "")
+        print(f"ratio ours/stock tokens/s {ours['tokens_per_s'] / stock['tokens_per_s']:.2f}{gpu}")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", type=Path, default=None, help="checkpoint dir (default /tmp/v2lite-rand; --tiny: "
+                   "/tmp/v2lite-tiny-rand); written only when it lacks the config or a shard")
+    p.add_argument("--layers", type=int, default=27, help="decoder layers (the first is dense); V2-Lite has 27")
+    p.add_argument("--shard-gb", type=float, default=2.0)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=5, help="timed steps (then one more, profiled)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-target", nargs="+", default=DEFAULT_TARGETS)
+    p.add_argument("--expert-lora", action="store_true", help="also LoRA on the routed experts (target_parameters)")
+    p.add_argument("--engine-dtype", choices=("bf16", "int8"), default="bf16")
+    p.add_argument("--threads", type=int, default=0, help="engine threads (0: the family default, all cores)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="ours (default on: the GPU memory target)")
+    p.add_argument("--stock-gradient-checkpointing", action="store_true",
+                   help="stock too (default off: its fastest setting that fits the H100)")
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
+                   help="train stock as well (default: yes, except with --tiny)")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: 3 toy-sized layers, seq 64, no baseline")
+    p.add_argument("--child", choices=("ours", "stock"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.tiny:
+        args.layers, args.seq, args.steps, args.warmup, args.shard_gb = 3, 64, 2, 1, 1 / 1024
+        args.dir = args.dir or Path("/tmp/v2lite-tiny-rand")
+        args.device = "cpu"
+    else:
+        args.dir = args.dir or Path("/tmp/v2lite-rand")
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.baseline is None:
+        args.baseline = not args.tiny
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(run_child(args.child, args)), flush=True)
+        return
+    config = tiny_config(args.layers) if args.tiny else v2_lite_config(args.layers)
+    ensure_checkpoint(args.dir, config, int(args.shard_gb * GB))
+    results = {side: run_side(side, args) for side in ("ours", "stock") if side == "ours" or args.baseline}
+    report({side: r for side, r in results.items() if r is not None}, args)
+
+
+if __name__ == "__main__":
+    main()
