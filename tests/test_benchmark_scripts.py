@@ -1,0 +1,34 @@
+"""The benchmark scripts still run (tiny sizes, CPU) and what they compare agrees, so a device session never
+starts with a broken script: bench_moe's engine rows match its naive torch loop, bench_e2e's smoke mode trains."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={"KT_SFT_THREADS": "2", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_moe_small_rows_agree_with_the_naive_loop():
+    out = _run("benchmarks/bench_moe.py", "--small", "--int8", "--lora-rank", "4", "--iters", "1")
+    for name in ("kt-sft (", "kt-sft + LoRA r=4", "kt-sft int8 weights", "naive torch loop"):
+        assert re.search(rf"^{re.escape(name)}.*\s\d+\s*$", out, re.M), (name, out)
+    y, dx = map(float, re.search(r"rel diff y ([\d.e-]+), dx ([\d.e-]+)", out).groups())
+    assert y < 2e-2 and dx < 2e-2, out  # bf16 engine vs bf16 torch loop: same math
+    assert re.search(r"weight memory 0\.\d+ GiB vs 0\.\d+ GiB", out)
+    assert re.search(r"^ratio \(ours / naive tokens/s\): [\d.]+x", out, re.M)
+
+
+def test_bench_e2e_smoke_mode_trains(tmp_path):
+    out = _run("benchmarks/bench_e2e.py", "--tiny", "--dir", str(tmp_path / "ckpt"))
+    row = re.search(r"^kt-sft \(ours[^)]*\)\s+(\d+)\s.*\s([\d.]+)\s*$", out, re.M)
+    assert row, out
+    tokens_per_s, loss = int(row.group(1)), float(row.group(2))
+    assert tokens_per_s > 0 and 3 < loss < 12, out  # a random model's loss is about ln(vocab)
+    assert "target tokens/s >= 1,500" in out
