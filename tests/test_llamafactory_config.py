@@ -148,14 +148,14 @@ def test_hook_file_is_installed_and_only_active_with_use_kt():
 
 def test_hook_is_active_in_torchrun_children(tmp_path):
     probe = tmp_path / "probe.py"
+    # Each rank writes its own file: two ranks printing to one pipe may interleave their lines.
     probe.write_text("import os, sys\nactive = any(type(f).__name__ == '_PostImportFinder' for f in sys.meta_path)\n"
-                     "print('rank', os.environ['RANK'], 'hook', active)\n")
+                     f"open(os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK']), 'w').write(str(active))\n")
     env = {**os.environ, "USE_KT": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
                           str(probe)], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert sorted(line for line in out.stdout.splitlines() if line.startswith("rank")) == \
-        ["rank 0 hook True", "rank 1 hook True"]
+    assert {r: (tmp_path / f"rank{r}").read_text() for r in (0, 1)} == {0: "True", 1: "True"}
 
 
 def test_cli_error_reaches_the_user(tmp_path):
