@@ -30,6 +30,7 @@ namespace kt_sft {
 constexpr int kPanel = 16;     // output columns per panel
 constexpr int kBlock = 32;     // output columns per kernel call (two panels) and padding unit
 constexpr int kRowAlign = 32;  // per-expert row segments start at multiples of this
+constexpr int kMaxTaskRows = 2048;  // most rows of one task (the driver's row chunks never exceed it)
 
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 enum Activation : int { kSiluGLU = 0 };
@@ -91,6 +92,7 @@ struct LayerView {
   const float* gate_s;                  // [E][Ip] per-output-channel scales (int8 only)
   const float* up_s;                    // [E][Ip]
   const float* down_s;                  // [E][Hp]
+  int kchunk;                           // K chunk of the task GEMMs (0 = one pass; moe_tasks.inc, gemm_rows)
 };
 
 struct Task { int expert, block, row0, rows; };  // rows [row0, row0+rows) of the expert's segment
@@ -163,8 +165,8 @@ struct BackwardBuffers {
 
 // Per-worker scratch: C tiles and one transposed weight block for backward.
 struct Scratch {
-  float* c0;     // [kRowAlign][kBlock]
-  float* c1;     // [kRowAlign][kBlock]
+  float* c0;     // [rows][kBlock]: kRowAlign rows, or a whole task's rows when K is chunked (kMaxTaskRows)
+  float* c1;     // [rows][kBlock]
   void* packed;  // 2 panels of up to max(Hp, 2*Ip) rows, wtype
   float* acc;    // [max rank][kBlock] LoRA gradient accumulator
   void* wdq;     // int8 layers: dequantized weight blocks, 4 panels of up to max(Hp, Ip) rows (bf16)
@@ -178,6 +180,7 @@ struct KernelTable {
   void (*bwd_input)(const LayerView&, const BackwardBuffers&, const Task&, Scratch&);
   void (*lora_proj)(const LayerView&, const LoraProj&, const Task&);
   void (*lora_grad)(const LayerView&, const BackwardBuffers&, const GradTask&, Scratch&);
+  int kchunk;  // the unit's default K chunk (0 = none); KT_SFT_KCHUNK overrides it
 };
 
 // One table per ISA translation unit; call only after cpu_features says the ISA runs here.

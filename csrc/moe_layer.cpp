@@ -15,12 +15,15 @@ namespace {
 constexpr int kRowChunk = 256;      // forward rows per task: balances skewed experts, keeps A rows in L2
 constexpr int kRowChunkInt8 = 1024; // int8 layers: each forward task dequantizes its weight block, so fewer, longer
 constexpr int kRowChunkBwd = 2048;  // backward tasks repack their weight block first: fewer, longer tasks
+static_assert(kRowChunk <= kMaxTaskRows && kRowChunkInt8 <= kMaxTaskRows && kRowChunkBwd <= kMaxTaskRows,
+              "K-chunked tasks keep all their rows' C in the per-worker scratch");
 constexpr int kTokenChunk = 32;   // tokens per gather / reduce task
 
 struct Engine {
   std::mutex mu;  // serialises compute calls: the scratch below is shared by every layer
   const KernelTable* kt = nullptr;
   std::string isa;
+  int kchunk = 0;  // K chunk of the task GEMMs: KT_SFT_KCHUNK, else the ISA unit's default
   std::unique_ptr<ThreadPool> pool;
   Buffer xg, act, rows_f32, dw_part;
   std::vector<Buffer> c0, c1, packed, acc, wdq;
@@ -51,6 +54,18 @@ int default_threads() {
   return std::max(1, physical_cores());
 }
 
+// KT_SFT_KCHUNK (a multiple of 32; 0 = one pass) overrides the unit's K chunk: for tests and tuning.
+int kchunk_for(const KernelTable* kt) {
+  if (const char* env = std::getenv("KT_SFT_KCHUNK")) {
+    char* end = nullptr;
+    const long v = std::strtol(env, &end, 10);
+    if (end == env || *end != '\0' || v < 0 || v % kBlock != 0 || v > (1 << 20))
+      throw std::invalid_argument(std::string("KT_SFT_KCHUNK='") + env + "' is not 0 or a positive multiple of 32");
+    return int(v);
+  }
+  return kt->kchunk;
+}
+
 // Called with engine().mu held.
 void ensure_ready(Engine& eng) {
   if (!eng.kt) {
@@ -61,6 +76,7 @@ void ensure_ready(Engine& eng) {
       throw std::runtime_error("KT_SFT_ISA=" + want + " cannot run on this CPU: " + why);
     eng.isa = want.empty() ? supported_isas().back() : want;
     eng.kt = table_for(eng.isa);
+    eng.kchunk = kchunk_for(eng.kt);
   }
   if (!eng.pool) eng.pool.reset(new ThreadPool(default_threads()));
 }
@@ -74,8 +90,9 @@ void ensure_scratch(Engine& eng, int Hp, int Ip, int wtype, bool wq) {
   eng.packed.resize(n);
   eng.wdq.resize(n);
   for (size_t w = 0; w < n; ++w) {
-    eng.c0[w].reserve(size_t(kRowAlign) * kBlock * sizeof(float));
-    eng.c1[w].reserve(size_t(kRowAlign) * kBlock * sizeof(float));
+    const size_t c_rows = eng.kchunk > 0 ? kMaxTaskRows : kRowAlign;  // gemm_rows in moe_tasks.inc
+    eng.c0[w].reserve(c_rows * kBlock * sizeof(float));
+    eng.c1[w].reserve(c_rows * kBlock * sizeof(float));
     eng.packed[w].reserve(packed);
     if (wq) eng.wdq[w].reserve(size_t(4) * std::max(Hp, Ip) * kPanel * sizeof(uint16_t));
   }
@@ -226,6 +243,7 @@ std::string select_isa(const std::string& isa) {
   }
   eng.isa = want;
   eng.kt = table_for(want);
+  eng.kchunk = kchunk_for(eng.kt);
   return want;
 }
 
@@ -447,7 +465,8 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
     fb.gate_out = slot->gate.reserve(rows * Ip_ * es);
     fb.up_out = slot->up.reserve(rows * Ip_ * es);
   }
-  const LayerView L = view();
+  LayerView L = view();
+  L.kchunk = eng.kchunk;
   ThreadPool& pool = *eng.pool;
   const KernelTable* kt = eng.kt;
   gather_rows(pool, plan, x, const_cast<void*>(fb.xg), H_, Hp_, es);
@@ -554,7 +573,8 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
   bb.dw_part = static_cast<float*>(eng.dw_part.reserve(rows * ipb * sizeof(float)));
   bb.dgu = eng.act.reserve(rows * 2 * Ip_ * es);
   bb.dx_rows = static_cast<float*>(eng.rows_f32.reserve(rows * Hp_ * sizeof(float)));
-  const LayerView L = view();
+  LayerView L = view();
+  L.kchunk = eng.kchunk;
   ThreadPool& pool = *eng.pool;
   const KernelTable* kt = eng.kt;
   gather_rows(pool, plan, dy, const_cast<void*>(bb.dyg), H_, Hp_, es);

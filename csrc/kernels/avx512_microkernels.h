@@ -9,9 +9,13 @@
 // Included inside an anonymous namespace, after <immintrin.h>.
 
 template <int R>
-static inline void block_bf16(const uint16_t* A, size_t lda, const uint16_t* B0, const uint16_t* B1, int Kp, float* C) {
+static inline void block_bf16(const uint16_t* A, size_t lda, const uint16_t* B0, const uint16_t* B1, int Kp, float* C,
+                              bool accumulate) {
   __m512 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = accumulate ? _mm512_loadu_ps(C + r * kBlock) : _mm512_setzero_ps();
+    acc[r][1] = accumulate ? _mm512_loadu_ps(C + r * kBlock + kPanel) : _mm512_setzero_ps();
+  }
   for (int kk = 0; kk < Kp / 2; ++kk) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(B0 + size_t(kk) * 32);
     const __m512bh b1 = (__m512bh)_mm512_loadu_si512(B1 + size_t(kk) * 32);
@@ -30,9 +34,13 @@ static inline void block_bf16(const uint16_t* A, size_t lda, const uint16_t* B0,
 }
 
 template <int R>
-static inline void block_f32(const float* A, size_t lda, const float* B0, const float* B1, int Kp, float* C) {
+static inline void block_f32(const float* A, size_t lda, const float* B0, const float* B1, int Kp, float* C,
+                             bool accumulate) {
   __m512 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = accumulate ? _mm512_loadu_ps(C + r * kBlock) : _mm512_setzero_ps();
+    acc[r][1] = accumulate ? _mm512_loadu_ps(C + r * kBlock + kPanel) : _mm512_setzero_ps();
+  }
   for (int k = 0; k < Kp; ++k) {
     const __m512 b0 = _mm512_loadu_ps(B0 + size_t(k) * kPanel);
     const __m512 b1 = _mm512_loadu_ps(B1 + size_t(k) * kPanel);
@@ -50,23 +58,23 @@ static inline void block_f32(const float* A, size_t lda, const float* B0, const 
 
 // Rows in blocks of 12, then one smaller block for the tail (R is a compile-time register count).
 #define KT_AVX512_ROWS(NAME, T, BLOCK)                                                                   \
-  static void NAME(const T* A, size_t lda, int M, const T* B0, const T* B1, int Kp, float* C) {         \
+  static void NAME(const T* A, size_t lda, int M, const T* B0, const T* B1, int Kp, float* C, bool acc) { \
     int m = 0;                                                                                         \
-    for (; m + 12 <= M; m += 12) BLOCK<12>(A + size_t(m) * lda, lda, B0, B1, Kp, C + m * kBlock);       \
+    for (; m + 12 <= M; m += 12) BLOCK<12>(A + size_t(m) * lda, lda, B0, B1, Kp, C + m * kBlock, acc);  \
     const T* a = A + size_t(m) * lda;                                                                  \
     float* c = C + m * kBlock;                                                                         \
     switch (M - m) {                                                                                   \
-      case 11: BLOCK<11>(a, lda, B0, B1, Kp, c); break;                                                \
-      case 10: BLOCK<10>(a, lda, B0, B1, Kp, c); break;                                                \
-      case 9: BLOCK<9>(a, lda, B0, B1, Kp, c); break;                                                  \
-      case 8: BLOCK<8>(a, lda, B0, B1, Kp, c); break;                                                  \
-      case 7: BLOCK<7>(a, lda, B0, B1, Kp, c); break;                                                  \
-      case 6: BLOCK<6>(a, lda, B0, B1, Kp, c); break;                                                  \
-      case 5: BLOCK<5>(a, lda, B0, B1, Kp, c); break;                                                  \
-      case 4: BLOCK<4>(a, lda, B0, B1, Kp, c); break;                                                  \
-      case 3: BLOCK<3>(a, lda, B0, B1, Kp, c); break;                                                  \
-      case 2: BLOCK<2>(a, lda, B0, B1, Kp, c); break;                                                  \
-      case 1: BLOCK<1>(a, lda, B0, B1, Kp, c); break;                                                  \
+      case 11: BLOCK<11>(a, lda, B0, B1, Kp, c, acc); break;                                                \
+      case 10: BLOCK<10>(a, lda, B0, B1, Kp, c, acc); break;                                                \
+      case 9: BLOCK<9>(a, lda, B0, B1, Kp, c, acc); break;                                                  \
+      case 8: BLOCK<8>(a, lda, B0, B1, Kp, c, acc); break;                                                  \
+      case 7: BLOCK<7>(a, lda, B0, B1, Kp, c, acc); break;                                                  \
+      case 6: BLOCK<6>(a, lda, B0, B1, Kp, c, acc); break;                                                  \
+      case 5: BLOCK<5>(a, lda, B0, B1, Kp, c, acc); break;                                                  \
+      case 4: BLOCK<4>(a, lda, B0, B1, Kp, c, acc); break;                                                  \
+      case 3: BLOCK<3>(a, lda, B0, B1, Kp, c, acc); break;                                                  \
+      case 2: BLOCK<2>(a, lda, B0, B1, Kp, c, acc); break;                                                  \
+      case 1: BLOCK<1>(a, lda, B0, B1, Kp, c, acc); break;                                                  \
       default: break;                                                                                  \
     }                                                                                                  \
   }

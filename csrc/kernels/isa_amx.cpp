@@ -16,6 +16,9 @@ namespace kt_sft {
 namespace {
 
 #define KT_ISA_NAME "amx"
+// K chunk of the task GEMMs (moe_tasks.inc, gemm_rows): e.g. 384 keeps two panels x 384 k of bf16 = 24 KiB of
+// B in the 48 KiB L1 across a task's row blocks. 0 (one pass) until the AMX host has measured KT_SFT_KCHUNK.
+#define KT_KCHUNK 0
 #include "avx512_microkernels.h"
 
 struct alignas(64) TileConfig {
@@ -37,14 +40,22 @@ static inline void task_begin() {
   _tile_loadconfig(&cfg);
 }
 
-static void mk(const uint16_t* A, size_t lda, int M, const uint16_t* B0, const uint16_t* B1, int Kp, float* C) {
+// accumulate: C += A x B (the C tiles start from the stored fp32 values: K-chunked callers, see moe_tasks.inc).
+static void mk(const uint16_t* A, size_t lda, int M, const uint16_t* B0, const uint16_t* B1, int Kp, float* C,
+               bool accumulate = false) {
   if (M <= 4) {
-    mk_avx512(A, lda, M, B0, B1, Kp, C);
+    mk_avx512(A, lda, M, B0, B1, Kp, C, accumulate);
     return;
   }
   const size_t sa = lda * sizeof(uint16_t);
-  _tile_zero(0);
-  _tile_zero(1);
+  constexpr size_t sc = kBlock * sizeof(float);
+  if (accumulate) {
+    _tile_loadd(0, C, sc);
+    _tile_loadd(1, C + kPanel, sc);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+  }
   if (M <= 16) {
     for (int k0 = 0; k0 < Kp; k0 += 32) {
       _tile_loadd(4, A + k0, sa);
@@ -57,8 +68,13 @@ static void mk(const uint16_t* A, size_t lda, int M, const uint16_t* B0, const u
     _tile_stored(1, C + kPanel, kBlock * sizeof(float));
     return;
   }
-  _tile_zero(2);
-  _tile_zero(3);
+  if (accumulate) {
+    _tile_loadd(2, C + 16 * kBlock, sc);
+    _tile_loadd(3, C + 16 * kBlock + kPanel, sc);
+  } else {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
   for (int k0 = 0; k0 < Kp; k0 += 32) {
     _tile_loadd(4, A + k0, sa);
     _tile_loadd(5, A + 16 * lda + k0, sa);
@@ -75,8 +91,9 @@ static void mk(const uint16_t* A, size_t lda, int M, const uint16_t* B0, const u
   _tile_stored(3, C + 16 * kBlock + kPanel, kBlock * sizeof(float));
 }
 
-static inline void mk(const float* A, size_t lda, int M, const float* B0, const float* B1, int Kp, float* C) {
-  mk_avx512(A, lda, M, B0, B1, Kp, C);
+static inline void mk(const float* A, size_t lda, int M, const float* B0, const float* B1, int Kp, float* C,
+                      bool accumulate = false) {
+  mk_avx512(A, lda, M, B0, B1, Kp, C, accumulate);
 }
 
 #include "moe_tasks.inc"

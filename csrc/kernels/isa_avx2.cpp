@@ -14,9 +14,12 @@ namespace {
 static inline void task_begin() {}
 
 template <int R>
-static inline void block_bf16(const uint16_t* A, size_t lda, const uint16_t* Bp, int Kp, float* C) {
+static inline void block_bf16(const uint16_t* A, size_t lda, const uint16_t* Bp, int Kp, float* C, bool accumulate) {
   __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = accumulate ? _mm256_loadu_ps(C + r * kBlock) : _mm256_setzero_ps();
+    acc[r][1] = accumulate ? _mm256_loadu_ps(C + r * kBlock + 8) : _mm256_setzero_ps();
+  }
   const __m256i hi_mask = _mm256_set1_epi32(int(0xffff0000u));
   for (int kk = 0; kk < Kp / 2; ++kk) {
     const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Bp + size_t(kk) * 32));
@@ -43,9 +46,12 @@ static inline void block_bf16(const uint16_t* A, size_t lda, const uint16_t* Bp,
 }
 
 template <int R>
-static inline void block_f32(const float* A, size_t lda, const float* Bp, int Kp, float* C) {
+static inline void block_f32(const float* A, size_t lda, const float* Bp, int Kp, float* C, bool accumulate) {
   __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = accumulate ? _mm256_loadu_ps(C + r * kBlock) : _mm256_setzero_ps();
+    acc[r][1] = accumulate ? _mm256_loadu_ps(C + r * kBlock + 8) : _mm256_setzero_ps();
+  }
   for (int k = 0; k < Kp; ++k) {
     const __m256 b0 = _mm256_loadu_ps(Bp + size_t(k) * kPanel);
     const __m256 b1 = _mm256_loadu_ps(Bp + size_t(k) * kPanel + 8);
@@ -62,27 +68,30 @@ static inline void block_f32(const float* A, size_t lda, const float* Bp, int Kp
 }
 
 // One 16-column panel: rows in blocks of 4, then a 1..3-row tail.
-template <typename T, void (*B4)(const T*, size_t, const T*, int, float*), void (*B1)(const T*, size_t, const T*, int, float*),
-          void (*B2)(const T*, size_t, const T*, int, float*), void (*B3)(const T*, size_t, const T*, int, float*)>
-static inline void panel_rows(const T* A, size_t lda, int M, const T* Bp, int Kp, float* C) {
+template <typename T, void (*B4)(const T*, size_t, const T*, int, float*, bool),
+          void (*B1)(const T*, size_t, const T*, int, float*, bool), void (*B2)(const T*, size_t, const T*, int, float*, bool),
+          void (*B3)(const T*, size_t, const T*, int, float*, bool)>
+static inline void panel_rows(const T* A, size_t lda, int M, const T* Bp, int Kp, float* C, bool acc) {
   int m = 0;
-  for (; m + 4 <= M; m += 4) B4(A + size_t(m) * lda, lda, Bp, Kp, C + m * kBlock);
+  for (; m + 4 <= M; m += 4) B4(A + size_t(m) * lda, lda, Bp, Kp, C + m * kBlock, acc);
   switch (M - m) {
-    case 3: B3(A + size_t(m) * lda, lda, Bp, Kp, C + m * kBlock); break;
-    case 2: B2(A + size_t(m) * lda, lda, Bp, Kp, C + m * kBlock); break;
-    case 1: B1(A + size_t(m) * lda, lda, Bp, Kp, C + m * kBlock); break;
+    case 3: B3(A + size_t(m) * lda, lda, Bp, Kp, C + m * kBlock, acc); break;
+    case 2: B2(A + size_t(m) * lda, lda, Bp, Kp, C + m * kBlock, acc); break;
+    case 1: B1(A + size_t(m) * lda, lda, Bp, Kp, C + m * kBlock, acc); break;
     default: break;
   }
 }
 
-static void mk(const uint16_t* A, size_t lda, int M, const uint16_t* B0, const uint16_t* B1, int Kp, float* C) {
-  panel_rows<uint16_t, block_bf16<4>, block_bf16<1>, block_bf16<2>, block_bf16<3>>(A, lda, M, B0, Kp, C);
-  panel_rows<uint16_t, block_bf16<4>, block_bf16<1>, block_bf16<2>, block_bf16<3>>(A, lda, M, B1, Kp, C + kPanel);
+static void mk(const uint16_t* A, size_t lda, int M, const uint16_t* B0, const uint16_t* B1, int Kp, float* C,
+               bool accumulate = false) {
+  panel_rows<uint16_t, block_bf16<4>, block_bf16<1>, block_bf16<2>, block_bf16<3>>(A, lda, M, B0, Kp, C, accumulate);
+  panel_rows<uint16_t, block_bf16<4>, block_bf16<1>, block_bf16<2>, block_bf16<3>>(A, lda, M, B1, Kp, C + kPanel, accumulate);
 }
 
-static void mk(const float* A, size_t lda, int M, const float* B0, const float* B1, int Kp, float* C) {
-  panel_rows<float, block_f32<4>, block_f32<1>, block_f32<2>, block_f32<3>>(A, lda, M, B0, Kp, C);
-  panel_rows<float, block_f32<4>, block_f32<1>, block_f32<2>, block_f32<3>>(A, lda, M, B1, Kp, C + kPanel);
+static void mk(const float* A, size_t lda, int M, const float* B0, const float* B1, int Kp, float* C,
+               bool accumulate = false) {
+  panel_rows<float, block_f32<4>, block_f32<1>, block_f32<2>, block_f32<3>>(A, lda, M, B0, Kp, C, accumulate);
+  panel_rows<float, block_f32<4>, block_f32<1>, block_f32<2>, block_f32<3>>(A, lda, M, B1, Kp, C + kPanel, accumulate);
 }
 
 #include "moe_tasks.inc"

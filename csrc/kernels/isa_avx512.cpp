@@ -11,11 +11,13 @@ namespace {
 #define KT_ISA_NAME "avx512"
 static inline void task_begin() {}
 #include "avx512_microkernels.h"
-static inline void mk(const uint16_t* A, size_t lda, int M, const uint16_t* B0, const uint16_t* B1, int Kp, float* C) {
-  mk_avx512(A, lda, M, B0, B1, Kp, C);
+static inline void mk(const uint16_t* A, size_t lda, int M, const uint16_t* B0, const uint16_t* B1, int Kp, float* C,
+                      bool accumulate = false) {
+  mk_avx512(A, lda, M, B0, B1, Kp, C, accumulate);
 }
-static inline void mk(const float* A, size_t lda, int M, const float* B0, const float* B1, int Kp, float* C) {
-  mk_avx512(A, lda, M, B0, B1, Kp, C);
+static inline void mk(const float* A, size_t lda, int M, const float* B0, const float* B1, int Kp, float* C,
+                      bool accumulate = false) {
+  mk_avx512(A, lda, M, B0, B1, Kp, C, accumulate);
 }
 #include "moe_tasks.inc"
 

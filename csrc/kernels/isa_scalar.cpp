@@ -11,10 +11,13 @@ namespace {
 #define KT_ISA_NAME "scalar"
 static inline void task_begin() {}
 
-static void mk(const uint16_t* A, size_t lda, int M, const uint16_t* B0, const uint16_t* B1, int Kp, float* C) {
+static void mk(const uint16_t* A, size_t lda, int M, const uint16_t* B0, const uint16_t* B1, int Kp, float* C,
+               bool accumulate = false) {
   for (int m = 0; m < M; ++m) {
     const uint16_t* a = A + size_t(m) * lda;
     float acc[kBlock] = {0};
+    if (accumulate)
+      for (int c = 0; c < kBlock; ++c) acc[c] = C[m * kBlock + c];
     for (int kk = 0; kk < Kp / 2; ++kk) {
       const float a0 = bf16_to_f32(a[2 * kk]), a1 = bf16_to_f32(a[2 * kk + 1]);
       const uint16_t* b0 = B0 + size_t(kk) * kPanel * 2;
@@ -28,10 +31,13 @@ static void mk(const uint16_t* A, size_t lda, int M, const uint16_t* B0, const u
   }
 }
 
-static void mk(const float* A, size_t lda, int M, const float* B0, const float* B1, int Kp, float* C) {
+static void mk(const float* A, size_t lda, int M, const float* B0, const float* B1, int Kp, float* C,
+               bool accumulate = false) {
   for (int m = 0; m < M; ++m) {
     const float* a = A + size_t(m) * lda;
     float acc[kBlock] = {0};
+    if (accumulate)
+      for (int c = 0; c < kBlock; ++c) acc[c] = C[m * kBlock + c];
     for (int k = 0; k < Kp; ++k) {
       const float* b0 = B0 + size_t(k) * kPanel;
       const float* b1 = B1 + size_t(k) * kPanel;
