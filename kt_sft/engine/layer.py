@@ -17,6 +17,17 @@ from .lora import ExpertLoRA, ExpertLoRAGrads
 PROJECTIONS = {"gate": 0, "up": 1, "down": 2}
 
 
+def _factor_grad_buffer(factor: torch.Tensor) -> torch.Tensor:
+    """A fresh tensor for one LoRA factor's gradient (written in full by the engine).
+
+    Each backward returns new gradients (autograd may keep them as `.grad`), ~17 MB per V2-Lite layer at r=8.
+    From plain malloc they arrive as fresh pages, and first-touching them cost thousands of page faults per call.
+    Where CUDA is present, torch's caching pinned-host allocator hands back blocks the previous step freed instead."""
+    if torch.cuda.is_available():
+        return torch.empty(factor.shape, dtype=factor.dtype, pin_memory=True)
+    return torch.empty_like(factor)
+
+
 class ExpertLayer:
     """SiLU-gated experts: y_t = sum_j w_tj * down_e(silu(gate_e x_t) * up_e x_t), e = topk_ids[t, j].
 
@@ -159,7 +170,7 @@ class ExpertLayer:
         dw = torch.empty(T, k, dtype=torch.float32)
         grads = None
         if lora is not None:
-            grads = ExpertLoRAGrads(*(None if t is None else torch.empty_like(t) for t in lora.factors()))
+            grads = ExpertLoRAGrads(*(None if t is None else _factor_grad_buffer(t) for t in lora.factors()))
             largs["lora_grads"] = [0 if g is None else g.data_ptr() for g in grads]
         self._layer.backward(int(handle), T, k, dy.data_ptr(), dx.data_ptr(), dw.data_ptr(), **largs)
         return (dx, dw) if grads is None else (dx, dw, grads)
