@@ -52,14 +52,10 @@ def log(msg: str) -> None:
 
 def tiny_config(layers: int):
     """V2-Lite's structure (MLA with plain q_proj, dense first layer, shared experts) at toy sizes."""
-    from transformers import AutoConfig
-
-    return AutoConfig.for_model(
-        "deepseek_v2", vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
-        n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=64, q_lora_rank=None,
-        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=512,
-        hidden_act="silu", tie_word_embeddings=False, dtype="bfloat16")
+    return v2_lite_config(
+        layers, vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2,
+        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=512)
 
 
 def ensure_checkpoint(path: Path, config, shard_bytes: int) -> None:

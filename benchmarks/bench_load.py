@@ -22,15 +22,17 @@ import torch
 GB = 1024 ** 3
 
 
-def v2_lite_config(layers: int):
+def v2_lite_config(layers: int, **overrides):
+    """DeepSeek-V2-Lite's config with `layers` decoder layers (`overrides`: other sizes, e.g. a toy version)."""
     from transformers import AutoConfig
 
+    sizes = dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+                 num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64,
+                 num_experts_per_tok=6, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                 max_position_embeddings=4096)
     return AutoConfig.for_model(
-        "deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-        num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2,
-        n_routed_experts=64, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None,
-        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=4096,
-        hidden_act="silu", tie_word_embeddings=False, dtype="bfloat16")
+        "deepseek_v2", num_hidden_layers=layers, first_k_dense_replace=1, q_lora_rank=None, hidden_act="silu",
+        tie_word_embeddings=False, dtype="bfloat16", **{**sizes, **overrides})
 
 
 def write_checkpoint(out: Path, layers: int, shard_bytes: int, config=None) -> None:

@@ -103,7 +103,6 @@ PYBIND11_MODULE(_engine, m) {
            }),
            py::arg("experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("dtype") = "bfloat16",
            py::arg("activation") = "silu", py::arg("max_saved") = 4, py::arg("weights") = "")
-      .def_property_readonly("int8_weights", &MoELayer::int8_weights)
       .def(
           "set_weights",
           [](MoELayer& self, int which, int e0, int n, uintptr_t src, const std::string& src_dtype, int64_t s_e,

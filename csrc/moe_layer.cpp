@@ -282,7 +282,7 @@ MoELayer::MoELayer(int experts, int hidden, int intermediate, int wtype, int act
   Hp_ = round_up(H_, kBlock);
   Ip_ = round_up(I_, kBlock);
   expert_elems_ = size_t(Ip_) * Hp_;
-  const size_t bytes = size_t(E_) * expert_elems_ * (wq_ ? 1 : dtype_size(wtype_));
+  const size_t bytes = size_t(E_) * expert_elems_ * weight_elem_bytes();
   gate_.reserve(bytes);
   up_.reserve(bytes);
   down_.reserve(bytes);
@@ -313,7 +313,6 @@ void MoELayer::set_weights(int which, int e0, int n, const void* src, int src_dt
   const int Np = which == 2 ? Hp_ : Ip_, Kp = which == 2 ? Ip_ : Hp_;
   const int panels = Np / kPanel;
   char* base = static_cast<char*>(which == 0 ? gate_.get() : which == 1 ? up_.get() : down_.get());
-  const size_t es = size_t(dtype_size(wtype_));
   std::vector<int> bad(size_t(n) * panels, 0);
 
   Engine& eng = engine();
@@ -323,7 +322,7 @@ void MoELayer::set_weights(int which, int e0, int n, const void* src, int src_dt
                                                                                                   : down_s_.get());
   eng.pool->run(n * panels, [&](int task, int) {
     const int e = e0 + task / panels, p = task % panels;
-    char* dst = base + (size_t(e) * expert_elems_ + size_t(p) * Kp * kPanel) * (wq_ ? 1 : es);
+    char* dst = base + (size_t(e) * expert_elems_ + size_t(p) * Kp * kPanel) * weight_elem_bytes();
     for (int nn = 0; nn < kPanel; ++nn) {
       const int row = p * kPanel + nn;
       if (wq_) {  // per-channel symmetric int8 (common.h, INT8)

@@ -108,17 +108,16 @@ class MoELayer {
   int intermediate() const { return I_; }
   int wtype() const { return wtype_; }
   int max_saved() const { return int(slots_.size()); }
-  bool int8_weights() const { return wq_; }
-  // Weight memory: panels (int8: 1 byte per element) plus the int8 scales.
+  // Weight memory: panels plus the int8 scales.
   size_t packed_bytes() const {
-    return 3 * size_t(E_) * expert_elems_ * (wq_ ? 1 : dtype_size(wtype_)) +
-           (wq_ ? size_t(E_) * (2 * Ip_ + Hp_) * sizeof(float) : 0);
+    return 3 * size_t(E_) * expert_elems_ * weight_elem_bytes() + (wq_ ? size_t(E_) * (2 * Ip_ + Hp_) * sizeof(float) : 0);
   }
   size_t saved_bytes() const;
   std::vector<std::string> missing_weights() const;  // "expert 3 down", ...
 
  private:
   LayerView view() const;
+  size_t weight_elem_bytes() const { return wq_ ? 1 : size_t(dtype_size(wtype_)); }
   void build_plan(int T, int k, const int64_t* ids, const float* w, RoutingPlan& plan) const;
   SavedSlot* find_slot(uint64_t handle);
   SavedSlot& live_slot(uint64_t handle);  // find_slot or a clear error

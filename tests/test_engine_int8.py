@@ -13,6 +13,7 @@ import torch
 import kt_sft.engine as ke
 from moe_reference import make_experts, make_routing, reference_grads, rel_err
 from test_engine_lora import make_lora
+from test_engine_parity import make_layer
 
 
 def dequantized(w: torch.Tensor) -> torch.Tensor:
@@ -21,14 +22,6 @@ def dequantized(w: torch.Tensor) -> torch.Tensor:
     s = w.abs().amax(-1, keepdim=True) / 127
     q = torch.where(s > 0, torch.round(w / torch.where(s > 0, s, 1.0)), 0.0).clamp(-127, 127)
     return (q * s).bfloat16()
-
-
-def _layer(gate, up, down, **kind):
-    E, I, H = gate.shape
-    layer = ke.ExpertLayer(E, H, I, **kind)
-    for name, w in (("gate", gate), ("up", up), ("down", down)):
-        layer.set_projection(name, w)
-    return layer
 
 
 def _run(layer, x, ids, w, dy, lora=None):
@@ -59,8 +52,8 @@ def test_int8_layer_is_the_bf16_layer_of_its_dequantized_weights(isa, shape):
     x = torch.randn(T, H, generator=gen).bfloat16()
     dy = torch.randn(T, H, generator=gen).bfloat16()
 
-    got = _run(_layer(gate, up, down, dtype=torch.bfloat16, weights="int8"), x, ids, w, dy)
-    want = _run(_layer(dequantized(gate), dequantized(up), dequantized(down), dtype=torch.bfloat16), x, ids, w, dy)
+    got = _run(make_layer(gate, up, down, torch.bfloat16, weights="int8"), x, ids, w, dy)
+    want = _run(make_layer(dequantized(gate), dequantized(up), dequantized(down), torch.bfloat16), x, ids, w, dy)
     for name, a, b in zip(("y", "dx", "dw"), got, want):
         assert torch.equal(a, b), f"{name} differs from the bf16 layer of dequantized weights ({SHAPES[shape]})"
 
@@ -83,8 +76,8 @@ def test_rounding_is_half_to_even_per_channel(isa):
     ids, w = make_routing(9, E, 2, "uniform", gen)
     x = torch.randn(9, H, generator=gen).bfloat16()
     dy = torch.randn(9, H, generator=gen).bfloat16()
-    got = _run(_layer(gate, up, down, dtype=torch.bfloat16, weights="int8"), x, ids, w, dy)
-    want = _run(_layer(dequantized(gate), dequantized(up), dequantized(down), dtype=torch.bfloat16), x, ids, w, dy)
+    got = _run(make_layer(gate, up, down, torch.bfloat16, weights="int8"), x, ids, w, dy)
+    want = _run(make_layer(dequantized(gate), dequantized(up), dequantized(down), torch.bfloat16), x, ids, w, dy)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     away = torch.sign(gate) * torch.floor(gate.abs() / scale + 0.5) * scale  # half away from zero
     assert not torch.equal(away, dequantized(gate).float()), "the test data must contain ties"
@@ -99,8 +92,8 @@ def test_int8_with_expert_lora(isa):
     x = torch.randn(T, H, generator=gen).bfloat16()
     dy = torch.randn(T, H, generator=gen).bfloat16()
     lora = make_lora(E, H, I, 4, 8, gen)
-    got = _run(_layer(gate, up, down, dtype=torch.bfloat16, weights="int8"), x, ids, w, dy, lora)
-    want = _run(_layer(dequantized(gate), dequantized(up), dequantized(down), dtype=torch.bfloat16),
+    got = _run(make_layer(gate, up, down, torch.bfloat16, weights="int8"), x, ids, w, dy, lora)
+    want = _run(make_layer(dequantized(gate), dequantized(up), dequantized(down), torch.bfloat16),
                 x, ids, w, dy, lora)
     assert len(got) == 7
     for i, (a, b) in enumerate(zip(got, want)):
@@ -110,8 +103,8 @@ def test_int8_with_expert_lora(isa):
 def test_int8_halves_the_weight_memory():
     E, H, I = 4, 100, 70  # padded to 128 x 96
     gate, up, down = make_experts(E, H, I, torch.Generator().manual_seed(0), torch.float32)
-    q = _layer(gate, up, down, dtype=torch.bfloat16, weights="int8")
-    b = _layer(gate, up, down, dtype=torch.bfloat16)
+    q = make_layer(gate, up, down, torch.bfloat16, weights="int8")
+    b = make_layer(gate, up, down, torch.bfloat16)
     assert b.packed_bytes == 3 * E * 128 * 96 * 2
     assert q.packed_bytes == 3 * E * 128 * 96 + 4 * E * (2 * 96 + 128)  # panels + fp32 scales per channel
     assert "weights=int8" in repr(q)

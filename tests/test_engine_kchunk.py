@@ -23,6 +23,7 @@ sys.path.insert(0, {tests!r})
 import kt_sft.engine as ke
 from moe_reference import make_experts, make_routing
 from test_engine_lora import make_lora
+from test_engine_parity import make_layer
 
 ke.select_isa({isa!r})
 out = {{}}
@@ -35,9 +36,7 @@ for shape in [(6, 130, 200, 300, 4, "skewed"), (4, 96, 64, 1, 2, "uniform"), (8,
     x32, dy32 = torch.randn(T, H, generator=gen), torch.randn(T, H, generator=gen)
     lora = make_lora(E, H, I, 4, 8, gen)
     for kind in ({{"dtype": torch.float32}}, {{"dtype": torch.bfloat16}}, {{"dtype": torch.bfloat16, "weights": "int8"}}):
-        layer = ke.ExpertLayer(E, H, I, **kind)
-        for name, wt in (("gate", gate), ("up", up), ("down", down)):
-            layer.set_projection(name, wt)
+        layer = make_layer(gate, up, down, **kind)
         x, dy = x32.to(kind["dtype"]), dy32.to(kind["dtype"])
         for use_lora in (None, lora):
             y, h = layer.forward(x, ids, w, save_for_backward=True, lora=use_lora)

@@ -28,9 +28,10 @@ SHAPES = {
 }
 
 
-def _layer(gate, up, down, dtype):
+def make_layer(gate, up, down, dtype, **kind):
+    """An ExpertLayer loaded with gate/up [E, I, H] and down [E, H, I] (kind: other ExpertLayer arguments)."""
     E, I, H = gate.shape
-    layer = ke.ExpertLayer(E, H, I, dtype=dtype)
+    layer = ke.ExpertLayer(E, H, I, dtype=dtype, **kind)
     layer.set_projection("gate", gate)
     layer.set_projection("up", up)
     layer.set_projection("down", down)
@@ -48,7 +49,7 @@ def test_forward_backward_match_reference(isa, dtype, shape):
     dy = torch.randn(T, H, generator=gen).to(dtype)
     y_ref, dx_ref, dw_ref = reference_grads(x, gate, up, down, ids, w, dy)
 
-    layer = _layer(gate, up, down, dtype)
+    layer = make_layer(gate, up, down, dtype)
     y, handle = layer.forward(x, ids, w, save_for_backward=True)
     dx, dw = layer.backward(handle, dy)
 
@@ -65,7 +66,7 @@ def test_paths_agree_with_scalar_spec(isa):
     gate, up, down = make_experts(6, 80, 112, gen, torch.float32)
     ids, w = make_routing(50, 6, 2, "uniform", gen)
     x = torch.randn(50, 80, generator=gen)
-    layer = _layer(gate, up, down, torch.float32)
+    layer = make_layer(gate, up, down, torch.float32)
     y, _ = layer.forward(x, ids, w)
     with ke.use_isa("scalar"):
         y_spec, _ = layer.forward(x, ids, w)
@@ -74,7 +75,7 @@ def test_paths_agree_with_scalar_spec(isa):
 
 def test_empty_batch(isa):
     gen = torch.Generator().manual_seed(3)
-    layer = _layer(*make_experts(4, 32, 32, gen), torch.float32)
+    layer = make_layer(*make_experts(4, 32, 32, gen), torch.float32)
     ids = torch.zeros(0, 2, dtype=torch.int64)
     y, handle = layer.forward(torch.zeros(0, 32), ids, torch.zeros(0, 2), save_for_backward=True)
     dx, dw = layer.backward(handle, torch.zeros(0, 32))
@@ -89,7 +90,7 @@ def test_result_does_not_depend_on_thread_count(threads):
     ids, w = make_routing(200, 8, 3, "skewed", gen)
     x = torch.randn(200, 96, generator=gen).bfloat16()
     dy = torch.randn(200, 96, generator=gen).bfloat16()
-    layer = _layer(gate, up, down, torch.bfloat16)
+    layer = make_layer(gate, up, down, torch.bfloat16)
     before = ke.num_threads()
     try:
         ke.set_num_threads(2)
