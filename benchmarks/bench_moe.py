@@ -11,6 +11,7 @@ Reported per layer: fwd ms, bwd ms, TFLOPS (fwd and bwd each do 6*T*k*H*I flops)
 --lora-rank R (> 0) adds a row for the engine with per-expert LoRA of rank R on gate_up and down (PEFT layout,
 fp32 factors, factor gradients included in bwd) and the LoRA overhead (frozen-only tokens/s / with-LoRA tokens/s).
 --int8 adds a row for the same layer with int8 weights (per-channel scales, computed in bf16) and its weight memory.
+--profile prints the engine's per-phase wall times (kt_sft.engine.phase_profile) under each engine row.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-baseline", action="store_true", help="skip the naive torch loop")
     p.add_argument("--small", action="store_true", help="E=8 k=2 H=256 I=192 T=256: a quick run")
     p.add_argument("--int8", action="store_true", help="also time the layer with int8 weights (kt_backend AMXINT8)")
+    p.add_argument("--profile", action="store_true", help="per-phase engine times (ms per call) after each row")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="also time the engine with expert LoRA of this rank on gate_up and down (0 = off)")
     args = p.parse_args()
@@ -100,6 +102,23 @@ def make_lora(a: argparse.Namespace, rank: int) -> ke.ExpertLoRA:
 
 def bench_engine(a, gate_up, down, ids, w, x, dy, lora=None, layer=None):
     layer = layer or ke.ExpertLayer.from_fused(gate_up, down, dtype=torch.bfloat16)
+    if a.profile:  # the breakdown is taken over the timed calls only, printed after the row
+        with ke.phase_profile():
+            res = _bench_engine(a, layer, ids, w, x, dy, lora)
+        with ke.phase_profile() as phases:
+            _bench_engine(a, layer, ids, w, x, dy, lora, warm=False)
+        res[2]["phases"] = phases
+        return res
+    return _bench_engine(a, layer, ids, w, x, dy, lora)
+
+
+def print_phases(state: dict) -> None:
+    for name, (calls, seconds) in state.get("phases", {}).items():
+        per_call = seconds / max(1, calls) * 1e3
+        print(f"    {name:<42} {per_call:8.1f} ms/call")
+
+
+def _bench_engine(a, layer, ids, w, x, dy, lora, warm=True):
     state = {}
 
     def fwd():
@@ -109,7 +128,13 @@ def bench_engine(a, gate_up, down, ids, w, x, dy, lora=None, layer=None):
         out = layer.backward(state["h"], dy, lora=lora)
         state["dx"], state["dw"] = out[0], out[1]
 
-    for _ in range(layer.max_saved):  # first use of every saved slot (page faults) stays out of the timings
+    # First use of every saved slot (page faults on ~140 MB of activations each) stays out of the timings: the
+    # timed forwards below run without their backward, so each takes a fresh slot. A forward-backward pair alone
+    # would touch only one slot, since backward frees it.
+    if warm:
+        handles = [layer.forward(x, ids, w, save_for_backward=True, lora=lora)[1] for _ in range(layer.max_saved)]
+        for h in handles:
+            layer.release(h)
         fwd()
         bwd()
     t_fwd = timed(fwd, a.iters, a.warmup)
@@ -168,15 +193,18 @@ def main() -> None:
     ours = bench_engine(a, *inputs)
     print(header)
     print(row(f"kt-sft ({ke.current_isa()})", ours[0], ours[1], flops, T))
+    print_phases(ours[2])
     if a.lora_rank > 0:
         lo = bench_engine(a, *inputs, lora=make_lora(a, a.lora_rank), layer=ours[3])
         print(row(f"kt-sft + LoRA r={a.lora_rank}", lo[0], lo[1], flops, T))
+        print_phases(lo[2])
         print(f"LoRA overhead (frozen-only tokens/s / with-LoRA tokens/s): {(lo[0] + lo[1]) / (ours[0] + ours[1]):.3f}x "
               f"(fwd {lo[0] / ours[0]:.3f}x, bwd {lo[1] / ours[1]:.3f}x); TF/s columns count the frozen flops only")
     if a.int8:
         q = bench_engine(a, *inputs, layer=ke.ExpertLayer.from_fused(inputs[0], inputs[1], dtype=torch.bfloat16,
                                                                       weights="int8"))
         print(row(f"kt-sft int8 weights", q[0], q[1], flops, T))
+        print_phases(q[2])
         print(f"int8 / bf16 weights: tokens/s {(ours[0] + ours[1]) / (q[0] + q[1]):.3f}x "
               f"(fwd {ours[0] / q[0]:.3f}x, bwd {ours[1] / q[1]:.3f}x); weight memory "
               f"{q[3].packed_bytes / 2**30:.2f} GiB vs {ours[3].packed_bytes / 2**30:.2f} GiB")

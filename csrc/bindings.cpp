@@ -90,6 +90,15 @@ PYBIND11_MODULE(_engine, m) {
   m.def("current_isa", &current_isa);
   m.def("set_num_threads", &set_num_threads, py::arg("n"), "0 = KT_SFT_THREADS or physical cores");
   m.def("num_threads", &num_threads);
+  m.def("set_profiling", &set_profiling, py::arg("on"), "wall time per phase of every forward/backward (clears)");
+  m.def(
+      "take_profile",
+      [] {
+        py::dict d;
+        for (const auto& p : take_profile()) d[py::str(p.first)] = py::make_tuple(p.second.calls, p.second.seconds);
+        return d;
+      },
+      "{phase: (calls, seconds)} since set_profiling / the last take_profile, then cleared");
 
   py::class_<MoELayer>(m, "MoELayer")
       .def(py::init([](int E, int H, int I, const std::string& dtype, const std::string& activation, int max_saved,

@@ -1,6 +1,7 @@
 #include "moe_layer.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <mutex>
@@ -29,6 +30,31 @@ struct Engine {
   std::vector<Buffer> c0, c1, packed, acc, wdq;
   // LoRA: repacked factors (LoraView), rank-r projections of unsaved forwards / backward, h for dB_d.
   Buffer l_at_gu, l_bt_gu, l_at_d, l_bt_d, l_u, l_q, l_dya, l_tgu, l_h;
+  bool profiling = false;                          // set_profiling: wall time per phase of every call
+  std::vector<std::pair<std::string, PhaseStat>> profile;  // (phase, calls + seconds) in first-seen order
+};
+
+// Wall-clock stamps between the phases of one forward/backward (each phase ends with a pool barrier, so the
+// stamps split the call exactly). Free when profiling is off.
+class PhaseClock {
+ public:
+  explicit PhaseClock(Engine& eng) : eng_(eng), t_(eng.profiling ? now() : Clock::time_point{}) {}
+  void mark(const char* phase) {
+    if (!eng_.profiling) return;
+    const Clock::time_point t = now();
+    auto it = std::find_if(eng_.profile.begin(), eng_.profile.end(), [&](const auto& e) { return e.first == phase; });
+    if (it == eng_.profile.end()) it = eng_.profile.insert(it, {phase, PhaseStat{}});
+    PhaseStat& p = it->second;
+    p.calls += 1;
+    p.seconds += std::chrono::duration<double>(t - t_).count();
+    t_ = t;
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  static Clock::time_point now() { return Clock::now(); }
+  Engine& eng_;
+  Clock::time_point t_;
 };
 
 Engine& engine() {
@@ -105,7 +131,24 @@ Scratch scratch_of(Engine& eng, int worker) {
                  eng.wdq[worker].get()};
 }
 
-// PEFT flat factors -> the per-expert, zero-padded LoraView layout (common.h), one task per expert.
+// dst[e][rho][c] (row length ldd, zero past n) = src[c][rho * E + e] (PEFT's B layout [n][r*E]) for all e, rho:
+// a transpose of [n][r*E] done in tiles of 32 source rows, so reads and writes both run along cache lines.
+void transpose_b_factor(ThreadPool& pool, const float* src, int n, int rE, float* dst, int ldd, int E, int r) {
+  constexpr int kTile = 32;
+  const int tiles = (ldd + kTile - 1) / kTile;
+  pool.run(tiles, [&](int tile, int) {
+    const int c0 = tile * kTile, c1 = std::min(ldd, c0 + kTile);
+    for (int j = 0; j < rE; ++j) {  // j = rho * E + e -> destination row e * r + rho
+      const int rho = j / E, e = j % E;
+      float* d = dst + (size_t(e) * r + rho) * ldd;
+      for (int c = c0; c < c1; ++c) d[c] = c < n ? src[size_t(c) * rE + j] : 0.f;
+    }
+  });
+}
+
+// PEFT flat factors -> the per-expert, zero-padded LoraView layout (common.h). The A factors are already
+// [E][r][...] rows: used in place when no padding is needed (I and H multiples of 32, the usual case), else
+// copied with zero padding. The B factors are transposed (transpose_b_factor).
 LoraView repack_lora(Engine& eng, const LoraArgs& a, int E, int H, int I, int Hp, int Ip) {
   LoraView v{};
   v.r_gu = a.r_gu;
@@ -113,35 +156,46 @@ LoraView repack_lora(Engine& eng, const LoraArgs& a, int E, int H, int I, int Hp
   v.s_gu = a.s_gu;
   v.s_d = a.s_d;
   const size_t f = sizeof(float);
-  float* at_gu = static_cast<float*>(eng.l_at_gu.reserve(std::max<size_t>(1, size_t(E) * a.r_gu * 2 * Ip * f)));
-  float* bt_gu = static_cast<float*>(eng.l_bt_gu.reserve(std::max<size_t>(1, size_t(E) * a.r_gu * Hp * f)));
-  float* at_d = static_cast<float*>(eng.l_at_d.reserve(std::max<size_t>(1, size_t(E) * a.r_d * Hp * f)));
-  float* bt_d = static_cast<float*>(eng.l_bt_d.reserve(std::max<size_t>(1, size_t(E) * a.r_d * Ip * f)));
-  eng.pool->run(E, [&](int e, int) {
-    const size_t rg = size_t(a.r_gu), rd = size_t(a.r_d);
-    for (size_t rho = 0; rho < rg; ++rho) {
-      const float* src = a.A_gu + (size_t(e) * rg + rho) * 2 * I;
-      float* d = at_gu + (size_t(e) * rg + rho) * 2 * Ip;
-      std::memset(d, 0, size_t(2) * Ip * f);
-      std::memcpy(d, src, size_t(I) * f);
-      std::memcpy(d + Ip, src + I, size_t(I) * f);
-      float* b = bt_gu + (size_t(e) * rg + rho) * Hp;
-      for (int h = 0; h < H; ++h) b[h] = a.B_gu[size_t(h) * rg * E + rho * E + e];
-      for (int h = H; h < Hp; ++h) b[h] = 0.f;
+  ThreadPool& pool = *eng.pool;
+  const size_t rg = size_t(a.r_gu), rd = size_t(a.r_d);
+  if (rg > 0) {
+    if (I == Ip) {
+      v.At_gu = a.A_gu;
+    } else {
+      float* at_gu = static_cast<float*>(eng.l_at_gu.reserve(size_t(E) * rg * 2 * Ip * f));
+      pool.run(E, [&](int e, int) {
+        for (size_t rho = 0; rho < rg; ++rho) {
+          const float* src = a.A_gu + (size_t(e) * rg + rho) * 2 * I;
+          float* d = at_gu + (size_t(e) * rg + rho) * 2 * Ip;
+          std::memset(d, 0, size_t(2) * Ip * f);
+          std::memcpy(d, src, size_t(I) * f);
+          std::memcpy(d + Ip, src + I, size_t(I) * f);
+        }
+      });
+      v.At_gu = at_gu;
     }
-    for (size_t rho = 0; rho < rd; ++rho) {
-      float* d = at_d + (size_t(e) * rd + rho) * Hp;
-      std::memcpy(d, a.A_d + (size_t(e) * rd + rho) * H, size_t(H) * f);
-      for (int h = H; h < Hp; ++h) d[h] = 0.f;
-      float* b = bt_d + (size_t(e) * rd + rho) * Ip;
-      for (int i = 0; i < I; ++i) b[i] = a.B_d[size_t(i) * rd * E + rho * E + e];
-      for (int i = I; i < Ip; ++i) b[i] = 0.f;
+    float* bt_gu = static_cast<float*>(eng.l_bt_gu.reserve(size_t(E) * rg * Hp * f));
+    transpose_b_factor(pool, a.B_gu, H, int(rg) * E, bt_gu, Hp, E, int(rg));
+    v.Bt_gu = bt_gu;
+  }
+  if (rd > 0) {
+    if (H == Hp) {
+      v.At_d = a.A_d;
+    } else {
+      float* at_d = static_cast<float*>(eng.l_at_d.reserve(size_t(E) * rd * Hp * f));
+      pool.run(E, [&](int e, int) {
+        for (size_t rho = 0; rho < rd; ++rho) {
+          float* d = at_d + (size_t(e) * rd + rho) * Hp;
+          std::memcpy(d, a.A_d + (size_t(e) * rd + rho) * H, size_t(H) * f);
+          std::memset(d + H, 0, size_t(Hp - H) * f);
+        }
+      });
+      v.At_d = at_d;
     }
-  });
-  v.At_gu = at_gu;
-  v.Bt_gu = bt_gu;
-  v.At_d = at_d;
-  v.Bt_d = bt_d;
+    float* bt_d = static_cast<float*>(eng.l_bt_d.reserve(size_t(E) * rd * Ip * f));
+    transpose_b_factor(pool, a.B_d, I, int(rd) * E, bt_d, Ip, E, int(rd));
+    v.Bt_d = bt_d;
+  }
   return v;
 }
 
@@ -453,6 +507,7 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
 
   const size_t es = size_t(dtype_size(wtype_));
   const size_t rows = size_t(plan.rows);
+  PhaseClock clock(eng);
   ensure_scratch(eng, Hp_, Ip_, wtype_, wq_);
   ForwardBuffers fb{};
   fb.seg_start = plan.seg_start.data();
@@ -469,6 +524,7 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
   ThreadPool& pool = *eng.pool;
   const KernelTable* kt = eng.kt;
   gather_rows(pool, plan, x, const_cast<void*>(fb.xg), H_, Hp_, es);
+  clock.mark("forward: plan + gather");
   LoraView lv{};
   if (lo) {
     lv = repack_lora(eng, *lora, E_, H_, I_, Hp_, Ip_);
@@ -480,20 +536,26 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
     if (slot) std::memcpy(slot->x.reserve(size_t(T) * H_ * es), x, size_t(T) * H_ * es);
     if (lora->r_gu > 0)
       run_proj(pool, kt, L, plan, fb.xg, Hp_, Hp_, lora->r_gu, lv.Bt_gu, const_cast<float*>(fb.u_gu), nullptr);
+    clock.mark("forward: LoRA repack + x.B_gu");
   }
   std::vector<Task> tasks = make_tasks(plan, Ip_ / kBlock, wq_ ? kRowChunkInt8 : kRowChunk);
   pool.run(int(tasks.size()), [&](int i, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->gate_up(L, fb, tasks[size_t(i)], s);
   });
-  if (lo && lora->r_d > 0)
+  clock.mark("forward: gate_up GEMM + SiLU-GLU");
+  if (lo && lora->r_d > 0) {
     run_proj(pool, kt, L, plan, fb.act, Ip_, Ip_, lora->r_d, lv.Bt_d, const_cast<float*>(fb.q_d), nullptr);
+    clock.mark("forward: LoRA h.B_d");
+  }
   tasks = make_tasks(plan, Hp_ / kBlock, wq_ ? kRowChunkInt8 : kRowChunk);
   pool.run(int(tasks.size()), [&](int i, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->down(L, fb, tasks[size_t(i)], s);
   });
+  clock.mark("forward: down GEMM");
   sum_rows(pool, plan, fb.out_rows, y, H_, Hp_, wtype_);
+  clock.mark("forward: sum rows");
   return handle;
 }
 
@@ -562,6 +624,7 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
   const size_t es = size_t(dtype_size(wtype_));
   const size_t rows = size_t(plan.rows);
   const int ipb = Ip_ / kBlock;
+  PhaseClock clock(eng);
   ensure_scratch(eng, Hp_, Ip_, wtype_, wq_);
   BackwardBuffers bb{};
   bb.seg_start = plan.seg_start.data();
@@ -577,6 +640,7 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
   ThreadPool& pool = *eng.pool;
   const KernelTable* kt = eng.kt;
   gather_rows(pool, plan, dy, const_cast<void*>(bb.dyg), H_, Hp_, es);
+  clock.mark("backward: gather dy");
   LoraView lv{};
   const int rg = lo ? lora->r_gu : 0, rd = lo ? lora->r_d : 0;
   if (lo) {
@@ -598,18 +662,24 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
     eng.acc.resize(n);
     for (size_t wk = 0; wk < n; ++wk) eng.acc[wk].reserve(size_t(std::max(rg, rd)) * kBlock * sizeof(float));
     if (rd > 0) run_proj(pool, kt, L, plan, bb.dyg, Hp_, Hp_, rd, lv.At_d, const_cast<float*>(bb.dyA), nullptr);
+    clock.mark("backward: LoRA repack + dy.A_d");
   }
   std::vector<Task> tasks = make_tasks(plan, ipb, kRowChunkBwd);
   pool.run(int(tasks.size()), [&](int i, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->bwd_act(L, bb, tasks[size_t(i)], s);
   });
-  if (rg > 0) run_proj(pool, kt, L, plan, bb.dgu, 2 * Ip_, 2 * Ip_, rg, lv.At_gu, const_cast<float*>(bb.t_gu), nullptr);
+  clock.mark("backward: dy.W_down + dSiLU-GLU + dw");
+  if (rg > 0) {
+    run_proj(pool, kt, L, plan, bb.dgu, 2 * Ip_, 2 * Ip_, rg, lv.At_gu, const_cast<float*>(bb.t_gu), nullptr);
+    clock.mark("backward: LoRA dz.A_gu");
+  }
   tasks = make_tasks(plan, Hp_ / kBlock, kRowChunkBwd);
   pool.run(int(tasks.size()), [&](int i, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->bwd_input(L, bb, tasks[size_t(i)], s);
   });
+  clock.mark("backward: dz.W_gu (dx)");
   if (lo) {  // factor gradients: one task per (factor, expert, 32 columns); big experts first
     std::vector<GradTask> gt;
     std::vector<int> order(static_cast<size_t>(E_));
@@ -626,6 +696,7 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
       Scratch s = scratch_of(eng, wk);
       kt->lora_grad(L, bb, gt[size_t(i)], s);
     });
+    clock.mark("backward: LoRA factor gradients");
   }
   sum_rows(pool, plan, bb.dx_rows, dx, H_, Hp_, wtype_);
   for (size_t i = 0; i < size_t(plan.T) * plan.k; ++i) {
@@ -640,6 +711,22 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
     }
     dw[i] = s;
   }
+  clock.mark("backward: sum rows + dw");
+}
+
+void set_profiling(bool on) {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  eng.profiling = on;
+  eng.profile.clear();
+}
+
+std::vector<std::pair<std::string, PhaseStat>> take_profile() {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  std::vector<std::pair<std::string, PhaseStat>> out;
+  out.swap(eng.profile);
+  return out;
 }
 
 }  // namespace kt_sft

@@ -132,10 +132,19 @@ class MoELayer {
   uint64_t next_handle_ = 1;
 };
 
+// Wall time of one phase of forward/backward summed over calls (set_profiling).
+struct PhaseStat {
+  long calls = 0;
+  double seconds = 0.0;
+};
+
 // Process-wide engine settings.
 std::string select_isa(const std::string& isa);  // "" = best available; returns the chosen name
 std::string current_isa();
 void set_num_threads(int n);                     // 0 = KT_SFT_THREADS or physical cores
 int num_threads();
+// Phase profiling (off by default): on/off clears the table; take_profile returns it (by phase name) and clears it.
+void set_profiling(bool on);
+std::vector<std::pair<std::string, PhaseStat>> take_profile();
 
 }  // namespace kt_sft

@@ -360,3 +360,25 @@ def test_cuda_factors_round_trip():
     for t, r in zip(p.factors(), g_ref):
         assert t.grad.device.type == "cuda"
         _assert_close(t.grad.cpu(), r, 1.5e-2, "cuda factor grad")
+
+
+def test_phase_profile_names_every_phase_once_per_call():
+    """kt_sft.engine.phase_profile: each phase of a LoRA forward + backward, in execution order, one call each;
+    profiling stops (and records nothing) outside the block."""
+    layer, _, ids, w, x, dy, lora = _setup((8, 64, 96, 16, 2, "uniform", 8, 8), torch.float32)
+    with ke.phase_profile() as phases:
+        _, handle = layer.forward(x, ids, w, save_for_backward=True, lora=lora)
+        layer.backward(handle, dy, lora=lora)
+    assert list(phases) == [
+        "forward: plan + gather", "forward: LoRA repack + x.B_gu", "forward: gate_up GEMM + SiLU-GLU",
+        "forward: LoRA h.B_d", "forward: down GEMM", "forward: sum rows",
+        "backward: gather dy", "backward: LoRA repack + dy.A_d", "backward: dy.W_down + dSiLU-GLU + dw",
+        "backward: LoRA dz.A_gu", "backward: dz.W_gu (dx)", "backward: LoRA factor gradients",
+        "backward: sum rows + dw"]
+    assert all(calls == 1 and seconds >= 0 for calls, seconds in phases.values())
+    layer.forward(x, ids, w)
+    with ke.phase_profile() as frozen:
+        layer.forward(x, ids, w)
+    assert list(frozen) == ["forward: plan + gather", "forward: gate_up GEMM + SiLU-GLU", "forward: down GEMM",
+                            "forward: sum rows"]
+    assert all(calls == 1 for calls, _ in frozen.values())  # the forward before the block is not counted

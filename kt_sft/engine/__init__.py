@@ -6,10 +6,10 @@ ISA selection: `KT_SFT_ISA=scalar|avx2|avx512|amx` (default: best this CPU runs)
 from .autograd import MoEExpertsFunction, moe_experts
 from .layer import ExpertLayer
 from .lora import ExpertLoRA, ExpertLoRAGrads
-from .runtime import (available_isas, cpu_info, current_isa, isa_supported, num_threads, select_isa,
-                      set_num_threads, use_isa)
+from .runtime import (available_isas, cpu_info, current_isa, isa_supported, num_threads, phase_profile,
+                      select_isa, set_num_threads, use_isa)
 
 __all__ = [
     "ExpertLayer", "ExpertLoRA", "ExpertLoRAGrads", "MoEExpertsFunction", "moe_experts", "available_isas",
-    "cpu_info", "current_isa", "isa_supported", "num_threads", "select_isa", "set_num_threads", "use_isa",
+    "cpu_info", "current_isa", "isa_supported", "num_threads", "phase_profile", "select_isa", "set_num_threads", "use_isa",
 ]

@@ -54,3 +54,17 @@ def set_num_threads(n: int = 0) -> None:
 
 def num_threads() -> int:
     return _engine.num_threads()
+
+
+@contextlib.contextmanager
+def phase_profile() -> Iterator[dict]:
+    """Time the engine's phases (gather, each GEMM pass, LoRA pieces, sums) of every call inside the block.
+
+    Yields a dict that is filled at exit: {phase: (calls, seconds)}. Benchmarks use it for their breakdown."""
+    result: dict = {}
+    _engine.set_profiling(True)
+    try:
+        yield result
+    finally:
+        result.update({k: (int(c), float(t)) for k, (c, t) in _engine.take_profile().items()})
+        _engine.set_profiling(False)
