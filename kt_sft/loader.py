@@ -24,6 +24,7 @@ from transformers.core_model_loading import WeightRenaming, rename_source_key
 from transformers.conversion_mapping import get_model_conversion_mapping
 
 from . import engine
+from .models.chunked_loss import DEFAULT_CHUNK_TOKENS, check_chunk_tokens, install_chunked_loss
 from .models.experts import attach_engine, use_engine
 from .models.registry import MoEFamily, get_family
 
@@ -140,6 +141,7 @@ def load_model(
     expert_path: str | os.PathLike | None = None,
     chunk_size: int = 0,
     retain_activations: bool = True,
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ):
     """Load a Hugging Face MoE checkpoint directory with the routed experts on the CPU engine.
 
@@ -154,7 +156,12 @@ def load_model(
     chunk_size: most tokens per engine call (longer inputs are split; 0 = no limit).
     retain_activations: keep the experts' forward for gradient checkpointing's recompute pass (see
     kt_sft.models.experts); False runs the CPU experts again instead.
+    loss_chunk_tokens: in training (train mode, grad enabled, `labels` given) compute the causal-LM loss from
+    lm_head in chunks of this many tokens, each recomputed in backward, so the [tokens, vocab] logits are never
+    materialized (kt_sft.models.chunked_loss; same loss and gradients as stock). Such a forward returns
+    `logits=None`; eval, generate and label-less calls are stock. 0 = off (stock loss, full logits).
     """
+    loss_chunk_tokens = check_chunk_tokens(loss_chunk_tokens)
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json here; model_name_or_path must be a local Hugging Face "
@@ -213,6 +220,7 @@ def load_model(
                     raise type(err)(f"{key} in {shard.name}: {err}") from err
     _finish(model, family, layers, modules, weight_map, placer, device)
     use_engine(model.config)
+    install_chunked_loss(model, loss_chunk_tokens)
     model.kt_summary = _summary(layers, engine_dtype, device)
     logger.info(model.kt_summary)
     return model

@@ -69,6 +69,7 @@ class KTSettings:
     retain_activations: bool = True
     max_cache_depth: int = 4
     expert_path: Optional[str] = None
+    loss_chunk_tokens: Optional[int] = None  # None = load_model's default; 0 = stock loss with full logits
 
 
 def _is_ours(key: str) -> bool:
@@ -182,6 +183,8 @@ def resolve(keys: dict[str, Any], model_args, finetuning_args=None, training_arg
                 and finetuning_args.stage not in SUPPORTED_STAGES:
             raise KTConfigError(f"stage={finetuning_args.stage!r} with use_kt: supported stages are "
                                 f"{', '.join(SUPPORTED_STAGES)}")
+        if getattr(finetuning_args, "use_asft_loss", False):
+            settings.loss_chunk_tokens = 0  # ASFT reads the training forward's logits (labels passed along)
     if getattr(model_args, "quantization_bit", None) is not None:
         raise KTConfigError("quantization_bit with use_kt: the routed experts are already in CPU RAM; remove "
                             "quantization_bit (for int8 experts use kt_backend: AMXINT8)")

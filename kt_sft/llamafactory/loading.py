@@ -60,6 +60,7 @@ def load_for_llamafactory(path, kwargs: dict, model_args, settings: KTSettings, 
         chunk_size=settings.chunk_size,
         retain_activations=settings.retain_activations,
         progress=True,
+        **({} if settings.loss_chunk_tokens is None else {"loss_chunk_tokens": settings.loss_chunk_tokens}),
     )
     _logger().info_rank0(model.kt_summary)
     for adapter in getattr(model_args, "adapter_name_or_path", None) or []:
