@@ -23,6 +23,7 @@ retries with checkpointing and says so). The figures mean something on the devic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -186,6 +187,15 @@ def token_batches(args, vocab: int, count: int, device: torch.device) -> list[to
     return [torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(device) for _ in range(count)]
 
 
+def engine_phases(on: bool):
+    """The engine's per-phase wall times (kt_sft.engine.phase_profile) over one step, or an empty dict."""
+    if not on:
+        return contextlib.nullcontext({})
+    import kt_sft.engine as ke
+
+    return ke.phase_profile()
+
+
 def train(model, args, device: torch.device, checkpointing: bool, timer: EngineTimer | None) -> dict:
     if checkpointing:  # non-reentrant: kt-sft's retained forwards spare the experts the recompute
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -202,17 +212,20 @@ def train(model, args, device: torch.device, checkpointing: bool, timer: EngineT
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    walls, engine, losses = [], [], []
+    walls, engine, losses, phases = [], [], [], {}
     for i, ids in enumerate(batches[:-1]):
         if timer:
             timer.take()
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = step(ids)
+        with engine_phases(timer is not None and i >= args.warmup) as ph:
+            loss = step(ids)
         if device.type == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
+        for name, (_, seconds) in ph.items():  # summed over the timed steps; averaged below
+            phases[name] = phases.get(name, 0.0) + seconds
         losses.append(loss.item())
         log(f"  step {i + 1}/{len(batches) - 1}{' (warm-up)' if i < args.warmup else ''}: {wall * 1e3:.0f} ms, "
             f"loss {losses[-1]:.4f}")
@@ -231,6 +244,7 @@ def train(model, args, device: torch.device, checkpointing: bool, timer: EngineT
         res.update(experts_fwd_ms=mean_ms("forward"), experts_bwd_ms=mean_ms("backward"),
                    staging_ms=mean_ms("staging"), engine_calls=engine[-1]["calls"])
         res["experts_ms"] = res["experts_fwd_ms"] + res["experts_bwd_ms"]
+        res["engine_phases_ms"] = {k: 1e3 * v / len(engine) for k, v in phases.items()}
     if device.type == "cuda":
         res["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / GB
         res["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / GB
@@ -318,6 +332,8 @@ def report(results: dict, args) -> None:
         print(f"ours per step: CPU experts forward {ours['experts_fwd_ms']:.0f} ms + backward {ours['experts_bwd_ms']:.0f} "
               f"ms over {ours['engine_calls']} engine calls; staging (host wall, incl. waiting for queued GPU work) "
               f"{ours['staging_ms']:.0f} ms; engine {ours['engine']}")
+        inside = ", ".join(f"{name} {ms:.0f}" for name, ms in ours.get("engine_phases_ms", {}).items())
+        print(f"  engine phases per step (ms, all layers): {inside}")
     if ours:
         checks = [("tokens/s >= 1,500", ours.get("tokens_per_s"), lambda v: v >= TARGETS["tokens_per_s"], ".0f", 1),
                   ("peak GPU <= 6 GB", ours.get("peak_gpu_gb"), lambda v: v <= TARGETS["peak_gpu_gb"], ".2f", 1),

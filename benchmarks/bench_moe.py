@@ -16,6 +16,7 @@ fp32 factors, factor gradients included in bwd) and the LoRA overhead (frozen-on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -100,51 +101,57 @@ def make_lora(a: argparse.Namespace, rank: int) -> ke.ExpertLoRA:
     return ke.ExpertLoRA(A_gu, B_gu, A_d, B_d, scale_gu=2.0, scale_d=2.0)
 
 
-def bench_engine(a, gate_up, down, ids, w, x, dy, lora=None, layer=None):
-    layer = layer or ke.ExpertLayer.from_fused(gate_up, down, dtype=torch.bfloat16)
-    if a.profile:  # the breakdown is taken over the timed calls only, printed after the row
-        with ke.phase_profile():
-            res = _bench_engine(a, layer, ids, w, x, dy, lora)
-        with ke.phase_profile() as phases:
-            _bench_engine(a, layer, ids, w, x, dy, lora, warm=False)
-        res[2]["phases"] = phases
-        return res
-    return _bench_engine(a, layer, ids, w, x, dy, lora)
+class EngineVariant:
+    """One engine configuration (layer + optional LoRA) timed in forward/backward pairs."""
 
+    def __init__(self, name: str, layer: ke.ExpertLayer, lora=None) -> None:
+        self.name, self.layer, self.lora = name, layer, lora
+        self.fwd, self.bwd, self.phases, self.state = [], [], {}, {}
 
-def print_phases(state: dict) -> None:
-    for name, (calls, seconds) in state.get("phases", {}).items():
-        per_call = seconds / max(1, calls) * 1e3
-        print(f"    {name:<42} {per_call:8.1f} ms/call")
-
-
-def _bench_engine(a, layer, ids, w, x, dy, lora, warm=True):
-    state = {}
-
-    def fwd():
-        state["y"], state["h"] = layer.forward(x, ids, w, save_for_backward=True, lora=lora)
-
-    def bwd():
-        out = layer.backward(state["h"], dy, lora=lora)
-        state["dx"], state["dw"] = out[0], out[1]
-
-    # First use of every saved slot (page faults on ~140 MB of activations each) stays out of the timings: the
-    # timed forwards below run without their backward, so each takes a fresh slot. A forward-backward pair alone
-    # would touch only one slot, since backward frees it.
-    if warm:
-        handles = [layer.forward(x, ids, w, save_for_backward=True, lora=lora)[1] for _ in range(layer.max_saved)]
+    def warm(self, x, ids, w, dy) -> None:
+        # First use of every saved slot (page faults on ~140 MB of activations each) stays out of the timings:
+        # a forward-backward pair alone would touch only one slot, since backward frees it.
+        handles = [self.layer.forward(x, ids, w, save_for_backward=True, lora=self.lora)[1]
+                   for _ in range(self.layer.max_saved)]
         for h in handles:
-            layer.release(h)
-        fwd()
-        bwd()
-    t_fwd = timed(fwd, a.iters, a.warmup)
-    times = []
-    for _ in range(a.iters):  # every backward needs its own forward
-        fwd()
-        t0 = time.perf_counter()
-        bwd()
-        times.append(time.perf_counter() - t0)
-    return t_fwd, statistics.median(times), state, layer
+            self.layer.release(h)
+        self.pair(x, ids, w, dy, record=False)
+
+    def pair(self, x, ids, w, dy, record: bool = True, profile: bool = False) -> None:
+        with ke.phase_profile() if profile else contextlib.nullcontext({}) as phases:
+            t0 = time.perf_counter()
+            y, handle = self.layer.forward(x, ids, w, save_for_backward=True, lora=self.lora)
+            t1 = time.perf_counter()
+            out = self.layer.backward(handle, dy, lora=self.lora)
+            t2 = time.perf_counter()
+        self.state.update(y=y, dx=out[0], dw=out[1])
+        if record:
+            self.fwd.append(t1 - t0)
+            self.bwd.append(t2 - t1)
+            for name, (calls, seconds) in phases.items():
+                c, t = self.phases.get(name, (0, 0.0))
+                self.phases[name] = (c + calls, t + seconds)
+
+    def medians(self) -> tuple[float, float]:
+        return statistics.median(self.fwd), statistics.median(self.bwd)
+
+
+def bench_engines(a, variants: list[EngineVariant], ids, w, x, dy) -> None:
+    """Every variant's forward/backward pairs interleaved round by round, so slow drifts of the machine (clock,
+    neighbours) hit all variants alike and their ratios stay fair; medians over `iters` rounds."""
+    for v in variants:
+        v.warm(x, ids, w, dy)
+    for _ in range(a.warmup):
+        for v in variants:
+            v.pair(x, ids, w, dy, record=False)
+    for _ in range(a.iters):
+        for v in variants:
+            v.pair(x, ids, w, dy, profile=a.profile)
+
+
+def print_phases(v: EngineVariant) -> None:
+    for name, (calls, seconds) in v.phases.items():
+        print(f"    {name:<42} {seconds / max(1, calls) * 1e3:8.1f} ms/call")
 
 
 def bench_naive(a, gate_up, down, ids, w, x, dy):
@@ -186,37 +193,43 @@ def main() -> None:
     info = ke.cpu_info()
     print(f"cpu: {info['model']} | engine isa={ke.current_isa()} threads={threads} | torch {torch.__version__} "
           f"threads={torch.get_num_threads()}")
-    print(f"shape: E={E} k={k} H={H} I={I} T={T}{' skewed' if a.skewed else ''} | iters={a.iters} (median)")
+    print(f"shape: E={E} k={k} H={H} I={I} T={T}{' skewed' if a.skewed else ''} | iters={a.iters} rounds (median)")
     inputs = make_inputs(a)
     flops = 6.0 * T * k * H * I
     header = f"{'':<22} {'fwd ms':>9} {'bwd ms':>9} {'fwd TF/s':>8} {'bwd TF/s':>8} {'tokens/s':>11}"
-    ours = bench_engine(a, *inputs)
-    print(header)
-    print(row(f"kt-sft ({ke.current_isa()})", ours[0], ours[1], flops, T))
-    print_phases(ours[2])
+    gate_up, down, ids, w, x, dy = inputs
+    frozen = EngineVariant(f"kt-sft ({ke.current_isa()})", ke.ExpertLayer.from_fused(gate_up, down, dtype=torch.bfloat16))
+    variants = [frozen]
     if a.lora_rank > 0:
-        lo = bench_engine(a, *inputs, lora=make_lora(a, a.lora_rank), layer=ours[3])
-        print(row(f"kt-sft + LoRA r={a.lora_rank}", lo[0], lo[1], flops, T))
-        print_phases(lo[2])
-        print(f"LoRA overhead (frozen-only tokens/s / with-LoRA tokens/s): {(lo[0] + lo[1]) / (ours[0] + ours[1]):.3f}x "
-              f"(fwd {lo[0] / ours[0]:.3f}x, bwd {lo[1] / ours[1]:.3f}x); TF/s columns count the frozen flops only")
+        variants.append(EngineVariant(f"kt-sft + LoRA r={a.lora_rank}", frozen.layer, make_lora(a, a.lora_rank)))
     if a.int8:
-        q = bench_engine(a, *inputs, layer=ke.ExpertLayer.from_fused(inputs[0], inputs[1], dtype=torch.bfloat16,
-                                                                      weights="int8"))
-        print(row(f"kt-sft int8 weights", q[0], q[1], flops, T))
-        print_phases(q[2])
-        print(f"int8 / bf16 weights: tokens/s {(ours[0] + ours[1]) / (q[0] + q[1]):.3f}x "
-              f"(fwd {ours[0] / q[0]:.3f}x, bwd {ours[1] / q[1]:.3f}x); weight memory "
-              f"{q[3].packed_bytes / 2**30:.2f} GiB vs {ours[3].packed_bytes / 2**30:.2f} GiB")
+        variants.append(EngineVariant("kt-sft int8 weights", ke.ExpertLayer.from_fused(
+            gate_up, down, dtype=torch.bfloat16, weights="int8")))
+    bench_engines(a, variants, ids, w, x, dy)
+    print(header)
+    for v in variants:
+        print(row(v.name, *v.medians(), flops, T))
+        print_phases(v)
+    f_fwd, f_bwd = frozen.medians()
+    for v in variants[1:]:
+        v_fwd, v_bwd = v.medians()
+        if v.lora is not None:
+            print(f"LoRA overhead (frozen-only tokens/s / with-LoRA tokens/s): {(v_fwd + v_bwd) / (f_fwd + f_bwd):.3f}x "
+                  f"(fwd {v_fwd / f_fwd:.3f}x, bwd {v_bwd / f_bwd:.3f}x); TF/s columns count the frozen flops only")
+        else:
+            print(f"int8 / bf16 weights: tokens/s {(f_fwd + f_bwd) / (v_fwd + v_bwd):.3f}x "
+                  f"(fwd {f_fwd / v_fwd:.3f}x, bwd {f_bwd / v_bwd:.3f}x); weight memory "
+                  f"{v.layer.packed_bytes / 2**30:.2f} GiB vs {frozen.layer.packed_bytes / 2**30:.2f} GiB")
     if a.no_baseline:
         return
     base = bench_naive(a, *inputs)
     print(row("naive torch loop", base[0], base[1], flops, T))
-    diff = (ours[2]["y"].float() - base[2]["y"].float()).norm() / base[2]["y"].float().norm()
-    ddx = (ours[2]["dx"].float() - base[2]["dx"].float()).norm() / base[2]["dx"].float().norm()
+    ours_y, ours_dx = frozen.state["y"].float(), frozen.state["dx"].float()
+    diff = (ours_y - base[2]["y"].float()).norm() / base[2]["y"].float().norm()
+    ddx = (ours_dx - base[2]["dx"].float()).norm() / base[2]["dx"].float().norm()
     print(f"agreement with the naive loop: rel diff y {diff:.2e}, dx {ddx:.2e}")
-    print(f"ratio (ours / naive tokens/s): {(base[0] + base[1]) / (ours[0] + ours[1]):.2f}x "
-          f"(fwd {base[0] / ours[0]:.2f}x, bwd {base[1] / ours[1]:.2f}x)")
+    print(f"ratio (ours / naive tokens/s): {(base[0] + base[1]) / (f_fwd + f_bwd):.2f}x "
+          f"(fwd {base[0] / f_fwd:.2f}x, bwd {base[1] / f_bwd:.2f}x)")
 
 
 if __name__ == "__main__":

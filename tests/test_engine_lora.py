@@ -370,9 +370,10 @@ def test_phase_profile_names_every_phase_once_per_call():
         _, handle = layer.forward(x, ids, w, save_for_backward=True, lora=lora)
         layer.backward(handle, dy, lora=lora)
     assert list(phases) == [
-        "forward: plan + gather", "forward: LoRA repack + x.B_gu", "forward: gate_up GEMM + SiLU-GLU",
+        "forward: plan + gather", "forward: LoRA repack + save x", "forward: LoRA x.B_gu",
+        "forward: gate_up GEMM + SiLU-GLU",
         "forward: LoRA h.B_d", "forward: down GEMM", "forward: sum rows",
-        "backward: gather dy", "backward: LoRA repack + dy.A_d", "backward: dy.W_down + dSiLU-GLU + dw",
+        "backward: gather dy", "backward: LoRA repack", "backward: LoRA dy.A_d", "backward: dy.W_down + dSiLU-GLU + dw",
         "backward: LoRA dz.A_gu", "backward: dz.W_gu (dx)", "backward: LoRA factor gradients",
         "backward: sum rows + dw"]
     assert all(calls == 1 and seconds >= 0 for calls, seconds in phases.values())

@@ -52,11 +52,13 @@ class PinnedStaging:
         """Host tensor -> device via a pinned buffer; the copy runs asynchronously on the current stream.
         `host` may already be that buffer (the engine wrote into it): then nothing is copied on the host."""
         pinned = self._buffers.get(name)
-        if pinned is None or host.data_ptr() != pinned.data_ptr():
+        if host.is_pinned():
+            # The staging buffer itself, or an engine output from the caching pinned allocator (layer.py): copied
+            # as it is. That allocator records the copy's event, so the block is not reused before the copy ends.
+            pinned = host
+        elif pinned is None or host.data_ptr() != pinned.data_ptr():
             pinned = self.buffer(name, tuple(host.shape), host.dtype)
             pinned.copy_(host)
-        else:
-            pinned = host
         out = torch.empty(host.shape, dtype=host.dtype, device=device)
         out.copy_(pinned, non_blocking=True)
         ev = torch.cuda.Event()

@@ -17,15 +17,16 @@ from .lora import ExpertLoRA, ExpertLoRAGrads
 PROJECTIONS = {"gate": 0, "up": 1, "down": 2}
 
 
-def _factor_grad_buffer(factor: torch.Tensor) -> torch.Tensor:
-    """A fresh tensor for one LoRA factor's gradient (written in full by the engine).
+def _host_output(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A fresh host tensor for an engine output (y, dx, dw, LoRA factor gradients), written in full by the engine.
 
-    Each backward returns new gradients (autograd may keep them as `.grad`), ~17 MB per V2-Lite layer at r=8.
-    From plain malloc they arrive as fresh pages, and first-touching them cost thousands of page faults per call.
-    Where CUDA is present, torch's caching pinned-host allocator hands back blocks the previous step freed instead."""
+    Each call returns new tensors (autograd may keep them), 16 MB for y or dx of a 4096-token V2-Lite layer. From
+    plain malloc they arrive as fresh pages, and first-touching them cost thousands of page faults per call.
+    Where CUDA is present, torch's caching pinned-host allocator hands back blocks a previous call freed instead,
+    and the copy to the GPU then reads them directly (kt_sft.engine.autograd)."""
     if torch.cuda.is_available():
-        return torch.empty(factor.shape, dtype=factor.dtype, pin_memory=True)
-    return torch.empty_like(factor)
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    return torch.empty(shape, dtype=dtype)
 
 
 class ExpertLayer:
@@ -145,7 +146,7 @@ class ExpertLayer:
         if out is not None:
             check_tensor("out", out, dtype=self.dtype, shape=(T, self.hidden_size))
         largs = self._lora_args(lora)
-        y = out if out is not None else torch.empty(T, self.hidden_size, dtype=self.dtype)
+        y = out if out is not None else _host_output((T, self.hidden_size), self.dtype)
         handle = self._layer.forward(T, k, x.data_ptr(), topk_ids.data_ptr(), topk_weights.data_ptr(), y.data_ptr(),
                                      bool(save_for_backward), **largs)
         return y, handle
@@ -166,11 +167,11 @@ class ExpertLayer:
         if lora is not None and tuple(largs["lora_ranks"]) != saved:
             raise ValueError(f"backward: lora ranks (gate_up={largs['lora_ranks'][0]}, down={largs['lora_ranks'][1]})"
                              f" differ from the forward's (gate_up={saved[0]}, down={saved[1]})")
-        dx = torch.empty(T, self.hidden_size, dtype=self.dtype)
-        dw = torch.empty(T, k, dtype=torch.float32)
+        dx = _host_output((T, self.hidden_size), self.dtype)
+        dw = _host_output((T, k), torch.float32)
         grads = None
         if lora is not None:
-            grads = ExpertLoRAGrads(*(None if t is None else _factor_grad_buffer(t) for t in lora.factors()))
+            grads = ExpertLoRAGrads(*(None if t is None else _host_output(t.shape, t.dtype) for t in lora.factors()))
             largs["lora_grads"] = [0 if g is None else g.data_ptr() for g in grads]
         self._layer.backward(int(handle), T, k, dy.data_ptr(), dx.data_ptr(), dw.data_ptr(), **largs)
         return (dx, dw) if grads is None else (dx, dw, grads)
