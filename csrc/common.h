@@ -156,7 +156,10 @@ struct BackwardBuffers {
   const float* q_d;          // [rows][r_d]  saved h.B_d
   const float* dyA;          // [rows][r_d]  dy.A_d^T (unweighted)
   const float* t_gu;         // [rows][r_gu] dz.A_gu^T
-  void* h;                   // [rows][Ip] silu(g)*u as the down GEMM consumed it (wtype), from bwd_act
+  void* h;                   // [rows][Ip] silu(g)*u as the down GEMM consumed it (wtype), from bwd_act; null
+                             // when fuse_grads (bwd_act then uses it in place)
+  bool fuse_grads;           // bwd_act also writes dA_gu and dB_d (kinds 0 and 3) of its expert x 32 columns:
+                             // set when each bwd_act task holds all rows of its expert and K is not chunked
   float* gA_gu;              // [r_gu*E][2I]  PEFT layouts, every element written
   float* gB_gu;              // [H][r_gu*E]
   float* gA_d;               // [r_d*E][H]

@@ -18,6 +18,7 @@ constexpr int kRowChunkInt8 = 1024; // int8 layers: each forward task dequantize
 constexpr int kRowChunkBwd = 2048;  // backward tasks repack their weight block first: fewer, longer tasks
 static_assert(kRowChunk <= kMaxTaskRows && kRowChunkInt8 <= kMaxTaskRows && kRowChunkBwd <= kMaxTaskRows,
               "K-chunked tasks keep all their rows' C in the per-worker scratch");
+constexpr int kWholeSegment = 1 << 30;  // a row chunk no expert reaches: one task per expert x block
 constexpr int kTokenChunk = 32;   // tokens per gather / reduce task
 
 struct Engine {
@@ -664,19 +665,23 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
     bb.q_d = static_cast<const float*>(slot->q_d.get());
     bb.dyA = static_cast<float*>(eng.l_dya.reserve(std::max<size_t>(1, rows * rd * sizeof(float))));
     bb.t_gu = static_cast<float*>(eng.l_tgu.reserve(std::max<size_t>(1, rows * rg * sizeof(float))));
-    bb.h = rd > 0 ? eng.l_h.reserve(rows * Ip_ * es) : nullptr;
+    // Fused factor gradients (moe_tasks.inc, bwd_act) need one bwd_act task per expert x block, and 32-row
+    // groups (K not chunked); otherwise bwd_act keeps h and separate tasks sum every factor gradient.
+    bb.fuse_grads = eng.kchunk == 0;
+    bb.h = rd > 0 && !bb.fuse_grads ? eng.l_h.reserve(rows * Ip_ * es) : nullptr;
     bb.gA_gu = grads->A_gu;
     bb.gB_gu = grads->B_gu;
     bb.gA_d = grads->A_d;
     bb.gB_d = grads->B_d;
     const size_t n = size_t(pool.size());
     eng.acc.resize(n);
-    for (size_t wk = 0; wk < n; ++wk) eng.acc[wk].reserve(size_t(std::max(rg, rd)) * kBlock * sizeof(float));
+    const size_t acc_floats = std::max<size_t>(size_t(std::max(rg, rd)), size_t(2 * rg + rd)) * kBlock;
+    for (size_t wk = 0; wk < n; ++wk) eng.acc[wk].reserve(acc_floats * sizeof(float));
     clock.mark("backward: LoRA repack");
     if (rd > 0) run_proj(pool, kt, L, plan, bb.dyg, Hp_, Hp_, rd, lv.At_d, const_cast<float*>(bb.dyA), nullptr);
     clock.mark("backward: LoRA dy.A_d");
   }
-  std::vector<Task> tasks = make_tasks(plan, ipb, kRowChunkBwd);
+  std::vector<Task> tasks = make_tasks(plan, ipb, bb.fuse_grads ? kWholeSegment : kRowChunkBwd);
   pool.run(int(tasks.size()), [&](int i, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->bwd_act(L, bb, tasks[size_t(i)], s);
@@ -703,7 +708,8 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
     for (int e : order)
       for (int kind = 0; kind < 4; ++kind)
         if ((kind < 2 ? rg : rd) > 0)
-          for (int b = 0; b < nb[kind]; ++b) gt.push_back(GradTask{kind, e, b});
+          if (!bb.fuse_grads || kind == 1 || kind == 2 || plan.count[size_t(e)] == 0)  // empty experts: zeros
+            for (int b = 0; b < nb[kind]; ++b) gt.push_back(GradTask{kind, e, b});
     pool.run(int(gt.size()), [&](int i, int wk) {
       Scratch s = scratch_of(eng, wk);
       kt->lora_grad(L, bb, gt[size_t(i)], s);

@@ -1,6 +1,8 @@
 """K-chunked task GEMMs (moe_tasks.inc `gemm_rows`; the AMX unit's default, KT_SFT_KCHUNK for any path): the
 kernels store and reload their fp32 accumulators between chunks, so every output must be *bitwise* that of the
 one-pass GEMM, on every path, for bf16 / fp32 / int8 layers, with and without expert LoRA.
+With LoRA this also pins the fused factor gradients (moe_tasks.inc, bwd_act with fuse_grads: dA_gu and dB_d summed
+inside bwd_act, only when K is not chunked) to the separate lora_grad pass that chunked runs use: bit for bit.
 
 The chunk is read once per process (at engine start), so each setting runs in its own subprocess.
 """
