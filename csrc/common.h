@@ -152,6 +152,7 @@ struct BackwardBuffers {
   const int* count;          // [E] routed rows per expert
   const int* row_token;      // [rows] token of each gathered row
   const void* x;             // [T][H] saved layer input (wtype)
+  const void* dy;            // [T][H] output gradient as passed in (wtype)
   const float* u_gu;         // [rows][r_gu] saved x.B_gu
   const float* q_d;          // [rows][r_d]  saved h.B_d
   const float* dyA;          // [rows][r_d]  dy.A_d^T (unweighted)

@@ -661,6 +661,7 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
     bb.count = plan.count.data();
     bb.row_token = plan.row_token.data();
     bb.x = slot->x.get();
+    bb.dy = dy;
     bb.u_gu = static_cast<const float*>(slot->u_gu.get());
     bb.q_d = static_cast<const float*>(slot->q_d.get());
     bb.dyA = static_cast<float*>(eng.l_dya.reserve(std::max<size_t>(1, rows * rd * sizeof(float))));
