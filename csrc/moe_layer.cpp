@@ -676,8 +676,8 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
     bb.gB_d = grads->B_d;
     const size_t n = size_t(pool.size());
     eng.acc.resize(n);
-    const size_t acc_floats = std::max<size_t>(size_t(std::max(rg, rd)), size_t(2 * rg + rd)) * kBlock;
-    for (size_t wk = 0; wk < n; ++wk) eng.acc[wk].reserve(acc_floats * sizeof(float));
+    // [r][32] per lora_grad block, or a fused bwd_act task's [r_gu][64] + [r_d][32] sums
+    for (size_t wk = 0; wk < n; ++wk) eng.acc[wk].reserve(size_t(2 * rg + rd) * kBlock * sizeof(float));
     clock.mark("backward: LoRA repack");
     if (rd > 0) run_proj(pool, kt, L, plan, bb.dyg, Hp_, Hp_, rd, lv.At_d, const_cast<float*>(bb.dyA), nullptr);
     clock.mark("backward: LoRA dy.A_d");
