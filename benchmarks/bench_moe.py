@@ -12,11 +12,17 @@ Reported per layer: fwd ms, bwd ms, TFLOPS (fwd and bwd each do 6*T*k*H*I flops)
 fp32 factors, factor gradients included in bwd) and the LoRA overhead (frozen-only tokens/s / with-LoRA tokens/s).
 --int8 adds a row for the same layer with int8 weights (per-channel scales, computed in bf16) and its weight memory.
 --profile prints the engine's per-phase wall times (kt_sft.engine.phase_profile) under each engine row.
+--against DIR adds a row for the engine of another kt-sft checkout (built in place, e.g. a `git worktree` of the
+previous commit), loaded under another package name and interleaved with ours: an A/B of two builds in one
+process, where the host's drift (±15 % between processes on the device) cannot masquerade as a kernel change.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
+import pathlib
+import sys
 import statistics
 import time
 
@@ -42,6 +48,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--small", action="store_true", help="E=8 k=2 H=256 I=192 T=256: a quick run")
     p.add_argument("--int8", action="store_true", help="also time the layer with int8 weights (kt_backend AMXINT8)")
     p.add_argument("--profile", action="store_true", help="per-phase engine times (ms per call) after each row")
+    p.add_argument("--against", metavar="DIR", action="append", default=[],
+                   help="kt-sft checkout (built in place) whose engine runs interleaved with ours (repeatable)")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="also time the engine with expert LoRA of this rank on gate_up and down (0 = off)")
     args = p.parse_args()
@@ -104,8 +112,8 @@ def make_lora(a: argparse.Namespace, rank: int) -> ke.ExpertLoRA:
 class EngineVariant:
     """One engine configuration (layer + optional LoRA) timed in forward/backward pairs."""
 
-    def __init__(self, name: str, layer: ke.ExpertLayer, lora=None) -> None:
-        self.name, self.layer, self.lora = name, layer, lora
+    def __init__(self, name: str, layer: ke.ExpertLayer, lora=None, engine=ke) -> None:
+        self.name, self.layer, self.lora, self.engine = name, layer, lora, engine
         self.fwd, self.bwd, self.phases, self.state = [], [], {}, {}
 
     def warm(self, x, ids, w, dy) -> None:
@@ -118,7 +126,7 @@ class EngineVariant:
         self.pair(x, ids, w, dy, record=False)
 
     def pair(self, x, ids, w, dy, record: bool = True, profile: bool = False) -> None:
-        with ke.phase_profile() if profile else contextlib.nullcontext({}) as phases:
+        with self.engine.phase_profile() if profile else contextlib.nullcontext({}) as phases:
             t0 = time.perf_counter()
             y, handle = self.layer.forward(x, ids, w, save_for_backward=True, lora=self.lora)
             t1 = time.perf_counter()
@@ -134,6 +142,19 @@ class EngineVariant:
 
     def medians(self) -> tuple[float, float]:
         return statistics.median(self.fwd), statistics.median(self.bwd)
+
+
+def load_other_engine(checkout: str, name: str):
+    """kt_sft.engine of another checkout, imported as package `name` (its own extension module, thread pool and
+    ISA choice), so several builds live in this process."""
+    init = pathlib.Path(checkout, "kt_sft", "__init__.py")
+    if not init.is_file():
+        raise SystemExit(f"--against {checkout}: no kt_sft/__init__.py there (a kt-sft checkout built in place)")
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules[name] = pkg
+    spec.loader.exec_module(pkg)
+    return importlib.import_module(f"{name}.engine")
 
 
 def bench_engines(a, variants: list[EngineVariant], ids, w, x, dy) -> None:
@@ -200,6 +221,14 @@ def main() -> None:
     gate_up, down, ids, w, x, dy = inputs
     frozen = EngineVariant(f"kt-sft ({ke.current_isa()})", ke.ExpertLayer.from_fused(gate_up, down, dtype=torch.bfloat16))
     variants = [frozen]
+    for i, checkout in enumerate(a.against):
+        other = load_other_engine(checkout, f"kt_sft_against{i}")
+        if a.isa:
+            other.select_isa(a.isa)
+        other.set_num_threads(threads)
+        label = pathlib.Path(checkout).resolve().name[:12]
+        variants.append(EngineVariant(f"{label} ({other.current_isa()})", other.ExpertLayer.from_fused(
+            gate_up, down, dtype=torch.bfloat16), engine=other))
     if a.lora_rank > 0:
         variants.append(EngineVariant(f"kt-sft + LoRA r={a.lora_rank}", frozen.layer, make_lora(a, a.lora_rank)))
     if a.int8:
@@ -213,7 +242,10 @@ def main() -> None:
     f_fwd, f_bwd = frozen.medians()
     for v in variants[1:]:
         v_fwd, v_bwd = v.medians()
-        if v.lora is not None:
+        if v.engine is not ke:
+            print(f"ours / {v.name} tokens/s: {(v_fwd + v_bwd) / (f_fwd + f_bwd):.3f}x "
+                  f"(fwd {v_fwd / f_fwd:.3f}x, bwd {v_bwd / f_bwd:.3f}x)")
+        elif v.lora is not None:
             print(f"LoRA overhead (frozen-only tokens/s / with-LoRA tokens/s): {(v_fwd + v_bwd) / (f_fwd + f_bwd):.3f}x "
                   f"(fwd {v_fwd / f_fwd:.3f}x, bwd {v_bwd / f_bwd:.3f}x); TF/s columns count the frozen flops only")
         else:

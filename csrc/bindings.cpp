@@ -100,7 +100,8 @@ PYBIND11_MODULE(_engine, m) {
       },
       "{phase: (calls, seconds)} since set_profiling / the last take_profile, then cleared");
 
-  py::class_<MoELayer>(m, "MoELayer")
+  // module_local: two builds of the engine can live in one process (benchmarks/bench_moe.py --against).
+  py::class_<MoELayer>(m, "MoELayer", py::module_local())
       .def(py::init([](int E, int H, int I, const std::string& dtype, const std::string& activation, int max_saved,
                        const std::string& weights) {
              if (activation != "silu") throw std::invalid_argument("activation '" + activation + "' is not implemented (expected 'silu')");

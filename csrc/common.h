@@ -93,7 +93,19 @@ struct LayerView {
   const float* up_s;                    // [E][Ip]
   const float* down_s;                  // [E][Hp]
   int kchunk;                           // K chunk of the task GEMMs (0 = one pass; moe_tasks.inc, gemm_rows)
+  // Row strides (elements) of the gathered GEMM inputs: xg and dyg (K = Hp), act (Ip), dgu (2*Ip). See
+  // padded_row_stride: a 32-row tile of A then spans 32 different L1 sets.
+  int ldx, ld_act, ld_dgu;
 };
+
+// Row stride for a gathered [rows][K] GEMM input (K a multiple of kBlock): K, plus one 32-element unit when
+// K / 32 is even. With an even number of 64-byte lines per bf16 row (K = 2048: 64 lines, exactly 4 KiB),
+// the 16 or 32 rows a tile load touches map to a few L1 sets (all to one for 4 KiB) and evict each other and
+// the prefetched lines of the next k step; with an odd number they fall in distinct sets.
+#ifndef KT_PAD_ROWS
+#define KT_PAD_ROWS 1  // a build-time knob for A/B runs (0 = rows K apart)
+#endif
+inline int padded_row_stride(int K) { return KT_PAD_ROWS && (K / kBlock) % 2 == 0 ? K + kBlock : K; }
 
 struct Task { int expert, block, row0, rows; };  // rows [row0, row0+rows) of the expert's segment
 
@@ -128,8 +140,8 @@ struct GradTask { int kind, expert, block; };
 struct ForwardBuffers {
   const int* seg_start;      // [E] first row of each expert's segment in the gathered buffers
   const float* row_weight;   // [rows] routing weight of each gathered row
-  const void* xg;            // [rows][Hp] gathered input (wtype)
-  void* act;                 // [rows][Ip] silu(gate)*up (wtype), input of the down GEMM
+  const void* xg;            // [rows][ldx] gathered input (wtype), K = Hp
+  void* act;                 // [rows][ld_act] silu(gate)*up (wtype), input of the down GEMM
   void* gate_out;            // [rows][Ip] saved gate pre-activation (wtype) or null
   void* up_out;              // [rows][Ip] saved up pre-activation (wtype) or null
   float* out_rows;           // [rows][Hp] routing-weighted expert outputs (f32)
@@ -141,11 +153,11 @@ struct ForwardBuffers {
 struct BackwardBuffers {
   const int* seg_start;
   const float* row_weight;
-  const void* dyg;           // [rows][Hp] gathered output gradient (wtype), unweighted
+  const void* dyg;           // [rows][ldx] gathered output gradient (wtype), unweighted
   const void* gate_in;       // [rows][Ip] saved gate pre-activation
   const void* up_in;         // [rows][Ip] saved up pre-activation
   float* dw_part;            // [rows][Ip/32] partial <dy, expert_out> per output block
-  void* dgu;                 // [rows][2*Ip] (d gate | d up) (wtype)
+  void* dgu;                 // [rows][ld_dgu] (d gate | d up) (wtype), 2*Ip used
   float* dx_rows;            // [rows][Hp] input gradient per gathered row (f32)
   // LoRA only (lora == null otherwise):
   const LoraView* lora;

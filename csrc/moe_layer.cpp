@@ -234,14 +234,16 @@ void parallel_copy(ThreadPool& pool, void* dst, const void* src, size_t bytes) {
   });
 }
 
-// Copies token rows (H elements, wtype) into their k gathered rows, zeroing the K padding.
-void gather_rows(ThreadPool& pool, const RoutingPlan& plan, const void* src, void* dst, int H, int Hp, size_t es) {
+// Copies token rows (H elements, wtype) into their k gathered rows (ld elements apart), zeroing the K padding
+// up to Hp (the stride padding past Hp is never read).
+void gather_rows(ThreadPool& pool, const RoutingPlan& plan, const void* src, void* dst, int H, int Hp, int ld,
+                 size_t es) {
   const int chunks = (plan.T + kTokenChunk - 1) / kTokenChunk;
   pool.run(chunks, [&](int chunk, int) {
     const int t1 = std::min(plan.T, (chunk + 1) * kTokenChunk);
     for (int t = chunk * kTokenChunk; t < t1; ++t)
       for (int j = 0; j < plan.k; ++j) {
-        char* d = static_cast<char*>(dst) + size_t(plan.row_of[size_t(t) * plan.k + j]) * Hp * es;
+        char* d = static_cast<char*>(dst) + size_t(plan.row_of[size_t(t) * plan.k + j]) * ld * es;
         std::memcpy(d, static_cast<const char*>(src) + size_t(t) * H * es, size_t(H) * es);
         std::memset(d + size_t(H) * es, 0, size_t(Hp - H) * es);
       }
@@ -363,7 +365,8 @@ MoELayer::MoELayer(int experts, int hidden, int intermediate, int wtype, int act
 LayerView MoELayer::view() const {
   return LayerView{E_, H_, I_, Hp_, Ip_, wtype_, gate_.get(), up_.get(), down_.get(), expert_elems_, wq_ ? 1 : 0,
                    static_cast<const float*>(gate_s_.get()), static_cast<const float*>(up_s_.get()),
-                   static_cast<const float*>(down_s_.get())};
+                   static_cast<const float*>(down_s_.get()), 0, padded_row_stride(Hp_),
+                   padded_row_stride(Ip_), padded_row_stride(2 * Ip_)};
 }
 
 void MoELayer::set_weights(int which, int e0, int n, const void* src, int src_dtype, int64_t s_e, int64_t s_r,
@@ -523,18 +526,18 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
   ForwardBuffers fb{};
   fb.seg_start = plan.seg_start.data();
   fb.row_weight = plan.row_weight.data();
-  fb.xg = eng.xg.reserve(rows * Hp_ * es);
-  fb.act = eng.act.reserve(rows * 2 * Ip_ * es);
+  LayerView L = view();
+  L.kchunk = eng.kchunk;
+  fb.xg = eng.xg.reserve(rows * L.ldx * es);
+  fb.act = eng.act.reserve(rows * L.ld_dgu * es);  // the backward's dgu reuses this buffer
   fb.out_rows = static_cast<float*>(eng.rows_f32.reserve(rows * Hp_ * sizeof(float)));
   if (slot) {
     fb.gate_out = slot->gate.reserve(rows * Ip_ * es);
     fb.up_out = slot->up.reserve(rows * Ip_ * es);
   }
-  LayerView L = view();
-  L.kchunk = eng.kchunk;
   ThreadPool& pool = *eng.pool;
   const KernelTable* kt = eng.kt;
-  gather_rows(pool, plan, x, const_cast<void*>(fb.xg), H_, Hp_, es);
+  gather_rows(pool, plan, x, const_cast<void*>(fb.xg), H_, Hp_, L.ldx, es);
   clock.mark("forward: plan + gather");
   LoraView lv{};
   if (lo) {
@@ -547,7 +550,7 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
     if (slot) parallel_copy(pool, slot->x.reserve(size_t(T) * H_ * es), x, size_t(T) * H_ * es);
     clock.mark("forward: LoRA repack + save x");
     if (lora->r_gu > 0)
-      run_proj(pool, kt, L, plan, fb.xg, Hp_, Hp_, lora->r_gu, lv.Bt_gu, const_cast<float*>(fb.u_gu), nullptr);
+      run_proj(pool, kt, L, plan, fb.xg, L.ldx, Hp_, lora->r_gu, lv.Bt_gu, const_cast<float*>(fb.u_gu), nullptr);
     clock.mark("forward: LoRA x.B_gu");
   }
   std::vector<Task> tasks = make_tasks(plan, Ip_ / kBlock, wq_ ? kRowChunkInt8 : kRowChunk);
@@ -557,7 +560,7 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
   });
   clock.mark("forward: gate_up GEMM + SiLU-GLU");
   if (lo && lora->r_d > 0) {
-    run_proj(pool, kt, L, plan, fb.act, Ip_, Ip_, lora->r_d, lv.Bt_d, const_cast<float*>(fb.q_d), nullptr);
+    run_proj(pool, kt, L, plan, fb.act, L.ld_act, Ip_, lora->r_d, lv.Bt_d, const_cast<float*>(fb.q_d), nullptr);
     clock.mark("forward: LoRA h.B_d");
   }
   tasks = make_tasks(plan, Hp_ / kBlock, wq_ ? kRowChunkInt8 : kRowChunk);
@@ -641,17 +644,17 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
   BackwardBuffers bb{};
   bb.seg_start = plan.seg_start.data();
   bb.row_weight = plan.row_weight.data();
-  bb.dyg = eng.xg.reserve(rows * Hp_ * es);
+  LayerView L = view();
+  L.kchunk = eng.kchunk;
+  bb.dyg = eng.xg.reserve(rows * L.ldx * es);
   bb.gate_in = slot->gate.get();
   bb.up_in = slot->up.get();
   bb.dw_part = static_cast<float*>(eng.dw_part.reserve(rows * ipb * sizeof(float)));
-  bb.dgu = eng.act.reserve(rows * 2 * Ip_ * es);
+  bb.dgu = eng.act.reserve(rows * L.ld_dgu * es);
   bb.dx_rows = static_cast<float*>(eng.rows_f32.reserve(rows * Hp_ * sizeof(float)));
-  LayerView L = view();
-  L.kchunk = eng.kchunk;
   ThreadPool& pool = *eng.pool;
   const KernelTable* kt = eng.kt;
-  gather_rows(pool, plan, dy, const_cast<void*>(bb.dyg), H_, Hp_, es);
+  gather_rows(pool, plan, dy, const_cast<void*>(bb.dyg), H_, Hp_, L.ldx, es);
   clock.mark("backward: gather dy");
   LoraView lv{};
   const int rg = lo ? lora->r_gu : 0, rd = lo ? lora->r_d : 0;
@@ -679,7 +682,7 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
     // [r][32] per lora_grad block, or a fused bwd_act task's [r_gu][64] + [r_d][32] sums
     for (size_t wk = 0; wk < n; ++wk) eng.acc[wk].reserve(size_t(2 * rg + rd) * kBlock * sizeof(float));
     clock.mark("backward: LoRA repack");
-    if (rd > 0) run_proj(pool, kt, L, plan, bb.dyg, Hp_, Hp_, rd, lv.At_d, const_cast<float*>(bb.dyA), nullptr);
+    if (rd > 0) run_proj(pool, kt, L, plan, bb.dyg, L.ldx, Hp_, rd, lv.At_d, const_cast<float*>(bb.dyA), nullptr);
     clock.mark("backward: LoRA dy.A_d");
   }
   std::vector<Task> tasks = make_tasks(plan, ipb, bb.fuse_grads ? kWholeSegment : kRowChunkBwd);
@@ -689,7 +692,7 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
   });
   clock.mark("backward: dy.W_down + dSiLU-GLU + dw");
   if (rg > 0) {
-    run_proj(pool, kt, L, plan, bb.dgu, 2 * Ip_, 2 * Ip_, rg, lv.At_gu, const_cast<float*>(bb.t_gu), nullptr);
+    run_proj(pool, kt, L, plan, bb.dgu, L.ld_dgu, 2 * Ip_, rg, lv.At_gu, const_cast<float*>(bb.t_gu), nullptr);
     clock.mark("backward: LoRA dz.A_gu");
   }
   tasks = make_tasks(plan, Hp_ / kBlock, kRowChunkBwd);

@@ -6,6 +6,9 @@
 // INT8:      dequant_row_avx512 expands one 32-element VNNI row of an int8 panel to bf16(q * s) with
 //            vcvtne2ps2bf16 (round to nearest even, as f32_to_bf16; it treats denormal products as zero, which
 //            only a channel with max |w| < 1.5e-36 could produce).
+// Transpose: transpose_slice_avx512 turns one 16 x 32 bf16 slice of a panel (16 pair rows x 16 columns) into
+//            the 8 pair rows x 2 panels of the transposed B operand: a 16x16 transpose of 32-bit pairs
+//            (unpack / shuffle, 64 ops), then one vpermt2w per output row to pair rows n, n+1 per column.
 // Included inside an anonymous namespace, after <immintrin.h>.
 
 template <int R>
@@ -91,4 +94,48 @@ static inline void dequant_row_avx512(const int8_t* q, const float* sv, uint16_t
   const __m512 f0 = _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xffff, i0), _mm512_loadu_ps(sv));
   const __m512 f1 = _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xffff, i1), _mm512_loadu_ps(sv + 16));
   _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));  // low half from f0
+}
+
+// src: 16 pair rows of one panel slice (src[kk][n] = (W[n][k0+2kk], W[n][k0+2kk+1]) as uint32, 64 bytes per kk);
+// d0/d1: the first of 8 consecutive pair rows (32 uint16 each) of the two transposed panels: pair row p gets
+// (W[2p][k0+c], W[2p+1][k0+c]) for c < 16 in d0 and c >= 16 in d1. The same bytes as the plain loop of
+// pack_transposed (moe_tasks.inc).
+#define KT_TRANSPOSE_SLICE transpose_slice_avx512
+static inline void transpose_slice_avx512(const uint32_t* src, uint16_t* d0, uint16_t* d1) {
+  // maskz forms throughout: GCC 12 warns on the unmasked ones (they start from an undefined vector).
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + 16 * i);
+  // 16x16 transpose of 32-bit elements: afterwards r[n] = (src[0][n], ..., src[15][n]) = W[n][k0 .. k0+31].
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_maskz_unpacklo_epi32(0xffff, r[i], r[i + 1]);
+    t[i + 1] = _mm512_maskz_unpackhi_epi32(0xffff, r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_maskz_unpacklo_epi64(0xff, t[i], t[i + 2]);
+    r[i + 1] = _mm512_maskz_unpackhi_epi64(0xff, t[i], t[i + 2]);
+    r[i + 2] = _mm512_maskz_unpacklo_epi64(0xff, t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_maskz_unpackhi_epi64(0xff, t[i + 1], t[i + 3]);
+  }
+  // r[4q + j] now holds, per 128-bit lane l, column 4l + j' of rows 4q .. 4q+3 (j' = 0, 1, 2, 3 for j = 0..3).
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_maskz_shuffle_i32x4(0xffff, r[i], r[4 + i], 0x88);       // lanes 0, 2 of r[i], then of r[4+i]
+    t[4 + i] = _mm512_maskz_shuffle_i32x4(0xffff, r[i], r[4 + i], 0xdd);   // lanes 1, 3
+    t[8 + i] = _mm512_maskz_shuffle_i32x4(0xffff, r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_maskz_shuffle_i32x4(0xffff, r[8 + i], r[12 + i], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_maskz_shuffle_i32x4(0xffff, t[i], t[8 + i], 0x88);           // column i
+    r[8 + i] = _mm512_maskz_shuffle_i32x4(0xffff, t[i], t[8 + i], 0xdd);       // column 8 + i
+    r[4 + i] = _mm512_maskz_shuffle_i32x4(0xffff, t[4 + i], t[12 + i], 0x88);  // column 4 + i
+    r[12 + i] = _mm512_maskz_shuffle_i32x4(0xffff, t[4 + i], t[12 + i], 0xdd); // column 12 + i
+  }
+  alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                  24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+  for (int p = 0; p < 8; ++p) {
+    _mm512_storeu_si512(d0 + 32 * p, _mm512_maskz_permutex2var_epi16(0xffffffffu, r[2 * p], lo, r[2 * p + 1]));
+    _mm512_storeu_si512(d1 + 32 * p, _mm512_maskz_permutex2var_epi16(0xffffffffu, r[2 * p], hi, r[2 * p + 1]));
+  }
 }
