@@ -9,9 +9,11 @@
 // Variants:  base, pad, pfAB1 (pad + prefetcht0 of the next k step's A rows and B slices), nopad_pfAB1,
 //            tileA, tileA_pf1, and two ceilings of the same instruction mix: ceil_L1 (every step reloads the
 //            first step's tiles: all loads hit L1) and ceil_reg (no loads in the loop: tdpbf16ps alone).
-//            Every real variant must write the baseline's bits (checked).
+//            int8 / int8_L1: the same schedule with int8 A rows and (k..k+3)-quad int8 panels (tdpbssd, 64 k
+//            per step); TFLOPS counts its multiply-adds like the bf16 ones. Every bf16 variant must write the
+//            baseline's bits (checked).
 // Findings:  BENCHMARKS.md ("AMX GEMM ceiling"). The engine itself is A/B-tested with bench_moe.py --against.
-// Build/run: g++ -O2 -std=c++17 -mavx512f -mavx512bf16 -mamx-tile -mamx-bf16 -pthread
+// Build/run: g++ -O2 -std=c++17 -mavx512f -mavx512bf16 -mamx-tile -mamx-bf16 -mamx-int8 -pthread
 //              benchmarks/amx_gemm_probe.cpp -o /tmp/probe && /tmp/probe [threads] [rounds]
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -53,7 +55,33 @@ struct Variant {
   bool pf_a, pf_b;
   bool tiled = false;          // A stored as tiles: [32-row block][k step][32 rows x 64 bytes], loads 64 B apart
   int ceiling = 0;             // 1: every k step reloads the first step's tiles (L1 hits); 2: no loads in the loop
+  int int8 = 0;                // 1: int8 A rows x int8 panels in (k..k+3) quads, tdpbssd, int32 -> scaled bf16;
+                               // 2: its L1 ceiling (as ceiling 1)
 };
+
+// C[32][32] (int32) = A[32][K] (int8, lda bytes apart) x quad panels B0 | B1 (K/4 rows of 16 columns x 4 k).
+template <bool L1ONLY>
+inline void mk_i8(const int8_t* A, size_t lda, const int8_t* B0, const int8_t* B1, int K, int32_t* C) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int k0 = 0; k0 < K; k0 += 64) {
+    const int k = L1ONLY ? 0 : k0;
+    _tile_loadd(4, A + k, lda);
+    _tile_loadd(5, A + 16 * lda + k, lda);
+    _tile_loadd(6, B0 + size_t(k) * 16, 64);
+    _tile_loadd(7, B1 + size_t(k) * 16, 64);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    _tile_dpbssd(2, 5, 6);
+    _tile_dpbssd(3, 5, 7);
+  }
+  _tile_stored(0, C, kBlock * 4);
+  _tile_stored(1, C + kPanel, kBlock * 4);
+  _tile_stored(2, C + 16 * kBlock, kBlock * 4);
+  _tile_stored(3, C + 16 * kBlock + kPanel, kBlock * 4);
+}
 
 // Ceilings of the 2x2 schedule (wrong results, same instruction mix): loads that always hit L1, or none at all.
 template <int KIND>
@@ -167,6 +195,7 @@ struct Problem {
 
 struct Data {
   std::vector<uint16_t> a_plain, a_pad, a_tiled, w;
+  std::vector<int8_t> a_i8;  // [rows][K + 64]
   std::vector<uint16_t> out;  // [E*M][N] bf16
 };
 
@@ -182,6 +211,7 @@ Data make_data(const Problem& p) {
   d.a_plain.resize(rows * p.K);
   d.a_pad.resize(rows * (p.K + 32));
   d.a_tiled.resize(rows * p.K);
+  d.a_i8.resize(rows * (p.K + 64));
   d.w.resize(size_t(p.E) * p.N * p.K);
   d.out.resize(rows * p.N);
   uint32_t s = 12345;
@@ -196,6 +226,7 @@ Data make_data(const Problem& p) {
     for (int k = 0; k < p.K; ++k)
       d.a_tiled[(r / 32) * 32 * p.K + size_t(k / 32) * 1024 + (r % 32) * 32 + k % 32] = d.a_plain[r * p.K + k];
   for (auto& x : d.w) x = to_bf16(rnd() * 0.05f);
+  for (auto& x : d.a_i8) x = int8_t(int(rnd() * 200));
   return d;
 }
 
@@ -258,7 +289,15 @@ double run_variant(Pool& pool, const Problem& p, Data& d, const Variant& v) {
         const int b = bg * tpb + j;
         const uint16_t* B0 = d.w.data() + (size_t(e) * p.N + size_t(2 * b) * kPanel) * p.K;
         const size_t row = size_t(e) * p.M + m0;
-        if (v.ceiling) {
+        if (v.int8) {
+          static thread_local int32_t Ci[32 * 32];
+          const int8_t* W8 = reinterpret_cast<const int8_t*>(d.w.data()) + (size_t(e) * p.N + size_t(2 * b) * kPanel) * p.K;
+          const int8_t* A8 = d.a_i8.data() + row * (p.K + 64);
+          if (v.int8 == 1) mk_i8<false>(A8, p.K + 64, W8, W8 + size_t(p.K) * kPanel, p.K, Ci);
+          else mk_i8<true>(A8, p.K + 64, W8, W8 + size_t(p.K) * kPanel, p.K, Ci);
+          for (int m = 0; m < 32 * 32; m += 16)  // int32 -> float x (row scale x column scale), as an engine would
+            _mm512_storeu_ps(C + m, _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xffff, _mm512_loadu_si512(Ci + m)), _mm512_set1_ps(1e-3f)));
+        } else if (v.ceiling) {
           if (v.ceiling == 1) mk_ceiling<1>(A + row * lda, lda, B0, B0 + size_t(p.K) * kPanel, p.K, C);
           else mk_ceiling<2>(A + row * lda, lda, B0, B0 + size_t(p.K) * kPanel, p.K, C);
         } else if (v.tiled) {
@@ -297,6 +336,10 @@ int main(int argc, char** argv) {
   vs.back().ceiling = 1;
   vs.push_back({"ceil_reg", true, 0, false, false});
   vs.back().ceiling = 2;
+  vs.push_back({"int8", true, 0, false, false});
+  vs.back().int8 = 1;
+  vs.push_back({"int8_L1", true, 0, false, false});
+  vs.back().int8 = 2;
   Pool pool(threads);
   const Problem probs[] = {{"gate_up", 64, 384, 2048, 2816, 2}, {"down", 64, 384, 1408, 2048, 1}};
   for (const Problem& p : probs) {
@@ -309,7 +352,7 @@ int main(int argc, char** argv) {
       uint64_t h = 1469598103934665603ull;
       for (uint16_t x : d.out) h = (h ^ x) * 1099511628211ull;
       if (i == 0) want = h;
-      if (h != want && !vs[i].ceiling) std::printf("  %s: OUTPUT DIFFERS from base\n", vs[i].name.c_str());
+      if (h != want && !vs[i].ceiling && !vs[i].int8) std::printf("  %s: OUTPUT DIFFERS from base\n", vs[i].name.c_str());
     }
     for (int r = 0; r < rounds; ++r)
       for (size_t i = 0; i < vs.size(); ++i) tf[i].push_back(run_variant(pool, p, d, vs[i]));

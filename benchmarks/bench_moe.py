@@ -19,10 +19,13 @@ process, where the host's drift (±15 % between processes on the device) cannot 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import importlib.util
 import pathlib
+import shutil
 import sys
+import tempfile
 import statistics
 import time
 
@@ -50,6 +53,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="per-phase engine times (ms per call) after each row")
     p.add_argument("--against", metavar="DIR", action="append", default=[],
                    help="kt-sft checkout (built in place) whose engine runs interleaved with ours (repeatable)")
+    p.add_argument("--evict-mb", type=int, default=0,
+                   help="rewrite this many MB of other memory before every timed pair: the layer then starts cold, "
+                        "as in a model whose other layers ran in between (0 = off)")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="also time the engine with expert LoRA of this rank on gate_up and down (0 = off)")
     args = p.parse_args()
@@ -125,7 +131,9 @@ class EngineVariant:
             self.layer.release(h)
         self.pair(x, ids, w, dy, record=False)
 
-    def pair(self, x, ids, w, dy, record: bool = True, profile: bool = False) -> None:
+    def pair(self, x, ids, w, dy, record: bool = True, profile: bool = False, evict=None) -> None:
+        if evict is not None:
+            evict.add_(1)  # outside the timed region: only the caches it leaves behind count
         with self.engine.phase_profile() if profile else contextlib.nullcontext({}) as phases:
             t0 = time.perf_counter()
             y, handle = self.layer.forward(x, ids, w, save_for_backward=True, lora=self.lora)
@@ -145,12 +153,17 @@ class EngineVariant:
 
 
 def load_other_engine(checkout: str, name: str):
-    """kt_sft.engine of another checkout, imported as package `name` (its own extension module, thread pool and
-    ISA choice), so several builds live in this process."""
-    init = pathlib.Path(checkout, "kt_sft", "__init__.py")
-    if not init.is_file():
-        raise SystemExit(f"--against {checkout}: no kt_sft/__init__.py there (a kt-sft checkout built in place)")
-    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+    """kt_sft.engine of another checkout, imported as package `name` from a private copy of its kt_sft/ (own
+    extension module file, so its own thread pool and ISA choice, even for this very checkout: the same .so
+    file would load only once), so several builds live in this process."""
+    src = pathlib.Path(checkout, "kt_sft")
+    if not (src / "__init__.py").is_file() or not list(src.glob("_engine*.so")):
+        raise SystemExit(f"--against {checkout}: no built kt-sft checkout there (kt_sft/__init__.py and "
+                         "kt_sft/_engine*.so; run `python setup.py build_ext --inplace` in it)")
+    dst = pathlib.Path(tempfile.mkdtemp(prefix="kt_sft_against_")) / name
+    atexit.register(shutil.rmtree, dst.parent, ignore_errors=True)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    spec = importlib.util.spec_from_file_location(name, dst / "__init__.py", submodule_search_locations=[str(dst)])
     pkg = importlib.util.module_from_spec(spec)
     sys.modules[name] = pkg
     spec.loader.exec_module(pkg)
@@ -165,9 +178,10 @@ def bench_engines(a, variants: list[EngineVariant], ids, w, x, dy) -> None:
     for _ in range(a.warmup):
         for v in variants:
             v.pair(x, ids, w, dy, record=False)
+    evict = torch.zeros(a.evict_mb * 2**20 // 4) if a.evict_mb > 0 else None
     for _ in range(a.iters):
         for v in variants:
-            v.pair(x, ids, w, dy, profile=a.profile)
+            v.pair(x, ids, w, dy, profile=a.profile, evict=evict)
 
 
 def print_phases(v: EngineVariant) -> None:
@@ -214,7 +228,8 @@ def main() -> None:
     info = ke.cpu_info()
     print(f"cpu: {info['model']} | engine isa={ke.current_isa()} threads={threads} | torch {torch.__version__} "
           f"threads={torch.get_num_threads()}")
-    print(f"shape: E={E} k={k} H={H} I={I} T={T}{' skewed' if a.skewed else ''} | iters={a.iters} rounds (median)")
+    print(f"shape: E={E} k={k} H={H} I={I} T={T}{' skewed' if a.skewed else ''} | iters={a.iters} rounds (median)"
+          f"{f' | {a.evict_mb} MB rewritten before each pair' if a.evict_mb else ''}")
     inputs = make_inputs(a)
     flops = 6.0 * T * k * H * I
     header = f"{'':<22} {'fwd ms':>9} {'bwd ms':>9} {'fwd TF/s':>8} {'bwd TF/s':>8} {'tokens/s':>11}"

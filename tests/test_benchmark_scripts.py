@@ -1,5 +1,6 @@
 """The benchmark scripts still run (tiny sizes, CPU) and what they compare agrees, so a device session never
 starts with a broken script: bench_moe's engine rows match its naive torch loop, bench_e2e's smoke mode trains."""
+import os
 import re
 import subprocess
 import sys
@@ -9,8 +10,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str) -> str:
+    # A clean environment, except that kt_sft must import as it does here (installed, or on PYTHONPATH as on
+    # the device, where the checkout is not installed).
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={"KT_SFT_THREADS": "2", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+                          env={"KT_SFT_THREADS": "2", "PATH": "/usr/bin:/bin", "HOME": str(Path.home()),
+                               "PYTHONPATH": path})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -23,6 +28,17 @@ def test_bench_moe_small_rows_agree_with_the_naive_loop():
     assert y < 2e-2 and dx < 2e-2, out  # bf16 engine vs bf16 torch loop: same math
     assert re.search(r"weight memory 0\.\d+ GiB vs 0\.\d+ GiB", out)
     assert re.search(r"^ratio \(ours / naive tokens/s\): [\d.]+x", out, re.M)
+
+
+def test_bench_moe_against_another_build_runs_both_in_one_process():
+    """--against loads a second copy of the engine (here: this same checkout) under another package name; both
+    rows and their ratio are printed. --evict-mb rewrites memory between pairs without changing the results."""
+    out = _run("benchmarks/bench_moe.py", "--small", "--iters", "1", "--no-baseline", "--evict-mb", "8",
+               "--against", str(REPO))
+    name = REPO.name[:12]
+    assert re.search(rf"^{re.escape(name)} \(\w+\)\s.*\s\d+\s*$", out, re.M), out
+    assert re.search(rf"^ours / {re.escape(name)} \(\w+\) tokens/s: [\d.]+x", out, re.M), out
+    assert "8 MB rewritten before each pair" in out
 
 
 def test_bench_e2e_smoke_mode_trains(tmp_path):
