@@ -107,7 +107,10 @@ struct LayerView {
 #endif
 inline int padded_row_stride(int K) { return KT_PAD_ROWS && (K / kBlock) % 2 == 0 ? K + kBlock : K; }
 
-struct Task { int expert, block, row0, rows; };  // rows [row0, row0+rows) of the expert's segment
+// Rows [row0, row0+rows) of the expert's segment x column blocks [block, block+nblk). Tasks of several blocks
+// walk each 32-row block of A across all of them, so A comes from L2 once per nblk GEMMs instead of once each.
+constexpr int kMaxTaskBlocks = 4;
+struct Task { int expert, block, row0, rows, nblk = 1; };
 
 // Per-expert LoRA factors for one call, repacked by the driver (see the LoRA note above). Row rho of
 // At_gu[e] is A_gu,e[rho] with gate columns at [0, I) and up columns at [Ip, Ip+I); Bt_*[e][rho] is column
