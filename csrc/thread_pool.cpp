@@ -8,21 +8,21 @@
 namespace kt_sft {
 
 namespace {
-// How long an idle worker spins before sleeping. Measured in time, not pause instructions: `pause` costs ~10
-// cycles on older cores but ~140 on Sapphire Rapids, so a fixed count spun 20x longer there. Long enough to
-// bridge the phases of one engine call and back-to-back calls; short enough that workers leave the cores to the
-// Python/CUDA thread between decode layers (KT_SFT_SPIN_US overrides; 0 = sleep at once).
-int spin_microseconds() {
+// The spin is measured in time, not pause instructions: `pause` costs ~10 cycles on older cores but ~140 on
+// Sapphire Rapids, so a fixed count spun 20x longer there. The default (100 us) bridges the phases of one call
+// and back-to-back calls, and leaves the cores to the Python/CUDA thread between decode layers.
+// KT_SFT_SPIN_US (0 = sleep at once), or -1 when unset (or not a non-negative number).
+int spin_from_env() {
   const char* env = std::getenv("KT_SFT_SPIN_US");
   if (env && *env) {
     const int v = std::atoi(env);
     if (v >= 0) return v;
   }
-  return 100;
+  return -1;
 }
 }  // namespace
 
-ThreadPool::ThreadPool(int threads) : spin_us_(spin_microseconds()) {
+ThreadPool::ThreadPool(int threads) : spin_fixed_(spin_from_env() >= 0), spin_us_(spin_fixed_ ? spin_from_env() : 100) {
   for (int w = 1; w < threads; ++w) workers_.emplace_back([this, w] { worker_loop(w); });
 }
 
@@ -63,7 +63,7 @@ void ThreadPool::worker_loop(int worker) {
   unsigned seen = 0;
   for (;;) {
     // Spin spin_us_ for the next call, then sleep.
-    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
+    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us());
     while (generation_.load(std::memory_order_acquire) == seen) {
       for (int i = 0; i < 32 && generation_.load(std::memory_order_acquire) == seen; ++i) _mm_pause();
       if (std::chrono::steady_clock::now() >= until) break;

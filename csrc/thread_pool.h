@@ -1,9 +1,11 @@
 // NOTE (kt-sft engine, persistent worker pool)
 // One pool per process, sized by KT_SFT_THREADS (default: physical cores). `run(n, fn)` executes fn(task,
 // worker) for task = 0..n-1 on the calling thread plus the workers; tasks are handed out one at a time from
-// an atomic counter, so a skewed task list (one busy expert) still balances. Workers spin briefly before
-// sleeping (KT_SFT_SPIN_US, default 100 us) so the phases of a call and back-to-back calls do not pay a futex
-// wake-up each time, while a Python thread that runs between calls gets the cores back soon after.
+// an atomic counter, so a skewed task list (one busy expert) still balances. Workers spin before sleeping so
+// the phases of a call and back-to-back calls do not pay a futex wake-up (and the cores' climb out of idle
+// states) each time: briefly by default (100 us), so a Python thread that runs between inference calls gets the
+// cores back soon after; the engine asks for a long spin while it trains (set_spin_us, see moe_layer.cpp).
+// KT_SFT_SPIN_US fixes the spin (0 = sleep at once) and then set_spin_us is ignored.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -22,6 +24,11 @@ class ThreadPool {
   ThreadPool& operator=(const ThreadPool&) = delete;
 
   int size() const { return int(workers_.size()) + 1; }
+  // How long idle workers spin before sleeping, from their next idle period on (ignored under KT_SFT_SPIN_US).
+  void set_spin_us(int us) {
+    if (!spin_fixed_) spin_us_.store(us, std::memory_order_relaxed);
+  }
+  int spin_us() const { return spin_us_.load(std::memory_order_relaxed); }
   // Blocks until all n tasks have run. Not reentrant: callers serialise (the engine holds a mutex).
   void run(int n, const std::function<void(int task, int worker)>& fn);
 
@@ -38,7 +45,8 @@ class ThreadPool {
   int n_ = 0;
   const std::function<void(int, int)>* fn_ = nullptr;
   bool stop_ = false;
-  const int spin_us_;
+  bool spin_fixed_ = false;  // KT_SFT_SPIN_US was set
+  std::atomic<int> spin_us_;
 };
 
 }  // namespace kt_sft

@@ -189,3 +189,35 @@ def test_cpu_flags_match_proc_cpuinfo():
     ours = ke.cpu_info()["flags"]
     for name in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile", "amx_bf16"):
         assert ours[name] == (name in flags), name
+
+
+# ---------------------------------------------------------------- worker spin
+@pytest.mark.skipif("KT_SFT_SPIN_US" in os.environ, reason="KT_SFT_SPIN_US fixes the spin")
+def test_worker_spin_is_long_after_training_calls_and_short_after_inference(layer):
+    """Training calls (forward that saves for backward, backward) leave the workers spinning 20 ms between
+    calls, inference calls 100 us (csrc/thread_pool.h)."""
+    ids, w = _routing()
+    x = torch.randn(5, H).bfloat16()
+    ke.set_num_threads(2)  # a pool with workers whatever the box
+    layer.forward(x, ids, w)
+    assert ke.worker_spin_us() == 100
+    _, handle = layer.forward(x, ids, w, save_for_backward=True)
+    assert ke.worker_spin_us() == 20000
+    layer.forward(x, ids, w)
+    assert ke.worker_spin_us() == 100
+    layer.backward(handle, torch.randn(5, H).bfloat16())
+    assert ke.worker_spin_us() == 20000
+    ke.set_num_threads(0)
+
+
+def test_kt_sft_spin_us_environment_variable_fixes_the_spin():
+    code = ("import torch, kt_sft.engine as ke; from moe_reference import make_experts, make_routing\n"
+            "g, u, d = make_experts(2, 32, 32, torch.Generator().manual_seed(0), torch.bfloat16)\n"
+            "lay = ke.ExpertLayer.from_fused(torch.cat([g, u], 1), d)\n"
+            "ids, w = make_routing(3, 2, 1, 'uniform', torch.Generator().manual_seed(1))\n"
+            "lay.forward(torch.randn(3, 32).bfloat16(), ids, w, save_for_backward=True)\n"
+            "print('spin', ke.worker_spin_us())\n")
+    env = dict(os.environ, KT_SFT_SPIN_US="0", KT_SFT_THREADS="2",
+               PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "spin 0" in out.stdout

@@ -56,6 +56,12 @@ def num_threads() -> int:
     return _engine.num_threads()
 
 
+def worker_spin_us() -> int:
+    """How long idle engine workers spin before sleeping: 20 ms after a training call (forward with
+    save_for_backward, or backward), 100 us after an inference call; `KT_SFT_SPIN_US` fixes it."""
+    return _engine.worker_spin_us()
+
+
 @contextlib.contextmanager
 def phase_profile() -> Iterator[dict]:
     """Time the engine's phases (gather, each GEMM pass, LoRA pieces, sums) of every call inside the block.
