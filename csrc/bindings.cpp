@@ -90,8 +90,8 @@ PYBIND11_MODULE(_engine, m) {
   m.def("current_isa", &current_isa);
   m.def("set_num_threads", &set_num_threads, py::arg("n"), "0 = KT_SFT_THREADS or physical cores");
   m.def("num_threads", &num_threads);
-  m.def("worker_spin_us", &worker_spin_us,
-        "microseconds idle workers spin before sleeping: long after training calls, short after inference ones");
+  m.def("worker_spin_us", &worker_spin_us, "microseconds idle workers spin before sleeping");
+  m.def("set_worker_spin_us", &set_worker_spin_us, py::arg("us"), "ignored when KT_SFT_SPIN_US is set");
   m.def("set_profiling", &set_profiling, py::arg("on"), "wall time per phase of every forward/backward (clears)");
   m.def(
       "take_profile",

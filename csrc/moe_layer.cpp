@@ -29,12 +29,6 @@ constexpr int kActBlocksPerTask = 4;  // backward dy.W_down + dSiLU-GLU (dy rows
 static_assert(kGateUpBlocksPerTask <= kMaxTaskBlocks && kDownBlocksPerTask <= kMaxTaskBlocks &&
               kDxBlocksPerTask <= kMaxTaskBlocks &&
               kActBlocksPerTask <= kMaxTaskBlocks, "see Task");
-// Worker spin before sleeping (thread_pool.h): long while training, whose engine calls come every few ms between
-// GPU layers, so the cores stay awake (V2-Lite e2e, bench_e2e.py: 933 -> 1,013-1,053 tokens/s and the forward
-// GEMMs back at bench_moe speed; with 100 us the workers slept between layers and each call paid the cores'
-// wake-up); short for inference (save_for_backward off), so a Python thread between calls gets the cores.
-constexpr int kTrainingSpinUs = 20000;
-constexpr int kInferenceSpinUs = 100;
 constexpr int kTokenChunk = 32;   // tokens per gather / reduce task
 
 struct Engine {
@@ -365,6 +359,14 @@ int worker_spin_us() {
   return eng.pool->spin_us();
 }
 
+void set_worker_spin_us(int us) {
+  if (us < 0) throw std::invalid_argument("worker spin must be >= 0 microseconds, got " + std::to_string(us));
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  ensure_ready(eng);
+  eng.pool->set_spin_us(us);
+}
+
 // ---------------------------------------------------------------- MoELayer
 
 MoELayer::MoELayer(int experts, int hidden, int intermediate, int wtype, int activation, int max_saved,
@@ -565,7 +567,6 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
     fb.up_out = slot->up.reserve(rows * Ip_ * es);
   }
   ThreadPool& pool = *eng.pool;
-  pool.set_spin_us(save ? kTrainingSpinUs : kInferenceSpinUs);
   const KernelTable* kt = eng.kt;
   gather_rows(pool, plan, x, const_cast<void*>(fb.xg), H_, Hp_, L.ldx, es);
   clock.mark("forward: plan + gather");
@@ -683,7 +684,6 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
   bb.dgu = eng.act.reserve(rows * L.ld_dgu * es);
   bb.dx_rows = static_cast<float*>(eng.rows_f32.reserve(rows * Hp_ * sizeof(float)));
   ThreadPool& pool = *eng.pool;
-  pool.set_spin_us(kTrainingSpinUs);
   const KernelTable* kt = eng.kt;
   gather_rows(pool, plan, dy, const_cast<void*>(bb.dyg), H_, Hp_, L.ldx, es);
   clock.mark("backward: gather dy");

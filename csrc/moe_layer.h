@@ -144,6 +144,7 @@ std::string current_isa();
 void set_num_threads(int n);                     // 0 = KT_SFT_THREADS or physical cores
 int num_threads();
 int worker_spin_us();                            // the pool's current spin before sleeping (thread_pool.h)
+void set_worker_spin_us(int us);                 // ignored under KT_SFT_SPIN_US
 // Phase profiling (off by default): on/off clears the table; take_profile returns it (by phase name) and clears it.
 void set_profiling(bool on);
 std::vector<std::pair<std::string, PhaseStat>> take_profile();

@@ -4,8 +4,9 @@
 // an atomic counter, so a skewed task list (one busy expert) still balances. Workers spin before sleeping so
 // the phases of a call and back-to-back calls do not pay a futex wake-up (and the cores' climb out of idle
 // states) each time: briefly by default (100 us), so a Python thread that runs between inference calls gets the
-// cores back soon after; the engine asks for a long spin while it trains (set_spin_us, see moe_layer.cpp).
-// KT_SFT_SPIN_US fixes the spin (0 = sleep at once) and then set_spin_us is ignored.
+// cores back soon after; the autograd glue asks for a long spin while it trains with the rest of the model on
+// a GPU (set_spin_us; kt_sft/engine/autograd.py). KT_SFT_SPIN_US fixes the spin (0 = sleep at once) and then
+// set_spin_us is ignored.
 #pragma once
 #include <atomic>
 #include <condition_variable>

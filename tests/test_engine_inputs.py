@@ -193,31 +193,35 @@ def test_cpu_flags_match_proc_cpuinfo():
 
 # ---------------------------------------------------------------- worker spin
 @pytest.mark.skipif("KT_SFT_SPIN_US" in os.environ, reason="KT_SFT_SPIN_US fixes the spin")
-def test_worker_spin_is_long_after_training_calls_and_short_after_inference(layer):
-    """Training calls (forward that saves for backward, backward) leave the workers spinning 20 ms between
-    calls, inference calls 100 us (csrc/thread_pool.h)."""
+def test_worker_spin_stays_short_for_cpu_training_and_is_settable(layer):
+    """moe_experts keeps the short spin when training on CPU tensors (torch needs the cores between calls);
+    set_worker_spin_us sets it (csrc/thread_pool.h)."""
     ids, w = _routing()
-    x = torch.randn(5, H).bfloat16()
-    ke.set_num_threads(2)  # a pool with workers whatever the box
-    layer.forward(x, ids, w)
-    assert ke.worker_spin_us() == 100
-    _, handle = layer.forward(x, ids, w, save_for_backward=True)
+    ke.set_worker_spin_us(7)
+    assert ke.worker_spin_us() == 7
+    x = torch.randn(5, H).bfloat16().requires_grad_(True)
+    ke.moe_experts(x, ids, w, layer).float().sum().backward()
+    assert x.grad is not None and ke.worker_spin_us() == 100
+    with pytest.raises(ValueError, match="worker spin must be >= 0"):
+        ke.set_worker_spin_us(-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.skipif("KT_SFT_SPIN_US" in os.environ, reason="KT_SFT_SPIN_US fixes the spin")
+def test_worker_spin_is_long_while_training_on_a_gpu(layer):
+    ids, w = _routing()
+    x = torch.randn(5, H, device="cuda").bfloat16().requires_grad_(True)
+    y = ke.moe_experts(x, ids.cuda(), w.cuda(), layer)
     assert ke.worker_spin_us() == 20000
-    layer.forward(x, ids, w)
+    with torch.no_grad():
+        ke.moe_experts(x, ids.cuda(), w.cuda(), layer)
     assert ke.worker_spin_us() == 100
-    layer.backward(handle, torch.randn(5, H).bfloat16())
+    y.float().sum().backward()
     assert ke.worker_spin_us() == 20000
-    ke.set_num_threads(0)
 
 
 def test_kt_sft_spin_us_environment_variable_fixes_the_spin():
-    code = ("import torch, kt_sft.engine as ke; from moe_reference import make_experts, make_routing\n"
-            "g, u, d = make_experts(2, 32, 32, torch.Generator().manual_seed(0), torch.bfloat16)\n"
-            "lay = ke.ExpertLayer.from_fused(torch.cat([g, u], 1), d)\n"
-            "ids, w = make_routing(3, 2, 1, 'uniform', torch.Generator().manual_seed(1))\n"
-            "lay.forward(torch.randn(3, 32).bfloat16(), ids, w, save_for_backward=True)\n"
-            "print('spin', ke.worker_spin_us())\n")
-    env = dict(os.environ, KT_SFT_SPIN_US="0", KT_SFT_THREADS="2",
-               PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")])))
+    code = "import kt_sft.engine as ke; ke.set_worker_spin_us(20000); print('spin', ke.worker_spin_us())"
+    env = dict(os.environ, KT_SFT_SPIN_US="0", KT_SFT_THREADS="2")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert "spin 0" in out.stdout

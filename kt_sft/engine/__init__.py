@@ -7,10 +7,10 @@ from .autograd import MoEExpertsFunction, moe_experts
 from .layer import ExpertLayer
 from .lora import ExpertLoRA, ExpertLoRAGrads
 from .runtime import (available_isas, cpu_info, current_isa, isa_supported, num_threads, phase_profile,
-                      select_isa, set_num_threads, use_isa, worker_spin_us)
+                      select_isa, set_num_threads, set_worker_spin_us, use_isa, worker_spin_us)
 
 __all__ = [
     "ExpertLayer", "ExpertLoRA", "ExpertLoRAGrads", "MoEExpertsFunction", "moe_experts", "available_isas",
     "cpu_info", "current_isa", "isa_supported", "num_threads", "phase_profile", "select_isa", "set_num_threads",
-    "use_isa", "worker_spin_us",
+    "set_worker_spin_us", "use_isa", "worker_spin_us",
 ]

@@ -57,9 +57,14 @@ def num_threads() -> int:
 
 
 def worker_spin_us() -> int:
-    """How long idle engine workers spin before sleeping: 20 ms after a training call (forward with
-    save_for_backward, or backward), 100 us after an inference call; `KT_SFT_SPIN_US` fixes it."""
+    """How long idle engine workers spin before sleeping (microseconds); see `set_worker_spin_us`."""
     return _engine.worker_spin_us()
+
+
+def set_worker_spin_us(us: int) -> None:
+    """Idle workers spin `us` microseconds before sleeping (default 100). `moe_experts` sets 20 ms while it
+    trains with its inputs on a GPU and 100 us otherwise. Ignored when `KT_SFT_SPIN_US` is set."""
+    _engine.set_worker_spin_us(int(us))
 
 
 @contextlib.contextmanager
