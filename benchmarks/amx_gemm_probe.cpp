@@ -48,6 +48,27 @@ void tile_config() {
   _tile_loadconfig(&cfg);
 }
 
+// The 2x2 block's pieces: C tiles 0-3 (rows 0-15 / 16-31 x columns 0-15 / 16-31), A tiles 4-5, B tiles 6-7.
+inline void zero_c() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+template <typename T>
+inline void store_c(T* C) {  // float or int32 accumulators, 32 per row
+  _tile_stored(0, C, kBlock * 4);
+  _tile_stored(1, C + kPanel, kBlock * 4);
+  _tile_stored(2, C + 16 * kBlock, kBlock * 4);
+  _tile_stored(3, C + 16 * kBlock + kPanel, kBlock * 4);
+}
+inline void dp_2x2() {
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
+}
+
 struct Variant {
   std::string name;
   bool pad;
@@ -62,10 +83,7 @@ struct Variant {
 // C[32][32] (int32) = A[32][K] (int8, lda bytes apart) x quad panels B0 | B1 (K/4 rows of 16 columns x 4 k).
 template <bool L1ONLY>
 inline void mk_i8(const int8_t* A, size_t lda, const int8_t* B0, const int8_t* B1, int K, int32_t* C) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  zero_c();
   for (int k0 = 0; k0 < K; k0 += 64) {
     const int k = L1ONLY ? 0 : k0;
     _tile_loadd(4, A + k, lda);
@@ -77,19 +95,13 @@ inline void mk_i8(const int8_t* A, size_t lda, const int8_t* B0, const int8_t* B
     _tile_dpbssd(2, 5, 6);
     _tile_dpbssd(3, 5, 7);
   }
-  _tile_stored(0, C, kBlock * 4);
-  _tile_stored(1, C + kPanel, kBlock * 4);
-  _tile_stored(2, C + 16 * kBlock, kBlock * 4);
-  _tile_stored(3, C + 16 * kBlock + kPanel, kBlock * 4);
+  store_c(C);
 }
 
 // Ceilings of the 2x2 schedule (wrong results, same instruction mix): loads that always hit L1, or none at all.
 template <int KIND>
 inline void mk_ceiling(const uint16_t* A, size_t lda, const uint16_t* B0, const uint16_t* B1, int K, float* C) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  zero_c();
   const size_t sa = lda * 2;
   _tile_loadd(4, A, sa);
   _tile_loadd(5, A + 16 * lda, sa);
@@ -102,24 +114,15 @@ inline void mk_ceiling(const uint16_t* A, size_t lda, const uint16_t* B0, const 
       _tile_loadd(6, B0, 64);
       _tile_loadd(7, B1, 64);
     }
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    dp_2x2();
   }
-  _tile_stored(0, C, kBlock * 4);
-  _tile_stored(1, C + kPanel, kBlock * 4);
-  _tile_stored(2, C + 16 * kBlock, kBlock * 4);
-  _tile_stored(3, C + 16 * kBlock + kPanel, kBlock * 4);
+  store_c(C);
 }
 
 // A in tile layout: rows of a 32-row block, per 32-k step, 2 KiB contiguous (16-row tiles of 1 KiB each).
 template <bool PF>
 inline void mk_tiled(const uint16_t* A, const uint16_t* B0, const uint16_t* B1, int K, float* C) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  zero_c();
   for (int k0 = 0; k0 < K; k0 += 32) {
     const uint16_t* a = A + size_t(k0) * 32;  // 32 rows x 32 k per step
     if (PF && k0 + 32 < K) {
@@ -133,25 +136,16 @@ inline void mk_tiled(const uint16_t* A, const uint16_t* B0, const uint16_t* B1, 
     _tile_loadd(5, a + 16 * 32, 64);
     _tile_loadd(6, B0 + size_t(k0) * kPanel, 64);
     _tile_loadd(7, B1 + size_t(k0) * kPanel, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    dp_2x2();
   }
-  _tile_stored(0, C, kBlock * 4);
-  _tile_stored(1, C + kPanel, kBlock * 4);
-  _tile_stored(2, C + 16 * kBlock, kBlock * 4);
-  _tile_stored(3, C + 16 * kBlock + kPanel, kBlock * 4);
+  store_c(C);
 }
 
 // C[32][32] = A[32][K] x (B0 | B1), the engine's 2x2-tile micro-kernel, with optional L1 prefetch.
 template <bool PA, bool PB>
 inline void mk(const uint16_t* A, size_t lda, const uint16_t* B0, const uint16_t* B1, int K, float* C, int dist) {
   const size_t sa = lda * 2;
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  zero_c();
   for (int k0 = 0; k0 < K; k0 += 32) {
     if (PA || PB) {
       const int kp = k0 + dist * 32;
@@ -169,15 +163,9 @@ inline void mk(const uint16_t* A, size_t lda, const uint16_t* B0, const uint16_t
     _tile_loadd(5, A + 16 * lda + k0, sa);
     _tile_loadd(6, B0 + size_t(k0) * kPanel, 64);
     _tile_loadd(7, B1 + size_t(k0) * kPanel, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    dp_2x2();
   }
-  _tile_stored(0, C, kBlock * 4);
-  _tile_stored(1, C + kPanel, kBlock * 4);
-  _tile_stored(2, C + 16 * kBlock, kBlock * 4);
-  _tile_stored(3, C + 16 * kBlock + kPanel, kBlock * 4);
+  store_c(C);
 }
 
 using MkFn = void (*)(const uint16_t*, size_t, const uint16_t*, const uint16_t*, int, float*, int);
