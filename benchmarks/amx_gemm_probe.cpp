@@ -11,7 +11,8 @@
 //            first step's tiles: all loads hit L1) and ceil_reg (no loads in the loop: tdpbf16ps alone).
 //            int8 / int8_L1: the same schedule with int8 A rows and (k..k+3)-quad int8 panels (tdpbssd, 64 k
 //            per step); TFLOPS counts its multiply-adds like the bf16 ones. Every bf16 variant must write the
-//            baseline's bits (checked).
+//            baseline's bits, and one int8 block must equal plain int32 sums over the quad layout (both checked,
+//            the latter added after the last device run: it prints "int8 quad layout checked").
 // Findings:  BENCHMARKS.md ("AMX GEMM ceiling"). The engine itself is A/B-tested with bench_moe.py --against.
 // Build/run: g++ -O2 -std=c++17 -mavx512f -mavx512bf16 -mamx-tile -mamx-bf16 -mamx-int8 -pthread
 //              benchmarks/amx_gemm_probe.cpp -o /tmp/probe && /tmp/probe [threads] [rounds]
@@ -307,6 +308,25 @@ double run_variant(Pool& pool, const Problem& p, Data& d, const Variant& v) {
 
 }  // namespace
 
+// The int8 layout an engine would use, checked once: tdpbssd over (k..k+3) quads must give the plain int32 sums
+// C[m][c] = sum_k A[m][k] * W(c, k), with W(c, k) at panel (c / 16), quad row k / 4, byte (c % 16) * 4 + k % 4.
+bool int8_layout_holds(const Problem& p, const Data& d) {
+  alignas(64) static int32_t C[32 * 32];
+  const int8_t* W8 = reinterpret_cast<const int8_t*>(d.w.data());  // expert 0, column block 0
+  const size_t lda = p.K + 64;
+  tile_config();
+  mk_i8<false>(d.a_i8.data(), lda, W8, W8 + size_t(p.K) * kPanel, p.K, C);
+  for (int m = 0; m < 32; ++m)
+    for (int c = 0; c < 32; ++c) {
+      const int8_t* panel = W8 + size_t(c / kPanel) * p.K * kPanel;
+      int32_t want = 0;
+      for (int k = 0; k < p.K; ++k)
+        want += int32_t(d.a_i8[m * lda + k]) * int32_t(panel[size_t(k / 4) * 64 + (c % kPanel) * 4 + k % 4]);
+      if (C[m * 32 + c] != want) return false;
+    }
+  return true;
+}
+
 int main(int argc, char** argv) {
   const int threads = argc > 1 ? std::atoi(argv[1]) : int(std::thread::hardware_concurrency());
   const int rounds = argc > 2 ? std::atoi(argv[2]) : 7;
@@ -332,6 +352,7 @@ int main(int argc, char** argv) {
   const Problem probs[] = {{"gate_up", 64, 384, 2048, 2816, 2}, {"down", 64, 384, 1408, 2048, 1}};
   for (const Problem& p : probs) {
     Data d = make_data(p);
+    std::printf("%s: int8 quad layout %s\n", p.name, int8_layout_holds(p, d) ? "checked" : "WRONG");
     std::vector<std::vector<double>> tf(vs.size());
     uint64_t want = 0;  // every variant must write the baseline's bits (same sums in the same order)
     for (size_t i = 0; i < vs.size(); ++i) {  // warm-up: first touch
