@@ -15,6 +15,8 @@ fp32 factors, factor gradients included in bwd) and the LoRA overhead (frozen-on
 --against DIR adds a row for the engine of another kt-sft checkout (built in place, e.g. a `git worktree` of the
 previous commit), loaded under another package name and interleaved with ours: an A/B of two builds in one
 process, where the host's drift (±15 % between processes on the device) cannot masquerade as a kernel change.
+For the device, whose copy of the tree has no .git: `git archive REV | tar -x -C .dev/base` here, carry .dev,
+and there `(cd .dev/base && python3 setup.py build_ext --inplace -q)` before `--against .dev/base`.
 """
 from __future__ import annotations
 
