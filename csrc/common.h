@@ -100,12 +100,9 @@ struct LayerView {
 
 // Row stride for a gathered [rows][K] GEMM input (K a multiple of kBlock): K, plus one 32-element unit when
 // K / 32 is even. With an even number of 64-byte lines per bf16 row (K = 2048: 64 lines, exactly 4 KiB),
-// the 16 or 32 rows a tile load touches map to a few L1 sets (all to one for 4 KiB) and evict each other and
-// the prefetched lines of the next k step; with an odd number they fall in distinct sets.
-#ifndef KT_PAD_ROWS
-#define KT_PAD_ROWS 1  // a build-time knob for A/B runs (0 = rows K apart)
-#endif
-inline int padded_row_stride(int K) { return KT_PAD_ROWS && (K / kBlock) % 2 == 0 ? K + kBlock : K; }
+// the 16 or 32 rows a tile load touches map to a few L1 sets (all to one for 4 KiB) and evict each other;
+// with an odd number they fall in distinct sets (1.01-1.04x on AMX, BENCHMARKS.md).
+inline int padded_row_stride(int K) { return (K / kBlock) % 2 == 0 ? K + kBlock : K; }
 
 // Rows [row0, row0+rows) of the expert's segment x column blocks [block, block+nblk). Tasks of several blocks
 // walk each 32-row block of A across all of them, so A comes from L2 once per nblk GEMMs instead of once each.
@@ -174,7 +171,7 @@ struct BackwardBuffers {
   const float* t_gu;         // [rows][r_gu] dz.A_gu^T
   void* h;                   // [rows][Ip] silu(g)*u as the down GEMM consumed it (wtype), from bwd_act; null
                              // when fuse_grads (bwd_act then uses it in place)
-  bool fuse_grads;           // bwd_act also writes dA_gu and dB_d (kinds 0 and 3) of its expert x 32 columns:
+  bool fuse_grads;           // bwd_act also writes dA_gu and dB_d (kinds 0 and 3) of its expert x column blocks:
                              // set when each bwd_act task holds all rows of its expert and K is not chunked
   float* gA_gu;              // [r_gu*E][2I]  PEFT layouts, every element written
   float* gB_gu;              // [H][r_gu*E]
@@ -186,9 +183,9 @@ struct BackwardBuffers {
 struct Scratch {
   float* c0;     // [rows][kBlock]: kRowAlign rows, or a whole task's rows when K is chunked (kMaxTaskRows)
   float* c1;     // [rows][kBlock]
-  void* packed;  // 2 panels of up to max(Hp, 2*Ip) rows, wtype
-  float* acc;    // [max rank][kBlock] LoRA gradient accumulator
-  void* wdq;     // int8 layers: dequantized weight blocks, 4 panels of up to max(Hp, Ip) rows (bf16)
+  void* packed;  // one slot per column block of a task: 2 transposed panels of Hp (bwd_act) or 2*Ip rows, wtype
+  float* acc;    // LoRA gradient sums: [r][kBlock] (lora_grad) or per column block (fused bwd_act)
+  void* wdq;     // int8 layers: dequantized weight blocks, one slot per column block of a task (bf16)
 };
 
 struct KernelTable {

@@ -18,7 +18,7 @@ constexpr int kRowChunkInt8 = 1024; // int8 layers: each forward task dequantize
 constexpr int kRowChunkBwd = 2048;  // backward tasks repack their weight block first: fewer, longer tasks
 static_assert(kRowChunk <= kMaxTaskRows && kRowChunkInt8 <= kMaxTaskRows && kRowChunkBwd <= kMaxTaskRows,
               "K-chunked tasks keep all their rows' C in the per-worker scratch");
-constexpr int kWholeSegment = 1 << 30;  // a row chunk no expert reaches: one task per expert x block
+constexpr int kWholeSegment = 1 << 30;  // a row chunk no expert reaches: one task per expert x block group
 // Column blocks per task of each GEMM phase: a task walks each 32-row block of its A rows (x, act, dy, dz)
 // across all its blocks, so those rows come from L2 once per task row block instead of once per 32 output
 // columns from L3 (measured with bench_moe.py --against: dx 44.6 -> 36.7 ms, dy.W_down 29.7 -> 26.1 ms).
@@ -393,10 +393,10 @@ MoELayer::MoELayer(int experts, int hidden, int intermediate, int wtype, int act
   slots_.resize(size_t(max_saved));
 }
 
-LayerView MoELayer::view() const {
+LayerView MoELayer::view(int kchunk) const {
   return LayerView{E_, H_, I_, Hp_, Ip_, wtype_, gate_.get(), up_.get(), down_.get(), expert_elems_, wq_ ? 1 : 0,
                    static_cast<const float*>(gate_s_.get()), static_cast<const float*>(up_s_.get()),
-                   static_cast<const float*>(down_s_.get()), 0, padded_row_stride(Hp_),
+                   static_cast<const float*>(down_s_.get()), kchunk, padded_row_stride(Hp_),
                    padded_row_stride(Ip_), padded_row_stride(2 * Ip_)};
 }
 
@@ -557,8 +557,7 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
   ForwardBuffers fb{};
   fb.seg_start = plan.seg_start.data();
   fb.row_weight = plan.row_weight.data();
-  LayerView L = view();
-  L.kchunk = eng.kchunk;
+  const LayerView L = view(eng.kchunk);
   fb.xg = eng.xg.reserve(rows * L.ldx * es);
   fb.act = eng.act.reserve(rows * L.ld_dgu * es);  // the backward's dgu reuses this buffer
   fb.out_rows = static_cast<float*>(eng.rows_f32.reserve(rows * Hp_ * sizeof(float)));
@@ -675,8 +674,7 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
   BackwardBuffers bb{};
   bb.seg_start = plan.seg_start.data();
   bb.row_weight = plan.row_weight.data();
-  LayerView L = view();
-  L.kchunk = eng.kchunk;
+  const LayerView L = view(eng.kchunk);
   bb.dyg = eng.xg.reserve(rows * L.ldx * es);
   bb.gate_in = slot->gate.get();
   bb.up_in = slot->up.get();

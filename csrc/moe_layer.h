@@ -116,7 +116,7 @@ class MoELayer {
   std::vector<std::string> missing_weights() const;  // "expert 3 down", ...
 
  private:
-  LayerView view() const;
+  LayerView view(int kchunk) const;  // kchunk: the engine's K chunk (Engine::kchunk)
   size_t weight_elem_bytes() const { return wq_ ? 1 : size_t(dtype_size(wtype_)); }
   void build_plan(int T, int k, const int64_t* ids, const float* w, RoutingPlan& plan) const;
   SavedSlot* find_slot(uint64_t handle);

@@ -22,7 +22,9 @@ int spin_from_env() {
 }
 }  // namespace
 
-ThreadPool::ThreadPool(int threads) : spin_fixed_(spin_from_env() >= 0), spin_us_(spin_fixed_ ? spin_from_env() : 100) {
+ThreadPool::ThreadPool(int threads) : spin_us_(spin_from_env()) {
+  spin_fixed_ = spin_us_.load() >= 0;
+  if (!spin_fixed_) spin_us_.store(100);
   for (int w = 1; w < threads; ++w) workers_.emplace_back([this, w] { worker_loop(w); });
 }
 
@@ -62,7 +64,7 @@ void ThreadPool::run(int n, const std::function<void(int, int)>& fn) {
 void ThreadPool::worker_loop(int worker) {
   unsigned seen = 0;
   for (;;) {
-    // Spin spin_us_ for the next call, then sleep.
+    // Spin spin_us() for the next call, then sleep.
     const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us());
     while (generation_.load(std::memory_order_acquire) == seen) {
       for (int i = 0; i < 32 && generation_.load(std::memory_order_acquire) == seen; ++i) _mm_pause();

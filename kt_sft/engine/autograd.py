@@ -19,9 +19,13 @@ from .runtime import set_worker_spin_us
 # a GPU calls the engine every few ms while the CPU has nothing else to do: a long spin keeps the cores awake
 # (V2-Lite end to end, bench_e2e.py, alternating runs on the device: 894 / 804 tokens/s with 100 us against
 # 1,064 / 965 with this; with 100 us every call paid the cores' wake-up and the GEMMs ran 20-35 % slower than
-# in bench_moe). Inference, and CPU-only training, where
-# torch needs the cores between calls, keep the short default.
+# in bench_moe). Inference, and CPU-only training, where torch needs the cores between calls, keep the short
+# default.
 GPU_TRAINING_SPIN_US, DEFAULT_SPIN_US = 20000, 100
+
+
+def _set_spin(training_on_gpu: bool) -> None:
+    set_worker_spin_us(GPU_TRAINING_SPIN_US if training_on_gpu else DEFAULT_SPIN_US)
 
 
 class PinnedStaging:
@@ -166,7 +170,7 @@ class MoEExpertsFunction(torch.autograd.Function):
         x_host = _to_engine("x", x, layer.dtype)
         ids_host = _to_engine("ids", topk_ids, torch.int64)
         w_host = _to_engine("w", topk_weights, torch.float32)
-        set_worker_spin_us(GPU_TRAINING_SPIN_US if save and x.device.type == "cuda" else DEFAULT_SPIN_US)
+        _set_spin(save and x.device.type == "cuda")
         retained = retained_forwards(layer) if save else None
         hit = retained.find(x_host, ids_host, w_host, lora_key) if retained is not None else None
         if hit is not None:
@@ -196,7 +200,7 @@ class MoEExpertsFunction(torch.autograd.Function):
         if not ctx.handle:
             raise RuntimeError("this experts forward saved nothing for backward (it ran without inputs requiring grad)")
         retained_forwards(layer).drop(ctx.handle)
-        set_worker_spin_us(GPU_TRAINING_SPIN_US if dy.device.type == "cuda" else DEFAULT_SPIN_US)
+        _set_spin(dy.device.type == "cuda")
         dy_host = _to_engine("dy", dy, layer.dtype)
         factor_grads = (None,) * 4
         if ctx.lora_scales is None:
