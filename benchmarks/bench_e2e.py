@@ -165,7 +165,7 @@ def load_side(side: str, args, device: torch.device):
 
         engine_dtype = {"bf16": torch.bfloat16, "int8": torch.int8}[args.engine_dtype]
         model = kt_sft.load_model(args.dir, device=device, dtype=torch.bfloat16, engine_dtype=engine_dtype,
-                                  threads=args.threads, progress=False)
+                                  threads=args.threads, progress=False, gpu_experts=args.gpu_experts)
         info["summary"] = model.kt_summary
     else:
         from peft import get_peft_model
@@ -301,7 +301,8 @@ def _cell(value, spec: str) -> str:
 
 def _label(side: str, r: dict, args) -> str:
     ckpt = ", grad ckpt" if r["gradient_checkpointing"] else ""
-    return f"kt-sft (ours{ckpt})" if side == "ours" else f"stock (all on {args.device}{ckpt})"
+    share = f", GPU share {args.gpu_experts:g}" if args.gpu_experts else ""
+    return f"kt-sft (ours{share}{ckpt})" if side == "ours" else f"stock (all on {args.device}{ckpt})"
 
 
 def report(results: dict, args) -> None:
@@ -314,14 +315,14 @@ def report(results: dict, args) -> None:
         print(f"\ndevice: {next(iter(results.values()))['host']}")
     print(f"LoRA r={args.lora_rank} on {', '.join(args.lora_target)}{' + routed experts' if args.expert_lora else ''}; "
           f"batch {args.batch} x {args.seq} tokens; {args.steps} timed steps after {args.warmup} warm-up")
-    print(f"{'':<34}" + "".join(f"{c[0]:>15}" for c in cols))
+    print(f"{'':<48}" + "".join(f"{c[0]:>15}" for c in cols))
     for side, r in results.items():
         cells = []
         for _, key, spec, scale in cols:
             v = r.get(key)
             v = v[0] if key == "losses" and v else v
             cells.append(_cell(None if v is None else v * scale, spec))
-        print(f"{_label(side, r, args):<34}" + "".join(f"{c:>15}" for c in cells))
+        print(f"{_label(side, r, args):<48}" + "".join(f"{c:>15}" for c in cells))
     for side, r in results.items():
         extra = f"; {r['note']}" if r.get("note") else ""
         print(f"{side}: {r['summary']}; load {r['load_s']:.0f}s; GPU after load "
@@ -364,6 +365,8 @@ def parse_args():
     p.add_argument("--lora-target", nargs="+", default=DEFAULT_TARGETS)
     p.add_argument("--expert-lora", action="store_true", help="also LoRA on the routed experts (target_parameters)")
     p.add_argument("--engine-dtype", choices=("bf16", "int8"), default="bf16")
+    p.add_argument("--gpu-experts", type=float, default=0.0,
+                   help="ours: fraction of each layer's experts computed on the GPU, streamed per call (kt_gpu_experts)")
     p.add_argument("--threads", type=int, default=0, help="engine threads (0: the family default, all cores)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="ours (default on: the GPU memory target)")

@@ -164,6 +164,19 @@ PYBIND11_MODULE(_engine, m) {
       .def("saved_shape", &MoELayer::saved_shape, py::arg("handle"))
       .def("release", &MoELayer::release, py::arg("handle"))
       .def("missing_weights", &MoELayer::missing_weights)
+      // (address, bytes) of a projection's packed panels / int8 scales ((0, 0) without): read-only storage that
+      // lives as long as the layer; kt_sft/engine/gpu_share.py wraps it without a copy.
+      .def("panel_storage", [](const MoELayer& l, int which) {
+             auto s = l.panel_storage(which);
+             return std::make_pair(reinterpret_cast<uintptr_t>(s.first), s.second);
+           }, py::arg("which"))
+      .def("scale_storage", [](const MoELayer& l, int which) {
+             auto s = l.scale_storage(which);
+             return std::make_pair(reinterpret_cast<uintptr_t>(s.first), s.second);
+           }, py::arg("which"))
+      .def_property_readonly("padded_hidden", &MoELayer::padded_hidden)
+      .def_property_readonly("padded_intermediate", &MoELayer::padded_intermediate)
+      .def_property_readonly("int8_weights", &MoELayer::int8_weights)
       .def_property_readonly("experts", &MoELayer::experts)
       .def_property_readonly("hidden", &MoELayer::hidden)
       .def_property_readonly("intermediate", &MoELayer::intermediate)

@@ -259,7 +259,9 @@ void gather_rows(ThreadPool& pool, const RoutingPlan& plan, const void* src, voi
     const int t1 = std::min(plan.T, (chunk + 1) * kTokenChunk);
     for (int t = chunk * kTokenChunk; t < t1; ++t)
       for (int j = 0; j < plan.k; ++j) {
-        char* d = static_cast<char*>(dst) + size_t(plan.row_of[size_t(t) * plan.k + j]) * ld * es;
+        const int row = plan.row_of[size_t(t) * plan.k + j];
+        if (row < 0) continue;  // slot computed elsewhere
+        char* d = static_cast<char*>(dst) + size_t(row) * ld * es;
         std::memcpy(d, static_cast<const char*>(src) + size_t(t) * H * es, size_t(H) * es);
         std::memset(d + size_t(H) * es, 0, size_t(Hp - H) * es);
       }
@@ -275,7 +277,9 @@ void sum_rows(ThreadPool& pool, const RoutingPlan& plan, const float* rows, void
     for (int t = chunk * kTokenChunk; t < t1; ++t) {
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int j = 0; j < plan.k; ++j) {
-        const float* r = rows + size_t(plan.row_of[size_t(t) * plan.k + j]) * Hp;
+        const int row = plan.row_of[size_t(t) * plan.k + j];
+        if (row < 0) continue;
+        const float* r = rows + size_t(row) * Hp;
         for (int c = 0; c < H; ++c) acc[c] += r[c];
       }
       if (wtype == kF32) {
@@ -486,9 +490,10 @@ void MoELayer::build_plan(int T, int k, const int64_t* ids, const float* w, Rout
   plan.count.assign(size_t(E_), 0);
   for (size_t i = 0; i < size_t(T) * k; ++i) {
     const int64_t e = ids[i];
+    if (e == kNotHere) continue;
     if (e < 0 || e >= E_)
       throw std::invalid_argument("topk_ids[" + std::to_string(i / k) + "][" + std::to_string(i % k) + "] = " +
-                                  std::to_string(e) + " is outside [0, " + std::to_string(E_) + ")");
+                                  std::to_string(e) + " is outside [0, " + std::to_string(E_) + ") (-1: slot computed elsewhere)");
     ++plan.count[size_t(e)];
   }
   plan.seg_start.assign(size_t(E_), 0);
@@ -503,6 +508,10 @@ void MoELayer::build_plan(int T, int k, const int64_t* ids, const float* w, Rout
   plan.row_weight.assign(size_t(rows), 0.f);
   std::vector<int> cursor(plan.seg_start);
   for (size_t i = 0; i < size_t(T) * k; ++i) {
+    if (ids[i] == kNotHere) {
+      plan.row_of[i] = -1;
+      continue;
+    }
     const int row = cursor[size_t(ids[i])]++;
     plan.row_of[i] = row;
     plan.row_token[size_t(row)] = int(i / k);
@@ -514,6 +523,19 @@ SavedSlot* MoELayer::find_slot(uint64_t handle) {
   for (auto& s : slots_)
     if (handle != 0 && s.handle == handle) return &s;
   return nullptr;
+}
+
+std::pair<const void*, size_t> MoELayer::panel_storage(int which) const {
+  if (which < 0 || which > 2) throw std::invalid_argument("which: expected 0 (gate), 1 (up) or 2 (down)");
+  const Buffer& b = which == 0 ? gate_ : which == 1 ? up_ : down_;
+  return {b.get(), size_t(E_) * expert_elems_ * weight_elem_bytes()};
+}
+
+std::pair<const void*, size_t> MoELayer::scale_storage(int which) const {
+  if (which < 0 || which > 2) throw std::invalid_argument("which: expected 0 (gate), 1 (up) or 2 (down)");
+  if (!wq_) return {nullptr, 0};
+  const Buffer& b = which == 0 ? gate_s_ : which == 1 ? up_s_ : down_s_;
+  return {b.get(), size_t(E_) * (which == 2 ? Hp_ : Ip_) * sizeof(float)};
 }
 
 void MoELayer::release(uint64_t handle) {
@@ -753,6 +775,10 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
   }
   sum_rows(pool, plan, bb.dx_rows, dx, H_, Hp_, wtype_);
   for (size_t i = 0; i < size_t(plan.T) * plan.k; ++i) {
+    if (plan.row_of[i] < 0) {  // slot computed elsewhere: no gradient from here
+      dw[i] = 0.f;
+      continue;
+    }
     const size_t row = size_t(plan.row_of[i]);
     const float* part = bb.dw_part + row * ipb;
     float s = 0.f;

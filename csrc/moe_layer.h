@@ -46,10 +46,14 @@ class Buffer {
 struct RoutingPlan {
   int T = 0, k = 0, rows = 0;        // rows: padded total of all segments
   std::vector<int> seg_start, count; // [E]
-  std::vector<int> row_of;           // [T*k] gathered row of (token, slot)
+  std::vector<int> row_of;           // [T*k] gathered row of (token, slot); -1 for a kNotHere slot
   std::vector<int> row_token;        // [rows] token of each row (-1 for padding)
   std::vector<float> row_weight;     // [rows]
 };
+
+// topk_ids value of a (token, slot) this layer leaves out: another device computes it (kt_sft/engine/gpu_share.py).
+// It adds nothing to y and gets dw = 0.
+constexpr int64_t kNotHere = -1;
 
 struct SavedSlot {
   uint64_t handle = 0;  // 0 = free
@@ -89,7 +93,8 @@ class MoELayer {
   // [e0, e0+n) from src (dtype src_dtype) with element strides (expert, row, col), quantizing each output
   // row (channel) of an int8 layer. Throws on NaN/Inf.
   void set_weights(int which, int e0, int n, const void* src, int src_dtype, int64_t s_e, int64_t s_r, int64_t s_c);
-  // y[T][H] = sum_j w[t][j] * expert_{ids[t][j]}(x[t]); returns a handle for backward when save is set.
+  // y[T][H] = sum_j w[t][j] * expert_{ids[t][j]}(x[t]) over slots with ids != kNotHere; returns a handle for
+  // backward when save is set.
   // lora: optional per-expert LoRA on gate_up / down (null or all ranks 0 = frozen experts only).
   uint64_t forward(int T, int k, const void* x, const int64_t* ids, const float* w, void* y, bool save,
                    const LoraArgs* lora = nullptr);
@@ -113,6 +118,14 @@ class MoELayer {
     return 3 * size_t(E_) * expert_elems_ * weight_elem_bytes() + (wq_ ? size_t(E_) * (2 * Ip_ + Hp_) * sizeof(float) : 0);
   }
   size_t saved_bytes() const;
+  // The packed storage of projection `which` (0 gate, 1 up, 2 down): its panels (all experts, expert-major,
+  // expert_elems elements each, weight_elem_bytes() per element) and, int8 only, its scales ([E][Ip] or
+  // [E][Hp] fp32; null otherwise). Read-only views for streaming experts to another device.
+  std::pair<const void*, size_t> panel_storage(int which) const;
+  std::pair<const void*, size_t> scale_storage(int which) const;
+  int padded_hidden() const { return Hp_; }
+  int padded_intermediate() const { return Ip_; }
+  bool int8_weights() const { return wq_; }
   std::vector<std::string> missing_weights() const;  // "expert 3 down", ...
 
  private:

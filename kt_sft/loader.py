@@ -142,6 +142,7 @@ def load_model(
     chunk_size: int = 0,
     retain_activations: bool = True,
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    gpu_experts: float = 0.0,
 ):
     """Load a Hugging Face MoE checkpoint directory with the routed experts on the CPU engine.
 
@@ -160,8 +161,13 @@ def load_model(
     lm_head in chunks of this many tokens, each recomputed in backward, so the [tokens, vocab] logits are never
     materialized (kt_sft.models.chunked_loss; same loss and gradients as stock). Such a forward returns
     `logits=None`; eval, generate and label-less calls are stock. 0 = off (stock loss, full logits).
+    gpu_experts: fraction of each MoE layer's routed experts that calls of >= 1024 tokens on a CUDA `device`
+    compute on the GPU, streaming their weights from the engine's RAM per call (kt_sft.engine.gpu_share); the
+    rest runs on the CPU engine at the same time. 0 = off (everything on the CPU engine).
     """
     loss_chunk_tokens = check_chunk_tokens(loss_chunk_tokens)
+    if not (isinstance(gpu_experts, (int, float)) and 0.0 <= gpu_experts <= 1.0):
+        raise ValueError(f"gpu_experts must be a fraction in [0, 1], got {gpu_experts!r}")
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json here; model_name_or_path must be a local Hugging Face "
@@ -219,6 +225,9 @@ def load_model(
                 except (RuntimeError, ValueError) as err:
                     raise type(err)(f"{key} in {shard.name}: {err}") from err
     _finish(model, family, layers, modules, weight_map, placer, device)
+    if gpu_experts > 0 and device.type == "cuda":
+        for layer in layers.values():
+            layer.gpu_share = engine.GpuShare(layer, max(1, round(gpu_experts * layer.num_experts)), device)
     use_engine(model.config)
     install_chunked_loss(model, loss_chunk_tokens)
     model.kt_summary = _summary(layers, engine_dtype, device)

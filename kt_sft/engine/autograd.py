@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from .gpu_share import engine_thread
 from .layer import ExpertLayer
 from .lora import ExpertLoRA
 from .runtime import set_worker_spin_us
@@ -150,6 +151,20 @@ def _lora_key(factors, scales):
     return tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in factors) + tuple(scales)
 
 
+def _active_share(layer: ExpertLayer, x: torch.Tensor):
+    share = getattr(layer, "gpu_share", None)
+    return share if share is not None and share.applies(x) else None
+
+
+def _share_lora(share, factors, scales):
+    """The LoRA tuple GpuShare takes: factors on its device (fp32), ranks, scales; None without LoRA."""
+    if scales is None:
+        return None
+    dev = tuple(None if t is None else t.detach().to(device=share.device, dtype=torch.float32) for t in factors)
+    ranks = tuple(0 if B is None else B.shape[1] // share.E for B in (factors[1], factors[3]))
+    return dev + ranks + tuple(scales)
+
+
 def _factor_to_host(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     # CPU fp32 contiguous factors (the usual case) are passed as they are, without a copy.
     return None if t is None else t.detach().to(device="cpu", dtype=torch.float32).contiguous()
@@ -171,28 +186,52 @@ class MoEExpertsFunction(torch.autograd.Function):
         ids_host = _to_engine("ids", topk_ids, torch.int64)
         w_host = _to_engine("w", topk_weights, torch.float32)
         _set_spin(save and x.device.type == "cuda")
+        share = _active_share(layer, x)
+        # The share changes which side computes what: a retained forward counts only under the same share.
+        key = (lora_key, None if share is None else (id(share), share.first))
         retained = retained_forwards(layer) if save else None
-        hit = retained.find(x_host, ids_host, w_host, lora_key) if retained is not None else None
+        hit = retained.find(x_host, ids_host, w_host, key) if retained is not None else None
+        ctx.share, ctx.share_plan = None, None
         if hit is not None:
             y, handle = hit[3], hit[4]
+            if share is not None:
+                ctx.share, ctx.share_plan = share, share.split(ids_host)[1]
+            out = _from_engine("y", y, x.device, x.dtype)
+            if out.data_ptr() == y.data_ptr():
+                out = out.clone()  # the retained y must stay intact
+        elif share is not None:
+            # Part of the experts on the GPU: the engine runs the rest from a helper thread meanwhile.
+            ids_engine, plan = share.split(ids_host)
+            job = engine_thread().submit(layer.forward, x_host, ids_engine, w_host, save_for_backward=save, lora=lora)
+            y_share = share.forward(x.detach(), topk_weights.detach(), plan, _share_lora(share, factors, lora_scales))
+            y_cpu, handle = job.result()
+            share.join(y_share)
+            out = (_from_engine("y", y_cpu, x.device, torch.float32) + y_share).to(x.dtype)
+            if save:
+                retained.add(x_host, ids_host, w_host, out.to(device="cpu", dtype=layer.dtype), handle, key)
+                ctx.share, ctx.share_plan = share, plan
         else:
             # Inference (decode) on a GPU: the engine writes straight into the pinned buffer the result is copied
             # from, so a step costs no host allocation and no extra host copy.
-            out = _staging_buffers().buffer("y", (x.shape[0], layer.hidden_size), layer.dtype) \
+            buf = _staging_buffers().buffer("y", (x.shape[0], layer.hidden_size), layer.dtype) \
                 if x.device.type == "cuda" and not save else None
-            y, handle = layer.forward(x_host, ids_host, w_host, save_for_backward=save, out=out, lora=lora)
+            y, handle = layer.forward(x_host, ids_host, w_host, save_for_backward=save, out=buf, lora=lora)
             if save:
-                retained.add(x_host, ids_host, w_host, y, handle, lora_key)
+                retained.add(x_host, ids_host, w_host, y, handle, key)
+            out = _from_engine("y", y, x.device, x.dtype)
+            if save and out.data_ptr() == y.data_ptr():
+                out = out.clone()  # the retained y must stay intact
         ctx.layer, ctx.handle = layer, handle
         ctx.x_meta = (x.device, x.dtype)
         ctx.w_meta = (topk_weights.device, topk_weights.dtype)
         ctx.lora_scales = lora_scales
+        if ctx.share is not None:
+            ctx.share_inputs = (x.detach(), topk_weights.detach())
         if lora_scales is not None:
             # Saved so that autograd refuses a backward after an in-place update of a factor (the engine's saved
             # u = x.B_gu and q = h.B_d belong to the values of this forward).
             ctx.save_for_backward(*factors)
-        out = _from_engine("y", y, x.device, x.dtype)
-        return out.clone() if save and out.data_ptr() == y.data_ptr() else out  # the retained y must stay intact
+        return out
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -202,18 +241,35 @@ class MoEExpertsFunction(torch.autograd.Function):
         retained_forwards(layer).drop(ctx.handle)
         _set_spin(dy.device.type == "cuda")
         dy_host = _to_engine("dy", dy, layer.dtype)
-        factor_grads = (None,) * 4
-        if ctx.lora_scales is None:
-            dx, dw = layer.backward(ctx.handle, dy_host)
+        factors = ctx.saved_tensors if ctx.lora_scales is not None else (None,) * 4
+        lora = None if ctx.lora_scales is None else ExpertLoRA(*(_factor_to_host(t) for t in factors),
+                                                               *ctx.lora_scales)
+        share = ctx.share
+        if share is None:
+            res = layer.backward(ctx.handle, dy_host, lora=lora)
         else:
-            factors = ctx.saved_tensors
-            lora = ExpertLoRA(*(_factor_to_host(t) for t in factors), *ctx.lora_scales)
-            dx, dw, grads = layer.backward(ctx.handle, dy_host, lora=lora)
+            job = engine_thread().submit(layer.backward, ctx.handle, dy_host, lora=lora)
+            s_dx, s_dw, s_grads = share.backward(*ctx.share_inputs, dy, ctx.share_plan,
+                                                 _share_lora(share, factors, ctx.lora_scales))
+            res = job.result()
+            share.join(s_dx, s_dw, *(s_grads or ()))
+        dx, dw = res[0], res[1]
+        factor_grads = (None,) * 4
+        if lora is not None:
+            grads = res[2]
+            if share is not None:
+                grads = tuple(g if g is None or sg is None else g + sg.to(g.device) for g, sg in zip(grads, s_grads))
             factor_grads = tuple(
                 g.to(device=t.device, dtype=t.dtype) if g is not None and ctx.needs_input_grad[6 + i] else None
                 for i, (g, t) in enumerate(zip(grads, factors)))
-        dx = _from_engine("dx", dx, *ctx.x_meta) if ctx.needs_input_grad[0] else None
-        dw = _from_engine("dw", dw, *ctx.w_meta) if ctx.needs_input_grad[2] else None
+        if share is None:
+            dx = _from_engine("dx", dx, *ctx.x_meta) if ctx.needs_input_grad[0] else None
+            dw = _from_engine("dw", dw, *ctx.w_meta) if ctx.needs_input_grad[2] else None
+        else:
+            dx = (_from_engine("dx", dx, ctx.x_meta[0], torch.float32) + s_dx).to(ctx.x_meta[1]) \
+                if ctx.needs_input_grad[0] else None
+            dw = (_from_engine("dw", dw, ctx.w_meta[0], torch.float32) + s_dw).to(ctx.w_meta[1]) \
+                if ctx.needs_input_grad[2] else None
         return ((dx, None, dw, None, None, None) + factor_grads)[: len(ctx.needs_input_grad)]
 
 

@@ -27,6 +27,9 @@ KEYS: dict[str, str] = {
                   "memory. 0 / unset: the whole micro-batch in one call.",
     "kt_cpu_activation": "retain (default): a gradient-checkpoint recompute reuses the CPU experts' forward instead "
                          "of running it again; recompute: run it again (less host RAM, more CPU time).",
+    "kt_gpu_experts": "Fraction (0..1) of each MoE layer's routed experts that training / prefill calls of >= 1024 "
+                      "tokens compute on the GPU, their weights streamed from RAM per call while the CPU engine "
+                      "runs the rest (default 0: all on the CPU). Costs GPU memory for a few experts at a time.",
     "kt_max_cache_depth": "Forward results each MoE layer keeps for backward (default 4; raise it if an error says "
                           "a saved forward was evicted).",
     "kt_expert_checkpoint_path": "Directory whose safetensors hold the routed-expert tensors when they are not in "
@@ -70,6 +73,7 @@ class KTSettings:
     max_cache_depth: int = 4
     expert_path: Optional[str] = None
     loss_chunk_tokens: Optional[int] = None  # None = load_model's default; 0 = stock loss with full logits
+    gpu_experts: float = 0.0
 
 
 def _is_ours(key: str) -> bool:
@@ -143,6 +147,15 @@ def _settings_from_keys(keys: dict[str, Any], model_args) -> KTSettings:
         settings.chunk_size = _as_int("chunk_size", keys["chunk_size"], 0)
     if keys.get("kt_max_cache_depth") is not None:
         settings.max_cache_depth = _as_int("kt_max_cache_depth", keys["kt_max_cache_depth"], 1)
+    if keys.get("kt_gpu_experts") is not None:
+        value = keys["kt_gpu_experts"]
+        try:
+            fraction = float(value)
+        except (TypeError, ValueError):
+            fraction = -1.0
+        if isinstance(value, bool) or not 0.0 <= fraction <= 1.0:
+            raise KTConfigError(f"kt_gpu_experts: expected a fraction between 0 and 1, got {value!r}")
+        settings.gpu_experts = fraction
     activation = keys.get("kt_cpu_activation")
     if activation not in (None, ""):
         if str(activation) not in ("retain", "recompute"):

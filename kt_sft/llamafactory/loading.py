@@ -59,6 +59,7 @@ def load_for_llamafactory(path, kwargs: dict, model_args, settings: KTSettings, 
         expert_path=settings.expert_path,
         chunk_size=settings.chunk_size,
         retain_activations=settings.retain_activations,
+        gpu_experts=settings.gpu_experts,
         progress=True,
         **({} if settings.loss_chunk_tokens is None else {"loss_chunk_tokens": settings.loss_chunk_tokens}),
     )

@@ -1,0 +1,272 @@
+"""GPU share of the routed experts: on large calls the experts [E - n, E) of a layer run on the GPU, their frozen
+weights streamed per call from the engine's own host panels, while the CPU engine computes the other experts.
+
+Why: the CPU engine is bound near 10 TFLOPS by AMX tile loads (BENCHMARKS.md, "AMX GEMM ceiling"), so training
+through it left the GPU idle 94 % of a step. Streaming one V2-Lite layer's experts over PCIe (53 GB/s measured on
+the device, 1.1 GB bf16) takes about 21 ms per pass, while the CPU needs about 130 ms for a 4096-token forward
+and backward: for batches of that size moving a share of the experts to the GPU beats computing them on the CPU,
+and both sides run at the same time. Decode-size calls (below `min_tokens`) stay on the CPU, where a token costs
+microseconds and the stream would cost milliseconds.
+
+Layout: nothing is copied in RAM (the engine's panels are wrapped in place and page-locked once) and nothing
+stays on the GPU between calls: experts travel in chunks of `chunk` experts through a ring of two staging slots
+on a copy stream, are unpacked from the panel layout (csrc/common.h) into [N][K] matrices, int8 ones dequantized
+to bf16(q * s) exactly as the CPU kernels do, and computed on a compute stream. The CPU engine is called with
+those slots' ids set to -1 (csrc/moe_layer.h, kNotHere) from a helper thread (it releases the GIL), so the
+launches here overlap its work. Backward streams the share again and recomputes its forward chunk by chunk
+under autograd (frozen weights, so nothing else is needed), which also yields the LoRA factor gradients.
+Numerics: the share computes like stock PyTorch bf16 experts (bf16 GEMM outputs), the engine like its kernels;
+both are checked against the fp32 reference in tests/test_gpu_share.py.
+"""
+from __future__ import annotations
+
+import ctypes
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+_PANEL = 16
+_engine_thread: Optional[ThreadPoolExecutor] = None
+
+
+def engine_thread() -> ThreadPoolExecutor:
+    """One helper thread that makes the (GIL-releasing) engine calls while the caller launches GPU work."""
+    global _engine_thread
+    if _engine_thread is None:
+        _engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-sft-engine")
+    return _engine_thread
+
+
+def _host_bytes(address: int, nbytes: int) -> torch.Tensor:
+    """uint8 tensor over engine-owned memory (no copy); valid while the engine layer lives."""
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(address), dtype=torch.uint8)
+
+
+def _pin(t: torch.Tensor) -> bool:
+    if t.numel() == 0 or t.is_pinned():
+        return True
+    rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0)
+    return int(rc) == 0
+
+
+def panels_to_matrix(raw: torch.Tensor, experts: int, Np: int, Kp: int, kind: str,
+                     scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Engine panels of `experts` experts (raw bytes) -> W [experts][Np][Kp] (bf16, or fp32 for kind float32).
+
+    bf16 / int8 panels are VNNI pairs panel[k/2][n][k%2] of 16 columns; fp32 panels are panel[k][n]. int8 gives
+    bf16(q * s[n]) with `scales` [experts][Np], the engine's own dequantization."""
+    if kind == "float32":
+        p = raw.view(torch.float32).view(experts, Np // _PANEL, Kp, _PANEL)
+        return p.permute(0, 1, 3, 2).reshape(experts, Np, Kp)
+    dt = torch.int8 if kind == "int8" else torch.bfloat16
+    p = raw.view(dt).view(experts, Np // _PANEL, Kp // 2, _PANEL, 2)
+    w = p.permute(0, 1, 3, 2, 4).reshape(experts, Np, Kp)
+    if kind == "int8":
+        w = (w.float() * scales[:, :, None]).to(torch.bfloat16)
+    return w
+
+
+def _expert_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: Optional[torch.Tensor]) -> torch.Tensor:
+    """Rows of x grouped by expert (counts[e] rows each, in order) times w[e]^T: [rows][N] from w [e][N][K]."""
+    if offs is not None:
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+    parts, start = [], 0
+    for e, c in enumerate(counts):
+        parts.append(x[start:start + c] @ w[e].t())
+        start += c
+    return torch.cat(parts) if parts else x.new_zeros(0, w.shape[1])
+
+
+def _lora_rows(x: torch.Tensor, counts: list[int], first: int, A, B, r: int, E: int, scale: float) -> torch.Tensor:
+    """scale * (x_e @ B_e) @ A_e for each expert's rows (PEFT flat layout: A rows e*r.., B columns e::E)."""
+    parts, start = [], 0
+    for j, c in enumerate(counts):
+        e = first + j
+        if c:
+            parts.append((x[start:start + c].float() @ B[:, e::E]) @ A[e * r:(e + 1) * r])
+        start += c
+    return scale * torch.cat(parts) if parts else x.new_zeros(0, A.shape[1], dtype=torch.float32)
+
+
+class GpuShare:
+    """The last `experts` experts of an ExpertLayer, computed on `device` for calls of at least `min_tokens`."""
+
+    def __init__(self, layer, experts: int, device, min_tokens: int = 1024, chunk: int = 4) -> None:
+        E = layer.num_experts
+        if not 0 < experts <= E:
+            raise ValueError(f"gpu share: experts must be in [1, {E}], got {experts}")
+        if chunk < 1:
+            raise ValueError(f"gpu share: chunk must be >= 1, got {chunk}")
+        self.layer, self.device = layer, torch.device(device)
+        self.first, self.n, self.E = E - experts, experts, E
+        self.min_tokens, self.chunk = int(min_tokens), int(chunk)
+        eng = layer._layer
+        self.H, self.I = layer.hidden_size, layer.intermediate_size
+        self.Hp, self.Ip = eng.padded_hidden, eng.padded_intermediate
+        self.kind = "int8" if eng.int8_weights else ("float32" if layer.dtype == torch.float32 else "bfloat16")
+        elem = {"int8": 1, "bfloat16": 2, "float32": 4}[self.kind]
+        self.expert_bytes = self.Ip * self.Hp * elem
+        self.panels = [_host_bytes(*eng.panel_storage(w))[self.first * self.expert_bytes:] for w in range(3)]
+        self.scales = None
+        if self.kind == "int8":  # tiny ([n][Np] fp32 per projection): kept on the device
+            self.scales = [_host_bytes(*eng.scale_storage(w)).view(torch.float32).view(E, -1)[self.first:]
+                           .to(self.device) for w in range(3)]
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            if not all(_pin(p) for p in self.panels):
+                warnings.warn("kt-sft gpu share: could not page-lock the expert panels; streaming them runs at "
+                              "pageable-copy speed", stacklevel=2)
+            self.copy_stream = torch.cuda.Stream(self.device)
+            self.compute_stream = torch.cuda.Stream(self.device)
+            self.slots = torch.empty(2, 3, chunk * self.expert_bytes, dtype=torch.uint8, device=self.device)
+        self.grouped = hasattr(torch, "_grouped_mm") and self.kind != "float32"
+
+    def applies(self, x: torch.Tensor) -> bool:
+        return x.device == self.device and x.shape[0] >= self.min_tokens
+
+    # ---------------------------------------------------------------- routing
+    def split(self, ids_host: torch.Tensor):
+        """(ids for the engine with this share's slots at -1, plan) from host topk_ids [T][k]."""
+        share = ids_host >= self.first
+        flat = ids_host.flatten()
+        pos = torch.nonzero(share.flatten()).flatten()
+        order = torch.argsort(flat[pos], stable=True)
+        pos = pos[order]
+        counts = torch.bincount(flat[pos] - self.first, minlength=self.n).tolist()
+        k = ids_host.shape[1]
+        plan = dict(pos=pos.to(self.device), tok=(pos // k).to(self.device), counts=counts, k=k)
+        return torch.where(share, torch.full_like(ids_host, -1), ids_host), plan
+
+    # ---------------------------------------------------------------- streaming
+    def _chunks(self):
+        """Yields (first expert of the chunk relative to the share, experts, gate, up, down matrices [c][N][K])."""
+        eb, Np = self.expert_bytes, (self.Ip, self.Ip, self.Hp)
+        Kp = (self.Hp, self.Hp, self.Ip)
+        starts = list(range(0, self.n, self.chunk))
+        events = []
+
+        def issue(j):
+            a, c = starts[j], min(self.chunk, self.n - starts[j])
+            if not self.cuda:
+                return [p[a * eb:(a + c) * eb] for p in self.panels]
+            slot = self.slots[j % 2]
+            with torch.cuda.stream(self.copy_stream):
+                if j >= 2:
+                    self.copy_stream.wait_event(events[j - 2][1])  # slot free again
+                for w in range(3):
+                    slot[w, :c * eb].copy_(self.panels[w][a * eb:(a + c) * eb], non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self.copy_stream)
+            events.append([done, None])
+            return [slot[w, :c * eb] for w in range(3)]
+
+        pending = [issue(j) for j in range(min(2, len(starts)))]
+        for j, a in enumerate(starts):
+            c = min(self.chunk, self.n - a)
+            raw = pending[j]
+            if self.cuda:
+                torch.cuda.current_stream(self.device).wait_event(events[j][0])
+            mats = [panels_to_matrix(raw[w], c, Np[w], Kp[w], self.kind,
+                                     None if self.scales is None else self.scales[w][a:a + c]) for w in range(3)]
+            if self.cuda:  # unpacking copied the slot out: it may be refilled
+                freed = torch.cuda.Event()
+                freed.record(torch.cuda.current_stream(self.device))
+                events[j][1] = freed
+            if j + 2 < len(starts):
+                pending.append(issue(j + 2))
+            gate, up, down = mats
+            yield a, c, gate[:, :self.I, :self.H], up[:, :self.I, :self.H], down[:, :self.H, :self.I]
+
+    # ---------------------------------------------------------------- compute
+    def _rows(self, xs, ws, a, c, counts, gate, up, down, lora):
+        """Routing-weighted outputs [rows][H] (fp32) of one chunk's rows (grouped by expert, in order)."""
+        offs = None
+        if self.grouped and xs.is_cuda:
+            offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(self.device, torch.int32, non_blocking=True)
+        g = _expert_mm(xs, gate.contiguous(), counts, offs)
+        u = _expert_mm(xs, up.contiguous(), counts, offs)
+        first = self.first + a
+        if lora is not None and lora[0] is not None:
+            A, B, r, s = lora[0], lora[1], lora[4], lora[6]
+            d = _lora_rows(xs, counts, first, A, B, r, self.E, s)
+            g, u = g.float() + d[:, :self.I], u.float() + d[:, self.I:]
+        h = (F.silu(g.float()) * u.float()).to(xs.dtype)
+        o = _expert_mm(h, down.contiguous(), counts, offs).float()
+        if lora is not None and lora[2] is not None:
+            o = o + _lora_rows(h, counts, first, lora[2], lora[3], lora[5], self.E, lora[7])
+        return o * ws[:, None]
+
+    def _chunk_rows(self, plan, a, c):
+        lo = sum(plan["counts"][:a])
+        return lo, lo + sum(plan["counts"][a:a + c])
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, plan, lora=None) -> torch.Tensor:
+        """This share's part of y [T][H] (fp32), queued on the compute stream (see join)."""
+        with self._on_streams():
+            y = torch.zeros(x.shape[0], self.H, dtype=torch.float32, device=self.device)
+            xs_all = x[plan["tok"]]
+            ws_all = w.flatten()[plan["pos"]].float()
+            with torch.no_grad():
+                for a, c, gate, up, down in self._chunks():
+                    lo, hi = self._chunk_rows(plan, a, c)
+                    if hi > lo:
+                        o = self._rows(xs_all[lo:hi], ws_all[lo:hi], a, c, plan["counts"][a:a + c], gate, up, down,
+                                       lora)
+                        y.index_add_(0, plan["tok"][lo:hi], o)
+        return y
+
+    def backward(self, x, w, dy, plan, lora=None):
+        """(dx [T][H] fp32, dw [T][k] fp32, factor grads or None) of this share, recomputing its forward."""
+        T, k = x.shape[0], plan["k"]
+        with self._on_streams(), torch.enable_grad():
+            dx = torch.zeros(T, self.H, dtype=torch.float32, device=self.device)
+            dw = torch.zeros(T * k, dtype=torch.float32, device=self.device)
+            factors = None
+            if lora is not None:
+                factors = [None if f is None else f.detach().to(self.device).requires_grad_() for f in lora[:4]]
+                lora = tuple(factors) + tuple(lora[4:])
+            for a, c, gate, up, down in self._chunks():
+                lo, hi = self._chunk_rows(plan, a, c)
+                if hi == lo:
+                    continue
+                tok, pos = plan["tok"][lo:hi], plan["pos"][lo:hi]
+                xs = x.detach()[tok].requires_grad_()
+                ws = w.detach().flatten()[pos].float().requires_grad_()
+                o = self._rows(xs, ws, a, c, plan["counts"][a:a + c], gate, up, down, lora)
+                torch.autograd.backward(o, dy[tok].float())
+                dx.index_add_(0, tok, xs.grad.float())
+                dw[pos] = ws.grad
+            grads = None if factors is None else [None if f is None else f.grad for f in factors]
+        return dx, dw.view(T, k), grads
+
+    def _on_streams(self):
+        share = self
+
+        class _Ctx:
+            def __enter__(self):
+                if share.cuda:
+                    main = torch.cuda.current_stream(share.device)
+                    share.compute_stream.wait_stream(main)  # inputs were produced on the caller's stream
+                    self.ctx = torch.cuda.stream(share.compute_stream)
+                    self.ctx.__enter__()
+
+            def __exit__(self, *exc):
+                if share.cuda:
+                    self.ctx.__exit__(*exc)
+                return False
+        return _Ctx()
+
+    def join(self, *tensors: torch.Tensor) -> None:
+        """Make the caller's stream wait for the share's queued work and own its results."""
+        if not self.cuda:
+            return
+        main = torch.cuda.current_stream(self.device)
+        main.wait_stream(self.compute_stream)
+        for t in tensors:
+            if t is not None:
+                t.record_stream(main)

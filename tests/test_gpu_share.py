@@ -1,0 +1,161 @@
+"""The GPU share (kt_sft/engine/gpu_share.py): experts [E - n, E) computed by PyTorch from the engine's streamed
+panels, the rest by the engine with those slots at -1. Checked against the fp32 reference on the CPU (the share's
+device is then the CPU: same code without streams) and, where a GPU exists, on it.
+
+Tolerances: f32 layers compute the share in fp32 (tight); bf16 ones round the GEMM outputs and the activation to
+bf16 on the share side, like the engine does on its side (TOLERANCE in test_engine_lora.py).
+"""
+import pytest
+import torch
+
+import kt_sft.engine as ke
+from kt_sft.engine.gpu_share import GpuShare, panels_to_matrix
+from moe_reference import make_experts, make_routing, rel_err
+from test_engine_lora import TOLERANCE, make_lora, reference_with_grads
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _layer(E, H, I, dtype, gen, weights=None):
+    gate, up, down = make_experts(E, H, I, gen, dtype)
+    layer = ke.ExpertLayer(E, H, I, dtype=dtype, weights=weights)
+    layer.load_fused(torch.cat([gate, up], dim=1), down)
+    return layer, (gate, up, down)
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
+def test_panels_unpack_to_the_loaded_weights(weights):
+    """The unpacked panels are the weights the engine computes with: exact for f32/bf16, q * s for int8."""
+    E, H, I = 3, 40, 24  # pads to 64 x 32: the padding must come back as zeros outside [:N, :K]
+    dtype = torch.float32 if weights == "float32" else torch.bfloat16
+    layer, (gate, up, down) = _layer(E, H, I, dtype, torch.Generator().manual_seed(0),
+                                     weights="int8" if weights == "int8" else None)
+    share = GpuShare(layer, 2, "cpu", chunk=1)
+    mats = {}
+    for a, c, g, u, d in share._chunks():
+        mats[a] = (g, u, d)
+    for j, e in enumerate(range(1, 3)):
+        g, u, d = mats[j]
+        for got, ref in ((g[0], gate[e]), (u[0], up[e]), (d[0], down[e])):
+            if weights == "int8":
+                s = ref.abs().amax(dim=1, keepdim=True) / 127
+                q = torch.where(s > 0, torch.round(ref / torch.where(s > 0, s, 1)), 0).clamp(-127, 127)
+                ref = (q * s).to(torch.bfloat16)
+            assert torch.equal(got.float(), ref.float()), f"expert {e}"
+    raw = torch.arange(32 * 32, dtype=torch.float32).view(torch.uint8)  # one f32 expert of 32 x 32
+    w = panels_to_matrix(raw, 1, 32, 32, "float32")
+    assert w[0, 17, 5] == 16 * 32 + 5 * 16 + 1  # panel 1, k = 5, n = 1
+
+
+def test_engine_skips_slots_marked_minus_one(isa):
+    """Slots with id -1 add nothing and get dw = 0; the two halves sum to the whole call."""
+    gen = torch.Generator().manual_seed(1)
+    layer, _ = _layer(5, 33, 17, torch.float32, gen)
+    ids, w = make_routing(9, 5, 3, "uniform", gen)
+    x, dy = torch.randn(9, 33, generator=gen), torch.randn(9, 33, generator=gen)
+    mask = ids >= 3
+    a, b = torch.where(mask, -1, ids), torch.where(mask, ids, -1)
+    outs = []
+    for i in (ids, a, b):
+        y, h = layer.forward(x, i, w, save_for_backward=True)
+        outs.append((y,) + layer.backward(h, dy))
+    for full, pa, pb in zip(*outs):
+        assert rel_err(pa + pb, full) < 1e-5
+    assert not outs[1][2][mask].any() and not outs[2][2][~mask].any()
+    y, _ = layer.forward(x, torch.full_like(ids, -1), w)
+    assert not y.any()
+    with pytest.raises(ValueError, match=r"topk_ids\[0\]\[0\] = -2 is outside"):
+        layer.forward(x, torch.full_like(ids, -2), w)
+
+
+# (E, H, I, T, k, routing, share experts, chunk, r_gu, r_d): reason
+CASES = {
+    (6, 40, 24, 30, 2, "uniform", 3, 2, 0, 0): "half the experts, padded H and I, no LoRA",
+    (8, 64, 96, 40, 3, "skewed", 7, 3, 4, 2): "all but one expert, skewed routing, LoRA on both",
+    (5, 33, 17, 12, 2, "one_expert", 5, 1, 3, 0): "every expert on the share (the engine gets only -1), LoRA gu",
+    (16, 48, 32, 6, 2, "uniform", 9, 4, 0, 5): "mostly empty experts in the share, LoRA down only",
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES.values()))
+def test_share_matches_reference(device, dtype, case):
+    if device == "cuda":
+        pytest.importorskip("torch.cuda")
+    E, H, I, T, k, routing, n, chunk, r_gu, r_d = case
+    gen = torch.Generator().manual_seed(T * 100 + E)
+    layer, (gate, up, down) = _layer(E, H, I, dtype, gen)
+    ids, w = make_routing(T, E, k, routing, gen)
+    x, dy = torch.randn(T, H, generator=gen).to(dtype), torch.randn(T, H, generator=gen).to(dtype)
+    lora = make_lora(E, H, I, r_gu, r_d, gen) if r_gu or r_d else None
+    layer.gpu_share = GpuShare(layer, n, device, min_tokens=1, chunk=chunk)
+
+    xs, ws = x.to(device).requires_grad_(), w.to(device).requires_grad_()
+    if lora is not None:
+        for f in lora.factors():
+            if f is not None:
+                f.requires_grad_()
+    y = ke.moe_experts(xs, ids.to(device), ws, layer, lora=lora)
+    y.backward(dy.to(device))
+    if lora is None:
+        y_ref, dx_ref, dw_ref, _ = reference_with_grads(x, ids, w, gate, up, down, _no_lora(E, H, I), dy)
+    else:
+        y_ref, dx_ref, dw_ref, g_ref = reference_with_grads(x, ids, w, gate, up, down, lora, dy)
+    tol = TOLERANCE[dtype]
+    assert y.device.type == device and y.dtype == dtype and xs.grad.dtype == dtype
+    assert rel_err(y.cpu(), y_ref) < tol["y"], CASES[case]
+    assert rel_err(xs.grad.cpu(), dx_ref) < tol["dx"], CASES[case]
+    assert rel_err(ws.grad.cpu(), dw_ref) < tol["dw"], CASES[case]
+    if lora is not None:
+        for name, f, r in zip(("A_gu", "B_gu", "A_d", "B_d"), lora.factors(), g_ref):
+            if f is not None:
+                assert rel_err(f.grad, r) < tol["factors"], f"d{name}: {CASES[case]}"
+    assert layer._retained.entries == []  # backward dropped the retained forward
+
+
+def _no_lora(E, H, I):
+    # reference_with_grads wants an ExpertLoRA: a rank-1 zero LoRA adds exactly nothing
+    return ke.ExpertLoRA(torch.zeros(E, 2 * I), torch.zeros(H, E), None, None, 1.0, 1.0)
+
+
+def test_checkpoint_recompute_reuses_the_retained_forward():
+    """A no_grad retain pass then the grad pass (reentrant checkpointing): the second pass computes nothing on
+    either side, and backward still streams and recomputes the share."""
+    gen = torch.Generator().manual_seed(3)
+    layer, (gate, up, down) = _layer(6, 40, 24, torch.float32, gen)
+    ids, w = make_routing(20, 6, 2, "uniform", gen)
+    x, dy = torch.randn(20, 40, generator=gen), torch.randn(20, 40, generator=gen)
+    share = layer.gpu_share = GpuShare(layer, 3, "cpu", min_tokens=1)
+    with torch.no_grad():
+        y0 = ke.moe_experts(x, ids, w, layer, retain=True)
+    calls = []
+    share_forward, engine_forward = share.forward, layer.forward
+    share.forward = lambda *a, **kw: calls.append("share") or share_forward(*a, **kw)
+    layer.forward = lambda *a, **kw: calls.append("engine") or engine_forward(*a, **kw)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y1 = ke.moe_experts(xs, ids, ws, layer)
+    assert calls == [] and torch.equal(y0, y1)
+    y1.backward(dy)
+    _, dx_ref, dw_ref, _ = reference_with_grads(x, ids, w, gate, up, down, _no_lora(6, 40, 24), dy)
+    assert rel_err(xs.grad, dx_ref) < 5e-6 and rel_err(ws.grad, dw_ref) < 5e-6
+
+
+def test_small_calls_stay_on_the_engine():
+    gen = torch.Generator().manual_seed(4)
+    layer, _ = _layer(4, 32, 32, torch.float32, gen)
+    ids, w = make_routing(8, 4, 2, "uniform", gen)
+    x = torch.randn(8, 32, generator=gen)
+    share = layer.gpu_share = GpuShare(layer, 2, "cpu", min_tokens=9)
+    share.forward = lambda *a, **kw: pytest.fail("a call below min_tokens reached the share")
+    y = ke.moe_experts(x, ids, w, layer)
+    layer.gpu_share = None
+    assert torch.equal(y, ke.moe_experts(x, ids, w, layer))
+
+
+def test_bad_share_arguments():
+    layer, _ = _layer(4, 32, 32, torch.float32, torch.Generator().manual_seed(5))
+    with pytest.raises(ValueError, match=r"experts must be in \[1, 4\]"):
+        GpuShare(layer, 0, "cpu")
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        GpuShare(layer, 2, "cpu", chunk=0)
