@@ -111,7 +111,7 @@ def test_bad_layer_arguments():
     ("x", lambda x, i, w: (x.to("meta"), i, w), ValueError, "x: expected a CPU tensor, got one on meta"),
     ("ids", lambda x, i, w: (x, i.int(), w), TypeError, "topk_ids: expected dtype int64, got int32"),
     ("ids", lambda x, i, w: (x, i[:3], w), ValueError, r"topk_ids: expected shape \[5, \*\]"),
-    ("ids", lambda x, i, w: (x, i.fill_(-1), w), ValueError, r"topk_ids\[0\]\[0\] = -1 is outside \[0, 4\)"),
+    ("ids", lambda x, i, w: (x, i.fill_(-2), w), ValueError, r"topk_ids\[0\]\[0\] = -2 is outside \[0, 4\)"),
     ("ids", lambda x, i, w: (x, i.fill_(E), w), ValueError, r"topk_ids\[0\]\[0\] = 4 is outside \[0, 4\)"),
     ("w", lambda x, i, w: (x, i, w.double()), TypeError, "topk_weights: expected dtype float32, got float64"),
     ("w", lambda x, i, w: (x, i, w[:, :1].contiguous()), ValueError, r"topk_weights: expected shape \[5, 2\]"),
