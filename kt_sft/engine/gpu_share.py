@@ -10,7 +10,7 @@ microseconds and the stream would cost milliseconds.
 
 Layout: nothing is copied in RAM (the engine's panels are wrapped in place and page-locked once) and nothing
 stays on the GPU between calls: experts travel in chunks of `chunk` experts through a ring of two staging slots
-on a copy stream, are unpacked from the panel layout (csrc/common.h) into [N][K] matrices, int8 ones dequantized
+on a copy stream (one ring per GPU, shared by all layers), are unpacked from the panel layout (csrc/common.h) into [N][K] matrices, int8 ones dequantized
 to bf16(q * s) exactly as the CPU kernels do, and computed on a compute stream. The CPU engine is called with
 those slots' ids set to -1 (csrc/moe_layer.h, kNotHere) from a helper thread (it releases the GIL), so the
 launches here overlap its work. Backward streams the share again and recomputes its forward chunk by chunk
@@ -93,6 +93,36 @@ def _lora_rows(x: torch.Tensor, counts: list[int], first: int, A, B, r: int, E: 
     return scale * torch.cat(parts) if parts else x.new_zeros(0, A.shape[1], dtype=torch.float32)
 
 
+class _Ring:
+    """Per device: the copy and compute streams and two staging slots, shared by every layer's share (layers run
+    one after another), each slot with the event after which its last reader is done."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.copy_stream = torch.cuda.Stream(device)
+        self.compute_stream = torch.cuda.Stream(device)
+        self.slots: Optional[torch.Tensor] = None
+        self.freed: list[Optional[torch.cuda.Event]] = [None, None]
+
+    def slot(self, j: int, nbytes: int) -> torch.Tensor:
+        if self.slots is None or self.slots.shape[2] < nbytes:
+            for ev in self.freed:  # the old slots may still be read
+                if ev is not None:
+                    ev.synchronize()
+            self.slots = None
+            self.slots = torch.empty(2, 3, nbytes, dtype=torch.uint8, device=self.device)
+        return self.slots[j % 2]
+
+
+_rings: dict[torch.device, _Ring] = {}
+
+
+def _ring(device: torch.device) -> _Ring:
+    if device not in _rings:
+        _rings[device] = _Ring(device)
+    return _rings[device]
+
+
 class GpuShare:
     """The last `experts` experts of an ExpertLayer, computed on `device` for calls of at least `min_tokens`."""
 
@@ -121,9 +151,7 @@ class GpuShare:
             if not all(_pin(p) for p in self.panels):
                 warnings.warn("kt-sft gpu share: could not page-lock the expert panels; streaming them runs at "
                               "pageable-copy speed", stacklevel=2)
-            self.copy_stream = torch.cuda.Stream(self.device)
-            self.compute_stream = torch.cuda.Stream(self.device)
-            self.slots = torch.empty(2, 3, chunk * self.expert_bytes, dtype=torch.uint8, device=self.device)
+            self.ring = _ring(self.device)
         self.grouped = hasattr(torch, "_grouped_mm") and self.kind != "float32"
 
     def applies(self, x: torch.Tensor) -> bool:
@@ -148,21 +176,22 @@ class GpuShare:
         eb, Np = self.expert_bytes, (self.Ip, self.Ip, self.Hp)
         Kp = (self.Hp, self.Hp, self.Ip)
         starts = list(range(0, self.n, self.chunk))
-        events = []
+        copied = []
 
         def issue(j):
             a, c = starts[j], min(self.chunk, self.n - starts[j])
             if not self.cuda:
                 return [p[a * eb:(a + c) * eb] for p in self.panels]
-            slot = self.slots[j % 2]
-            with torch.cuda.stream(self.copy_stream):
-                if j >= 2:
-                    self.copy_stream.wait_event(events[j - 2][1])  # slot free again
+            ring = self.ring
+            slot = ring.slot(j, self.chunk * eb)
+            with torch.cuda.stream(ring.copy_stream):
+                if ring.freed[j % 2] is not None:
+                    ring.copy_stream.wait_event(ring.freed[j % 2])  # its last reader (any layer) is done
                 for w in range(3):
                     slot[w, :c * eb].copy_(self.panels[w][a * eb:(a + c) * eb], non_blocking=True)
                 done = torch.cuda.Event()
-                done.record(self.copy_stream)
-            events.append([done, None])
+                done.record(ring.copy_stream)
+            copied.append(done)
             return [slot[w, :c * eb] for w in range(3)]
 
         pending = [issue(j) for j in range(min(2, len(starts)))]
@@ -170,13 +199,13 @@ class GpuShare:
             c = min(self.chunk, self.n - a)
             raw = pending[j]
             if self.cuda:
-                torch.cuda.current_stream(self.device).wait_event(events[j][0])
+                torch.cuda.current_stream(self.device).wait_event(copied[j])
             mats = [panels_to_matrix(raw[w], c, Np[w], Kp[w], self.kind,
                                      None if self.scales is None else self.scales[w][a:a + c]) for w in range(3)]
             if self.cuda:  # unpacking copied the slot out: it may be refilled
                 freed = torch.cuda.Event()
                 freed.record(torch.cuda.current_stream(self.device))
-                events[j][1] = freed
+                self.ring.freed[j % 2] = freed
             if j + 2 < len(starts):
                 pending.append(issue(j + 2))
             gate, up, down = mats
@@ -251,8 +280,8 @@ class GpuShare:
             def __enter__(self):
                 if share.cuda:
                     main = torch.cuda.current_stream(share.device)
-                    share.compute_stream.wait_stream(main)  # inputs were produced on the caller's stream
-                    self.ctx = torch.cuda.stream(share.compute_stream)
+                    share.ring.compute_stream.wait_stream(main)  # inputs were produced on the caller's stream
+                    self.ctx = torch.cuda.stream(share.ring.compute_stream)
                     self.ctx.__enter__()
 
             def __exit__(self, *exc):
@@ -266,7 +295,7 @@ class GpuShare:
         if not self.cuda:
             return
         main = torch.cuda.current_stream(self.device)
-        main.wait_stream(self.compute_stream)
+        main.wait_stream(self.ring.compute_stream)
         for t in tensors:
             if t is not None:
                 t.record_stream(main)
