@@ -7,6 +7,7 @@ back non-blocking; an event guards each pinned buffer so it is not overwritten w
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -23,6 +24,8 @@ from .runtime import set_worker_spin_us
 # in bench_moe). Inference, and CPU-only training, where torch needs the cores between calls, keep the short
 # default.
 GPU_TRAINING_SPIN_US, DEFAULT_SPIN_US = 20000, 100
+# Handles of forwards whose experts all ran on the GPU share (no engine call): negative, never seen by the engine.
+_share_only_handles = itertools.count(1)
 
 
 def _set_spin(training_on_gpu: bool) -> None:
@@ -202,11 +205,17 @@ class MoEExpertsFunction(torch.autograd.Function):
         elif share is not None:
             # Part of the experts on the GPU: the engine runs the rest from a helper thread meanwhile.
             ids_engine, plan = share.split(ids_host)
-            job = engine_thread().submit(layer.forward, x_host, ids_engine, w_host, save_for_backward=save, lora=lora)
+            job = None
+            if share.first > 0:
+                job = engine_thread().submit(layer.forward, x_host, ids_engine, w_host, save_for_backward=save,
+                                             lora=lora)
             y_share = share.forward(x.detach(), topk_weights.detach(), plan, _share_lora(share, factors, lora_scales))
-            y_cpu, handle = job.result()
             share.join(y_share)
-            out = (_from_engine("y", y_cpu, x.device, torch.float32) + y_share).to(x.dtype)
+            if job is None:  # every expert on the GPU: the engine has nothing to do
+                out, handle = y_share.to(x.dtype), (-next(_share_only_handles) if save else 0)
+            else:
+                y_cpu, handle = job.result()
+                out = (_from_engine("y", y_cpu, x.device, torch.float32) + y_share).to(x.dtype)
             if save:
                 retained.add(x_host, ids_host, w_host, out.to(device="cpu", dtype=layer.dtype), handle, key)
                 ctx.share, ctx.share_plan = share, plan
@@ -239,37 +248,46 @@ class MoEExpertsFunction(torch.autograd.Function):
         if not ctx.handle:
             raise RuntimeError("this experts forward saved nothing for backward (it ran without inputs requiring grad)")
         retained_forwards(layer).drop(ctx.handle)
-        _set_spin(dy.device.type == "cuda")
-        dy_host = _to_engine("dy", dy, layer.dtype)
         factors = ctx.saved_tensors if ctx.lora_scales is not None else (None,) * 4
         lora = None if ctx.lora_scales is None else ExpertLoRA(*(_factor_to_host(t) for t in factors),
                                                                *ctx.lora_scales)
-        share = ctx.share
-        if share is None:
-            res = layer.backward(ctx.handle, dy_host, lora=lora)
-        else:
-            job = engine_thread().submit(layer.backward, ctx.handle, dy_host, lora=lora)
+        share, engine_part = ctx.share, ctx.handle > 0  # handle < 0: every expert ran on the GPU share
+        job = res = None
+        if engine_part:
+            _set_spin(dy.device.type == "cuda")
+            dy_host = _to_engine("dy", dy, layer.dtype)
+            if share is None:
+                res = layer.backward(ctx.handle, dy_host, lora=lora)
+            else:
+                job = engine_thread().submit(layer.backward, ctx.handle, dy_host, lora=lora)
+        if share is not None:
             s_dx, s_dw, s_grads = share.backward(*ctx.share_inputs, dy, ctx.share_plan,
                                                  _share_lora(share, factors, ctx.lora_scales))
-            res = job.result()
             share.join(s_dx, s_dw, *(s_grads or ()))
-        dx, dw = res[0], res[1]
+            if job is not None:
+                res = job.result()
+
+        def total(i, name, meta, part):
+            """Input gradient i: the engine's (from res) plus the share's (part, fp32 on the device)."""
+            if not ctx.needs_input_grad[i]:
+                return None
+            if share is None:
+                return _from_engine(name, res[i // 2], *meta)
+            if res is None:
+                return part.to(meta[1])
+            return (_from_engine(name, res[i // 2], meta[0], torch.float32) + part).to(meta[1])
+
+        dx = total(0, "dx", ctx.x_meta, None if share is None else s_dx)
+        dw = total(2, "dw", ctx.w_meta, None if share is None else s_dw)
         factor_grads = (None,) * 4
         if lora is not None:
-            grads = res[2]
+            grads = res[2] if res is not None else (None,) * 4
             if share is not None:
-                grads = tuple(g if g is None or sg is None else g + sg.to(g.device) for g, sg in zip(grads, s_grads))
+                grads = tuple(sg if g is None else g if sg is None else g + sg.to(g.device)
+                              for g, sg in zip(grads, s_grads or (None,) * 4))
             factor_grads = tuple(
-                g.to(device=t.device, dtype=t.dtype) if g is not None and ctx.needs_input_grad[6 + i] else None
-                for i, (g, t) in enumerate(zip(grads, factors)))
-        if share is None:
-            dx = _from_engine("dx", dx, *ctx.x_meta) if ctx.needs_input_grad[0] else None
-            dw = _from_engine("dw", dw, *ctx.w_meta) if ctx.needs_input_grad[2] else None
-        else:
-            dx = (_from_engine("dx", dx, ctx.x_meta[0], torch.float32) + s_dx).to(ctx.x_meta[1]) \
-                if ctx.needs_input_grad[0] else None
-            dw = (_from_engine("dw", dw, ctx.w_meta[0], torch.float32) + s_dw).to(ctx.w_meta[1]) \
-                if ctx.needs_input_grad[2] else None
+                g.to(device=t.device, dtype=t.dtype) if g is not None and t is not None and ctx.needs_input_grad[6 + i]
+                else None for i, (g, t) in enumerate(zip(grads, factors)))
         return ((dx, None, dw, None, None, None) + factor_grads)[: len(ctx.needs_input_grad)]
 
 
