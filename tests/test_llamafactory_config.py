@@ -47,10 +47,10 @@ def _args(tmp_path, **extra):
 def test_keys_resolve_to_settings(get_train_args, tmp_path):
     model_args, *_ = get_train_args(_args(tmp_path, kt_backend="fp32", cpu_infer=2, chunk_size=512,
                                           kt_cpu_activation="recompute", kt_max_cache_depth=6,
-                                          kt_optimize_rule="qwen3_moe"))
+                                          kt_optimize_rule="qwen3_moe", kt_gpu_experts=0.5))
     assert model_args.kt_sft_settings == ktc.KTSettings(rule="qwen3_moe", engine_dtype="float32", threads=2,
                                                         chunk_size=512, retain_activations=False,
-                                                        max_cache_depth=6)
+                                                        max_cache_depth=6, gpu_experts=0.5)
     model_args, *_ = get_train_args(_args(tmp_path))
     assert model_args.kt_sft_settings == ktc.KTSettings()  # every default is "auto"
     model_args, *_ = get_train_args(_args(tmp_path, kt_backend="AMXINT8"))
@@ -80,6 +80,8 @@ BAD = [
     ({"kt_num_threads": -1}, "kt_num_threads: expected an integer >= 0"),
     ({"chunk_size": "many"}, "chunk_size: expected an integer"),
     ({"kt_cpu_activation": "offload"}, "retain or recompute"),
+    ({"kt_gpu_experts": 1.5}, "kt_gpu_experts: expected a fraction between 0 and 1, got 1.5"),
+    ({"kt_gpu_experts": "all"}, "kt_gpu_experts: expected a fraction between 0 and 1, got 'all'"),
     ({"use_kt": False, "kt_backend": "AMXBF16"}, "use_kt is false"),
     ({"kt_maxlen": 4096}, "use LLaMA-Factory's cutoff_len"),
     ({"kt_weight_path": "/some/where"}, "pre-quantized .kt expert files are not supported"),

@@ -2,7 +2,8 @@
 weights streamed per call from the engine's own host panels, while the CPU engine computes the other experts.
 
 Why: the CPU engine is bound near 10 TFLOPS by AMX tile loads (BENCHMARKS.md, "AMX GEMM ceiling"), so training
-through it left the GPU idle 94 % of a step. Streaming one V2-Lite layer's experts over PCIe (53 GB/s measured on
+through it left the GPU idle 94 % of a step (V2-Lite, ~1,000 tokens/s; with every expert on the share: 2,263
+tokens/s, GPU idle 21 %, 4.86 GB of GPU memory; BENCHMARKS.md, "GPU share"). Streaming one V2-Lite layer's experts over PCIe (53 GB/s measured on
 the device, 1.1 GB bf16) takes about 21 ms per pass, while the CPU needs about 130 ms for a 4096-token forward
 and backward: for batches of that size moving a share of the experts to the GPU beats computing them on the CPU,
 and both sides run at the same time. Decode-size calls (below `min_tokens`) stay on the CPU, where a token costs
@@ -217,7 +218,12 @@ class GpuShare:
         offs = None
         if self.grouped and xs.is_cuda:
             offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(self.device, torch.int32, non_blocking=True)
-        g = _expert_mm(xs, gate.contiguous(), counts, offs)
+            try:
+                g = _expert_mm(xs, gate.contiguous(), counts, offs)
+            except RuntimeError:  # grouped_mm needs a recent GPU (sm90+ in some builds): one GEMM per expert
+                self.grouped, offs = False, None
+        if offs is None:
+            g = _expert_mm(xs, gate.contiguous(), counts, None)
         u = _expert_mm(xs, up.contiguous(), counts, offs)
         first = self.first + a
         if lora is not None and lora[0] is not None:
