@@ -89,7 +89,11 @@ def test_share_matches_reference(device, dtype, case):
     ids, w = make_routing(T, E, k, routing, gen)
     x, dy = torch.randn(T, H, generator=gen).to(dtype), torch.randn(T, H, generator=gen).to(dtype)
     lora = make_lora(E, H, I, r_gu, r_d, gen) if r_gu or r_d else None
-    layer.gpu_share = GpuShare(layer, n, device, min_tokens=1, chunk=chunk)
+    share = layer.gpu_share = GpuShare(layer, n, device, min_tokens=1, chunk=chunk)
+    calls = []
+    for name in ("forward", "backward"):
+        run = getattr(share, name)
+        setattr(share, name, lambda *a, _run=run, _name=name, **kw: calls.append(_name) or _run(*a, **kw))
 
     xs, ws = x.to(device).requires_grad_(), w.to(device).requires_grad_()
     if lora is not None:
@@ -111,6 +115,7 @@ def test_share_matches_reference(device, dtype, case):
         for name, f, r in zip(("A_gu", "B_gu", "A_d", "B_d"), lora.factors(), g_ref):
             if f is not None:
                 assert rel_err(f.grad, r) < tol["factors"], f"d{name}: {CASES[case]}"
+    assert calls == ["forward", "backward"]  # the share computed its experts (device given without an index)
     assert layer._retained.entries == []  # backward dropped the retained forward
 
 

@@ -133,7 +133,10 @@ class GpuShare:
             raise ValueError(f"gpu share: experts must be in [1, {E}], got {experts}")
         if chunk < 1:
             raise ValueError(f"gpu share: chunk must be >= 1, got {chunk}")
-        self.layer, self.device = layer, torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # inputs always carry an index: compare like with like
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.layer, self.device = layer, device
         self.first, self.n, self.E = E - experts, experts, E
         self.min_tokens, self.chunk = int(min_tokens), int(chunk)
         eng = layer._layer
