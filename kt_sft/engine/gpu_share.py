@@ -48,11 +48,27 @@ def _host_bytes(address: int, nbytes: int) -> torch.Tensor:
     return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(address), dtype=torch.uint8)
 
 
-def _pin(t: torch.Tensor) -> bool:
-    if t.numel() == 0 or t.is_pinned():
-        return True
-    rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0)
-    return int(rc) == 0
+def pin_layer(layer) -> bool:
+    """Page-lock an ExpertLayer's whole packed panels in place, once per layer (a second registration of any
+    page fails), so copies to a GPU run at full PCIe speed. ExpertLayer.__del__ undoes it (unpin_layer) before
+    the engine frees the memory, which malloc may hand out again."""
+    if getattr(layer, "_pinned_ptrs", None) is not None:
+        return layer._pinned_ok
+    ptrs, ok = [], True
+    for which in range(3):
+        address, nbytes = layer._layer.panel_storage(which)
+        if nbytes and int(torch.cuda.cudart().cudaHostRegister(address, nbytes, 0)) == 0:
+            ptrs.append(address)
+        else:
+            ok = ok and nbytes == 0
+    layer._pinned_ptrs, layer._pinned_ok = ptrs, ok
+    return ok
+
+
+def unpin_layer(layer) -> None:
+    for address in getattr(layer, "_pinned_ptrs", None) or ():
+        torch.cuda.cudart().cudaHostUnregister(address)
+    layer._pinned_ptrs = None
 
 
 def panels_to_matrix(raw: torch.Tensor, experts: int, Np: int, Kp: int, kind: str,
@@ -152,7 +168,7 @@ class GpuShare:
                            .to(self.device) for w in range(3)]
         self.cuda = self.device.type == "cuda"
         if self.cuda:
-            if not all(_pin(p) for p in self.panels):
+            if not pin_layer(layer):
                 warnings.warn("kt-sft gpu share: could not page-lock the expert panels; streaming them runs at "
                               "pageable-copy speed", stacklevel=2)
             self.ring = _ring(self.device)

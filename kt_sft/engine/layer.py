@@ -112,6 +112,11 @@ class ExpertLayer:
         layer.load_fused(gate_up_proj, down_proj)
         return layer
 
+    def __del__(self) -> None:
+        if getattr(self, "_pinned_ptrs", None):  # GpuShare page-locked the panels: undo it before they are freed
+            from .gpu_share import unpin_layer
+            unpin_layer(self)
+
     def missing_weights(self) -> list[str]:
         return list(self._layer.missing_weights())
 
