@@ -2,8 +2,8 @@
 weights streamed per call from the engine's own host panels, while the CPU engine computes the other experts.
 
 Why: the CPU engine is bound near 10 TFLOPS by AMX tile loads (BENCHMARKS.md, "AMX GEMM ceiling"), so training
-through it left the GPU idle 94 % of a step (V2-Lite, ~1,000 tokens/s; with every expert on the share: 2,263
-tokens/s, GPU idle 21 %, 4.86 GB of GPU memory; BENCHMARKS.md, "GPU share"). Streaming one V2-Lite layer's experts over PCIe (53 GB/s measured on
+through it left the GPU idle 94 % of a step (V2-Lite, ~1,000 tokens/s; with every expert on the share: 1,921-2,263
+tokens/s, GPU idle 21-37 %, 4.86 GB of GPU memory; BENCHMARKS.md, "GPU share"). Streaming one V2-Lite layer's experts over PCIe (53 GB/s measured on
 the device, 1.1 GB bf16) takes about 21 ms per pass, while the CPU needs about 130 ms for a 4096-token forward
 and backward: for batches of that size moving a share of the experts to the GPU beats computing them on the CPU,
 and both sides run at the same time. Decode-size calls (below `min_tokens`) stay on the CPU, where a token costs
