@@ -493,7 +493,8 @@ void MoELayer::build_plan(int T, int k, const int64_t* ids, const float* w, Rout
     if (e == kNotHere) continue;
     if (e < 0 || e >= E_)
       throw std::invalid_argument("topk_ids[" + std::to_string(i / k) + "][" + std::to_string(i % k) + "] = " +
-                                  std::to_string(e) + " is outside [0, " + std::to_string(E_) + ") (-1: slot computed elsewhere)");
+                                  std::to_string(e) + " is outside [0, " + std::to_string(E_) +
+                                  ") (-1: slot computed elsewhere)");
     ++plan.count[size_t(e)];
   }
   plan.seg_start.assign(size_t(E_), 0);

@@ -159,13 +159,12 @@ def _active_share(layer: ExpertLayer, x: torch.Tensor):
     return share if share is not None and share.applies(x) else None
 
 
-def _share_lora(share, factors, scales):
-    """The LoRA tuple GpuShare takes: factors on its device (fp32), ranks, scales; None without LoRA."""
+def _share_lora(share, factors, scales) -> Optional[ExpertLoRA]:
+    """The factors as GpuShare takes them (fp32 on its device); None without LoRA."""
     if scales is None:
         return None
-    dev = tuple(None if t is None else t.detach().to(device=share.device, dtype=torch.float32) for t in factors)
-    ranks = tuple(0 if B is None else B.shape[1] // share.E for B in (factors[1], factors[3]))
-    return dev + ranks + tuple(scales)
+    return ExpertLoRA(*(None if t is None else t.detach().to(device=share.device, dtype=torch.float32)
+                        for t in factors), *scales)
 
 
 def _factor_to_host(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -195,13 +194,12 @@ class MoEExpertsFunction(torch.autograd.Function):
         retained = retained_forwards(layer) if save else None
         hit = retained.find(x_host, ids_host, w_host, key) if retained is not None else None
         ctx.share, ctx.share_plan = None, None
+        kept = None  # a host y that the retained cache holds
         if hit is not None:
-            y, handle = hit[3], hit[4]
+            kept, handle = hit[3], hit[4]
             if share is not None:
                 ctx.share, ctx.share_plan = share, share.split(ids_host)[1]
-            out = _from_engine("y", y, x.device, x.dtype)
-            if out.data_ptr() == y.data_ptr():
-                out = out.clone()  # the retained y must stay intact
+            out = _from_engine("y", kept, x.device, x.dtype)
         elif share is not None:
             # Part of the experts on the GPU: the engine runs the rest from a helper thread meanwhile.
             ids_engine, plan = share.split(ids_host)
@@ -227,9 +225,10 @@ class MoEExpertsFunction(torch.autograd.Function):
             y, handle = layer.forward(x_host, ids_host, w_host, save_for_backward=save, out=buf, lora=lora)
             if save:
                 retained.add(x_host, ids_host, w_host, y, handle, key)
+                kept = y
             out = _from_engine("y", y, x.device, x.dtype)
-            if save and out.data_ptr() == y.data_ptr():
-                out = out.clone()  # the retained y must stay intact
+        if kept is not None and out.data_ptr() == kept.data_ptr():
+            out = out.clone()  # the retained y must stay intact
         ctx.layer, ctx.handle = layer, handle
         ctx.x_meta = (x.device, x.dtype)
         ctx.w_meta = (topk_weights.device, topk_weights.dtype)
@@ -267,18 +266,20 @@ class MoEExpertsFunction(torch.autograd.Function):
             if job is not None:
                 res = job.result()
 
-        def total(i, name, meta, part):
-            """Input gradient i: the engine's (from res) plus the share's (part, fp32 on the device)."""
-            if not ctx.needs_input_grad[i]:
+        def total(needed, name, meta, engine_part, share_part):
+            """An input gradient: the engine's (host, or None) plus the share's (fp32 on the device, or None)."""
+            if not needed:
                 return None
-            if share is None:
-                return _from_engine(name, res[i // 2], *meta)
-            if res is None:
-                return part.to(meta[1])
-            return (_from_engine(name, res[i // 2], meta[0], torch.float32) + part).to(meta[1])
+            if share_part is None:
+                return _from_engine(name, engine_part, *meta)
+            if engine_part is None:
+                return share_part.to(meta[1])
+            return (_from_engine(name, engine_part, meta[0], torch.float32) + share_part).to(meta[1])
 
-        dx = total(0, "dx", ctx.x_meta, None if share is None else s_dx)
-        dw = total(2, "dw", ctx.w_meta, None if share is None else s_dw)
+        dx = total(ctx.needs_input_grad[0], "dx", ctx.x_meta, None if res is None else res[0],
+                   None if share is None else s_dx)
+        dw = total(ctx.needs_input_grad[2], "dw", ctx.w_meta, None if res is None else res[1],
+                   None if share is None else s_dw)
         factor_grads = (None,) * 4
         if lora is not None:
             grads = res[2] if res is not None else (None,) * 4

@@ -2,32 +2,37 @@
 weights streamed per call from the engine's own host panels, while the CPU engine computes the other experts.
 
 Why: the CPU engine is bound near 10 TFLOPS by AMX tile loads (BENCHMARKS.md, "AMX GEMM ceiling"), so training
-through it left the GPU idle 94 % of a step (V2-Lite, ~1,000 tokens/s; with every expert on the share: 1,921-2,263
-tokens/s, GPU idle 21-37 %, 4.86 GB of GPU memory; BENCHMARKS.md, "GPU share"). Streaming one V2-Lite layer's experts over PCIe (53 GB/s measured on
-the device, 1.1 GB bf16) takes about 21 ms per pass, while the CPU needs about 130 ms for a 4096-token forward
-and backward: for batches of that size moving a share of the experts to the GPU beats computing them on the CPU,
-and both sides run at the same time. Decode-size calls (below `min_tokens`) stay on the CPU, where a token costs
-microseconds and the stream would cost milliseconds.
+through it left the GPU idle 94 % of a step (V2-Lite, ~1,000 tokens/s; with every expert on the share:
+1,921-2,263 tokens/s, GPU idle 21-37 %, 4.86 GB of GPU memory; BENCHMARKS.md, "GPU share"). Streaming one
+V2-Lite layer's experts over PCIe (53 GB/s measured on the device, 1.1 GB bf16) takes about 21 ms per pass, while
+the CPU needs about 130 ms for a 4096-token forward and backward: for batches of that size moving a share of the
+experts to the GPU beats computing them on the CPU, and both sides run at the same time. Decode-size calls (below
+`min_tokens`) stay on the CPU, where a token costs microseconds and the stream would cost milliseconds.
 
 Layout: nothing is copied in RAM (the engine's panels are wrapped in place and page-locked once) and nothing
 stays on the GPU between calls: experts travel in chunks of `chunk` experts through a ring of two staging slots
-on a copy stream (one ring per GPU, shared by all layers), are unpacked from the panel layout (csrc/common.h) into [N][K] matrices, int8 ones dequantized
-to bf16(q * s) exactly as the CPU kernels do, and computed on a compute stream. The CPU engine is called with
-those slots' ids set to -1 (csrc/moe_layer.h, kNotHere) from a helper thread (it releases the GIL), so the
-launches here overlap its work. Backward streams the share again and recomputes its forward chunk by chunk
-under autograd (frozen weights, so nothing else is needed), which also yields the LoRA factor gradients.
+on a copy stream (one ring per GPU, shared by all layers), are unpacked from the panel layout (csrc/common.h)
+into [N][K] matrices, int8 ones dequantized to bf16(q * s) exactly as the CPU kernels do, and computed on a
+compute stream. The CPU engine is called with those slots' ids set to -1 (csrc/moe_layer.h, kNotHere) from a
+helper thread (it releases the GIL), so the launches here overlap its work. Backward streams the share again and
+recomputes its forward chunk by chunk under autograd (frozen weights, so nothing else is needed), which also
+yields the LoRA factor gradients.
 Numerics: the share computes like stock PyTorch bf16 experts (bf16 GEMM outputs), the engine like its kernels;
 both are checked against the fp32 reference in tests/test_gpu_share.py.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import dataclasses
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from .lora import ExpertLoRA
 
 _PANEL = 16
 _engine_thread: Optional[ThreadPoolExecutor] = None
@@ -99,8 +104,9 @@ def _expert_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: Option
     return torch.cat(parts) if parts else x.new_zeros(0, w.shape[1])
 
 
-def _lora_rows(x: torch.Tensor, counts: list[int], first: int, A, B, r: int, E: int, scale: float) -> torch.Tensor:
+def _lora_rows(x: torch.Tensor, counts: list[int], first: int, A, B, E: int, scale: float) -> torch.Tensor:
     """scale * (x_e @ B_e) @ A_e for each expert's rows (PEFT flat layout: A rows e*r.., B columns e::E)."""
+    r = B.shape[1] // E
     parts, start = [], 0
     for j, c in enumerate(counts):
         e = first + j
@@ -185,10 +191,13 @@ class GpuShare:
         pos = torch.nonzero(share.flatten()).flatten()
         order = torch.argsort(flat[pos], stable=True)
         pos = pos[order]
-        counts = torch.bincount(flat[pos] - self.first, minlength=self.n).tolist()
+        counts = torch.bincount(flat[pos] - self.first, minlength=self.n)
         k = ids_host.shape[1]
-        plan = dict(pos=pos.to(self.device), tok=(pos // k).to(self.device), counts=counts, k=k)
-        return torch.where(share, torch.full_like(ids_host, -1), ids_host), plan
+        # bounds[j]: first row of share expert j in the expert-sorted rows
+        bounds = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
+        plan = dict(pos=pos.to(self.device), tok=(pos // k).to(self.device), counts=counts.tolist(), bounds=bounds,
+                    k=k)
+        return ids_host.masked_fill(share, -1), plan
 
     # ---------------------------------------------------------------- streaming
     def _chunks(self):
@@ -232,35 +241,37 @@ class GpuShare:
             yield a, c, gate[:, :self.I, :self.H], up[:, :self.I, :self.H], down[:, :self.H, :self.I]
 
     # ---------------------------------------------------------------- compute
-    def _rows(self, xs, ws, a, c, counts, gate, up, down, lora):
-        """Routing-weighted outputs [rows][H] (fp32) of one chunk's rows (grouped by expert, in order)."""
-        offs = None
-        if self.grouped and xs.is_cuda:
-            offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(self.device, torch.int32, non_blocking=True)
+    def _mm(self, x, w, counts):
+        """_expert_mm through grouped_mm on a GPU; one GEMM per expert where grouped_mm is missing or refuses
+        this GPU (sm90+ in some builds)."""
+        if self.grouped and x.is_cuda:
+            offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(self.device, non_blocking=True)
             try:
-                g = _expert_mm(xs, gate.contiguous(), counts, offs)
-            except RuntimeError:  # grouped_mm needs a recent GPU (sm90+ in some builds): one GEMM per expert
-                self.grouped, offs = False, None
-        if offs is None:
-            g = _expert_mm(xs, gate.contiguous(), counts, None)
-        u = _expert_mm(xs, up.contiguous(), counts, offs)
+                return _expert_mm(x, w.contiguous(), counts, offs)
+            except RuntimeError:
+                self.grouped = False
+        return _expert_mm(x, w.contiguous(), counts, None)
+
+    def _rows(self, xs, ws, a, counts, gate, up, down, lora: Optional[ExpertLoRA]):
+        """Routing-weighted outputs [rows][H] (fp32) of one chunk's rows (grouped by expert, in order)."""
+        g, u = self._mm(xs, gate, counts), self._mm(xs, up, counts)
         first = self.first + a
-        if lora is not None and lora[0] is not None:
-            A, B, r, s = lora[0], lora[1], lora[4], lora[6]
-            d = _lora_rows(xs, counts, first, A, B, r, self.E, s)
+        if lora is not None and lora.A_gu is not None:
+            d = _lora_rows(xs, counts, first, lora.A_gu, lora.B_gu, self.E, lora.scale_gu)
             g, u = g.float() + d[:, :self.I], u.float() + d[:, self.I:]
         h = (F.silu(g.float()) * u.float()).to(xs.dtype)
-        o = _expert_mm(h, down.contiguous(), counts, offs).float()
-        if lora is not None and lora[2] is not None:
-            o = o + _lora_rows(h, counts, first, lora[2], lora[3], lora[5], self.E, lora[7])
+        o = self._mm(h, down, counts).float()
+        if lora is not None and lora.A_d is not None:
+            o = o + _lora_rows(h, counts, first, lora.A_d, lora.B_d, self.E, lora.scale_d)
         return o * ws[:, None]
 
-    def _chunk_rows(self, plan, a, c):
-        lo = sum(plan["counts"][:a])
-        return lo, lo + sum(plan["counts"][a:a + c])
+    @staticmethod
+    def _chunk_rows(plan, a, c):
+        return plan["bounds"][a], plan["bounds"][a + c]
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor, plan, lora=None) -> torch.Tensor:
-        """This share's part of y [T][H] (fp32), queued on the compute stream (see join)."""
+    def forward(self, x: torch.Tensor, w: torch.Tensor, plan, lora: Optional[ExpertLoRA] = None) -> torch.Tensor:
+        """This share's part of y [T][H] (fp32), queued on the compute stream (see join). lora: factors on this
+        share's device."""
         with self._on_streams():
             y = torch.zeros(x.shape[0], self.H, dtype=torch.float32, device=self.device)
             xs_all = x[plan["tok"]]
@@ -269,12 +280,12 @@ class GpuShare:
                 for a, c, gate, up, down in self._chunks():
                     lo, hi = self._chunk_rows(plan, a, c)
                     if hi > lo:
-                        o = self._rows(xs_all[lo:hi], ws_all[lo:hi], a, c, plan["counts"][a:a + c], gate, up, down,
+                        o = self._rows(xs_all[lo:hi], ws_all[lo:hi], a, plan["counts"][a:a + c], gate, up, down,
                                        lora)
                         y.index_add_(0, plan["tok"][lo:hi], o)
         return y
 
-    def backward(self, x, w, dy, plan, lora=None):
+    def backward(self, x, w, dy, plan, lora: Optional[ExpertLoRA] = None):
         """(dx [T][H] fp32, dw [T][k] fp32, factor grads or None) of this share, recomputing its forward."""
         T, k = x.shape[0], plan["k"]
         with self._on_streams(), torch.enable_grad():
@@ -282,8 +293,8 @@ class GpuShare:
             dw = torch.zeros(T * k, dtype=torch.float32, device=self.device)
             factors = None
             if lora is not None:
-                factors = [None if f is None else f.detach().to(self.device).requires_grad_() for f in lora[:4]]
-                lora = tuple(factors) + tuple(lora[4:])
+                factors = [None if f is None else f.detach().requires_grad_() for f in lora.factors()]
+                lora = dataclasses.replace(lora, **dict(zip(("A_gu", "B_gu", "A_d", "B_d"), factors)))
             for a, c, gate, up, down in self._chunks():
                 lo, hi = self._chunk_rows(plan, a, c)
                 if hi == lo:
@@ -291,29 +302,22 @@ class GpuShare:
                 tok, pos = plan["tok"][lo:hi], plan["pos"][lo:hi]
                 xs = x.detach()[tok].requires_grad_()
                 ws = w.detach().flatten()[pos].float().requires_grad_()
-                o = self._rows(xs, ws, a, c, plan["counts"][a:a + c], gate, up, down, lora)
+                o = self._rows(xs, ws, a, plan["counts"][a:a + c], gate, up, down, lora)
                 torch.autograd.backward(o, dy[tok].float())
                 dx.index_add_(0, tok, xs.grad.float())
                 dw[pos] = ws.grad
             grads = None if factors is None else [None if f is None else f.grad for f in factors]
         return dx, dw.view(T, k), grads
 
+    @contextlib.contextmanager
     def _on_streams(self):
-        share = self
-
-        class _Ctx:
-            def __enter__(self):
-                if share.cuda:
-                    main = torch.cuda.current_stream(share.device)
-                    share.ring.compute_stream.wait_stream(main)  # inputs were produced on the caller's stream
-                    self.ctx = torch.cuda.stream(share.ring.compute_stream)
-                    self.ctx.__enter__()
-
-            def __exit__(self, *exc):
-                if share.cuda:
-                    self.ctx.__exit__(*exc)
-                return False
-        return _Ctx()
+        """Queue the block's work on the compute stream, after what the caller's stream has queued (the inputs)."""
+        if not self.cuda:
+            yield
+            return
+        self.ring.compute_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.ring.compute_stream):
+            yield
 
     def join(self, *tensors: torch.Tensor) -> None:
         """Make the caller's stream wait for the share's queued work and own its results."""
