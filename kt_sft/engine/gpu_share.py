@@ -245,10 +245,13 @@ class GpuShare:
         """_expert_mm through grouped_mm on a GPU; one GEMM per expert where grouped_mm is missing or refuses
         this GPU (sm90+ in some builds)."""
         if self.grouped and x.is_cuda:
-            offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(self.device, non_blocking=True)
+            offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            offs = offs.to(self.device, non_blocking=True)
             try:
                 return _expert_mm(x, w.contiguous(), counts, offs)
-            except RuntimeError:
+            except RuntimeError as err:  # said once: the fallback is several times slower
+                warnings.warn(f"kt-sft gpu share: torch._grouped_mm failed ({str(err).splitlines()[0]}); "
+                              "computing one GEMM per expert instead", stacklevel=2)
                 self.grouped = False
         return _expert_mm(x, w.contiguous(), counts, None)
 
