@@ -116,7 +116,8 @@ def test_share_matches_reference(device, dtype, case):
             if f is not None:
                 assert rel_err(f.grad, r) < tol["factors"], f"d{name}: {CASES[case]}"
     assert calls == ["forward", "backward"]  # the share computed its experts (device given without an index)
-    if device == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability() >= (9, 0):
+    if device == "cuda" and dtype == torch.bfloat16 and H % 8 == 0 and I % 8 == 0 \
+            and torch.cuda.get_device_capability() >= (9, 0):
         assert share.grouped, "torch._grouped_mm fell back to one GEMM per expert on an sm90+ GPU"
     assert layer._retained.entries == []  # backward dropped the retained forward
 

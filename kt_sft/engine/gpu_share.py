@@ -178,7 +178,8 @@ class GpuShare:
                 warnings.warn("kt-sft gpu share: could not page-lock the expert panels; streaming them runs at "
                               "pageable-copy speed", stacklevel=2)
             self.ring = _ring(self.device)
-        self.grouped = hasattr(torch, "_grouped_mm") and self.kind != "float32"
+        # grouped_mm takes bf16 rows whose strides are multiples of 16 bytes
+        self.grouped = hasattr(torch, "_grouped_mm") and self.kind != "float32" and self.H % 8 == 0 and self.I % 8 == 0
 
     def applies(self, x: torch.Tensor) -> bool:
         return x.device == self.device and x.shape[0] >= self.min_tokens
