@@ -24,7 +24,7 @@ ISA_UNITS = {  # source -> extra target flags, used for that translation unit on
     "csrc/kernels/isa_scalar.cpp": [],
     "csrc/kernels/isa_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "csrc/kernels/isa_avx512.cpp": AVX512,
-    "csrc/kernels/isa_amx.cpp": AVX512 + ["-mamx-tile", "-mamx-bf16"],
+    "csrc/kernels/isa_amx.cpp": AVX512 + ["-mamx-tile", "-mamx-bf16", "-mamx-int8"],
 }
 BASE_SOURCES = ["csrc/bindings.cpp", "csrc/moe_layer.cpp", "csrc/cpu_features.cpp", "csrc/thread_pool.cpp"]
 HEADERS = ["csrc/common.h", "csrc/cpu_features.h", "csrc/moe_layer.h", "csrc/thread_pool.h",

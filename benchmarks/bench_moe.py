@@ -6,11 +6,13 @@ Default shape: DeepSeek-V2-Lite (E=64, k=6, H=2048, I=1408), 4096 tokens.
     python benchmarks/bench_moe.py --small             # seconds-long version (`make demo` before the training demo)
     python benchmarks/bench_moe.py --tokens 1024 --threads 16 --isa amx
     python benchmarks/bench_moe.py --tokens 1024 --lora-rank 8 --no-baseline   # + LoRA on the routed experts
-    python benchmarks/bench_moe.py --tokens 1024 --int8 --no-baseline          # + int8 weights (kt_backend AMXINT8)
+    python benchmarks/bench_moe.py --tokens 1024 --int8 --no-baseline          # + int8 weights (INT8 and AMXINT8)
 Reported per layer: fwd ms, bwd ms, TFLOPS (fwd and bwd each do 6*T*k*H*I flops), tokens/s; ratio last.
 --lora-rank R (> 0) adds a row for the engine with per-expert LoRA of rank R on gate_up and down (PEFT layout,
 fp32 factors, factor gradients included in bwd) and the LoRA overhead (frozen-only tokens/s / with-LoRA tokens/s).
---int8 adds a row for the same layer with int8 weights (per-channel scales, computed in bf16) and its weight memory.
+--int8 adds two rows for the same layer with int8 weights (per-channel scales) and their weight memory: GEMMs in bf16
+(kt_backend INT8) and GEMMs in int8 with per-row activation quantization (kt_backend AMXINT8), each with its error
+against the bf16 layer.
 --profile prints the engine's per-phase wall times (kt_sft.engine.phase_profile) under each engine row.
 --against DIR adds a row for the engine of another kt-sft checkout (built in place, e.g. a `git worktree` of the
 previous commit), loaded under another package name and interleaved with ours: an A/B of two builds in one
@@ -251,6 +253,8 @@ def main() -> None:
     if a.int8:
         variants.append(EngineVariant("kt-sft int8 weights", ke.ExpertLayer.from_fused(
             gate_up, down, dtype=torch.bfloat16, weights="int8")))
+        variants.append(EngineVariant("kt-sft int8 GEMMs", ke.ExpertLayer.from_fused(
+            gate_up, down, dtype=torch.bfloat16, weights="int8", int8_compute=True)))
     bench_engines(a, variants, ids, w, x, dy)
     print(header)
     for v in variants:
@@ -266,9 +270,12 @@ def main() -> None:
             print(f"LoRA overhead (frozen-only tokens/s / with-LoRA tokens/s): {(v_fwd + v_bwd) / (f_fwd + f_bwd):.3f}x "
                   f"(fwd {v_fwd / f_fwd:.3f}x, bwd {v_bwd / f_bwd:.3f}x); TF/s columns count the frozen flops only")
         else:
-            print(f"int8 / bf16 weights: tokens/s {(f_fwd + f_bwd) / (v_fwd + v_bwd):.3f}x "
+            err = {k: ((v.state[k].float() - frozen.state[k].float()).norm() / frozen.state[k].float().norm()).item()
+                   for k in ("y", "dx")}
+            print(f"{v.name[7:]} / bf16 weights: tokens/s {(f_fwd + f_bwd) / (v_fwd + v_bwd):.3f}x "
                   f"(fwd {f_fwd / v_fwd:.3f}x, bwd {f_bwd / v_bwd:.3f}x); weight memory "
-                  f"{v.layer.packed_bytes / 2**30:.2f} GiB vs {frozen.layer.packed_bytes / 2**30:.2f} GiB")
+                  f"{v.layer.packed_bytes / 2**30:.2f} GiB vs {frozen.layer.packed_bytes / 2**30:.2f} GiB; "
+                  f"rel diff to bf16 y {err['y']:.2e}, dx {err['dx']:.2e}")
     if a.no_baseline:
         return
     base = bench_naive(a, *inputs)

@@ -105,16 +105,17 @@ PYBIND11_MODULE(_engine, m) {
   // module_local: two builds of the engine can live in one process (benchmarks/bench_moe.py --against).
   py::class_<MoELayer>(m, "MoELayer", py::module_local())
       .def(py::init([](int E, int H, int I, const std::string& dtype, const std::string& activation, int max_saved,
-                       const std::string& weights) {
+                       const std::string& weights, bool int8_compute) {
              if (activation != "silu") throw std::invalid_argument("activation '" + activation + "' is not implemented (expected 'silu')");
              const int wt = dtype_code(dtype);
              if (wt == kF16) throw std::invalid_argument("engine dtype must be bfloat16 or float32");
              if (!weights.empty() && weights != "int8")
                throw std::invalid_argument("weights must be '' (the engine dtype) or 'int8', got '" + weights + "'");
-             return new MoELayer(E, H, I, wt, kSiluGLU, max_saved, weights == "int8");
+             return new MoELayer(E, H, I, wt, kSiluGLU, max_saved, weights == "int8", int8_compute);
            }),
            py::arg("experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("dtype") = "bfloat16",
-           py::arg("activation") = "silu", py::arg("max_saved") = 4, py::arg("weights") = "")
+           py::arg("activation") = "silu", py::arg("max_saved") = 4, py::arg("weights") = "",
+           py::arg("int8_compute") = false)
       .def(
           "set_weights",
           [](MoELayer& self, int which, int e0, int n, uintptr_t src, const std::string& src_dtype, int64_t s_e,
@@ -177,6 +178,7 @@ PYBIND11_MODULE(_engine, m) {
       .def_property_readonly("padded_hidden", &MoELayer::padded_hidden)
       .def_property_readonly("padded_intermediate", &MoELayer::padded_intermediate)
       .def_property_readonly("int8_weights", &MoELayer::int8_weights)
+      .def_property_readonly("int8_compute", &MoELayer::int8_compute)
       .def_property_readonly("experts", &MoELayer::experts)
       .def_property_readonly("hidden", &MoELayer::hidden)
       .def_property_readonly("intermediate", &MoELayer::intermediate)

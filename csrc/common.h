@@ -16,6 +16,14 @@
 //            panels; backward: inside the transposed repack), so an int8 layer computes exactly what a bf16
 //            layer holding those dequantized weights computes, at half the weight memory and bandwidth.
 //            Activations stay bf16 (wtype kBF16); f32 layers have no int8 form.
+// INT8 GEMMs (LayerView.aq, "int8 compute", kt_backend AMXINT8): the GEMMs themselves run in int8 with int32
+//            sums (AMX tdpbssd; exact, so every unit gets the same sums). The A rows of each 32-row group are
+//            quantized per row: v[k] = a[k] * cs[k], where cs are the weight scales of the reduction dimension in
+//            backward (they fold into A there) and 1 in forward; s = max_k |v[k]| / 127, q = round_half_even(
+//            v / s) clamped to [-127, 127] (s = 0: q = 0; a row holding Inf/NaN gets s = NaN, so it stays NaN).
+//            C[m][n] = float(sum_k q_a[m][k] q_w[n][k]) * s[m] * s_w[n] (forward; backward: * s[m]). The weight
+//            blocks are reordered per task into VNNI quads, panel[k/4][n][k%4], the tdpbssd B layout, with K
+//            padded to a multiple of 64 (K64) by zeros; A rows to K64 likewise. Same weights, same RAM.
 // LoRA:      optional per-expert LoRA on gate_up / down (docs/expert_lora_format.md) reaches the tasks as
 //            LoraView: fp32 factors repacked per call into per-expert, zero-padded, row-major scratch
 //            (At_gu [E][r_gu][2Ip], Bt_gu [E][r_gu][Hp], At_d [E][r_d][Hp], Bt_d [E][r_d][Ip]); a null view or
@@ -93,6 +101,7 @@ struct LayerView {
   const float* up_s;                    // [E][Ip]
   const float* down_s;                  // [E][Hp]
   int kchunk;                           // K chunk of the task GEMMs (0 = one pass; moe_tasks.inc, gemm_rows)
+  int aq;                               // 1: int8 GEMMs (needs wq; see INT8 GEMMs above); kchunk is then unused
   // Row strides (elements) of the gathered GEMM inputs: xg and dyg (K = Hp), act (Ip), dgu (2*Ip). See
   // padded_row_stride: a 32-row tile of A then spans 32 different L1 sets.
   int ldx, ld_act, ld_dgu;
@@ -185,8 +194,15 @@ struct Scratch {
   float* c1;     // [rows][kBlock]
   void* packed;  // one slot per column block of a task: 2 transposed panels of Hp (bwd_act) or 2*Ip rows, wtype
   float* acc;    // LoRA gradient sums: [r][kBlock] (lora_grad) or per column block (fused bwd_act)
-  void* wdq;     // int8 layers: dequantized weight blocks, one slot per column block of a task (bf16)
+  void* wdq;     // int8 layers: dequantized weight blocks, one slot per column block of a task (bf16), or with
+                 // int8 GEMMs the same blocks as int8 quads
+  int8_t* qa;    // int8 GEMMs: one 32-row group of A quantized, [kRowAlign][qa_stride(K64)] bytes
+  float* qs;     // int8 GEMMs: the group's row scales [kRowAlign]
+  int32_t* ci;   // int8 GEMMs: int32 sums [kRowAlign][kBlock]
 };
+
+// Row stride (bytes) of quantized A rows of K64 columns: an odd number of 64-byte lines (see padded_row_stride).
+inline int qa_stride(int K64) { return (K64 / 64) % 2 == 0 ? K64 + 64 : K64; }
 
 struct KernelTable {
   const char* name;

@@ -78,6 +78,8 @@ CpuFeatures detect() {
   }
   if (!(f.amx_tile && f.amx_bf16)) {
     f.amx_note = "CPU has no AMX-BF16";
+  } else if (!f.amx_int8) {  // the amx unit's int8 GEMMs (tdpbssd); every AMX CPU so far has both
+    f.amx_note = "CPU has AMX-BF16 but no AMX-INT8";
   } else if (!f.os_amx) {
     f.amx_note = "OS has not enabled the AMX tile state in XCR0";
   } else {

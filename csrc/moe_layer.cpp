@@ -38,7 +38,7 @@ struct Engine {
   int kchunk = 0;  // K chunk of the task GEMMs: KT_SFT_KCHUNK, else the ISA unit's default
   std::unique_ptr<ThreadPool> pool;
   Buffer xg, act, rows_f32, dw_part;
-  std::vector<Buffer> c0, c1, packed, acc, wdq;
+  std::vector<Buffer> c0, c1, packed, acc, wdq, qa, qs, ci;
   // LoRA: repacked factors (LoraView), rank-r projections of unsaved forwards / backward, h for dB_d.
   Buffer l_at_gu, l_bt_gu, l_at_d, l_bt_d, l_u, l_q, l_dya, l_tgu, l_h;
   bool profiling = false;                          // set_profiling: wall time per phase of every call
@@ -118,7 +118,7 @@ void ensure_ready(Engine& eng) {
   if (!eng.pool) eng.pool.reset(new ThreadPool(default_threads()));
 }
 
-void ensure_scratch(Engine& eng, int Hp, int Ip, int wtype, bool wq) {
+void ensure_scratch(Engine& eng, int Hp, int Ip, int wtype, bool wq, bool aq) {
   const size_t n = size_t(eng.pool->size());
   const size_t es = size_t(dtype_size(wtype));
   // one transposed block (2 panels) per column block of a task: bwd_act's of Hp rows, bwd_input's of 2*Ip rows
@@ -127,6 +127,9 @@ void ensure_scratch(Engine& eng, int Hp, int Ip, int wtype, bool wq) {
   eng.c1.resize(n);
   eng.packed.resize(n);
   eng.wdq.resize(n);
+  eng.qa.resize(n);
+  eng.qs.resize(n);
+  eng.ci.resize(n);
   for (size_t w = 0; w < n; ++w) {
     const size_t c_rows = eng.kchunk > 0 ? kMaxTaskRows : kRowAlign;  // gemm_rows in moe_tasks.inc
     eng.c0[w].reserve(c_rows * kBlock * sizeof(float));
@@ -136,6 +139,11 @@ void ensure_scratch(Engine& eng, int Hp, int Ip, int wtype, bool wq) {
     if (wq)
       eng.wdq[w].reserve(size_t(std::max(4 * kGateUpBlocksPerTask * Hp, 2 * kDownBlocksPerTask * Ip)) * kPanel *
                          sizeof(uint16_t));
+    if (aq) {  // int8 GEMMs: one quantized 32-row group of the widest A (x / dy: Hp, dz: 2*Ip), its scales, sums
+      eng.qa[w].reserve(size_t(kRowAlign) * qa_stride(round_up(std::max(Hp, 2 * Ip), 64)));
+      eng.qs[w].reserve(kRowAlign * sizeof(float));
+      eng.ci[w].reserve(kRowAlign * kBlock * sizeof(int32_t));
+    }
   }
 }
 
@@ -143,7 +151,8 @@ Scratch scratch_of(Engine& eng, int worker) {
   return Scratch{static_cast<float*>(eng.c0[worker].get()), static_cast<float*>(eng.c1[worker].get()),
                  eng.packed[worker].get(), worker < int(eng.acc.size()) ? static_cast<float*>(eng.acc[worker].get())
                                                                         : nullptr,
-                 eng.wdq[worker].get()};
+                 eng.wdq[worker].get(), static_cast<int8_t*>(eng.qa[worker].get()),
+                 static_cast<float*>(eng.qs[worker].get()), static_cast<int32_t*>(eng.ci[worker].get())};
 }
 
 // dst[e][rho][c] (row length ldd, zero past n) = src[c][rho * E + e] (PEFT's B layout [n][r*E]) for all e, rho:
@@ -374,13 +383,15 @@ void set_worker_spin_us(int us) {
 // ---------------------------------------------------------------- MoELayer
 
 MoELayer::MoELayer(int experts, int hidden, int intermediate, int wtype, int activation, int max_saved,
-                   bool int8_weights)
-    : E_(experts), H_(hidden), I_(intermediate), wtype_(wtype), activation_(activation), wq_(int8_weights) {
+                   bool int8_weights, bool int8_compute)
+    : E_(experts), H_(hidden), I_(intermediate), wtype_(wtype), activation_(activation), wq_(int8_weights),
+      aq_(int8_compute) {
   if (E_ < 1 || H_ < 1 || I_ < 1) throw std::invalid_argument("experts, hidden and intermediate must be >= 1");
   if (wtype != kBF16 && wtype != kF32) throw std::invalid_argument("engine dtype must be bf16 or f32");
   if (activation != kSiluGLU) throw std::invalid_argument("only the SiLU-gated (silu_glu) expert is implemented");
   if (max_saved < 1) throw std::invalid_argument("max_saved must be >= 1");
   if (wq_ && wtype != kBF16) throw std::invalid_argument("int8 weights need the bfloat16 engine dtype");
+  if (aq_ && !wq_) throw std::invalid_argument("int8 compute needs int8 weights");
   Hp_ = round_up(H_, kBlock);
   Ip_ = round_up(I_, kBlock);
   expert_elems_ = size_t(Ip_) * Hp_;
@@ -400,7 +411,7 @@ MoELayer::MoELayer(int experts, int hidden, int intermediate, int wtype, int act
 LayerView MoELayer::view(int kchunk) const {
   return LayerView{E_, H_, I_, Hp_, Ip_, wtype_, gate_.get(), up_.get(), down_.get(), expert_elems_, wq_ ? 1 : 0,
                    static_cast<const float*>(gate_s_.get()), static_cast<const float*>(up_s_.get()),
-                   static_cast<const float*>(down_s_.get()), kchunk, padded_row_stride(Hp_),
+                   static_cast<const float*>(down_s_.get()), kchunk, aq_ ? 1 : 0, padded_row_stride(Hp_),
                    padded_row_stride(Ip_), padded_row_stride(2 * Ip_)};
 }
 
@@ -576,7 +587,7 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
   const size_t es = size_t(dtype_size(wtype_));
   const size_t rows = size_t(plan.rows);
   PhaseClock clock(eng);
-  ensure_scratch(eng, Hp_, Ip_, wtype_, wq_);
+  ensure_scratch(eng, Hp_, Ip_, wtype_, wq_, aq_);
   ForwardBuffers fb{};
   fb.seg_start = plan.seg_start.data();
   fb.row_weight = plan.row_weight.data();
@@ -693,7 +704,7 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
   const size_t rows = size_t(plan.rows);
   const int ipb = Ip_ / kBlock;
   PhaseClock clock(eng);
-  ensure_scratch(eng, Hp_, Ip_, wtype_, wq_);
+  ensure_scratch(eng, Hp_, Ip_, wtype_, wq_, aq_);
   BackwardBuffers bb{};
   bb.seg_start = plan.seg_start.data();
   bb.row_weight = plan.row_weight.data();

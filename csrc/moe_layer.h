@@ -86,8 +86,9 @@ struct LoraGrads {
 class MoELayer {
  public:
   // int8_weights: store the weights as int8 with per-output-channel scales (common.h, INT8); needs wtype bf16.
+  // int8_compute: run the GEMMs in int8 too (common.h, INT8 GEMMs); needs int8_weights.
   MoELayer(int experts, int hidden, int intermediate, int wtype, int activation, int max_saved,
-           bool int8_weights = false);
+           bool int8_weights = false, bool int8_compute = false);
 
   // Packs rows x cols of projection `which` (0 gate [I][H], 1 up [I][H], 2 down [H][I]) for experts
   // [e0, e0+n) from src (dtype src_dtype) with element strides (expert, row, col), quantizing each output
@@ -126,6 +127,7 @@ class MoELayer {
   int padded_hidden() const { return Hp_; }
   int padded_intermediate() const { return Ip_; }
   bool int8_weights() const { return wq_; }
+  bool int8_compute() const { return aq_; }
   std::vector<std::string> missing_weights() const;  // "expert 3 down", ...
 
  private:
@@ -136,7 +138,7 @@ class MoELayer {
   SavedSlot& live_slot(uint64_t handle);  // find_slot or a clear error
 
   int E_, H_, I_, Hp_, Ip_, wtype_, activation_;
-  bool wq_;
+  bool wq_, aq_;
   size_t expert_elems_;
   Buffer gate_, up_, down_;
   Buffer gate_s_, up_s_, down_s_;  // int8 only: [E][Ip], [E][Ip], [E][Hp] fp32 scales

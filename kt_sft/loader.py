@@ -143,6 +143,7 @@ def load_model(
     retain_activations: bool = True,
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     gpu_experts: float = 0.0,
+    int8_compute: bool = False,
 ):
     """Load a Hugging Face MoE checkpoint directory with the routed experts on the CPU engine.
 
@@ -164,6 +165,8 @@ def load_model(
     gpu_experts: fraction of each MoE layer's routed experts that calls of >= 1024 tokens on a CUDA `device`
     compute on the GPU, streaming their weights from the engine's RAM per call (kt_sft.engine.gpu_share); the
     rest runs on the CPU engine at the same time. 0 = off (everything on the CPU engine).
+    int8_compute: with engine_dtype torch.int8, run the expert GEMMs in int8 too (activations quantized per row;
+    kt_backend AMXINT8; engine.ExpertLayer). Fast on AMX; other ISAs run the same math in plain loops.
     """
     loss_chunk_tokens = check_chunk_tokens(loss_chunk_tokens)
     if not (isinstance(gpu_experts, (int, float)) and 0.0 <= gpu_experts <= 1.0):
@@ -181,6 +184,12 @@ def load_model(
         raise ValueError(f"{path / 'config.json'} is not valid JSON: {err}") from err
     family = get_family(model_type, rule)  # before transformers, whose error would not list what we support
     engine_dtype, threads = _resolve_defaults(family, dtype, engine_dtype, threads)
+    if int8_compute and engine_dtype != torch.int8:
+        raise ValueError(f"int8_compute=True needs engine_dtype=torch.int8 (int8 expert weights), got {engine_dtype}")
+    if int8_compute and engine.current_isa() != "amx":
+        logger.warning("kt-sft: int8 expert GEMMs (kt_backend AMXINT8) need AMX to be fast; this CPU runs them on "
+                       "the %s path in plain loops (correct, slow). kt_backend: INT8 keeps the int8 weights and "
+                       "computes in bf16, fast here.", engine.current_isa())
     if config is None:
         config = AutoConfig.from_pretrained(path)
     elif getattr(config, "model_type", model_type) != model_type:
@@ -199,7 +208,8 @@ def load_model(
     layers = {}
     for idx, module in sorted(modules.items()):
         E, two_i, H = module.gate_up_proj.shape
-        layers[idx] = engine.ExpertLayer(E, H, two_i // 2, max_saved=max_saved, **_layer_format(engine_dtype))
+        layers[idx] = engine.ExpertLayer(E, H, two_i // 2, max_saved=max_saved,
+                                           **_layer_format(engine_dtype, int8_compute))
         layers[idx].chunk_size, layers[idx].retain_activations = int(chunk_size), bool(retain_activations)
 
     shards, weight_map = _shards(path)
@@ -230,7 +240,7 @@ def load_model(
             layer.gpu_share = engine.GpuShare(layer, max(1, round(gpu_experts * layer.num_experts)), device)
     use_engine(model.config)
     install_chunked_loss(model, loss_chunk_tokens)
-    model.kt_summary = _summary(layers, engine_dtype, device)
+    model.kt_summary = _summary(layers, engine_dtype, device, int8_compute)
     logger.info(model.kt_summary)
     return model
 
@@ -308,17 +318,18 @@ def _finish(model, family, layers, modules, weight_map, placer, device) -> None:
                        len(placer.unexpected), placer.unexpected[0])
 
 
-def _layer_format(engine_dtype: torch.dtype) -> dict:
-    """ExpertLayer arguments for an engine dtype: int8 = int8 weights computed in bfloat16."""
+def _layer_format(engine_dtype: torch.dtype, int8_compute: bool = False) -> dict:
+    """ExpertLayer arguments for an engine dtype: int8 = int8 weights, computed in bfloat16 or in int8."""
     if engine_dtype == torch.int8:
-        return {"dtype": torch.bfloat16, "weights": "int8"}
+        return {"dtype": torch.bfloat16, "weights": "int8", "int8_compute": bool(int8_compute)}
     return {"dtype": engine_dtype}
 
 
-def _summary(layers: dict, engine_dtype: torch.dtype, device: torch.device) -> str:
+def _summary(layers: dict, engine_dtype: torch.dtype, device: torch.device, int8_compute: bool = False) -> str:
     experts = sum(l.num_experts for l in layers.values())
     packed = sum(l.packed_bytes for l in layers.values())
     dt = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int8: "int8"}[engine_dtype]
     size = f"{packed / 1e9:.1f} GB" if packed >= 1e8 else f"{packed / 1e6:.1f} MB"
     return (f"kt-sft: {len(layers)} MoE layers / {experts} experts ({size} {dt}) on CPU engine "
-            f"[{engine.current_isa()}, {engine.num_threads()} threads]; dense on {device}")
+            f"[{engine.current_isa()}, {engine.num_threads()} threads{', int8 GEMMs' if int8_compute else ''}]; "
+            f"dense on {device}")

@@ -22,7 +22,7 @@ def _run(*args: str) -> str:
 
 def test_bench_moe_small_rows_agree_with_the_naive_loop():
     out = _run("benchmarks/bench_moe.py", "--small", "--int8", "--lora-rank", "4", "--iters", "1")
-    for name in ("kt-sft (", "kt-sft + LoRA r=4", "kt-sft int8 weights", "naive torch loop"):
+    for name in ("kt-sft (", "kt-sft + LoRA r=4", "kt-sft int8 weights", "kt-sft int8 GEMMs", "naive torch loop"):
         assert re.search(rf"^{re.escape(name)}.*\s\d+\s*$", out, re.M), (name, out)
     y, dx = map(float, re.search(r"rel diff y ([\d.e-]+), dx ([\d.e-]+)", out).groups())
     assert y < 2e-2 and dx < 2e-2, out  # bf16 engine vs bf16 torch loop: same math

@@ -54,7 +54,9 @@ def test_keys_resolve_to_settings(get_train_args, tmp_path):
     model_args, *_ = get_train_args(_args(tmp_path))
     assert model_args.kt_sft_settings == ktc.KTSettings()  # every default is "auto"
     model_args, *_ = get_train_args(_args(tmp_path, kt_backend="AMXINT8"))
-    assert model_args.kt_sft_settings.engine_dtype == "int8"
+    assert (model_args.kt_sft_settings.engine_dtype, model_args.kt_sft_settings.int8_compute) == ("int8", True)
+    model_args, *_ = get_train_args(_args(tmp_path, kt_backend="int8"))
+    assert (model_args.kt_sft_settings.engine_dtype, model_args.kt_sft_settings.int8_compute) == ("int8", False)
 
 
 def test_argv_form_is_split_too():

@@ -271,24 +271,29 @@ def test_lora_training_bf16_engine(family, ckpt):
 
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_lora_training_int8_engine_tracks_bf16(family, ckpt):
-    """kt_backend AMXINT8 (int8 experts, per-channel scales): every step's loss within 2 % of the bf16-engine
-    run, and the packed experts take about half the memory."""
+    """kt_backend INT8 (int8 experts, per-channel scales, bf16 GEMMs) and AMXINT8 (the same weights, int8 GEMMs
+    with per-row activation quantization): every step's loss within 2 % of the bf16-engine run, and the packed
+    experts take about half the memory."""
     runs, packed = {}, {}
-    for engine_dtype in (torch.bfloat16, torch.int8):
-        model = load_model(ckpt, dtype=torch.float32, engine_dtype=engine_dtype)
+    variants = {"bf16": (torch.bfloat16, False), "int8": (torch.int8, False), "int8 GEMMs": (torch.int8, True)}
+    for name, (engine_dtype, int8_compute) in variants.items():
+        model = load_model(ckpt, dtype=torch.float32, engine_dtype=engine_dtype, int8_compute=int8_compute)
         layers = [m.kt_layer for m in model.modules() if hasattr(m, "kt_layer")]
-        packed[engine_dtype] = sum(layer.packed_bytes for layer in layers)
-        assert {layer.weights for layer in layers} == {"int8" if engine_dtype == torch.int8 else "bfloat16"}
-        assert re.search(r"\(\S+ [MG]B (int8|bf16)\)", model.kt_summary).group(1) == \
-            ("int8" if engine_dtype == torch.int8 else "bf16")
-        runs[engine_dtype] = lora_run(model, family, make_batches(STEPS)).losses
-    dev = [abs(a - b) / abs(b) for a, b in zip(runs[torch.int8], runs[torch.bfloat16])]
-    print(f"[parity] train {family} int8 vs bf16 engine: loss rel dev max {max(dev):.2e} "
-          f"(loss {runs[torch.bfloat16][0]:.3f} -> {runs[torch.bfloat16][-1]:.3f}); packed "
-          f"{packed[torch.int8]} vs {packed[torch.bfloat16]} bytes")
-    assert max(dev) <= 0.02
-    assert runs[torch.int8][-1] < runs[torch.int8][0] - 0.1, "the int8 run must learn too"
-    assert packed[torch.int8] < 0.56 * packed[torch.bfloat16]
+        packed[name] = sum(layer.packed_bytes for layer in layers)
+        assert {(layer.weights, layer.int8_compute) for layer in layers} == \
+            {("int8" if engine_dtype == torch.int8 else "bfloat16", int8_compute)}
+        assert re.search(r"\(\S+ [MG]B (int8|bf16)\)", model.kt_summary).group(1) == name[:4].strip()
+        assert ("int8 GEMMs" in model.kt_summary) == int8_compute
+        runs[name] = lora_run(model, family, make_batches(STEPS)).losses
+    for name in ("int8", "int8 GEMMs"):
+        dev = [abs(a - b) / abs(b) for a, b in zip(runs[name], runs["bf16"])]
+        print(f"[parity] train {family} {name} vs bf16 engine: loss rel dev max {max(dev):.2e} "
+              f"(loss {runs['bf16'][0]:.3f} -> {runs['bf16'][-1]:.3f}); packed {packed[name]} vs "
+              f"{packed['bf16']} bytes")
+        assert max(dev) <= 0.02, name
+        assert runs[name][-1] < runs[name][0] - 0.1, f"the {name} run must learn too"
+        assert packed[name] < 0.56 * packed["bf16"]
+    assert runs["int8"] != runs["int8 GEMMs"], "int8 GEMMs must really run (activation rounding changes the loss)"
 
 
 @pytest.mark.parametrize("family", FAMILY_PARAMS)

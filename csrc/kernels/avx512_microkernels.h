@@ -9,6 +9,11 @@
 // Transpose: transpose_slice_avx512 turns one 16 x 32 bf16 slice of a panel (16 pair rows x 16 columns) into
 //            the 8 pair rows x 2 panels of the transposed B operand: a 16x16 transpose of 32-bit pairs
 //            (unpack / shuffle, 64 ops), then one vpermt2w per output row to pair rows n, n+1 per column.
+// Quads:     transpose_quads_avx512 is the int8 GEMMs' transposed repack (moe_tasks.inc, pack_transposed_quads):
+//            one 512-byte slice (16 pair rows x 16 channels x 2 bytes) -> 4 quad rows of each of the 2 panels.
+//            A byte shuffle per 8 bytes turns each pair row's 4 channels x 2 columns into 2 columns x 4
+//            channels; the quad row (channels 4q..4q+3, panel P) is then the 8-byte piece q of pair rows
+//            8P..8P+7, gathered with two rounds of 64-bit two-source permutes.
 // Included inside an anonymous namespace, after <immintrin.h>.
 
 template <int R>
@@ -138,4 +143,32 @@ static inline void transpose_slice_avx512(const uint32_t* src, uint16_t* d0, uin
     _mm512_storeu_si512(d0 + 32 * p, _mm512_maskz_permutex2var_epi16(0xffffffffu, r[2 * p], lo, r[2 * p + 1]));
     _mm512_storeu_si512(d1 + 32 * p, _mm512_maskz_permutex2var_epi16(0xffffffffu, r[2 * p], hi, r[2 * p + 1]));
   }
+}
+
+// src: 512 bytes, src[kk][n][p] = W[n][k0 + 2kk + p] (kk, n < 16); d0 / d1: the first of 4 consecutive quad rows
+// (64 bytes each) of the two transposed panels: quad row q of d_P, column c, byte j = W[4q + j][k0 + 16P + c].
+#define KT_TRANSPOSE_QUADS transpose_quads_avx512
+static inline void transpose_quads_avx512(const int8_t* src, int8_t* d0, int8_t* d1) {
+  alignas(64) static const int8_t shuf[64] = {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
+                                              0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
+                                              0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
+                                              0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15};
+  alignas(64) static const int64_t q01[8] = {0, 4, 8, 12, 1, 5, 9, 13};
+  alignas(64) static const int64_t q23[8] = {2, 6, 10, 14, 3, 7, 11, 15};
+  alignas(64) static const int64_t h0[8] = {0, 1, 2, 3, 8, 9, 10, 11};
+  alignas(64) static const int64_t h1[8] = {4, 5, 6, 7, 12, 13, 14, 15};
+  const __m512i sh = _mm512_load_si512(shuf);
+  __m512i z[8];  // z[i]: pair rows 2i, 2i+1; 64-bit lane l = piece (l % 4) of row 2i + l / 4
+  for (int i = 0; i < 8; ++i) z[i] = _mm512_shuffle_epi8(_mm512_loadu_si512(src + 64 * i), sh);
+  const __m512i i01 = _mm512_load_si512(q01), i23 = _mm512_load_si512(q23);
+  __m512i y[2][4];  // y[g][m]: pieces 2g, 2g+1 (4 rows each) of pair rows 4m .. 4m+3
+  for (int m = 0; m < 4; ++m) {
+    y[0][m] = _mm512_permutex2var_epi64(z[2 * m], i01, z[2 * m + 1]);
+    y[1][m] = _mm512_permutex2var_epi64(z[2 * m], i23, z[2 * m + 1]);
+  }
+  const __m512i ih[2] = {_mm512_load_si512(h0), _mm512_load_si512(h1)};
+  for (int q = 0; q < 4; ++q)
+    for (int P = 0; P < 2; ++P)
+      _mm512_storeu_si512((P ? d1 : d0) + 64 * q,
+                          _mm512_permutex2var_epi64(y[q / 2][2 * P], ih[q % 2], y[q / 2][2 * P + 1]));
 }

@@ -1,4 +1,4 @@
-// NOTE (kt-sft engine, AMX-BF16 path: Sapphire Rapids and later)
+// NOTE (kt-sft engine, AMX-BF16 / AMX-INT8 path: Sapphire Rapids and later)
 // Layout:    tiles 0-3 = C (2x2 blocks of 16 rows x 16 fp32), 4-5 = A (16 rows x 32 bf16 each, rows 0-15 and
 //            16-31 of the block), 6-7 = B (16 k-pair rows x 16 columns x 2 = one 1 KiB slice of a panel, so a
 //            B tile is 16 consecutive panel rows and loads with a 64-byte stride).
@@ -97,6 +97,44 @@ static void mk(const uint16_t* A, size_t lda, int M, const uint16_t* B0, const u
   _tile_stored(2, C + 16 * kBlock, kBlock * sizeof(float));
   _tile_stored(3, C + 16 * kBlock + kPanel, kBlock * sizeof(float));
 }
+
+// INT8 GEMMs: C (int32) = A x B over quad panels, the same 2x2 tile schedule per 64-k step with tdpbssd (rows past
+// M read the scratch's other rows and are discarded). Exact int32 sums, so the plain loop of moe_tasks.inc agrees.
+static void mk_i8_amx(const int8_t* A, size_t lda, int M, const int8_t* B0, const int8_t* B1, int K64, int32_t* C) {
+  __asm__ __volatile__("" ::: "memory");  // see mk
+  constexpr size_t sc = kBlock * sizeof(int32_t);
+  _tile_zero(0);
+  _tile_zero(1);
+  if (M <= 16) {
+    for (int k0 = 0; k0 < K64; k0 += 64) {
+      _tile_loadd(4, A + k0, lda);
+      _tile_loadd(6, B0 + size_t(k0) * kPanel, 64);
+      _tile_loadd(7, B1 + size_t(k0) * kPanel, 64);
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 4, 7);
+    }
+    _tile_stored(0, C, sc);
+    _tile_stored(1, C + kPanel, sc);
+    return;
+  }
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int k0 = 0; k0 < K64; k0 += 64) {
+    _tile_loadd(4, A + k0, lda);
+    _tile_loadd(5, A + 16 * lda + k0, lda);
+    _tile_loadd(6, B0 + size_t(k0) * kPanel, 64);
+    _tile_loadd(7, B1 + size_t(k0) * kPanel, 64);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    _tile_dpbssd(2, 5, 6);
+    _tile_dpbssd(3, 5, 7);
+  }
+  _tile_stored(0, C, sc);
+  _tile_stored(1, C + kPanel, sc);
+  _tile_stored(2, C + 16 * kBlock, sc);
+  _tile_stored(3, C + 16 * kBlock + kPanel, sc);
+}
+#define KT_MK_I8 mk_i8_amx
 
 static inline void mk(const float* A, size_t lda, int M, const float* B0, const float* B1, int Kp, float* C,
                       bool accumulate = false) {

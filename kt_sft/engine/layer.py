@@ -37,7 +37,9 @@ class ExpertLayer:
     forwards may keep activations for a later backward on this layer. `weights="int8"` stores the frozen
     weights as int8 with one scale per output channel (half the memory of bf16; needs dtype bfloat16): the layer
     then computes exactly what a bf16 layer holding the dequantized weights bf16(q * scale) would
-    (csrc/common.h, INT8).
+    (csrc/common.h, INT8). `int8_compute=True` (int8 weights only) runs the GEMMs themselves in int8, activations
+    quantized per row on the fly (csrc/common.h, INT8 GEMMs): AMX's tdpbssd, about twice the bf16 tile rate,
+    at the cost of activation rounding; other ISAs run the same math in plain loops (correct, not fast).
     """
 
     def __init__(
@@ -49,17 +51,21 @@ class ExpertLayer:
         activation: str = "silu",
         max_saved: int = 4,
         weights: Optional[str] = None,
+        int8_compute: bool = False,
     ) -> None:
         if weights not in (None, "int8"):
             raise ValueError(f"weights must be None (stored in the engine dtype) or 'int8', got {weights!r}")
         if weights == "int8" and dtype != torch.bfloat16:
             raise ValueError(f"int8 expert weights compute in bfloat16; got dtype={dtype}")
+        if int8_compute and weights != "int8":
+            raise ValueError("int8_compute=True needs weights='int8' (the int8 GEMMs read int8 weights)")
         self.dtype = dtype
         self.weights = weights or dtype_name(dtype, ENGINE_DTYPES)
         self._layer = _engine.MoELayer(
             int(num_experts), int(hidden_size), int(intermediate_size), dtype_name(dtype, ENGINE_DTYPES),
-            activation, int(max_saved), weights or "",
+            activation, int(max_saved), weights or "", bool(int8_compute),
         )
+        self.int8_compute = bool(int8_compute)
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.max_saved = int(max_saved)
 

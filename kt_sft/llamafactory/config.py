@@ -18,9 +18,11 @@ KEYS: dict[str, str] = {
     "use_kt": "Turn the CPU expert engine on (LLaMA-Factory's own switch; the hook also needs USE_KT=1).",
     "kt_optimize_rule": "Model family rule: a family name (e.g. qwen3_moe) or a family YAML (kt_sft/models/families "
                         "format). Default: picked from config.json's model_type.",
-    "kt_backend": "Expert weight format in RAM: AMXBF16 (default; bf16, runs on amx/avx512/avx2/scalar, whichever "
-                  "the CPU has), AMXINT8 (int8 with one scale per output channel, quantized while loading: half "
-                  "the RAM, computed in bf16 on the same paths) or FP32 (exact fp32 experts, for parity checks).",
+    "kt_backend": "Expert weight format and GEMMs: AMXBF16 (default; bf16, runs on amx/avx512/avx2/scalar, "
+                  "whichever the CPU has), AMXINT8 (int8 weights with one scale per output channel, quantized "
+                  "while loading: half the RAM; the GEMMs run in int8 too, activations quantized per row: AMX's "
+                  "int8 rate, other CPUs run it slowly), INT8 (the same int8 weights, GEMMs in bf16: exact "
+                  "dequantized math, fast on every path) or FP32 (exact fp32 experts, for parity checks).",
     "kt_num_threads": "CPU engine threads. 0 / unset: KT_SFT_THREADS, else the physical cores of the CPU set.",
     "cpu_infer": "KTransformers' name for kt_num_threads (same meaning; give one or equal values).",
     "chunk_size": "Most tokens per engine call: longer micro-batches are split, bounding the engine's scratch "
@@ -54,6 +56,7 @@ RETIRED: dict[str, str] = {
     "kt_share_cache_pool": "remove the key: kt-sft shares engine scratch across layers always",
 }
 BACKENDS = {"AMXBF16": "bfloat16", "BF16": "bfloat16", "AMXINT8": "int8", "INT8": "int8", "FP32": "float32"}
+INT8_GEMM_BACKENDS = ("AMXINT8",)  # int8 weights *and* int8 GEMMs (KTransformers' AMXINT8); INT8: bf16 GEMMs
 SUPPORTED_STAGES = ("sft", "pt")
 
 
@@ -74,6 +77,7 @@ class KTSettings:
     expert_path: Optional[str] = None
     loss_chunk_tokens: Optional[int] = None  # None = load_model's default; 0 = stock loss with full logits
     gpu_experts: float = 0.0
+    int8_compute: bool = False  # kt_backend AMXINT8: int8 GEMMs as well as int8 weights
 
 
 def _is_ours(key: str) -> bool:
@@ -137,6 +141,7 @@ def _settings_from_keys(keys: dict[str, Any], model_args) -> KTSettings:
         if name not in BACKENDS:
             raise KTConfigError(f"kt_backend: {backend!r} is not one of {', '.join(BACKENDS)}")
         settings.engine_dtype = BACKENDS[name]
+        settings.int8_compute = name in INT8_GEMM_BACKENDS
 
     threads = {k: _as_int(k, keys[k], 0) for k in ("kt_num_threads", "cpu_infer") if keys.get(k) is not None}
     if len(set(threads.values())) > 1:

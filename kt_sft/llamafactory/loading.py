@@ -60,6 +60,7 @@ def load_for_llamafactory(path, kwargs: dict, model_args, settings: KTSettings, 
         chunk_size=settings.chunk_size,
         retain_activations=settings.retain_activations,
         gpu_experts=settings.gpu_experts,
+        int8_compute=settings.int8_compute,
         progress=True,
         **({} if settings.loss_chunk_tokens is None else {"loss_chunk_tokens": settings.loss_chunk_tokens}),
     )
