@@ -21,7 +21,8 @@
 //            quantized per row: v[k] = a[k] * cs[k], where cs are the weight scales of the reduction dimension in
 //            backward (they fold into A there) and 1 in forward; s = max_k |v[k]| / 127, q = round_half_even(
 //            v / s) clamped to [-127, 127] (s = 0: q = 0; a row holding Inf/NaN gets s = NaN, so it stays NaN).
-//            C[m][n] = float(sum_k q_a[m][k] q_w[n][k]) * s[m] * s_w[n] (forward; backward: * s[m]). The weight
+//            C[m][n] = float(sum_k q_a[m][k] q_w[n][k]) * s[m] * s_w[n] (forward; backward: * s[m]). Each GEMM
+//            phase's A is quantized once, in its own phase (QuantJob), before the GEMM tasks read it. The weight
 //            blocks are reordered per task into VNNI quads, panel[k/4][n][k%4], the tdpbssd B layout, with K
 //            padded to a multiple of 64 (K64) by zeros; A rows to K64 likewise. Same weights, same RAM.
 // LoRA:      optional per-expert LoRA on gate_up / down (docs/expert_lora_format.md) reaches the tasks as
@@ -146,6 +147,17 @@ struct LoraProj {
 constexpr int kGradBlocks = 4;
 struct GradTask { int kind, expert, block; };
 
+// int8 GEMMs: quantize the rows of one expert's task (Task.row0/rows) of a gathered GEMM input (INT8 GEMMs above)
+// into dst [rows][qa_stride(K64)] and dst_scale [rows]. which: the projection whose scales fold into A
+// (-1 none: forward; 2 down: dy; 0 gate | up: dz, gate scales for columns < Ip, up scales after).
+struct QuantJob {
+  const int* seg_start;
+  const void* src;  // [rows][ld] wtype
+  int ld, K, which;
+  int8_t* dst;
+  float* dst_scale;
+};
+
 struct ForwardBuffers {
   const int* seg_start;      // [E] first row of each expert's segment in the gathered buffers
   const float* row_weight;   // [rows] routing weight of each gathered row
@@ -157,6 +169,8 @@ struct ForwardBuffers {
   const LoraView* lora;      // null: frozen experts only
   const float* u_gu;         // [rows][r_gu] x.B_gu (LoRA only)
   const float* q_d;          // [rows][r_d]  h.B_d (LoRA only)
+  const int8_t* qa;          // int8 GEMMs: the current phase's A (x, then act) quantized (QuantJob)
+  const float* qs;           // int8 GEMMs: its row scales
 };
 
 struct BackwardBuffers {
@@ -186,6 +200,8 @@ struct BackwardBuffers {
   float* gB_gu;              // [H][r_gu*E]
   float* gA_d;               // [r_d*E][H]
   float* gB_d;               // [I][r_d*E]
+  const int8_t* qa;          // int8 GEMMs: the current phase's A (dy * s_down, then dz * s_gu) quantized
+  const float* qs;           // int8 GEMMs: its row scales
 };
 
 // Per-worker scratch: C tiles and one transposed weight block for backward.
@@ -196,8 +212,6 @@ struct Scratch {
   float* acc;    // LoRA gradient sums: [r][kBlock] (lora_grad) or per column block (fused bwd_act)
   void* wdq;     // int8 layers: dequantized weight blocks, one slot per column block of a task (bf16), or with
                  // int8 GEMMs the same blocks as int8 quads
-  int8_t* qa;    // int8 GEMMs: one 32-row group of A quantized, [kRowAlign][qa_stride(K64)] bytes
-  float* qs;     // int8 GEMMs: the group's row scales [kRowAlign]
   int32_t* ci;   // int8 GEMMs: int32 sums [kRowAlign][kBlock]
 };
 
@@ -212,6 +226,7 @@ struct KernelTable {
   void (*bwd_input)(const LayerView&, const BackwardBuffers&, const Task&, Scratch&);
   void (*lora_proj)(const LayerView&, const LoraProj&, const Task&);
   void (*lora_grad)(const LayerView&, const BackwardBuffers&, const GradTask&, Scratch&);
+  void (*quantize)(const LayerView&, const QuantJob&, const Task&);
   int kchunk;  // the unit's default K chunk (0 = none); KT_SFT_KCHUNK overrides it
 };
 

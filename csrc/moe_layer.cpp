@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <stdexcept>
+#include <tuple>
 
 #include "cpu_features.h"
 #include "thread_pool.h"
@@ -38,7 +39,8 @@ struct Engine {
   int kchunk = 0;  // K chunk of the task GEMMs: KT_SFT_KCHUNK, else the ISA unit's default
   std::unique_ptr<ThreadPool> pool;
   Buffer xg, act, rows_f32, dw_part;
-  std::vector<Buffer> c0, c1, packed, acc, wdq, qa, qs, ci;
+  std::vector<Buffer> c0, c1, packed, acc, wdq, ci;
+  Buffer q8, q8_scale;  // int8 GEMMs: the current GEMM phase's A quantized (QuantJob), and its row scales
   // LoRA: repacked factors (LoraView), rank-r projections of unsaved forwards / backward, h for dB_d.
   Buffer l_at_gu, l_bt_gu, l_at_d, l_bt_d, l_u, l_q, l_dya, l_tgu, l_h;
   bool profiling = false;                          // set_profiling: wall time per phase of every call
@@ -127,8 +129,6 @@ void ensure_scratch(Engine& eng, int Hp, int Ip, int wtype, bool wq, bool aq) {
   eng.c1.resize(n);
   eng.packed.resize(n);
   eng.wdq.resize(n);
-  eng.qa.resize(n);
-  eng.qs.resize(n);
   eng.ci.resize(n);
   for (size_t w = 0; w < n; ++w) {
     const size_t c_rows = eng.kchunk > 0 ? kMaxTaskRows : kRowAlign;  // gemm_rows in moe_tasks.inc
@@ -139,11 +139,7 @@ void ensure_scratch(Engine& eng, int Hp, int Ip, int wtype, bool wq, bool aq) {
     if (wq)
       eng.wdq[w].reserve(size_t(std::max(4 * kGateUpBlocksPerTask * Hp, 2 * kDownBlocksPerTask * Ip)) * kPanel *
                          sizeof(uint16_t));
-    if (aq) {  // int8 GEMMs: one quantized 32-row group of the widest A (x / dy: Hp, dz: 2*Ip), its scales, sums
-      eng.qa[w].reserve(size_t(kRowAlign) * qa_stride(round_up(std::max(Hp, 2 * Ip), 64)));
-      eng.qs[w].reserve(kRowAlign * sizeof(float));
-      eng.ci[w].reserve(kRowAlign * kBlock * sizeof(int32_t));
-    }
+    if (aq) eng.ci[w].reserve(kRowAlign * kBlock * sizeof(int32_t));  // int8 GEMMs: one 32-row block's sums
   }
 }
 
@@ -151,8 +147,7 @@ Scratch scratch_of(Engine& eng, int worker) {
   return Scratch{static_cast<float*>(eng.c0[worker].get()), static_cast<float*>(eng.c1[worker].get()),
                  eng.packed[worker].get(), worker < int(eng.acc.size()) ? static_cast<float*>(eng.acc[worker].get())
                                                                         : nullptr,
-                 eng.wdq[worker].get(), static_cast<int8_t*>(eng.qa[worker].get()),
-                 static_cast<float*>(eng.qs[worker].get()), static_cast<int32_t*>(eng.ci[worker].get())};
+                 eng.wdq[worker].get(), static_cast<int32_t*>(eng.ci[worker].get())};
 }
 
 // dst[e][rho][c] (row length ldd, zero past n) = src[c][rho * E + e] (PEFT's B layout [n][r*E]) for all e, rho:
@@ -247,6 +242,19 @@ void run_proj(ThreadPool& pool, const KernelTable* kt, const LayerView& L, const
   LoraProj P{plan.seg_start.data(), src, ld, K, r, mat, out, row_scale};
   std::vector<Task> tasks = make_tasks(plan, 1, kRowChunk);
   pool.run(int(tasks.size()), [&](int i, int) { kt->lora_proj(L, P, tasks[size_t(i)]); });
+}
+
+// int8 GEMMs: the phase's gathered A (src [rows][ld], K columns) quantized per row into the engine's q8 buffers,
+// folding in the scales of projection `which` (QuantJob). Returns (rows, scales) for the phase's buffers.
+std::pair<const int8_t*, const float*> run_quant(Engine& eng, const LayerView& L, const RoutingPlan& plan,
+                                                 const void* src, int ld, int K, int which) {
+  int8_t* dst = static_cast<int8_t*>(eng.q8.reserve(size_t(plan.rows) * qa_stride(round_up(K, 64))));
+  float* ds = static_cast<float*>(eng.q8_scale.reserve(size_t(plan.rows) * sizeof(float)));
+  QuantJob J{plan.seg_start.data(), src, ld, K, which, dst, ds};
+  std::vector<Task> tasks = make_tasks(plan, 1, 64);
+  const KernelTable* kt = eng.kt;
+  eng.pool->run(int(tasks.size()), [&](int i, int) { kt->quantize(L, J, tasks[size_t(i)]); });
+  return {dst, ds};
 }
 
 // memcpy split over the pool (one thread copies ~10 GB/s; a 4096-token layer input is 16 MB).
@@ -617,6 +625,10 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
       run_proj(pool, kt, L, plan, fb.xg, L.ldx, Hp_, lora->r_gu, lv.Bt_gu, const_cast<float*>(fb.u_gu), nullptr);
     clock.mark("forward: LoRA x.B_gu");
   }
+  if (aq_) {
+    std::tie(fb.qa, fb.qs) = run_quant(eng, L, plan, fb.xg, L.ldx, Hp_, -1);
+    clock.mark("forward: quantize x");
+  }
   std::vector<Task> tasks = make_tasks(plan, Ip_ / kBlock, wq_ ? kRowChunkInt8 : kRowChunk, kGateUpBlocksPerTask);
   pool.run(int(tasks.size()), [&](int i, int wk) {
     Scratch s = scratch_of(eng, wk);
@@ -626,6 +638,10 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
   if (lo && lora->r_d > 0) {
     run_proj(pool, kt, L, plan, fb.act, L.ld_act, Ip_, lora->r_d, lv.Bt_d, const_cast<float*>(fb.q_d), nullptr);
     clock.mark("forward: LoRA h.B_d");
+  }
+  if (aq_) {
+    std::tie(fb.qa, fb.qs) = run_quant(eng, L, plan, fb.act, L.ld_act, Ip_, -1);
+    clock.mark("forward: quantize act");
   }
   tasks = make_tasks(plan, Hp_ / kBlock, wq_ ? kRowChunkInt8 : kRowChunk, kDownBlocksPerTask);
   pool.run(int(tasks.size()), [&](int i, int wk) {
@@ -750,6 +766,10 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
     if (rd > 0) run_proj(pool, kt, L, plan, bb.dyg, L.ldx, Hp_, rd, lv.At_d, const_cast<float*>(bb.dyA), nullptr);
     clock.mark("backward: LoRA dy.A_d");
   }
+  if (aq_) {
+    std::tie(bb.qa, bb.qs) = run_quant(eng, L, plan, bb.dyg, L.ldx, Hp_, 2);
+    clock.mark("backward: quantize dy");
+  }
   std::vector<Task> tasks = make_tasks(plan, ipb, bb.fuse_grads ? kWholeSegment : kRowChunkBwd, kActBlocksPerTask);
   pool.run(int(tasks.size()), [&](int i, int wk) {
     Scratch s = scratch_of(eng, wk);
@@ -759,6 +779,10 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
   if (rg > 0) {
     run_proj(pool, kt, L, plan, bb.dgu, L.ld_dgu, 2 * Ip_, rg, lv.At_gu, const_cast<float*>(bb.t_gu), nullptr);
     clock.mark("backward: LoRA dz.A_gu");
+  }
+  if (aq_) {
+    std::tie(bb.qa, bb.qs) = run_quant(eng, L, plan, bb.dgu, L.ld_dgu, 2 * Ip_, 0);
+    clock.mark("backward: quantize dz");
   }
   tasks = make_tasks(plan, Hp_ / kBlock, kRowChunkBwd, kDxBlocksPerTask);
   pool.run(int(tasks.size()), [&](int i, int wk) {
