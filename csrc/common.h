@@ -22,9 +22,10 @@
 //            backward (they fold into A there) and 1 in forward; s = max_k |v[k]| / 127, q = round_half_even(
 //            v / s) clamped to [-127, 127] (s = 0: q = 0; a row holding Inf/NaN gets s = NaN, so it stays NaN).
 //            C[m][n] = float(sum_k q_a[m][k] q_w[n][k]) * s[m] * s_w[n] (forward; backward: * s[m]). Each GEMM
-//            phase's A is quantized once, in its own phase (QuantJob), before the GEMM tasks read it. The weight
-//            blocks are reordered per task into VNNI quads, panel[k/4][n][k%4], the tdpbssd B layout, with K
-//            padded to a multiple of 64 (K64) by zeros; A rows to K64 likewise. Same weights, same RAM.
+//            phase's A is quantized once, in its own phase (QuantJob), before the GEMM tasks read it, its rows
+//            zero-padded to K64 = roundup(K, 64). Such a layer stores its int8 panels as VNNI quads,
+//            panel[k/4][n][k%4] (the tdpbssd B layout, used in place by forward; same bytes as the pairs);
+//            backward repacks each transposed block into quads of K64 rows.
 // LoRA:      optional per-expert LoRA on gate_up / down (docs/expert_lora_format.md) reaches the tasks as
 //            LoraView: fp32 factors repacked per call into per-expert, zero-padded, row-major scratch
 //            (At_gu [E][r_gu][2Ip], Bt_gu [E][r_gu][Hp], At_d [E][r_d][Hp], Bt_d [E][r_d][Ip]); a null view or

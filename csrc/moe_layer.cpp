@@ -465,7 +465,8 @@ void MoELayer::set_weights(int which, int e0, int n, const void* src, int src_dt
           float r = 0.f;
           if (row < N && k < K && sc > 0.f && std::isfinite(sc))
             r = std::min(127.f, std::max(-127.f, std::nearbyint(value(k) / sc)));
-          q[(size_t(k / 2) * kPanel + nn) * 2 + (k & 1)] = int8_t(r);
+          q[aq_ ? (size_t(k / 4) * kPanel + nn) * 4 + (k & 3) : (size_t(k / 2) * kPanel + nn) * 2 + (k & 1)] =
+              int8_t(r);
         }
         continue;
       }

@@ -16,20 +16,22 @@ from test_engine_lora import TOLERANCE, make_lora, reference_with_grads
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def _layer(E, H, I, dtype, gen, weights=None):
+def _layer(E, H, I, dtype, gen, weights=None, int8_compute=False):
     gate, up, down = make_experts(E, H, I, gen, dtype)
-    layer = ke.ExpertLayer(E, H, I, dtype=dtype, weights=weights)
+    layer = ke.ExpertLayer(E, H, I, dtype=dtype, weights=weights, int8_compute=int8_compute)
     layer.load_fused(torch.cat([gate, up], dim=1), down)
     return layer, (gate, up, down)
 
 
-@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8", "int8_gemms"])
 def test_panels_unpack_to_the_loaded_weights(weights):
-    """The unpacked panels are the weights the engine computes with: exact for f32/bf16, q * s for int8."""
+    """The unpacked panels are the weights the engine computes with: exact for f32/bf16, q * s for int8 (stored as
+    VNNI pairs, or as quads for a layer with int8 GEMMs)."""
     E, H, I = 3, 40, 24  # pads to 64 x 32: the padding must come back as zeros outside [:N, :K]
     dtype = torch.float32 if weights == "float32" else torch.bfloat16
     layer, (gate, up, down) = _layer(E, H, I, dtype, torch.Generator().manual_seed(0),
-                                     weights="int8" if weights == "int8" else None)
+                                     weights="int8" if weights.startswith("int8") else None,
+                                     int8_compute=weights == "int8_gemms")
     share = GpuShare(layer, 2, "cpu", chunk=1)
     mats = {}
     for a, c, g, u, d in share._chunks():
@@ -37,7 +39,7 @@ def test_panels_unpack_to_the_loaded_weights(weights):
     for j, e in enumerate(range(1, 3)):
         g, u, d = mats[j]
         for got, ref in ((g[0], gate[e]), (u[0], up[e]), (d[0], down[e])):
-            if weights == "int8":
+            if weights.startswith("int8"):
                 s = ref.abs().amax(dim=1, keepdim=True) / 127
                 q = torch.where(s > 0, torch.round(ref / torch.where(s > 0, s, 1)), 0).clamp(-127, 127)
                 ref = (q * s).to(torch.bfloat16)

@@ -10,10 +10,8 @@
 //            the 8 pair rows x 2 panels of the transposed B operand: a 16x16 transpose of 32-bit pairs
 //            (unpack / shuffle, 64 ops), then one vpermt2w per output row to pair rows n, n+1 per column.
 // Quads:     transpose_quads_avx512 is the int8 GEMMs' transposed repack (moe_tasks.inc, pack_transposed_quads):
-//            one 512-byte slice (16 pair rows x 16 channels x 2 bytes) -> 4 quad rows of each of the 2 panels.
-//            A byte shuffle per 8 bytes turns each pair row's 4 channels x 2 columns into 2 columns x 4
-//            channels; the quad row (channels 4q..4q+3, panel P) is then the 8-byte piece q of pair rows
-//            8P..8P+7, gathered with two rounds of 64-bit two-source permutes.
+//            one 512-byte slice (8 quad rows x 16 channels x 4 bytes) -> 4 quad rows of each of the 2 panels:
+//            a 4x4 byte transpose inside every 16-byte lane, then a 4x4 transpose of 128-bit lanes.
 // Included inside an anonymous namespace, after <immintrin.h>.
 
 template <int R>
@@ -145,30 +143,29 @@ static inline void transpose_slice_avx512(const uint32_t* src, uint16_t* d0, uin
   }
 }
 
-// src: 512 bytes, src[kk][n][p] = W[n][k0 + 2kk + p] (kk, n < 16); d0 / d1: the first of 4 consecutive quad rows
-// (64 bytes each) of the two transposed panels: quad row q of d_P, column c, byte j = W[4q + j][k0 + 16P + c].
+// src: 512 bytes, src[k4][n][j] = W[n][k0 + 4k4 + j] (k4 < 8, n < 16, j < 4); d0 / d1: the first of 4 consecutive
+// quad rows (64 bytes each) of the two transposed panels: quad row q of d_P, column c, byte i = W[4q + i][k0 + 16P + c].
 #define KT_TRANSPOSE_QUADS transpose_quads_avx512
 static inline void transpose_quads_avx512(const int8_t* src, int8_t* d0, int8_t* d1) {
-  alignas(64) static const int8_t shuf[64] = {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
-                                              0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
-                                              0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
-                                              0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15};
-  alignas(64) static const int64_t q01[8] = {0, 4, 8, 12, 1, 5, 9, 13};
-  alignas(64) static const int64_t q23[8] = {2, 6, 10, 14, 3, 7, 11, 15};
-  alignas(64) static const int64_t h0[8] = {0, 1, 2, 3, 8, 9, 10, 11};
-  alignas(64) static const int64_t h1[8] = {4, 5, 6, 7, 12, 13, 14, 15};
-  const __m512i sh = _mm512_load_si512(shuf);
-  __m512i z[8];  // z[i]: pair rows 2i, 2i+1; 64-bit lane l = piece (l % 4) of row 2i + l / 4
-  for (int i = 0; i < 8; ++i) z[i] = _mm512_shuffle_epi8(_mm512_loadu_si512(src + 64 * i), sh);
-  const __m512i i01 = _mm512_load_si512(q01), i23 = _mm512_load_si512(q23);
-  __m512i y[2][4];  // y[g][m]: pieces 2g, 2g+1 (4 rows each) of pair rows 4m .. 4m+3
-  for (int m = 0; m < 4; ++m) {
-    y[0][m] = _mm512_permutex2var_epi64(z[2 * m], i01, z[2 * m + 1]);
-    y[1][m] = _mm512_permutex2var_epi64(z[2 * m], i23, z[2 * m + 1]);
+  // Each 16-byte lane (quad row k4, channels 4q .. 4q+3) is a 4x4 byte matrix [channel][j]: transposed in place it
+  // holds columns 4k4 .. 4k4+3, 4 channel bytes each, which is one quarter of output row (q, P = k4 / 4).
+  alignas(64) static const int8_t t4x4[64] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                              0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                              0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                              0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+  const __m512i sh = _mm512_load_si512(t4x4);
+  for (int P = 0; P < 2; ++P) {
+    __m512i r[4];
+    for (int i = 0; i < 4; ++i) r[i] = _mm512_shuffle_epi8(_mm512_loadu_si512(src + 64 * (4 * P + i)), sh);
+    // 4x4 transpose of 128-bit lanes: output row q = lane q of r[0], r[1], r[2], r[3].
+    const __m512i t0 = _mm512_maskz_shuffle_i64x2(0xff, r[0], r[1], 0x44);  // lanes 0, 1 of r0, then of r1
+    const __m512i t1 = _mm512_maskz_shuffle_i64x2(0xff, r[0], r[1], 0xee);  // lanes 2, 3
+    const __m512i t2 = _mm512_maskz_shuffle_i64x2(0xff, r[2], r[3], 0x44);
+    const __m512i t3 = _mm512_maskz_shuffle_i64x2(0xff, r[2], r[3], 0xee);
+    int8_t* d = P ? d1 : d0;
+    _mm512_storeu_si512(d, _mm512_maskz_shuffle_i64x2(0xff, t0, t2, 0x88));
+    _mm512_storeu_si512(d + 64, _mm512_maskz_shuffle_i64x2(0xff, t0, t2, 0xdd));
+    _mm512_storeu_si512(d + 128, _mm512_maskz_shuffle_i64x2(0xff, t1, t3, 0x88));
+    _mm512_storeu_si512(d + 192, _mm512_maskz_shuffle_i64x2(0xff, t1, t3, 0xdd));
   }
-  const __m512i ih[2] = {_mm512_load_si512(h0), _mm512_load_si512(h1)};
-  for (int q = 0; q < 4; ++q)
-    for (int P = 0; P < 2; ++P)
-      _mm512_storeu_si512((P ? d1 : d0) + 64 * q,
-                          _mm512_permutex2var_epi64(y[q / 2][2 * P], ih[q % 2], y[q / 2][2 * P + 1]));
 }

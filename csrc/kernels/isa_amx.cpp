@@ -98,18 +98,32 @@ static void mk(const uint16_t* A, size_t lda, int M, const uint16_t* B0, const u
   _tile_stored(3, C + 16 * kBlock + kPanel, kBlock * sizeof(float));
 }
 
-// INT8 GEMMs: C (int32) = A x B over quad panels, the same 2x2 tile schedule per 64-k step with tdpbssd (rows past
-// M read the scratch's other rows and are discarded). Exact int32 sums, so the plain loop of moe_tasks.inc agrees.
-static void mk_i8_amx(const int8_t* A, size_t lda, int M, const int8_t* B0, const int8_t* B1, int K64, int32_t* C) {
+// INT8 GEMMs: C (int32) = A x B over quad panels of Kp rows, the same 2x2 tile schedule per 64-k step with tdpbssd
+// (rows past M read the other rows of the quantized buffer and are discarded). A Kp that is not a multiple of 64
+// ends with 32 k: that step's B slices (512 bytes each) go through a zero-padded copy, and A holds zeros there.
+// Exact int32 sums, so the plain loop of moe_tasks.inc agrees.
+static void mk_i8_amx(const int8_t* A, size_t lda, int M, const int8_t* B0, const int8_t* B1, int Kp, int32_t* C) {
   __asm__ __volatile__("" ::: "memory");  // see mk
   constexpr size_t sc = kBlock * sizeof(int32_t);
+  const int Kf = Kp & ~63;
+  alignas(64) int8_t tail[2][1024];
+  if (Kf < Kp) {
+    for (int p = 0; p < 2; ++p) {
+      std::memcpy(tail[p], (p ? B1 : B0) + size_t(Kf) * kPanel, 512);
+      std::memset(tail[p] + 512, 0, 512);
+    }
+    __asm__ __volatile__("" ::: "memory");
+  }
+  const int steps = (Kp + 63) / 64;
   _tile_zero(0);
   _tile_zero(1);
   if (M <= 16) {
-    for (int k0 = 0; k0 < K64; k0 += 64) {
+    for (int s = 0; s < steps; ++s) {
+      const int k0 = 64 * s;
+      const bool t = k0 == Kf;
       _tile_loadd(4, A + k0, lda);
-      _tile_loadd(6, B0 + size_t(k0) * kPanel, 64);
-      _tile_loadd(7, B1 + size_t(k0) * kPanel, 64);
+      _tile_loadd(6, t ? tail[0] : B0 + size_t(k0) * kPanel, 64);
+      _tile_loadd(7, t ? tail[1] : B1 + size_t(k0) * kPanel, 64);
       _tile_dpbssd(0, 4, 6);
       _tile_dpbssd(1, 4, 7);
     }
@@ -119,11 +133,13 @@ static void mk_i8_amx(const int8_t* A, size_t lda, int M, const int8_t* B0, cons
   }
   _tile_zero(2);
   _tile_zero(3);
-  for (int k0 = 0; k0 < K64; k0 += 64) {
+  for (int s = 0; s < steps; ++s) {
+    const int k0 = 64 * s;
+    const bool t = k0 == Kf;
     _tile_loadd(4, A + k0, lda);
     _tile_loadd(5, A + 16 * lda + k0, lda);
-    _tile_loadd(6, B0 + size_t(k0) * kPanel, 64);
-    _tile_loadd(7, B1 + size_t(k0) * kPanel, 64);
+    _tile_loadd(6, t ? tail[0] : B0 + size_t(k0) * kPanel, 64);
+    _tile_loadd(7, t ? tail[1] : B1 + size_t(k0) * kPanel, 64);
     _tile_dpbssd(0, 4, 6);
     _tile_dpbssd(1, 4, 7);
     _tile_dpbssd(2, 5, 6);

@@ -80,15 +80,17 @@ def panels_to_matrix(raw: torch.Tensor, experts: int, Np: int, Kp: int, kind: st
                      scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Engine panels of `experts` experts (raw bytes) -> W [experts][Np][Kp] (bf16, or fp32 for kind float32).
 
-    bf16 / int8 panels are VNNI pairs panel[k/2][n][k%2] of 16 columns; fp32 panels are panel[k][n]. int8 gives
-    bf16(q * s[n]) with `scales` [experts][Np], the engine's own dequantization."""
+    bf16 / int8 panels are VNNI pairs panel[k/2][n][k%2] of 16 columns, int8_quads panels (layers with int8 GEMMs)
+    VNNI quads panel[k/4][n][k%4]; fp32 panels are panel[k][n]. int8 gives bf16(q * s[n]) with `scales`
+    [experts][Np], the engine's own dequantization (the GPU computes such a layer with bf16 activations)."""
     if kind == "float32":
         p = raw.view(torch.float32).view(experts, Np // _PANEL, Kp, _PANEL)
         return p.permute(0, 1, 3, 2).reshape(experts, Np, Kp)
-    dt = torch.int8 if kind == "int8" else torch.bfloat16
-    p = raw.view(dt).view(experts, Np // _PANEL, Kp // 2, _PANEL, 2)
+    int8 = kind in ("int8", "int8_quads")
+    group = 4 if kind == "int8_quads" else 2
+    p = raw.view(torch.int8 if int8 else torch.bfloat16).view(experts, Np // _PANEL, Kp // group, _PANEL, group)
     w = p.permute(0, 1, 3, 2, 4).reshape(experts, Np, Kp)
-    if kind == "int8":
+    if int8:
         w = (w.float() * scales[:, :, None]).to(torch.bfloat16)
     return w
 
@@ -164,12 +166,13 @@ class GpuShare:
         eng = layer._layer
         self.H, self.I = layer.hidden_size, layer.intermediate_size
         self.Hp, self.Ip = eng.padded_hidden, eng.padded_intermediate
-        self.kind = "int8" if eng.int8_weights else ("float32" if layer.dtype == torch.float32 else "bfloat16")
-        elem = {"int8": 1, "bfloat16": 2, "float32": 4}[self.kind]
+        self.kind = ("int8_quads" if eng.int8_compute else "int8") if eng.int8_weights else \
+            ("float32" if layer.dtype == torch.float32 else "bfloat16")
+        elem = {"int8": 1, "int8_quads": 1, "bfloat16": 2, "float32": 4}[self.kind]
         self.expert_bytes = self.Ip * self.Hp * elem
         self.panels = [_host_bytes(*eng.panel_storage(w))[self.first * self.expert_bytes:] for w in range(3)]
         self.scales = None
-        if self.kind == "int8":  # tiny ([n][Np] fp32 per projection): kept on the device
+        if eng.int8_weights:  # tiny ([n][Np] fp32 per projection): kept on the device
             self.scales = [_host_bytes(*eng.scale_storage(w)).view(torch.float32).view(E, -1)[self.first:]
                            .to(self.device) for w in range(3)]
         self.cuda = self.device.type == "cuda"
