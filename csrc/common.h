@@ -17,8 +17,7 @@
 //            layer holding those dequantized weights computes, at half the weight memory and bandwidth.
 //            Activations stay bf16 (wtype kBF16); f32 layers have no int8 form.
 // INT8 GEMMs (LayerView.aq, "int8 compute", kt_backend AMXINT8): the GEMMs themselves run in int8 with int32
-//            sums (AMX tdpbssd; exact, so every unit gets the same sums). The A rows of each 32-row group are
-//            quantized per row: v[k] = a[k] * cs[k], where cs are the weight scales of the reduction dimension in
+//            sums (AMX tdpbssd; exact, so every unit gets the same sums). The A rows are quantized per row: v[k] = a[k] * cs[k], where cs are the weight scales of the reduction dimension in
 //            backward (they fold into A there) and 1 in forward; s = max_k |v[k]| / 127, q = round_half_even(
 //            v / s) clamped to [-127, 127] (s = 0: q = 0; a row holding Inf/NaN gets s = NaN, so it stays NaN).
 //            C[m][n] = float(sum_k q_a[m][k] q_w[n][k]) * s[m] * s_w[n] (forward; backward: * s[m]). Each GEMM
@@ -149,7 +148,7 @@ constexpr int kGradBlocks = 4;
 struct GradTask { int kind, expert, block; };
 
 // int8 GEMMs: quantize the rows of one expert's task (Task.row0/rows) of a gathered GEMM input (INT8 GEMMs above)
-// into dst [rows][qa_stride(K64)] and dst_scale [rows]. which: the projection whose scales fold into A
+// into dst [rows][qa_stride(K)] and dst_scale [rows]. which: the projection whose scales fold into A
 // (-1 none: forward; 2 down: dy; 0 gate | up: dz, gate scales for columns < Ip, up scales after).
 struct QuantJob {
   const int* seg_start;
@@ -211,13 +210,16 @@ struct Scratch {
   float* c1;     // [rows][kBlock]
   void* packed;  // one slot per column block of a task: 2 transposed panels of Hp (bwd_act) or 2*Ip rows, wtype
   float* acc;    // LoRA gradient sums: [r][kBlock] (lora_grad) or per column block (fused bwd_act)
-  void* wdq;     // int8 layers: dequantized weight blocks, one slot per column block of a task (bf16), or with
-                 // int8 GEMMs the same blocks as int8 quads
+  void* wdq;     // int8 layers with bf16 GEMMs: dequantized weight blocks, one slot per column block of a task
   int32_t* ci;   // int8 GEMMs: int32 sums [kRowAlign][kBlock]
 };
 
-// Row stride (bytes) of quantized A rows of K64 columns: an odd number of 64-byte lines (see padded_row_stride).
-inline int qa_stride(int K64) { return (K64 / 64) % 2 == 0 ? K64 + 64 : K64; }
+// Row stride (bytes) of quantized A rows of K columns (a multiple of 32), zero-padded to K64 = roundup(K, 64):
+// K64 plus one line when K64 / 64 is even, so the rows span an odd number of 64-byte lines (see padded_row_stride).
+inline int qa_stride(int K) {
+  const int K64 = round_up(K, 64);
+  return (K64 / 64) % 2 == 0 ? K64 + 64 : K64;
+}
 
 struct KernelTable {
   const char* name;

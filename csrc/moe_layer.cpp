@@ -16,6 +16,7 @@ namespace {
 
 constexpr int kRowChunk = 256;      // forward rows per task: balances skewed experts, keeps A rows in L2
 constexpr int kRowChunkInt8 = 1024; // int8 layers: each forward task dequantizes its weight block, so fewer, longer
+                                    // (int8-GEMM layers, which read quads in place, use it too: not tuned apart)
 constexpr int kRowChunkBwd = 2048;  // backward tasks repack their weight block first: fewer, longer tasks
 static_assert(kRowChunk <= kMaxTaskRows && kRowChunkInt8 <= kMaxTaskRows && kRowChunkBwd <= kMaxTaskRows,
               "K-chunked tasks keep all their rows' C in the per-worker scratch");
@@ -136,7 +137,7 @@ void ensure_scratch(Engine& eng, int Hp, int Ip, int wtype, bool wq, bool aq) {
     eng.c1[w].reserve(c_rows * kBlock * sizeof(float));
     eng.packed[w].reserve(packed);
     // per column block of a task: gate_up's gate and up blocks (2 x 2 panels of Hp), down's 2 panels of Ip
-    if (wq)
+    if (wq && !aq)  // int8 GEMMs read their quads in place
       eng.wdq[w].reserve(size_t(std::max(4 * kGateUpBlocksPerTask * Hp, 2 * kDownBlocksPerTask * Ip)) * kPanel *
                          sizeof(uint16_t));
     if (aq) eng.ci[w].reserve(kRowAlign * kBlock * sizeof(int32_t));  // int8 GEMMs: one 32-row block's sums
@@ -248,7 +249,7 @@ void run_proj(ThreadPool& pool, const KernelTable* kt, const LayerView& L, const
 // folding in the scales of projection `which` (QuantJob). Returns (rows, scales) for the phase's buffers.
 std::pair<const int8_t*, const float*> run_quant(Engine& eng, const LayerView& L, const RoutingPlan& plan,
                                                  const void* src, int ld, int K, int which) {
-  int8_t* dst = static_cast<int8_t*>(eng.q8.reserve(size_t(plan.rows) * qa_stride(round_up(K, 64))));
+  int8_t* dst = static_cast<int8_t*>(eng.q8.reserve(size_t(plan.rows) * qa_stride(K)));
   float* ds = static_cast<float*>(eng.q8_scale.reserve(size_t(plan.rows) * sizeof(float)));
   QuantJob J{plan.seg_start.data(), src, ld, K, which, dst, ds};
   std::vector<Task> tasks = make_tasks(plan, 1, 64);

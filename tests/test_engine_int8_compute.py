@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import kt_sft.engine as ke
 from moe_reference import make_experts, make_routing, reference_grads, rel_err
-from test_engine_int8 import SHAPES, _run, dequantized
+from test_engine_int8 import SHAPES, _run
 from test_engine_lora import make_lora
 from test_engine_parity import make_layer
 
