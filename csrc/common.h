@@ -18,8 +18,10 @@
 //            Activations stay bf16 (wtype kBF16); f32 layers have no int8 form.
 // INT8 GEMMs (LayerView.aq, "int8 compute", kt_backend AMXINT8): the GEMMs themselves run in int8 with int32
 //            sums (AMX tdpbssd; exact, so every unit gets the same sums). The A rows are quantized per row: v[k] = a[k] * cs[k], where cs are the weight scales of the reduction dimension in
-//            backward (they fold into A there) and 1 in forward; s = max_k |v[k]| / 127, q = round_half_even(
-//            v / s) clamped to [-127, 127] (s = 0: q = 0; a row holding Inf/NaN gets s = NaN, so it stays NaN).
+//            backward (they fold into A there) and 1 in forward; m = max_k |v[k]|, s = m / 127,
+//            q = round_half_even(v * (127 / m)) clamped to [-127, 127], all fp32 (the reciprocal rounded once per
+//            row, then one multiply per element: a division per element ran at a third of the memory speed;
+//            m = 0: q = 0; a row holding Inf/NaN gets s = NaN, so it stays NaN).
 //            C[m][n] = float(sum_k q_a[m][k] q_w[n][k]) * s[m] * s_w[n] (forward; backward: * s[m]). Each GEMM
 //            phase's A is quantized once, in its own phase (QuantJob), before the GEMM tasks read it, its rows
 //            zero-padded to K64 = roundup(K, 64). Such a layer stores its int8 panels as VNNI quads,
@@ -147,12 +149,14 @@ struct LoraProj {
 constexpr int kGradBlocks = 4;
 struct GradTask { int kind, expert, block; };
 
-// int8 GEMMs: quantize the rows of one expert's task (Task.row0/rows) of a gathered GEMM input (INT8 GEMMs above)
-// into dst [rows][qa_stride(K)] and dst_scale [rows]. which: the projection whose scales fold into A
+// int8 GEMMs: quantize the rows of one expert's task (Task.row0/rows) of a GEMM input (INT8 GEMMs above) into
+// dst [rows][qa_stride(K)] and dst_scale [rows]. which: the projection whose scales fold into A
 // (-1 none: forward; 2 down: dy; 0 gate | up: dz, gate scales for columns < Ip, up scales after).
+// src is gathered ([rows][ld], row_token null) or token-major ([T][ld], row r reads token row_token[r]).
 struct QuantJob {
   const int* seg_start;
-  const void* src;  // [rows][ld] wtype
+  const int* row_token;
+  const void* src;
   int ld, K, which;
   int8_t* dst;
   float* dst_scale;

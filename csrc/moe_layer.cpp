@@ -245,13 +245,15 @@ void run_proj(ThreadPool& pool, const KernelTable* kt, const LayerView& L, const
   pool.run(int(tasks.size()), [&](int i, int) { kt->lora_proj(L, P, tasks[size_t(i)]); });
 }
 
-// int8 GEMMs: the phase's gathered A (src [rows][ld], K columns) quantized per row into the engine's q8 buffers,
-// folding in the scales of projection `which` (QuantJob). Returns (rows, scales) for the phase's buffers.
+// int8 GEMMs: the phase's A quantized per row into the engine's q8 buffers, folding in the scales of projection
+// `which` (QuantJob). src: the gathered rows ([rows][ld], K columns), or with row_token the token rows ([T][ld]).
+// Returns (rows, scales) for the phase's buffers.
 std::pair<const int8_t*, const float*> run_quant(Engine& eng, const LayerView& L, const RoutingPlan& plan,
-                                                 const void* src, int ld, int K, int which) {
+                                                 const void* src, int ld, int K, int which,
+                                                 const int* row_token = nullptr) {
   int8_t* dst = static_cast<int8_t*>(eng.q8.reserve(size_t(plan.rows) * qa_stride(K)));
   float* ds = static_cast<float*>(eng.q8_scale.reserve(size_t(plan.rows) * sizeof(float)));
-  QuantJob J{plan.seg_start.data(), src, ld, K, which, dst, ds};
+  QuantJob J{plan.seg_start.data(), row_token, src, ld, K, which, dst, ds};
   std::vector<Task> tasks = make_tasks(plan, 1, 64);
   const KernelTable* kt = eng.kt;
   eng.pool->run(int(tasks.size()), [&](int i, int) { kt->quantize(L, J, tasks[size_t(i)]); });
@@ -602,7 +604,8 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
   fb.seg_start = plan.seg_start.data();
   fb.row_weight = plan.row_weight.data();
   const LayerView L = view(eng.kchunk);
-  fb.xg = eng.xg.reserve(rows * L.ldx * es);
+  const bool bf16_rows = !aq_ || lo;  // int8 GEMMs quantize from the token rows; LoRA's projections need the copy
+  fb.xg = bf16_rows ? eng.xg.reserve(rows * L.ldx * es) : nullptr;
   fb.act = eng.act.reserve(rows * L.ld_dgu * es);  // the backward's dgu reuses this buffer
   fb.out_rows = static_cast<float*>(eng.rows_f32.reserve(rows * Hp_ * sizeof(float)));
   if (slot) {
@@ -611,7 +614,7 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
   }
   ThreadPool& pool = *eng.pool;
   const KernelTable* kt = eng.kt;
-  gather_rows(pool, plan, x, const_cast<void*>(fb.xg), H_, Hp_, L.ldx, es);
+  if (bf16_rows) gather_rows(pool, plan, x, const_cast<void*>(fb.xg), H_, Hp_, L.ldx, es);
   clock.mark("forward: plan + gather");
   LoraView lv{};
   if (lo) {
@@ -628,7 +631,7 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
     clock.mark("forward: LoRA x.B_gu");
   }
   if (aq_) {
-    std::tie(fb.qa, fb.qs) = run_quant(eng, L, plan, fb.xg, L.ldx, Hp_, -1);
+    std::tie(fb.qa, fb.qs) = run_quant(eng, L, plan, x, H_, H_, -1, plan.row_token.data());
     clock.mark("forward: quantize x");
   }
   std::vector<Task> tasks = make_tasks(plan, Ip_ / kBlock, wq_ ? kRowChunkInt8 : kRowChunk, kGateUpBlocksPerTask);
@@ -727,7 +730,8 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
   bb.seg_start = plan.seg_start.data();
   bb.row_weight = plan.row_weight.data();
   const LayerView L = view(eng.kchunk);
-  bb.dyg = eng.xg.reserve(rows * L.ldx * es);
+  const bool bf16_rows = !aq_ || lo;  // as in forward
+  bb.dyg = bf16_rows ? eng.xg.reserve(rows * L.ldx * es) : nullptr;
   bb.gate_in = slot->gate.get();
   bb.up_in = slot->up.get();
   bb.dw_part = static_cast<float*>(eng.dw_part.reserve(rows * ipb * sizeof(float)));
@@ -735,7 +739,7 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
   bb.dx_rows = static_cast<float*>(eng.rows_f32.reserve(rows * Hp_ * sizeof(float)));
   ThreadPool& pool = *eng.pool;
   const KernelTable* kt = eng.kt;
-  gather_rows(pool, plan, dy, const_cast<void*>(bb.dyg), H_, Hp_, L.ldx, es);
+  if (bf16_rows) gather_rows(pool, plan, dy, const_cast<void*>(bb.dyg), H_, Hp_, L.ldx, es);
   clock.mark("backward: gather dy");
   LoraView lv{};
   const int rg = lo ? lora->r_gu : 0, rd = lo ? lora->r_d : 0;
@@ -769,7 +773,7 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
     clock.mark("backward: LoRA dy.A_d");
   }
   if (aq_) {
-    std::tie(bb.qa, bb.qs) = run_quant(eng, L, plan, bb.dyg, L.ldx, Hp_, 2);
+    std::tie(bb.qa, bb.qs) = run_quant(eng, L, plan, dy, H_, H_, 2, plan.row_token.data());
     clock.mark("backward: quantize dy");
   }
   std::vector<Task> tasks = make_tasks(plan, ipb, bb.fuse_grads ? kWholeSegment : kRowChunkBwd, kActBlocksPerTask);

@@ -28,9 +28,18 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.double(), s
 
 
+def quantize_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GEMM inputs' per-row int8 (common.h, INT8 GEMMs): q = round(a * (127 / max|a|)) in fp32, s = max|a| / 127."""
+    amax = a.float().abs().amax(-1, keepdim=True)
+    # a tensor divided by a tensor: `127 / t` is t.reciprocal() * 127 in torch, one rounding more than 127.0f / m
+    inv = torch.full_like(amax, 127.0) / torch.where(amax > 0, amax, 1.0)
+    q = torch.where(amax > 0, torch.round(a.float() * inv), 0.0).clamp(-127, 127)
+    return q.double(), amax / 127
+
+
 def int8_gemm(a: torch.Tensor, qw: torch.Tensor, col_scale=None) -> torch.Tensor:
     """float(sum_k q_a q_w) * s_a (* col_scale): a [M, K] fp32 (already column-scaled), qw [N, K] integers."""
-    qa, sa = quantize(a)
+    qa, sa = quantize_rows(a)
     out = (qa @ qw.T).float() * sa
     return out * col_scale if col_scale is not None else out
 
