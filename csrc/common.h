@@ -20,8 +20,8 @@
 //            sums (AMX tdpbssd; exact, so every unit gets the same sums). The A rows are quantized per row: v[k] = a[k] * cs[k], where cs are the weight scales of the reduction dimension in
 //            backward (they fold into A there) and 1 in forward; m = max_k |v[k]|, s = m / 127,
 //            q = round_half_even(v * (127 / m)) clamped to [-127, 127], all fp32 (the reciprocal rounded once per
-//            row, then one multiply per element: a division per element ran at a third of the memory speed;
-//            m = 0: q = 0; a row holding Inf/NaN gets s = NaN, so it stays NaN).
+//            row, then one multiply per element; a row with m < 127 / FLT_MAX, where that overflows, uses
+//            round_half_even(v / s); m = 0: q = 0; a row holding Inf/NaN gets s = NaN, so it stays NaN).
 //            C[m][n] = float(sum_k q_a[m][k] q_w[n][k]) * s[m] * s_w[n] (forward; backward: * s[m]). Each GEMM
 //            phase's A is quantized once, in its own phase (QuantJob), before the GEMM tasks read it, its rows
 //            zero-padded to K64 = roundup(K, 64). Such a layer stores its int8 panels as VNNI quads,

@@ -30,11 +30,15 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The GEMM inputs' per-row int8 (common.h, INT8 GEMMs): q = round(a * (127 / max|a|)) in fp32, s = max|a| / 127."""
-    amax = a.float().abs().amax(-1, keepdim=True)
+    a = a.float()
+    amax = a.abs().amax(-1, keepdim=True)
+    s = amax / 127
     # a tensor divided by a tensor: `127 / t` is t.reciprocal() * 127 in torch, one rounding more than 127.0f / m
     inv = torch.full_like(amax, 127.0) / torch.where(amax > 0, amax, 1.0)
-    q = torch.where(amax > 0, torch.round(a.float() * inv), 0.0).clamp(-127, 127)
-    return q.double(), amax / 127
+    # m < 127 / FLT_MAX: 127 / m overflows, and such a row divides by s instead
+    q = torch.where(torch.isinf(inv), a / torch.where(s > 0, s, 1.0), a * inv)
+    q = torch.where(s > 0, torch.round(q), 0.0).clamp(-127, 127)
+    return q.double(), s
 
 
 def int8_gemm(a: torch.Tensor, qw: torch.Tensor, col_scale=None) -> torch.Tensor:
@@ -155,6 +159,18 @@ def test_non_finite_activation_stays_non_finite(isa):
     y, _ = layer.forward(x, ids, w)
     assert not torch.isfinite(y[2]).all()
     assert torch.isfinite(y[[0, 1, 3, 4, 5]]).all()
+
+
+def test_tiny_row_divides_instead_of_overflowing(isa):
+    """A row whose maximum is below 127 / FLT_MAX (here a dy row near 1e-37, and the dz rows it makes) would get
+    127 / m = Inf: it is quantized by division instead, so its gradient follows the spec instead of vanishing."""
+    gate, up, down, ids, w, x, dy = _data((4, 64, 64, 6, 2, "uniform"))
+    dy[1] = (dy[1].float() * (1e-37 / dy[1].float().abs().max())).bfloat16()
+    got = _run(make_layer(gate, up, down, torch.bfloat16, weights="int8", int8_compute=True), x, ids, w, dy)
+    spec = w8a8_reference(x, gate, up, down, ids, w, dy)
+    assert got[1][1].abs().max() > 0
+    assert rel_err(got[1][1], spec[1][1]) < 1e-2
+    assert rel_err(got[1], spec[1]) < 1e-4
 
 
 def test_int8_compute_needs_int8_weights():
