@@ -129,14 +129,18 @@ def _no_lora(E, H, I):
     return ke.ExpertLoRA(torch.zeros(E, 2 * I), torch.zeros(H, E), None, None, 1.0, 1.0)
 
 
-def test_checkpoint_recompute_reuses_the_retained_forward():
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [3, 6], ids=["split", "share_only"])
+def test_checkpoint_recompute_reuses_the_retained_forward(device, n):
     """A no_grad retain pass then the grad pass (reentrant checkpointing): the second pass computes nothing on
-    either side, and backward still streams and recomputes the share."""
+    either side, and backward still streams and recomputes the share. On a GPU the retained y of a share-only
+    call is copied to the host without waiting (autograd._HostCopy): the recompute must still see it whole."""
     gen = torch.Generator().manual_seed(3)
     layer, (gate, up, down) = _layer(6, 40, 24, torch.float32, gen)
     ids, w = make_routing(20, 6, 2, "uniform", gen)
-    x, dy = torch.randn(20, 40, generator=gen), torch.randn(20, 40, generator=gen)
-    share = layer.gpu_share = GpuShare(layer, 3, "cpu", min_tokens=1)
+    x, dy = torch.randn(20, 40, generator=gen).to(device), torch.randn(20, 40, generator=gen).to(device)
+    ids, w = ids.to(device), w.to(device)
+    share = layer.gpu_share = GpuShare(layer, n, device, min_tokens=1)
     with torch.no_grad():
         y0 = ke.moe_experts(x, ids, w, layer, retain=True)
     calls = []
@@ -147,8 +151,34 @@ def test_checkpoint_recompute_reuses_the_retained_forward():
     y1 = ke.moe_experts(xs, ids, ws, layer)
     assert calls == [] and torch.equal(y0, y1)
     y1.backward(dy)
-    _, dx_ref, dw_ref, _ = reference_with_grads(x, ids, w, gate, up, down, _no_lora(6, 40, 24), dy)
-    assert rel_err(xs.grad, dx_ref) < 5e-6 and rel_err(ws.grad, dw_ref) < 5e-6
+    _, dx_ref, dw_ref, _ = reference_with_grads(x.cpu(), ids.cpu(), w.cpu(), gate, up, down, _no_lora(6, 40, 24),
+                                                dy.cpu())
+    assert rel_err(xs.grad.cpu(), dx_ref) < 5e-6 and rel_err(ws.grad.cpu(), dw_ref) < 5e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prefetched_chunks_serve_their_own_share_only():
+    """prefetch() copies a share's first chunks ahead of its call. Its next call must use them; a call of another
+    share in between refills the ring slots, and the first share must then copy its chunks again, not read the
+    other layer's weights."""
+    gen = torch.Generator().manual_seed(8)
+    T, E, H, I = 24, 6, 64, 32
+    (la, wa), (lb, _) = _layer(E, H, I, torch.bfloat16, gen), _layer(E, H, I, torch.bfloat16, gen)
+    ids, w = make_routing(T, E, 2, "uniform", gen)
+    x = torch.randn(T, H, generator=gen).bfloat16().cuda()
+    sa, sb = GpuShare(la, E, "cuda", min_tokens=1, chunk=2), GpuShare(lb, E, "cuda", min_tokens=1, chunk=2)
+    ya_plain = sa.forward(x, w.cuda(), sa.split(ids)[1])
+    yb_plain = sb.forward(x, w.cuda(), sb.split(ids)[1])
+    sa.prefetch()
+    assert sa.ring.prefetched[0] is sa
+    ya = sa.forward(x, w.cuda(), sa.split(ids)[1])
+    assert sa.ring.prefetched is None and torch.equal(ya, ya_plain)
+    sa.prefetch()
+    yb = sb.forward(x, w.cuda(), sb.split(ids)[1])  # takes the slots over
+    ya = sa.forward(x, w.cuda(), sa.split(ids)[1])
+    assert torch.equal(yb, yb_plain) and torch.equal(ya, ya_plain)
+    y_ref = reference_with_grads(x.cpu(), ids, w, *wa, _no_lora(E, H, I), torch.zeros(T, H))[0]
+    assert rel_err(ya.cpu(), y_ref) < TOLERANCE[torch.bfloat16]["y"]
 
 
 def test_small_calls_stay_on_the_engine():

@@ -106,6 +106,31 @@ def _from_engine(name: str, t: torch.Tensor, device: torch.device, dtype: torch.
     return t.to(device=device, dtype=dtype)
 
 
+class _HostCopy:
+    """A device tensor's copy into page-locked host memory, queued on the current stream without waiting for it:
+    the host goes on queueing the next layer's GPU work, and only a later reader (a checkpoint recompute, long
+    after) waits for the copy."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        if t.device.type != "cuda":
+            self.host, self.done = t.to("cpu"), None
+            return
+        self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self.host.copy_(t, non_blocking=True)
+        self.done = torch.cuda.Event()
+        self.done.record(torch.cuda.current_stream(t.device))
+
+    def value(self) -> torch.Tensor:
+        if self.done is not None:
+            self.done.synchronize()
+            self.done = None
+        return self.host
+
+
+def _host_value(y):
+    return y.value() if isinstance(y, _HostCopy) else y
+
+
 class RetainedForwards:
     """What one layer's forwards kept for a later backward, so a checkpoint recompute does not re-run the experts.
 
@@ -129,6 +154,10 @@ class RetainedForwards:
                 return entry
         return None
 
+    def may_hold(self, x_shape, lora_key=None) -> bool:
+        """Whether some entry could match a call of this shape and key (a checkpoint recompute, likely)."""
+        return any(e[0].shape == x_shape and e[5] == lora_key for e in self.entries)
+
     def add(self, x, ids, w, y, handle, lora_key=None) -> None:
         self.entries.append((x.clone(), ids.clone(), w.clone(), y, handle, lora_key))
         del self.entries[: max(0, len(self.entries) - self.capacity)]
@@ -138,7 +167,8 @@ class RetainedForwards:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for e in self.entries for t in (e[0], e[1], e[2], e[3]))
+        return sum(t.numel() * t.element_size() for e in self.entries
+                   for t in (e[0], e[1], e[2], e[3].host if isinstance(e[3], _HostCopy) else e[3]))
 
 
 def retained_forwards(layer: ExpertLayer) -> RetainedForwards:
@@ -146,6 +176,10 @@ def retained_forwards(layer: ExpertLayer) -> RetainedForwards:
     if cache is None:
         cache = layer._retained = RetainedForwards(layer.max_saved)
     return cache
+
+
+def _share_key(share, lora_key):
+    return lora_key, None if share is None else (id(share), share.first)
 
 
 def _lora_key(factors, scales):
@@ -184,19 +218,21 @@ class MoEExpertsFunction(torch.autograd.Function):
         factors = (A_gu, B_gu, A_d, B_d)
         lora = None if lora_scales is None else ExpertLoRA(*(_factor_to_host(t) for t in factors), *lora_scales)
         lora_key = _lora_key(factors, lora_scales)
+        share = _active_share(layer, x)
+        if share is not None and not (save and retained_forwards(layer).may_hold(x.shape, _share_key(share, lora_key))):
+            share.prefetch()  # its first weight copies run while the host waits for the router below
         x_host = _to_engine("x", x, layer.dtype)
         ids_host = _to_engine("ids", topk_ids, torch.int64)
         w_host = _to_engine("w", topk_weights, torch.float32)
         _set_spin(save and x.device.type == "cuda")
-        share = _active_share(layer, x)
         # The share changes which side computes what: a retained forward counts only under the same share.
-        key = (lora_key, None if share is None else (id(share), share.first))
+        key = _share_key(share, lora_key)
         retained = retained_forwards(layer) if save else None
         hit = retained.find(x_host, ids_host, w_host, key) if retained is not None else None
         ctx.share, ctx.share_plan = None, None
         kept = None  # a host y that the retained cache holds
         if hit is not None:
-            kept, handle = hit[3], hit[4]
+            kept, handle = _host_value(hit[3]), hit[4]
             if share is not None:
                 ctx.share, ctx.share_plan = share, share.split(ids_host)[1]
             out = _from_engine("y", kept, x.device, x.dtype)
@@ -215,7 +251,7 @@ class MoEExpertsFunction(torch.autograd.Function):
                 y_cpu, handle = job.result()
                 out = (_from_engine("y", y_cpu, x.device, torch.float32) + y_share).to(x.dtype)
             if save:
-                retained.add(x_host, ids_host, w_host, out.to(device="cpu", dtype=layer.dtype), handle, key)
+                retained.add(x_host, ids_host, w_host, _HostCopy(out.to(layer.dtype)), handle, key)
                 ctx.share, ctx.share_plan = share, plan
         else:
             # Inference (decode) on a GPU: the engine writes straight into the pinned buffer the result is copied

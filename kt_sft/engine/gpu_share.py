@@ -128,6 +128,7 @@ class _Ring:
         self.compute_stream = torch.cuda.Stream(device)
         self.slots: Optional[torch.Tensor] = None
         self.freed: list[Optional[torch.cuda.Event]] = [None, None]
+        self.prefetched = None  # (share, its first chunks as _issue returned them) until that share's next call
 
     def slot(self, j: int, nbytes: int) -> torch.Tensor:
         if self.slots is None or self.slots.shape[2] < nbytes:
@@ -199,40 +200,66 @@ class GpuShare:
         k = ids_host.shape[1]
         # bounds[j]: first row of share expert j in the expert-sorted rows
         bounds = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
-        plan = dict(pos=pos.to(self.device), tok=(pos // k).to(self.device), counts=counts.tolist(), bounds=bounds,
-                    k=k)
+        # grouped_mm's offsets of every chunk (row ends of its experts, relative to the chunk), and the row
+        # indices, cross in one page-locked copy each: no host wait on the GPU inside the chunk loop
+        starts = range(0, self.n, self.chunk)
+        offs = torch.zeros(len(starts), self.chunk, dtype=torch.int32)
+        for i, a in enumerate(starts):
+            c = min(self.chunk, self.n - a)
+            offs[i, :c] = counts[a:a + c].cumsum(0)
+        plan = dict(pos=self._upload(pos), tok=self._upload(pos // k), offs=self._upload(offs),
+                    counts=counts.tolist(), bounds=bounds, k=k)
         return ids_host.masked_fill(share, -1), plan
 
+    def _upload(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.cuda:
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     # ---------------------------------------------------------------- streaming
+    def _issue(self, j: int):
+        """Queue chunk j's panels into ring slot j % 2 on the copy stream: ([gate, up, down] raw bytes, the
+        copy's event; None off CUDA, where the panels are read in place)."""
+        eb = self.expert_bytes
+        a = j * self.chunk
+        c = min(self.chunk, self.n - a)
+        if not self.cuda:
+            return [p[a * eb:(a + c) * eb] for p in self.panels], None
+        ring = self.ring
+        ring.prefetched = None  # the slots are being refilled: an earlier prefetch is gone
+        slot = ring.slot(j, self.chunk * eb)
+        with torch.cuda.stream(ring.copy_stream):
+            if ring.freed[j % 2] is not None:
+                ring.copy_stream.wait_event(ring.freed[j % 2])  # its last reader (any layer) is done
+            for w in range(3):
+                slot[w, :c * eb].copy_(self.panels[w][a * eb:(a + c) * eb], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(ring.copy_stream)
+        return [slot[w, :c * eb] for w in range(3)], done
+
+    def prefetch(self) -> None:
+        """Start copying the first two chunks now, before the call (the autograd glue calls this before it waits
+        for the router's output), so the copy engine works while the host waits and prepares the call. The next
+        call of this share uses them; any other share's copies replace them."""
+        if self.cuda and (self.ring.prefetched is None or self.ring.prefetched[0] is not self):
+            first = [self._issue(j) for j in range(min(2, len(range(0, self.n, self.chunk))))]
+            self.ring.prefetched = (self, first)
+
     def _chunks(self):
         """Yields (first expert of the chunk relative to the share, experts, gate, up, down matrices [c][N][K])."""
-        eb, Np = self.expert_bytes, (self.Ip, self.Ip, self.Hp)
-        Kp = (self.Hp, self.Hp, self.Ip)
+        Np, Kp = (self.Ip, self.Ip, self.Hp), (self.Hp, self.Hp, self.Ip)
         starts = list(range(0, self.n, self.chunk))
-        copied = []
-
-        def issue(j):
-            a, c = starts[j], min(self.chunk, self.n - starts[j])
-            if not self.cuda:
-                return [p[a * eb:(a + c) * eb] for p in self.panels]
-            ring = self.ring
-            slot = ring.slot(j, self.chunk * eb)
-            with torch.cuda.stream(ring.copy_stream):
-                if ring.freed[j % 2] is not None:
-                    ring.copy_stream.wait_event(ring.freed[j % 2])  # its last reader (any layer) is done
-                for w in range(3):
-                    slot[w, :c * eb].copy_(self.panels[w][a * eb:(a + c) * eb], non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(ring.copy_stream)
-            copied.append(done)
-            return [slot[w, :c * eb] for w in range(3)]
-
-        pending = [issue(j) for j in range(min(2, len(starts)))]
+        pre = self.ring.prefetched if self.cuda else None
+        if pre is not None and pre[0] is self:
+            pending = pre[1]
+            self.ring.prefetched = None
+        else:
+            pending = [self._issue(j) for j in range(min(2, len(starts)))]
         for j, a in enumerate(starts):
             c = min(self.chunk, self.n - a)
-            raw = pending[j]
+            raw, copied = pending[j]
             if self.cuda:
-                torch.cuda.current_stream(self.device).wait_event(copied[j])
+                torch.cuda.current_stream(self.device).wait_event(copied)
             mats = [panels_to_matrix(raw[w], c, Np[w], Kp[w], self.kind,
                                      None if self.scales is None else self.scales[w][a:a + c]) for w in range(3)]
             if self.cuda:  # unpacking copied the slot out: it may be refilled
@@ -240,17 +267,15 @@ class GpuShare:
                 freed.record(torch.cuda.current_stream(self.device))
                 self.ring.freed[j % 2] = freed
             if j + 2 < len(starts):
-                pending.append(issue(j + 2))
+                pending.append(self._issue(j + 2))
             gate, up, down = mats
             yield a, c, gate[:, :self.I, :self.H], up[:, :self.I, :self.H], down[:, :self.H, :self.I]
 
     # ---------------------------------------------------------------- compute
-    def _mm(self, x, w, counts):
-        """_expert_mm through grouped_mm on a GPU; one GEMM per expert where grouped_mm is missing or refuses
-        this GPU (sm90+ in some builds)."""
+    def _mm(self, x, w, counts, offs):
+        """_expert_mm through grouped_mm on a GPU (offs: the chunk's row ends, on the device); one GEMM per expert
+        where grouped_mm is missing or refuses this GPU (sm90+ in some builds)."""
         if self.grouped and x.is_cuda:
-            offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            offs = offs.to(self.device, non_blocking=True)
             try:
                 return _expert_mm(x, w.contiguous(), counts, offs)
             except RuntimeError as err:  # said once: the fallback is several times slower
@@ -259,15 +284,17 @@ class GpuShare:
                 self.grouped = False
         return _expert_mm(x, w.contiguous(), counts, None)
 
-    def _rows(self, xs, ws, a, counts, gate, up, down, lora: Optional[ExpertLoRA]):
+    def _rows(self, xs, ws, a, plan, gate, up, down, lora: Optional[ExpertLoRA]):
         """Routing-weighted outputs [rows][H] (fp32) of one chunk's rows (grouped by expert, in order)."""
-        g, u = self._mm(xs, gate, counts), self._mm(xs, up, counts)
+        c = gate.shape[0]
+        counts, offs = plan["counts"][a:a + c], plan["offs"][a // self.chunk, :c]
+        g, u = self._mm(xs, gate, counts, offs), self._mm(xs, up, counts, offs)
         first = self.first + a
         if lora is not None and lora.A_gu is not None:
             d = _lora_rows(xs, counts, first, lora.A_gu, lora.B_gu, self.E, lora.scale_gu)
             g, u = g.float() + d[:, :self.I], u.float() + d[:, self.I:]
         h = (F.silu(g.float()) * u.float()).to(xs.dtype)
-        o = self._mm(h, down, counts).float()
+        o = self._mm(h, down, counts, offs).float()
         if lora is not None and lora.A_d is not None:
             o = o + _lora_rows(h, counts, first, lora.A_d, lora.B_d, self.E, lora.scale_d)
         return o * ws[:, None]
@@ -287,8 +314,7 @@ class GpuShare:
                 for a, c, gate, up, down in self._chunks():
                     lo, hi = self._chunk_rows(plan, a, c)
                     if hi > lo:
-                        o = self._rows(xs_all[lo:hi], ws_all[lo:hi], a, plan["counts"][a:a + c], gate, up, down,
-                                       lora)
+                        o = self._rows(xs_all[lo:hi], ws_all[lo:hi], a, plan, gate, up, down, lora)
                         y.index_add_(0, plan["tok"][lo:hi], o)
         return y
 
@@ -309,7 +335,7 @@ class GpuShare:
                 tok, pos = plan["tok"][lo:hi], plan["pos"][lo:hi]
                 xs = x.detach()[tok].requires_grad_()
                 ws = w.detach().flatten()[pos].float().requires_grad_()
-                o = self._rows(xs, ws, a, plan["counts"][a:a + c], gate, up, down, lora)
+                o = self._rows(xs, ws, a, plan, gate, up, down, lora)
                 torch.autograd.backward(o, dy[tok].float())
                 dx.index_add_(0, tok, xs.grad.float())
                 dw[pos] = ws.grad
