@@ -154,10 +154,6 @@ class RetainedForwards:
                 return entry
         return None
 
-    def may_hold(self, x_shape, lora_key=None) -> bool:
-        """Whether some entry could match a call of this shape and key (a checkpoint recompute, likely)."""
-        return any(e[0].shape == x_shape and e[5] == lora_key for e in self.entries)
-
     def add(self, x, ids, w, y, handle, lora_key=None) -> None:
         self.entries.append((x.clone(), ids.clone(), w.clone(), y, handle, lora_key))
         del self.entries[: max(0, len(self.entries) - self.capacity)]
@@ -176,10 +172,6 @@ def retained_forwards(layer: ExpertLayer) -> RetainedForwards:
     if cache is None:
         cache = layer._retained = RetainedForwards(layer.max_saved)
     return cache
-
-
-def _share_key(share, lora_key):
-    return lora_key, None if share is None else (id(share), share.first)
 
 
 def _lora_key(factors, scales):
@@ -219,14 +211,17 @@ class MoEExpertsFunction(torch.autograd.Function):
         lora = None if lora_scales is None else ExpertLoRA(*(_factor_to_host(t) for t in factors), *lora_scales)
         lora_key = _lora_key(factors, lora_scales)
         share = _active_share(layer, x)
-        if share is not None and not (save and retained_forwards(layer).may_hold(x.shape, _share_key(share, lora_key))):
-            share.prefetch()  # its first weight copies run while the host waits for the router below
+        if share is not None:
+            # Its first weight copies run while the host waits for the router below. A checkpoint recompute
+            # (retained, no share call) leaves them to the backward that follows it at once, which streams the
+            # same chunks first.
+            share.prefetch()
         x_host = _to_engine("x", x, layer.dtype)
         ids_host = _to_engine("ids", topk_ids, torch.int64)
         w_host = _to_engine("w", topk_weights, torch.float32)
         _set_spin(save and x.device.type == "cuda")
         # The share changes which side computes what: a retained forward counts only under the same share.
-        key = _share_key(share, lora_key)
+        key = (lora_key, None if share is None else (id(share), share.first))
         retained = retained_forwards(layer) if save else None
         hit = retained.find(x_host, ids_host, w_host, key) if retained is not None else None
         ctx.share, ctx.share_plan = None, None
