@@ -199,3 +199,14 @@ def test_bad_share_arguments():
         GpuShare(layer, 0, "cpu")
     with pytest.raises(ValueError, match="chunk must be >= 1"):
         GpuShare(layer, 2, "cpu", chunk=0)
+
+
+def test_default_chunk_is_sized_in_unpacked_bytes():
+    """~140 MB of unpacked weights per chunk: 8 DeepSeek-V2-Lite experts whether the engine holds bf16 or int8
+    (the GPU computes both in bf16), fewer for bigger experts, and a tiny layer streams in one chunk."""
+    for weights in (None, "int8"):
+        v2lite = ke.ExpertLayer(64, 2048, 1408, dtype=torch.bfloat16, weights=weights)
+        assert GpuShare(v2lite, 64, "cpu").chunk == 8
+    assert GpuShare(ke.ExpertLayer(8, 7168, 2048, dtype=torch.bfloat16), 8, "cpu").chunk == 2
+    tiny, _ = _layer(6, 40, 24, torch.float32, torch.Generator().manual_seed(6))
+    assert GpuShare(tiny, 6, "cpu").chunk >= 6

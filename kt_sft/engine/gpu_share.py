@@ -118,6 +118,12 @@ def _lora_rows(x: torch.Tensor, counts: list[int], first: int, A, B, E: int, sca
     return scale * torch.cat(parts) if parts else x.new_zeros(0, A.shape[1], dtype=torch.float32)
 
 
+# Unpacked weight bytes per streamed chunk (~8 DeepSeek-V2-Lite experts in bf16). Each chunk costs ~20 kernel
+# launches and, in backward, as many autograd nodes: with 4 such experts per chunk the host's launches left the
+# GPU idle 36 % of a V2-Lite step, with 8 18 % (BENCHMARKS.md, GPU share). The ring holds two chunks.
+CHUNK_BYTES = 140_000_000
+
+
 class _Ring:
     """Per device: the copy and compute streams and two staging slots, shared by every layer's share (layers run
     one after another), each slot with the event after which its last reader is done."""
@@ -152,21 +158,24 @@ def _ring(device: torch.device) -> _Ring:
 class GpuShare:
     """The last `experts` experts of an ExpertLayer, computed on `device` for calls of at least `min_tokens`."""
 
-    def __init__(self, layer, experts: int, device, min_tokens: int = 1024, chunk: int = 4) -> None:
+    def __init__(self, layer, experts: int, device, min_tokens: int = 1024, chunk: Optional[int] = None) -> None:
         E = layer.num_experts
         if not 0 < experts <= E:
             raise ValueError(f"gpu share: experts must be in [1, {E}], got {experts}")
-        if chunk < 1:
+        if chunk is not None and chunk < 1:
             raise ValueError(f"gpu share: chunk must be >= 1, got {chunk}")
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:  # inputs always carry an index: compare like with like
             device = torch.device("cuda", torch.cuda.current_device())
         self.layer, self.device = layer, device
         self.first, self.n, self.E = E - experts, experts, E
-        self.min_tokens, self.chunk = int(min_tokens), int(chunk)
         eng = layer._layer
         self.H, self.I = layer.hidden_size, layer.intermediate_size
         self.Hp, self.Ip = eng.padded_hidden, eng.padded_intermediate
+        if chunk is None:  # CHUNK_BYTES of unpacked weights per chunk
+            unpacked = 3 * self.Ip * self.Hp * (4 if layer.dtype == torch.float32 else 2)
+            chunk = max(1, round(CHUNK_BYTES / unpacked))
+        self.min_tokens, self.chunk = int(min_tokens), int(chunk)
         self.kind = ("int8_quads" if eng.int8_compute else "int8") if eng.int8_weights else \
             ("float32" if layer.dtype == torch.float32 else "bfloat16")
         elem = {"int8": 1, "int8_quads": 1, "bfloat16": 2, "float32": 4}[self.kind]
