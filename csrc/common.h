@@ -26,7 +26,9 @@
 //            phase's A is quantized once, in its own phase (QuantJob), before the GEMM tasks read it, its rows
 //            zero-padded to K64 = roundup(K, 64). Such a layer stores its int8 panels as VNNI quads,
 //            panel[k/4][n][k%4] (the tdpbssd B layout, used in place by forward; same bytes as the pairs);
-//            backward repacks each transposed block into quads of K64 rows.
+//            backward repacks each transposed block into quads of K64 rows. Its per-row outputs (the routing-
+//            weighted y rows, the dx rows) are rounded to bf16 before the driver sums a token's k rows (fp32, slot
+//            order): half the bytes, an error far below the activations' quantization.
 // LoRA:      optional per-expert LoRA on gate_up / down (docs/expert_lora_format.md) reaches the tasks as
 //            LoraView: fp32 factors repacked per call into per-expert, zero-padded, row-major scratch
 //            (At_gu [E][r_gu][2Ip], Bt_gu [E][r_gu][Hp], At_d [E][r_d][Hp], Bt_d [E][r_d][Ip]); a null view or
@@ -169,7 +171,7 @@ struct ForwardBuffers {
   void* act;                 // [rows][ld_act] silu(gate)*up (wtype), input of the down GEMM
   void* gate_out;            // [rows][Ip] saved gate pre-activation (wtype) or null
   void* up_out;              // [rows][Ip] saved up pre-activation (wtype) or null
-  float* out_rows;           // [rows][Hp] routing-weighted expert outputs (f32)
+  float* out_rows;           // [rows][Hp] routing-weighted expert outputs (f32; bf16 with int8 GEMMs)
   const LoraView* lora;      // null: frozen experts only
   const float* u_gu;         // [rows][r_gu] x.B_gu (LoRA only)
   const float* q_d;          // [rows][r_d]  h.B_d (LoRA only)
@@ -185,7 +187,7 @@ struct BackwardBuffers {
   const void* up_in;         // [rows][Ip] saved up pre-activation
   float* dw_part;            // [rows][Ip/32] partial <dy, expert_out> per output block
   void* dgu;                 // [rows][ld_dgu] (d gate | d up) (wtype), 2*Ip used
-  float* dx_rows;            // [rows][Hp] input gradient per gathered row (f32)
+  float* dx_rows;            // [rows][Hp] input gradient per gathered row (f32; bf16 with int8 GEMMs)
   // LoRA only (lora == null otherwise):
   const LoraView* lora;
   const int* count;          // [E] routed rows per expert

@@ -288,8 +288,10 @@ void gather_rows(ThreadPool& pool, const RoutingPlan& plan, const void* src, voi
   });
 }
 
-// dst[t][0..H) = sum_j rows[row_of[t][j]][0..H), in slot order, stored as wtype.
-void sum_rows(ThreadPool& pool, const RoutingPlan& plan, const float* rows, void* dst, int H, int Hp, int wtype) {
+// dst[t][0..H) = sum_j rows[row_of[t][j]][0..H), in slot order (fp32), stored as wtype. rows: f32, or bf16 when
+// rows16 (int8 GEMMs).
+void sum_rows(ThreadPool& pool, const RoutingPlan& plan, const void* rows, void* dst, int H, int Hp, int wtype,
+              bool rows16) {
   const int chunks = (plan.T + kTokenChunk - 1) / kTokenChunk;
   pool.run(chunks, [&](int chunk, int) {
     std::vector<float> acc(static_cast<size_t>(H));
@@ -299,8 +301,13 @@ void sum_rows(ThreadPool& pool, const RoutingPlan& plan, const float* rows, void
       for (int j = 0; j < plan.k; ++j) {
         const int row = plan.row_of[size_t(t) * plan.k + j];
         if (row < 0) continue;
-        const float* r = rows + size_t(row) * Hp;
-        for (int c = 0; c < H; ++c) acc[c] += r[c];
+        if (rows16) {
+          const uint16_t* r = static_cast<const uint16_t*>(rows) + size_t(row) * Hp;
+          for (int c = 0; c < H; ++c) acc[c] += bf16_to_f32(r[c]);
+        } else {
+          const float* r = static_cast<const float*>(rows) + size_t(row) * Hp;
+          for (int c = 0; c < H; ++c) acc[c] += r[c];
+        }
       }
       if (wtype == kF32) {
         std::memcpy(static_cast<float*>(dst) + size_t(t) * H, acc.data(), size_t(H) * sizeof(float));
@@ -654,7 +661,7 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
     kt->down(L, fb, tasks[size_t(i)], s);
   });
   clock.mark("forward: down GEMM");
-  sum_rows(pool, plan, fb.out_rows, y, H_, Hp_, wtype_);
+  sum_rows(pool, plan, fb.out_rows, y, H_, Hp_, wtype_, aq_ && wtype_ == kBF16);
   clock.mark("forward: sum rows");
   return handle;
 }
@@ -815,7 +822,7 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
     });
     clock.mark("backward: LoRA factor gradients");
   }
-  sum_rows(pool, plan, bb.dx_rows, dx, H_, Hp_, wtype_);
+  sum_rows(pool, plan, bb.dx_rows, dx, H_, Hp_, wtype_, aq_ && wtype_ == kBF16);
   for (size_t i = 0; i < size_t(plan.T) * plan.k; ++i) {
     if (plan.row_of[i] < 0) {  // slot computed elsewhere: no gradient from here
       dw[i] = 0.f;

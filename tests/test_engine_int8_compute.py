@@ -61,7 +61,7 @@ def w8a8_reference(x, gate, up, down, ids, w, dy):
         g = int8_gemm(xe, qg[e], sg[e, :, 0])
         u = int8_gemm(xe, qu[e], su[e, :, 0])
         h = (F.silu(g) * u).bfloat16().float()
-        y.index_add_(0, t, we * int8_gemm(h, qd[e], sd[e, :, 0]))
+        y.index_add_(0, t, (we * int8_gemm(h, qd[e], sd[e, :, 0])).bfloat16().float())  # bf16 rows, fp32 sum
         gb, ub = g.bfloat16().float(), u.bfloat16().float()  # the saved pre-activations
         da = int8_gemm(dye * sd[e, :, 0], qd[e].T)  # dy . W_down, down's scales folded into dy
         dw[t, j] = (da * (F.silu(gb) * ub).bfloat16().float()).sum(-1)
@@ -69,7 +69,7 @@ def w8a8_reference(x, gate, up, down, ids, w, dy):
         dzg = (we * da * ub * sig * (1 + gb * (1 - sig))).bfloat16().float()
         dzu = (we * da * gb * sig).bfloat16().float()
         dz = torch.cat([dzg * sg[e, :, 0], dzu * su[e, :, 0]], -1)
-        dx.index_add_(0, t, int8_gemm(dz, torch.cat([qg[e], qu[e]], 0).T))
+        dx.index_add_(0, t, int8_gemm(dz, torch.cat([qg[e], qu[e]], 0).T).bfloat16().float())
     return y.bfloat16(), dx.bfloat16(), dw
 
 
