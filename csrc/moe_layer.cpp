@@ -1,9 +1,13 @@
 #include "moe_layer.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <tuple>
@@ -245,19 +249,50 @@ void run_proj(ThreadPool& pool, const KernelTable* kt, const LayerView& L, const
   pool.run(int(tasks.size()), [&](int i, int) { kt->lora_proj(L, P, tasks[size_t(i)]); });
 }
 
-// int8 GEMMs: the phase's A quantized per row into the engine's q8 buffers, folding in the scales of projection
-// `which` (QuantJob). src: the gathered rows ([rows][ld], K columns), or with row_token the token rows ([T][ld]).
-// Returns (rows, scales) for the phase's buffers.
-std::pair<const int8_t*, const float*> run_quant(Engine& eng, const LayerView& L, const RoutingPlan& plan,
-                                                 const void* src, int ld, int K, int which,
-                                                 const int* row_token = nullptr) {
+// int8 GEMMs: a GEMM phase whose A is quantized per row (QuantJob: src is the gathered rows [rows][ld], K columns,
+// or with row_token the token rows [T][ld]) into the engine's q8 buffers, folding in the scales of projection
+// `which`. Both run in one pool run: expert e's quantize tasks are queued kQuantLead experts ahead of its GEMM
+// tasks, and a GEMM task spins until its expert's rows are all quantized. The memory-bound quantization then
+// runs beside other workers' AMX GEMMs instead of alone between two barriers. Tasks are taken in queue order and
+// every quantize task comes before the GEMM tasks that wait for it, so a waiting worker only waits for workers
+// that are running. gemm(task, worker) runs one GEMM task once (qa, qs) holds its rows.
+constexpr int kQuantLead = 2;
+
+template <typename Gemm>
+void run_quantized_phase(Engine& eng, const LayerView& L, const RoutingPlan& plan, const void* src, int ld, int K,
+                         int which, const int* row_token, const std::vector<Task>& gemm_tasks, const int8_t** qa,
+                         const float** qs, Gemm gemm) {
   int8_t* dst = static_cast<int8_t*>(eng.q8.reserve(size_t(plan.rows) * qa_stride(K)));
   float* ds = static_cast<float*>(eng.q8_scale.reserve(size_t(plan.rows) * sizeof(float)));
-  QuantJob J{plan.seg_start.data(), row_token, src, ld, K, which, dst, ds};
-  std::vector<Task> tasks = make_tasks(plan, 1, 64);
+  *qa = dst;
+  *qs = ds;
+  const QuantJob J{plan.seg_start.data(), row_token, src, ld, K, which, dst, ds};
+  const std::vector<Task> quant = make_tasks(plan, 1, 64);
+  const int E = int(plan.count.size());
+  std::vector<int> need(size_t(E), 0);
+  for (const Task& t : quant) ++need[size_t(t.expert)];
+  std::unique_ptr<std::atomic<int>[]> done(new std::atomic<int>[size_t(E)]);
+  for (int e = 0; e < E; ++e) done[size_t(e)].store(0, std::memory_order_relaxed);
+  std::vector<int> queue;  // >= 0: GEMM task; < 0: quantize task -1 - i
+  queue.reserve(quant.size() + gemm_tasks.size());
+  size_t qi = 0, gi = 0;
+  for (int e = 0; e < E; ++e) {
+    for (; qi < quant.size() && quant[qi].expert <= e + kQuantLead; ++qi) queue.push_back(-1 - int(qi));
+    for (; gi < gemm_tasks.size() && gemm_tasks[gi].expert == e; ++gi) queue.push_back(int(gi));
+  }
   const KernelTable* kt = eng.kt;
-  eng.pool->run(int(tasks.size()), [&](int i, int) { kt->quantize(L, J, tasks[size_t(i)]); });
-  return {dst, ds};
+  eng.pool->run(int(queue.size()), [&](int i, int wk) {
+    const int q = queue[size_t(i)];
+    if (q < 0) {
+      const Task& t = quant[size_t(-1 - q)];
+      kt->quantize(L, J, t);
+      done[size_t(t.expert)].fetch_add(1, std::memory_order_release);
+      return;
+    }
+    const int e = gemm_tasks[size_t(q)].expert;
+    while (done[size_t(e)].load(std::memory_order_acquire) < need[size_t(e)]) _mm_pause();
+    gemm(gemm_tasks[size_t(q)], wk);
+  });
 }
 
 // memcpy split over the pool (one thread copies ~10 GB/s; a 4096-token layer input is 16 MB).
@@ -637,30 +672,34 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
       run_proj(pool, kt, L, plan, fb.xg, L.ldx, Hp_, lora->r_gu, lv.Bt_gu, const_cast<float*>(fb.u_gu), nullptr);
     clock.mark("forward: LoRA x.B_gu");
   }
-  if (aq_) {
-    std::tie(fb.qa, fb.qs) = run_quant(eng, L, plan, x, H_, H_, -1, plan.row_token.data());
-    clock.mark("forward: quantize x");
-  }
   std::vector<Task> tasks = make_tasks(plan, Ip_ / kBlock, wq_ ? kRowChunkInt8 : kRowChunk, kGateUpBlocksPerTask);
-  pool.run(int(tasks.size()), [&](int i, int wk) {
+  auto gate_up = [&](const Task& t, int wk) {
     Scratch s = scratch_of(eng, wk);
-    kt->gate_up(L, fb, tasks[size_t(i)], s);
-  });
-  clock.mark("forward: gate_up GEMM + SiLU-GLU");
+    kt->gate_up(L, fb, t, s);
+  };
+  if (aq_) {
+    run_quantized_phase(eng, L, plan, x, H_, H_, -1, plan.row_token.data(), tasks, &fb.qa, &fb.qs, gate_up);
+    clock.mark("forward: quantize x + gate_up GEMM + SiLU-GLU");
+  } else {
+    pool.run(int(tasks.size()), [&](int i, int wk) { gate_up(tasks[size_t(i)], wk); });
+    clock.mark("forward: gate_up GEMM + SiLU-GLU");
+  }
   if (lo && lora->r_d > 0) {
     run_proj(pool, kt, L, plan, fb.act, L.ld_act, Ip_, lora->r_d, lv.Bt_d, const_cast<float*>(fb.q_d), nullptr);
     clock.mark("forward: LoRA h.B_d");
   }
-  if (aq_) {
-    std::tie(fb.qa, fb.qs) = run_quant(eng, L, plan, fb.act, L.ld_act, Ip_, -1);
-    clock.mark("forward: quantize act");
-  }
   tasks = make_tasks(plan, Hp_ / kBlock, wq_ ? kRowChunkInt8 : kRowChunk, kDownBlocksPerTask);
-  pool.run(int(tasks.size()), [&](int i, int wk) {
+  auto down = [&](const Task& t, int wk) {
     Scratch s = scratch_of(eng, wk);
-    kt->down(L, fb, tasks[size_t(i)], s);
-  });
-  clock.mark("forward: down GEMM");
+    kt->down(L, fb, t, s);
+  };
+  if (aq_) {
+    run_quantized_phase(eng, L, plan, fb.act, L.ld_act, Ip_, -1, nullptr, tasks, &fb.qa, &fb.qs, down);
+    clock.mark("forward: quantize act + down GEMM");
+  } else {
+    pool.run(int(tasks.size()), [&](int i, int wk) { down(tasks[size_t(i)], wk); });
+    clock.mark("forward: down GEMM");
+  }
   sum_rows(pool, plan, fb.out_rows, y, H_, Hp_, wtype_, aq_ && wtype_ == kBF16);
   clock.mark("forward: sum rows");
   return handle;
@@ -779,30 +818,34 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
     if (rd > 0) run_proj(pool, kt, L, plan, bb.dyg, L.ldx, Hp_, rd, lv.At_d, const_cast<float*>(bb.dyA), nullptr);
     clock.mark("backward: LoRA dy.A_d");
   }
-  if (aq_) {
-    std::tie(bb.qa, bb.qs) = run_quant(eng, L, plan, dy, H_, H_, 2, plan.row_token.data());
-    clock.mark("backward: quantize dy");
-  }
   std::vector<Task> tasks = make_tasks(plan, ipb, bb.fuse_grads ? kWholeSegment : kRowChunkBwd, kActBlocksPerTask);
-  pool.run(int(tasks.size()), [&](int i, int wk) {
+  auto bwd_act = [&](const Task& t, int wk) {
     Scratch s = scratch_of(eng, wk);
-    kt->bwd_act(L, bb, tasks[size_t(i)], s);
-  });
-  clock.mark("backward: dy.W_down + dSiLU-GLU + dw");
+    kt->bwd_act(L, bb, t, s);
+  };
+  if (aq_) {
+    run_quantized_phase(eng, L, plan, dy, H_, H_, 2, plan.row_token.data(), tasks, &bb.qa, &bb.qs, bwd_act);
+    clock.mark("backward: quantize dy + dy.W_down + dSiLU-GLU + dw");
+  } else {
+    pool.run(int(tasks.size()), [&](int i, int wk) { bwd_act(tasks[size_t(i)], wk); });
+    clock.mark("backward: dy.W_down + dSiLU-GLU + dw");
+  }
   if (rg > 0) {
     run_proj(pool, kt, L, plan, bb.dgu, L.ld_dgu, 2 * Ip_, rg, lv.At_gu, const_cast<float*>(bb.t_gu), nullptr);
     clock.mark("backward: LoRA dz.A_gu");
   }
-  if (aq_) {
-    std::tie(bb.qa, bb.qs) = run_quant(eng, L, plan, bb.dgu, L.ld_dgu, 2 * Ip_, 0);
-    clock.mark("backward: quantize dz");
-  }
   tasks = make_tasks(plan, Hp_ / kBlock, kRowChunkBwd, kDxBlocksPerTask);
-  pool.run(int(tasks.size()), [&](int i, int wk) {
+  auto bwd_input = [&](const Task& t, int wk) {
     Scratch s = scratch_of(eng, wk);
-    kt->bwd_input(L, bb, tasks[size_t(i)], s);
-  });
-  clock.mark("backward: dz.W_gu (dx)");
+    kt->bwd_input(L, bb, t, s);
+  };
+  if (aq_) {
+    run_quantized_phase(eng, L, plan, bb.dgu, L.ld_dgu, 2 * Ip_, 0, nullptr, tasks, &bb.qa, &bb.qs, bwd_input);
+    clock.mark("backward: quantize dz + dz.W_gu (dx)");
+  } else {
+    pool.run(int(tasks.size()), [&](int i, int wk) { bwd_input(tasks[size_t(i)], wk); });
+    clock.mark("backward: dz.W_gu (dx)");
+  }
   if (lo) {  // factor gradients: one task per (factor, expert, 32 columns); big experts first
     std::vector<GradTask> gt;
     std::vector<int> order(static_cast<size_t>(E_));
