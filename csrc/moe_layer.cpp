@@ -646,17 +646,18 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
   fb.seg_start = plan.seg_start.data();
   fb.row_weight = plan.row_weight.data();
   const LayerView L = view(eng.kchunk);
-  const bool bf16_rows = !aq_ || lo;  // int8 GEMMs quantize from the token rows; LoRA's projections need the copy
-  fb.xg = bf16_rows ? eng.xg.reserve(rows * L.ldx * es) : nullptr;
+  const bool gather_bf16 = !aq_ || lo;  // int8 GEMMs quantize from the token rows; LoRA's projections need the copy
+  fb.xg = gather_bf16 ? eng.xg.reserve(rows * L.ldx * es) : nullptr;
   fb.act = eng.act.reserve(rows * L.ld_dgu * es);  // the backward's dgu reuses this buffer
-  fb.out_rows = static_cast<float*>(eng.rows_f32.reserve(rows * Hp_ * sizeof(float)));
+  const bool rows16 = aq_ && wtype_ == kBF16;  // int8 GEMMs: bf16 per-row outputs (common.h, INT8 GEMMs)
+  fb.out_rows = static_cast<float*>(eng.rows_f32.reserve(rows * Hp_ * (rows16 ? 2 : sizeof(float))));
   if (slot) {
     fb.gate_out = slot->gate.reserve(rows * Ip_ * es);
     fb.up_out = slot->up.reserve(rows * Ip_ * es);
   }
   ThreadPool& pool = *eng.pool;
   const KernelTable* kt = eng.kt;
-  if (bf16_rows) gather_rows(pool, plan, x, const_cast<void*>(fb.xg), H_, Hp_, L.ldx, es);
+  if (gather_bf16) gather_rows(pool, plan, x, const_cast<void*>(fb.xg), H_, Hp_, L.ldx, es);
   clock.mark("forward: plan + gather");
   LoraView lv{};
   if (lo) {
@@ -700,7 +701,7 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
     pool.run(int(tasks.size()), [&](int i, int wk) { down(tasks[size_t(i)], wk); });
     clock.mark("forward: down GEMM");
   }
-  sum_rows(pool, plan, fb.out_rows, y, H_, Hp_, wtype_, aq_ && wtype_ == kBF16);
+  sum_rows(pool, plan, fb.out_rows, y, H_, Hp_, wtype_, rows16);
   clock.mark("forward: sum rows");
   return handle;
 }
@@ -776,16 +777,17 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
   bb.seg_start = plan.seg_start.data();
   bb.row_weight = plan.row_weight.data();
   const LayerView L = view(eng.kchunk);
-  const bool bf16_rows = !aq_ || lo;  // as in forward
-  bb.dyg = bf16_rows ? eng.xg.reserve(rows * L.ldx * es) : nullptr;
+  const bool gather_bf16 = !aq_ || lo;  // as in forward
+  bb.dyg = gather_bf16 ? eng.xg.reserve(rows * L.ldx * es) : nullptr;
   bb.gate_in = slot->gate.get();
   bb.up_in = slot->up.get();
   bb.dw_part = static_cast<float*>(eng.dw_part.reserve(rows * ipb * sizeof(float)));
   bb.dgu = eng.act.reserve(rows * L.ld_dgu * es);
-  bb.dx_rows = static_cast<float*>(eng.rows_f32.reserve(rows * Hp_ * sizeof(float)));
+  const bool rows16 = aq_ && wtype_ == kBF16;  // as in forward
+  bb.dx_rows = static_cast<float*>(eng.rows_f32.reserve(rows * Hp_ * (rows16 ? 2 : sizeof(float))));
   ThreadPool& pool = *eng.pool;
   const KernelTable* kt = eng.kt;
-  if (bf16_rows) gather_rows(pool, plan, dy, const_cast<void*>(bb.dyg), H_, Hp_, L.ldx, es);
+  if (gather_bf16) gather_rows(pool, plan, dy, const_cast<void*>(bb.dyg), H_, Hp_, L.ldx, es);
   clock.mark("backward: gather dy");
   LoraView lv{};
   const int rg = lo ? lora->r_gu : 0, rd = lo ? lora->r_d : 0;
@@ -865,7 +867,7 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
     });
     clock.mark("backward: LoRA factor gradients");
   }
-  sum_rows(pool, plan, bb.dx_rows, dx, H_, Hp_, wtype_, aq_ && wtype_ == kBF16);
+  sum_rows(pool, plan, bb.dx_rows, dx, H_, Hp_, wtype_, rows16);
   for (size_t i = 0; i < size_t(plan.T) * plan.k; ++i) {
     if (plan.row_of[i] < 0) {  // slot computed elsewhere: no gradient from here
       dw[i] = 0.f;
