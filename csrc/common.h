@@ -120,7 +120,7 @@ inline int padded_row_stride(int K) { return (K / kBlock) % 2 == 0 ? K + kBlock 
 
 // Rows [row0, row0+rows) of the expert's segment x column blocks [block, block+nblk). Tasks of several blocks
 // walk each 32-row block of A across all of them, so A comes from L2 once per nblk GEMMs instead of once each.
-constexpr int kMaxTaskBlocks = 4;
+constexpr int kMaxTaskBlocks = 8;  // int8-GEMM layers take up to 8 (their A rows are half the bytes)
 struct Task { int expert, block, row0, rows, nblk = 1; };
 
 // Per-expert LoRA factors for one call, repacked by the driver (see the LoRA note above). Row rho of

@@ -32,9 +32,15 @@ constexpr int kGateUpBlocksPerTask = 2;  // forward gate_up: x rows (32 x Hp) fo
 constexpr int kDownBlocksPerTask = 4;
 constexpr int kDxBlocksPerTask = 4;
 constexpr int kActBlocksPerTask = 4;  // backward dy.W_down + dSiLU-GLU (dy rows: 32 x Hp)
+// Layers with int8 GEMMs read int8 A rows, half the bytes: twice the blocks per task fit the same L2 share (not for
+// bwd_act, whose fused LoRA sums are sized by kActBlocksPerTask).
+constexpr int kGateUpBlocksPerTaskInt8 = 4;
+constexpr int kDownBlocksPerTaskInt8 = 8;
+constexpr int kDxBlocksPerTaskInt8 = 8;
 static_assert(kGateUpBlocksPerTask <= kMaxTaskBlocks && kDownBlocksPerTask <= kMaxTaskBlocks &&
-              kDxBlocksPerTask <= kMaxTaskBlocks &&
-              kActBlocksPerTask <= kMaxTaskBlocks, "see Task");
+              kDxBlocksPerTask <= kMaxTaskBlocks && kActBlocksPerTask <= kMaxTaskBlocks &&
+              kGateUpBlocksPerTaskInt8 <= kMaxTaskBlocks && kDownBlocksPerTaskInt8 <= kMaxTaskBlocks &&
+              kDxBlocksPerTaskInt8 <= kMaxTaskBlocks, "see Task");
 constexpr int kTokenChunk = 32;   // tokens per gather / reduce task
 
 struct Engine {
@@ -129,7 +135,11 @@ void ensure_scratch(Engine& eng, int Hp, int Ip, int wtype, bool wq, bool aq) {
   const size_t n = size_t(eng.pool->size());
   const size_t es = size_t(dtype_size(wtype));
   // one transposed block (2 panels) per column block of a task: bwd_act's of Hp rows, bwd_input's of 2*Ip rows
-  const size_t packed = 2 * size_t(std::max(kActBlocksPerTask * Hp, kDxBlocksPerTask * 2 * Ip)) * kPanel * es;
+  // (int8 GEMMs: bytes, K rounded up to 64)
+  const size_t packed =
+      aq ? 2 * size_t(std::max(kActBlocksPerTask * round_up(Hp, 64), kDxBlocksPerTaskInt8 * round_up(2 * Ip, 64))) *
+               kPanel
+         : 2 * size_t(std::max(kActBlocksPerTask * Hp, kDxBlocksPerTask * 2 * Ip)) * kPanel * es;
   eng.c0.resize(n);
   eng.c1.resize(n);
   eng.packed.resize(n);
@@ -673,7 +683,8 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
       run_proj(pool, kt, L, plan, fb.xg, L.ldx, Hp_, lora->r_gu, lv.Bt_gu, const_cast<float*>(fb.u_gu), nullptr);
     clock.mark("forward: LoRA x.B_gu");
   }
-  std::vector<Task> tasks = make_tasks(plan, Ip_ / kBlock, wq_ ? kRowChunkInt8 : kRowChunk, kGateUpBlocksPerTask);
+  std::vector<Task> tasks = make_tasks(plan, Ip_ / kBlock, wq_ ? kRowChunkInt8 : kRowChunk,
+                                       aq_ ? kGateUpBlocksPerTaskInt8 : kGateUpBlocksPerTask);
   auto gate_up = [&](const Task& t, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->gate_up(L, fb, t, s);
@@ -689,7 +700,8 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
     run_proj(pool, kt, L, plan, fb.act, L.ld_act, Ip_, lora->r_d, lv.Bt_d, const_cast<float*>(fb.q_d), nullptr);
     clock.mark("forward: LoRA h.B_d");
   }
-  tasks = make_tasks(plan, Hp_ / kBlock, wq_ ? kRowChunkInt8 : kRowChunk, kDownBlocksPerTask);
+  tasks = make_tasks(plan, Hp_ / kBlock, wq_ ? kRowChunkInt8 : kRowChunk,
+                     aq_ ? kDownBlocksPerTaskInt8 : kDownBlocksPerTask);
   auto down = [&](const Task& t, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->down(L, fb, t, s);
@@ -836,7 +848,7 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
     run_proj(pool, kt, L, plan, bb.dgu, L.ld_dgu, 2 * Ip_, rg, lv.At_gu, const_cast<float*>(bb.t_gu), nullptr);
     clock.mark("backward: LoRA dz.A_gu");
   }
-  tasks = make_tasks(plan, Hp_ / kBlock, kRowChunkBwd, kDxBlocksPerTask);
+  tasks = make_tasks(plan, Hp_ / kBlock, kRowChunkBwd, aq_ ? kDxBlocksPerTaskInt8 : kDxBlocksPerTask);
   auto bwd_input = [&](const Task& t, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->bwd_input(L, bb, t, s);
