@@ -17,18 +17,20 @@
 //            layer holding those dequantized weights computes, at half the weight memory and bandwidth.
 //            Activations stay bf16 (wtype kBF16); f32 layers have no int8 form.
 // INT8 GEMMs (LayerView.aq, "int8 compute", kt_backend AMXINT8): the GEMMs themselves run in int8 with int32
-//            sums (AMX tdpbssd; exact, so every unit gets the same sums). The A rows are quantized per row: v[k] = a[k] * cs[k], where cs are the weight scales of the reduction dimension in
-//            backward (they fold into A there) and 1 in forward; m = max_k |v[k]|, s = m / 127,
+//            sums (AMX tdpbssd; exact, so every unit gets the same sums). The A rows are quantized per row:
+//            v[k] = a[k] * cs[k], where cs are the weight scales of the reduction dimension in backward (they
+//            fold into A there) and 1 in forward; m = max_k |v[k]|, s = m / 127,
 //            q = round_half_even(v * (127 / m)) clamped to [-127, 127], all fp32 (the reciprocal rounded once per
 //            row, then one multiply per element; a row with m < 127 / FLT_MAX, where that overflows, uses
 //            round_half_even(v / s); m = 0: q = 0; a row holding Inf/NaN gets s = NaN, so it stays NaN).
 //            C[m][n] = float(sum_k q_a[m][k] q_w[n][k]) * s[m] * s_w[n] (forward; backward: * s[m]). Each GEMM
-//            phase's A is quantized once, in its own phase (QuantJob), before the GEMM tasks read it, its rows
-//            zero-padded to K64 = roundup(K, 64). Such a layer stores its int8 panels as VNNI quads,
-//            panel[k/4][n][k%4] (the tdpbssd B layout, used in place by forward; same bytes as the pairs);
-//            backward repacks each transposed block into quads of K64 rows. Its per-row outputs (the routing-
-//            weighted y rows, the dx rows) are rounded to bf16 before the driver sums a token's k rows (fp32, slot
-//            order): half the bytes, an error far below the activations' quantization.
+//            phase's A is quantized once (QuantJob; x and dy straight from the token rows), its rows zero-padded
+//            to K64 = roundup(K, 64), by tasks queued in the GEMM phase's own pool run ahead of the GEMM tasks
+//            of their expert, which wait for them (moe_layer.cpp, run_quantized_phase). Such a layer stores its
+//            int8 panels as VNNI quads, panel[k/4][n][k%4] (the tdpbssd B layout, used in place by forward; same
+//            bytes as the pairs); backward repacks each transposed block into quads of K64 rows. Its per-row
+//            outputs (the routing-weighted y rows, the dx rows) are rounded to bf16 before the driver sums a
+//            token's k rows (fp32, slot order): half the bytes, an error far below the activations' quantization.
 // LoRA:      optional per-expert LoRA on gate_up / down (docs/expert_lora_format.md) reaches the tasks as
 //            LoraView: fp32 factors repacked per call into per-expert, zero-padded, row-major scratch
 //            (At_gu [E][r_gu][2Ip], Bt_gu [E][r_gu][Hp], At_d [E][r_d][Hp], Bt_d [E][r_d][Ip]); a null view or
