@@ -290,6 +290,8 @@ void run_quantized_phase(Engine& eng, const LayerView& L, const RoutingPlan& pla
     for (; qi < quant.size() && quant[qi].expert <= e + kQuantLead; ++qi) queue.push_back(-1 - int(qi));
     for (; gi < gemm_tasks.size() && gemm_tasks[gi].expert == e; ++gi) queue.push_back(int(gi));
   }
+  if (qi != quant.size() || gi != gemm_tasks.size())  // make_tasks orders by expert; anything else would skip tasks
+    throw std::logic_error("run_quantized_phase: tasks not in expert order");
   const KernelTable* kt = eng.kt;
   eng.pool->run(int(queue.size()), [&](int i, int wk) {
     const int q = queue[size_t(i)];
