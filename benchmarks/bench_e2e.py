@@ -163,8 +163,10 @@ def load_side(side: str, args, device: torch.device):
         import kt_sft
         from kt_sft.models.expert_lora import get_peft_model
 
-        engine_dtype = {"bf16": torch.bfloat16, "int8": torch.int8}[args.engine_dtype]
+        # int8: int8 weights, bf16 GEMMs (kt_backend INT8); int8-gemm: int8 GEMMs too (kt_backend AMXINT8)
+        engine_dtype = torch.bfloat16 if args.engine_dtype == "bf16" else torch.int8
         model = kt_sft.load_model(args.dir, device=device, dtype=torch.bfloat16, engine_dtype=engine_dtype,
+                                  int8_compute=args.engine_dtype == "int8-gemm",
                                   threads=args.threads, progress=False, gpu_experts=args.gpu_experts)
         info["summary"] = model.kt_summary
     else:
@@ -302,7 +304,8 @@ def _cell(value, spec: str) -> str:
 def _label(side: str, r: dict, args) -> str:
     ckpt = ", grad ckpt" if r["gradient_checkpointing"] else ""
     share = f", GPU share {args.gpu_experts:g}" if args.gpu_experts else ""
-    return f"kt-sft (ours{share}{ckpt})" if side == "ours" else f"stock (all on {args.device}{ckpt})"
+    dtype = "" if args.engine_dtype == "bf16" else f", {args.engine_dtype}"
+    return f"kt-sft (ours{dtype}{share}{ckpt})" if side == "ours" else f"stock (all on {args.device}{ckpt})"
 
 
 def report(results: dict, args) -> None:
@@ -364,7 +367,8 @@ def parse_args():
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-target", nargs="+", default=DEFAULT_TARGETS)
     p.add_argument("--expert-lora", action="store_true", help="also LoRA on the routed experts (target_parameters)")
-    p.add_argument("--engine-dtype", choices=("bf16", "int8"), default="bf16")
+    p.add_argument("--engine-dtype", choices=("bf16", "int8", "int8-gemm"), default="bf16",
+                   help="ours: engine weights bf16, int8 (kt_backend INT8) or int8 with int8 GEMMs (AMXINT8)")
     p.add_argument("--gpu-experts", type=float, default=0.0,
                    help="ours: fraction of each layer's experts computed on the GPU, streamed per call (kt_gpu_experts)")
     p.add_argument("--threads", type=int, default=0, help="engine threads (0: the family default, all cores)")

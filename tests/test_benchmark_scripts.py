@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -41,8 +43,11 @@ def test_bench_moe_against_another_build_runs_both_in_one_process():
     assert "8 MB rewritten before each pair" in out
 
 
-def test_bench_e2e_smoke_mode_trains(tmp_path):
-    out = _run("benchmarks/bench_e2e.py", "--tiny", "--dir", str(tmp_path / "ckpt"))
+@pytest.mark.parametrize("engine_dtype", ["bf16", "int8-gemm"])
+def test_bench_e2e_smoke_mode_trains(tmp_path, engine_dtype):
+    out = _run("benchmarks/bench_e2e.py", "--tiny", "--dir", str(tmp_path / "ckpt"), "--engine-dtype", engine_dtype)
+    if engine_dtype != "bf16":
+        assert "kt-sft (ours, int8-gemm" in out and "int8 GEMMs" in out, out
     row = re.search(r"^kt-sft \(ours[^)]*\)\s+(\d+)\s.*\s([\d.]+)\s*$", out, re.M)
     assert row, out
     tokens_per_s, loss = int(row.group(1)), float(row.group(2))
