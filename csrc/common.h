@@ -26,7 +26,7 @@
 //            C[m][n] = float(sum_k q_a[m][k] q_w[n][k]) * s[m] * s_w[n] (forward; backward: * s[m]). Each GEMM
 //            phase's A is quantized once (QuantJob; x and dy straight from the token rows), its rows zero-padded
 //            to K64 = roundup(K, 64), by tasks queued in the GEMM phase's own pool run ahead of the GEMM tasks
-//            of their expert, which wait for them (moe_layer.cpp, run_quantized_phase). Such a layer stores its
+//            of their expert, which wait for them (moe_layer.cpp, run_gemm_phase). Such a layer stores its
 //            int8 panels as VNNI quads, panel[k/4][n][k%4] (the tdpbssd B layout, used in place by forward; same
 //            bytes as the pairs); backward repacks each transposed block into quads of K64 rows. Its per-row
 //            outputs (the routing-weighted y rows, the dx rows) are rounded to bf16 before the driver sums a

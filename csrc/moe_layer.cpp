@@ -10,7 +10,6 @@
 #include <memory>
 #include <mutex>
 #include <stdexcept>
-#include <tuple>
 
 #include "cpu_features.h"
 #include "thread_pool.h"
@@ -259,44 +258,54 @@ void run_proj(ThreadPool& pool, const KernelTable* kt, const LayerView& L, const
   pool.run(int(tasks.size()), [&](int i, int) { kt->lora_proj(L, P, tasks[size_t(i)]); });
 }
 
-// int8 GEMMs: a GEMM phase whose A is quantized per row (QuantJob: src is the gathered rows [rows][ld], K columns,
-// or with row_token the token rows [T][ld]) into the engine's q8 buffers, folding in the scales of projection
-// `which`. Both run in one pool run: expert e's quantize tasks are queued kQuantLead experts ahead of its GEMM
-// tasks, and a GEMM task spins until its expert's rows are all quantized. The memory-bound quantization then
-// runs beside other workers' AMX GEMMs instead of alone between two barriers. Tasks are taken in queue order and
-// every quantize task comes before the GEMM tasks that wait for it, so a waiting worker only waits for workers
-// that are running. gemm(task, worker) runs one GEMM task once (qa, qs) holds its rows.
-constexpr int kQuantLead = 2;
+// The A of an int8-GEMM phase before quantization (QuantJob): the gathered rows [rows][ld] (row_token null) or the
+// token rows [T][ld], K columns, with the scales of projection `which` folded in.
+struct QuantSource {
+  const void* src;
+  int ld, K, which;
+  const int* row_token;
+};
 
+constexpr int kQuantLead = 2;  // experts by which a phase's quantize tasks run ahead of its GEMM tasks
+
+// One GEMM phase: gemm(task, worker) for every task. With `quant` (a layer with int8 GEMMs) the phase's A is
+// quantized per row into the engine's q8 buffers, returned in (qa, qs), in the same pool run: expert e's quantize
+// tasks are queued kQuantLead experts ahead of its GEMM tasks, and a GEMM task spins until its expert's rows are
+// all quantized. The memory-bound quantization then runs beside other workers' AMX GEMMs instead of alone between
+// two barriers. Tasks are taken in queue order and every quantize task comes before the GEMM tasks that wait for
+// it, so a waiting worker only waits for workers that are running.
 template <typename Gemm>
-void run_quantized_phase(Engine& eng, const LayerView& L, const RoutingPlan& plan, const void* src, int ld, int K,
-                         int which, const int* row_token, const std::vector<Task>& gemm_tasks, const int8_t** qa,
-                         const float** qs, Gemm gemm) {
-  int8_t* dst = static_cast<int8_t*>(eng.q8.reserve(size_t(plan.rows) * qa_stride(K)));
+void run_gemm_phase(Engine& eng, const LayerView& L, const RoutingPlan& plan, const std::vector<Task>& gemm_tasks,
+                    Gemm gemm, const QuantSource* quant, const int8_t** qa, const float** qs) {
+  if (!quant) {
+    eng.pool->run(int(gemm_tasks.size()), [&](int i, int wk) { gemm(gemm_tasks[size_t(i)], wk); });
+    return;
+  }
+  int8_t* dst = static_cast<int8_t*>(eng.q8.reserve(size_t(plan.rows) * qa_stride(quant->K)));
   float* ds = static_cast<float*>(eng.q8_scale.reserve(size_t(plan.rows) * sizeof(float)));
   *qa = dst;
   *qs = ds;
-  const QuantJob J{plan.seg_start.data(), row_token, src, ld, K, which, dst, ds};
-  const std::vector<Task> quant = make_tasks(plan, 1, 64);
+  const QuantJob J{plan.seg_start.data(), quant->row_token, quant->src, quant->ld, quant->K, quant->which, dst, ds};
+  const std::vector<Task> qtasks = make_tasks(plan, 1, 64);
   const int E = int(plan.count.size());
   std::vector<int> need(size_t(E), 0);
-  for (const Task& t : quant) ++need[size_t(t.expert)];
+  for (const Task& t : qtasks) ++need[size_t(t.expert)];
   std::unique_ptr<std::atomic<int>[]> done(new std::atomic<int>[size_t(E)]);
   for (int e = 0; e < E; ++e) done[size_t(e)].store(0, std::memory_order_relaxed);
   std::vector<int> queue;  // >= 0: GEMM task; < 0: quantize task -1 - i
-  queue.reserve(quant.size() + gemm_tasks.size());
+  queue.reserve(qtasks.size() + gemm_tasks.size());
   size_t qi = 0, gi = 0;
   for (int e = 0; e < E; ++e) {
-    for (; qi < quant.size() && quant[qi].expert <= e + kQuantLead; ++qi) queue.push_back(-1 - int(qi));
+    for (; qi < qtasks.size() && qtasks[qi].expert <= e + kQuantLead; ++qi) queue.push_back(-1 - int(qi));
     for (; gi < gemm_tasks.size() && gemm_tasks[gi].expert == e; ++gi) queue.push_back(int(gi));
   }
-  if (qi != quant.size() || gi != gemm_tasks.size())  // make_tasks orders by expert; anything else would skip tasks
-    throw std::logic_error("run_quantized_phase: tasks not in expert order");
+  if (qi != qtasks.size() || gi != gemm_tasks.size())  // make_tasks orders by expert; anything else would skip tasks
+    throw std::logic_error("run_gemm_phase: tasks not in expert order");
   const KernelTable* kt = eng.kt;
   eng.pool->run(int(queue.size()), [&](int i, int wk) {
     const int q = queue[size_t(i)];
     if (q < 0) {
-      const Task& t = quant[size_t(-1 - q)];
+      const Task& t = qtasks[size_t(-1 - q)];
       kt->quantize(L, J, t);
       done[size_t(t.expert)].fetch_add(1, std::memory_order_release);
       return;
@@ -661,8 +670,7 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
   const bool gather_bf16 = !aq_ || lo;  // int8 GEMMs quantize from the token rows; LoRA's projections need the copy
   fb.xg = gather_bf16 ? eng.xg.reserve(rows * L.ldx * es) : nullptr;
   fb.act = eng.act.reserve(rows * L.ld_dgu * es);  // the backward's dgu reuses this buffer
-  const bool rows16 = aq_ && wtype_ == kBF16;  // int8 GEMMs: bf16 per-row outputs (common.h, INT8 GEMMs)
-  fb.out_rows = static_cast<float*>(eng.rows_f32.reserve(rows * Hp_ * (rows16 ? 2 : sizeof(float))));
+  fb.out_rows = static_cast<float*>(eng.rows_f32.reserve(rows * Hp_ * row_out_bytes()));
   if (slot) {
     fb.gate_out = slot->gate.reserve(rows * Ip_ * es);
     fb.up_out = slot->up.reserve(rows * Ip_ * es);
@@ -687,35 +695,25 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
   }
   std::vector<Task> tasks = make_tasks(plan, Ip_ / kBlock, wq_ ? kRowChunkInt8 : kRowChunk,
                                        aq_ ? kGateUpBlocksPerTaskInt8 : kGateUpBlocksPerTask);
-  auto gate_up = [&](const Task& t, int wk) {
+  const QuantSource qx{x, H_, H_, -1, plan.row_token.data()};
+  run_gemm_phase(eng, L, plan, tasks, [&](const Task& t, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->gate_up(L, fb, t, s);
-  };
-  if (aq_) {
-    run_quantized_phase(eng, L, plan, x, H_, H_, -1, plan.row_token.data(), tasks, &fb.qa, &fb.qs, gate_up);
-    clock.mark("forward: quantize x + gate_up GEMM + SiLU-GLU");
-  } else {
-    pool.run(int(tasks.size()), [&](int i, int wk) { gate_up(tasks[size_t(i)], wk); });
-    clock.mark("forward: gate_up GEMM + SiLU-GLU");
-  }
+  }, aq_ ? &qx : nullptr, &fb.qa, &fb.qs);
+  clock.mark(aq_ ? "forward: quantize x + gate_up GEMM + SiLU-GLU" : "forward: gate_up GEMM + SiLU-GLU");
   if (lo && lora->r_d > 0) {
     run_proj(pool, kt, L, plan, fb.act, L.ld_act, Ip_, lora->r_d, lv.Bt_d, const_cast<float*>(fb.q_d), nullptr);
     clock.mark("forward: LoRA h.B_d");
   }
   tasks = make_tasks(plan, Hp_ / kBlock, wq_ ? kRowChunkInt8 : kRowChunk,
                      aq_ ? kDownBlocksPerTaskInt8 : kDownBlocksPerTask);
-  auto down = [&](const Task& t, int wk) {
+  const QuantSource qact{fb.act, L.ld_act, Ip_, -1, nullptr};
+  run_gemm_phase(eng, L, plan, tasks, [&](const Task& t, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->down(L, fb, t, s);
-  };
-  if (aq_) {
-    run_quantized_phase(eng, L, plan, fb.act, L.ld_act, Ip_, -1, nullptr, tasks, &fb.qa, &fb.qs, down);
-    clock.mark("forward: quantize act + down GEMM");
-  } else {
-    pool.run(int(tasks.size()), [&](int i, int wk) { down(tasks[size_t(i)], wk); });
-    clock.mark("forward: down GEMM");
-  }
-  sum_rows(pool, plan, fb.out_rows, y, H_, Hp_, wtype_, rows16);
+  }, aq_ ? &qact : nullptr, &fb.qa, &fb.qs);
+  clock.mark(aq_ ? "forward: quantize act + down GEMM" : "forward: down GEMM");
+  sum_rows(pool, plan, fb.out_rows, y, H_, Hp_, wtype_, row_out_bytes() == 2);
   clock.mark("forward: sum rows");
   return handle;
 }
@@ -797,8 +795,7 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
   bb.up_in = slot->up.get();
   bb.dw_part = static_cast<float*>(eng.dw_part.reserve(rows * ipb * sizeof(float)));
   bb.dgu = eng.act.reserve(rows * L.ld_dgu * es);
-  const bool rows16 = aq_ && wtype_ == kBF16;  // as in forward
-  bb.dx_rows = static_cast<float*>(eng.rows_f32.reserve(rows * Hp_ * (rows16 ? 2 : sizeof(float))));
+  bb.dx_rows = static_cast<float*>(eng.rows_f32.reserve(rows * Hp_ * row_out_bytes()));
   ThreadPool& pool = *eng.pool;
   const KernelTable* kt = eng.kt;
   if (gather_bf16) gather_rows(pool, plan, dy, const_cast<void*>(bb.dyg), H_, Hp_, L.ldx, es);
@@ -835,33 +832,23 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
     clock.mark("backward: LoRA dy.A_d");
   }
   std::vector<Task> tasks = make_tasks(plan, ipb, bb.fuse_grads ? kWholeSegment : kRowChunkBwd, kActBlocksPerTask);
-  auto bwd_act = [&](const Task& t, int wk) {
+  const QuantSource qdy{dy, H_, H_, 2, plan.row_token.data()};  // down's scales fold into dy
+  run_gemm_phase(eng, L, plan, tasks, [&](const Task& t, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->bwd_act(L, bb, t, s);
-  };
-  if (aq_) {
-    run_quantized_phase(eng, L, plan, dy, H_, H_, 2, plan.row_token.data(), tasks, &bb.qa, &bb.qs, bwd_act);
-    clock.mark("backward: quantize dy + dy.W_down + dSiLU-GLU + dw");
-  } else {
-    pool.run(int(tasks.size()), [&](int i, int wk) { bwd_act(tasks[size_t(i)], wk); });
-    clock.mark("backward: dy.W_down + dSiLU-GLU + dw");
-  }
+  }, aq_ ? &qdy : nullptr, &bb.qa, &bb.qs);
+  clock.mark(aq_ ? "backward: quantize dy + dy.W_down + dSiLU-GLU + dw" : "backward: dy.W_down + dSiLU-GLU + dw");
   if (rg > 0) {
     run_proj(pool, kt, L, plan, bb.dgu, L.ld_dgu, 2 * Ip_, rg, lv.At_gu, const_cast<float*>(bb.t_gu), nullptr);
     clock.mark("backward: LoRA dz.A_gu");
   }
   tasks = make_tasks(plan, Hp_ / kBlock, kRowChunkBwd, aq_ ? kDxBlocksPerTaskInt8 : kDxBlocksPerTask);
-  auto bwd_input = [&](const Task& t, int wk) {
+  const QuantSource qdz{bb.dgu, L.ld_dgu, 2 * Ip_, 0, nullptr};  // gate's and up's scales fold into dz
+  run_gemm_phase(eng, L, plan, tasks, [&](const Task& t, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->bwd_input(L, bb, t, s);
-  };
-  if (aq_) {
-    run_quantized_phase(eng, L, plan, bb.dgu, L.ld_dgu, 2 * Ip_, 0, nullptr, tasks, &bb.qa, &bb.qs, bwd_input);
-    clock.mark("backward: quantize dz + dz.W_gu (dx)");
-  } else {
-    pool.run(int(tasks.size()), [&](int i, int wk) { bwd_input(tasks[size_t(i)], wk); });
-    clock.mark("backward: dz.W_gu (dx)");
-  }
+  }, aq_ ? &qdz : nullptr, &bb.qa, &bb.qs);
+  clock.mark(aq_ ? "backward: quantize dz + dz.W_gu (dx)" : "backward: dz.W_gu (dx)");
   if (lo) {  // factor gradients: one task per (factor, expert, 32 columns); big experts first
     std::vector<GradTask> gt;
     std::vector<int> order(static_cast<size_t>(E_));
@@ -881,7 +868,7 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
     });
     clock.mark("backward: LoRA factor gradients");
   }
-  sum_rows(pool, plan, bb.dx_rows, dx, H_, Hp_, wtype_, rows16);
+  sum_rows(pool, plan, bb.dx_rows, dx, H_, Hp_, wtype_, row_out_bytes() == 2);
   for (size_t i = 0; i < size_t(plan.T) * plan.k; ++i) {
     if (plan.row_of[i] < 0) {  // slot computed elsewhere: no gradient from here
       dw[i] = 0.f;

@@ -136,6 +136,8 @@ class MoELayer {
   void build_plan(int T, int k, const int64_t* ids, const float* w, RoutingPlan& plan) const;
   SavedSlot* find_slot(uint64_t handle);
   SavedSlot& live_slot(uint64_t handle);  // find_slot or a clear error
+  // Bytes per element of the per-row outputs (out_rows, dx_rows): bf16 with int8 GEMMs (common.h), else f32.
+  size_t row_out_bytes() const { return aq_ && wtype_ == kBF16 ? 2 : sizeof(float); }
 
   int E_, H_, I_, Hp_, Ip_, wtype_, activation_;
   bool wq_, aq_;

@@ -77,15 +77,19 @@ def test_rounding_is_half_to_even_per_channel(isa):
     assert not torch.equal(away, dequantized(gate).float()), "the test data must contain ties"
 
 
-def test_int8_with_expert_lora(isa):
-    """LoRA on int8 experts: the same bitwise identity, factor gradients included."""
-    E, H, I, T, k = 6, 72, 40, 60, 2
+def lora_case(E, H, I, T, k, routing):
+    """Experts (fp32), routing, bf16 x and dy, and a LoRA of ranks 4 / 8, drawn from seed 5 in this order."""
     gen = torch.Generator().manual_seed(5)
     gate, up, down = make_experts(E, H, I, gen, torch.float32)
-    ids, w = make_routing(T, E, k, "skewed", gen)
+    ids, w = make_routing(T, E, k, routing, gen)
     x = torch.randn(T, H, generator=gen).bfloat16()
     dy = torch.randn(T, H, generator=gen).bfloat16()
-    lora = make_lora(E, H, I, 4, 8, gen)
+    return gate, up, down, ids, w, x, dy, make_lora(E, H, I, 4, 8, gen)
+
+
+def test_int8_with_expert_lora(isa):
+    """LoRA on int8 experts: the same bitwise identity, factor gradients included."""
+    gate, up, down, ids, w, x, dy, lora = lora_case(6, 72, 40, 60, 2, "skewed")
     got = _run(make_layer(gate, up, down, torch.bfloat16, weights="int8"), x, ids, w, dy, lora)
     want = _run(make_layer(dequantized(gate), dequantized(up), dequantized(down), torch.bfloat16),
                 x, ids, w, dy, lora)

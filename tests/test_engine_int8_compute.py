@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 import kt_sft.engine as ke
 from moe_reference import make_experts, make_routing, reference_grads, rel_err
-from test_engine_int8 import SHAPES, _run
-from test_engine_lora import make_lora
+from test_engine_int8 import SHAPES, _run, lora_case
 from test_engine_parity import make_layer
 
 
@@ -131,13 +130,7 @@ def test_int8_gemms_with_expert_lora(isa):
     """LoRA epilogues are unchanged: with int8 GEMMs the adapter outputs and factor gradients stay within
     activation-quantization error of the W8A16 layer (whose own LoRA is tested exactly elsewhere), and a LoRA
     of zeros changes nothing."""
-    E, H, I, T, k = 6, 64, 96, 50, 2
-    gen = torch.Generator().manual_seed(5)
-    gate, up, down = make_experts(E, H, I, gen, torch.float32)
-    ids, w = make_routing(T, E, k, "uniform", gen)
-    x = torch.randn(T, H, generator=gen).bfloat16()
-    dy = torch.randn(T, H, generator=gen).bfloat16()
-    lora = make_lora(E, H, I, 4, 8, gen)
+    gate, up, down, ids, w, x, dy, lora = lora_case(6, 64, 96, 50, 2, "uniform")
     got = _run(make_layer(gate, up, down, torch.bfloat16, weights="int8", int8_compute=True), x, ids, w, dy, lora)
     ref = _run(make_layer(gate, up, down, torch.bfloat16, weights="int8"), x, ids, w, dy, lora)
     for i, (a, b) in enumerate(zip(got, ref)):

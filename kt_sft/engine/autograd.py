@@ -112,8 +112,8 @@ class _HostCopy:
     after) waits for the copy."""
 
     def __init__(self, t: torch.Tensor) -> None:
-        if t.device.type != "cuda":
-            self.host, self.done = t.to("cpu"), None
+        if t.device.type != "cuda":  # a copy even on the CPU: the caller goes on to use t
+            self.host, self.done = t.to("cpu", copy=True), None
             return
         self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         self.host.copy_(t, non_blocking=True)
@@ -297,15 +297,15 @@ class MoEExpertsFunction(torch.autograd.Function):
             if job is not None:
                 res = job.result()
 
-        def total(needed, name, meta, engine_part, share_part):
+        def total(needed, name, meta, engine_grad, share_grad):
             """An input gradient: the engine's (host, or None) plus the share's (fp32 on the device, or None)."""
             if not needed:
                 return None
-            if share_part is None:
-                return _from_engine(name, engine_part, *meta)
-            if engine_part is None:
-                return share_part.to(meta[1])
-            return (_from_engine(name, engine_part, meta[0], torch.float32) + share_part).to(meta[1])
+            if share_grad is None:
+                return _from_engine(name, engine_grad, *meta)
+            if engine_grad is None:
+                return share_grad.to(meta[1])
+            return (_from_engine(name, engine_grad, meta[0], torch.float32) + share_grad).to(meta[1])
 
         dx = total(ctx.needs_input_grad[0], "dx", ctx.x_meta, None if res is None else res[0],
                    None if share is None else s_dx)

@@ -176,6 +176,7 @@ class GpuShare:
             unpacked = 3 * self.Ip * self.Hp * (4 if layer.dtype == torch.float32 else 2)
             chunk = max(1, round(CHUNK_BYTES / unpacked))
         self.min_tokens, self.chunk = int(min_tokens), int(chunk)
+        self.chunks = -(-self.n // self.chunk)  # chunk j holds share experts [j * chunk, (j + 1) * chunk)
         self.kind = ("int8_quads" if eng.int8_compute else "int8") if eng.int8_weights else \
             ("float32" if layer.dtype == torch.float32 else "bfloat16")
         elem = {"int8": 1, "int8_quads": 1, "bfloat16": 2, "float32": 4}[self.kind]
@@ -211,11 +212,11 @@ class GpuShare:
         bounds = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
         # grouped_mm's offsets of every chunk (row ends of its experts, relative to the chunk), and the row
         # indices, cross in one page-locked copy each: no host wait on the GPU inside the chunk loop
-        starts = range(0, self.n, self.chunk)
-        offs = torch.zeros(len(starts), self.chunk, dtype=torch.int32)
-        for i, a in enumerate(starts):
+        offs = torch.zeros(self.chunks, self.chunk, dtype=torch.int32)
+        for j in range(self.chunks):
+            a = j * self.chunk
             c = min(self.chunk, self.n - a)
-            offs[i, :c] = counts[a:a + c].cumsum(0)
+            offs[j, :c] = counts[a:a + c].cumsum(0)
         plan = dict(pos=self._upload(pos), tok=self._upload(pos // k), offs=self._upload(offs),
                     counts=counts.tolist(), bounds=bounds, k=k)
         return ids_host.masked_fill(share, -1), plan
@@ -251,20 +252,20 @@ class GpuShare:
         for the router's output), so the copy engine works while the host waits and prepares the call. The next
         call of this share uses them; any other share's copies replace them."""
         if self.cuda and (self.ring.prefetched is None or self.ring.prefetched[0] is not self):
-            first = [self._issue(j) for j in range(min(2, len(range(0, self.n, self.chunk))))]
+            first = [self._issue(j) for j in range(min(2, self.chunks))]
             self.ring.prefetched = (self, first)
 
     def _chunks(self):
         """Yields (first expert of the chunk relative to the share, experts, gate, up, down matrices [c][N][K])."""
         Np, Kp = (self.Ip, self.Ip, self.Hp), (self.Hp, self.Hp, self.Ip)
-        starts = list(range(0, self.n, self.chunk))
         pre = self.ring.prefetched if self.cuda else None
         if pre is not None and pre[0] is self:
             pending = pre[1]
             self.ring.prefetched = None
         else:
-            pending = [self._issue(j) for j in range(min(2, len(starts)))]
-        for j, a in enumerate(starts):
+            pending = [self._issue(j) for j in range(min(2, self.chunks))]
+        for j in range(self.chunks):
+            a = j * self.chunk
             c = min(self.chunk, self.n - a)
             raw, copied = pending[j]
             if self.cuda:
@@ -275,7 +276,7 @@ class GpuShare:
                 freed = torch.cuda.Event()
                 freed.record(torch.cuda.current_stream(self.device))
                 self.ring.freed[j % 2] = freed
-            if j + 2 < len(starts):
+            if j + 2 < self.chunks:
                 pending.append(self._issue(j + 2))
             gate, up, down = mats
             yield a, c, gate[:, :self.I, :self.H], up[:, :self.I, :self.H], down[:, :self.H, :self.I]
