@@ -9,8 +9,10 @@
 // Variants:  base, pad, pfAB1 (pad + prefetcht0 of the next k step's A rows and B slices), nopad_pfAB1,
 //            tileA, tileA_pf1, and two ceilings of the same instruction mix: ceil_L1 (every step reloads the
 //            first step's tiles: all loads hit L1) and ceil_reg (no loads in the loop: tdpbf16ps alone).
+//            pad_il / pad_pipe and their ceil_L1_ twins: the same step in other instruction orders (mk_order).
 //            int8 / int8_L1: the same schedule with int8 A rows and (k..k+3)-quad int8 panels (tdpbssd, 64 k
-//            per step); TFLOPS counts its multiply-adds like the bf16 ones. Every bf16 variant must write the
+//            per step); TFLOPS counts its multiply-adds like the bf16 ones. int8_pf1, int8_tileA, int8_tileA_pf1:
+//            its A lines prefetched a step ahead, or A tile-major (mk_i8_var). Every bf16 variant must write the
 //            baseline's bits, and one int8 block must equal plain int32 sums over the quad layout (both checked,
 //            the latter added after the last device run: it prints "int8 quad layout checked").
 // Findings:  BENCHMARKS.md ("AMX GEMM ceiling"). The engine itself is A/B-tested with bench_moe.py --against.
@@ -77,6 +79,7 @@ struct Variant {
   bool pf_a, pf_b;
   bool tiled = false;          // A stored as tiles: [32-row block][k step][32 rows x 64 bytes], loads 64 B apart
   int ceiling = 0;             // 1: every k step reloads the first step's tiles (L1 hits); 2: no loads in the loop
+  int order = 0;               // 1 / 2: mk_order's interleaved / pipelined step (ceiling 1: L1 only)
   int int8 = 0;                // 1: int8 A rows x int8 panels in (k..k+3) quads, tdpbssd, int32 -> scaled bf16;
                                // 2: its L1 ceiling (as ceiling 1)
 };
@@ -91,6 +94,41 @@ inline void mk_i8(const int8_t* A, size_t lda, const int8_t* B0, const int8_t* B
     _tile_loadd(5, A + 16 * lda + k, lda);
     _tile_loadd(6, B0 + size_t(k) * 16, 64);
     _tile_loadd(7, B1 + size_t(k) * 16, 64);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    _tile_dpbssd(2, 5, 6);
+    _tile_dpbssd(3, 5, 7);
+  }
+  store_c(C);
+}
+
+// The int8 step with its A in other layouts: TILED, A tile-major ([32-row block][64-k step][32 rows x 64 bytes],
+// 2 KiB contiguous per step: two streams of A instead of 32); PF, prefetcht0 of the next step's A lines and B
+// slices.
+template <bool TILED, bool PF>
+inline void mk_i8_var(const int8_t* A, size_t lda, const int8_t* B0, const int8_t* B1, int K, int32_t* C) {
+  zero_c();
+  for (int k0 = 0; k0 < K; k0 += 64) {
+    if (PF && k0 + 64 < K) {
+      const int kp = k0 + 64;
+      if (TILED)
+        for (int l = 0; l < 32; ++l) _mm_prefetch(reinterpret_cast<const char*>(A + size_t(kp) * 32) + 64 * l, _MM_HINT_T0);
+      else
+        for (int r = 0; r < 32; ++r) _mm_prefetch(reinterpret_cast<const char*>(A + r * lda + kp), _MM_HINT_T0);
+      for (int l = 0; l < 16; ++l) {
+        _mm_prefetch(reinterpret_cast<const char*>(B0 + size_t(kp) * 16) + 64 * l, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(B1 + size_t(kp) * 16) + 64 * l, _MM_HINT_T0);
+      }
+    }
+    if (TILED) {
+      _tile_loadd(4, A + size_t(k0) * 32, 64);
+      _tile_loadd(5, A + size_t(k0) * 32 + 1024, 64);
+    } else {
+      _tile_loadd(4, A + k0, lda);
+      _tile_loadd(5, A + 16 * lda + k0, lda);
+    }
+    _tile_loadd(6, B0 + size_t(k0) * 16, 64);
+    _tile_loadd(7, B1 + size_t(k0) * 16, 64);
     _tile_dpbssd(0, 4, 6);
     _tile_dpbssd(1, 4, 7);
     _tile_dpbssd(2, 5, 6);
@@ -116,6 +154,47 @@ inline void mk_ceiling(const uint16_t* A, size_t lda, const uint16_t* B0, const 
       _tile_loadd(7, B1, 64);
     }
     dp_2x2();
+  }
+  store_c(C);
+}
+
+// Instruction orders of the same 2x2 step (tile registers are not renamed, so a load into a tile waits until
+// the last tdpbf16ps reading it has read it): ORDER 1 interleaves each load just before its first use
+// (A0 B0 d00 B1 d01 A1 d10 d11); ORDER 2 software-pipelines, loading the next step's tile right after the last
+// use of the current one (d00 d01 A0' d10 B0' d11 A1' B1'). L1ONLY: every step reloads the first step's tiles.
+template <int ORDER, bool L1ONLY>
+inline void mk_order(const uint16_t* A, size_t lda, const uint16_t* B0, const uint16_t* B1, int K, float* C) {
+  const size_t sa = lda * 2;
+  const uint16_t* A1 = A + 16 * lda;
+  zero_c();
+  if (ORDER == 1) {
+    for (int k0 = 0; k0 < K; k0 += 32) {
+      const int k = L1ONLY ? 0 : k0;
+      _tile_loadd(4, A + k, sa);
+      _tile_loadd(6, B0 + size_t(k) * kPanel, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_loadd(7, B1 + size_t(k) * kPanel, 64);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_loadd(5, A1 + k, sa);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  } else {
+    _tile_loadd(4, A, sa);
+    _tile_loadd(6, B0, 64);
+    _tile_loadd(7, B1, 64);
+    _tile_loadd(5, A1, sa);
+    for (int k0 = 0; k0 < K; k0 += 32) {
+      const int kn = L1ONLY ? 0 : std::min(k0 + 32, K - 32);  // the last step reloads itself (harmless)
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_loadd(4, A + kn, sa);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_loadd(6, B0 + size_t(kn) * kPanel, 64);
+      _tile_dpbf16ps(3, 5, 7);
+      _tile_loadd(5, A1 + kn, sa);
+      _tile_loadd(7, B1 + size_t(kn) * kPanel, 64);
+    }
   }
   store_c(C);
 }
@@ -185,6 +264,7 @@ struct Problem {
 struct Data {
   std::vector<uint16_t> a_plain, a_pad, a_tiled, w;
   std::vector<int8_t> a_i8;  // [rows][K + 64]
+  std::vector<int8_t> a_i8_tiled;  // [32-row block][K / 64][32 rows x 64]
   std::vector<uint16_t> out;  // [E*M][N] bf16
 };
 
@@ -216,6 +296,10 @@ Data make_data(const Problem& p) {
       d.a_tiled[(r / 32) * 32 * p.K + size_t(k / 32) * 1024 + (r % 32) * 32 + k % 32] = d.a_plain[r * p.K + k];
   for (auto& x : d.w) x = to_bf16(rnd() * 0.05f);
   for (auto& x : d.a_i8) x = int8_t(int(rnd() * 200));
+  d.a_i8_tiled.resize(rows * p.K);
+  for (size_t r = 0; r < rows; ++r)
+    for (int k = 0; k < p.K; ++k)
+      d.a_i8_tiled[(r / 32) * 32 * p.K + size_t(k / 64) * 2048 + (r % 32) * 64 + k % 64] = d.a_i8[r * (p.K + 64) + k];
   return d;
 }
 
@@ -282,10 +366,19 @@ double run_variant(Pool& pool, const Problem& p, Data& d, const Variant& v) {
           static thread_local int32_t Ci[32 * 32];
           const int8_t* W8 = reinterpret_cast<const int8_t*>(d.w.data()) + (size_t(e) * p.N + size_t(2 * b) * kPanel) * p.K;
           const int8_t* A8 = d.a_i8.data() + row * (p.K + 64);
-          if (v.int8 == 1) mk_i8<false>(A8, p.K + 64, W8, W8 + size_t(p.K) * kPanel, p.K, Ci);
-          else mk_i8<true>(A8, p.K + 64, W8, W8 + size_t(p.K) * kPanel, p.K, Ci);
+          const int8_t* W1 = W8 + size_t(p.K) * kPanel;
+          const int8_t* T8 = d.a_i8_tiled.data() + row * p.K;
+          if (v.int8 == 1) mk_i8<false>(A8, p.K + 64, W8, W1, p.K, Ci);
+          else if (v.int8 == 2) mk_i8<true>(A8, p.K + 64, W8, W1, p.K, Ci);
+          else if (v.int8 == 3) mk_i8_var<false, true>(A8, p.K + 64, W8, W1, p.K, Ci);
+          else if (v.int8 == 4) mk_i8_var<true, false>(T8, 0, W8, W1, p.K, Ci);
+          else mk_i8_var<true, true>(T8, 0, W8, W1, p.K, Ci);
           for (int m = 0; m < 32 * 32; m += 16)  // int32 -> float x (row scale x column scale), as an engine would
             _mm512_storeu_ps(C + m, _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xffff, _mm512_loadu_si512(Ci + m)), _mm512_set1_ps(1e-3f)));
+        } else if (v.order) {
+          const uint16_t* b1 = B0 + size_t(p.K) * kPanel;
+          if (v.order == 1) (v.ceiling ? mk_order<1, true> : mk_order<1, false>)(A + row * lda, lda, B0, b1, p.K, C);
+          else (v.ceiling ? mk_order<2, true> : mk_order<2, false>)(A + row * lda, lda, B0, b1, p.K, C);
         } else if (v.ceiling) {
           if (v.ceiling == 1) mk_ceiling<1>(A + row * lda, lda, B0, B0 + size_t(p.K) * kPanel, p.K, C);
           else mk_ceiling<2>(A + row * lda, lda, B0, B0 + size_t(p.K) * kPanel, p.K, C);
@@ -344,23 +437,37 @@ int main(int argc, char** argv) {
   vs.back().ceiling = 1;
   vs.push_back({"ceil_reg", true, 0, false, false});
   vs.back().ceiling = 2;
+  for (int o = 1; o <= 2; ++o) {
+    vs.push_back({o == 1 ? "pad_il" : "pad_pipe", true, 0, false, false});
+    vs.back().order = o;
+    vs.push_back({o == 1 ? "ceil_L1_il" : "ceil_L1_pipe", true, 0, false, false});
+    vs.back().order = o;
+    vs.back().ceiling = 1;
+  }
   vs.push_back({"int8", true, 0, false, false});
   vs.back().int8 = 1;
   vs.push_back({"int8_L1", true, 0, false, false});
   vs.back().int8 = 2;
+  const char* i8names[] = {"int8_pf1", "int8_tileA", "int8_tileA_pf1"};
+  for (int k = 0; k < 3; ++k) {
+    vs.push_back({i8names[k], true, 0, false, false});
+    vs.back().int8 = 3 + k;
+  }
   Pool pool(threads);
   const Problem probs[] = {{"gate_up", 64, 384, 2048, 2816, 2}, {"down", 64, 384, 1408, 2048, 1}};
   for (const Problem& p : probs) {
     Data d = make_data(p);
     std::printf("%s: int8 quad layout %s\n", p.name, int8_layout_holds(p, d) ? "checked" : "WRONG");
     std::vector<std::vector<double>> tf(vs.size());
-    uint64_t want = 0;  // every variant must write the baseline's bits (same sums in the same order)
+    uint64_t want = 0, want8 = 0;  // every variant must write the baseline's bits (same sums in the same order)
     for (size_t i = 0; i < vs.size(); ++i) {  // warm-up: first touch
       std::fill(d.out.begin(), d.out.end(), uint16_t(0));
       run_variant(pool, p, d, vs[i]);
       uint64_t h = 1469598103934665603ull;
       for (uint16_t x : d.out) h = (h ^ x) * 1099511628211ull;
       if (i == 0) want = h;
+      if (vs[i].int8 == 1) want8 = h;
+      if (vs[i].int8 > 2 && h != want8) std::printf("  %s: OUTPUT DIFFERS from int8\n", vs[i].name.c_str());
       if (h != want && !vs[i].ceiling && !vs[i].int8) std::printf("  %s: OUTPUT DIFFERS from base\n", vs[i].name.c_str());
     }
     for (int r = 0; r < rounds; ++r)

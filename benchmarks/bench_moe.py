@@ -122,8 +122,9 @@ def make_lora(a: argparse.Namespace, rank: int) -> ke.ExpertLoRA:
 class EngineVariant:
     """One engine configuration (layer + optional LoRA) timed in forward/backward pairs."""
 
-    def __init__(self, name: str, layer: ke.ExpertLayer, lora=None, engine=ke) -> None:
-        self.name, self.layer, self.lora, self.engine = name, layer, lora, engine
+    def __init__(self, name: str, layer: ke.ExpertLayer, lora=None, engine=ke, against=None) -> None:
+        # against: our variant that an --against row is compared with (same weights and GEMM dtype)
+        self.name, self.layer, self.lora, self.engine, self.against = name, layer, lora, engine, against
         self.fwd, self.bwd, self.phases, self.state = [], [], {}, {}
 
     def warm(self, x, ids, w, dy) -> None:
@@ -240,6 +241,10 @@ def main() -> None:
     gate_up, down, ids, w, x, dy = inputs
     frozen = EngineVariant(f"kt-sft ({ke.current_isa()})", ke.ExpertLayer.from_fused(gate_up, down, dtype=torch.bfloat16))
     variants = [frozen]
+    ours_int8 = None
+    if a.int8:
+        ours_int8 = EngineVariant("kt-sft int8 GEMMs", ke.ExpertLayer.from_fused(
+            gate_up, down, dtype=torch.bfloat16, weights="int8", int8_compute=True))
     for i, checkout in enumerate(a.against):
         other = load_other_engine(checkout, f"kt_sft_against{i}")
         if a.isa:
@@ -247,14 +252,17 @@ def main() -> None:
         other.set_num_threads(threads)
         label = pathlib.Path(checkout).resolve().name[:12]
         variants.append(EngineVariant(f"{label} ({other.current_isa()})", other.ExpertLayer.from_fused(
-            gate_up, down, dtype=torch.bfloat16), engine=other))
+            gate_up, down, dtype=torch.bfloat16), engine=other, against=frozen))
+        if a.int8:
+            variants.append(EngineVariant(f"{label} int8 GEMMs", other.ExpertLayer.from_fused(
+                gate_up, down, dtype=torch.bfloat16, weights="int8", int8_compute=True), engine=other,
+                against=ours_int8))
     if a.lora_rank > 0:
         variants.append(EngineVariant(f"kt-sft + LoRA r={a.lora_rank}", frozen.layer, make_lora(a, a.lora_rank)))
     if a.int8:
         variants.append(EngineVariant("kt-sft int8 weights", ke.ExpertLayer.from_fused(
             gate_up, down, dtype=torch.bfloat16, weights="int8")))
-        variants.append(EngineVariant("kt-sft int8 GEMMs", ke.ExpertLayer.from_fused(
-            gate_up, down, dtype=torch.bfloat16, weights="int8", int8_compute=True)))
+        variants.append(ours_int8)
     bench_engines(a, variants, ids, w, x, dy)
     print(header)
     for v in variants:
@@ -263,9 +271,10 @@ def main() -> None:
     f_fwd, f_bwd = frozen.medians()
     for v in variants[1:]:
         v_fwd, v_bwd = v.medians()
-        if v.engine is not ke:
-            print(f"ours / {v.name} tokens/s: {(v_fwd + v_bwd) / (f_fwd + f_bwd):.3f}x "
-                  f"(fwd {v_fwd / f_fwd:.3f}x, bwd {v_bwd / f_bwd:.3f}x)")
+        if v.against is not None:
+            o_fwd, o_bwd = v.against.medians()
+            print(f"{v.against.name} / {v.name} tokens/s: {(v_fwd + v_bwd) / (o_fwd + o_bwd):.3f}x "
+                  f"(fwd {v_fwd / o_fwd:.3f}x, bwd {v_bwd / o_bwd:.3f}x)")
         elif v.lora is not None:
             print(f"LoRA overhead (frozen-only tokens/s / with-LoRA tokens/s): {(v_fwd + v_bwd) / (f_fwd + f_bwd):.3f}x "
                   f"(fwd {v_fwd / f_fwd:.3f}x, bwd {v_bwd / f_bwd:.3f}x); TF/s columns count the frozen flops only")
