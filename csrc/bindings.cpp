@@ -184,6 +184,7 @@ PYBIND11_MODULE(_engine, m) {
       .def_property_readonly("intermediate", &MoELayer::intermediate)
       .def_property_readonly("dtype", [](const MoELayer& l) { return dtype_name(l.wtype()); })
       .def_property_readonly("max_saved", &MoELayer::max_saved)
+      .def("grow_saved", &MoELayer::grow_saved, py::arg("n"), "at least n saved-forward slots (never fewer)")
       .def_property_readonly("packed_bytes", &MoELayer::packed_bytes)
       .def_property_readonly("saved_bytes", &MoELayer::saved_bytes);
 }

@@ -625,6 +625,12 @@ std::pair<const void*, size_t> MoELayer::scale_storage(int which) const {
   return {b.get(), size_t(E_) * (which == 2 ? Hp_ : Ip_) * sizeof(float)};
 }
 
+void MoELayer::grow_saved(int n) {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);  // slot pointers live only inside calls that hold this lock
+  if (n > int(slots_.size())) slots_.resize(size_t(n));
+}
+
 void MoELayer::release(uint64_t handle) {
   Engine& eng = engine();
   std::lock_guard<std::mutex> lock(eng.mu);

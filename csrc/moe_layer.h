@@ -114,6 +114,8 @@ class MoELayer {
   int intermediate() const { return I_; }
   int wtype() const { return wtype_; }
   int max_saved() const { return int(slots_.size()); }
+  // At least n slots from now on (never fewer): a caller that splits one batch into n calls saves n forwards.
+  void grow_saved(int n);
   // Weight memory: panels plus the int8 scales.
   size_t packed_bytes() const {
     return 3 * size_t(E_) * expert_elems_ * weight_elem_bytes() + (wq_ ? size_t(E_) * (2 * Ip_ + Hp_) * sizeof(float) : 0);

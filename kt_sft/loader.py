@@ -68,14 +68,29 @@ def _check_config(path: Path, config) -> None:
 
 def _experts_modules(model: torch.nn.Module, family: MoEFamily) -> dict[int, torch.nn.Module]:
     pattern = family.experts_module_regex()
-    found = {}
+    found, elsewhere, unfused = {}, [], []
     for name, module in model.named_modules():
         m = pattern.match(name)
-        if m and "gate_up_proj" in module._parameters and "down_proj" in module._parameters:
+        if not ("gate_up_proj" in module._parameters and "down_proj" in module._parameters):
+            if m:
+                unfused.append(name)
+            continue
+        if m:
             found[int(m["layer"])] = module
-    if not found:
+        else:
+            elsewhere.append(name)
+    if not found and elsewhere:
         raise ValueError(f"no experts module matches {family.experts_module!r} in this {type(model).__name__} "
-                         f"(rule {family.source}); check experts_module in the rule file")
+                         f"(rule {family.source}), whose experts modules are at {', '.join(elsewhere[:2])}"
+                         f"{', ...' if len(elsewhere) > 2 else ''}; check experts_module in the rule file")
+    if not found and unfused:
+        raise ValueError(f"{unfused[0]} ({type(model).__name__}, rule {family.source}) holds no fused gate_up_proj / "
+                         "down_proj expert parameters: kt-sft runs transformers 5's fused experts modules "
+                         "(@use_experts_implementation); check experts_module in the rule file")
+    if not found:
+        raise ValueError(f"this {type(model).__name__} has no routed-expert (MoE) layers: every layer of its config "
+                         "is dense (e.g. first_k_dense_replace, mlp_only_layers or decoder_sparse_step cover all "
+                         "layers), so there is nothing to offload; load it without kt-sft (unset USE_KT)")
     return found
 
 
@@ -196,7 +211,8 @@ def load_model(
         raise ValueError(f"config model_type {config.model_type!r} does not match {path / 'config.json'} "
                          f"({model_type!r})")
     _check_config(path, config)
-    hidden_act = getattr(config, "hidden_act", None)
+    hidden_act = next((getattr(config, a) for a in ("hidden_act", "hidden_activation", "activation_function")
+                       if getattr(config, a, None) is not None), None)
     if not family.accepts_activation(hidden_act):
         raise ValueError(f"{path}: hidden_act={hidden_act!r}, but the engine runs {family.activation}-gated experts")
     if threads:

@@ -217,3 +217,69 @@ def test_lora_target_split_for_engine_models():
     with pytest.raises(ValueError, match=r"'mlp.experts.w13' matches no routed-expert parameter of this model; "
                                          r"its expert parameters are model.layers.0.mlp.experts.gate_up_proj"):
         resolve_expert_targets(model, *split_lora_targets(model, ["all", "mlp.experts.w13"])[1:])
+
+
+@pytest.fixture(scope="module")
+def dsv2_with_dense_mlps(tmp_path_factory):
+    """A tiny deepseek_v2 on the engine: a dense first layer and shared experts, whose MLP linears are named
+    gate_proj / up_proj / down_proj like the routed experts' projections."""
+    import torch
+
+    import kt_sft
+    from tiny_models import make_tiny_checkpoint
+
+    path = tmp_path_factory.mktemp("dsv2")
+    make_tiny_checkpoint("deepseek_v2", path)
+    return path, kt_sft.load_model(path, device="cpu", dtype=torch.float32, progress=False)
+
+
+def test_lora_target_names_keep_stock_meaning_where_modules_match(dsv2_with_dense_mlps):
+    """`lora_target: all` (LLaMA-Factory expands it before get_peft_model) and dotted dense / shared-expert names
+    target modules exactly as stock PEFT would; only `experts`, the experts module path and parameter names that
+    no module has name the routed experts."""
+    from llamafactory.model.model_utils.misc import find_all_linear_modules
+
+    from kt_sft.llamafactory.patches import split_lora_targets
+    from kt_sft.models.expert_lora import resolve_expert_targets
+
+    _, model = dsv2_with_dense_mlps
+    expanded = find_all_linear_modules(model, freeze_vision_tower=True)
+    assert "down_proj" in expanded
+    assert split_lora_targets(model, expanded) == (sorted(expanded), [])
+    for dense in ("shared_experts.down_proj", "mlp.down_proj", "down_proj"):
+        assert split_lora_targets(model, ["q_proj", dense]) == (sorted(["q_proj", dense]), [])
+    modules, experts = split_lora_targets(model, ["all", "experts"])
+    assert "down_proj" in modules and experts == ["experts"]
+    for name in ("mlp.experts", "mlp.experts.down_proj", "experts.gate_up_proj"):
+        assert split_lora_targets(model, ["q_proj", name]) == (["q_proj"], [name])
+    assert resolve_expert_targets(model, ["mlp.experts"]) == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def test_lora_all_wraps_the_same_modules_as_stock(dsv2_with_dense_mlps):
+    """Through the hook's get_peft_model, LLaMA-Factory's expansion of `all` puts LoRA on exactly the modules stock
+    PEFT wraps on the stock model (routed experts frozen), and a routed-expert target with lora_dropout > 0 is
+    refused naming lora_dropout (PEFT has no dropout for target_parameters)."""
+    import types
+
+    import peft
+    import torch
+    from llamafactory.model.model_utils.misc import find_all_linear_modules
+    from transformers import AutoModelForCausalLM
+
+    from kt_sft.llamafactory.patches import patch_adapter
+
+    path, model = dsv2_with_dense_mlps
+    adapter = types.SimpleNamespace(get_peft_model=peft.get_peft_model, PeftModel=peft.PeftModel)
+    patch_adapter(adapter)
+    stock = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+    def lora_names(m, targets, dropout=0.0):
+        cfg = peft.LoraConfig(r=2, target_modules=list(targets), lora_dropout=dropout)
+        wrapped = (adapter.get_peft_model if m is model else peft.get_peft_model)(m, cfg)
+        return sorted(n for n, _ in wrapped.named_parameters() if "lora_" in n)
+
+    with pytest.raises(ValueError, match=r"lora_dropout=0.05: LoRA on the routed experts \(lora_target experts\)"):
+        lora_names(model, ["q_proj", "experts"], dropout=0.05)
+    ours = lora_names(model, find_all_linear_modules(model, freeze_vision_tower=True), dropout=0.05)
+    want = lora_names(stock, find_all_linear_modules(stock, freeze_vision_tower=True), dropout=0.05)
+    assert ours == want and any("shared_experts.down_proj" in n for n in ours)

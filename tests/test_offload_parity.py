@@ -334,6 +334,16 @@ def test_unsupported_model_type(tmp_path, how):
     assert all(f in msg for f in FAMILIES), f"supported families not listed: {msg}"
 
 
+def test_model_without_moe_layers_says_so(tmp_path):
+    """A supported family configured with every layer dense: the error says there is nothing to offload, not that
+    the rule file is wrong."""
+    from tiny_models import make_tiny_model
+
+    make_tiny_model("deepseek_v3", first_k_dense_replace=3).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"has no routed-expert \(MoE\) layers: every layer of its config is dense"):
+        load_model(tmp_path, dtype=torch.float32)
+
+
 def _victim(path) -> tuple[str, str]:
     """(on-disk key of expert 3's gate in the first MoE layer, its shard file)."""
     disk = expert_keys_on_disk(path)

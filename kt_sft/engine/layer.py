@@ -187,6 +187,15 @@ class ExpertLayer:
         self._layer.backward(int(handle), T, k, dy.data_ptr(), dx.data_ptr(), dw.data_ptr(), **largs)
         return (dx, dw) if grads is None else (dx, dw, grads)
 
+    def grow_saved(self, n: int) -> None:
+        """Keep at least `n` saved forwards from now on (engine slots and the retained-forward cache alike)."""
+        if n > self.max_saved:
+            self._layer.grow_saved(int(n))
+            self.max_saved = int(n)
+            retained = getattr(self, "_retained", None)
+            if retained is not None:
+                retained.capacity = max(retained.capacity, int(n))
+
     def release(self, handle: int) -> None:
         """Drop what a forward saved (its backward will not come)."""
         if handle:

@@ -33,7 +33,8 @@ KEYS: dict[str, str] = {
                       "tokens compute on the GPU, their weights streamed from RAM per call while the CPU engine "
                       "runs the rest (default 0: all on the CPU). Costs GPU memory for a few experts at a time.",
     "kt_max_cache_depth": "Forward results each MoE layer keeps for backward (default 4; raise it if an error says "
-                          "a saved forward was evicted).",
+                          "a saved forward was evicted). A chunk_size split raises it, per layer, to the number of "
+                          "calls a batch needs.",
     "kt_expert_checkpoint_path": "Directory whose safetensors hold the routed-expert tensors when they are not in "
                                  "model_name_or_path (same key names). Default: model_name_or_path.",
     "kt_weight_path": "Pre-quantized KTransformers .kt expert files: not supported (kt-sft reads safetensors).",

@@ -139,14 +139,17 @@ def patch_sft_workflow(workflow_module) -> None:
 def split_lora_targets(model, target_modules) -> tuple[list[str], list[str]]:
     """LLaMA-Factory's lora_target list -> (target_modules, expert target_parameters) for an engine model.
 
-    `experts`, `gate_up_proj`, `down_proj` and `...experts.<param>` name the routed experts; `all` expands to
-    LLaMA-Factory's own "every linear" list (what `lora_target: all` means when it stands alone)."""
+    Names keep stock PEFT's meaning wherever they match modules (so `lora_target: all`, which LLaMA-Factory
+    expands to every linear including dense and shared-expert `down_proj`s, targets exactly what it targets
+    without kt-sft); `experts`, `mlp.experts`, and `gate_up_proj` / `down_proj` / `mlp.experts.<param>` where no
+    module has that name, name the routed experts (expert_lora.names_routed_experts). `all` next to other names
+    expands to LLaMA-Factory's "every linear" list (what it means when it stands alone)."""
     from llamafactory.model.model_utils.misc import find_all_linear_modules
 
-    from ..models.expert_lora import EXPERT_ALIASES, EXPERT_PARAMS
+    from ..models.expert_lora import names_routed_experts
 
     names = [target_modules] if isinstance(target_modules, str) else list(target_modules or [])
-    experts = [n for n in names if n in EXPERT_ALIASES or n.rsplit(".", 1)[-1] in EXPERT_PARAMS or "experts." in n]
+    experts = [n for n in names if n != "all" and names_routed_experts(model, n)]
     modules = [n for n in names if n not in experts]
     if "all" in modules:
         modules = [n for n in modules if n != "all"] + find_all_linear_modules(model, freeze_vision_tower=True)
@@ -168,6 +171,10 @@ def patch_adapter(adapter_module) -> None:
         if not expert_lora.engine_experts_modules(model):
             return original_get(model, peft_config, *args, **kwargs)
         modules, experts = split_lora_targets(model, peft_config.target_modules)
+        if experts and getattr(peft_config, "lora_dropout", 0):
+            raise ValueError(f"lora_dropout={peft_config.lora_dropout}: LoRA on the routed experts (lora_target "
+                             f"{', '.join(experts)}) needs lora_dropout: 0 (PEFT applies no dropout to "
+                             "target_parameters); set lora_dropout: 0 or leave the routed experts out of lora_target")
         if experts:
             peft_config.target_modules = modules
             peft_config.target_parameters = list(getattr(peft_config, "target_parameters", None) or []) + experts

@@ -31,7 +31,8 @@ from ..engine import ExpertLoRA
 from .experts import kt_experts_forward
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
-# Names `lora_target` / target_parameters may use for the routed experts (besides "<module path>.<param>").
+# Names `lora_target` / target_parameters may use for the routed experts (besides "<module path>.<param>"); they
+# resolve against each family's own experts module (mlp.experts, feed_forward.experts, ...).
 EXPERT_ALIASES = {"experts": EXPERT_PARAMS, "gate_up_proj": ("gate_up_proj",), "down_proj": ("down_proj",)}
 
 
@@ -44,13 +45,57 @@ def expert_parameter_names(model: nn.Module) -> list[str]:
     return [f"{name}.{p}" for name in engine_experts_modules(model) for p in EXPERT_PARAMS]
 
 
+def _matches(full_name: str, target: str) -> bool:
+    """PEFT's rule for a string target: the whole name or a dotted suffix of it."""
+    return full_name == target or full_name.endswith("." + target)
+
+
+def experts_paths(model: nn.Module) -> list[str]:
+    """Each engine experts module's path below its layer index (`mlp.experts` for model.layers.3.mlp.experts),
+    the form adapters name them by; the whole name where it has no index."""
+    paths = []
+    for name in engine_experts_modules(model):
+        parts = name.split(".")
+        last_index = max((i for i, p in enumerate(parts) if p.isdigit()), default=-1)
+        path = ".".join(parts[last_index + 1:]) or name
+        if path not in paths:
+            paths.append(path)
+    return paths
+
+
+def names_routed_experts(model: nn.Module, target: str) -> bool:
+    """Whether one `lora_target` entry names the routed experts (-> target_parameters) rather than modules.
+
+    Stock PEFT's meaning comes first: a name that matches any other module of the model (a dense or shared-expert
+    `down_proj`, `shared_experts.down_proj`, ...) stays a module target, as it would without kt-sft. The routed
+    experts are named by `experts`, by their module path (`mlp.experts`), or by a parameter suffix
+    (`gate_up_proj`, `mlp.experts.down_proj`) that no module name matches. A name that matches nothing but looks
+    like an expert parameter (`...experts.<x>`, `<x>.down_proj`) also lands here, so its error lists the real
+    expert parameter names."""
+    experts = engine_experts_modules(model)
+    if target == "experts" or any(_matches(name, target) for name in experts):
+        return True
+    if any(_matches(name, target) for name, _ in model.named_modules() if name and name not in experts):
+        return False
+    if any(_matches(full, target) for full in expert_parameter_names(model)):
+        return True
+    return target.rsplit(".", 1)[-1] in EXPERT_PARAMS or "experts." in target
+
+
 def resolve_expert_targets(model: nn.Module, names) -> list[str]:
-    """target_parameters entries for `names` (aliases or parameter-name suffixes); error when one matches nothing."""
+    """target_parameters entries for `names` (aliases, experts module paths or parameter-name suffixes); error when
+    one matches nothing."""
     full = expert_parameter_names(model)
+    experts = engine_experts_modules(model)
     out = []
     for name in names:
-        suffixes = [f"mlp.experts.{p}" for p in EXPERT_ALIASES[name]] if name in EXPERT_ALIASES else [name]
-        for suffix in suffixes:
+        if name in EXPERT_ALIASES:
+            suffixes = [f"{path}.{p}" for path in experts_paths(model) for p in EXPERT_ALIASES[name]]
+        elif any(_matches(module, name) for module in experts):
+            suffixes = [f"{name}.{p}" for p in EXPERT_PARAMS]
+        else:
+            suffixes = [name]
+        for suffix in suffixes or [name]:
             if not any(f == suffix or f.endswith("." + suffix) for f in full):
                 shown = ", ".join(full[:4]) + (", ..." if len(full) > 4 else "")
                 raise ValueError(f"target {name!r} matches no routed-expert parameter of this model; its expert "

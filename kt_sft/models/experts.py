@@ -34,9 +34,10 @@ def kt_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
         return moe_experts(x, ids, weights, layer, retain=retain, lora=lora).view(shape)
     calls = -(-x.shape[0] // chunk)
     if calls > layer.max_saved and (retain or torch.is_grad_enabled()):
-        raise RuntimeError(f"chunk_size={chunk} splits {x.shape[0]} tokens into {calls} engine calls, but each MoE "
-                           f"layer keeps only {layer.max_saved} saved forwards (kt_max_cache_depth); raise "
-                           f"kt_max_cache_depth to >= {calls} or chunk_size")
+        # Each call saves its own forward for backward; together they hold what one unchunked call would, so the
+        # layer keeps as many as this batch needs (batch lengths vary: a fixed kt_max_cache_depth would fail on
+        # the first batch longer than chunk_size x depth).
+        layer.grow_saved(calls)
     parts = [moe_experts(xc, ic, wc, layer, retain=retain, lora=lora)
              for xc, ic, wc in zip(x.split(chunk), ids.split(chunk), weights.split(chunk))]
     return torch.cat(parts).view(shape)

@@ -7,7 +7,7 @@ Adding a family = one file in `kt_sft/models/families/` (or any YAML passed as `
     experts_module   the transformers experts module, e.g. model.layers.{layer}.mlp.experts
     checkpoint       per-expert tensor names on disk: gate / up / down, with {layer} and {expert}
     fused_checkpoint optional fused names on disk: gate_up [E, 2I, H] (gate rows first) / down [E, H, I]
-    activation       the gated activation (config.hidden_act must be one of `activation_aliases`)
+    activation       the gated activation (config.hidden_act, where the config has one, must be one of its aliases)
     on_device        informational: what stays stock on the GPU (attention, router, shared experts, dense MLPs)
     defaults         engine_dtype (bfloat16/float32/int8) and threads (auto or n) used when the caller sets none
 """
@@ -72,7 +72,8 @@ class MoEFamily:
         return _template_regex(self.experts_module)
 
     def accepts_activation(self, hidden_act: Optional[str]) -> bool:
-        return hidden_act in ACTIVATION_ALIASES[self.activation]
+        # None: the config names no activation (its model code fixes one), so the rule's `activation` stands.
+        return hidden_act is None or hidden_act in ACTIVATION_ALIASES[self.activation]
 
 
 def load_family_file(path: str | Path) -> MoEFamily:
