@@ -24,6 +24,7 @@ LORA_TARGETS = {
     "deepseek_v3": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", *_MLP],
     "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "glm4_moe": ["q_proj", "k_proj", "v_proj", "o_proj", *_MLP],
+    "lfm2_moe": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"],  # attention, conv, dense
 }
 
 
