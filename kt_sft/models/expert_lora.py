@@ -96,7 +96,7 @@ def resolve_expert_targets(model: nn.Module, names) -> list[str]:
         else:
             suffixes = [name]
         for suffix in suffixes or [name]:
-            if not any(f == suffix or f.endswith("." + suffix) for f in full):
+            if not any(_matches(f, suffix) for f in full):
                 shown = ", ".join(full[:4]) + (", ..." if len(full) > 4 else "")
                 raise ValueError(f"target {name!r} matches no routed-expert parameter of this model; its expert "
                                  f"parameters are {shown} (use 'experts', 'gate_up_proj', 'down_proj' or a suffix "
