@@ -12,7 +12,7 @@
 //            pad_il / pad_pipe and their ceil_L1_ twins: the same step in other instruction orders (mk_order).
 //            int8 / int8_L1: the same schedule with int8 A rows and (k..k+3)-quad int8 panels (tdpbssd, 64 k
 //            per step); TFLOPS counts its multiply-adds like the bf16 ones. int8_pf1, int8_tileA, int8_tileA_pf1:
-//            its A lines prefetched a step ahead, or A tile-major (mk_i8_var). Every bf16 variant must write the
+//            its A lines prefetched a step ahead, or A tile-major (mk_i8's TILED / PF). Every bf16 variant must write the
 //            baseline's bits, and one int8 block must equal plain int32 sums over the quad layout (both checked,
 //            the latter added after the last device run: it prints "int8 quad layout checked").
 // Findings:  BENCHMARKS.md ("AMX GEMM ceiling"). The engine itself is A/B-tested with bench_moe.py --against.
@@ -85,30 +85,14 @@ struct Variant {
 };
 
 // C[32][32] (int32) = A[32][K] (int8, lda bytes apart) x quad panels B0 | B1 (K/4 rows of 16 columns x 4 k).
-template <bool L1ONLY>
+// L1ONLY: every step reloads the first step's tiles. TILED: A tile-major ([32-row block][64-k step][32 rows x 64
+// bytes], 2 KiB contiguous per step: two streams of A instead of 32; lda unused). PF: prefetcht0 of the next
+// step's A lines and B slices.
+template <bool L1ONLY, bool TILED = false, bool PF = false>
 inline void mk_i8(const int8_t* A, size_t lda, const int8_t* B0, const int8_t* B1, int K, int32_t* C) {
   zero_c();
   for (int k0 = 0; k0 < K; k0 += 64) {
     const int k = L1ONLY ? 0 : k0;
-    _tile_loadd(4, A + k, lda);
-    _tile_loadd(5, A + 16 * lda + k, lda);
-    _tile_loadd(6, B0 + size_t(k) * 16, 64);
-    _tile_loadd(7, B1 + size_t(k) * 16, 64);
-    _tile_dpbssd(0, 4, 6);
-    _tile_dpbssd(1, 4, 7);
-    _tile_dpbssd(2, 5, 6);
-    _tile_dpbssd(3, 5, 7);
-  }
-  store_c(C);
-}
-
-// The int8 step with its A in other layouts: TILED, A tile-major ([32-row block][64-k step][32 rows x 64 bytes],
-// 2 KiB contiguous per step: two streams of A instead of 32); PF, prefetcht0 of the next step's A lines and B
-// slices.
-template <bool TILED, bool PF>
-inline void mk_i8_var(const int8_t* A, size_t lda, const int8_t* B0, const int8_t* B1, int K, int32_t* C) {
-  zero_c();
-  for (int k0 = 0; k0 < K; k0 += 64) {
     if (PF && k0 + 64 < K) {
       const int kp = k0 + 64;
       if (TILED)
@@ -121,14 +105,14 @@ inline void mk_i8_var(const int8_t* A, size_t lda, const int8_t* B0, const int8_
       }
     }
     if (TILED) {
-      _tile_loadd(4, A + size_t(k0) * 32, 64);
-      _tile_loadd(5, A + size_t(k0) * 32 + 1024, 64);
+      _tile_loadd(4, A + size_t(k) * 32, 64);
+      _tile_loadd(5, A + size_t(k) * 32 + 1024, 64);
     } else {
-      _tile_loadd(4, A + k0, lda);
-      _tile_loadd(5, A + 16 * lda + k0, lda);
+      _tile_loadd(4, A + k, lda);
+      _tile_loadd(5, A + 16 * lda + k, lda);
     }
-    _tile_loadd(6, B0 + size_t(k0) * 16, 64);
-    _tile_loadd(7, B1 + size_t(k0) * 16, 64);
+    _tile_loadd(6, B0 + size_t(k) * 16, 64);
+    _tile_loadd(7, B1 + size_t(k) * 16, 64);
     _tile_dpbssd(0, 4, 6);
     _tile_dpbssd(1, 4, 7);
     _tile_dpbssd(2, 5, 6);
@@ -370,9 +354,9 @@ double run_variant(Pool& pool, const Problem& p, Data& d, const Variant& v) {
           const int8_t* T8 = d.a_i8_tiled.data() + row * p.K;
           if (v.int8 == 1) mk_i8<false>(A8, p.K + 64, W8, W1, p.K, Ci);
           else if (v.int8 == 2) mk_i8<true>(A8, p.K + 64, W8, W1, p.K, Ci);
-          else if (v.int8 == 3) mk_i8_var<false, true>(A8, p.K + 64, W8, W1, p.K, Ci);
-          else if (v.int8 == 4) mk_i8_var<true, false>(T8, 0, W8, W1, p.K, Ci);
-          else mk_i8_var<true, true>(T8, 0, W8, W1, p.K, Ci);
+          else if (v.int8 == 3) mk_i8<false, false, true>(A8, p.K + 64, W8, W1, p.K, Ci);
+          else if (v.int8 == 4) mk_i8<false, true, false>(T8, 0, W8, W1, p.K, Ci);
+          else mk_i8<false, true, true>(T8, 0, W8, W1, p.K, Ci);
           for (int m = 0; m < 32 * 32; m += 16)  // int32 -> float x (row scale x column scale), as an engine would
             _mm512_storeu_ps(C + m, _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xffff, _mm512_loadu_si512(Ci + m)), _mm512_set1_ps(1e-3f)));
         } else if (v.order) {
