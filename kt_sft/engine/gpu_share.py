@@ -214,12 +214,16 @@ class GpuShare:
         # indices, cross in one page-locked copy each: no host wait on the GPU inside the chunk loop
         offs = torch.zeros(self.chunks, self.chunk, dtype=torch.int32)
         for j in range(self.chunks):
-            a = j * self.chunk
-            c = min(self.chunk, self.n - a)
+            a, c = self._span(j)
             offs[j, :c] = counts[a:a + c].cumsum(0)
         plan = dict(pos=self._upload(pos), tok=self._upload(pos // k), offs=self._upload(offs),
                     counts=counts.tolist(), bounds=bounds, k=k)
         return ids_host.masked_fill(share, -1), plan
+
+    def _span(self, j: int) -> tuple[int, int]:
+        """Chunk j: its first expert (relative to the share) and how many experts it holds."""
+        a = j * self.chunk
+        return a, min(self.chunk, self.n - a)
 
     def _upload(self, t: torch.Tensor) -> torch.Tensor:
         if not self.cuda:
@@ -231,8 +235,7 @@ class GpuShare:
         """Queue chunk j's panels into ring slot j % 2 on the copy stream: ([gate, up, down] raw bytes, the
         copy's event; None off CUDA, where the panels are read in place)."""
         eb = self.expert_bytes
-        a = j * self.chunk
-        c = min(self.chunk, self.n - a)
+        a, c = self._span(j)
         if not self.cuda:
             return [p[a * eb:(a + c) * eb] for p in self.panels], None
         ring = self.ring
@@ -265,8 +268,7 @@ class GpuShare:
         else:
             pending = [self._issue(j) for j in range(min(2, self.chunks))]
         for j in range(self.chunks):
-            a = j * self.chunk
-            c = min(self.chunk, self.n - a)
+            a, c = self._span(j)
             raw, copied = pending[j]
             if self.cuda:
                 torch.cuda.current_stream(self.device).wait_event(copied)

@@ -67,7 +67,6 @@ class ExpertLayer:
         )
         self.int8_compute = bool(int8_compute)
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
-        self.max_saved = int(max_saved)
 
     # ------------------------------------------------------------------ loading
     def set_projection(self, which: str, weight: torch.Tensor, expert_begin: int = 0) -> None:
@@ -191,10 +190,14 @@ class ExpertLayer:
         """Keep at least `n` saved forwards from now on (engine slots and the retained-forward cache alike)."""
         if n > self.max_saved:
             self._layer.grow_saved(int(n))
-            self.max_saved = int(n)
             retained = getattr(self, "_retained", None)
             if retained is not None:
                 retained.capacity = max(retained.capacity, int(n))
+
+    @property
+    def max_saved(self) -> int:
+        """Forwards with save_for_backward this layer keeps at once (the engine's slots)."""
+        return self._layer.max_saved
 
     def release(self, handle: int) -> None:
         """Drop what a forward saved (its backward will not come)."""
