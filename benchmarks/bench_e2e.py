@@ -164,9 +164,7 @@ def load_side(side: str, args, device: torch.device):
         from kt_sft.models.expert_lora import get_peft_model
 
         # int8: int8 weights, bf16 GEMMs (kt_backend INT8); int8-gemm: int8 GEMMs too (kt_backend AMXINT8)
-        engine_dtype = torch.bfloat16 if args.engine_dtype == "bf16" else torch.int8
-        model = kt_sft.load_model(args.dir, device=device, dtype=torch.bfloat16, engine_dtype=engine_dtype,
-                                  int8_compute=args.engine_dtype == "int8-gemm",
+        model = kt_sft.load_model(args.dir, device=device, dtype=torch.bfloat16, format=args.engine_dtype,
                                   threads=args.threads, progress=False, gpu_experts=args.gpu_experts)
         info["summary"] = model.kt_summary
     else:

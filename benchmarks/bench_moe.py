@@ -175,6 +175,15 @@ def load_other_engine(checkout: str, name: str):
     return importlib.import_module(f"{name}.engine")
 
 
+def other_layer(other, gate_up, down, fmt: str):
+    """A layer of another checkout's engine: one with the format table (kt_sft.engine.formats) takes the format
+    name; an older one took (dtype, weights, int8_compute)."""
+    if hasattr(other, "get_format"):
+        return other.ExpertLayer.from_fused(gate_up, down, fmt)
+    old = {"bf16": {}, "int8": {"weights": "int8"}, "int8-gemm": {"weights": "int8", "int8_compute": True}}[fmt]
+    return other.ExpertLayer.from_fused(gate_up, down, dtype=torch.bfloat16, **old)
+
+
 def bench_engines(a, variants: list[EngineVariant], ids, w, x, dy) -> None:
     """Every variant's forward/backward pairs interleaved round by round, so slow drifts of the machine (clock,
     neighbours) hit all variants alike and their ratios stay fair; medians over `iters` rounds."""
@@ -239,29 +248,26 @@ def main() -> None:
     flops = 6.0 * T * k * H * I
     header = f"{'':<22} {'fwd ms':>9} {'bwd ms':>9} {'fwd TF/s':>8} {'bwd TF/s':>8} {'tokens/s':>11}"
     gate_up, down, ids, w, x, dy = inputs
-    frozen = EngineVariant(f"kt-sft ({ke.current_isa()})", ke.ExpertLayer.from_fused(gate_up, down, dtype=torch.bfloat16))
+    frozen = EngineVariant(f"kt-sft ({ke.current_isa()})", ke.ExpertLayer.from_fused(gate_up, down, "bf16"))
     variants = [frozen]
     ours_int8 = None
     if a.int8:
-        ours_int8 = EngineVariant("kt-sft int8 GEMMs", ke.ExpertLayer.from_fused(
-            gate_up, down, dtype=torch.bfloat16, weights="int8", int8_compute=True))
+        ours_int8 = EngineVariant("kt-sft int8 GEMMs", ke.ExpertLayer.from_fused(gate_up, down, "int8-gemm"))
     for i, checkout in enumerate(a.against):
         other = load_other_engine(checkout, f"kt_sft_against{i}")
         if a.isa:
             other.select_isa(a.isa)
         other.set_num_threads(threads)
         label = pathlib.Path(checkout).resolve().name[:12]
-        variants.append(EngineVariant(f"{label} ({other.current_isa()})", other.ExpertLayer.from_fused(
-            gate_up, down, dtype=torch.bfloat16), engine=other, against=frozen))
+        variants.append(EngineVariant(f"{label} ({other.current_isa()})", other_layer(other, gate_up, down, "bf16"), engine=other, against=frozen))
         if a.int8:
-            variants.append(EngineVariant(f"{label} int8 GEMMs", other.ExpertLayer.from_fused(
-                gate_up, down, dtype=torch.bfloat16, weights="int8", int8_compute=True), engine=other,
+            variants.append(EngineVariant(f"{label} int8 GEMMs", other_layer(
+                other, gate_up, down, "int8-gemm"), engine=other,
                 against=ours_int8))
     if a.lora_rank > 0:
         variants.append(EngineVariant(f"kt-sft + LoRA r={a.lora_rank}", frozen.layer, make_lora(a, a.lora_rank)))
     if a.int8:
-        variants.append(EngineVariant("kt-sft int8 weights", ke.ExpertLayer.from_fused(
-            gate_up, down, dtype=torch.bfloat16, weights="int8")))
+        variants.append(EngineVariant("kt-sft int8 weights", ke.ExpertLayer.from_fused(gate_up, down, "int8")))
         variants.append(ours_int8)
     bench_engines(a, variants, ids, w, x, dy)
     print(header)

@@ -40,8 +40,6 @@ LoraArgs lora_args(const std::vector<int>& ranks, const std::vector<double>& sca
   return a;
 }
 
-const char* dtype_name(int code) { return code == kF32 ? "float32" : code == kBF16 ? "bfloat16" : "float16"; }
-
 py::dict cpu_info() {
   const CpuFeatures& f = cpu_features();
   py::dict d;
@@ -102,20 +100,21 @@ PYBIND11_MODULE(_engine, m) {
       },
       "{phase: (calls, seconds)} since set_profiling / the last take_profile, then cleared");
 
+  // kt_sft/engine/formats.py has one row per value.
+  py::enum_<WeightFormat>(m, "WeightFormat", py::module_local())
+      .value("f32", WeightFormat::kF32)
+      .value("bf16", WeightFormat::kBF16)
+      .value("int8", WeightFormat::kInt8)
+      .value("int8_gemm", WeightFormat::kInt8Gemm);
+
   // module_local: two builds of the engine can live in one process (benchmarks/bench_moe.py --against).
   py::class_<MoELayer>(m, "MoELayer", py::module_local())
-      .def(py::init([](int E, int H, int I, const std::string& dtype, const std::string& activation, int max_saved,
-                       const std::string& weights, bool int8_compute) {
+      .def(py::init([](int E, int H, int I, WeightFormat format, const std::string& activation, int max_saved) {
              if (activation != "silu") throw std::invalid_argument("activation '" + activation + "' is not implemented (expected 'silu')");
-             const int wt = dtype_code(dtype);
-             if (wt == kF16) throw std::invalid_argument("engine dtype must be bfloat16 or float32");
-             if (!weights.empty() && weights != "int8")
-               throw std::invalid_argument("weights must be '' (the engine dtype) or 'int8', got '" + weights + "'");
-             return new MoELayer(E, H, I, wt, kSiluGLU, max_saved, weights == "int8", int8_compute);
+             return new MoELayer(E, H, I, format, kSiluGLU, max_saved);
            }),
-           py::arg("experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("dtype") = "bfloat16",
-           py::arg("activation") = "silu", py::arg("max_saved") = 4, py::arg("weights") = "",
-           py::arg("int8_compute") = false)
+           py::arg("experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("format"),
+           py::arg("activation") = "silu", py::arg("max_saved") = 4)
       .def(
           "set_weights",
           [](MoELayer& self, int which, int e0, int n, uintptr_t src, const std::string& src_dtype, int64_t s_e,
@@ -177,12 +176,10 @@ PYBIND11_MODULE(_engine, m) {
            }, py::arg("which"))
       .def_property_readonly("padded_hidden", &MoELayer::padded_hidden)
       .def_property_readonly("padded_intermediate", &MoELayer::padded_intermediate)
-      .def_property_readonly("int8_weights", &MoELayer::int8_weights)
-      .def_property_readonly("int8_compute", &MoELayer::int8_compute)
+      .def_property_readonly("format", &MoELayer::format)
       .def_property_readonly("experts", &MoELayer::experts)
       .def_property_readonly("hidden", &MoELayer::hidden)
       .def_property_readonly("intermediate", &MoELayer::intermediate)
-      .def_property_readonly("dtype", [](const MoELayer& l) { return dtype_name(l.wtype()); })
       .def_property_readonly("max_saved", &MoELayer::max_saved)
       .def("grow_saved", &MoELayer::grow_saved, py::arg("n"), "at least n saved-forward slots (never fewer)")
       .def_property_readonly("packed_bytes", &MoELayer::packed_bytes)

@@ -48,6 +48,13 @@ constexpr int kRowAlign = 32;  // per-expert row segments start at multiples of 
 constexpr int kMaxTaskRows = 2048;  // most rows of one task (the driver's row chunks never exceed it)
 
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+// How a layer stores and multiplies its experts; mirrors kt_sft/engine/formats.py (one row per value).
+enum class WeightFormat : int {
+  kF32 = 0,       // fp32 panels, fp32 activations and GEMMs (the exact path)
+  kBF16 = 1,      // bf16 VNNI-pair panels, bf16 activations
+  kInt8 = 2,      // int8 pair panels + per-channel scales, GEMMs in bf16 on the dequantized weights (INT8)
+  kInt8Gemm = 3,  // int8 quad panels + per-channel scales, GEMMs in int8 (INT8 GEMMs)
+};
 enum Activation : int { kSiluGLU = 0 };
 
 static inline int round_up(int x, int m) { return (x + m - 1) / m * m; }

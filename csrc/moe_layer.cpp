@@ -456,16 +456,14 @@ void set_worker_spin_us(int us) {
 
 // ---------------------------------------------------------------- MoELayer
 
-MoELayer::MoELayer(int experts, int hidden, int intermediate, int wtype, int activation, int max_saved,
-                   bool int8_weights, bool int8_compute)
-    : E_(experts), H_(hidden), I_(intermediate), wtype_(wtype), activation_(activation), wq_(int8_weights),
-      aq_(int8_compute) {
+MoELayer::MoELayer(int experts, int hidden, int intermediate, WeightFormat format, int activation, int max_saved)
+    : E_(experts), H_(hidden), I_(intermediate), wtype_(format == WeightFormat::kF32 ? kF32 : kBF16),
+      activation_(activation), format_(format),
+      wq_(format == WeightFormat::kInt8 || format == WeightFormat::kInt8Gemm), aq_(format == WeightFormat::kInt8Gemm) {
   if (E_ < 1 || H_ < 1 || I_ < 1) throw std::invalid_argument("experts, hidden and intermediate must be >= 1");
-  if (wtype != kBF16 && wtype != kF32) throw std::invalid_argument("engine dtype must be bf16 or f32");
+  if (int(format) < 0 || int(format) > int(WeightFormat::kInt8Gemm)) throw std::invalid_argument("unknown weight format");
   if (activation != kSiluGLU) throw std::invalid_argument("only the SiLU-gated (silu_glu) expert is implemented");
   if (max_saved < 1) throw std::invalid_argument("max_saved must be >= 1");
-  if (wq_ && wtype != kBF16) throw std::invalid_argument("int8 weights need the bfloat16 engine dtype");
-  if (aq_ && !wq_) throw std::invalid_argument("int8 compute needs int8 weights");
   Hp_ = round_up(H_, kBlock);
   Ip_ = round_up(I_, kBlock);
   expert_elems_ = size_t(Ip_) * Hp_;

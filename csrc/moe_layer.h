@@ -85,10 +85,8 @@ struct LoraGrads {
 
 class MoELayer {
  public:
-  // int8_weights: store the weights as int8 with per-output-channel scales (common.h, INT8); needs wtype bf16.
-  // int8_compute: run the GEMMs in int8 too (common.h, INT8 GEMMs); needs int8_weights.
-  MoELayer(int experts, int hidden, int intermediate, int wtype, int activation, int max_saved,
-           bool int8_weights = false, bool int8_compute = false);
+  // format: how the experts are stored and multiplied (common.h, WeightFormat; INT8 and INT8 GEMMs notes).
+  MoELayer(int experts, int hidden, int intermediate, WeightFormat format, int activation, int max_saved);
 
   // Packs rows x cols of projection `which` (0 gate [I][H], 1 up [I][H], 2 down [H][I]) for experts
   // [e0, e0+n) from src (dtype src_dtype) with element strides (expert, row, col), quantizing each output
@@ -128,8 +126,7 @@ class MoELayer {
   std::pair<const void*, size_t> scale_storage(int which) const;
   int padded_hidden() const { return Hp_; }
   int padded_intermediate() const { return Ip_; }
-  bool int8_weights() const { return wq_; }
-  bool int8_compute() const { return aq_; }
+  WeightFormat format() const { return format_; }
   std::vector<std::string> missing_weights() const;  // "expert 3 down", ...
 
  private:
@@ -142,7 +139,8 @@ class MoELayer {
   size_t row_out_bytes() const { return aq_ && wtype_ == kBF16 ? 2 : sizeof(float); }
 
   int E_, H_, I_, Hp_, Ip_, wtype_, activation_;
-  bool wq_, aq_;
+  WeightFormat format_;
+  bool wq_, aq_;  // int8 weights / int8 GEMMs, from format_
   size_t expert_elems_;
   Buffer gate_, up_, down_;
   Buffer gate_s_, up_s_, down_s_;  // int8 only: [E][Ip], [E][Ip], [E][Hp] fp32 scales

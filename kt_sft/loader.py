@@ -24,14 +24,13 @@ from transformers.core_model_loading import WeightRenaming, rename_source_key
 from transformers.conversion_mapping import get_model_conversion_mapping
 
 from . import engine
+from .engine.formats import ExpertFormat, FormatLike, for_model_dtype, get_format
 from .models.chunked_loss import DEFAULT_CHUNK_TOKENS, check_chunk_tokens, install_chunked_loss
 from .models.experts import attach_engine, use_engine
 from .models.registry import MoEFamily, get_family
 
 logger = logging.getLogger(__name__)
 
-# engine_dtype names (family files, LLaMA-Factory's kt_backend) -> torch dtypes; int8 = int8 weights, bf16 compute.
-ENGINE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
 GB = 1024 ** 3
 
 
@@ -146,7 +145,7 @@ def load_model(
     path: str | os.PathLike,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.bfloat16,
-    engine_dtype: Optional[torch.dtype] = None,
+    format: FormatLike | None = None,
     rule: str | os.PathLike | None = None,
     threads: int = 0,
     max_saved: int = 4,
@@ -158,14 +157,15 @@ def load_model(
     retain_activations: bool = True,
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     gpu_experts: float = 0.0,
-    int8_compute: bool = False,
 ):
     """Load a Hugging Face MoE checkpoint directory with the routed experts on the CPU engine.
 
     device: where everything but the routed experts goes (default: cuda if available, else cpu).
-    dtype: dtype of those non-expert weights. engine_dtype: packed expert dtype (default: float32 when dtype is
-    float32, else the family file's defaults.engine_dtype, bfloat16); torch.int8 stores the experts as int8
-    with per-channel scales, quantized while loading, and computes in bfloat16 (half the RAM of bfloat16). rule: a family YAML overriding the built-in registry entry (kt_optimize_rule).
+    dtype: dtype of those non-expert weights. format: the experts' format (kt_sft.engine.formats: an ExpertFormat,
+    its name or a kt_backend name; default: fp32 when dtype is float32, else the family file's
+    defaults.engine_dtype, bf16); "int8" stores the experts as int8 with per-channel scales, quantized while
+    loading (half the RAM of bf16), "int8-gemm" also runs the GEMMs in int8 (fast on AMX).
+    rule: a family YAML overriding the built-in registry entry (kt_optimize_rule).
     threads: engine worker threads (0 = the family file's defaults.threads; 'auto' = KT_SFT_THREADS or physical cores).
     config: an already loaded (and possibly patched, e.g. by LLaMA-Factory) config of this checkpoint.
     expert_path: a directory whose safetensors hold the routed-expert tensors (default: `path`); expert keys
@@ -180,8 +180,6 @@ def load_model(
     gpu_experts: fraction of each MoE layer's routed experts that calls of >= 1024 tokens on a CUDA `device`
     compute on the GPU, streaming their weights from the engine's RAM per call (kt_sft.engine.gpu_share); the
     rest runs on the CPU engine at the same time. 0 = off (everything on the CPU engine).
-    int8_compute: with engine_dtype torch.int8, run the expert GEMMs in int8 too (activations quantized per row;
-    kt_backend AMXINT8; engine.ExpertLayer). Fast on AMX; other ISAs run the same math in plain loops.
     """
     loss_chunk_tokens = check_chunk_tokens(loss_chunk_tokens)
     if not (isinstance(gpu_experts, (int, float)) and 0.0 <= gpu_experts <= 1.0):
@@ -198,13 +196,11 @@ def load_model(
     except (OSError, ValueError) as err:
         raise ValueError(f"{path / 'config.json'} is not valid JSON: {err}") from err
     family = get_family(model_type, rule)  # before transformers, whose error would not list what we support
-    engine_dtype, threads = _resolve_defaults(family, dtype, engine_dtype, threads)
-    if int8_compute and engine_dtype != torch.int8:
-        raise ValueError(f"int8_compute=True needs engine_dtype=torch.int8 (int8 expert weights), got {engine_dtype}")
-    if int8_compute and engine.current_isa() != "amx":
-        logger.warning("kt-sft: int8 expert GEMMs (kt_backend AMXINT8) need AMX to be fast; this CPU runs them on "
-                       "the %s path in plain loops (correct, slow). kt_backend: INT8 keeps the int8 weights and "
-                       "computes in bf16, fast here.", engine.current_isa())
+    fmt, threads = _resolve_defaults(family, dtype, format, threads)
+    if engine.current_isa() not in fmt.fast_isas:
+        logger.warning("kt-sft: %s experts need %s to be fast; this CPU runs them on the %s path in plain loops "
+                       "(correct, slow). kt_backend: INT8 keeps the int8 weights and computes in bf16, fast here.",
+                       fmt.label, "/".join(fmt.fast_isas), engine.current_isa())
     if config is None:
         config = AutoConfig.from_pretrained(path)
     elif getattr(config, "model_type", model_type) != model_type:
@@ -224,8 +220,7 @@ def load_model(
     layers = {}
     for idx, module in sorted(modules.items()):
         E, two_i, H = module.gate_up_proj.shape
-        layers[idx] = engine.ExpertLayer(E, H, two_i // 2, max_saved=max_saved,
-                                           **_layer_format(engine_dtype, int8_compute))
+        layers[idx] = engine.ExpertLayer(E, H, two_i // 2, fmt, max_saved=max_saved)
         layers[idx].chunk_size, layers[idx].retain_activations = int(chunk_size), bool(retain_activations)
 
     shards, weight_map = _shards(path)
@@ -256,30 +251,29 @@ def load_model(
             layer.gpu_share = engine.GpuShare(layer, max(1, round(gpu_experts * layer.num_experts)), device)
     use_engine(model.config)
     install_chunked_loss(model, loss_chunk_tokens)
-    model.kt_summary = _summary(layers, engine_dtype, device, int8_compute)
+    model.kt_summary = _summary(layers, fmt, device)
     logger.info(model.kt_summary)
     return model
 
 
-def _resolve_defaults(family: MoEFamily, dtype, engine_dtype, threads) -> tuple[torch.dtype, int]:
+def _resolve_defaults(family: MoEFamily, dtype, fmt, threads) -> tuple[ExpertFormat, int]:
     """Explicit arguments win; then the family file's defaults; fp32 models get the exact fp32 engine."""
-    if engine_dtype is None:
+    if fmt is None:
         if dtype == torch.float32:
-            engine_dtype = torch.float32
+            fmt = for_model_dtype(dtype)
         else:
-            name = str(family.defaults.get("engine_dtype", "bfloat16"))
-            if name not in ENGINE_DTYPES:
-                raise ValueError(f"{family.source}: defaults.engine_dtype must be one of {sorted(ENGINE_DTYPES)}, "
-                                 f"got {name!r}")
-            engine_dtype = ENGINE_DTYPES[name]
-    if engine_dtype not in ENGINE_DTYPES.values():
-        raise ValueError(f"engine_dtype must be torch.bfloat16, torch.float32 or torch.int8, got {engine_dtype}")
+            name = str(family.defaults.get("engine_dtype", "bf16"))
+            try:
+                fmt = get_format(name)
+            except ValueError as err:
+                raise ValueError(f"{family.source}: defaults.engine_dtype: {err}") from None
+    fmt = get_format(fmt)
     if not threads:
         value = family.defaults.get("threads", "auto")
         if value != "auto" and not (isinstance(value, int) and value > 0):
             raise ValueError(f"{family.source}: defaults.threads must be 'auto' or a positive integer, got {value!r}")
         threads = 0 if value == "auto" else value
-    return engine_dtype, threads
+    return fmt, threads
 
 
 def _load_key(key, f, layers, expert_re, fused_re, placer, kinds: str = "all") -> None:
@@ -334,18 +328,9 @@ def _finish(model, family, layers, modules, weight_map, placer, device) -> None:
                        len(placer.unexpected), placer.unexpected[0])
 
 
-def _layer_format(engine_dtype: torch.dtype, int8_compute: bool = False) -> dict:
-    """ExpertLayer arguments for an engine dtype: int8 = int8 weights, computed in bfloat16 or in int8."""
-    if engine_dtype == torch.int8:
-        return {"dtype": torch.bfloat16, "weights": "int8", "int8_compute": bool(int8_compute)}
-    return {"dtype": engine_dtype}
-
-
-def _summary(layers: dict, engine_dtype: torch.dtype, device: torch.device, int8_compute: bool = False) -> str:
+def _summary(layers: dict, fmt: ExpertFormat, device: torch.device) -> str:
     experts = sum(l.num_experts for l in layers.values())
     packed = sum(l.packed_bytes for l in layers.values())
-    dt = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int8: "int8"}[engine_dtype]
     size = f"{packed / 1e9:.1f} GB" if packed >= 1e8 else f"{packed / 1e6:.1f} MB"
-    return (f"kt-sft: {len(layers)} MoE layers / {experts} experts ({size} {dt}) on CPU engine "
-            f"[{engine.current_isa()}, {engine.num_threads()} threads{', int8 GEMMs' if int8_compute else ''}]; "
-            f"dense on {device}")
+    return (f"kt-sft: {len(layers)} MoE layers / {experts} experts ({size} {fmt.label}) on CPU engine "
+            f"[{engine.current_isa()}, {engine.num_threads()} threads]; dense on {device}")

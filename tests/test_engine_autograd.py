@@ -9,7 +9,7 @@ from moe_reference import make_experts, make_routing, moe_reference, rel_err
 def _layer_and_inputs(dtype, seed=0, E=6, H=40, I=24, T=9, k=2):
     gen = torch.Generator().manual_seed(seed)
     gate, up, down = make_experts(E, H, I, gen, dtype)
-    layer = ke.ExpertLayer(E, H, I, dtype=dtype)
+    layer = ke.ExpertLayer(E, H, I, ke.for_model_dtype(dtype))
     layer.load_fused(torch.cat([gate, up], dim=1), down)
     ids, w = make_routing(T, E, k, "uniform", gen)
     x = torch.randn(T, H, generator=gen)

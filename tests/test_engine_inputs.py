@@ -20,7 +20,7 @@ def experts():
 @pytest.fixture
 def layer(experts):
     gate, up, down = experts
-    lay = ke.ExpertLayer(E, H, I, dtype=torch.bfloat16)
+    lay = ke.ExpertLayer(E, H, I, "bf16")
     lay.load_fused(torch.cat([gate, up], dim=1), down)
     return lay
 
@@ -95,8 +95,8 @@ def test_expert_range_checked():
 
 
 def test_bad_layer_arguments():
-    with pytest.raises(TypeError, match="float16 is not supported"):
-        ke.ExpertLayer(E, H, I, dtype=torch.float16)
+    with pytest.raises(ValueError, match="expert format 'float16' is not one of"):
+        ke.ExpertLayer(E, H, I, "float16")
     with pytest.raises(ValueError, match="activation 'gelu' is not implemented"):
         ke.ExpertLayer(E, H, I, activation="gelu")
     with pytest.raises(ValueError, match="must be >= 1"):

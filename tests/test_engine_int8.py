@@ -46,7 +46,7 @@ def test_int8_layer_is_the_bf16_layer_of_its_dequantized_weights(isa, shape):
     x = torch.randn(T, H, generator=gen).bfloat16()
     dy = torch.randn(T, H, generator=gen).bfloat16()
 
-    got = _run(make_layer(gate, up, down, torch.bfloat16, weights="int8"), x, ids, w, dy)
+    got = _run(make_layer(gate, up, down, "int8"), x, ids, w, dy)
     want = _run(make_layer(dequantized(gate), dequantized(up), dequantized(down), torch.bfloat16), x, ids, w, dy)
     for name, a, b in zip(("y", "dx", "dw"), got, want):
         assert torch.equal(a, b), f"{name} differs from the bf16 layer of dequantized weights ({SHAPES[shape]})"
@@ -70,7 +70,7 @@ def test_rounding_is_half_to_even_per_channel(isa):
     ids, w = make_routing(9, E, 2, "uniform", gen)
     x = torch.randn(9, H, generator=gen).bfloat16()
     dy = torch.randn(9, H, generator=gen).bfloat16()
-    got = _run(make_layer(gate, up, down, torch.bfloat16, weights="int8"), x, ids, w, dy)
+    got = _run(make_layer(gate, up, down, "int8"), x, ids, w, dy)
     want = _run(make_layer(dequantized(gate), dequantized(up), dequantized(down), torch.bfloat16), x, ids, w, dy)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     away = torch.sign(gate) * torch.floor(gate.abs() / scale + 0.5) * scale  # half away from zero
@@ -90,7 +90,7 @@ def lora_case(E, H, I, T, k, routing):
 def test_int8_with_expert_lora(isa):
     """LoRA on int8 experts: the same bitwise identity, factor gradients included."""
     gate, up, down, ids, w, x, dy, lora = lora_case(6, 72, 40, 60, 2, "skewed")
-    got = _run(make_layer(gate, up, down, torch.bfloat16, weights="int8"), x, ids, w, dy, lora)
+    got = _run(make_layer(gate, up, down, "int8"), x, ids, w, dy, lora)
     want = _run(make_layer(dequantized(gate), dequantized(up), dequantized(down), torch.bfloat16),
                 x, ids, w, dy, lora)
     assert len(got) == 7
@@ -101,25 +101,22 @@ def test_int8_with_expert_lora(isa):
 def test_int8_halves_the_weight_memory():
     E, H, I = 4, 100, 70  # padded to 128 x 96
     gate, up, down = make_experts(E, H, I, torch.Generator().manual_seed(0), torch.float32)
-    q = make_layer(gate, up, down, torch.bfloat16, weights="int8")
+    q = make_layer(gate, up, down, "int8")
     b = make_layer(gate, up, down, torch.bfloat16)
     assert b.packed_bytes == 3 * E * 128 * 96 * 2
     assert q.packed_bytes == 3 * E * 128 * 96 + 4 * E * (2 * 96 + 128)  # panels + fp32 scales per channel
-    assert "weights=int8" in repr(q)
+    assert "format=int8," in repr(q)
 
 
-@pytest.mark.parametrize("kind, match", [
-    ({"dtype": torch.float32, "weights": "int8"}, "int8 expert weights compute in bfloat16"),
-    ({"dtype": torch.bfloat16, "weights": "int4"}, "weights must be None"),
-])
-def test_bad_int8_arguments(kind, match):
-    with pytest.raises(ValueError, match=match):
-        ke.ExpertLayer(2, 32, 32, **kind)
+@pytest.mark.parametrize("fmt", ["int4", "float16", "AMXINT4"])
+def test_unknown_format_is_refused(fmt):
+    with pytest.raises(ValueError, match=f"expert format '{fmt}' is not one of bf16, fp32, int8, int8-gemm"):
+        ke.ExpertLayer(2, 32, 32, fmt)
 
 
 def test_non_finite_weight_is_refused_when_quantizing():
     gate, up, down = make_experts(3, 32, 32, torch.Generator().manual_seed(0), torch.float32)
     gate[2, 4, 7] = float("inf")
-    layer = ke.ExpertLayer(3, 32, 32, dtype=torch.bfloat16, weights="int8")
+    layer = ke.ExpertLayer(3, 32, 32, "int8")
     with pytest.raises(ValueError, match="gate weights of expert 2"):
         layer.set_projection("gate", gate)

@@ -88,9 +88,9 @@ def _data(shape):
 @pytest.mark.parametrize("shape", list(SHAPES), ids=[f"{s[0]}x{s[1]}x{s[2]}-T{s[3]}k{s[4]}-{s[5]}" for s in SHAPES])
 def test_int8_gemms_match_the_w8a8_spec(isa, shape):
     gate, up, down, ids, w, x, dy = _data(shape)
-    got = _run(make_layer(gate, up, down, torch.bfloat16, weights="int8", int8_compute=True), x, ids, w, dy)
+    got = _run(make_layer(gate, up, down, "int8-gemm"), x, ids, w, dy)
     spec = w8a8_reference(x, gate, up, down, ids, w, dy)
-    w8a16 = _run(make_layer(gate, up, down, torch.bfloat16, weights="int8"), x, ids, w, dy)
+    w8a16 = _run(make_layer(gate, up, down, "int8"), x, ids, w, dy)
     exact = reference_grads(x, gate, up, down, ids, w, dy)
     for i, name in enumerate(("y", "dx", "dw")):
         # Exact integer sums: what differs is fp32 summation order (dw) and a rare activation rounding to the
@@ -106,7 +106,7 @@ def test_same_sums_on_every_path_and_for_any_thread_count():
     """The int32 sums are exact, so the frozen outputs depend on nothing but the unit's fp32 epilogue: scalar and
     every vector unit agree to rounding, and one unit is bitwise the same for 1 and 3 threads."""
     gate, up, down, ids, w, x, dy = _data((8, 96, 80, 37, 4, "uniform"))
-    layer = make_layer(gate, up, down, torch.bfloat16, weights="int8", int8_compute=True)
+    layer = make_layer(gate, up, down, "int8-gemm")
     runs = {}
     for isa in ("scalar", "avx2", "avx512", "amx"):
         if ke.isa_supported(isa)[0]:
@@ -131,14 +131,14 @@ def test_int8_gemms_with_expert_lora(isa):
     activation-quantization error of the W8A16 layer (whose own LoRA is tested exactly elsewhere), and a LoRA
     of zeros changes nothing."""
     gate, up, down, ids, w, x, dy, lora = lora_case(6, 64, 96, 50, 2, "uniform")
-    got = _run(make_layer(gate, up, down, torch.bfloat16, weights="int8", int8_compute=True), x, ids, w, dy, lora)
-    ref = _run(make_layer(gate, up, down, torch.bfloat16, weights="int8"), x, ids, w, dy, lora)
+    got = _run(make_layer(gate, up, down, "int8-gemm"), x, ids, w, dy, lora)
+    ref = _run(make_layer(gate, up, down, "int8"), x, ids, w, dy, lora)
     for i, (a, b) in enumerate(zip(got, ref)):
         assert rel_err(a, b) < 3e-2, f"output {i}"
     # Zero B factors: the adapter adds exactly nothing to the frozen int8 outputs.
     zero = ke.ExpertLoRA(lora.A_gu, torch.zeros_like(lora.B_gu), lora.A_d, torch.zeros_like(lora.B_d),
                          lora.scale_gu, lora.scale_d)
-    layer = make_layer(gate, up, down, torch.bfloat16, weights="int8", int8_compute=True)
+    layer = make_layer(gate, up, down, "int8-gemm")
     with_zero, frozen = _run(layer, x, ids, w, dy, zero), _run(layer, x, ids, w, dy)
     for a, b in zip(with_zero[:3], frozen):
         assert torch.equal(a, b)
@@ -148,7 +148,7 @@ def test_non_finite_activation_stays_non_finite(isa):
     """A row with Inf must not be quantized into finite garbage: its token's output is NaN/Inf, the others not."""
     gate, up, down, ids, w, x, dy = _data((4, 64, 64, 6, 2, "uniform"))
     x[2, 5] = float("inf")
-    layer = make_layer(gate, up, down, torch.bfloat16, weights="int8", int8_compute=True)
+    layer = make_layer(gate, up, down, "int8-gemm")
     y, _ = layer.forward(x, ids, w)
     assert not torch.isfinite(y[2]).all()
     assert torch.isfinite(y[[0, 1, 3, 4, 5]]).all()
@@ -159,15 +159,14 @@ def test_tiny_row_divides_instead_of_overflowing(isa):
     127 / m = Inf: it is quantized by division instead, so its gradient follows the spec instead of vanishing."""
     gate, up, down, ids, w, x, dy = _data((4, 64, 64, 6, 2, "uniform"))
     dy[1] = (dy[1].float() * (1e-37 / dy[1].float().abs().max())).bfloat16()
-    got = _run(make_layer(gate, up, down, torch.bfloat16, weights="int8", int8_compute=True), x, ids, w, dy)
+    got = _run(make_layer(gate, up, down, "int8-gemm"), x, ids, w, dy)
     spec = w8a8_reference(x, gate, up, down, ids, w, dy)
     assert got[1][1].abs().max() > 0
     assert rel_err(got[1][1], spec[1][1]) < 1e-2
     assert rel_err(got[1], spec[1]) < 1e-4
 
 
-def test_int8_compute_needs_int8_weights():
-    with pytest.raises(ValueError, match="int8_compute=True needs weights='int8'"):
-        ke.ExpertLayer(2, 32, 32, dtype=torch.bfloat16, int8_compute=True)
-    layer = ke.ExpertLayer(2, 32, 32, dtype=torch.bfloat16, weights="int8", int8_compute=True)
-    assert layer.int8_compute and layer.weights == "int8"
+def test_int8_gemm_format_row():
+    layer = ke.ExpertLayer(2, 32, 32, "int8-gemm")
+    assert layer.format is ke.get_format("AMXINT8") and layer.dtype == torch.bfloat16
+    assert layer.packed_bytes == 3 * 2 * 32 * 32 + 2 * (2 * 32 + 32) * 4  # int8 panels + fp32 channel scales

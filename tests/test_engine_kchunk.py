@@ -37,14 +37,13 @@ for shape in [(6, 130, 200, 300, 4, "skewed"), (4, 96, 64, 1, 2, "uniform"), (8,
     ids, w = make_routing(T, E, k, routing, gen)
     x32, dy32 = torch.randn(T, H, generator=gen), torch.randn(T, H, generator=gen)
     lora = make_lora(E, H, I, 4, 8, gen)
-    for kind in ({{"dtype": torch.float32}}, {{"dtype": torch.bfloat16}}, {{"dtype": torch.bfloat16, "weights": "int8"}},
-                 {{"dtype": torch.bfloat16, "weights": "int8", "int8_compute": True}}):  # int8 GEMMs ignore the chunk
-        layer = make_layer(gate, up, down, **kind)
-        x, dy = x32.to(kind["dtype"]), dy32.to(kind["dtype"])
+    for fmt in ke.FORMATS.values():  # int8 GEMMs ignore the chunk
+        layer = make_layer(gate, up, down, fmt)
+        x, dy = x32.to(fmt.compute_dtype), dy32.to(fmt.compute_dtype)
         for use_lora in (None, lora):
             y, h = layer.forward(x, ids, w, save_for_backward=True, lora=use_lora)
             res = layer.backward(h, dy, lora=use_lora)
-            key = f"{{shape}}-{{kind}}-{{use_lora is not None}}"
+            key = f"{{shape}}-{{fmt.name}}-{{use_lora is not None}}"
             out[key + "-y"], out[key + "-dx"], out[key + "-dw"] = y, res[0], res[1]
             if use_lora is not None:
                 for i, g in enumerate(res[2]):

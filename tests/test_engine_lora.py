@@ -58,7 +58,7 @@ def _setup(shape, dtype):
     x = torch.randn(T, H, generator=gen).to(dtype)
     dy = torch.randn(T, H, generator=gen).to(dtype)
     lora = make_lora(E, H, I, r_gu, r_d, gen)
-    layer = ke.ExpertLayer(E, H, I, dtype=dtype)
+    layer = ke.ExpertLayer(E, H, I, ke.for_model_dtype(dtype))
     layer.load_fused(torch.cat([gate, up], dim=1), down)
     return layer, (gate, up, down), ids, w, x, dy, lora
 
@@ -316,7 +316,7 @@ def _bad_cases(E, H, I):
 def test_bad_factor_names_the_argument(case):
     E, H, I = 4, 32, 24
     name, kw, exc, msg = list(_bad_cases(E, H, I))[case]
-    layer = ke.ExpertLayer(E, H, I, dtype=torch.float32)
+    layer = ke.ExpertLayer(E, H, I, "fp32")
     gen = torch.Generator().manual_seed(0)
     gate, up, down = make_experts(E, H, I, gen)
     layer.load_fused(torch.cat([gate, up], 1), down)

@@ -28,10 +28,11 @@ SHAPES = {
 }
 
 
-def make_layer(gate, up, down, dtype, **kind):
-    """An ExpertLayer loaded with gate/up [E, I, H] and down [E, H, I] (kind: other ExpertLayer arguments)."""
+def make_layer(gate, up, down, fmt):
+    """An ExpertLayer of format `fmt` (a format name, or the dtype of the exact format) loaded with gate/up [E, I, H]
+    and down [E, H, I]."""
     E, I, H = gate.shape
-    layer = ke.ExpertLayer(E, H, I, dtype=dtype, **kind)
+    layer = ke.ExpertLayer(E, H, I, ke.for_model_dtype(fmt) if isinstance(fmt, torch.dtype) else fmt)
     layer.set_projection("gate", gate)
     layer.set_projection("up", up)
     layer.set_projection("down", down)

@@ -16,22 +16,20 @@ from test_engine_lora import TOLERANCE, make_lora, reference_with_grads
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def _layer(E, H, I, dtype, gen, weights=None, int8_compute=False):
-    gate, up, down = make_experts(E, H, I, gen, dtype)
-    layer = ke.ExpertLayer(E, H, I, dtype=dtype, weights=weights, int8_compute=int8_compute)
+def _layer(E, H, I, fmt, gen):
+    fmt = ke.for_model_dtype(fmt) if isinstance(fmt, torch.dtype) else ke.get_format(fmt)
+    gate, up, down = make_experts(E, H, I, gen, fmt.compute_dtype)
+    layer = ke.ExpertLayer(E, H, I, fmt)
     layer.load_fused(torch.cat([gate, up], dim=1), down)
     return layer, (gate, up, down)
 
 
-@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8", "int8_gemms"])
-def test_panels_unpack_to_the_loaded_weights(weights):
+@pytest.mark.parametrize("fmt", list(ke.FORMATS))
+def test_panels_unpack_to_the_loaded_weights(fmt):
     """The unpacked panels are the weights the engine computes with: exact for f32/bf16, q * s for int8 (stored as
     VNNI pairs, or as quads for a layer with int8 GEMMs)."""
     E, H, I = 3, 40, 24  # pads to 64 x 32: the padding must come back as zeros outside [:N, :K]
-    dtype = torch.float32 if weights == "float32" else torch.bfloat16
-    layer, (gate, up, down) = _layer(E, H, I, dtype, torch.Generator().manual_seed(0),
-                                     weights="int8" if weights.startswith("int8") else None,
-                                     int8_compute=weights == "int8_gemms")
+    layer, (gate, up, down) = _layer(E, H, I, fmt, torch.Generator().manual_seed(0))
     share = GpuShare(layer, 2, "cpu", chunk=1)
     mats = {}
     for a, c, g, u, d in share._chunks():
@@ -39,13 +37,13 @@ def test_panels_unpack_to_the_loaded_weights(weights):
     for j, e in enumerate(range(1, 3)):
         g, u, d = mats[j]
         for got, ref in ((g[0], gate[e]), (u[0], up[e]), (d[0], down[e])):
-            if weights.startswith("int8"):
+            if ke.get_format(fmt).quantized:
                 s = ref.abs().amax(dim=1, keepdim=True) / 127
                 q = torch.where(s > 0, torch.round(ref / torch.where(s > 0, s, 1)), 0).clamp(-127, 127)
                 ref = (q * s).to(torch.bfloat16)
             assert torch.equal(got.float(), ref.float()), f"expert {e}"
     raw = torch.arange(32 * 32, dtype=torch.float32).view(torch.uint8)  # one f32 expert of 32 x 32
-    w = panels_to_matrix(raw, 1, 32, 32, "float32")
+    w = panels_to_matrix(raw, 1, 32, 32, ke.FORMATS["fp32"])
     assert w[0, 17, 5] == 16 * 32 + 5 * 16 + 1  # panel 1, k = 5, n = 1
 
 
@@ -204,9 +202,9 @@ def test_bad_share_arguments():
 def test_default_chunk_is_sized_in_unpacked_bytes():
     """~140 MB of unpacked weights per chunk: 8 DeepSeek-V2-Lite experts whether the engine holds bf16 or int8
     (the GPU computes both in bf16), fewer for bigger experts, and a tiny layer streams in one chunk."""
-    for weights in (None, "int8"):
-        v2lite = ke.ExpertLayer(64, 2048, 1408, dtype=torch.bfloat16, weights=weights)
+    for fmt in ("bf16", "int8"):
+        v2lite = ke.ExpertLayer(64, 2048, 1408, fmt)
         assert GpuShare(v2lite, 64, "cpu").chunk == 8
-    assert GpuShare(ke.ExpertLayer(8, 7168, 2048, dtype=torch.bfloat16), 8, "cpu").chunk == 2
-    tiny, _ = _layer(6, 40, 24, torch.float32, torch.Generator().manual_seed(6))
+    assert GpuShare(ke.ExpertLayer(8, 7168, 2048, "bf16"), 8, "cpu").chunk == 2
+    tiny, _ = _layer(6, 40, 24, "fp32", torch.Generator().manual_seed(6))
     assert GpuShare(tiny, 6, "cpu").chunk >= 6

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kt_sft.engine import FORMATS
 from kt_sft.llamafactory import config as ktc
 from kt_sft.llamafactory.startup import activate
 
@@ -48,15 +49,15 @@ def test_keys_resolve_to_settings(get_train_args, tmp_path):
     model_args, *_ = get_train_args(_args(tmp_path, kt_backend="fp32", cpu_infer=2, chunk_size=512,
                                           kt_cpu_activation="recompute", kt_max_cache_depth=6,
                                           kt_optimize_rule="qwen3_moe", kt_gpu_experts=0.5))
-    assert model_args.kt_sft_settings == ktc.KTSettings(rule="qwen3_moe", engine_dtype="float32", threads=2,
+    assert model_args.kt_sft_settings == ktc.KTSettings(rule="qwen3_moe", format=FORMATS["fp32"], threads=2,
                                                         chunk_size=512, retain_activations=False,
                                                         max_cache_depth=6, gpu_experts=0.5)
     model_args, *_ = get_train_args(_args(tmp_path))
     assert model_args.kt_sft_settings == ktc.KTSettings()  # every default is "auto"
     model_args, *_ = get_train_args(_args(tmp_path, kt_backend="AMXINT8"))
-    assert (model_args.kt_sft_settings.engine_dtype, model_args.kt_sft_settings.int8_compute) == ("int8", True)
+    assert model_args.kt_sft_settings.format is FORMATS["int8-gemm"]
     model_args, *_ = get_train_args(_args(tmp_path, kt_backend="int8"))
-    assert (model_args.kt_sft_settings.engine_dtype, model_args.kt_sft_settings.int8_compute) == ("int8", False)
+    assert model_args.kt_sft_settings.format is FORMATS["int8"]
 
 
 def test_argv_form_is_split_too():
@@ -168,7 +169,7 @@ def test_cli_error_reaches_the_user(tmp_path):
     out = subprocess.run(llamafactory_cli("train", str(cfg)), env={**os.environ, "USE_KT": "1"}, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode != 0
-    assert "kt_backend: 'Q4' is not one of AMXBF16, BF16, AMXINT8, INT8, FP32" in out.stderr
+    assert "kt_backend: 'Q4' is not one of AMXBF16, BF16, FP32, INT8, AMXINT8" in out.stderr
     assert not (tmp_path / "out").exists()  # nothing written
 
 
@@ -191,7 +192,7 @@ def test_example_configs_parse(get_train_args, tmp_path, name):
     (stand_in / "config.json").write_text(json.dumps({"model_type": EXAMPLE_FAMILIES[name]}))
     cfg.update(model_name_or_path=str(stand_in), output_dir=str(tmp_path / "out"), bf16=False)
     model_args, _, _, finetuning_args, _ = get_train_args(cfg)
-    assert model_args.use_kt and model_args.kt_sft_settings.engine_dtype == "bfloat16"
+    assert model_args.use_kt and model_args.kt_sft_settings.format is FORMATS["bf16"]
     assert finetuning_args.finetuning_type == "lora"
 
 

@@ -100,7 +100,7 @@ def test_rule_file_defaults_apply_and_explicit_arguments_win(qwen3_ckpt, tmp_pat
         assert {m.kt_layer.dtype for m in model.modules() if hasattr(m, "kt_layer")} == {torch.float32}
         assert ke.num_threads() == 1
         model = kt_sft.load_model(qwen3_ckpt, device="cpu", dtype=torch.bfloat16, rule=rule, threads=2,
-                                  engine_dtype=torch.bfloat16, progress=False)
+                                  format="bf16", progress=False)
         assert {m.kt_layer.dtype for m in model.modules() if hasattr(m, "kt_layer")} == {torch.bfloat16}
         assert ke.num_threads() == 2
     finally:

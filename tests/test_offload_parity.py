@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from kt_sft.engine import FORMATS
 from lora_train import lora_run, make_batches
 from moe_reference import rel_err
 from tiny_models import FAMILIES, MOE_LAYERS, SHARED_EXPERT, expert_keys_on_disk, make_tiny_checkpoint
@@ -198,7 +199,7 @@ def test_logits_match_stock_bf16_engine(family, ckpt):
     """bf16 engine (model fp32): at most MAX_FLIPS tokens change their expert set (near-ties), and every
     other token's logits are within the bf16 bound of stock fp32."""
     ref, ref_routes = logits_and_routing(stock(ckpt))
-    out, routes = logits_and_routing(load_model(ckpt, dtype=torch.float32, engine_dtype=torch.bfloat16))
+    out, routes = logits_and_routing(load_model(ckpt, dtype=torch.float32, format="bf16"))
     flipped = _flipped(routes, ref_routes, ref.shape[:2])
     keep = ~flipped
     rel, mx = rel_err(out[keep], ref[keep]), maxabs_rel(out[keep], ref[keep])
@@ -236,10 +237,10 @@ def test_bf16_model_as_accurate_as_stock_bf16(family, ckpt):
 
 
 # ------------------------------------------------------------------ LoRA training parity
-def _compare_training(family, ckpt, *, engine_dtype=None, checkpointing=None):
+def _compare_training(family, ckpt, *, fmt=None, checkpointing=None):
     """Stock fp32 LoRA run vs ours; returns (step-1 gradient cosine, per-step relative loss deviations)."""
     ref = stock_run(str(ckpt), family)
-    model = load_model(ckpt, dtype=torch.float32, engine_dtype=engine_dtype)
+    model = load_model(ckpt, dtype=torch.float32, format=fmt)
     run = lora_run(model, family, make_batches(STEPS), gradient_checkpointing=checkpointing)
     assert run.grad_names == ref.grad_names
     assert run.attn_calls_step1 == ref.attn_calls_step1 * (2 if checkpointing else 1), "checkpointing inactive?"
@@ -247,7 +248,7 @@ def _compare_training(family, ckpt, *, engine_dtype=None, checkpointing=None):
     assert ref.losses[-1] < ref.losses[0] - 0.1, "the reference must actually learn the 4 cycled batches"
     cos = torch.nn.functional.cosine_similarity(run.grad_step1.double(), ref.grad_step1.double(), dim=0).item()
     dev = [abs(a - b) / abs(b) for a, b in zip(run.losses, ref.losses)]
-    print(f"[parity] train {family} engine={engine_dtype} checkpointing={checkpointing}: step-1 grad cos "
+    print(f"[parity] train {family} engine={fmt} checkpointing={checkpointing}: step-1 grad cos "
           f"{cos:.7f}, loss rel dev max {max(dev):.2e} median {statistics.median(dev):.2e} "
           f"(loss {ref.losses[0]:.3f} -> {ref.losses[-1]:.3f})")
     return cos, dev
@@ -264,7 +265,7 @@ def test_lora_training_fp32(family, ckpt):
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_lora_training_bf16_engine(family, ckpt):
     """The same with the experts in bf16 on the engine (model fp32): see BF16_LOSS_* for the bounds."""
-    cos, dev = _compare_training(family, ckpt, engine_dtype=torch.bfloat16)
+    cos, dev = _compare_training(family, ckpt, fmt="bf16")
     assert cos >= 0.999
     assert statistics.median(dev) <= BF16_LOSS_MEDIAN_RTOL and max(dev) <= BF16_LOSS_MAX_RTOL
 
@@ -275,17 +276,15 @@ def test_lora_training_int8_engine_tracks_bf16(family, ckpt):
     with per-row activation quantization): every step's loss within 2 % of the bf16-engine run, and the packed
     experts take about half the memory."""
     runs, packed = {}, {}
-    variants = {"bf16": (torch.bfloat16, False), "int8": (torch.int8, False), "int8 GEMMs": (torch.int8, True)}
-    for name, (engine_dtype, int8_compute) in variants.items():
-        model = load_model(ckpt, dtype=torch.float32, engine_dtype=engine_dtype, int8_compute=int8_compute)
+    for name in ("bf16", "int8", "int8-gemm"):
+        fmt = FORMATS[name]
+        model = load_model(ckpt, dtype=torch.float32, format=name)
         layers = [m.kt_layer for m in model.modules() if hasattr(m, "kt_layer")]
         packed[name] = sum(layer.packed_bytes for layer in layers)
-        assert {(layer.weights, layer.int8_compute) for layer in layers} == \
-            {("int8" if engine_dtype == torch.int8 else "bfloat16", int8_compute)}
-        assert re.search(r"\(\S+ [MG]B (int8|bf16)\)", model.kt_summary).group(1) == name[:4].strip()
-        assert ("int8 GEMMs" in model.kt_summary) == int8_compute
+        assert {layer.format for layer in layers} == {fmt}
+        assert re.search(r"\(\S+ [MG]B ([^)]*)\)", model.kt_summary).group(1) == fmt.label
         runs[name] = lora_run(model, family, make_batches(STEPS)).losses
-    for name in ("int8", "int8 GEMMs"):
+    for name in ("int8", "int8-gemm"):
         dev = [abs(a - b) / abs(b) for a, b in zip(runs[name], runs["bf16"])]
         print(f"[parity] train {family} {name} vs bf16 engine: loss rel dev max {max(dev):.2e} "
               f"(loss {runs['bf16'][0]:.3f} -> {runs['bf16'][-1]:.3f}); packed {packed[name]} vs "
@@ -293,7 +292,7 @@ def test_lora_training_int8_engine_tracks_bf16(family, ckpt):
         assert max(dev) <= 0.02, name
         assert runs[name][-1] < runs[name][0] - 0.1, f"the {name} run must learn too"
         assert packed[name] < 0.56 * packed["bf16"]
-    assert runs["int8"] != runs["int8 GEMMs"], "int8 GEMMs must really run (activation rounding changes the loss)"
+    assert runs["int8"] != runs["int8-gemm"], "int8 GEMMs must really run (activation rounding changes the loss)"
 
 
 @pytest.mark.parametrize("family", FAMILY_PARAMS)

@@ -4,6 +4,7 @@
 ISA selection: `KT_SFT_ISA=scalar|avx2|avx512|amx` (default: best this CPU runs), threads: `KT_SFT_THREADS`.
 """
 from .autograd import MoEExpertsFunction, moe_experts
+from .formats import FORMATS, ExpertFormat, for_model_dtype, get_format
 from .gpu_share import GpuShare
 from .layer import ExpertLayer
 from .lora import ExpertLoRA, ExpertLoRAGrads
@@ -11,7 +12,7 @@ from .runtime import (available_isas, cpu_info, current_isa, isa_supported, num_
                       select_isa, set_num_threads, set_worker_spin_us, use_isa, worker_spin_us)
 
 __all__ = [
-    "ExpertLayer", "ExpertLoRA", "GpuShare", "ExpertLoRAGrads", "MoEExpertsFunction", "moe_experts", "available_isas",
+    "FORMATS", "ExpertFormat", "ExpertLayer", "ExpertLoRA", "for_model_dtype", "get_format", "GpuShare", "ExpertLoRAGrads", "MoEExpertsFunction", "moe_experts", "available_isas",
     "cpu_info", "current_isa", "isa_supported", "num_threads", "phase_profile", "select_isa", "set_num_threads",
     "set_worker_spin_us", "use_isa", "worker_spin_us",
 ]

@@ -9,7 +9,6 @@ from typing import Sequence
 
 import torch
 
-ENGINE_DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 SOURCE_DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
 
 
@@ -38,13 +37,6 @@ def check_tensor(
     if any(s < 0 for s in t.stride()):
         raise ValueError(f"{name}: negative strides are not supported")
     return t
-
-
-def dtype_name(dtype: torch.dtype, allowed: dict) -> str:
-    if dtype not in allowed:
-        want = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(f"dtype {str(dtype).replace('torch.', '')} is not supported here (expected {want})")
-    return allowed[dtype]
 
 
 _LORA_FIELDS = (("A_gu", "B_gu", "scale_gu", "gate_up"), ("A_d", "B_d", "scale_d", "down"))

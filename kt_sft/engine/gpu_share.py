@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .formats import ExpertFormat
 from .lora import ExpertLoRA
 
 _PANEL = 16
@@ -76,22 +77,21 @@ def unpin_layer(layer) -> None:
     layer._pinned_ptrs = None
 
 
-def panels_to_matrix(raw: torch.Tensor, experts: int, Np: int, Kp: int, kind: str,
+def panels_to_matrix(raw: torch.Tensor, experts: int, Np: int, Kp: int, fmt: ExpertFormat,
                      scales: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Engine panels of `experts` experts (raw bytes) -> W [experts][Np][Kp] (bf16, or fp32 for kind float32).
+    """Engine panels of `experts` experts (raw bytes) -> W [experts][Np][Kp] in the format's compute dtype.
 
-    bf16 / int8 panels are VNNI pairs panel[k/2][n][k%2] of 16 columns, int8_quads panels (layers with int8 GEMMs)
-    VNNI quads panel[k/4][n][k%4]; fp32 panels are panel[k][n]. int8 gives bf16(q * s[n]) with `scales`
-    [experts][Np], the engine's own dequantization (the GPU computes such a layer with bf16 activations)."""
-    if kind == "float32":
-        p = raw.view(torch.float32).view(experts, Np // _PANEL, Kp, _PANEL)
+    Panels of 16 columns (csrc/common.h): "f32" panel[k][n], "pairs" panel[k/2][n][k%2], "quads" panel[k/4][n][k%4].
+    A quantized format gives bf16(q * s[n]) with `scales` [experts][Np], the engine's own dequantization (the GPU
+    computes such a layer with bf16 activations)."""
+    if fmt.panel == "f32":
+        p = raw.view(fmt.weight_dtype).view(experts, Np // _PANEL, Kp, _PANEL)
         return p.permute(0, 1, 3, 2).reshape(experts, Np, Kp)
-    int8 = kind in ("int8", "int8_quads")
-    group = 4 if kind == "int8_quads" else 2
-    p = raw.view(torch.int8 if int8 else torch.bfloat16).view(experts, Np // _PANEL, Kp // group, _PANEL, group)
+    group = {"pairs": 2, "quads": 4}[fmt.panel]
+    p = raw.view(fmt.weight_dtype).view(experts, Np // _PANEL, Kp // group, _PANEL, group)
     w = p.permute(0, 1, 3, 2, 4).reshape(experts, Np, Kp)
-    if int8:
-        w = (w.float() * scales[:, :, None]).to(torch.bfloat16)
+    if fmt.quantized:
+        w = (w.float() * scales[:, :, None]).to(fmt.compute_dtype)
     return w
 
 
@@ -173,17 +173,15 @@ class GpuShare:
         self.H, self.I = layer.hidden_size, layer.intermediate_size
         self.Hp, self.Ip = eng.padded_hidden, eng.padded_intermediate
         if chunk is None:  # CHUNK_BYTES of unpacked weights per chunk
-            unpacked = 3 * self.Ip * self.Hp * (4 if layer.dtype == torch.float32 else 2)
+            unpacked = 3 * self.Ip * self.Hp * layer.dtype.itemsize
             chunk = max(1, round(CHUNK_BYTES / unpacked))
         self.min_tokens, self.chunk = int(min_tokens), int(chunk)
         self.chunks = -(-self.n // self.chunk)  # chunk j holds share experts [j * chunk, (j + 1) * chunk)
-        self.kind = ("int8_quads" if eng.int8_compute else "int8") if eng.int8_weights else \
-            ("float32" if layer.dtype == torch.float32 else "bfloat16")
-        elem = {"int8": 1, "int8_quads": 1, "bfloat16": 2, "float32": 4}[self.kind]
-        self.expert_bytes = self.Ip * self.Hp * elem
+        self.format = layer.format
+        self.expert_bytes = self.Ip * self.Hp * self.format.weight_bytes
         self.panels = [_host_bytes(*eng.panel_storage(w))[self.first * self.expert_bytes:] for w in range(3)]
         self.scales = None
-        if eng.int8_weights:  # tiny ([n][Np] fp32 per projection): kept on the device
+        if self.format.quantized:  # tiny ([n][Np] fp32 per projection): kept on the device
             self.scales = [_host_bytes(*eng.scale_storage(w)).view(torch.float32).view(E, -1)[self.first:]
                            .to(self.device) for w in range(3)]
         self.cuda = self.device.type == "cuda"
@@ -193,7 +191,7 @@ class GpuShare:
                               "pageable-copy speed", stacklevel=2)
             self.ring = _ring(self.device)
         # grouped_mm takes bf16 rows whose strides are multiples of 16 bytes
-        self.grouped = hasattr(torch, "_grouped_mm") and self.kind != "float32" and self.H % 8 == 0 and self.I % 8 == 0
+        self.grouped = hasattr(torch, "_grouped_mm") and layer.dtype == torch.bfloat16 and self.H % 8 == 0 and self.I % 8 == 0
 
     def applies(self, x: torch.Tensor) -> bool:
         return x.device == self.device and x.shape[0] >= self.min_tokens
@@ -272,7 +270,7 @@ class GpuShare:
             raw, copied = pending[j]
             if self.cuda:
                 torch.cuda.current_stream(self.device).wait_event(copied)
-            mats = [panels_to_matrix(raw[w], c, Np[w], Kp[w], self.kind,
+            mats = [panels_to_matrix(raw[w], c, Np[w], Kp[w], self.format,
                                      None if self.scales is None else self.scales[w][a:a + c]) for w in range(3)]
             if self.cuda:  # unpacking copied the slot out: it may be refilled
                 freed = torch.cuda.Event()

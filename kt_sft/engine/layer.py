@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 
 from .. import _engine
-from .checks import ENGINE_DTYPES, SOURCE_DTYPES, check_lora, check_tensor, dtype_name
+from .checks import SOURCE_DTYPES, check_lora, check_tensor
+from .formats import FormatLike, get_format
 from .lora import ExpertLoRA, ExpertLoRAGrads
 
 PROJECTIONS = {"gate": 0, "up": 1, "down": 2}
@@ -32,14 +33,13 @@ def _host_output(shape, dtype: torch.dtype) -> torch.Tensor:
 class ExpertLayer:
     """SiLU-gated experts: y_t = sum_j w_tj * down_e(silu(gate_e x_t) * up_e x_t), e = topk_ids[t, j].
 
-    `dtype` is both the packed weight type and the activation type of forward/backward (bfloat16 for
-    training; float32 is the exact-arithmetic path used by parity tests). `max_saved` bounds how many
-    forwards may keep activations for a later backward on this layer. `weights="int8"` stores the frozen
-    weights as int8 with one scale per output channel (half the memory of bf16; needs dtype bfloat16): the layer
-    then computes exactly what a bf16 layer holding the dequantized weights bf16(q * scale) would
-    (csrc/common.h, INT8). `int8_compute=True` (int8 weights only) runs the GEMMs themselves in int8, activations
-    quantized per row on the fly (csrc/common.h, INT8 GEMMs): AMX's tdpbssd, about twice the bf16 tile rate,
-    at the cost of activation rounding; other ISAs run the same math in plain loops (correct, not fast).
+    `format` (an ExpertFormat of kt_sft.engine.formats, or its name) says how the frozen weights are stored and
+    multiplied; its `compute_dtype` is the dtype of x, y, dx and dy (bfloat16 for training; fp32 is the
+    exact-arithmetic path of the parity tests). "int8" stores int8 weights with one scale per output channel and
+    computes exactly what a bf16 layer holding the dequantized weights bf16(q * scale) would (csrc/common.h,
+    INT8); "int8-gemm" runs the GEMMs themselves in int8, activations quantized per row (INT8 GEMMs): AMX's
+    tdpbssd, at the cost of activation rounding. `max_saved` bounds how many forwards may keep activations for
+    a later backward on this layer.
     """
 
     def __init__(
@@ -47,26 +47,19 @@ class ExpertLayer:
         num_experts: int,
         hidden_size: int,
         intermediate_size: int,
-        dtype: torch.dtype = torch.bfloat16,
+        format: FormatLike = "bf16",
         activation: str = "silu",
         max_saved: int = 4,
-        weights: Optional[str] = None,
-        int8_compute: bool = False,
     ) -> None:
-        if weights not in (None, "int8"):
-            raise ValueError(f"weights must be None (stored in the engine dtype) or 'int8', got {weights!r}")
-        if weights == "int8" and dtype != torch.bfloat16:
-            raise ValueError(f"int8 expert weights compute in bfloat16; got dtype={dtype}")
-        if int8_compute and weights != "int8":
-            raise ValueError("int8_compute=True needs weights='int8' (the int8 GEMMs read int8 weights)")
-        self.dtype = dtype
-        self.weights = weights or dtype_name(dtype, ENGINE_DTYPES)
-        self._layer = _engine.MoELayer(
-            int(num_experts), int(hidden_size), int(intermediate_size), dtype_name(dtype, ENGINE_DTYPES),
-            activation, int(max_saved), weights or "", bool(int8_compute),
-        )
-        self.int8_compute = bool(int8_compute)
+        self.format = get_format(format)
+        self._layer = _engine.MoELayer(int(num_experts), int(hidden_size), int(intermediate_size), self.format.code,
+                                       activation, int(max_saved))
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype of forward/backward (the format's compute dtype)."""
+        return self.format.compute_dtype
 
     # ------------------------------------------------------------------ loading
     def set_projection(self, which: str, weight: torch.Tensor, expert_begin: int = 0) -> None:
@@ -111,9 +104,10 @@ class ExpertLayer:
         self.set_projection("down", down_proj, expert_begin)
 
     @classmethod
-    def from_fused(cls, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, **kwargs) -> "ExpertLayer":
+    def from_fused(cls, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, format: FormatLike = "bf16",
+                   **kwargs) -> "ExpertLayer":
         E, two_i, H = gate_up_proj.shape
-        layer = cls(E, H, two_i // 2, **kwargs)
+        layer = cls(E, H, two_i // 2, format, **kwargs)
         layer.load_fused(gate_up_proj, down_proj)
         return layer
 
@@ -216,4 +210,4 @@ class ExpertLayer:
 
     def __repr__(self) -> str:
         return (f"ExpertLayer(experts={self.num_experts}, hidden={self.hidden_size}, "
-                f"intermediate={self.intermediate_size}, dtype={self.dtype}, weights={self.weights}, packed={self.packed_bytes / 2**20:.1f} MiB)")
+                f"intermediate={self.intermediate_size}, format={self.format.name}, packed={self.packed_bytes / 2**20:.1f} MiB)")

@@ -13,6 +13,8 @@ import dataclasses
 import os
 from typing import Any, Optional
 
+from ..engine.formats import ExpertFormat, backend_names, get_format
+
 # key -> what it means (README's key table is generated from the same words).
 KEYS: dict[str, str] = {
     "use_kt": "Turn the CPU expert engine on (LLaMA-Factory's own switch; the hook also needs USE_KT=1).",
@@ -56,8 +58,6 @@ RETIRED: dict[str, str] = {
     "kt_mode": "remove the key: kt-sft has one training mode",
     "kt_share_cache_pool": "remove the key: kt-sft shares engine scratch across layers always",
 }
-BACKENDS = {"AMXBF16": "bfloat16", "BF16": "bfloat16", "AMXINT8": "int8", "INT8": "int8", "FP32": "float32"}
-INT8_GEMM_BACKENDS = ("AMXINT8",)  # int8 weights *and* int8 GEMMs (KTransformers' AMXINT8); INT8: bf16 GEMMs
 SUPPORTED_STAGES = ("sft", "pt")
 
 
@@ -70,7 +70,7 @@ class KTSettings:
     """What the loader and engine need, resolved from the YAML (see KEYS for the meaning of each field)."""
 
     rule: Optional[str] = None
-    engine_dtype: Optional[str] = None  # "bfloat16" | "float32" | "int8" | None (= the family default / fp32 model)
+    format: Optional[ExpertFormat] = None  # None = the family default / fp32 model
     threads: int = 0
     chunk_size: int = 0
     retain_activations: bool = True
@@ -78,7 +78,6 @@ class KTSettings:
     expert_path: Optional[str] = None
     loss_chunk_tokens: Optional[int] = None  # None = load_model's default; 0 = stock loss with full logits
     gpu_experts: float = 0.0
-    int8_compute: bool = False  # kt_backend AMXINT8: int8 GEMMs as well as int8 weights
 
 
 def _is_ours(key: str) -> bool:
@@ -139,10 +138,9 @@ def _settings_from_keys(keys: dict[str, Any], model_args) -> KTSettings:
     backend = keys.get("kt_backend")
     if backend not in (None, ""):
         name = str(backend).strip().upper()
-        if name not in BACKENDS:
-            raise KTConfigError(f"kt_backend: {backend!r} is not one of {', '.join(BACKENDS)}")
-        settings.engine_dtype = BACKENDS[name]
-        settings.int8_compute = name in INT8_GEMM_BACKENDS
+        if name not in backend_names():
+            raise KTConfigError(f"kt_backend: {backend!r} is not one of {', '.join(backend_names())}")
+        settings.format = get_format(name)
 
     threads = {k: _as_int(k, keys[k], 0) for k in ("kt_num_threads", "cpu_infer") if keys.get(k) is not None}
     if len(set(threads.values())) > 1:

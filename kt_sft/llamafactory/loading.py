@@ -46,12 +46,11 @@ def load_for_llamafactory(path, kwargs: dict, model_args, settings: KTSettings, 
     """Build the model for LLaMA-Factory's `load_class.from_pretrained(**init_kwargs)` call."""
     config = kwargs.get("config")
     dtype = _dtype(kwargs.get("dtype", kwargs.get("torch_dtype", "auto")), config)
-    engine_dtype = getattr(torch, settings.engine_dtype) if settings.engine_dtype else None
     model = load_model(
         path,
         device=_device(kwargs.get("device_map")),
         dtype=dtype,
-        engine_dtype=engine_dtype,
+        format=settings.format,
         rule=settings.rule,
         threads=settings.threads,
         max_saved=settings.max_cache_depth,
@@ -60,7 +59,6 @@ def load_for_llamafactory(path, kwargs: dict, model_args, settings: KTSettings, 
         chunk_size=settings.chunk_size,
         retain_activations=settings.retain_activations,
         gpu_experts=settings.gpu_experts,
-        int8_compute=settings.int8_compute,
         progress=True,
         **({} if settings.loss_chunk_tokens is None else {"loss_chunk_tokens": settings.loss_chunk_tokens}),
     )
