@@ -8,6 +8,7 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -52,8 +53,11 @@ def test_keys_resolve_to_settings(get_train_args, tmp_path):
     assert model_args.kt_sft_settings == ktc.KTSettings(rule="qwen3_moe", format=FORMATS["fp32"], threads=2,
                                                         chunk_size=512, retain_activations=False,
                                                         max_cache_depth=6, gpu_experts=0.5)
+    assert model_args.kt_sft_settings.family.model_type == "qwen3_moe"  # resolved once, for the loader
     model_args, *_ = get_train_args(_args(tmp_path))
     assert model_args.kt_sft_settings == ktc.KTSettings()  # every default is "auto"
+    model_args, *_ = get_train_args(_args(tmp_path, kt_num_threads="3", cpu_infer=3))  # an alias may repeat it
+    assert model_args.kt_sft_settings.threads == 3
     model_args, *_ = get_train_args(_args(tmp_path, kt_backend="AMXINT8"))
     assert model_args.kt_sft_settings.format is FORMATS["int8-gemm"]
     model_args, *_ = get_train_args(_args(tmp_path, kt_backend="int8"))
@@ -79,8 +83,10 @@ BAD = [
     ({"finetuning_type": "freeze"}, "trains LoRA adapters only"),
     ({"stage": "dpo"}, "supported stages are sft, pt"),
     ({"kt_backend": "Q4"}, "'Q4' is not one of"),
-    ({"cpu_infer": 2, "kt_num_threads": 3}, "disagree"),
+    ({"cpu_infer": 2, "kt_num_threads": 3}, "kt_num_threads=3 and cpu_infer=2 disagree"),
     ({"kt_num_threads": -1}, "kt_num_threads: expected an integer >= 0"),
+    ({"cpu_infer": "--2"}, "cpu_infer: expected an integer >= 0, got '--2'"),
+    ({"kt_max_cache_depth": 0}, "kt_max_cache_depth: expected an integer >= 1, got 0"),
     ({"chunk_size": "many"}, "chunk_size: expected an integer"),
     ({"kt_cpu_activation": "offload"}, "retain or recompute"),
     ({"kt_gpu_experts": 1.5}, "kt_gpu_experts: expected a fraction between 0 and 1, got 1.5"),
@@ -89,6 +95,7 @@ BAD = [
     ({"kt_maxlen": 4096}, "use LLaMA-Factory's cutoff_len"),
     ({"kt_weight_path": "/some/where"}, "pre-quantized .kt expert files are not supported"),
     ({"kt_use_lora_experts": True}, "GPU-side LoRA experts are not supported"),
+    ({"kt_lora_expert_num": 4}, "kt_lora_expert_num=4: belongs to kt_use_lora_experts"),
     ({"kt_expert_checkpoint_path": "/no/such/dir"}, "is not a directory"),
     ({"quantization_bit": 4}, "quantization_bit"),
     ({"use_unsloth": True}, "use_unsloth with use_kt"),
@@ -196,10 +203,27 @@ def test_example_configs_parse(get_train_args, tmp_path, name):
     assert finetuning_args.finetuning_type == "lora"
 
 
-def test_readme_documents_every_key():
+def test_readme_key_table_is_generated():
     readme = (REPO / "README.md").read_text()
-    for key in list(ktc.KEYS) + list(ktc.RETIRED):
-        assert f"| `{key}` |" in readme, f"README.md 'Config keys' lacks {key}"
+    assert ktc.readme_key_table(readme) == ktc.readme_table(), (
+        "README.md's 'Config keys' table differs from KEY_SPECS in kt_sft/llamafactory/config.py; regenerate it "
+        "with `python -m kt_sft.llamafactory.config README.md`")
+
+
+def test_key_specs_drive_split_errors_and_help():
+    """Which keys the hook takes from LLaMA-Factory's arguments, the accepted-keys list and kt_backend's help all
+    come from KEY_SPECS (and kt_backend's from the format table)."""
+    for spec in ktc.KEY_SPECS:
+        for name in spec.names:
+            rest, ours = ktc.split_kt_keys({name: 1, "lr": 1})
+            assert (name in ours) == (spec.source != ktc.LLAMAFACTORY) and (name in rest) != (name in ours), name
+    with pytest.raises(ktc.KTConfigError, match="accepted keys: ") as err:
+        ktc.resolve({"kt_bogus": 1}, SimpleNamespace(use_kt=True))
+    accepted = str(err.value).split("accepted keys: ")[1].split(" (")[0].split(", ")
+    assert accepted == sorted(n for spec in ktc.KEY_SPECS if spec.source != ktc.RETIRED for n in spec.names)
+    backend = next(spec for spec in ktc.KEY_SPECS if spec.name == "kt_backend")
+    for fmt in FORMATS.values():
+        assert all(name in backend.help for name in fmt.backends) and fmt.doc in backend.help
 
 
 def test_lora_target_split_for_engine_models():

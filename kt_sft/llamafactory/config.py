@@ -1,87 +1,186 @@
 """The `kt_*` config surface: which keys a LLaMA-Factory YAML may carry with `use_kt: true`, what they mean, and
 the checks that run before any weight is loaded.
 
-LLaMA-Factory 0.9.5 declares a few KT fields itself (`use_kt`, `kt_weight_path`, `kt_expert_checkpoint_path`,
-`kt_use_lora_experts`, `kt_lora_expert_num`, `kt_lora_expert_intermediate_size`); the other keys users carry over
-from KTransformers configs (`kt_optimize_rule`, `cpu_infer`, `chunk_size`, `kt_backend`, `kt_num_threads`, ...)
-are not LLaMA-Factory fields, so the hook takes them out of the arguments before LLaMA-Factory parses them
+Every key is declared once, as a `KeySpec` in `KEY_SPECS` (name, parser, default, aliases, help, the `KTSettings`
+field it sets, and who parses it). Everything else is derived from that table: the `KTSettings` fields and their
+defaults, which keys `split_kt_keys` takes out of LLaMA-Factory's arguments, the unknown-key error and its list
+of accepted keys, each key's parse error, and README.md's "Config keys" table (`python -m
+kt_sft.llamafactory.config README.md` rewrites it; a test compares them).
+
+LLaMA-Factory 0.9.5 declares a few KT fields itself (`use_kt`, `kt_weight_path`, `kt_expert_checkpoint_path`, ...):
+it parses those into its ModelArguments and we only check them. Our keys (`kt_backend`, `chunk_size`, ...) are not
+LLaMA-Factory fields, so the hook takes them out of the arguments before LLaMA-Factory parses them
 (`split_kt_keys`) and validates everything together once the dataclasses exist (`resolve`).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from typing import Any, Optional
+import re
+import sys
+from typing import Any, Callable, Optional
 
-from ..engine.formats import ExpertFormat, backend_names, get_format
+from ..engine.formats import FORMATS, ExpertFormat, backend_names, get_format
+from ..models.registry import MoEFamily, UnsupportedModelError, get_family
 
-# key -> what it means (README's key table is generated from the same words).
-KEYS: dict[str, str] = {
-    "use_kt": "Turn the CPU expert engine on (LLaMA-Factory's own switch; the hook also needs USE_KT=1).",
-    "kt_optimize_rule": "Model family rule: a family name (e.g. qwen3_moe) or a family YAML (kt_sft/models/families "
-                        "format). Default: picked from config.json's model_type.",
-    "kt_backend": "Expert weight format and GEMMs: AMXBF16 (default; bf16, runs on amx/avx512/avx2/scalar, "
-                  "whichever the CPU has), AMXINT8 (int8 weights with one scale per output channel, quantized "
-                  "while loading: half the RAM; the GEMMs run in int8 too, activations quantized per row: AMX's "
-                  "int8 rate, other CPUs run it slowly), INT8 (the same int8 weights, GEMMs in bf16: exact "
-                  "dequantized math, fast on every path) or FP32 (exact fp32 experts, for parity checks).",
-    "kt_num_threads": "CPU engine threads. 0 / unset: KT_SFT_THREADS, else the physical cores of the CPU set.",
-    "cpu_infer": "KTransformers' name for kt_num_threads (same meaning; give one or equal values).",
-    "chunk_size": "Most tokens per engine call: longer micro-batches are split, bounding the engine's scratch "
-                  "memory. 0 / unset: the whole micro-batch in one call.",
-    "kt_cpu_activation": "retain (default): a gradient-checkpoint recompute reuses the CPU experts' forward instead "
-                         "of running it again; recompute: run it again (less host RAM, more CPU time).",
-    "kt_gpu_experts": "Fraction (0..1) of each MoE layer's routed experts that training / prefill calls of >= 1024 "
-                      "tokens compute on the GPU, their weights streamed from RAM per call while the CPU engine "
-                      "runs the rest (default 0: all on the CPU). Costs GPU memory for a few experts at a time.",
-    "kt_max_cache_depth": "Forward results each MoE layer keeps for backward (default 4; raise it if an error says "
-                          "a saved forward was evicted). A chunk_size split raises it, per layer, to the number of "
-                          "calls a batch needs.",
-    "kt_expert_checkpoint_path": "Directory whose safetensors hold the routed-expert tensors when they are not in "
-                                 "model_name_or_path (same key names). Default: model_name_or_path.",
-    "kt_weight_path": "Pre-quantized KTransformers .kt expert files: not supported (kt-sft reads safetensors).",
-    "kt_use_lora_experts": "kt-kernel's extra GPU-side 'LoRA experts': not supported; must be false or unset.",
-    "kt_lora_expert_num": "Belongs to kt_use_lora_experts: not supported; must be unset.",
-    "kt_lora_expert_intermediate_size": "Belongs to kt_use_lora_experts: not supported; must be unset.",
-}
-
-# Keys LLaMA-Factory 0.9.5 parses itself (fields of its ModelArguments).
-LLAMAFACTORY_FIELDS = {"use_kt", "kt_weight_path", "kt_expert_checkpoint_path", "kt_use_lora_experts",
-                       "kt_lora_expert_num", "kt_lora_expert_intermediate_size"}
-# Not `kt_`-prefixed, but ours when present.
-EXTRA_KEYS = {"cpu_infer", "chunk_size"}
-# KTransformers (gen 1) keys with no kt-sft meaning: say what to use instead.
-RETIRED: dict[str, str] = {
-    "kt_maxlen": "use LLaMA-Factory's cutoff_len",
-    "kt_use_cuda_graph": "kt-sft does not capture CUDA graphs; remove the key",
-    "kt_force_think": "use a thinking template (e.g. template: qwen3) instead",
-    "kt_mode": "remove the key: kt-sft has one training mode",
-    "kt_share_cache_pool": "remove the key: kt-sft shares engine scratch across layers always",
-}
 SUPPORTED_STAGES = ("sft", "pt")
+# Who parses a key (KeySpec.source).
+OURS = "kt-sft"                 # the hook takes it out of LLaMA-Factory's arguments and parses it
+LLAMAFACTORY = "LLaMA-Factory"  # a field of LLaMA-Factory's ModelArguments: parsed there, checked here
+RETIRED = "KTransformers"       # a KTransformers key with no kt-sft meaning: refused, its help is the advice
 
 
 class KTConfigError(ValueError):
     """A `kt_*` key or an argument combination kt-sft cannot run; raised before any weight is loaded."""
 
 
-@dataclasses.dataclass
-class KTSettings:
-    """What the loader and engine need, resolved from the YAML (see KEYS for the meaning of each field)."""
+Parser = Callable[[str, Any], Any]  # (key as given, value as given) -> the setting's value; raises KTConfigError
 
-    rule: Optional[str] = None
-    format: Optional[ExpertFormat] = None  # None = the family default / fp32 model
-    threads: int = 0
-    chunk_size: int = 0
-    retain_activations: bool = True
-    max_cache_depth: int = 4
-    expert_path: Optional[str] = None
-    loss_chunk_tokens: Optional[int] = None  # None = load_model's default; 0 = stock loss with full logits
-    gpu_experts: float = 0.0
+
+@dataclasses.dataclass(frozen=True)
+class KeySpec:
+    """One config key: everything the hook, its checks and README's key table know about it."""
+
+    name: str
+    help: str                       # README's meaning; for a RETIRED key, the advice its error gives
+    source: str = OURS
+    setting: Optional[str] = None   # the KTSettings field it sets (None: checked only)
+    parse: Optional[Parser] = None  # None: nothing to parse (use_kt, RETIRED keys)
+    default: Any = None             # the key's value when unset, as a YAML gives it; None: auto (see help)
+    aliases: tuple = ()             # other names for the same key; several given must parse to equal values
+
+    @property
+    def names(self) -> tuple:
+        return (self.name, *self.aliases)
+
+
+def _text(key: str, value: Any) -> str:
+    return str(value)
+
+
+def _integer(minimum: int) -> Parser:
+    """An int, or a string of digits (YAML/CLI overrides); not a bool, a float or anything else."""
+    def parse(key: str, value: Any) -> int:
+        text = str(value).strip()
+        if isinstance(value, bool) or not re.fullmatch(r"-?\d+", text) or int(text) < minimum:
+            raise KTConfigError(f"{key}: expected an integer >= {minimum}, got {value!r}")
+        return int(text)
+    return parse
+
+
+def _fraction(key: str, value: Any) -> float:
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        fraction = -1.0
+    if isinstance(value, bool) or not 0.0 <= fraction <= 1.0:  # NaN fails the comparison too
+        raise KTConfigError(f"{key}: expected a fraction between 0 and 1, got {value!r}")
+    return fraction
+
+
+def _choice(meanings: dict) -> Parser:
+    """One of a few words, each standing for a setting value."""
+    def parse(key: str, value: Any) -> Any:
+        if str(value) not in meanings:
+            raise KTConfigError(f"{key}: expected {' or '.join(meanings)}, got {value!r}")
+        return meanings[str(value)]
+    return parse
+
+
+def _expert_format(key: str, value: Any) -> ExpertFormat:
+    name = str(value).strip().upper()
+    if name not in backend_names():
+        raise KTConfigError(f"{key}: {value!r} is not one of {', '.join(backend_names())}")
+    return get_format(name)
+
+
+def _directory(key: str, value: Any) -> str:
+    if not os.path.isdir(str(value)):
+        raise KTConfigError(f"{key}={value!r} is not a directory")
+    return str(value)
+
+
+def _refused(advice: str, allowed: tuple = ()) -> Parser:
+    """A key kt-sft cannot honour: any value other than `allowed` fails with the advice."""
+    def parse(key: str, value: Any) -> None:
+        if not any(value is ok for ok in allowed):
+            raise KTConfigError(f"{key}={value!r}: {advice}")
+    return parse
+
+
+def _backend_help() -> str:
+    """kt_backend's meaning, one clause per row of the format table (a new format documents itself)."""
+    formats = "; ".join(f"{' / '.join(f.backends)}: {f.doc}" for f in FORMATS.values())
+    return (f"Expert weight format and GEMMs. {formats}. Unset: the family file's defaults.engine_dtype (bf16), "
+            "fp32 experts for an fp32 model.")
+
+
+KEY_SPECS: tuple[KeySpec, ...] = (
+    KeySpec("use_kt", "Turn the CPU expert engine on (the hook also needs USE_KT=1 in the environment).",
+            LLAMAFACTORY),
+    KeySpec("kt_optimize_rule", "Model family rule: a family name (e.g. qwen3_moe) or a family YAML "
+            "(kt_sft/models/families format). Unset: picked from config.json's model_type.",
+            setting="rule", parse=_text),
+    KeySpec("kt_backend", _backend_help(), setting="format", parse=_expert_format),
+    KeySpec("kt_num_threads", "CPU engine threads. 0: the family file's defaults.threads (auto: KT_SFT_THREADS, "
+            "else the physical cores of the CPU set). `cpu_infer` is its KTransformers name.",
+            setting="threads", parse=_integer(0), default=0, aliases=("cpu_infer",)),
+    KeySpec("chunk_size", "Most tokens per engine call: longer micro-batches are split, bounding the engine's "
+            "scratch memory. 0: the whole micro-batch in one call.", setting="chunk_size", parse=_integer(0),
+            default=0),
+    KeySpec("kt_cpu_activation", "retain: a gradient-checkpoint recompute reuses the CPU experts' forward instead "
+            "of running it again; recompute: run it again (less host RAM, more CPU time).",
+            setting="retain_activations", parse=_choice({"retain": True, "recompute": False}), default="retain"),
+    KeySpec("kt_gpu_experts", "Fraction (0..1) of each MoE layer's routed experts that training / prefill calls of "
+            ">= 1024 tokens compute on the GPU, their weights streamed from RAM per call while the CPU engine runs "
+            "the rest (0: all on the CPU). Costs GPU memory for a few experts at a time.",
+            setting="gpu_experts", parse=_fraction, default=0),
+    KeySpec("kt_max_cache_depth", "Forward results each MoE layer keeps for backward; raise it if an error says a "
+            "saved forward was evicted. A `chunk_size` split raises it, per layer, to the number of calls a batch "
+            "needs.", setting="max_cache_depth", parse=_integer(1), default=4),
+    KeySpec("kt_expert_checkpoint_path", "Directory whose safetensors hold the routed-expert tensors when they are "
+            "not in model_name_or_path (same key names). Unset: model_name_or_path.", LLAMAFACTORY,
+            setting="expert_path", parse=_directory),
+    KeySpec("kt_weight_path", "Pre-quantized KTransformers .kt expert files: not supported (kt-sft reads "
+            "safetensors).", LLAMAFACTORY, parse=_refused(
+                "pre-quantized .kt expert files are not supported; point model_name_or_path at the safetensors "
+                "checkpoint and remove the key")),
+    KeySpec("kt_use_lora_experts", "kt-kernel's extra GPU-side 'LoRA experts': not supported; must be false or "
+            "unset.", LLAMAFACTORY, parse=_refused("kt-kernel's GPU-side LoRA experts are not supported; remove the "
+                                                   "key (LoRA targets come from lora_target)", allowed=(False,))),
+    KeySpec("kt_lora_expert_num", "Belongs to kt_use_lora_experts: not supported; must be unset.", LLAMAFACTORY,
+            parse=_refused("belongs to kt_use_lora_experts, which kt-sft does not support; remove it")),
+    KeySpec("kt_lora_expert_intermediate_size", "Belongs to kt_use_lora_experts: not supported; must be unset.",
+            LLAMAFACTORY, parse=_refused("belongs to kt_use_lora_experts, which kt-sft does not support; remove it")),
+    KeySpec("kt_maxlen", "use LLaMA-Factory's cutoff_len", RETIRED),
+    KeySpec("kt_use_cuda_graph", "kt-sft does not capture CUDA graphs; remove the key", RETIRED),
+    KeySpec("kt_force_think", "use a thinking template (e.g. template: qwen3) instead", RETIRED),
+    KeySpec("kt_mode", "remove the key: kt-sft has one training mode", RETIRED),
+    KeySpec("kt_share_cache_pool", "remove the key: kt-sft shares engine scratch across layers always", RETIRED),
+)
+_BY_NAME: dict[str, KeySpec] = {name: spec for spec in KEY_SPECS for name in spec.names}
+
+
+def _setting_default(spec: KeySpec) -> Any:
+    return None if spec.default is None else spec.parse(spec.name, spec.default)
+
+
+KTSettings = dataclasses.make_dataclass("KTSettings", [
+    *((s.setting, Any, dataclasses.field(default=_setting_default(s))) for s in KEY_SPECS if s.setting),
+    ("loss_chunk_tokens", Optional[int], dataclasses.field(default=None)),  # None: load_model's default; 0: stock
+    ("family", Optional[MoEFamily], dataclasses.field(default=None, compare=False, repr=False)),  # by _check_model
+], namespace={"__module__": __name__, "__doc__": (
+    "What the loader and engine need, resolved from the YAML: one field per KeySpec.setting (default: its key's "
+    "default, parsed), plus loss_chunk_tokens (from the loss LLaMA-Factory trains with) and family (the registry "
+    "entry of the checkpoint, resolved once by the checks).")})
 
 
 def _is_ours(key: str) -> bool:
-    return (key.startswith("kt_") and key not in LLAMAFACTORY_FIELDS) or key in EXTRA_KEYS
+    """Keys the hook takes out of LLaMA-Factory's arguments: our keys, retired ones, and unknown `kt_*` keys (kept so
+    `resolve` can name them)."""
+    spec = _BY_NAME.get(key)
+    return spec.source != LLAMAFACTORY if spec is not None else key.startswith("kt_")
 
 
 def split_kt_keys(args: Any) -> tuple[Any, dict[str, Any]]:
@@ -114,74 +213,40 @@ def split_kt_keys(args: Any) -> tuple[Any, dict[str, Any]]:
     return args, ours
 
 
-def _as_int(key: str, value: Any, minimum: int) -> int:
-    """An int, or a string of digits (YAML/CLI overrides); not a bool, a float or anything else."""
-    text = str(value).strip()
-    if isinstance(value, bool) or not (isinstance(value, int) or text.lstrip("-").isdigit()) \
-            or int(text) < minimum:
-        raise KTConfigError(f"{key}: expected an integer >= {minimum}, got {value!r}")
-    return int(text)
+def _refuse_unknown_and_retired(keys: dict[str, Any]) -> None:
+    unknown = sorted(k for k in keys if k not in _BY_NAME)
+    if unknown:
+        accepted = ", ".join(sorted(n for n, spec in _BY_NAME.items() if spec.source != RETIRED))
+        raise KTConfigError(f"unknown kt-sft key(s) {', '.join(unknown)}; accepted keys: {accepted} "
+                            "(meanings in README.md, 'Config keys')")
+    retired = sorted(k for k in keys if _BY_NAME[k].source == RETIRED)
+    if retired:
+        raise KTConfigError(f"{retired[0]} is a KTransformers key kt-sft does not use: {_BY_NAME[retired[0]].help}")
+
+
+def _given(spec: KeySpec, keys: dict[str, Any], model_args) -> dict[str, Any]:
+    """name -> value for each of the spec's names that is set (None and "" mean unset)."""
+    if spec.source == LLAMAFACTORY:
+        values = {spec.name: getattr(model_args, spec.name, None)}
+    else:
+        values = {name: keys.get(name) for name in spec.names}
+    return {name: value for name, value in values.items() if value is not None and value != ""}
 
 
 def _settings_from_keys(keys: dict[str, Any], model_args) -> KTSettings:
-    settings = KTSettings()
-    unknown = sorted(k for k in keys if k not in KEYS and k not in RETIRED)
-    if unknown:
-        accepted = ", ".join(sorted(KEYS))
-        raise KTConfigError(f"unknown kt-sft key(s) {', '.join(unknown)}; accepted keys: {accepted} "
-                            "(meanings in README.md, 'Config keys')")
-    for key in sorted(k for k in keys if k in RETIRED):
-        raise KTConfigError(f"{key} is a KTransformers key kt-sft does not use: {RETIRED[key]}")
-
-    if keys.get("kt_optimize_rule") not in (None, ""):
-        settings.rule = str(keys["kt_optimize_rule"])
-    backend = keys.get("kt_backend")
-    if backend not in (None, ""):
-        name = str(backend).strip().upper()
-        if name not in backend_names():
-            raise KTConfigError(f"kt_backend: {backend!r} is not one of {', '.join(backend_names())}")
-        settings.format = get_format(name)
-
-    threads = {k: _as_int(k, keys[k], 0) for k in ("kt_num_threads", "cpu_infer") if keys.get(k) is not None}
-    if len(set(threads.values())) > 1:
-        raise KTConfigError(f"kt_num_threads={threads['kt_num_threads']} and cpu_infer={threads['cpu_infer']} "
-                            "disagree; they are the same setting, give one")
-    settings.threads = next(iter(threads.values()), 0)
-    if keys.get("chunk_size") is not None:
-        settings.chunk_size = _as_int("chunk_size", keys["chunk_size"], 0)
-    if keys.get("kt_max_cache_depth") is not None:
-        settings.max_cache_depth = _as_int("kt_max_cache_depth", keys["kt_max_cache_depth"], 1)
-    if keys.get("kt_gpu_experts") is not None:
-        value = keys["kt_gpu_experts"]
-        try:
-            fraction = float(value)
-        except (TypeError, ValueError):
-            fraction = -1.0
-        if isinstance(value, bool) or not 0.0 <= fraction <= 1.0:
-            raise KTConfigError(f"kt_gpu_experts: expected a fraction between 0 and 1, got {value!r}")
-        settings.gpu_experts = fraction
-    activation = keys.get("kt_cpu_activation")
-    if activation not in (None, ""):
-        if str(activation) not in ("retain", "recompute"):
-            raise KTConfigError(f"kt_cpu_activation: expected retain or recompute, got {activation!r}")
-        settings.retain_activations = str(activation) == "retain"
-
-    # LLaMA-Factory's own KT fields (already parsed into model_args).
-    if getattr(model_args, "kt_weight_path", None):
-        raise KTConfigError(f"kt_weight_path={model_args.kt_weight_path!r}: pre-quantized .kt expert files are not "
-                            "supported; point model_name_or_path at the safetensors checkpoint and remove the key")
-    if getattr(model_args, "kt_use_lora_experts", None):
-        raise KTConfigError("kt_use_lora_experts: kt-kernel's GPU-side LoRA experts are not supported; remove the "
-                            "key (LoRA targets come from lora_target)")
-    for key in ("kt_lora_expert_num", "kt_lora_expert_intermediate_size"):
-        if getattr(model_args, key, None) is not None:
-            raise KTConfigError(f"{key} belongs to kt_use_lora_experts, which kt-sft does not support; remove it")
-    expert_path = getattr(model_args, "kt_expert_checkpoint_path", None)
-    if expert_path:
-        if not os.path.isdir(expert_path):
-            raise KTConfigError(f"kt_expert_checkpoint_path={expert_path!r} is not a directory")
-        settings.expert_path = str(expert_path)
-    return settings
+    _refuse_unknown_and_retired(keys)
+    values = {}
+    for spec in KEY_SPECS:
+        given = _given(spec, keys, model_args)
+        if spec.parse is None or not given:
+            continue
+        parsed = {name: spec.parse(name, value) for name, value in given.items()}
+        if len(set(parsed.values())) > 1:
+            names = " and ".join(f"{name}={value}" for name, value in given.items())
+            raise KTConfigError(f"{names} disagree; they are the same setting, give one")
+        if spec.setting:
+            values[spec.setting] = next(iter(parsed.values()))
+    return KTSettings(**values)
 
 
 def resolve(keys: dict[str, Any], model_args, finetuning_args=None, training_args=None) -> Optional[KTSettings]:
@@ -222,11 +287,8 @@ def resolve(keys: dict[str, Any], model_args, finetuning_args=None, training_arg
 
 
 def _check_model(model_args, settings: KTSettings) -> None:
-    """A local checkpoint of a supported family (kt-sft never downloads), checked before anything is loaded."""
-    import json
-
-    from ..models.registry import UnsupportedModelError, get_family
-
+    """A local checkpoint of a supported family (kt-sft never downloads), checked before anything is loaded; its
+    registry entry goes into `settings.family` so the loader does not resolve it again."""
     path = getattr(model_args, "model_name_or_path", None)
     config_file = os.path.join(str(path), "config.json")
     if not path or not os.path.isfile(config_file):
@@ -238,7 +300,7 @@ def _check_model(model_args, settings: KTSettings) -> None:
     except ValueError as err:
         raise KTConfigError(f"{config_file} is not valid JSON: {err}") from err
     try:
-        get_family(model_type, settings.rule)
+        settings.family = get_family(model_type, settings.rule)
     except (UnsupportedModelError, FileNotFoundError, ValueError) as err:
         raise KTConfigError(f"model_name_or_path={path!r}: {err}") from err
     for adapter in getattr(model_args, "adapter_name_or_path", None) or []:
@@ -261,3 +323,45 @@ def _check_training(training_args) -> None:
     if getattr(training_args, "n_gpu", 1) > 1:
         raise KTConfigError(f"{training_args.n_gpu} GPUs are visible and the Trainer would replicate the model "
                             "over them (DataParallel); kt-sft uses one GPU: set CUDA_VISIBLE_DEVICES=0")
+
+
+def readme_table() -> str:
+    """README.md's "Config keys" table, one row per key name (aliases get their own row, pointing at the key)."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for spec in KEY_SPECS:
+        default = "—" if spec.source == RETIRED else "unset" if spec.default is None else f"`{spec.default}`"
+        meaning = {OURS: spec.help, LLAMAFACTORY: f"{spec.help} LLaMA-Factory parses it; kt-sft checks it.",
+                   RETIRED: f"KTransformers key with no kt-sft meaning, refused with the advice: {spec.help}."}
+        rows.append(f"| `{spec.name}` | {default} | {meaning[spec.source]} |")
+        rows += [f"| `{alias}` | | Another name for `{spec.name}` (same meaning; give one, or equal values). |"
+                 for alias in spec.aliases]
+    return "\n".join(rows) + "\n"
+
+
+def _table_span(readme: str) -> tuple[int, int]:
+    """Where the key table sits in README.md: the first table after the "### Config keys" heading."""
+    section = readme.index("### Config keys\n")
+    start = readme.index("\n|", section) + 1
+    end = re.compile(r"^(?!\|)", re.M).search(readme, start).start()
+    return start, end
+
+
+def readme_key_table(readme: str) -> str:
+    start, end = _table_span(readme)
+    return readme[start:end]
+
+
+def with_readme_table(readme: str) -> str:
+    start, end = _table_span(readme)
+    return readme[:start] + readme_table() + readme[end:]
+
+
+if __name__ == "__main__":
+    # `python -m kt_sft.llamafactory.config`: print the table; `... README.md`: rewrite the table in that file.
+    if len(sys.argv) > 1:
+        with open(sys.argv[1]) as f:
+            text = f.read()
+        with open(sys.argv[1], "w") as f:
+            f.write(with_readme_table(text))
+    else:
+        sys.stdout.write(readme_table())
