@@ -149,10 +149,9 @@ KEY_SPECS: tuple[KeySpec, ...] = (
     KeySpec("kt_use_lora_experts", "kt-kernel's extra GPU-side 'LoRA experts': not supported; must be false or "
             "unset.", LLAMAFACTORY, parse=_refused("kt-kernel's GPU-side LoRA experts are not supported; remove the "
                                                    "key (LoRA targets come from lora_target)", allowed=(False,))),
-    KeySpec("kt_lora_expert_num", "Belongs to kt_use_lora_experts: not supported; must be unset.", LLAMAFACTORY,
-            parse=_refused("belongs to kt_use_lora_experts, which kt-sft does not support; remove it")),
-    KeySpec("kt_lora_expert_intermediate_size", "Belongs to kt_use_lora_experts: not supported; must be unset.",
-            LLAMAFACTORY, parse=_refused("belongs to kt_use_lora_experts, which kt-sft does not support; remove it")),
+    *(KeySpec(name, "Belongs to kt_use_lora_experts: not supported; must be unset.", LLAMAFACTORY,
+              parse=_refused("belongs to kt_use_lora_experts, which kt-sft does not support; remove it"))
+      for name in ("kt_lora_expert_num", "kt_lora_expert_intermediate_size")),
     KeySpec("kt_maxlen", "use LLaMA-Factory's cutoff_len", RETIRED),
     KeySpec("kt_use_cuda_graph", "kt-sft does not capture CUDA graphs; remove the key", RETIRED),
     KeySpec("kt_force_think", "use a thinking template (e.g. template: qwen3) instead", RETIRED),
