@@ -19,6 +19,9 @@ previous commit), loaded under another package name and interleaved with ours: a
 process, where the host's drift (±15 % between processes on the device) cannot masquerade as a kernel change.
 For the device, whose copy of the tree has no .git: `git archive REV | tar -x -C .dev/base` here, carry .dev,
 and there `(cd .dev/base && python3 setup.py build_ext --inplace -q)` before `--against .dev/base`.
+--json prints one JSON row per variant on stdout (the report above goes to stderr); --record appends the rows to
+benchmarks/results/bench_moe.csv (or --results-dir), whose rows BENCHMARKS.md's tables are generated from
+(benchmarks/results.py, benchmarks/report.py).
 """
 from __future__ import annotations
 
@@ -31,12 +34,16 @@ import shutil
 import sys
 import tempfile
 import statistics
+import subprocess
 import time
 
 import torch
 import torch.nn.functional as F
 
 import kt_sft.engine as ke
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import results  # noqa: E402  (benchmarks/results.py: the rows every benchmark records)
 
 
 def parse_args() -> argparse.Namespace:
@@ -62,6 +69,7 @@ def parse_args() -> argparse.Namespace:
                         "as in a model whose other layers ran in between (0 = off)")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="also time the engine with expert LoRA of this rank on gate_up and down (0 = off)")
+    results.add_arguments(p)
     args = p.parse_args()
     if args.small:
         args.experts, args.topk, args.hidden, args.intermediate, args.tokens = 8, 2, 256, 192, 256
@@ -97,17 +105,6 @@ def naive_forward(x, ids, w, gate_up, down):
     return y
 
 
-def timed(fn, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def make_lora(a: argparse.Namespace, rank: int) -> ke.ExpertLoRA:
     """PEFT-layout factors of rank `rank` on both projections, lora_alpha = 2r; B random (a trained adapter)."""
     gen = torch.Generator().manual_seed(1)
@@ -120,11 +117,13 @@ def make_lora(a: argparse.Namespace, rank: int) -> ke.ExpertLoRA:
 
 
 class EngineVariant:
-    """One engine configuration (layer + optional LoRA) timed in forward/backward pairs."""
+    """One engine configuration (layer + optional LoRA) timed in forward/backward pairs. `name` labels its line in
+    the human report, `variant` its row in the results ("ours bf16", "against <build> int8-gemm", ...)."""
 
-    def __init__(self, name: str, layer: ke.ExpertLayer, lora=None, engine=ke, against=None) -> None:
+    def __init__(self, name: str, variant: str, layer: ke.ExpertLayer, lora=None, engine=ke, against=None) -> None:
         # against: our variant that an --against row is compared with (same weights and GEMM dtype)
-        self.name, self.layer, self.lora, self.engine, self.against = name, layer, lora, engine, against
+        self.name, self.variant, self.layer, self.lora = name, variant, layer, lora
+        self.engine, self.against = engine, against
         self.fwd, self.bwd, self.phases, self.state = [], [], {}, {}
 
     def warm(self, x, ids, w, dy) -> None:
@@ -155,6 +154,14 @@ class EngineVariant:
 
     def medians(self) -> tuple[float, float]:
         return statistics.median(self.fwd), statistics.median(self.bwd)
+
+    def row(self, tokens: int) -> dict:
+        """Its results row: median forward and backward, tokens/s of the median and extreme rounds, phases."""
+        fwd, bwd = self.medians()
+        pairs = [f + b for f, b in zip(self.fwd, self.bwd)]
+        phases = {name: round(seconds / max(1, calls) * 1e3, 3) for name, (calls, seconds) in self.phases.items()}
+        return {"variant": self.variant, "fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3, **results.spread(tokens, pairs),
+                "tokens_per_s": tokens / (fwd + bwd), "phases_ms": phases or None}
 
 
 def load_other_engine(checkout: str, name: str):
@@ -204,6 +211,7 @@ def print_phases(v: EngineVariant) -> None:
 
 
 def bench_naive(a, gate_up, down, ids, w, x, dy):
+    """Median forward and backward seconds of the naive loop, its results row and its outputs."""
     state = {}
 
     def fwd():
@@ -214,93 +222,152 @@ def bench_naive(a, gate_up, down, ids, w, x, dy):
     def bwd():
         state["dx"], state["dw"] = torch.autograd.grad(state["y"], (state["x"], state["w"]), dy)
 
-    fwd()
-    bwd()
-    t_fwd = timed(fwd, a.iters, a.warmup)
-    times = []
-    for _ in range(a.iters):
+    for _ in range(1 + a.warmup):
         fwd()
-        t0 = time.perf_counter()
         bwd()
-        times.append(time.perf_counter() - t0)
-    return t_fwd, statistics.median(times), state
+    fwds, bwds = [], []
+    for _ in range(a.iters):
+        t0 = time.perf_counter()
+        fwd()
+        t1 = time.perf_counter()
+        bwd()
+        fwds.append(t1 - t0)
+        bwds.append(time.perf_counter() - t1)
+    t_fwd, t_bwd = statistics.median(fwds), statistics.median(bwds)
+    row = {"variant": "naive", "fwd_ms": t_fwd * 1e3, "bwd_ms": t_bwd * 1e3,
+           **results.spread(a.tokens, [f + b for f, b in zip(fwds, bwds)]), "tokens_per_s": a.tokens / (t_fwd + t_bwd)}
+    return t_fwd, t_bwd, row, state
 
 
-def row(name: str, t_fwd: float, t_bwd: float, flops: float, tokens: int) -> str:
+def table_line(name: str, t_fwd: float, t_bwd: float, flops: float, tokens: int) -> str:
     return (f"{name:<22} {t_fwd * 1e3:9.1f} {t_bwd * 1e3:9.1f} {flops / t_fwd / 1e12:8.2f} "
             f"{flops / t_bwd / 1e12:8.2f} {tokens / (t_fwd + t_bwd):11.0f}")
 
 
-def main() -> None:
-    a = parse_args()
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def against_label(checkout: str) -> str:
+    """The other build's commit when its checkout is a git tree (a worktree of an older commit), else its
+    directory's name (the device's copy of `git archive REV`, e.g. .dev/base)."""
+    path = pathlib.Path(checkout).resolve()
+    try:
+        top, head = subprocess.run(["git", "-C", str(path), "rev-parse", "--show-toplevel", "--short", "HEAD"],
+                                   capture_output=True, text=True, timeout=10, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return path.name[:12]
+    return head if pathlib.Path(top).resolve() == path else path.name[:12]  # not the tree of a parent checkout
+
+
+def build_variants(a, gate_up, down, threads: int) -> list[EngineVariant]:
+    """Ours bf16 first, then the --against builds, ours + LoRA, ours int8 weights, ours int8 GEMMs."""
+    frozen = EngineVariant(f"kt-sft ({ke.current_isa()})", "ours bf16", ke.ExpertLayer.from_fused(gate_up, down, "bf16"))
+    variants = [frozen]
+    ours_int8 = None
+    if a.int8:
+        ours_int8 = EngineVariant("kt-sft int8 GEMMs", "ours int8-gemm",
+                                  ke.ExpertLayer.from_fused(gate_up, down, "int8-gemm"))
+    for i, checkout in enumerate(a.against):
+        other = load_other_engine(checkout, f"kt_sft_against{i}")
+        if a.isa:
+            other.select_isa(a.isa)
+        other.set_num_threads(threads)
+        name, label = pathlib.Path(checkout).resolve().name[:12], against_label(checkout)
+        variants.append(EngineVariant(f"{name} ({other.current_isa()})", f"against {label} bf16",
+                                      other_layer(other, gate_up, down, "bf16"), engine=other, against=frozen))
+        if a.int8:
+            variants.append(EngineVariant(f"{name} int8 GEMMs", f"against {label} int8-gemm",
+                                          other_layer(other, gate_up, down, "int8-gemm"), engine=other,
+                                          against=ours_int8))
+    if a.lora_rank > 0:
+        variants.append(EngineVariant(f"kt-sft + LoRA r={a.lora_rank}", f"ours bf16 + LoRA r={a.lora_rank}",
+                                      frozen.layer, make_lora(a, a.lora_rank)))
+    if a.int8:
+        variants.append(EngineVariant("kt-sft int8 weights", "ours int8", ke.ExpertLayer.from_fused(gate_up, down, "int8")))
+        variants.append(ours_int8)
+    return variants
+
+
+def compare(v: EngineVariant, frozen: EngineVariant) -> tuple[str, dict]:
+    """The ratio line of a variant against its reference (ours of the same format for an --against build, the
+    frozen bf16 layer otherwise) and the same ratio as results fields."""
+    v_fwd, v_bwd = v.medians()
+    f_fwd, f_bwd = frozen.medians()
+    if v.against is not None:
+        o_fwd, o_bwd = v.against.medians()
+        ratio = (v_fwd + v_bwd) / (o_fwd + o_bwd)
+        label = v.variant.removesuffix(" bf16").replace("against ", "ours/")
+        return (f"{v.against.name} / {v.name} tokens/s: {ratio:.3f}x (fwd {v_fwd / o_fwd:.3f}x, bwd {v_bwd / o_bwd:.3f}x)",
+                {"ratio": round(ratio, 3), "ratio_of": label})
+    if v.lora is not None:
+        ratio = (v_fwd + v_bwd) / (f_fwd + f_bwd)
+        return (f"LoRA overhead (frozen-only tokens/s / with-LoRA tokens/s): {ratio:.3f}x "
+                f"(fwd {v_fwd / f_fwd:.3f}x, bwd {v_bwd / f_bwd:.3f}x); TF/s columns count the frozen flops only",
+                {"ratio": round(ratio, 3), "ratio_of": "LoRA overhead"})
+    err = {k: rel_diff(v.state[k], frozen.state[k]) for k in ("y", "dx")}
+    ratio = (f_fwd + f_bwd) / (v_fwd + v_bwd)
+    gib = v.layer.packed_bytes / 2**30
+    return (f"{v.name[7:]} / bf16 weights: tokens/s {ratio:.3f}x (fwd {f_fwd / v_fwd:.3f}x, bwd {f_bwd / v_bwd:.3f}x); "
+            f"weight memory {gib:.2f} GiB vs {frozen.layer.packed_bytes / 2**30:.2f} GiB; "
+            f"rel diff to bf16 y {err['y']:.2e}, dx {err['dx']:.2e}",
+            {"ratio": round(ratio, 3), "ratio_of": f"{v.variant.removeprefix('ours ')}/bf16", "err_y": err["y"],
+             "err_dx": err["dx"], "weight_gib": gib})
+
+
+def baseline(a, inputs, frozen: EngineVariant, flops: float) -> tuple[dict, dict]:
+    """The naive loop's line, its agreement with ours and the ratio (printed last); its row and ours' fields."""
+    t_fwd, t_bwd, row, state = bench_naive(a, *inputs)
+    print(table_line("naive torch loop", t_fwd, t_bwd, flops, a.tokens))
+    f_fwd, f_bwd = frozen.medians()
+    diff, ddx = rel_diff(frozen.state["y"], state["y"]), rel_diff(frozen.state["dx"], state["dx"])
+    print(f"agreement with the naive loop: rel diff y {diff:.2e}, dx {ddx:.2e}")
+    ratio = (t_fwd + t_bwd) / (f_fwd + f_bwd)
+    print(f"ratio (ours / naive tokens/s): {ratio:.2f}x (fwd {t_fwd / f_fwd:.2f}x, bwd {t_bwd / f_bwd:.2f}x)")
+    return row, {"ratio": round(ratio, 3), "ratio_of": "ours/naive", "err_y": diff, "err_dx": ddx}
+
+
+def run(a: argparse.Namespace) -> list[dict]:
+    """Every variant timed, the human report printed (ratios last); the results rows returned."""
     if a.isa:
         ke.select_isa(a.isa)
     ke.set_num_threads(a.threads)
     threads = ke.num_threads()
     torch.set_num_threads(threads)
     E, H, I, T, k = a.experts, a.hidden, a.intermediate, a.tokens, a.topk
-    info = ke.cpu_info()
-    print(f"cpu: {info['model']} | engine isa={ke.current_isa()} threads={threads} | torch {torch.__version__} "
+    print(f"cpu: {ke.cpu_info()['model']} | engine isa={ke.current_isa()} threads={threads} | torch {torch.__version__} "
           f"threads={torch.get_num_threads()}")
     print(f"shape: E={E} k={k} H={H} I={I} T={T}{' skewed' if a.skewed else ''} | iters={a.iters} rounds (median)"
           f"{f' | {a.evict_mb} MB rewritten before each pair' if a.evict_mb else ''}")
+    run_info = {**results.provenance(ke.current_isa(), threads), "experts": E, "topk": k, "hidden": H,
+                "intermediate": I, "tokens": T, "routing": "skewed" if a.skewed else "uniform",
+                "evict_mb": a.evict_mb, "iters": a.iters}
     inputs = make_inputs(a)
     flops = 6.0 * T * k * H * I
-    header = f"{'':<22} {'fwd ms':>9} {'bwd ms':>9} {'fwd TF/s':>8} {'bwd TF/s':>8} {'tokens/s':>11}"
     gate_up, down, ids, w, x, dy = inputs
-    frozen = EngineVariant(f"kt-sft ({ke.current_isa()})", ke.ExpertLayer.from_fused(gate_up, down, "bf16"))
-    variants = [frozen]
-    ours_int8 = None
-    if a.int8:
-        ours_int8 = EngineVariant("kt-sft int8 GEMMs", ke.ExpertLayer.from_fused(gate_up, down, "int8-gemm"))
-    for i, checkout in enumerate(a.against):
-        other = load_other_engine(checkout, f"kt_sft_against{i}")
-        if a.isa:
-            other.select_isa(a.isa)
-        other.set_num_threads(threads)
-        label = pathlib.Path(checkout).resolve().name[:12]
-        variants.append(EngineVariant(f"{label} ({other.current_isa()})", other_layer(other, gate_up, down, "bf16"), engine=other, against=frozen))
-        if a.int8:
-            variants.append(EngineVariant(f"{label} int8 GEMMs", other_layer(
-                other, gate_up, down, "int8-gemm"), engine=other,
-                against=ours_int8))
-    if a.lora_rank > 0:
-        variants.append(EngineVariant(f"kt-sft + LoRA r={a.lora_rank}", frozen.layer, make_lora(a, a.lora_rank)))
-    if a.int8:
-        variants.append(EngineVariant("kt-sft int8 weights", ke.ExpertLayer.from_fused(gate_up, down, "int8")))
-        variants.append(ours_int8)
+    variants = build_variants(a, gate_up, down, threads)
     bench_engines(a, variants, ids, w, x, dy)
-    print(header)
+    print(f"{'':<22} {'fwd ms':>9} {'bwd ms':>9} {'fwd TF/s':>8} {'bwd TF/s':>8} {'tokens/s':>11}")
     for v in variants:
-        print(row(v.name, *v.medians(), flops, T))
+        print(table_line(v.name, *v.medians(), flops, T))
         print_phases(v)
-    f_fwd, f_bwd = frozen.medians()
+    rows = {v.variant: {**run_info, **v.row(T)} for v in variants}
     for v in variants[1:]:
-        v_fwd, v_bwd = v.medians()
-        if v.against is not None:
-            o_fwd, o_bwd = v.against.medians()
-            print(f"{v.against.name} / {v.name} tokens/s: {(v_fwd + v_bwd) / (o_fwd + o_bwd):.3f}x "
-                  f"(fwd {v_fwd / o_fwd:.3f}x, bwd {v_bwd / o_bwd:.3f}x)")
-        elif v.lora is not None:
-            print(f"LoRA overhead (frozen-only tokens/s / with-LoRA tokens/s): {(v_fwd + v_bwd) / (f_fwd + f_bwd):.3f}x "
-                  f"(fwd {v_fwd / f_fwd:.3f}x, bwd {v_bwd / f_bwd:.3f}x); TF/s columns count the frozen flops only")
-        else:
-            err = {k: ((v.state[k].float() - frozen.state[k].float()).norm() / frozen.state[k].float().norm()).item()
-                   for k in ("y", "dx")}
-            print(f"{v.name[7:]} / bf16 weights: tokens/s {(f_fwd + f_bwd) / (v_fwd + v_bwd):.3f}x "
-                  f"(fwd {f_fwd / v_fwd:.3f}x, bwd {f_bwd / v_bwd:.3f}x); weight memory "
-                  f"{v.layer.packed_bytes / 2**30:.2f} GiB vs {frozen.layer.packed_bytes / 2**30:.2f} GiB; "
-                  f"rel diff to bf16 y {err['y']:.2e}, dx {err['dx']:.2e}")
-    if a.no_baseline:
-        return
-    base = bench_naive(a, *inputs)
-    print(row("naive torch loop", base[0], base[1], flops, T))
-    ours_y, ours_dx = frozen.state["y"].float(), frozen.state["dx"].float()
-    diff = (ours_y - base[2]["y"].float()).norm() / base[2]["y"].float().norm()
-    ddx = (ours_dx - base[2]["dx"].float()).norm() / base[2]["dx"].float().norm()
-    print(f"agreement with the naive loop: rel diff y {diff:.2e}, dx {ddx:.2e}")
-    print(f"ratio (ours / naive tokens/s): {(base[0] + base[1]) / (f_fwd + f_bwd):.2f}x "
-          f"(fwd {base[0] / f_fwd:.2f}x, bwd {base[1] / f_bwd:.2f}x)")
+        line, fields = compare(v, variants[0])
+        print(line)
+        rows[v.variant].update(fields)
+    if not a.no_baseline:
+        naive, ours = baseline(a, inputs, variants[0], flops)
+        rows["naive"] = {**run_info, **naive}
+        rows["ours bf16"].update(ours)
+    return list(rows.values())
+
+
+def main() -> None:
+    a = parse_args()
+    with results.human_output(a):
+        rows = run(a)
+    results.emit("bench_moe", rows, a)
 
 
 if __name__ == "__main__":
