@@ -6,6 +6,9 @@ and batch 8. Decode speed is measured as the difference of two generate calls (N
 processing does not count; every call is forced to its full length (no EOS).
 
     python benchmarks/bench_decode.py --dir /tmp/v2lite-rand --layers 27      # the full V2-Lite shape (31 GB)
+
+--json prints one JSON row per side and measurement on stdout (the table goes to stderr); --record appends them to
+benchmarks/results/bench_decode.csv (or --results-dir), the rows BENCHMARKS.md's tables are generated from.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import write_checkpoint  # noqa: E402  (same random checkpoint writer)
+import results  # noqa: E402  (benchmarks/results.py: the rows every benchmark records)
 
 
 def _sync() -> None:
@@ -89,12 +93,13 @@ def measure(model, args, vocab: int, timer: ExpertsTimer | None = None) -> dict:
         result[f"decode_b{batch}"] = decode_tokens_per_s(model, batch, args.new_tokens, vocab)
         if timer:
             total = time.perf_counter() - start
+            result[f"experts_share_b{batch}"] = timer.seconds / total
             print(f"decode b{batch}: {timer.seconds / total:.0%} of the time in {timer.calls} experts calls "
                   f"({timer.seconds / max(timer.calls, 1) * 1e6:.0f} us each)", flush=True)
     return result
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/v2lite-rand"))
     parser.add_argument("--layers", type=int, default=27)
@@ -102,8 +107,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--skip-stock", action="store_true", help="only ours (e.g. when the GPU is too small)")
-    args = parser.parse_args()
+    results.add_arguments(parser)
+    return parser.parse_args()
 
+
+def run(args) -> dict:
+    """Both sides measured and the human table printed (ratios last); {side: {metric: value}} returned."""
     if not (args.dir / "config.json").exists():
         start = time.time()
         write_checkpoint(args.dir, args.layers, 2 * 1024 ** 3)
@@ -116,7 +125,7 @@ def main() -> None:
     ours = kt_sft.load_model(args.dir, dtype=torch.bfloat16, progress=False).eval()
     vocab = ours.config.vocab_size
     print(ours.kt_summary, flush=True)
-    results = {"kt-sft": measure(ours, args, vocab, ExpertsTimer())}
+    measured = {"kt-sft": measure(ours, args, vocab, ExpertsTimer())}
     del ours
     gc.collect()
     torch.cuda.empty_cache()
@@ -126,17 +135,44 @@ def main() -> None:
         impl = getattr(stock.config, "_experts_implementation", None)
         print(f"stock: whole model on {stock.device}, experts_implementation={impl}, "
               f"GPU memory {torch.cuda.memory_allocated() / 1e9:.1f} GB", flush=True)
-        results["stock (all on GPU)"] = measure(stock, args, vocab)
+        measured["stock (all on GPU)"] = measure(stock, args, vocab)
 
     keys = ["prefill"] + [f"decode_b{b}" for b in args.batches]
     print(f"\n{'tokens/s':<22}" + "".join(f"{k:>14}" for k in keys))
-    for name, row in results.items():
+    for name, row in measured.items():
         print(f"{name:<22}" + "".join(f"{row[k]:>14.1f}" for k in keys))
-    if len(results) == 2:
-        ours_row, stock_row = results["kt-sft"], results["stock (all on GPU)"]
+    if len(measured) == 2:
+        ours_row, stock_row = measured["kt-sft"], measured["stock (all on GPU)"]
         print(f"{'ratio ours/stock':<22}" + "".join(f"{ours_row[k] / stock_row[k]:>14.2f}" for k in keys))
     print(f"(engine: {ke.current_isa()}, {ke.num_threads()} threads; prompt {args.prompt} tokens for prefill, "
           f"{args.new_tokens} new tokens per decode run)")
+    return measured
+
+
+def result_rows(measured: dict, args) -> list[dict]:
+    """One results row per side and measurement (prefill, decode at each batch); ours carries ours/stock."""
+    import kt_sft.engine as ke
+
+    run_info = {**results.provenance(ke.current_isa(), ke.num_threads()), "layers": args.layers,
+                "prompt": args.prompt, "new_tokens": args.new_tokens}
+    stock = measured.get("stock (all on GPU)")
+    rows = []
+    for side, values in measured.items():
+        for phase, batch, key in [("prefill", 1, "prefill")] + [("decode", b, f"decode_b{b}") for b in args.batches]:
+            row = {**run_info, "variant": "ours" if side == "kt-sft" else "stock", "phase": phase, "batch": batch,
+                   "tokens_per_s": values[key],
+                   "experts_share": values.get(f"experts_share_b{batch}") if phase == "decode" else None}
+            if side == "kt-sft" and stock:
+                row.update(ratio=round(values[key] / stock[key], 3), ratio_of="ours/stock")
+            rows.append(row)
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    with results.human_output(args):
+        measured = run(args)
+    results.emit("bench_decode", result_rows(measured, args), args)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ retries with checkpointing and says so). The figures mean something on the devic
 
     python benchmarks/bench_e2e.py --dir /tmp/v2lite-rand --layers 27       # device: bash benchmarks/device_e2e.sh
     python benchmarks/bench_e2e.py --tiny                                   # CPU smoke run of the script itself
+
+--json prints one JSON row per side on stdout (the report goes to stderr); --record appends them to
+benchmarks/results/bench_e2e.csv (or --results-dir), the rows BENCHMARKS.md's tables are generated from.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import v2_lite_config, write_checkpoint  # noqa: E402  (same random checkpoint writer)
+import results  # noqa: E402  (benchmarks/results.py: the rows every benchmark records)
 
 GB = 1024 ** 3
 # LoRA on the attention projections and on the dense / shared-expert MLP linears (not the router `mlp.gate`).
@@ -235,8 +239,8 @@ def train(model, args, device: torch.device, checkpointing: bool, timer: EngineT
                 engine.append(timer.take())
     res = profile_gpu(lambda: step(batches[-1]), device)
     step_s = statistics.median(walls)
-    res.update(step_ms=step_s * 1e3, tokens_per_s=args.batch * args.seq / step_s, losses=losses,
-               gradient_checkpointing=checkpointing)
+    res.update(results.spread(args.batch * args.seq, walls))
+    res.update(step_ms=step_s * 1e3, losses=losses, gradient_checkpointing=checkpointing)
     if res["gpu_busy_ms"] is not None:
         res["gpu_idle"] = max(0.0, 1.0 - res["gpu_busy_ms"] / res["profiled_step_ms"])
     if engine:
@@ -275,12 +279,13 @@ def run_child(side: str, args) -> dict:
         res["note"] = "OOM without gradient checkpointing; measured with it"
     res.update(info)
     res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
-    res["host"] = f"{gpu}; {os.cpu_count()} CPUs; torch {torch.__version__}"
+    res["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    res["host"] = f"{res['gpu'] or 'no GPU'}; {os.cpu_count()} CPUs; torch {torch.__version__}"
     if side == "ours":
         import kt_sft.engine as ke
 
-        res["engine"] = f"{ke.current_isa()}, {ke.num_threads()} threads"
+        res["isa"], res["threads"] = ke.current_isa(), ke.num_threads()
+        res["engine"] = f"{res['isa']}, {res['threads']} threads"
     return res
 
 
@@ -352,6 +357,37 @@ def report(results: dict, args) -> None:
         print(f"ratio ours/stock tokens/s {ours['tokens_per_s'] / stock['tokens_per_s']:.2f}{gpu}")
 
 
+def variant(side: str, args) -> str:
+    """The side's name in the results: "ours <format>[ + expert LoRA]" or "stock" (the GPU share's fraction is
+    the run's gpu_experts setting)."""
+    if side == "stock":
+        return "stock"
+    return f"ours {args.engine_dtype}{' + expert LoRA' if args.expert_lora else ''}"
+
+
+def result_rows(sides: dict, args) -> list[dict]:
+    """One results row per side that finished; ours carries tokens/s over stock's and the largest loss gap."""
+    ours, stock = sides.get("ours"), sides.get("stock")
+    first = next(iter(sides.values()), {})
+    run_info = {**results.provenance((ours or {}).get("isa", ""), (ours or {}).get("threads", ""), first.get("gpu", "")),
+                "layers": args.layers, "batch": args.batch, "seq": args.seq, "lora_rank": args.lora_rank,
+                "gpu_experts": args.gpu_experts, "steps": args.steps}
+    rows = []
+    for side, r in sides.items():
+        losses = r.get("losses") or [None]
+        rows.append({**run_info, "variant": variant(side, args), "tokens_per_s": r["tokens_per_s"],
+                     "tokens_per_s_min": r["tokens_per_s_min"], "tokens_per_s_max": r["tokens_per_s_max"],
+                     "step_ms": r["step_ms"], "gpu_compute_ms": r.get("gpu_kernel_ms"),
+                     "gpu_copy_ms": r.get("gpu_copy_ms"), "gpu_idle": r.get("gpu_idle"),
+                     "cpu_experts_ms": r.get("experts_ms"), "peak_gpu_gb": r.get("peak_gpu_gb"),
+                     "peak_rss_gb": r.get("peak_rss_gb"), "load_s": r.get("load_s"), "loss_first": losses[0],
+                     "loss_last": losses[-1], "phases_ms": r.get("engine_phases_ms") or None, "note": r.get("note")})
+    if ours and stock:
+        rows[0].update(ratio=round(ours["tokens_per_s"] / stock["tokens_per_s"], 3), ratio_of="ours/stock",
+                       loss_diff=max(abs(a - b) for a, b in zip(ours["losses"], stock["losses"])))
+    return rows
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", type=Path, default=None, help="checkpoint dir (default /tmp/v2lite-rand; --tiny: "
@@ -378,6 +414,7 @@ def parse_args():
                    help="train stock as well (default: yes, except with --tiny)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: 3 toy-sized layers, seq 64, no baseline")
     p.add_argument("--child", choices=("ours", "stock"), help=argparse.SUPPRESS)
+    results.add_arguments(p)
     args = p.parse_args()
     if args.tiny:
         args.layers, args.seq, args.steps, args.warmup, args.shard_gb = 3, 64, 2, 1, 1 / 1024
@@ -396,10 +433,13 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(run_child(args.child, args)), flush=True)
         return
-    config = tiny_config(args.layers) if args.tiny else v2_lite_config(args.layers)
-    ensure_checkpoint(args.dir, config, int(args.shard_gb * GB))
-    results = {side: run_side(side, args) for side in ("ours", "stock") if side == "ours" or args.baseline}
-    report({side: r for side, r in results.items() if r is not None}, args)
+    with results.human_output(args):
+        config = tiny_config(args.layers) if args.tiny else v2_lite_config(args.layers)
+        ensure_checkpoint(args.dir, config, int(args.shard_gb * GB))
+        sides = {side: run_side(side, args) for side in ("ours", "stock") if side == "ours" or args.baseline}
+        sides = {side: r for side, r in sides.items() if r is not None}
+        report(sides, args)
+    results.emit("bench_e2e", result_rows(sides, args), args)
 
 
 if __name__ == "__main__":

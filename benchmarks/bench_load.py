@@ -6,6 +6,9 @@ shard, above the process's RSS before loading), GPU memory against the non-exper
 land there), and forward/backward tokens/s of a few training steps with LoRA on the attention projections.
 
     python benchmarks/bench_load.py --dir /tmp/v2lite-rand --layers 11      # 10 MoE layers = 11.1 GB of experts
+
+--json prints the result row as one JSON line on stdout (the report goes to stderr); --record appends it to
+benchmarks/results/bench_load.csv (or --results-dir).
 """
 from __future__ import annotations
 
@@ -18,6 +21,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results  # noqa: E402  (benchmarks/results.py: the rows every benchmark records)
 
 GB = 1024 ** 3
 
@@ -138,6 +144,10 @@ def load_and_train(path: Path, steps: int, seq: int) -> dict:
     if device.type == "cuda":
         res["gpu_peak_gb"] = torch.cuda.max_memory_allocated(device) / GB
     res["saved_activation_gb"] = sum(l.saved_bytes for l in layers) / GB
+    import kt_sft.engine as ke
+
+    res["isa"], res["threads"] = ke.current_isa(), ke.num_threads()
+    res["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return res
 
 
@@ -149,11 +159,23 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    results.add_arguments(p)
     a = p.parse_args()
     path = Path(a.dir)
     if a.child:
         print("RESULT " + json.dumps(load_and_train(path, a.steps, a.seq)))
         return
+    with results.human_output(a):
+        r = run(a, path)
+    fields = ("load_s", "rss_before_gb", "peak_rss_gb", "rss_bound_gb", "gpu_after_load_gb", "gpu_peak_gb",
+              "tokens_per_s", "saved_activation_gb", "loss")
+    results.emit("bench_load", [{**results.provenance(r["isa"], r["threads"], r["gpu"]), "layers": a.layers,
+                                 "seq": a.seq, "steps": a.steps, "variant": "ours bf16",
+                                 **{k: r.get(k) for k in fields}}], a)
+
+
+def run(a: argparse.Namespace, path: Path) -> dict:
+    """The checkpoint written if missing, loaded and trained in a child process; its report printed."""
     if not (path / "model.safetensors.index.json").is_file():
         t0 = time.perf_counter()
         write_checkpoint(path, a.layers, int(a.shard_gb * GB))
@@ -175,6 +197,7 @@ def main() -> None:
         print(f"GPU peak while training {r['gpu_peak_gb']:.2f} GB")
     print(f"train step (seq {a.seq}, LoRA attention, grad ckpt): {r['step_s']:.2f}s = {r['tokens_per_s']:.0f} tokens/s, "
           f"loss {r['loss']:.3f}; saved expert activations {r['saved_activation_gb']:.2f} GB")
+    return r
 
 
 if __name__ == "__main__":
