@@ -1,0 +1,142 @@
+"""Checkpoint formats (kt_sft/checkpoint_formats.py): config detection, and decoders bit-equal to the plain element
+loops below, with block and group sizes that do not divide the dimensions."""
+import math
+
+import pytest
+import torch
+
+from kt_sft.checkpoint_formats import CheckpointFormatError, SourceFormat, decode, is_companion, source_format
+
+FP8_BLOCK = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [5, 7]}
+
+
+def _ct(fmt, **weights):
+    return {"quant_method": "compressed-tensors", "format": fmt, "ignore": ["lm_head", "re:.*self_attn.*"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
+
+
+FP8_CHANNEL = _ct("float-quantized", num_bits=8, type="float", strategy="channel", symmetric=True)
+INT4 = _ct("pack-quantized", num_bits=4, type="int", strategy="group", group_size=5, symmetric=True)
+
+
+# ------------------------------------------------------------------ references: one element at a time
+
+def ref_fp8_block(w, s, bn, bk):
+    out = torch.empty(w.shape)
+    for n in range(w.shape[0]):
+        for k in range(w.shape[1]):
+            out[n, k] = torch.tensor(float(w[n, k].float())) * s[n // bn, k // bk]
+    return out
+
+
+def ref_int4(packed, scale, n, k, group):
+    out = torch.empty(n, k)
+    for r in range(n):
+        for c in range(k):
+            word = int(packed[r, c // 8]) & 0xFFFFFFFF
+            q = ((word >> (4 * (c % 8))) & 0xF) - 8
+            out[r, c] = torch.tensor(float(q)) * scale[r, c // group].float()
+    return out
+
+
+def pack_int4(q):
+    """q [n, k] in [-8, 7] -> int32 [n, ceil(k/8)], nibble i at bits 4i, stored q + 8."""
+    n, k = q.shape
+    padded = torch.zeros(n, math.ceil(k / 8) * 8, dtype=torch.int64)
+    padded[:, :k] = q + 8
+    words = (padded.view(n, -1, 8) << torch.arange(0, 32, 4)).sum(-1)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def _getter(tensors):
+    return lambda key: tensors[key]
+
+
+# ------------------------------------------------------------------ detection
+
+def test_source_formats_from_config():
+    assert source_format(None) == SourceFormat("bf16")
+    assert source_format(FP8_BLOCK) == SourceFormat("fp8-block", block=(5, 7))
+    assert source_format(FP8_CHANNEL) == SourceFormat("fp8-channel")
+    assert source_format(INT4) == SourceFormat("int4-group", group=5)
+    assert source_format(INT4).weight_bytes == 0.5 + 2 / 5
+
+
+@pytest.mark.parametrize("quant, match", [
+    ({"quant_method": "mxfp4"}, "quant_method=mxfp4 is not a format kt-sft reads"),
+    ({"quant_method": "awq", "bits": 4}, "quant_method=awq"),
+    ({"quant_method": "gptq", "bits": 4}, "quant_method=gptq"),
+    ({"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]}, "only e4m3"),
+    ({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": None}, "weight_block_size=None"),
+    (_ct("pack-quantized", num_bits=4, type="int", strategy="group", group_size=32, symmetric=False), "symmetric"),
+    (_ct("int-quantized", num_bits=8, type="int", strategy="channel"), "format='int-quantized'"),
+])
+def test_unsupported_quantization_is_named(quant, match):
+    with pytest.raises(CheckpointFormatError, match=match):
+        source_format(quant, "model/config.json")
+
+
+# ------------------------------------------------------------------ decoding
+
+def test_fp8_block_decodes_with_partial_edge_blocks():
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(13, 23, generator=gen) * 50).to(torch.float8_e4m3fn)
+    s = torch.rand(3, 4, generator=gen) + 0.01  # ceil(13/5) x ceil(23/7)
+    got = decode(source_format(FP8_BLOCK), "m.experts.0.up_proj.weight",
+                 _getter({"m.experts.0.up_proj.weight": w, "m.experts.0.up_proj.weight_scale_inv": s}))
+    assert torch.equal(got, ref_fp8_block(w, s, 5, 7))
+
+
+def test_fp8_channel_decodes():
+    gen = torch.Generator().manual_seed(1)
+    w = (torch.randn(9, 11, generator=gen) * 50).to(torch.float8_e4m3fn)
+    s = torch.rand(9, 1, generator=gen).bfloat16()
+    got = decode(source_format(FP8_CHANNEL), "a.weight", _getter({"a.weight": w, "a.weight_scale": s}))
+    assert torch.equal(got, ref_fp8_block(w, s.float(), 1, 11))
+
+
+def test_int4_groups_decode_with_a_partial_last_word_and_group():
+    gen = torch.Generator().manual_seed(2)
+    n, k, group = 6, 23, 5
+    q = torch.randint(-8, 8, (n, k), generator=gen)
+    scale = (torch.rand(n, math.ceil(k / group), generator=gen) + 0.1).bfloat16()
+    packed = pack_int4(q)
+    tensors = {"e.weight_packed": packed, "e.weight_scale": scale, "e.weight_shape": torch.tensor([n, k])}
+    got = decode(source_format(INT4), "e.weight_packed", _getter(tensors))
+    assert torch.equal(got, ref_int4(packed, scale, n, k, group))
+    assert torch.equal(got, q.float() * scale.float().repeat_interleave(group, 1)[:, :k])
+
+
+def test_unquantized_tensors_pass_through():
+    router = torch.randn(4, 8).bfloat16()
+    assert torch.equal(decode(source_format(FP8_BLOCK), "mlp.gate.weight", _getter({"mlp.gate.weight": router})),
+                       router.float())
+
+
+@pytest.mark.parametrize("case, match", [
+    ("scale_shape", r"up.weight_scale_inv: expected float32 or bfloat16 \[3, 4\], got float32 \[3, 3\]"),
+    ("shape_disagrees", r"e.weight_packed: expected int32 \[6, 4\], got int32 \[6, 3\]"),
+    ("int4_scale_shape", r"e.weight_scale: expected bfloat16 or float16 or float32 \[6, 5\]"),
+    ("packed_in_fp8", "a packed INT4 weight in a fp8-block checkpoint"),
+])
+def test_bad_tensors_are_named(case, match):
+    fp8 = torch.zeros(13, 23).to(torch.float8_e4m3fn)
+    int4 = {"e.weight_packed": torch.zeros(6, 3, dtype=torch.int32), "e.weight_scale": torch.ones(6, 5).bfloat16(),
+            "e.weight_shape": torch.tensor([6, 23])}
+    if case == "scale_shape":
+        fmt, key, tensors = source_format(FP8_BLOCK), "up.weight", {"up.weight": fp8, "up.weight_scale_inv": torch.ones(3, 3)}
+    elif case == "shape_disagrees":
+        fmt, key, tensors = source_format(INT4), "e.weight_packed", {**int4, "e.weight_shape": torch.tensor([6, 30])}
+    elif case == "int4_scale_shape":
+        fmt, key, tensors = source_format(INT4), "e.weight_packed", {**int4, "e.weight_packed": torch.zeros(6, 3, dtype=torch.int32),
+                                                                     "e.weight_scale": torch.ones(6, 4).bfloat16(),
+                                                                     "e.weight_shape": torch.tensor([6, 23])}
+    else:
+        fmt, key, tensors = source_format(FP8_BLOCK), "e.weight_packed", int4
+    with pytest.raises(CheckpointFormatError, match=match):
+        decode(fmt, key, _getter(tensors))
+
+
+def test_companions_are_recognised():
+    assert all(is_companion(f"x.{s}") for s in ("weight_scale_inv", "weight_scale", "weight_shape", "input_scale"))
+    assert not is_companion("x.weight") and not is_companion("x.weight_packed")
