@@ -1,9 +1,10 @@
 """`load_model`: a stock transformers MoE model whose routed experts live in the CPU engine.
 
-The model is built on the meta device from config.json; non-expert tensors are loaded onto the compute device
-(CUDA when there is one, else CPU); routed-expert tensors stream shard by shard (safetensors mmap) straight into
-each layer's packed engine buffers, converted to the engine dtype, so host RAM peaks near the packed experts
-plus one shard. Which tensors are experts is the model registry's business (kt_sft/models).
+Options come as one `LoadOptions` (kt_sft/load_options.py). The model is built on the meta device from config.json
+(read once; the model family is resolved once, or handed in already resolved); non-expert tensors are loaded onto
+the compute device (CUDA when there is one, else CPU); routed-expert tensors stream shard by shard (safetensors
+mmap) straight into each layer's packed engine buffers, converted to the engine dtype, so host RAM peaks near the
+packed experts plus one shard. Which tensors are experts is the model registry's business (kt_sft/models).
 """
 from __future__ import annotations
 
@@ -19,14 +20,16 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedConfig
 from transformers.core_model_loading import WeightRenaming, rename_source_key
 from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from . import engine
-from .engine.formats import ExpertFormat, FormatLike, for_model_dtype, get_format
-from .models.chunked_loss import DEFAULT_CHUNK_TOKENS, check_chunk_tokens, install_chunked_loss
-from .models.experts import attach_engine, use_engine
+from .engine.formats import ExpertFormat, for_model_dtype, get_format
+from .load_options import LoadOptions, resolve_options
+from .models.chunked_loss import install_chunked_loss
+from .models.experts import ExpertCallPolicy, attach_engine, use_engine
 from .models.registry import MoEFamily, get_family
 
 logger = logging.getLogger(__name__)
@@ -107,14 +110,15 @@ def _check_memory(expert_bytes: int, dense_bytes: int, largest_shard: int, devic
     host_need = int(expert_bytes * 1.1) + largest_shard + (dense_bytes if device.type == "cpu" else 0)
     free = _free_host_bytes()
     if free is not None and host_need > free:
-        raise MemoryError(f"loading needs about {host_need / GB:.1f} GB of host RAM (experts {expert_bytes / GB:.1f} GB "
-                          f"packed + 10% + one shard {largest_shard / GB:.1f} GB) but {free / GB:.1f} GB is "
-                          "available; free memory or use a machine with more RAM (KT_SFT_SKIP_MEMORY_CHECK=1 skips this)")
+        raise MemoryError(f"loading needs about {host_need / GB:.1f} GB of host RAM (experts "
+                          f"{expert_bytes / GB:.1f} GB packed + 10% + one shard {largest_shard / GB:.1f} GB) but "
+                          f"{free / GB:.1f} GB is available; free memory or use a machine with more RAM "
+                          "(LoadOptions.check_memory=False skips this check)")
     if device.type == "cuda":
         free_gpu, _ = torch.cuda.mem_get_info(device)
         if dense_bytes > free_gpu:
             raise MemoryError(f"the non-expert weights need {dense_bytes / GB:.1f} GB on {device} but only "
-                              f"{free_gpu / GB:.1f} GB is free (KT_SFT_SKIP_MEMORY_CHECK=1 skips this)")
+                              f"{free_gpu / GB:.1f} GB is free (LoadOptions.check_memory=False skips this check)")
 
 
 class _Placer:
@@ -141,103 +145,137 @@ class _Placer:
         set_module_tensor_to_device(self.model, name, self.device, value=tensor, dtype=dtype)
 
 
-def load_model(
-    path: str | os.PathLike,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.bfloat16,
-    format: FormatLike | None = None,
-    rule: str | os.PathLike | None = None,
-    threads: int = 0,
-    max_saved: int = 4,
-    check_memory: bool = True,
-    progress: bool = True,
-    config=None,
-    expert_path: str | os.PathLike | None = None,
-    chunk_size: int = 0,
-    retain_activations: bool = True,
-    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    gpu_experts: float = 0.0,
-):
+def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *, config=None,
+               family: Optional[MoEFamily] = None, **fields):
     """Load a Hugging Face MoE checkpoint directory with the routed experts on the CPU engine.
 
-    device: where everything but the routed experts goes (default: cuda if available, else cpu).
-    dtype: dtype of those non-expert weights. format: the experts' format (kt_sft.engine.formats: an ExpertFormat,
-    its name or a kt_backend name; default: fp32 when dtype is float32, else the family file's
-    defaults.engine_dtype, bf16); "int8" stores the experts as int8 with per-channel scales, quantized while
-    loading (half the RAM of bf16), "int8-gemm" also runs the GEMMs in int8 (fast on AMX).
-    rule: a family YAML overriding the built-in registry entry (kt_optimize_rule).
-    threads: engine worker threads (0 = the family file's defaults.threads; 'auto' = KT_SFT_THREADS or physical cores).
-    config: an already loaded (and possibly patched, e.g. by LLaMA-Factory) config of this checkpoint.
-    expert_path: a directory whose safetensors hold the routed-expert tensors (default: `path`); expert keys
-    are then read only from there and everything else only from `path`.
-    chunk_size: most tokens per engine call (longer inputs are split; 0 = no limit).
-    retain_activations: keep the experts' forward for gradient checkpointing's recompute pass (see
-    kt_sft.models.experts); False runs the CPU experts again instead.
-    loss_chunk_tokens: in training (train mode, grad enabled, `labels` given) compute the causal-LM loss from
-    lm_head in chunks of this many tokens, each recomputed in backward, so the [tokens, vocab] logits are never
-    materialized (kt_sft.models.chunked_loss; same loss and gradients as stock). Such a forward returns
-    `logits=None`; eval, generate and label-less calls are stock. 0 = off (stock loss, full logits).
-    gpu_experts: fraction of each MoE layer's routed experts that calls of >= 1024 tokens on a CUDA `device`
-    compute on the GPU, streaming their weights from the engine's RAM per call (kt_sft.engine.gpu_share); the
-    rest runs on the CPU engine at the same time. 0 = off (everything on the CPU engine).
+    options: a LoadOptions (kt_sft.load_options: device, dtype, expert format, threads, chunking, GPU share, ...);
+    `**fields` set any of its fields by name on top of it: `load_model(path, dtype=torch.float32, format="bf16")`.
+    config: an already loaded (and possibly patched, e.g. by LLaMA-Factory) config of this checkpoint; default:
+    built from config.json.
+    family: the checkpoint's MoEFamily when the caller has resolved it already (KTSettings.family); default:
+    resolved here from the model_type and `options.rule`.
+    Returns a stock transformers model whose experts modules run on the engine; `model.kt_summary` says where
+    everything went.
     """
-    loss_chunk_tokens = check_chunk_tokens(loss_chunk_tokens)
-    if not (isinstance(gpu_experts, (int, float)) and 0.0 <= gpu_experts <= 1.0):
-        raise ValueError(f"gpu_experts must be a fraction in [0, 1], got {gpu_experts!r}")
+    opts = resolve_options(options, fields)
     path = Path(path)
+    config, family = _resolve_model(path, config, family, opts.rule)
+    fmt, threads = _resolve_defaults(family, opts)
+    if threads:
+        engine.set_num_threads(threads)
+    model, modules = _build_meta_model(config, family, opts.dtype)
+    layers = {idx: engine.ExpertLayer(E, H, I, fmt, max_saved=opts.max_saved)
+              for idx, (E, H, I) in _expert_shapes(modules).items()}
+    sources, weight_map = _shard_sources(path, opts.expert_path)
+    if opts.check_memory:
+        _check_load_memory(model, modules, layers, sources, opts.device)
+    placer = _Placer(model, opts.device, opts.dtype)
+    _stream_shards(sources, layers, family, placer, opts.progress)
+    _check_experts_loaded(layers, family, weight_map)
+    for idx, layer in sorted(layers.items()):
+        attach_engine(modules[idx], layer, _call_policy(layer, opts))
+    _finish_dense(model, placer, opts.device)
+    use_engine(model.config)
+    install_chunked_loss(model, opts.loss_chunk_tokens)
+    model.kt_summary = _summary(layers, fmt, opts.device)
+    logger.info(model.kt_summary)
+    return model
+
+
+def _resolve_model(path: Path, config, family: Optional[MoEFamily], rule) -> tuple[object, MoEFamily]:
+    """The checkpoint's config (from one read of config.json, unless given) and its MoE family (from the registry,
+    unless given), checked against each other before any weight is read."""
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json here; model_name_or_path must be a local Hugging Face "
                                 "model directory (config.json + *.safetensors)")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path / 'config.json'} is not valid JSON: {err}") from err
-    family = get_family(model_type, rule)  # before transformers, whose error would not list what we support
-    fmt, threads = _resolve_defaults(family, dtype, format, threads)
-    if engine.current_isa() not in fmt.fast_isas:
-        logger.warning("kt-sft: %s experts need %s to be fast; this CPU runs them on the %s path in plain loops "
-                       "(correct, slow). kt_backend: INT8 keeps the int8 weights and computes in bf16, fast here.",
-                       fmt.label, "/".join(fmt.fast_isas), engine.current_isa())
+    config_dict = None
     if config is None:
-        config = AutoConfig.from_pretrained(path)
-    elif getattr(config, "model_type", model_type) != model_type:
-        raise ValueError(f"config model_type {config.model_type!r} does not match {path / 'config.json'} "
-                         f"({model_type!r})")
+        try:  # transformers' own reader, as AutoConfig.from_pretrained calls it
+            config_dict, config_kwargs = PreTrainedConfig.get_config_dict(path, _from_auto=True, name_or_path=str(path))
+        except OSError as err:
+            raise ValueError(f"{path / 'config.json'} is not valid JSON: {err}") from err
+        model_type = config_dict.get("model_type")
+    else:
+        model_type = getattr(config, "model_type", None)
+    if family is None:
+        family = get_family(model_type, rule)  # before transformers, whose error would not list what we support
+    elif family.model_type != model_type:
+        raise ValueError(f"family {family.source or family.model_type} is for model_type {family.model_type!r}, "
+                         f"but the config of {path} says {model_type!r}")
+    if config is None:
+        if model_type not in CONFIG_MAPPING:
+            raise ValueError(f"{path / 'config.json'}: transformers has no model_type {model_type!r} "
+                             f"(rule {family.source}); kt-sft runs transformers' own MoE model classes")
+        config = CONFIG_MAPPING[model_type].from_dict(config_dict, **config_kwargs)
     _check_config(path, config)
     hidden_act = next((getattr(config, a) for a in ("hidden_act", "hidden_activation", "activation_function")
                        if getattr(config, a, None) is not None), None)
     if not family.accepts_activation(hidden_act):
         raise ValueError(f"{path}: hidden_act={hidden_act!r}, but the engine runs {family.activation}-gated experts")
-    if threads:
-        engine.set_num_threads(threads)
+    return config, family
 
+
+def _resolve_defaults(family: MoEFamily, opts: LoadOptions) -> tuple[ExpertFormat, int]:
+    """(expert format, engine threads; 0 = KT_SFT_THREADS or the physical cores): explicit options win; then the
+    family file's defaults; fp32 models get the exact fp32 engine."""
+    fmt = opts.format
+    if fmt is None and opts.dtype == torch.float32:
+        fmt = for_model_dtype(opts.dtype)
+    elif fmt is None:
+        try:
+            fmt = get_format(str(family.defaults.get("engine_dtype", "bf16")))
+        except ValueError as err:
+            raise ValueError(f"{family.source}: defaults.engine_dtype: {err}") from None
+    if engine.current_isa() not in fmt.fast_isas:
+        logger.warning("kt-sft: %s experts need %s to be fast; this CPU runs them on the %s path in plain loops "
+                       "(correct, slow). kt_backend: INT8 keeps the int8 weights and computes in bf16, fast here.",
+                       fmt.label, "/".join(fmt.fast_isas), engine.current_isa())
+    threads = opts.threads
+    if not threads:
+        value = family.defaults.get("threads", "auto")
+        if value != "auto" and not (isinstance(value, int) and value > 0):
+            raise ValueError(f"{family.source}: defaults.threads must be 'auto' or a positive integer, got {value!r}")
+        threads = 0 if value == "auto" else value
+    return fmt, threads
+
+
+def _build_meta_model(config, family: MoEFamily, dtype: torch.dtype):
+    """(the model with every tensor on the meta device, its experts modules by layer index)."""
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    modules = _experts_modules(model, family)
-    layers = {}
+    return model, _experts_modules(model, family)
+
+
+def _expert_shapes(modules: dict[int, torch.nn.Module]) -> dict[int, tuple[int, int, int]]:
+    """(experts, hidden, intermediate) of each experts module, from its fused gate_up_proj [E, 2I, H]."""
+    shapes = {}
     for idx, module in sorted(modules.items()):
         E, two_i, H = module.gate_up_proj.shape
-        layers[idx] = engine.ExpertLayer(E, H, two_i // 2, fmt, max_saved=max_saved)
-        layers[idx].chunk_size, layers[idx].retain_activations = int(chunk_size), bool(retain_activations)
+        shapes[idx] = (E, H, two_i // 2)
+    return shapes
 
+
+def _shard_sources(path: Path, expert_path) -> tuple[dict[Path, str], dict[str, str]]:
+    """({shard: which tensors to read from it, "all" / "dense" / "experts"}, the merged key -> file map)."""
     shards, weight_map = _shards(path)
-    sources = {shard: "all" for shard in shards}
-    if expert_path is not None and Path(expert_path).resolve() != path.resolve():
-        expert_shards, expert_map = _shards(Path(expert_path))
-        sources = {shard: "dense" for shard in shards}
-        sources.update({shard: "experts" for shard in expert_shards})
-        weight_map = {**weight_map, **expert_map}
-    expert_re, fused_re = family.expert_key_regexes(), family.fused_key_regexes()
-    placer = _Placer(model, device, dtype)
-    if check_memory and os.environ.get("KT_SFT_SKIP_MEMORY_CHECK") != "1":
-        expert_params = {id(p) for m in modules.values() for p in m.parameters()}
-        dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_params)
-        _check_memory(sum(l.packed_bytes for l in layers.values()), dense,
-                      max(s.stat().st_size for s in sources if s.is_file()), device)
+    if expert_path is None or Path(expert_path).resolve() == path.resolve():
+        return {shard: "all" for shard in shards}, weight_map
+    expert_shards, expert_map = _shards(Path(expert_path))
+    sources = {shard: "dense" for shard in shards}
+    sources.update({shard: "experts" for shard in expert_shards})
+    return sources, {**weight_map, **expert_map}
 
+
+def _check_load_memory(model, modules, layers, sources, device: torch.device) -> None:
+    expert_params = {id(p) for m in modules.values() for p in m.parameters()}
+    dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_params)
+    _check_memory(sum(l.packed_bytes for l in layers.values()), dense,
+                  max(s.stat().st_size for s in sources if s.is_file()), device)
+
+
+def _stream_shards(sources: dict[Path, str], layers, family: MoEFamily, placer: "_Placer", progress: bool) -> None:
+    expert_re, fused_re = family.expert_key_regexes(), family.fused_key_regexes()
     for shard, kinds in tqdm(sources.items(), desc="kt-sft: loading shards", disable=not progress):
         with _open(shard) as f:
             for key in f.keys():
@@ -245,35 +283,13 @@ def load_model(
                     _load_key(key, f, layers, expert_re, fused_re, placer, kinds)
                 except (RuntimeError, ValueError) as err:
                     raise type(err)(f"{key} in {shard.name}: {err}") from err
-    _finish(model, family, layers, modules, weight_map, placer, device)
-    if gpu_experts > 0 and device.type == "cuda":
-        for layer in layers.values():
-            layer.gpu_share = engine.GpuShare(layer, max(1, round(gpu_experts * layer.num_experts)), device)
-    use_engine(model.config)
-    install_chunked_loss(model, loss_chunk_tokens)
-    model.kt_summary = _summary(layers, fmt, device)
-    logger.info(model.kt_summary)
-    return model
 
 
-def _resolve_defaults(family: MoEFamily, dtype, fmt, threads) -> tuple[ExpertFormat, int]:
-    """Explicit arguments win; then the family file's defaults; fp32 models get the exact fp32 engine."""
-    if fmt is None:
-        if dtype == torch.float32:
-            fmt = for_model_dtype(dtype)
-        else:
-            name = str(family.defaults.get("engine_dtype", "bf16"))
-            try:
-                fmt = get_format(name)
-            except ValueError as err:
-                raise ValueError(f"{family.source}: defaults.engine_dtype: {err}") from None
-    fmt = get_format(fmt)
-    if not threads:
-        value = family.defaults.get("threads", "auto")
-        if value != "auto" and not (isinstance(value, int) and value > 0):
-            raise ValueError(f"{family.source}: defaults.threads must be 'auto' or a positive integer, got {value!r}")
-        threads = 0 if value == "auto" else value
-    return fmt, threads
+def _call_policy(layer, opts: LoadOptions) -> ExpertCallPolicy:
+    share = None
+    if opts.gpu_experts > 0 and opts.device.type == "cuda":
+        share = engine.GpuShare(layer, max(1, round(opts.gpu_experts * layer.num_experts)), opts.device)
+    return ExpertCallPolicy(chunk_size=opts.chunk_size, retain=opts.retain_activations, share=share)
 
 
 def _load_key(key, f, layers, expert_re, fused_re, placer, kinds: str = "all") -> None:
@@ -304,7 +320,8 @@ def _load_key(key, f, layers, expert_re, fused_re, placer, kinds: str = "all") -
     placer.place(name, f.get_tensor(key))
 
 
-def _finish(model, family, layers, modules, weight_map, placer, device) -> None:
+def _check_experts_loaded(layers: dict, family: MoEFamily, weight_map: dict[str, str]) -> None:
+    """Every expert projection of every layer came from some shard; else name the first missing tensor."""
     for idx, layer in sorted(layers.items()):
         missing = layer.missing_weights()
         if missing:
@@ -314,7 +331,11 @@ def _finish(model, family, layers, modules, weight_map, placer, device) -> None:
                 else "no shard contains it"
             raise KeyError(f"expert tensor {key} is missing ({where}); {len(missing)} expert projections of layer "
                            f"{idx} were never loaded. Is the checkpoint complete?")
-        attach_engine(modules[idx], layer)
+
+
+def _finish_dense(model, placer: _Placer, device: torch.device) -> None:
+    """Tie what the checkpoint leaves tied, refuse tensors still on meta, move buffers to the device (after the
+    experts modules gave up their weights, which stay on meta)."""
     if any(p.is_meta for p in model.parameters()) and getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]

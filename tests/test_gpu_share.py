@@ -89,7 +89,7 @@ def test_share_matches_reference(device, dtype, case):
     ids, w = make_routing(T, E, k, routing, gen)
     x, dy = torch.randn(T, H, generator=gen).to(dtype), torch.randn(T, H, generator=gen).to(dtype)
     lora = make_lora(E, H, I, r_gu, r_d, gen) if r_gu or r_d else None
-    share = layer.gpu_share = GpuShare(layer, n, device, min_tokens=1, chunk=chunk)
+    share = GpuShare(layer, n, device, min_tokens=1, chunk=chunk)
     calls = []
     for name in ("forward", "backward"):
         run = getattr(share, name)
@@ -100,7 +100,7 @@ def test_share_matches_reference(device, dtype, case):
         for f in lora.factors():
             if f is not None:
                 f.requires_grad_()
-    y = ke.moe_experts(xs, ids.to(device), ws, layer, lora=lora)
+    y = ke.moe_experts(xs, ids.to(device), ws, layer, lora=lora, share=share)
     y.backward(dy.to(device))
     if lora is None:
         y_ref, dx_ref, dw_ref, _ = reference_with_grads(x, ids, w, gate, up, down, _no_lora(E, H, I), dy)
@@ -119,7 +119,7 @@ def test_share_matches_reference(device, dtype, case):
     if device == "cuda" and dtype == torch.bfloat16 and H % 8 == 0 and I % 8 == 0 \
             and torch.cuda.get_device_capability() >= (9, 0):
         assert share.grouped, "torch._grouped_mm fell back to one GEMM per expert on an sm90+ GPU"
-    assert layer._retained.entries == []  # backward dropped the retained forward
+    assert layer.retained.entries == []  # backward dropped the retained forward
 
 
 def _no_lora(E, H, I):
@@ -132,21 +132,21 @@ def _no_lora(E, H, I):
 def test_checkpoint_recompute_reuses_the_retained_forward(device, n):
     """A no_grad retain pass then the grad pass (reentrant checkpointing): the second pass computes nothing on
     either side, and backward still streams and recomputes the share. On a GPU the retained y of a share-only
-    call is copied to the host without waiting (autograd._HostCopy): the recompute must still see it whole."""
+    call is copied to the host without waiting (retained.HostCopy): the recompute must still see it whole."""
     gen = torch.Generator().manual_seed(3)
     layer, (gate, up, down) = _layer(6, 40, 24, torch.float32, gen)
     ids, w = make_routing(20, 6, 2, "uniform", gen)
     x, dy = torch.randn(20, 40, generator=gen).to(device), torch.randn(20, 40, generator=gen).to(device)
     ids, w = ids.to(device), w.to(device)
-    share = layer.gpu_share = GpuShare(layer, n, device, min_tokens=1)
+    share = GpuShare(layer, n, device, min_tokens=1)
     with torch.no_grad():
-        y0 = ke.moe_experts(x, ids, w, layer, retain=True)
+        y0 = ke.moe_experts(x, ids, w, layer, retain=True, share=share)
     calls = []
     share_forward, engine_forward = share.forward, layer.forward
     share.forward = lambda *a, **kw: calls.append("share") or share_forward(*a, **kw)
     layer.forward = lambda *a, **kw: calls.append("engine") or engine_forward(*a, **kw)
     xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
-    y1 = ke.moe_experts(xs, ids, ws, layer)
+    y1 = ke.moe_experts(xs, ids, ws, layer, share=share)
     assert calls == [] and torch.equal(y0, y1)
     y1.backward(dy)
     _, dx_ref, dw_ref, _ = reference_with_grads(x.cpu(), ids.cpu(), w.cpu(), gate, up, down, _no_lora(6, 40, 24),
@@ -184,10 +184,9 @@ def test_small_calls_stay_on_the_engine():
     layer, _ = _layer(4, 32, 32, torch.float32, gen)
     ids, w = make_routing(8, 4, 2, "uniform", gen)
     x = torch.randn(8, 32, generator=gen)
-    share = layer.gpu_share = GpuShare(layer, 2, "cpu", min_tokens=9)
+    share = GpuShare(layer, 2, "cpu", min_tokens=9)
     share.forward = lambda *a, **kw: pytest.fail("a call below min_tokens reached the share")
-    y = ke.moe_experts(x, ids, w, layer)
-    layer.gpu_share = None
+    y = ke.moe_experts(x, ids, w, layer, share=share)
     assert torch.equal(y, ke.moe_experts(x, ids, w, layer))
 
 
@@ -197,6 +196,10 @@ def test_bad_share_arguments():
         GpuShare(layer, 0, "cpu")
     with pytest.raises(ValueError, match="chunk must be >= 1"):
         GpuShare(layer, 2, "cpu", chunk=0)
+    other, _ = _layer(4, 32, 32, torch.float32, torch.Generator().manual_seed(6))
+    ids, w = make_routing(3, 4, 2, "uniform", torch.Generator().manual_seed(7))
+    with pytest.raises(ValueError, match="share: a GpuShare of another ExpertLayer"):
+        ke.moe_experts(torch.randn(3, 32), ids, w, other, share=GpuShare(layer, 2, "cpu", min_tokens=1))
 
 
 def test_default_chunk_is_sized_in_unpacked_bytes():

@@ -196,3 +196,23 @@ def test_experts_from_a_separate_directory(qwen3_ckpt, tmp_path):
         assert torch.equal(whole(input_ids=ids).logits, split(input_ids=ids).logits)
     with pytest.raises(KeyError, match="expert tensor .* is missing"):
         kt_sft.load_model(dense_dir, device="cpu", dtype=torch.float32, progress=False)
+
+
+def test_options_and_a_resolved_family(qwen3_ckpt, monkeypatch):
+    """LoadOptions fields come as keywords on top of an options object (an unknown name is a TypeError naming it);
+    a family the caller resolved already (LLaMA-Factory's checks) is used as given, not looked up again."""
+    import kt_sft.loader as loader
+    from kt_sft.load_options import LoadOptions
+    from kt_sft.models.registry import get_family
+
+    with pytest.raises(TypeError, match="max_cached"):
+        kt_sft.load_model(qwen3_ckpt, max_cached=3)
+    with pytest.raises(ValueError, match="max_saved: expected an integer >= 1"):
+        LoadOptions(max_saved=0)
+    qwen3, mixtral = get_family("qwen3_moe"), get_family("mixtral")
+    monkeypatch.setattr(loader, "get_family", lambda *a: pytest.fail("the family was resolved again"))
+    model = kt_sft.load_model(qwen3_ckpt, LoadOptions(device="cpu", progress=False), family=qwen3,
+                              dtype=torch.float32, max_saved=6)
+    assert {m.kt_layer.max_saved for m in model.modules() if hasattr(m, "kt_layer")} == {6}
+    with pytest.raises(ValueError, match="is for model_type 'mixtral'"):
+        kt_sft.load_model(qwen3_ckpt, device="cpu", family=mixtral, progress=False)

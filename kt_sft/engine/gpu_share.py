@@ -9,24 +9,22 @@ the CPU needs about 130 ms for a 4096-token forward and backward: for batches of
 experts to the GPU beats computing them on the CPU, and both sides run at the same time. Decode-size calls (below
 `min_tokens`) stay on the CPU, where a token costs microseconds and the stream would cost milliseconds.
 
-Layout: nothing is copied in RAM (the engine's panels are wrapped in place and page-locked once) and nothing
-stays on the GPU between calls: experts travel in chunks of `chunk` experts through a ring of two staging slots
-on a copy stream (one ring per GPU, shared by all layers), are unpacked from the panel layout (csrc/common.h)
-into [N][K] matrices, int8 ones dequantized to bf16(q * s) exactly as the CPU kernels do, and computed on a
-compute stream. The CPU engine is called with those slots' ids set to -1 (csrc/moe_layer.h, kNotHere) from a
-helper thread (it releases the GIL), so the launches here overlap its work. Backward streams the share again and
-recomputes its forward chunk by chunk under autograd (frozen weights, so nothing else is needed), which also
-yields the LoRA factor gradients.
+Layout: nothing is copied in RAM (the engine's panels, `ExpertLayer.panels()`, are read in place and page-locked
+once, `ExpertLayer.pin_panels()`) and nothing stays on the GPU between calls: experts travel in chunks of `chunk`
+experts through a ring of two staging slots on a copy stream (one ring per GPU, shared by all layers), are
+unpacked from the panel layout (csrc/common.h) into [N][K] matrices, int8 ones dequantized to bf16(q * s) exactly
+as the CPU kernels do, and computed on a compute stream. The autograd glue (`moe_experts(..., share=...)`) calls
+the CPU engine with those slots' ids set to -1 (csrc/moe_layer.h, kNotHere) from a helper thread (it releases the
+GIL), so the launches here overlap its work. Backward streams the share again and recomputes its forward chunk
+by chunk under autograd (frozen weights, so nothing else is needed), which also yields the LoRA factor gradients.
 Numerics: the share computes like stock PyTorch bf16 experts (bf16 GEMM outputs), the engine like its kernels;
 both are checked against the fp32 reference in tests/test_gpu_share.py.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -36,45 +34,6 @@ from .formats import ExpertFormat
 from .lora import ExpertLoRA
 
 _PANEL = 16
-_engine_thread: Optional[ThreadPoolExecutor] = None
-
-
-def engine_thread() -> ThreadPoolExecutor:
-    """One helper thread that makes the (GIL-releasing) engine calls while the caller launches GPU work."""
-    global _engine_thread
-    if _engine_thread is None:
-        _engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-sft-engine")
-    return _engine_thread
-
-
-def _host_bytes(address: int, nbytes: int) -> torch.Tensor:
-    """uint8 tensor over engine-owned memory (no copy); valid while the engine layer lives."""
-    if nbytes == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(address), dtype=torch.uint8)
-
-
-def pin_layer(layer) -> bool:
-    """Page-lock an ExpertLayer's whole packed panels in place, once per layer (a second registration of any
-    page fails), so copies to a GPU run at full PCIe speed. ExpertLayer.__del__ undoes it (unpin_layer) before
-    the engine frees the memory, which malloc may hand out again."""
-    if getattr(layer, "_pinned_ptrs", None) is not None:
-        return layer._pinned_ok
-    ptrs, ok = [], True
-    for which in range(3):
-        address, nbytes = layer._layer.panel_storage(which)
-        if nbytes and int(torch.cuda.cudart().cudaHostRegister(address, nbytes, 0)) == 0:
-            ptrs.append(address)
-        else:
-            ok = ok and nbytes == 0
-    layer._pinned_ptrs, layer._pinned_ok = ptrs, ok
-    return ok
-
-
-def unpin_layer(layer) -> None:
-    for address in getattr(layer, "_pinned_ptrs", None) or ():
-        torch.cuda.cudart().cudaHostUnregister(address)
-    layer._pinned_ptrs = None
 
 
 def panels_to_matrix(raw: torch.Tensor, experts: int, Np: int, Kp: int, fmt: ExpertFormat,
@@ -169,29 +128,29 @@ class GpuShare:
             device = torch.device("cuda", torch.cuda.current_device())
         self.layer, self.device = layer, device
         self.first, self.n, self.E = E - experts, experts, E
-        eng = layer._layer
+        panels = layer.panels()
         self.H, self.I = layer.hidden_size, layer.intermediate_size
-        self.Hp, self.Ip = eng.padded_hidden, eng.padded_intermediate
+        self.Hp, self.Ip = panels.padded_hidden, panels.padded_intermediate
         if chunk is None:  # CHUNK_BYTES of unpacked weights per chunk
             unpacked = 3 * self.Ip * self.Hp * layer.dtype.itemsize
             chunk = max(1, round(CHUNK_BYTES / unpacked))
         self.min_tokens, self.chunk = int(min_tokens), int(chunk)
         self.chunks = -(-self.n // self.chunk)  # chunk j holds share experts [j * chunk, (j + 1) * chunk)
-        self.format = layer.format
+        self.format = panels.format
         self.expert_bytes = self.Ip * self.Hp * self.format.weight_bytes
-        self.panels = [_host_bytes(*eng.panel_storage(w))[self.first * self.expert_bytes:] for w in range(3)]
+        self.panels = [p.raw[self.first * self.expert_bytes:] for p in panels.projections]
         self.scales = None
         if self.format.quantized:  # tiny ([n][Np] fp32 per projection): kept on the device
-            self.scales = [_host_bytes(*eng.scale_storage(w)).view(torch.float32).view(E, -1)[self.first:]
-                           .to(self.device) for w in range(3)]
+            self.scales = [p.scales[self.first:].to(self.device) for p in panels.projections]
         self.cuda = self.device.type == "cuda"
         if self.cuda:
-            if not pin_layer(layer):
+            if not layer.pin_panels():
                 warnings.warn("kt-sft gpu share: could not page-lock the expert panels; streaming them runs at "
                               "pageable-copy speed", stacklevel=2)
             self.ring = _ring(self.device)
         # grouped_mm takes bf16 rows whose strides are multiples of 16 bytes
-        self.grouped = hasattr(torch, "_grouped_mm") and layer.dtype == torch.bfloat16 and self.H % 8 == 0 and self.I % 8 == 0
+        self.grouped = (hasattr(torch, "_grouped_mm") and layer.dtype == torch.bfloat16 and self.H % 8 == 0
+                        and self.I % 8 == 0)
 
     def applies(self, x: torch.Tensor) -> bool:
         return x.device == self.device and x.shape[0] >= self.min_tokens

@@ -14,8 +14,8 @@ from .. import _engine
 from .checks import SOURCE_DTYPES, check_lora, check_tensor
 from .formats import FormatLike, get_format
 from .lora import ExpertLoRA, ExpertLoRAGrads
-
-PROJECTIONS = {"gate": 0, "up": 1, "down": 2}
+from .panels import PROJECTIONS, PackedPanels, packed_panels
+from .retained import RetainedForwards
 
 
 def _host_output(shape, dtype: torch.dtype) -> torch.Tensor:
@@ -39,7 +39,8 @@ class ExpertLayer:
     computes exactly what a bf16 layer holding the dequantized weights bf16(q * scale) would (csrc/common.h,
     INT8); "int8-gemm" runs the GEMMs themselves in int8, activations quantized per row (INT8 GEMMs): AMX's
     tdpbssd, at the cost of activation rounding. `max_saved` bounds how many forwards may keep activations for
-    a later backward on this layer.
+    a later backward on this layer; `retained` holds the forwards kept for a checkpoint recompute (the autograd
+    glue fills it, bounded by the same slots).
     """
 
     def __init__(
@@ -51,10 +52,13 @@ class ExpertLayer:
         activation: str = "silu",
         max_saved: int = 4,
     ) -> None:
+        self._pinned: Optional[list[int]] = None  # first: __del__ reads it even when the rest of __init__ failed
+        self._all_pinned = False
         self.format = get_format(format)
         self._layer = _engine.MoELayer(int(num_experts), int(hidden_size), int(intermediate_size), self.format.code,
                                        activation, int(max_saved))
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.retained = RetainedForwards(self._layer)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -111,10 +115,29 @@ class ExpertLayer:
         layer.load_fused(gate_up_proj, down_proj)
         return layer
 
+    # ------------------------------------------------------------------ packed panels
+    def panels(self) -> PackedPanels:
+        """A read-only view of the packed experts in the engine's memory (no copy; valid while this layer lives)."""
+        return packed_panels(self._layer, self.format, self.num_experts)
+
+    def pin_panels(self) -> bool:
+        """Page-lock the packed panels in place, so copies to a GPU run at full PCIe speed (the GPU share streams
+        them on every call). Done once per layer: CUDA refuses a second registration of any page. False when CUDA
+        refused some of them (their copies then run at pageable speed). __del__ undoes it before the engine frees
+        the memory, which malloc may hand out again."""
+        if self._pinned is None:
+            cudart, self._pinned, self._all_pinned = torch.cuda.cudart(), [], True
+            for which in PROJECTIONS.values():
+                address, nbytes = self._layer.panel_storage(which)
+                if nbytes and int(cudart.cudaHostRegister(address, nbytes, 0)) == 0:
+                    self._pinned.append(address)
+                elif nbytes:
+                    self._all_pinned = False
+        return self._all_pinned
+
     def __del__(self) -> None:
-        if getattr(self, "_pinned_ptrs", None):  # GpuShare page-locked the panels: undo it before they are freed
-            from .gpu_share import unpin_layer
-            unpin_layer(self)
+        for address in self._pinned or ():
+            torch.cuda.cudart().cudaHostUnregister(address)
 
     def missing_weights(self) -> list[str]:
         return list(self._layer.missing_weights())
@@ -184,13 +207,10 @@ class ExpertLayer:
         """Keep at least `n` saved forwards from now on (engine slots and the retained-forward cache alike)."""
         if n > self.max_saved:
             self._layer.grow_saved(int(n))
-            retained = getattr(self, "_retained", None)
-            if retained is not None:
-                retained.capacity = max(retained.capacity, int(n))
 
     @property
     def max_saved(self) -> int:
-        """Forwards with save_for_backward this layer keeps at once (the engine's slots)."""
+        """Forwards with save_for_backward this layer keeps at once (the engine's slots; `retained` as many)."""
         return self._layer.max_saved
 
     def release(self, handle: int) -> None:
@@ -205,9 +225,9 @@ class ExpertLayer:
     @property
     def saved_bytes(self) -> int:
         """Host bytes held for backward: the engine's slots plus the inputs/outputs kept for checkpoint reuse."""
-        retained = getattr(self, "_retained", None)
-        return self._layer.saved_bytes + (retained.nbytes if retained is not None else 0)
+        return self._layer.saved_bytes + self.retained.nbytes
 
     def __repr__(self) -> str:
         return (f"ExpertLayer(experts={self.num_experts}, hidden={self.hidden_size}, "
-                f"intermediate={self.intermediate_size}, format={self.format.name}, packed={self.packed_bytes / 2**20:.1f} MiB)")
+                f"intermediate={self.intermediate_size}, format={self.format.name}, "
+                f"packed={self.packed_bytes / 2**20:.1f} MiB)")

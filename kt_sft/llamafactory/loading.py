@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..load_options import LoadOptions
 from ..loader import load_model
 from .config import KTSettings
 
@@ -46,15 +47,13 @@ def load_for_llamafactory(path, kwargs: dict, model_args, settings: KTSettings, 
     """Build the model for LLaMA-Factory's `load_class.from_pretrained(**init_kwargs)` call."""
     config = kwargs.get("config")
     dtype = _dtype(kwargs.get("dtype", kwargs.get("torch_dtype", "auto")), config)
-    model = load_model(
-        path,
+    options = LoadOptions(
         device=_device(kwargs.get("device_map")),
         dtype=dtype,
         format=settings.format,
         rule=settings.rule,
         threads=settings.threads,
         max_saved=settings.max_cache_depth,
-        config=config,
         expert_path=settings.expert_path,
         chunk_size=settings.chunk_size,
         retain_activations=settings.retain_activations,
@@ -62,6 +61,8 @@ def load_for_llamafactory(path, kwargs: dict, model_args, settings: KTSettings, 
         progress=True,
         **({} if settings.loss_chunk_tokens is None else {"loss_chunk_tokens": settings.loss_chunk_tokens}),
     )
+    # The hook's checks resolved the family already (config.KTSettings.family): not read again here.
+    model = load_model(path, options, config=config, family=getattr(settings, "family", None))
     _logger().info_rank0(model.kt_summary)
     for adapter in getattr(model_args, "adapter_name_or_path", None) or []:
         check_adapter_fits(adapter, model, path)

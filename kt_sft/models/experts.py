@@ -4,16 +4,35 @@ transformers routes every `@use_experts_implementation` experts module (qwen2_mo
 mixtral, glm4_moe, ...) through `ALL_EXPERTS_FUNCTIONS[config._experts_implementation]`. We register "kt"
 there; the router, shared experts and everything else stay stock modules. The experts module's own weights
 are detached from the module (kept as meta tensors, not parameters), so `.to(device)`, optimizers and
-state_dict never see them and they never occupy GPU memory.
+state_dict never see them and they never occupy GPU memory. The loader attaches each module's engine layer
+(`kt_layer`) and how to call it (`kt_policy`, an ExpertCallPolicy) side by side.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
-from ..engine import ExpertLayer, moe_experts
+from ..engine import ExpertLayer, GpuShare, moe_experts
 
 IMPLEMENTATION = "kt"
+
+
+@dataclass(frozen=True)
+class ExpertCallPolicy:
+    """How an experts module calls its engine layer, set once by the loader (kt_sft.loader.LoadOptions).
+
+    chunk_size: most tokens per engine call (longer inputs are split; 0 = no limit).
+    retain: in a checkpoint's first pass (training mode under no_grad) keep the forward for the recompute pass;
+    False runs the CPU experts again instead.
+    share: the GPU share of this module's layer (kt_sft.engine.GpuShare), or None (every expert on the engine).
+    """
+
+    chunk_size: int = 0
+    retain: bool = True
+    share: Optional[GpuShare] = None
 
 
 def kt_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -23,22 +42,23 @@ def kt_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
     if layer is None:
         raise RuntimeError(f"experts_implementation='{IMPLEMENTATION}' but this {type(self).__name__} has no CPU "
                            "engine layer attached; load the model with kt_sft.load_model")
+    policy: ExpertCallPolicy = self.kt_policy
     shape = hidden_states.shape
     x = hidden_states.reshape(-1, shape[-1])
     k = top_k_index.shape[-1]
     ids, weights = top_k_index.reshape(-1, k), top_k_weights.reshape(-1, k)
     # Training under no_grad = the first pass of reentrant checkpointing: retain for the recompute pass.
-    retain = self.training and not torch.is_grad_enabled() and getattr(layer, "retain_activations", True)
-    chunk = getattr(layer, "chunk_size", 0)
+    retain = self.training and not torch.is_grad_enabled() and policy.retain
+    chunk = policy.chunk_size
     if not chunk or x.shape[0] <= chunk:
-        return moe_experts(x, ids, weights, layer, retain=retain, lora=lora).view(shape)
+        return moe_experts(x, ids, weights, layer, retain=retain, lora=lora, share=policy.share).view(shape)
     calls = -(-x.shape[0] // chunk)
     if calls > layer.max_saved and (retain or torch.is_grad_enabled()):
         # Each call saves its own forward for backward; together they hold what one unchunked call would, so the
         # layer keeps as many as this batch needs (batch lengths vary: a fixed kt_max_cache_depth would fail on
         # the first batch longer than chunk_size x depth).
         layer.grow_saved(calls)
-    parts = [moe_experts(xc, ic, wc, layer, retain=retain, lora=lora)
+    parts = [moe_experts(xc, ic, wc, layer, retain=retain, lora=lora, share=policy.share)
              for xc, ic, wc in zip(x.split(chunk), ids.split(chunk), weights.split(chunk))]
     return torch.cat(parts).view(shape)
 
@@ -47,12 +67,13 @@ ExpertsInterface.register(IMPLEMENTATION, kt_experts_forward)
 assert IMPLEMENTATION in ALL_EXPERTS_FUNCTIONS
 
 
-def attach_engine(module: torch.nn.Module, layer: ExpertLayer) -> None:
-    """Point `module` at its engine layer and take its expert weights out of the parameter set (left on meta)."""
+def attach_engine(module: torch.nn.Module, layer: ExpertLayer, policy: ExpertCallPolicy) -> None:
+    """Point `module` at its engine layer and call policy, and take its expert weights out of the parameter set
+    (left on meta)."""
     for name in list(module._parameters):
         param = module._parameters.pop(name)
         object.__setattr__(module, name, param.detach() if param is not None else None)
-    module.kt_layer = layer
+    module.kt_layer, module.kt_policy = layer, policy
 
 
 def use_engine(config) -> None:

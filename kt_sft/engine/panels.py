@@ -1,0 +1,57 @@
+"""`PackedPanels`: a read-only view of one `ExpertLayer`'s packed experts in the engine's own memory.
+
+The engine packs each projection of every expert into panels of 16 output columns (csrc/common.h, the format's
+`panel` layout), padded to the engine's hidden / intermediate sizes; quantized formats keep one fp32 scale per
+output channel beside them. Code outside the engine that reads the weights (the GPU share streams them to a GPU)
+takes this view from `ExpertLayer.panels()` instead of reaching into the engine object.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .formats import ExpertFormat
+
+# The engine's projection indices (set_weights, panel_storage, scale_storage).
+PROJECTIONS = {"gate": 0, "up": 1, "down": 2}
+
+
+def _host_bytes(address: int, nbytes: int) -> torch.Tensor:
+    """uint8 tensor over engine-owned memory (no copy); valid while the engine layer lives."""
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(address), dtype=torch.uint8)
+
+
+@dataclass(frozen=True)
+class ProjectionPanels:
+    """One projection of every expert: expert e's panels are bytes [e * n, (e + 1) * n) of `raw`, n = padded
+    rows x padded columns x the format's bytes per weight."""
+
+    raw: torch.Tensor               # uint8, the engine's storage itself (no copy)
+    scales: Optional[torch.Tensor]  # fp32 [experts][padded output channels] of a quantized format, else None
+
+
+@dataclass(frozen=True)
+class PackedPanels:
+    """The packed experts of one layer; the tensors alias the engine's memory and are valid while the layer lives
+    (the view does not keep it alive)."""
+
+    format: ExpertFormat
+    padded_hidden: int
+    padded_intermediate: int
+    projections: tuple[ProjectionPanels, ProjectionPanels, ProjectionPanels]  # gate, up, down
+
+
+def packed_panels(engine_layer, fmt: ExpertFormat, num_experts: int) -> PackedPanels:
+    """The view of an `_engine.MoELayer` holding `num_experts` experts in format `fmt`."""
+    projections = []
+    for which in PROJECTIONS.values():
+        scales = None
+        if fmt.quantized:
+            scales = _host_bytes(*engine_layer.scale_storage(which)).view(torch.float32).view(num_experts, -1)
+        projections.append(ProjectionPanels(_host_bytes(*engine_layer.panel_storage(which)), scales))
+    return PackedPanels(fmt, engine_layer.padded_hidden, engine_layer.padded_intermediate, tuple(projections))

@@ -1,0 +1,110 @@
+"""`LoadOptions`: what `load_model` can be told besides the checkpoint, each field checked here, once, before
+anything is read.
+
+`load_model(path, options, **fields)` takes a LoadOptions, field names as keywords on top of it, or both
+(`load_model(path, dtype=torch.float32, format="bf16")`); an unknown name is a TypeError naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from .engine.formats import FormatLike, get_format
+from .models.chunked_loss import DEFAULT_CHUNK_TOKENS, check_chunk_tokens
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """device: where everything but the routed experts goes (default: cuda if available, else cpu; a bare "cuda"
+    becomes the current CUDA device).
+    dtype: dtype of those non-expert weights.
+    format: the experts' format (kt_sft.engine.formats: an ExpertFormat, its name or a kt_backend name; default:
+    fp32 when dtype is float32, else the family file's defaults.engine_dtype, bf16); "int8" stores the experts as
+    int8 with per-channel scales, quantized while loading (half the RAM of bf16), "int8-gemm" also runs the GEMMs
+    in int8 (fast on AMX).
+    rule: a family YAML (or built-in family name) overriding the registry entry (kt_optimize_rule).
+    threads: engine worker threads (0 = the family file's defaults.threads, whose 'auto' means KT_SFT_THREADS or
+    the physical cores).
+    max_saved: forwards each layer keeps for backward at once (kt_max_cache_depth).
+    check_memory: refuse to load when host RAM (packed experts + 10 % + one shard) or GPU memory (non-expert
+    weights) is short; False skips the check.
+    progress: show a progress bar over the shards.
+    expert_path: a directory whose safetensors hold the routed-expert tensors (default: the checkpoint); expert
+    keys are then read only from there and everything else only from the checkpoint.
+    chunk_size: most tokens per engine call (longer inputs are split; 0 = no limit).
+    retain_activations: keep the experts' forward for gradient checkpointing's recompute pass (see
+    kt_sft.models.experts); False runs the CPU experts again instead.
+    loss_chunk_tokens: in training (train mode, grad enabled, `labels` given) compute the causal-LM loss from
+    lm_head in chunks of this many tokens, each recomputed in backward, so the [tokens, vocab] logits are never
+    materialized (kt_sft.models.chunked_loss; same loss and gradients as stock). Such a forward returns
+    `logits=None`; eval, generate and label-less calls are stock. 0 = off (stock loss, full logits).
+    gpu_experts: fraction of each MoE layer's routed experts that calls of >= 1024 tokens on a CUDA `device`
+    compute on the GPU, streaming their weights from the engine's RAM per call (kt_sft.engine.gpu_share); the
+    rest runs on the CPU engine at the same time. 0 = off (everything on the CPU engine).
+    """
+
+    device: Union[str, torch.device, None] = None
+    dtype: torch.dtype = torch.bfloat16
+    format: Optional[FormatLike] = None
+    rule: Optional[PathLike] = None
+    threads: int = 0
+    max_saved: int = 4
+    check_memory: bool = True
+    progress: bool = True
+    expert_path: Optional[PathLike] = None
+    chunk_size: int = 0
+    retain_activations: bool = True
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    gpu_experts: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Frozen: the two normalized fields (device with its index, format as an ExpertFormat) are set here, once.
+        object.__setattr__(self, "device", _device(self.device))
+        if self.format is not None:
+            object.__setattr__(self, "format", get_format(self.format))
+        if not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating-point torch.dtype, got {self.dtype!r}")
+        for name, minimum in (("threads", 0), ("max_saved", 1), ("chunk_size", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+        for name in ("check_memory", "progress", "retain_activations"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected True or False, got {getattr(self, name)!r}")
+        for name in ("rule", "expert_path"):
+            if not (getattr(self, name) is None or isinstance(getattr(self, name), (str, os.PathLike))):
+                raise TypeError(f"{name}: expected a path, got {getattr(self, name)!r}")
+        check_chunk_tokens(self.loss_chunk_tokens)
+        if isinstance(self.gpu_experts, bool) or not (isinstance(self.gpu_experts, (int, float))
+                                                      and 0.0 <= self.gpu_experts <= 1.0):
+            raise ValueError(f"gpu_experts must be a fraction in [0, 1], got {self.gpu_experts!r}")
+
+
+def _device(device) -> torch.device:
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device: {device!r} is not a torch device ({err})") from None
+    if device.type == "cuda" and device.index is None:  # tensors' devices carry an index: compare like with like
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def resolve_options(options: Optional[LoadOptions], fields: dict) -> LoadOptions:
+    """`options` (default: LoadOptions()) with `fields` set on top; an unknown field name is a TypeError."""
+    names = [f.name for f in dataclasses.fields(LoadOptions)]
+    unknown = sorted(set(fields) - set(names))
+    if unknown:
+        raise TypeError(f"load_model() got unexpected keyword argument(s) {', '.join(unknown)}; "
+                        f"its options are {', '.join(names)} (kt_sft.load_options.LoadOptions)")
+    if options is None:
+        return LoadOptions(**fields)
+    if not isinstance(options, LoadOptions):
+        raise TypeError(f"options: expected a kt_sft.load_options.LoadOptions, got {type(options).__name__}")
+    return dataclasses.replace(options, **fields) if fields else options
