@@ -62,7 +62,7 @@ def load_for_llamafactory(path, kwargs: dict, model_args, settings: KTSettings, 
         **({} if settings.loss_chunk_tokens is None else {"loss_chunk_tokens": settings.loss_chunk_tokens}),
     )
     # The hook's checks resolved the family already (config.KTSettings.family): not read again here.
-    model = load_model(path, options, config=config, family=getattr(settings, "family", None))
+    model = load_model(path, options, config=config, family=settings.family)
     _logger().info_rank0(model.kt_summary)
     for adapter in getattr(model_args, "adapter_name_or_path", None) or []:
         check_adapter_fits(adapter, model, path)
