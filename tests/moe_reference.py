@@ -1,7 +1,8 @@
 """Plain-PyTorch fp32 reference for the routed experts (the definition every engine path is tested against).
 
 y_t = sum_j w_tj * down_e(silu(gate_e x_t) * up_e x_t),  e = topk_ids[t, j]
-Backward comes from autograd on this code: d x and d topk_weights (dw_tj = <dy_t, expert_out_tj>).
+Backward comes from autograd on this code: d x and d topk_weights (dw_tj = <dy_t, expert_out_tj>); with LoRA,
+tests/expert_lora_reference.py, and the engine tester's per-format references, tests/engine_cases.py.
 """
 from __future__ import annotations
 
@@ -20,15 +21,6 @@ def moe_reference(x, gate, up, down, topk_ids, topk_weights):
         out = (F.silu(h @ gate[e].T) * (h @ up[e].T)) @ down[e].T
         y = y.index_add(0, tok, out * topk_weights[tok, slot, None])
     return y
-
-
-def reference_grads(x, gate, up, down, topk_ids, topk_weights, dy):
-    """(y, dx, dw) in fp32 via autograd on the reference."""
-    x = x.detach().float().requires_grad_(True)
-    w = topk_weights.detach().float().requires_grad_(True)
-    y = moe_reference(x, gate.float(), up.float(), down.float(), topk_ids, w)
-    dx, dw = torch.autograd.grad(y, (x, w), dy.float())
-    return y.detach(), dx, dw
 
 
 def make_routing(T: int, E: int, k: int, pattern: str, gen: torch.Generator):

@@ -24,8 +24,7 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 import kt_sft.engine as ke
 from moe_reference import make_experts, make_routing
-from test_engine_lora import make_lora
-from test_engine_parity import make_layer
+from engine_cases import make_layer, make_lora
 
 ke.select_isa({isa!r})
 out = {{}}

@@ -1,19 +1,18 @@
 """The GPU share (kt_sft/engine/gpu_share.py): experts [E - n, E) computed by PyTorch from the engine's streamed
-panels, the rest by the engine with those slots at -1. Checked against the fp32 reference on the CPU (the share's
-device is then the CPU: same code without streams) and, where a GPU exists, on it.
+panels, the rest by the engine with those slots at -1.
 
-Tolerances: f32 layers compute the share in fp32 (tight); bf16 ones round the GEMM outputs and the activation to
-bf16 on the share side, like the engine does on its side (TOLERANCE in test_engine_lora.py).
+Its results against the references, for every format with and without LoRA over the shape grid, on the CPU (the
+share's device is then the CPU: same code without streams) and, where a GPU exists, on it, are the engine tester's
+GPU share axis (test_engine_parity.py, tests/engine_cases.py). Here: the panels it streams, the -1 slots, checkpoint
+recompute, prefetch, the token threshold, arguments and chunk sizes.
 """
 import pytest
 import torch
 
 import kt_sft.engine as ke
+from engine_cases import SHARE_DEVICES, TOLERANCE, reference_with_grads
 from kt_sft.engine.gpu_share import GpuShare, panels_to_matrix
 from moe_reference import make_experts, make_routing, rel_err
-from test_engine_lora import TOLERANCE, make_lora, reference_with_grads
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _layer(E, H, I, fmt, gen):
@@ -68,66 +67,7 @@ def test_engine_skips_slots_marked_minus_one(isa):
         layer.forward(x, torch.full_like(ids, -2), w)
 
 
-# (E, H, I, T, k, routing, share experts, chunk, r_gu, r_d): reason
-CASES = {
-    (6, 40, 24, 30, 2, "uniform", 3, 2, 0, 0): "half the experts, padded H and I, no LoRA",
-    (8, 64, 96, 40, 3, "skewed", 7, 3, 4, 2): "all but one expert, skewed routing, LoRA on both",
-    (5, 33, 17, 12, 2, "one_expert", 5, 1, 3, 0): "every expert on the share (the engine gets only -1), LoRA gu",
-    (16, 48, 32, 6, 2, "uniform", 9, 4, 0, 5): "mostly empty experts in the share, LoRA down only",
-}
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("case", list(CASES), ids=list(CASES.values()))
-def test_share_matches_reference(device, dtype, case):
-    if device == "cuda":
-        pytest.importorskip("torch.cuda")
-    E, H, I, T, k, routing, n, chunk, r_gu, r_d = case
-    gen = torch.Generator().manual_seed(T * 100 + E)
-    layer, (gate, up, down) = _layer(E, H, I, dtype, gen)
-    ids, w = make_routing(T, E, k, routing, gen)
-    x, dy = torch.randn(T, H, generator=gen).to(dtype), torch.randn(T, H, generator=gen).to(dtype)
-    lora = make_lora(E, H, I, r_gu, r_d, gen) if r_gu or r_d else None
-    share = GpuShare(layer, n, device, min_tokens=1, chunk=chunk)
-    calls = []
-    for name in ("forward", "backward"):
-        run = getattr(share, name)
-        setattr(share, name, lambda *a, _run=run, _name=name, **kw: calls.append(_name) or _run(*a, **kw))
-
-    xs, ws = x.to(device).requires_grad_(), w.to(device).requires_grad_()
-    if lora is not None:
-        for f in lora.factors():
-            if f is not None:
-                f.requires_grad_()
-    y = ke.moe_experts(xs, ids.to(device), ws, layer, lora=lora, share=share)
-    y.backward(dy.to(device))
-    if lora is None:
-        y_ref, dx_ref, dw_ref, _ = reference_with_grads(x, ids, w, gate, up, down, _no_lora(E, H, I), dy)
-    else:
-        y_ref, dx_ref, dw_ref, g_ref = reference_with_grads(x, ids, w, gate, up, down, lora, dy)
-    tol = TOLERANCE[dtype]
-    assert y.device.type == device and y.dtype == dtype and xs.grad.dtype == dtype
-    assert rel_err(y.cpu(), y_ref) < tol["y"], CASES[case]
-    assert rel_err(xs.grad.cpu(), dx_ref) < tol["dx"], CASES[case]
-    assert rel_err(ws.grad.cpu(), dw_ref) < tol["dw"], CASES[case]
-    if lora is not None:
-        for name, f, r in zip(("A_gu", "B_gu", "A_d", "B_d"), lora.factors(), g_ref):
-            if f is not None:
-                assert rel_err(f.grad, r) < tol["factors"], f"d{name}: {CASES[case]}"
-    assert calls == ["forward", "backward"]  # the share computed its experts (device given without an index)
-    if device == "cuda" and dtype == torch.bfloat16 and H % 8 == 0 and I % 8 == 0 \
-            and torch.cuda.get_device_capability() >= (9, 0):
-        assert share.grouped, "torch._grouped_mm fell back to one GEMM per expert on an sm90+ GPU"
-    assert layer.retained.entries == []  # backward dropped the retained forward
-
-
-def _no_lora(E, H, I):
-    # reference_with_grads wants an ExpertLoRA: a rank-1 zero LoRA adds exactly nothing
-    return ke.ExpertLoRA(torch.zeros(E, 2 * I), torch.zeros(H, E), None, None, 1.0, 1.0)
-
-
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", SHARE_DEVICES)
 @pytest.mark.parametrize("n", [3, 6], ids=["split", "share_only"])
 def test_checkpoint_recompute_reuses_the_retained_forward(device, n):
     """A no_grad retain pass then the grad pass (reentrant checkpointing): the second pass computes nothing on
@@ -149,9 +89,9 @@ def test_checkpoint_recompute_reuses_the_retained_forward(device, n):
     y1 = ke.moe_experts(xs, ids, ws, layer, share=share)
     assert calls == [] and torch.equal(y0, y1)
     y1.backward(dy)
-    _, dx_ref, dw_ref, _ = reference_with_grads(x.cpu(), ids.cpu(), w.cpu(), gate, up, down, _no_lora(6, 40, 24),
-                                                dy.cpu())
-    assert rel_err(xs.grad.cpu(), dx_ref) < 5e-6 and rel_err(ws.grad.cpu(), dw_ref) < 5e-6
+    _, dx_ref, dw_ref, _ = reference_with_grads(x.cpu(), ids.cpu(), w.cpu(), gate, up, down, None, dy.cpu())
+    tol = TOLERANCE["fp32"]
+    assert rel_err(xs.grad.cpu(), dx_ref) < tol.dx and rel_err(ws.grad.cpu(), dw_ref) < tol.dw
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -175,8 +115,8 @@ def test_prefetched_chunks_serve_their_own_share_only():
     yb = sb.forward(x, w.cuda(), sb.split(ids)[1])  # takes the slots over
     ya = sa.forward(x, w.cuda(), sa.split(ids)[1])
     assert torch.equal(yb, yb_plain) and torch.equal(ya, ya_plain)
-    y_ref = reference_with_grads(x.cpu(), ids, w, *wa, _no_lora(E, H, I), torch.zeros(T, H))[0]
-    assert rel_err(ya.cpu(), y_ref) < TOLERANCE[torch.bfloat16]["y"]
+    y_ref = reference_with_grads(x.cpu(), ids, w, *wa, None, torch.zeros(T, H)).y
+    assert rel_err(ya.cpu(), y_ref) < TOLERANCE["bf16"].y
 
 
 def test_small_calls_stay_on_the_engine():
