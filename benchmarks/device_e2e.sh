@@ -5,7 +5,8 @@
 # ~2 min, each side ~2 min. A second call reuses /tmp/v2lite-rand only if the machine stayed warm (a fresh one
 # starts with an empty /tmp and writes it again).
 # Usage there, from the repo root with .whl and .dev carried:
-#   bash benchmarks/device_e2e.sh [outdir] [more bench_e2e.py args, e.g. --expert-lora or --engine-dtype int8]
+#   KT_SFT_COMMIT=<rev> bash benchmarks/device_e2e.sh [outdir] [more bench_e2e.py args, e.g. --expert-lora or
+#   --engine-dtype int8]   (rows in outdir/results: add them here with `python benchmarks/report.py --add`)
 set -uo pipefail
 out="${1:-/tmp/kt-sft-device}"; mkdir -p "$out"; shift $(( $# > 0 ? 1 : 0 ))
 source .dev/prelude.sh || exit 1
@@ -13,5 +14,5 @@ KT_SFT_BUILD_JOBS=16 python3 setup.py build_ext --inplace -q > "$out/build.log" 
 export PYTHONPATH="$PWD:$PYTHONPATH" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # --line-buffered: if the call runs out of time, what was printed so far still comes back
-python3 benchmarks/bench_e2e.py --dir /tmp/v2lite-rand --layers 27 "$@" 2>&1 | grep --line-buffered -v Warning \
+python3 benchmarks/bench_e2e.py --dir /tmp/v2lite-rand --layers 27 --record --results-dir "$out/results" "$@" 2>&1 | grep --line-buffered -v Warning \
   | tee "$out/bench_e2e.log"

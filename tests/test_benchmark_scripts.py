@@ -1,5 +1,10 @@
 """The benchmark scripts still run (tiny sizes, CPU) and what they compare agrees, so a device session never
-starts with a broken script: bench_moe's engine rows match its naive torch loop, bench_e2e's smoke mode trains."""
+starts with a broken script: bench_moe's engine rows match its naive torch loop, bench_e2e's smoke mode trains,
+bench_decode generates. Their --json rows carry what the run measured and --record appends the same rows to the
+results dir; BENCHMARKS.md's tables are exactly what benchmarks/report.py renders from the committed rows."""
+import csv
+import json
+import math
 import os
 import re
 import subprocess
@@ -9,35 +14,88 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import report  # noqa: E402
+import results  # noqa: E402
 
 
-def _run(*args: str) -> str:
+def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     # A clean environment, except that kt_sft must import as it does here (installed, or on PYTHONPATH as on
     # the device, where the checkout is not installed).
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={"KT_SFT_THREADS": "2", "PATH": "/usr/bin:/bin", "HOME": str(Path.home()),
-                               "PYTHONPATH": path})
+                               "PYTHONPATH": path, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return proc
 
 
-def test_bench_moe_small_rows_agree_with_the_naive_loop():
-    out = _run("benchmarks/bench_moe.py", "--small", "--int8", "--lora-rank", "4", "--iters", "1")
+def _json_rows(stdout: str, bench: str) -> list[dict]:
+    """--json: stdout carries the rows only, one JSON object a line, all of one run."""
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    assert rows and {r["bench"] for r in rows} == {bench} and len({r["run"] for r in rows}) == 1, stdout
+    return rows
+
+
+def _recorded(results_dir: Path, bench: str) -> list[dict]:
+    with (results_dir / f"{bench}.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == results.SCHEMAS[bench].columns
+        return list(reader)
+
+
+def _same(recorded: dict, row: dict) -> None:
+    """A recorded CSV row holds the JSON row's values (numbers to the CSV's 6 significant digits)."""
+    for key, value in row.items():
+        if key == "bench" or value is None:
+            continue
+        if isinstance(value, float):
+            assert math.isclose(float(recorded[key]), value, rel_tol=1e-5), (key, recorded[key], value)
+        elif isinstance(value, dict):
+            assert json.loads(recorded[key]).keys() == value.keys(), key
+        else:
+            assert recorded[key] == str(int(value) if isinstance(value, bool) else value), (key, recorded[key])
+
+
+@pytest.mark.slow
+def test_bench_moe_small_rows_agree_with_the_naive_loop(tmp_path):
+    proc = _run("benchmarks/bench_moe.py", "--small", "--int8", "--lora-rank", "4", "--iters", "1", "--json",
+                "--record", "--results-dir", str(tmp_path), env={"KT_SFT_COMMIT": "abc1234"})
+    out = proc.stderr  # the human report, under --json
     for name in ("kt-sft (", "kt-sft + LoRA r=4", "kt-sft int8 weights", "kt-sft int8 GEMMs", "naive torch loop"):
         assert re.search(rf"^{re.escape(name)}.*\s\d+\s*$", out, re.M), (name, out)
     y, dx = map(float, re.search(r"rel diff y ([\d.e-]+), dx ([\d.e-]+)", out).groups())
     assert y < 2e-2 and dx < 2e-2, out  # bf16 engine vs bf16 torch loop: same math
     assert re.search(r"weight memory 0\.\d+ GiB vs 0\.\d+ GiB", out)
-    assert re.search(r"^ratio \(ours / naive tokens/s\): [\d.]+x", out, re.M)
+    printed = float(re.search(r"^ratio \(ours / naive tokens/s\): ([\d.]+)x", out, re.M).group(1))
+
+    rows = {r["variant"]: r for r in _json_rows(proc.stdout, "bench_moe")}
+    assert set(rows) == {"ours bf16", "ours bf16 + LoRA r=4", "ours int8", "ours int8-gemm", "naive"}
+    ours = rows["ours bf16"]
+    assert ours["commit"] == "abc1234" and ours["command"].startswith("KT_SFT_THREADS=2 python benchmarks/bench_moe.py")
+    assert (ours["experts"], ours["topk"], ours["tokens"], ours["threads"]) == (8, 2, 256, 2)
+    assert ours["ratio_of"] == "ours/naive" and math.isclose(ours["ratio"], printed, abs_tol=6e-3)
+    assert math.isclose(ours["ratio"], ours["tokens_per_s"] / rows["naive"]["tokens_per_s"], rel_tol=1e-3)
+    assert math.isclose(ours["err_y"], y, rel_tol=1e-2) and math.isclose(ours["err_dx"], dx, rel_tol=1e-2)
+    for r in rows.values():  # one timed round: the median, slowest and fastest are that round
+        assert r["tokens_per_s"] > 0 and math.isclose(r["tokens_per_s_min"], r["tokens_per_s_max"])
+        assert math.isclose(r["tokens_per_s"], 256 / (r["fwd_ms"] + r["bwd_ms"]) * 1e3, rel_tol=1e-6)
+    assert rows["ours int8-gemm"]["ratio_of"] == "int8-gemm/bf16" and rows["ours int8-gemm"]["weight_gib"] > 0
+    assert rows["ours bf16 + LoRA r=4"]["ratio_of"] == "LoRA overhead"
+
+    recorded = _recorded(tmp_path, "bench_moe")
+    assert [r["variant"] for r in recorded] == list(rows)
+    for rec in recorded:
+        _same(rec, rows[rec["variant"]])
 
 
+@pytest.mark.slow
 def test_bench_moe_against_another_build_runs_both_in_one_process():
     """--against loads a second copy of the engine (here: this same checkout) under another package name; both
     rows and their ratio are printed, for the bf16 layer and (--int8) the int8-GEMM one, each against ours of the
     same kind. --evict-mb rewrites memory between pairs without changing the results."""
     out = _run("benchmarks/bench_moe.py", "--small", "--iters", "1", "--no-baseline", "--evict-mb", "8", "--int8",
-               "--against", str(REPO))
+               "--against", str(REPO)).stdout
     name = re.escape(REPO.name[:12])
     assert re.search(rf"^{name} \(\w+\)\s.*\s\d+\s*$", out, re.M), out
     assert re.search(rf"^{name} int8 GEMMs\s.*\s\d+\s*$", out, re.M), out
@@ -46,13 +104,82 @@ def test_bench_moe_against_another_build_runs_both_in_one_process():
     assert "8 MB rewritten before each pair" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine_dtype", ["bf16", "int8-gemm"])
 def test_bench_e2e_smoke_mode_trains(tmp_path, engine_dtype):
-    out = _run("benchmarks/bench_e2e.py", "--tiny", "--dir", str(tmp_path / "ckpt"), "--engine-dtype", engine_dtype)
-    if engine_dtype != "bf16":
-        assert "kt-sft (ours, int8-gemm" in out and "int8 GEMMs" in out, out
-    row = re.search(r"^kt-sft \(ours[^)]*\)\s+(\d+)\s.*\s([\d.]+)\s*$", out, re.M)
-    assert row, out
-    tokens_per_s, loss = int(row.group(1)), float(row.group(2))
-    assert tokens_per_s > 0 and 3 < loss < 12, out  # a random model's loss is about ln(vocab)
-    assert "target tokens/s >= 1,500" in out
+    proc = _run("benchmarks/bench_e2e.py", "--tiny", "--dir", str(tmp_path / "ckpt"), "--engine-dtype", engine_dtype,
+                "--json", "--record", "--results-dir", str(tmp_path / "results"))
+    [row] = _json_rows(proc.stdout, "bench_e2e")
+    assert row["variant"] == f"ours {engine_dtype}" and (row["layers"], row["batch"], row["seq"]) == (3, 2, 64)
+    # tokens/s is the timed steps' median: batch x seq over the median step wall, within the steps' range
+    assert math.isclose(row["tokens_per_s"] * row["step_ms"] / 1e3, 2 * 64, rel_tol=1e-9)
+    assert row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
+    # a random model's first loss is about ln(vocab = 1024) = 6.93; the engine ran in every timed step
+    assert abs(row["loss_first"] - math.log(1024)) < 1.0 and math.isfinite(row["loss_last"])
+    assert row["cpu_experts_ms"] > 0 and row["isa"] and row["threads"] == 2
+    phases = row["phases_ms"]
+    assert phases and all(ms >= 0 for ms in phases.values())
+    assert any("quantize" in name for name in phases) == (engine_dtype == "int8-gemm"), phases  # int8 GEMMs ran
+    # the human report (stderr under --json) prints the same measurement
+    printed = re.search(r"^kt-sft \(ours[^)]*\)\s+(\d+)\s.*\s([\d.]+)\s*$", proc.stderr, re.M)
+    assert printed, proc.stderr
+    assert int(printed.group(1)) == round(row["tokens_per_s"]) and float(printed.group(2)) == round(row["loss_first"], 4)
+    [recorded] = _recorded(tmp_path / "results", "bench_e2e")
+    _same(recorded, row)
+
+
+@pytest.mark.slow
+def test_bench_decode_rows_on_a_tiny_checkpoint(tmp_path):
+    """bench_decode (ours only: no GPU here) on a toy V2-Lite-structured checkpoint: prefill and decode rows."""
+    from bench_e2e import tiny_config
+    from bench_load import write_checkpoint
+
+    write_checkpoint(tmp_path / "ckpt", 3, 2**20, config=tiny_config(3))
+    proc = _run("benchmarks/bench_decode.py", "--dir", str(tmp_path / "ckpt"), "--layers", "3", "--prompt", "16",
+                "--new-tokens", "8", "--batches", "1", "2", "--skip-stock", "--json", "--record", "--results-dir",
+                str(tmp_path / "results"))
+    rows = _json_rows(proc.stdout, "bench_decode")
+    assert [(r["variant"], r["phase"], r["batch"]) for r in rows] == [
+        ("ours", "prefill", 1), ("ours", "decode", 1), ("ours", "decode", 2)]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert all(0 < r["experts_share"] <= 1 for r in rows if r["phase"] == "decode")
+    assert "ratio" not in rows[0]  # no stock side: no ours/stock
+    recorded = _recorded(tmp_path / "results", "bench_decode")
+    for rec, row in zip(recorded, rows, strict=True):
+        _same(rec, row)
+
+
+def test_benchmarks_md_tables_are_generated_from_the_committed_rows():
+    """Every table between BENCHMARKS.md's markers is what benchmarks/report.py renders from
+    benchmarks/results/*.csv, byte for byte (run `python benchmarks/report.py` after recording rows)."""
+    text = report.DOC.read_text()
+    specs = [m.group("spec") for m in report.MARKER.finditer(text)]
+    assert {s.split()[0] for s in specs} >= {"bench_moe", "bench_e2e", "bench_decode"}, specs
+    assert report.render_document(text) == text
+
+
+def test_results_rows_append_render_and_add_once(tmp_path):
+    """Rows append under one header (a file with other columns is refused, unknown columns too); report.py
+    renders a table from them and --add skips runs already present."""
+    run = {**results.provenance("amx", 2, gpu=""), "experts": 8, "topk": 2, "hidden": 64, "intermediate": 32,
+           "tokens": 16, "routing": "uniform", "evict_mb": 0, "iters": 1}
+    rows = [{**run, "variant": "naive", "tokens_per_s": 100.0},
+            {**run, "variant": "ours bf16", "tokens_per_s": 250.0, "ratio": 2.5, "ratio_of": "ours/naive"}]
+    results.append_rows("bench_moe", rows, tmp_path)
+    results.append_rows("bench_moe", rows[:1], tmp_path)
+    assert len(_recorded(tmp_path, "bench_moe")) == 3
+    with pytest.raises(KeyError, match="no column speed"):
+        results.check_row("bench_moe", {**rows[0], "speed": 1})
+    (tmp_path / "bench_e2e.csv").write_text("run,date,tokens_per_s\n")
+    with pytest.raises(ValueError, match="differ from the schema"):
+        results.append_rows("bench_e2e", [{"variant": "stock"}], tmp_path)
+
+    table = report.render_table("bench_moe", tmp_path)
+    assert f"- commit: {run['commit']}" in table and "| naive | ours bf16 | ratios |" in table
+    assert "| 100 | 250 | ours/naive 2.5× |" in table, table
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps({"bench": "bench_moe", **r}) + "\n" for r in rows))
+    added = tmp_path / "added"
+    report.add_rows([jsonl], added)
+    report.add_rows([jsonl, tmp_path / "bench_moe.csv"], added)
+    assert [r["variant"] for r in _recorded(added, "bench_moe")] == ["naive", "ours bf16"]
