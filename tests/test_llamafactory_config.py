@@ -52,7 +52,7 @@ def test_keys_resolve_to_settings(get_train_args, tmp_path):
                                           kt_optimize_rule="qwen3_moe", kt_gpu_experts=0.5))
     assert model_args.kt_sft_settings == ktc.KTSettings(rule="qwen3_moe", format=FORMATS["fp32"], threads=2,
                                                         chunk_size=512, retain_activations=False,
-                                                        max_cache_depth=6, gpu_experts=0.5)
+                                                        max_saved=6, gpu_experts=0.5)
     assert model_args.kt_sft_settings.family.model_type == "qwen3_moe"  # resolved once, for the loader
     model_args, *_ = get_train_args(_args(tmp_path))
     assert model_args.kt_sft_settings == ktc.KTSettings()  # every default is "auto"
@@ -308,3 +308,17 @@ def test_lora_all_wraps_the_same_modules_as_stock(dsv2_with_dense_mlps):
     ours = lora_names(model, find_all_linear_modules(model, freeze_vision_tower=True), dropout=0.05)
     want = lora_names(stock, find_all_linear_modules(stock, freeze_vision_tower=True), dropout=0.05)
     assert ours == want and any("shared_experts.down_proj" in n for n in ours)
+
+
+def test_every_setting_is_a_load_option(get_train_args, tmp_path):
+    """The settings reach load_model by name: each KeySpec.setting is a LoadOptions field (no second mapping)."""
+    import dataclasses
+
+    from kt_sft.load_options import LoadOptions
+
+    options = {f.name for f in dataclasses.fields(LoadOptions)}
+    assert {s.setting for s in ktc.KEY_SPECS if s.setting} <= options
+    model_args, *_ = get_train_args(_args(tmp_path, kt_check_memory=False, kt_max_cache_depth=3))
+    fields = ktc.load_fields(model_args.kt_sft_settings)
+    assert fields["check_memory"] is False and fields["max_saved"] == 3
+    assert LoadOptions(**fields).check_memory is False

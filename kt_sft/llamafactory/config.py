@@ -69,6 +69,16 @@ def _integer(minimum: int) -> Parser:
     return parse
 
 
+def _boolean(key: str, value: Any) -> bool:
+    """true/false as YAML gives them (or the words from a command-line override)."""
+    words = {"true": True, "false": False}
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() not in words:
+        raise KTConfigError(f"{key}: expected true or false, got {value!r}")
+    return words[str(value).strip().lower()]
+
+
 def _fraction(key: str, value: Any) -> float:
     try:
         fraction = float(value)
@@ -138,7 +148,10 @@ KEY_SPECS: tuple[KeySpec, ...] = (
             setting="gpu_experts", parse=_fraction, default=0),
     KeySpec("kt_max_cache_depth", "Forward results each MoE layer keeps for backward; raise it if an error says a "
             "saved forward was evicted. A `chunk_size` split raises it, per layer, to the number of calls a batch "
-            "needs.", setting="max_cache_depth", parse=_integer(1), default=4),
+            "needs.", setting="max_saved", parse=_integer(1), default=4),
+    KeySpec("kt_check_memory", "Before loading, check that host RAM holds the packed experts (+ 10 % + one shard) "
+            "and the GPU the non-expert weights, and refuse early when they do not; false skips the check.",
+            setting="check_memory", parse=_boolean, default=True),
     KeySpec("kt_expert_checkpoint_path", "Directory whose safetensors hold the routed-expert tensors when they are "
             "not in model_name_or_path (same key names). Unset: model_name_or_path.", LLAMAFACTORY,
             setting="expert_path", parse=_directory),
@@ -173,6 +186,15 @@ KTSettings = dataclasses.make_dataclass("KTSettings", [
     "What the loader and engine need, resolved from the YAML: one field per KeySpec.setting (default: its key's "
     "default, parsed), plus loss_chunk_tokens (from the loss LLaMA-Factory trains with) and family (the registry "
     "entry of the checkpoint, resolved once by the checks).")})
+
+
+def load_fields(settings) -> dict:
+    """The `kt_sft.load_options.LoadOptions` fields the settings give (each KeySpec.setting is a LoadOptions field
+    name), loss_chunk_tokens when the run's loss decided it; the rest (device, dtype, ...) is LLaMA-Factory's."""
+    fields = {s.setting: getattr(settings, s.setting) for s in KEY_SPECS if s.setting}
+    if settings.loss_chunk_tokens is not None:
+        fields["loss_chunk_tokens"] = settings.loss_chunk_tokens
+    return fields
 
 
 def _is_ours(key: str) -> bool:

@@ -12,7 +12,7 @@ import torch
 
 from ..load_options import LoadOptions
 from ..loader import load_model
-from .config import KTSettings
+from .config import KTSettings, load_fields
 
 
 def _device(device_map: Any) -> torch.device:
@@ -47,20 +47,8 @@ def load_for_llamafactory(path, kwargs: dict, model_args, settings: KTSettings, 
     """Build the model for LLaMA-Factory's `load_class.from_pretrained(**init_kwargs)` call."""
     config = kwargs.get("config")
     dtype = _dtype(kwargs.get("dtype", kwargs.get("torch_dtype", "auto")), config)
-    options = LoadOptions(
-        device=_device(kwargs.get("device_map")),
-        dtype=dtype,
-        format=settings.format,
-        rule=settings.rule,
-        threads=settings.threads,
-        max_saved=settings.max_cache_depth,
-        expert_path=settings.expert_path,
-        chunk_size=settings.chunk_size,
-        retain_activations=settings.retain_activations,
-        gpu_experts=settings.gpu_experts,
-        progress=True,
-        **({} if settings.loss_chunk_tokens is None else {"loss_chunk_tokens": settings.loss_chunk_tokens}),
-    )
+    options = LoadOptions(device=_device(kwargs.get("device_map")), dtype=dtype, progress=True,
+                          **load_fields(settings))
     # The hook's checks resolved the family already (config.KTSettings.family): not read again here.
     model = load_model(path, options, config=config, family=settings.family)
     _logger().info_rank0(model.kt_summary)
