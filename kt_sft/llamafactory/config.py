@@ -151,7 +151,7 @@ KEY_SPECS: tuple[KeySpec, ...] = (
             "needs.", setting="max_saved", parse=_integer(1), default=4),
     KeySpec("kt_check_memory", "Before loading, check that host RAM holds the packed experts (+ 10 % + one shard) "
             "and the GPU the non-expert weights, and refuse early when they do not; false skips the check.",
-            setting="check_memory", parse=_boolean, default=True),
+            setting="check_memory", parse=_boolean, default="true"),
     KeySpec("kt_expert_checkpoint_path", "Directory whose safetensors hold the routed-expert tensors when they are "
             "not in model_name_or_path (same key names). Unset: model_name_or_path.", LLAMAFACTORY,
             setting="expert_path", parse=_directory),
