@@ -368,8 +368,8 @@ def variant(side: str, args) -> str:
 def result_rows(sides: dict, args) -> list[dict]:
     """One results row per side that finished; ours carries tokens/s over stock's and the largest loss gap."""
     ours, stock = sides.get("ours"), sides.get("stock")
-    first = next(iter(sides.values()), {})
-    run_info = {**results.provenance((ours or {}).get("isa", ""), (ours or {}).get("threads", ""), first.get("gpu", "")),
+    first, engine = next(iter(sides.values()), {}), ours or {}
+    run_info = {**results.provenance(engine.get("isa", ""), engine.get("threads", ""), first.get("gpu", "")),
                 "layers": args.layers, "batch": args.batch, "seq": args.seq, "lora_rank": args.lora_rank,
                 "gpu_experts": args.gpu_experts, "steps": args.steps}
     rows = []

@@ -262,12 +262,12 @@ def against_label(checkout: str) -> str:
 
 def build_variants(a, gate_up, down, threads: int) -> list[EngineVariant]:
     """Ours bf16 first, then the --against builds, ours + LoRA, ours int8 weights, ours int8 GEMMs."""
-    frozen = EngineVariant(f"kt-sft ({ke.current_isa()})", "ours bf16", ke.ExpertLayer.from_fused(gate_up, down, "bf16"))
+    layer = lambda fmt: ke.ExpertLayer.from_fused(gate_up, down, fmt)  # noqa: E731
+    frozen = EngineVariant(f"kt-sft ({ke.current_isa()})", "ours bf16", layer("bf16"))
     variants = [frozen]
     ours_int8 = None
     if a.int8:
-        ours_int8 = EngineVariant("kt-sft int8 GEMMs", "ours int8-gemm",
-                                  ke.ExpertLayer.from_fused(gate_up, down, "int8-gemm"))
+        ours_int8 = EngineVariant("kt-sft int8 GEMMs", "ours int8-gemm", layer("int8-gemm"))
     for i, checkout in enumerate(a.against):
         other = load_other_engine(checkout, f"kt_sft_against{i}")
         if a.isa:
@@ -284,7 +284,7 @@ def build_variants(a, gate_up, down, threads: int) -> list[EngineVariant]:
         variants.append(EngineVariant(f"kt-sft + LoRA r={a.lora_rank}", f"ours bf16 + LoRA r={a.lora_rank}",
                                       frozen.layer, make_lora(a, a.lora_rank)))
     if a.int8:
-        variants.append(EngineVariant("kt-sft int8 weights", "ours int8", ke.ExpertLayer.from_fused(gate_up, down, "int8")))
+        variants.append(EngineVariant("kt-sft int8 weights", "ours int8", layer("int8")))
         variants.append(ours_int8)
     return variants
 
@@ -298,8 +298,8 @@ def compare(v: EngineVariant, frozen: EngineVariant) -> tuple[str, dict]:
         o_fwd, o_bwd = v.against.medians()
         ratio = (v_fwd + v_bwd) / (o_fwd + o_bwd)
         label = v.variant.removesuffix(" bf16").replace("against ", "ours/")
-        return (f"{v.against.name} / {v.name} tokens/s: {ratio:.3f}x (fwd {v_fwd / o_fwd:.3f}x, bwd {v_bwd / o_bwd:.3f}x)",
-                {"ratio": round(ratio, 3), "ratio_of": label})
+        return (f"{v.against.name} / {v.name} tokens/s: {ratio:.3f}x "
+                f"(fwd {v_fwd / o_fwd:.3f}x, bwd {v_bwd / o_bwd:.3f}x)", {"ratio": round(ratio, 3), "ratio_of": label})
     if v.lora is not None:
         ratio = (v_fwd + v_bwd) / (f_fwd + f_bwd)
         return (f"LoRA overhead (frozen-only tokens/s / with-LoRA tokens/s): {ratio:.3f}x "
@@ -335,8 +335,8 @@ def run(a: argparse.Namespace) -> list[dict]:
     threads = ke.num_threads()
     torch.set_num_threads(threads)
     E, H, I, T, k = a.experts, a.hidden, a.intermediate, a.tokens, a.topk
-    print(f"cpu: {ke.cpu_info()['model']} | engine isa={ke.current_isa()} threads={threads} | torch {torch.__version__} "
-          f"threads={torch.get_num_threads()}")
+    print(f"cpu: {ke.cpu_info()['model']} | engine isa={ke.current_isa()} threads={threads} | "
+          f"torch {torch.__version__} threads={torch.get_num_threads()}")
     print(f"shape: E={E} k={k} H={H} I={I} T={T}{' skewed' if a.skewed else ''} | iters={a.iters} rounds (median)"
           f"{f' | {a.evict_mb} MB rewritten before each pair' if a.evict_mb else ''}")
     run_info = {**results.provenance(ke.current_isa(), threads), "experts": E, "topk": k, "hidden": H,

@@ -23,6 +23,7 @@ import argparse
 import collections
 import csv
 import json
+import math
 import re
 import shlex
 import sys
@@ -35,9 +36,11 @@ DOC = results.REPO / "BENCHMARKS.md"
 MARKER = re.compile(r"(<!-- table:(?P<spec>[^\n]*?) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 FILTER = re.compile(r"^(\w+)(!=|!~|=|~)(.*)$")
 NUMBER = re.compile(r"[\d,.e+\-–/ ]+")  # right-aligned: numbers, ranges (a–b) and pairs (a / b)
-# layout=rows: what each benchmark shows per row (column, header, format; "spread" = slowest–fastest tokens/s).
+# layout=rows: what each benchmark shows per row (column, header, format). Computed ones: "spread" = slowest–fastest
+# tokens/s, "tflops" = forward / backward TFLOPS of bench_moe (each pass does 6·T·k·H·I flops).
 FIELDS = {
-    "bench_moe": [("fwd_ms", "fwd ms", ".1f"), ("bwd_ms", "bwd ms", ".1f"), ("tokens_per_s", "tokens/s", ",.0f"),
+    "bench_moe": [("fwd_ms", "fwd ms", ".1f"), ("bwd_ms", "bwd ms", ".1f"), ("tflops", "TF/s fwd / bwd", ".2f"),
+                  ("tokens_per_s", "tokens/s", ",.0f"),
                   ("spread", "tokens/s range", ",.0f"), ("err_y", "rel err y", ".1e"), ("weight_gib", "GiB", ".2f")],
     "bench_e2e": [("tokens_per_s", "tokens/s", ",.0f"), ("step_ms", "step ms", ",.0f"),
                   ("gpu_compute_ms", "GPU compute ms", ",.0f"), ("gpu_copy_ms", "copies ms", ",.0f"),
@@ -211,12 +214,21 @@ def table_runs(prov: Provenance, runs: list[list[dict]], value: str) -> str:
     return markdown(header, lines)
 
 
+def tflops(row: dict, spec: str) -> str:
+    if not row["fwd_ms"]:
+        return ""
+    flops = 6 * math.prod(float(row[k]) for k in ("tokens", "topk", "hidden", "intermediate"))
+    return " / ".join(format(flops / float(row[k]) / 1e9, spec) for k in ("fwd_ms", "bwd_ms"))
+
+
 def row_cells(bench: str, row: dict) -> list[str]:
     cells = []
     for col, _, spec in FIELDS[bench]:
         if col == "spread":
             cells.append(f"{fmt(row['tokens_per_s_min'], spec)}–{fmt(row['tokens_per_s_max'], spec)}"
                          if row.get("tokens_per_s_min") else "")
+        elif col == "tflops":
+            cells.append(tflops(row, spec))
         else:
             cells.append(fmt(row[col], spec))
     return cells
