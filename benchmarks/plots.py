@@ -78,7 +78,7 @@ def plot_bench_moe(rows: list[dict], path: Path) -> Path:
                 if any(r["tokens_per_s"] or r["tokens_per_s_min"] for r in run)]  # ratio-only runs: no point
         if runs:
             panels.append((name, main_shape(runs, shape), [r for r in mine if r["commit"] == "n/a"]))
-    fig, axes = figure(nrows=1, ncols=len(panels), figsize=(15, 6), squeeze=False,
+    fig, axes = figure(nrows=1, ncols=len(panels), figsize=(15, 6.5), squeeze=False,
                              gridspec_kw={"width_ratios": [max(8, len(runs)) for _, runs, _ in panels]})
     for ax, (name, runs, notes) in zip(axes[0], panels):
         plot_runs(ax, runs, lambda r: None if r["variant"].startswith("against") else r["variant"])
@@ -86,11 +86,12 @@ def plot_bench_moe(rows: list[dict], path: Path) -> Path:
             ax.axhline(num(r["tokens_per_s"]), linestyle="--", linewidth=1, label=f"{r['variant']} (field notes)",
                        color=style(r["variant"])["color"])
         first = runs[0][0]
-        ax.set_title(f"{name.replace(' + ', chr(10))}\nisa={first['isa']} E={first['experts']} k={first['topk']} "
-                     f"H={first['hidden']} I={first['intermediate']} T={first['tokens']}", fontsize=8)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.set_title(f"{name.replace(' + ', chr(10))}\nisa={first['isa']} T={first['tokens']}\nE={first['experts']} "
+                     f"k={first['topk']} H={first['hidden']} I={first['intermediate']}", fontsize=8)
+    legend = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=4, fontsize=8)  # one style per series
     fig.suptitle("bench_moe: one MoE layer, forward + backward, per recorded run (x: kt-sft commit)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     return save(fig, path)
 
 
