@@ -13,7 +13,7 @@ EXT_SUFFIX   := $(shell python3 -c "import sysconfig; print(sysconfig.get_config
 ENGINE_SO    := kt_sft/_engine$(EXT_SUFFIX)
 ENGINE_SRCS  := $(wildcard setup.py) $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup build test demo bench clean distclean
+.PHONY: setup build test test-fast demo bench clean distclean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ endif
 
 test: build
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# A quick subset for development: everything but the tests marked slow (subprocess-heavy); CI runs `make test`.
+test-fast: build
+	$(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
 
 DEMO_YAML := examples/train_lora/demo_lora_sft_kt.yaml
 DEMO_OUT  := $(shell sed -n 's/^output_dir: *//p' $(DEMO_YAML))

@@ -1,9 +1,12 @@
+"""Shared fixtures: the ISA paths (`isa`, `vector_isa`) and the tiny-family table (`family`, `tiny_checkpoint`,
+`ckpt`); the engine tester's tables are in engine_cases.py, the families' configs in tiny_models.py."""
 import os
 
 import pytest
 import torch
 
 import kt_sft.engine as ke
+from tiny_models import FAMILIES, make_tiny_checkpoint
 
 ISAS = ("scalar", "avx2", "avx512", "amx")
 
@@ -43,3 +46,30 @@ def vector_isa(request):
     """`isa` without the scalar path: for tests that compare a path with the scalar one (the executable spec)."""
     with _use_isa(request):
         yield request.param
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    """Every family of tiny_models.FAMILIES (a test parametrizes `family` itself for a subset)."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """family -> its tiny fp32 checkpoint (tiny_models.make_tiny_checkpoint), written on first use, once per session.
+    Tests must not modify it (copy it first)."""
+    root = tmp_path_factory.mktemp("tiny_moe")
+
+    def path(family: str):
+        target = root / family
+        if not (target / "config.json").exists():
+            make_tiny_checkpoint(family, target)
+        return target
+
+    return path
+
+
+@pytest.fixture
+def ckpt(tiny_checkpoint, family):
+    """The tiny checkpoint of the test's `family` (read-only)."""
+    return tiny_checkpoint(family)

@@ -21,17 +21,10 @@ import kt_sft
 from kt_sft.models.chunked_loss import install_chunked_loss
 from lora_train import LORA_TARGETS
 from moe_reference import rel_err
-from tiny_models import FAMILIES, VOCAB, make_tiny_checkpoint, make_tiny_model
+from tiny_models import VOCAB, make_tiny_model
 
 RTOL = 1e-5  # measured <= 5e-7 (fp32: only the order of the loss summation differs)
 CHUNK = 5
-FAMILY_PARAMS = [pytest.param(f, id=f) for f in FAMILIES]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chunked_loss")
-    return {f: (make_tiny_checkpoint(f, root / f), root / f)[1] for f in FAMILIES}
 
 
 def load(path, chunk):
@@ -84,12 +77,10 @@ def assert_same(ours, ref, what):
 
 
 # ------------------------------------------------------------------ parity with the unpatched model
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
-def test_loss_and_gradients_match_unpatched(family, checkpoints):
+def test_loss_and_gradients_match_unpatched(family, ckpt):
     """Mean reduction on one micro-batch, and gradient accumulation over two micro-batches whose loss is the
     sum over tokens / num_items_in_batch (as the Trainer passes it): loss, LoRA and input grads within 1e-5."""
-    ref_model, model = with_lora(load(checkpoints[family], 0), family), with_lora(load(checkpoints[family], CHUNK),
-                                                                               family)
+    ref_model, model = with_lora(load(ckpt, 0), family), with_lora(load(ckpt, CHUNK), family)
     one = [batch(1)]
     two = [batch(2, pad=1), batch(3, pad=4)]
     num_items = sum(int((l[:, 1:] != -100).sum()) for _, _, l in two)  # 19 + 16 labelled tokens, odd vs CHUNK
@@ -101,11 +92,11 @@ def test_loss_and_gradients_match_unpatched(family, checkpoints):
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
-def test_router_aux_loss_still_added_by_the_model(family, checkpoints):
+def test_router_aux_loss_still_added_by_the_model(family, ckpt):
     """output_router_logits: the model's own forward adds router_aux_loss_coef * aux_loss to our loss."""
     outs = []
     for chunk in (0, CHUNK):
-        model = load(checkpoints[family], chunk).train()
+        model = load(ckpt, chunk).train()
         ids, mask, labels = batch(4)
         out = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
         out.loss.backward()
@@ -136,8 +127,8 @@ def test_shift_labels_and_tied_embeddings():
 
 
 # ------------------------------------------------------------------ where it is off
-def test_eval_no_grad_label_less_and_generate_are_stock(checkpoints):
-    ref, model = load(checkpoints["deepseek_v2"], 0), load(checkpoints["deepseek_v2"], CHUNK)
+def test_eval_no_grad_label_less_and_generate_are_stock(tiny_checkpoint):
+    ref, model = load(tiny_checkpoint("deepseek_v2"), 0), load(tiny_checkpoint("deepseek_v2"), CHUNK)
     ids, mask, labels = batch(6)
     with torch.no_grad():
         for m in (ref, model):
@@ -168,12 +159,12 @@ def test_eval_no_grad_label_less_and_generate_are_stock(checkpoints):
 
 # ------------------------------------------------------------------ memory: what backward keeps
 @pytest.mark.parametrize("chunk", [CHUNK, 0], ids=["chunked", "off"])
-def test_no_tokens_x_vocab_tensor_is_saved_for_backward(chunk, checkpoints):
+def test_no_tokens_x_vocab_tensor_is_saved_for_backward(chunk, tiny_checkpoint):
     """With the feature on nothing of >= tokens x vocab elements, and no logits-shaped tensor at all, is saved for
     backward (every chunk's logits are recomputed), and lm_head outputs at most chunk x vocab elements, in the
     forward and once more per chunk in the backward recompute; off, stock saves the full log-softmax (this case
     asserts that the same check does see it)."""
-    model = load(checkpoints["glm4_moe"], chunk).train()
+    model = load(tiny_checkpoint("glm4_moe"), chunk).train()
     ids, mask, labels = batch(7)
     tokens = ids.numel()
     saved, head_out = [], []
@@ -200,9 +191,9 @@ def test_no_tokens_x_vocab_tensor_is_saved_for_backward(chunk, checkpoints):
 
 # ------------------------------------------------------------------ refusals and bad input
 @pytest.mark.parametrize("bad", [-1, 1.5, "8", True, None])
-def test_bad_loss_chunk_tokens(bad, checkpoints):
+def test_bad_loss_chunk_tokens(bad, tiny_checkpoint):
     with pytest.raises(ValueError, match="loss_chunk_tokens"):
-        load(checkpoints["qwen3_moe"], bad)
+        load(tiny_checkpoint("qwen3_moe"), bad)
     with pytest.raises(ValueError, match="loss_chunk_tokens"):
         install_chunked_loss(torch.nn.Linear(2, 2), bad)
 
@@ -236,7 +227,7 @@ def test_model_changing_logits_before_the_loss_is_refused():
     assert torch.equal(toy(ids)[1], logits)  # label-less: stock
 
 
-def test_llamafactory_asft_loss_keeps_real_logits(checkpoints):
+def test_llamafactory_asft_loss_keeps_real_logits(tiny_checkpoint):
     """LLaMA-Factory's ASFT loss reads the logits of the training forward (labels passed along): such runs load
     with loss_chunk_tokens=0; other runs get load_model's default."""
     from types import SimpleNamespace
@@ -244,7 +235,7 @@ def test_llamafactory_asft_loss_keeps_real_logits(checkpoints):
     from kt_sft.llamafactory import config as ktc
     from kt_sft.llamafactory.loading import load_for_llamafactory
 
-    path = checkpoints["qwen3_moe"]
+    path = tiny_checkpoint("qwen3_moe")
     model_args = SimpleNamespace(use_kt=True, model_name_or_path=str(path))
     for asft, wrapped in ((True, False), (False, True)):
         finetuning = SimpleNamespace(finetuning_type="lora", stage="sft", use_asft_loss=asft)

@@ -169,6 +169,7 @@ def test_forcing_an_unsupported_isa_raises():
         ke.select_isa(missing[-1])
 
 
+@pytest.mark.slow  # a fresh interpreter per value
 @pytest.mark.parametrize("value, expect", [("scalar", "isa chosen: scalar"), ("bogus", "unknown ISA 'bogus'"),
                                            ("avx2", "isa chosen: avx2")])
 def test_kt_sft_isa_environment_variable(value, expect):
@@ -220,6 +221,7 @@ def test_worker_spin_is_long_while_training_on_a_gpu(layer):
     assert ke.worker_spin_us() == 20000
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_kt_sft_spin_us_environment_variable_fixes_the_spin():
     code = "import kt_sft.engine as ke; ke.set_worker_spin_us(20000); print('spin', ke.worker_spin_us())"
     env = dict(os.environ, KT_SFT_SPIN_US="0", KT_SFT_THREADS="2")

@@ -1,6 +1,6 @@
 """PEFT 0.18.1 `target_parameters` LoRA on transformers 5.6 fused experts == tests/expert_lora_reference.py.
 
-Pins (fp32, CPU, tiny random models built from configs, no downloads):
+Pins (fp32, CPU, the tiny model of every family of tiny_models.FAMILIES, built in memory, no downloads):
   * nesting / shapes / saved keys / adapter_config of LoraConfig(target_parameters=[gate_up_proj, down_proj]),
   * forward of the PEFT-wrapped experts module == unfused per-expert reference (and the merged-weight form),
   * autograd grads of lora_A/lora_B/x through PEFT == through the reference == the hand-written backward,
@@ -16,7 +16,6 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -26,38 +25,20 @@ from expert_lora_reference import (  # noqa: E402
     experts_with_lora_grads, merged_expert_weights, peft_adapter_keys, split_peft_lora, to_peft_state_dict,
     pack_peft_lora,
 )
+from tiny_models import EXPERTS, HIDDEN, MOE_INTER, TOP_K, VOCAB, experts_path, make_tiny_model  # noqa: E402
 
-H, E, I, K, V = 40, 6, 12, 2, 96  # 2I = 24 != H, so any transposition mistake changes shapes
-TP = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-_COMMON = dict(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               num_experts_per_tok=K, hidden_act="silu", max_position_embeddings=32, tie_word_embeddings=False)
-FAMILIES = {
-    "qwen3_moe": dict(num_experts=E, moe_intermediate_size=I, intermediate_size=32, head_dim=8,
-                      norm_topk_prob=True),
-    "mixtral": dict(num_local_experts=E, intermediate_size=I, head_dim=8),
-    "deepseek_v2": dict(n_routed_experts=E, moe_intermediate_size=I, intermediate_size=32, n_shared_experts=1,
-                        first_k_dense_replace=1, q_lora_rank=None, topk_method="greedy", kv_lora_rank=16,
-                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4),
-}
+H, E, I, K, V = HIDDEN, EXPERTS, MOE_INTER, TOP_K, VOCAB  # 2I = 32 != H, so any transposition mistake changes shapes
 R = 3
 
 
-def _model(family: str, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(family, **{**_COMMON, **FAMILIES[family]})
-    model = AutoModelForCausalLM.from_config(cfg).float().eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # expert weights ~ N(0, 1/fan_in) so the experts carry signal
-        for n, p in model.named_parameters():
-            if n.endswith("experts.gate_up_proj") or n.endswith("experts.down_proj"):
-                p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)
-    return model
+def _targets(family: str) -> list[str]:
+    return [f"{experts_path(family)}.gate_up_proj", f"{experts_path(family)}.down_proj"]
 
 
 def _peft(family: str, seed: int = 0, randomize: bool = True, **lora_kw):
-    kw = dict(r=R, lora_alpha=2 * R, target_modules=["q_proj", "o_proj"], target_parameters=TP)
+    kw = dict(r=R, lora_alpha=2 * R, target_modules=["q_proj", "o_proj"], target_parameters=_targets(family))
     kw.update(lora_kw)
-    pm = get_peft_model(_model(family, seed), LoraConfig(**kw))
+    pm = get_peft_model(make_tiny_model(family, seed=seed), LoraConfig(**kw))
     if randomize:  # non-zero lora_B: otherwise a fresh adapter is an exact no-op
         gen = torch.Generator().manual_seed(seed + 2)
         with torch.no_grad():
@@ -69,8 +50,7 @@ def _peft(family: str, seed: int = 0, randomize: bool = True, **lora_kw):
 
 def _experts_modules(pm):
     """{saved prefix: outer ParamWrapper} for every experts module of a PeftModel."""
-    return {n: m for n, m in pm.named_modules()
-            if n.endswith("mlp.experts") and type(m).__name__ == "ParamWrapper"}
+    return {n: m for n, m in pm.named_modules() if n.endswith(".experts") and type(m).__name__ == "ParamWrapper"}
 
 
 def _routing(T: int, gen):
@@ -83,15 +63,6 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: intra-op threading only adds overhead (3-4x slower on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(autouse=True)
 def _quiet():
     with warnings.catch_warnings():
@@ -101,12 +72,11 @@ def _quiet():
 
 # ----------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", list(FAMILIES))
 def test_layout_nesting_init_and_saved_keys(family, tmp_path):
     pm = _peft(family, randomize=False)
     ids = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # B = 0 at init -> a fresh adapter is a no-op (target_modules LoRA is too)
-        assert torch.equal(pm(ids).logits, _model(family)(ids).logits)
+        assert torch.equal(pm(ids).logits, make_tiny_model(family)(ids).logits)
     experts = _experts_modules(pm)
     assert experts
     for name, outer in experts.items():
@@ -131,7 +101,7 @@ def test_layout_nesting_init_and_saved_keys(family, tmp_path):
     pm.save_pretrained(tmp_path)
     sd = load_file(tmp_path / "adapter_model.safetensors")
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert sorted(cfg["target_parameters"]) == sorted(TP) and cfg["lora_dropout"] == 0.0
+    assert sorted(cfg["target_parameters"]) == sorted(_targets(family)) and cfg["lora_dropout"] == 0.0
     expected = {}
     for name in experts:
         keys = peft_adapter_keys(name)
@@ -139,7 +109,7 @@ def test_layout_nesting_init_and_saved_keys(family, tmp_path):
         assert keys["down_proj"] == (name + ".lora_A.weight", name + ".lora_B.weight")
         expected.update({keys["gate_up_proj"][0]: (R * E, 2 * I), keys["gate_up_proj"][1]: (H, R * E),
                          keys["down_proj"][0]: (R * E, H), keys["down_proj"][1]: (I, R * E)})
-    assert {k: tuple(v.shape) for k, v in sd.items() if ".mlp.experts." in k} == expected
+    assert {k: tuple(v.shape) for k, v in sd.items() if ".experts." in k} == expected
     assert all(".self_attn." in k for k in sd if k not in expected)
 
 
@@ -176,7 +146,6 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("family", list(FAMILIES))
 def test_forward_and_grads_match_reference(family, variant):
     pm = _peft(family, **VARIANTS[variant])
     outer = next(iter(_experts_modules(pm).values()))
@@ -233,7 +202,6 @@ def test_forward_and_grads_match_reference(family, variant):
     assert _rel(man["dw"], wr.grad) < 1e-5
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
 def test_full_model_experts_calls_match_reference(family):
     """Inside a real forward, every experts call (hooked on the outer ParamWrapper) == reference."""
     pm = _peft(family)
@@ -253,17 +221,16 @@ def test_full_model_experts_calls_match_reference(family):
         assert _rel(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
 def test_save_load_roundtrip_and_engine_written_adapter(family, tmp_path):
     pm = _peft(family)
     ids = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         logits = pm(ids).logits
-        base_logits = _model(family)(ids).logits
+        base_logits = make_tiny_model(family)(ids).logits
     assert _rel(logits, base_logits) > 1e-3
     pm.save_pretrained(tmp_path / "peft")
     # (c) vanilla round trip
-    loaded = PeftModel.from_pretrained(_model(family), tmp_path / "peft")
+    loaded = PeftModel.from_pretrained(make_tiny_model(family), tmp_path / "peft")
     with torch.no_grad():
         assert _rel(loaded(ids).logits, logits) < 1e-6
     # per-expert factors from the saved file == from the live module
@@ -274,7 +241,7 @@ def test_save_load_roundtrip_and_engine_written_adapter(family, tmp_path):
         for a, b in zip(lora_m, lora_f):
             assert torch.equal(a, b)
     # an adapter written from per-expert factors (as an engine would) loads into vanilla PEFT
-    out = {k: v for k, v in sd.items() if ".mlp.experts." not in k}
+    out = {k: v for k, v in sd.items() if ".experts." not in k}
     for name, outer in _experts_modules(pm).items():
         lora_m, _, _ = expert_lora_from_module(outer)
         out.update(to_peft_state_dict(name, ExpertLora(*(t.detach().clone() for t in lora_m))))
@@ -282,7 +249,7 @@ def test_save_load_roundtrip_and_engine_written_adapter(family, tmp_path):
     (tmp_path / "eng").mkdir()
     save_file(out, tmp_path / "eng" / "adapter_model.safetensors")
     (tmp_path / "eng" / "adapter_config.json").write_text((tmp_path / "peft" / "adapter_config.json").read_text())
-    eng = PeftModel.from_pretrained(_model(family), tmp_path / "eng")
+    eng = PeftModel.from_pretrained(make_tiny_model(family), tmp_path / "eng")
     with torch.no_grad():
         assert _rel(eng(ids).logits, logits) < 1e-6
         # merge_and_unload folds W + s A^T B^T into the fused params (plain experts module afterwards)

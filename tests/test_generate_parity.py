@@ -4,19 +4,9 @@ import pytest
 import torch
 
 import kt_sft
-from tiny_models import FAMILIES, VOCAB, make_tiny_checkpoint
+from tiny_models import VOCAB
 
 NEW_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gen")
-    paths = {}
-    for family in FAMILIES:
-        make_tiny_checkpoint(family, root / family)
-        paths[family] = root / family
-    return paths
 
 
 def _prompts():
@@ -49,12 +39,11 @@ def _random_adapter(model, path):
     return peft_model
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_generation_matches_stock(checkpoints, family, tmp_path):
+def test_greedy_generation_matches_stock(ckpt, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    path = checkpoints[family]
+    path = ckpt
     ids, mask = _prompts()
     stock = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ours = kt_sft.load_model(path, device="cpu", dtype=torch.float32, progress=False).eval()
@@ -71,11 +60,11 @@ def test_greedy_generation_matches_stock(checkpoints, family, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
-def test_greedy_generation_on_gpu_matches_stock_on_gpu(checkpoints, family):
+def test_greedy_generation_on_gpu_matches_stock_on_gpu(ckpt, family):
     """Dense layers on the GPU, experts on the engine (the decode path through pinned staging) vs stock on the GPU."""
     from transformers import AutoModelForCausalLM
 
     ids, mask = (t.cuda() for t in _prompts())
-    stock = AutoModelForCausalLM.from_pretrained(checkpoints[family], dtype=torch.float32).cuda().eval()
-    ours = kt_sft.load_model(checkpoints[family], device="cuda", dtype=torch.float32, progress=False).eval()
+    stock = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).cuda().eval()
+    ours = kt_sft.load_model(ckpt, device="cuda", dtype=torch.float32, progress=False).eval()
     assert torch.equal(_generate(ours, ids, mask), _generate(stock, ids, mask))

@@ -18,7 +18,9 @@ import torch
 import yaml
 
 import kt_sft
-from test_llamafactory_config import llamafactory_cli
+from llamafactory_run import llamafactory_cli
+
+pytestmark = pytest.mark.slow  # every test trains through the real CLI in subprocesses
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_YAML = REPO / "examples" / "train_lora" / "demo_lora_sft_kt.yaml"

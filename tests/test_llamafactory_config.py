@@ -3,7 +3,6 @@ contradictory combinations fail inside LLaMA-Factory's own `get_train_args` (so 
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -15,18 +14,9 @@ import pytest
 from kt_sft.engine import FORMATS
 from kt_sft.llamafactory import config as ktc
 from kt_sft.llamafactory.startup import activate
+from llamafactory_run import llamafactory_cli
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def llamafactory_cli(*args: str) -> list[str]:
-    """The `llamafactory-cli` console script of this interpreter's environment (or on PATH)."""
-    script = Path(sys.executable).parent / "llamafactory-cli"
-    found = str(script) if script.is_file() else shutil.which("llamafactory-cli")
-    assert found, "llamafactory-cli not found next to this python nor on PATH"
-    return [found, *args]
-
-
 DEMO_MODEL = REPO / "examples" / "demo" / "model"
 
 
@@ -158,6 +148,7 @@ def test_hook_file_is_installed_and_only_active_with_use_kt():
         assert out.stdout.strip() == active, (value, out.stdout, out.stderr)
 
 
+@pytest.mark.slow
 def test_hook_is_active_in_torchrun_children(tmp_path):
     probe = tmp_path / "probe.py"
     # Each rank writes its own file: two ranks printing to one pipe may interleave their lines.
@@ -170,6 +161,7 @@ def test_hook_is_active_in_torchrun_children(tmp_path):
     assert {r: (tmp_path / f"rank{r}").read_text() for r in (0, 1)} == {0: "True", 1: "True"}
 
 
+@pytest.mark.slow
 def test_cli_error_reaches_the_user(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in _args(tmp_path, kt_backend="Q4").items()))

@@ -21,8 +21,9 @@ import pytest
 import torch
 import yaml
 
-from test_llamafactory_config import llamafactory_cli
-from tiny_models import make_tiny_checkpoint
+from llamafactory_run import llamafactory_cli
+
+pytestmark = pytest.mark.slow  # every test runs LLaMA-Factory (or an interpreter) in a subprocess
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "examples" / "demo" / "model"
@@ -224,12 +225,11 @@ def test_api_server_over_loopback(adapter, tmp_path):
         server.wait(timeout=60)
 
 
-def test_adapter_of_another_base_model_is_named(tmp_path):
+def test_adapter_of_another_base_model_is_named(tiny_checkpoint, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    other = tmp_path / "other_base"
-    make_tiny_checkpoint("qwen3_moe", other)
+    other = tiny_checkpoint("qwen3_moe")
     foreign = tmp_path / "foreign_adapter"
     model = AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32)
     get_peft_model(model, LoraConfig(r=4, target_modules="all-linear")).save_pretrained(foreign)

@@ -30,7 +30,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from kt_sft.engine import FORMATS
 from lora_train import lora_run, make_batches
 from moe_reference import rel_err
-from tiny_models import FAMILIES, MOE_LAYERS, SHARED_EXPERT, expert_keys_on_disk, make_tiny_checkpoint
+from kt_sft.models import expert_lora
+from kt_sft.models.registry import get_family
+from tiny_models import (FAMILIES, MOE_LAYERS, NO_HIDDEN_ACT, ROUTER_BIASES, SHARED_EXPERT, experts_module_names,
+                         expert_keys_on_disk, make_tiny_checkpoint)
 
 FP32_RTOL = 1e-5          # logits, fp32 engine vs stock fp32 (measured 2e-7..4e-7)
 FP32_LOSS_RTOL = 1e-4     # every step's loss over 20 LoRA steps, fp32 engine (measured <= 2e-7)
@@ -48,24 +51,10 @@ BF16_LOSS_MEDIAN_RTOL = 1e-3
 BF16_LOSS_MAX_RTOL = 3e-2
 STEPS = 20
 ERRORS = (ValueError, FileNotFoundError, KeyError, RuntimeError)
-FAMILY_PARAMS = [pytest.param(f, id=f) for f in FAMILIES]
 
 
 # ------------------------------------------------------------------ fixtures and helpers
-@pytest.fixture(scope="session")
-def ckpt_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny_moe")
-
-
-@pytest.fixture
-def ckpt(ckpt_root, family) -> Path:
-    """The family's tiny fp32 checkpoint, written once per session (tests must not modify it)."""
-    path = ckpt_root / family
-    if not (path / "config.json").exists():
-        make_tiny_checkpoint(family, path)
-    return path
-
-
+# `family` (every family of tiny_models.FAMILIES) and `ckpt` (its session-wide tiny checkpoint): conftest.py.
 @pytest.fixture
 def broken_ckpt(tmp_path, ckpt) -> Path:
     """A private copy of the family's checkpoint that a test may damage."""
@@ -127,24 +116,24 @@ def stock_run(path: str, family: str):
 
 
 # ------------------------------------------------------------------ the checkpoints themselves (stock only)
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_tiny_checkpoint_is_meaningful(family, ckpt):
-    """MoE layers / shared experts as configured; experts span >1 shard with the documented per-expert keys and
-    the fused layout transformers expects; logits are not flat; zeroing the experts (and, for sigmoid routers,
-    the correction bias) changes them."""
+    """MoE layers / shared experts as configured, the experts modules where the registry entry says; experts span
+    >1 shard with the entry's per-expert keys and the fused layout transformers expects; hidden_act only where the
+    family's config has one; logits are not flat; zeroing the experts (and a sigmoid router's bias) changes them."""
+    entry = get_family(family)
     disk = expert_keys_on_disk(ckpt)
     assert len(set(disk.values())) > 1
     model = stock(ckpt)
+    assert (getattr(model.config, "hidden_act", None) is None) == (family in NO_HIDDEN_ACT)
     experts = expert_modules(model)
-    assert sorted(experts) == [f"model.layers.{i}.mlp.experts" for i in MOE_LAYERS[family]]
+    assert sorted(experts) == experts_module_names(family)
     shared = SHARED_EXPERT.get(family)
     assert shared is None or all(hasattr(model.model.layers[i].mlp, shared) for i in MOE_LAYERS[family])
-    names = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
     expected = set()
-    for name, mod in experts.items():
-        prefix = name.replace(".mlp.", ".block_sparse_moe.") if family == "mixtral" else name
+    for layer, name in zip(MOE_LAYERS[family], experts_module_names(family)):
+        mod = experts[name]
         for e in range(mod.num_experts):
-            keys = [f"{prefix}.{e}.{w}.weight" for w in names]
+            keys = [entry.checkpoint[p].format(layer=layer, expert=e) for p in ("gate", "up", "down")]
             expected.update(keys)
             gate, up, down = (load_file(ckpt / disk[k])[k] for k in keys)
             assert torch.equal(mod.gate_up_proj[e], torch.cat([gate, up])), "gate_up_proj[e] = [gate_e; up_e]"
@@ -157,23 +146,23 @@ def test_tiny_checkpoint_is_meaningful(family, ckpt):
         for mod in experts.values():
             mod.down_proj.zero_()
     assert rel_err(logits(model), ref) > 0.1, "the routed experts must matter"
-    if family in ("deepseek_v3", "glm4_moe"):
-        model = stock(ckpt)
+    model = stock(ckpt)
+    biases = [t for name, t in model.state_dict().items() if name.endswith(ROUTER_BIASES)]
+    if biases:
         with torch.no_grad():
-            for name, buf in model.named_buffers():
-                if name.endswith("e_score_correction_bias"):
-                    buf.zero_()
-        assert rel_err(logits(model), ref) > 1e-3, "e_score_correction_bias must change the routing"
+            for t in biases:
+                t.zero_()
+        assert rel_err(logits(model), ref) > 1e-3, "the router bias must change the routing"
 
 
 # ------------------------------------------------------------------ structure and forward parity
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_non_expert_weights_match_stock_and_experts_are_offloaded(family, ckpt):
     """Every non-expert tensor equals stock's bit for bit; experts' own parameters stay on meta; impl = kt."""
     model, ref = load_model(ckpt, dtype=torch.float32), stock(ckpt)
     assert model.config._experts_implementation == "kt"
     ref_experts = expert_modules(ref)
     assert set(expert_modules(model)) == set(ref_experts)
+    assert sorted(expert_lora.engine_experts_modules(model)) == experts_module_names(family)
     for mod in expert_modules(model).values():
         assert all(p.is_meta for p in mod.parameters(recurse=False))
     ours = model.state_dict()
@@ -184,7 +173,6 @@ def test_non_expert_weights_match_stock_and_experts_are_offloaded(family, ckpt):
         assert ours[name].dtype == torch.float32 and torch.equal(ours[name], t), f"{name} differs from stock"
 
 
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_logits_match_stock_fp32_engine(family, ckpt):
     """fp32 engine: logits on a left-padded batch within 1e-5 of stock (||a-b||/||b|| and max|a-b|/max|b|)."""
     ref, _ = logits_and_routing(stock(ckpt))
@@ -194,7 +182,6 @@ def test_logits_match_stock_fp32_engine(family, ckpt):
     assert rel <= FP32_RTOL and mx <= FP32_RTOL
 
 
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_logits_match_stock_bf16_engine(family, ckpt):
     """bf16 engine (model fp32): at most MAX_FLIPS tokens change their expert set (near-ties), and every
     other token's logits are within the bf16 bound of stock fp32."""
@@ -219,7 +206,6 @@ def _flipped(routes, ref_routes, shape) -> torch.Tensor:
     return flipped
 
 
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_bf16_model_as_accurate_as_stock_bf16(family, ckpt):
     """The default training set-up (dtype=bf16, engine bf16) vs the fp32 truth is no less accurate than stock
     transformers in bf16 (on tokens neither model re-routes): measured ratio 0.95..1.05, bound 1.5."""
@@ -254,7 +240,6 @@ def _compare_training(family, ckpt, *, fmt=None, checkpointing=None):
     return cos, dev
 
 
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_lora_training_fp32(family, ckpt):
     """20 AdamW LoRA steps, fp32 engine: same LoRA init, step-1 gradient cosine >= 0.999, every step's loss
     within 1e-4 of stock."""
@@ -262,7 +247,6 @@ def test_lora_training_fp32(family, ckpt):
     assert cos >= 0.999 and max(dev) <= FP32_LOSS_RTOL
 
 
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_lora_training_bf16_engine(family, ckpt):
     """The same with the experts in bf16 on the engine (model fp32): see BF16_LOSS_* for the bounds."""
     cos, dev = _compare_training(family, ckpt, fmt="bf16")
@@ -270,7 +254,6 @@ def test_lora_training_bf16_engine(family, ckpt):
     assert statistics.median(dev) <= BF16_LOSS_MEDIAN_RTOL and max(dev) <= BF16_LOSS_MAX_RTOL
 
 
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_lora_training_int8_engine_tracks_bf16(family, ckpt):
     """kt_backend INT8 (int8 experts, per-channel scales, bf16 GEMMs) and AMXINT8 (the same weights, int8 GEMMs
     with per-row activation quantization): every step's loss within 2 % of the bf16-engine run, and the packed
@@ -295,7 +278,6 @@ def test_lora_training_int8_engine_tracks_bf16(family, ckpt):
     assert runs["int8"] != runs["int8-gemm"], "int8 GEMMs must really run (activation rounding changes the loss)"
 
 
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
 @pytest.mark.parametrize("reentrant", [pytest.param(False, id="non_reentrant"), pytest.param(True, id="reentrant")])
 def test_lora_training_gradient_checkpointing(family, ckpt, reentrant):
     """fp32 engine with gradient checkpointing (experts recomputed in backward; the reentrant flavour runs
@@ -360,7 +342,7 @@ def _drop_key(path, key, shard, fix_index: bool):
         (path / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
-@pytest.mark.parametrize("family", [pytest.param("qwen3_moe", id="qwen3_moe"), pytest.param("mixtral", id="mixtral")])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "lfm2_moe"])  # mlp.experts / w1-w3 / feed_forward.experts
 @pytest.mark.parametrize("fix_index", [pytest.param(False, id="index_still_lists_key"),
                                        pytest.param(True, id="key_gone_from_index")])
 def test_missing_expert_tensor(family, broken_ckpt, fix_index):
@@ -369,13 +351,13 @@ def test_missing_expert_tensor(family, broken_ckpt, fix_index):
     key, shard = _victim(broken_ckpt)
     _drop_key(broken_ckpt, key, shard, fix_index)
     layer = re.search(r"layers\.(\d+)\.", key).group(1)
-    expert_named = rf"layers\.{layer}\.(mlp|block_sparse_moe)\.experts\.3\b|{re.escape(key)}"
+    expert_named = rf"layers\.{layer}\.\w+\.experts\.3\b|{re.escape(key)}"
     pattern = expert_named if fix_index else rf"{expert_named}|{re.escape(shard)}"
     with pytest.raises(ERRORS, match=pattern):
         load_model(broken_ckpt, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("family", [pytest.param("qwen3_moe", id="qwen3_moe")])
+@pytest.mark.parametrize("family", ["qwen3_moe"])
 @pytest.mark.parametrize("damage", ["truncated", "garbage_header"])
 def test_corrupt_expert_shard(family, broken_ckpt, damage):
     """A shard holding expert tensors is truncated to half / has its header overwritten: the error names

@@ -1,16 +1,23 @@
-"""Tiny random MoE checkpoints written by stock transformers, one per supported family.
+"""Tiny random MoE checkpoints written by stock transformers, one per supported family: the tests' family table.
 
 `make_tiny_checkpoint(model_type, path)` builds a 3–4 layer model (hidden 64, 8 routed experts of width 16,
 top-2, vocab 128) with `AutoConfig.for_model` + `AutoModelForCausalLM.from_config`, re-initialises every
 tensor from a seeded generator so that logits are far from uniform and the routed experts matter, and saves
 it with `save_pretrained(max_shard_size=...)`, i.e. with the per-expert keys transformers 5.6 writes on disk
-(`...mlp.experts.0.gate_proj.weight`; mixtral: `...block_sparse_moe.experts.0.w1.weight`) spread over
-several shard files. Each fp32 checkpoint is 0.45–0.56 MB in 10–16 shards (max_shard_size="40KB").
+(the family's registry `checkpoint` templates: `...mlp.experts.0.gate_proj.weight`; mixtral
+`...block_sparse_moe.experts.0.w1.weight`; lfm2_moe `...feed_forward.experts.0.w1.weight`) spread over several
+shard files. Each fp32 checkpoint is 0.45–0.56 MB in 10–16 shards (max_shard_size="40KB"). Tests get them from
+the session fixtures of conftest.py (`family`, `tiny_checkpoint`), written once per session.
 
 Per family (transformers 5.6 names):
   dense first layer:  qwen2_moe mlp_only_layers=[0]; qwen3_moe decoder_sparse_step=2 (MoE at layers 1, 3);
-                      deepseek_v2/v3, glm4_moe first_k_dense_replace=1; mixtral has none (every layer MoE)
+                      deepseek_v2/v3, glm4_moe first_k_dense_replace=1; lfm2_moe num_dense_layers=1; mixtral has
+                      none (every layer MoE)
   shared experts:     qwen2_moe shared_expert (+ sigmoid shared_expert_gate); deepseek/glm n_shared_experts=1
+  experts module:     model.layers.{i}.mlp.experts, lfm2_moe: model.layers.{i}.feed_forward.experts (its registry
+                      entry's experts_module; `experts_path`)
+  lfm2_moe:           short-convolution and attention layers mixed, sigmoid router with an expert bias, and a config
+                      without hidden_act (the model code fixes SiLU; the registry's `activation` stands)
 """
 from __future__ import annotations
 
@@ -21,7 +28,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-FAMILIES = ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "mixtral", "glm4_moe")
+from kt_sft.models.registry import get_family
+
+FAMILIES = ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "mixtral", "glm4_moe", "lfm2_moe")
 
 HIDDEN, EXPERTS, MOE_INTER, TOP_K, VOCAB = 64, 8, 16, 2, 128
 
@@ -52,18 +61,40 @@ FAMILY_KWARGS = {
     "glm4_moe": dict(n_routed_experts=EXPERTS, moe_intermediate_size=MOE_INTER, intermediate_size=48,
                      n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
                      routed_scaling_factor=1.5, attention_bias=True, head_dim=16),
+    # lfm2_moe: dense conv layer, MoE attention layer, MoE conv layer
+    "lfm2_moe": dict(num_experts=EXPERTS, moe_intermediate_size=MOE_INTER, intermediate_size=48, num_dense_layers=1,
+                     layer_types=["conv", "full_attention", "conv"]),
 }
+# Families whose config names no activation (their model code fixes one): built without _COMMON's hidden_act.
+NO_HIDDEN_ACT = ("lfm2_moe",)
 # What the configs above must produce: MoE layer indices and the shared-expert submodule of the MoE block.
 MOE_LAYERS = {"qwen2_moe": [1, 2], "qwen3_moe": [1, 3], "deepseek_v2": [1, 2], "deepseek_v3": [1, 2],
-              "mixtral": [0, 1, 2], "glm4_moe": [1, 2]}
+              "mixtral": [0, 1, 2], "glm4_moe": [1, 2], "lfm2_moe": [1, 2]}
 SHARED_EXPERT = {"qwen2_moe": "shared_expert", "deepseek_v2": "shared_experts", "deepseek_v3": "shared_experts",
                  "glm4_moe": "shared_experts"}
+
+
+# Router biases that only shift which experts are chosen (sigmoid routers): a loader that drops one changes routing.
+ROUTER_BIASES = ("e_score_correction_bias", "expert_bias")
 
 
 def tiny_config(model_type: str, **overrides):
     if model_type not in FAMILY_KWARGS:
         raise ValueError(f"no tiny config for {model_type!r}; have {FAMILIES}")
-    return AutoConfig.for_model(model_type, **{**_COMMON, **FAMILY_KWARGS[model_type], **overrides})
+    common = {k: v for k, v in _COMMON.items() if not (k == "hidden_act" and model_type in NO_HIDDEN_ACT)}
+    return AutoConfig.for_model(model_type, **{**common, **FAMILY_KWARGS[model_type], **overrides})
+
+
+def experts_module_names(model_type: str) -> list[str]:
+    """The experts modules of the family's tiny model, from its registry entry (experts_module per MoE layer)."""
+    template = get_family(model_type).experts_module
+    return [template.format(layer=i) for i in MOE_LAYERS[model_type]]
+
+
+def experts_path(model_type: str) -> str:
+    """The experts module's path inside a decoder layer (mlp.experts, feed_forward.experts): what PEFT's
+    target_parameters name, e.g. f"{experts_path(family)}.gate_up_proj"."""
+    return get_family(model_type).experts_module.split("{layer}.", 1)[1]
 
 
 @torch.no_grad()
@@ -72,14 +103,14 @@ def _reinit(model: torch.nn.Module, seed: int) -> None:
 
     Matrices ~ N(0, 1/fan_in) (the fused experts per expert: fan_in = last dim), embeddings ~ N(0, 1),
     norms ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.02^2), routers ~ N(0, 4/H) (spread-out router logits), the
-    correction bias of sigmoid routers ~ N(0, 0.05^2) (so a loader that drops it changes the routing).
+    ROUTER_BIASES of sigmoid routers ~ N(0, 0.05^2) (so a loader that drops one changes the routing).
     """
     gen = torch.Generator().manual_seed(seed)
     for name, t in sorted(model.state_dict().items()):
         if not t.is_floating_point():
             continue
         r = torch.randn(t.shape, generator=gen, dtype=torch.float32)
-        if name.endswith("e_score_correction_bias"):
+        if name.endswith(ROUTER_BIASES):
             v = 0.05 * r
         elif "norm" in name and t.dim() == 1:
             v = 1.0 + 0.1 * r
