@@ -27,7 +27,6 @@ from expert_lora_reference import ExpertLora, experts_with_lora, pack_peft_lora,
 from moe_reference import make_experts, make_routing, rel_err
 
 
-
 class Shape(NamedTuple):
     E: int
     H: int
@@ -91,6 +90,7 @@ TOLERANCE = {
 
 # The format whose reference and tolerance a GPU share's experts follow: the share runs stock PyTorch experts in the
 # format's compute dtype on the weights the engine multiplies with (int8: dequantized), so int8 GEMMs are bf16 there.
+# A call with a share gets the looser of the two rows (measured on the CPU device: fp32 6.1e-7, the others 8.8e-3).
 SHARE_COMPUTES_LIKE = {"fp32": "fp32", "bf16": "bf16", "int8": "int8", "int8-gemm": "int8"}
 SHARE_DEVICES = ("cpu",) + (("cuda",) if torch.cuda.is_available() else ())
 
@@ -181,7 +181,7 @@ def case_layer(case: Case) -> ke.ExpertLayer:
 
 
 def run_layer(layer: ke.ExpertLayer, case: Case, lora=...) -> Outputs:
-    """Forward with save_for_backward, then backward (`lora`: the case's by default)."""
+    """Forward with save_for_backward, then backward (`lora`: the case's when not given; None runs without)."""
     lora = case.lora if lora is ... else lora
     y, handle = layer.forward(case.x, case.ids, case.w, save_for_backward=True, lora=lora)
     out = layer.backward(handle, case.dy, lora=lora)

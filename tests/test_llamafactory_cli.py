@@ -46,7 +46,8 @@ def _launch(cfg: dict, tmp: Path, use_kt: bool = True) -> subprocess.Popen:
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "USE_KT": "1" if use_kt else "0", "KT_SFT_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
     log = open(tmp / f"{Path(cfg['output_dir']).name}.log", "w")
-    return subprocess.Popen(llamafactory_cli("train", str(path)), env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(llamafactory_cli("train", str(path)), env=env, stdout=log, stderr=subprocess.STDOUT,
+                            text=True)
 
 
 def _train(cfg: dict, tmp: Path, use_kt: bool = True) -> str:
