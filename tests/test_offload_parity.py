@@ -33,7 +33,7 @@ from moe_reference import rel_err
 from kt_sft.models import expert_lora
 from kt_sft.models.registry import get_family
 from tiny_models import (FAMILIES, MOE_LAYERS, NO_HIDDEN_ACT, ROUTER_BIASES, SHARED_EXPERT, experts_module_names,
-                         expert_keys_on_disk, make_tiny_checkpoint)
+                         expert_keys_on_disk)
 
 FP32_RTOL = 1e-5          # logits, fp32 engine vs stock fp32 (measured 2e-7..4e-7)
 FP32_LOSS_RTOL = 1e-4     # every step's loss over 20 LoRA steps, fp32 engine (measured <= 2e-7)
@@ -294,7 +294,7 @@ def test_directory_without_config_json(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["dense_llama", "made_up_type"])
-def test_unsupported_model_type(tmp_path, how):
+def test_unsupported_model_type(tmp_path, tiny_checkpoint, how):
     """A real dense architecture (llama) and an unknown model_type: the error names the type and lists
     every supported family."""
     if how == "dense_llama":
@@ -304,7 +304,7 @@ def test_unsupported_model_type(tmp_path, how):
         AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
     else:
         bad = "tiny_moe_xyz"
-        make_tiny_checkpoint("qwen3_moe", tmp_path)
+        shutil.copytree(tiny_checkpoint("qwen3_moe"), tmp_path, dirs_exist_ok=True)
         cfg = json.loads((tmp_path / "config.json").read_text())
         cfg["model_type"] = bad
         (tmp_path / "config.json").write_text(json.dumps(cfg))
