@@ -188,9 +188,9 @@ def run_layer(layer: ke.ExpertLayer, case: Case, lora=...) -> Outputs:
     return Outputs(y, out[0], out[1], None if lora is None else tuple(out[2]))
 
 
-def lora_params(lora: ke.ExpertLoRA, device="cpu") -> ke.ExpertLoRA:
-    """Copies of the factors that collect .grad (trainable parameters), on `device`."""
-    return ke.ExpertLoRA(*(None if t is None else t.detach().to(device).requires_grad_(True) for t in lora.factors()),
+def lora_params(lora: ke.ExpertLoRA) -> ke.ExpertLoRA:
+    """Copies of the factors that collect .grad (trainable parameters)."""
+    return ke.ExpertLoRA(*(None if t is None else t.detach().clone().requires_grad_(True) for t in lora.factors()),
                          lora.scale_gu, lora.scale_d)
 
 
@@ -205,7 +205,7 @@ def run_with_share(layer: ke.ExpertLayer, case: Case) -> Outputs:
         run = getattr(share, name)
         setattr(share, name, lambda *a, _run=run, _name=name, **kw: calls.append(_name) or _run(*a, **kw))
     xs, ws = (t.to(device, copy=True).requires_grad_(True) for t in (case.x, case.w))  # the case stays as it is
-    lora = None if case.lora is None else lora_params(case.lora, device)
+    lora = None if case.lora is None else lora_params(case.lora)  # on the host, where the loader keeps expert LoRA
     y = ke.moe_experts(xs, case.ids.to(device), ws, layer, lora=lora, share=share)
     y.backward(case.dy.to(device))
     assert y.device.type == device and calls == ["forward", "backward"], calls
@@ -213,7 +213,7 @@ def run_with_share(layer: ke.ExpertLayer, case: Case) -> Outputs:
     if device == "cuda" and share.format.compute_dtype == torch.bfloat16 and case.x.shape[1] % 8 == 0 \
             and case.gate.shape[1] % 8 == 0 and torch.cuda.get_device_capability() >= (9, 0):
         assert share.grouped, "torch._grouped_mm fell back to one GEMM per expert on an sm90+ GPU"
-    factors = None if lora is None else tuple(None if t is None else t.grad.cpu() for t in lora.factors())
+    factors = None if lora is None else tuple(None if t is None else t.grad for t in lora.factors())
     return Outputs(y.detach().cpu(), xs.grad.cpu(), ws.grad.cpu(), factors)
 
 
