@@ -44,7 +44,7 @@ constexpr int kTokenChunk = 32;   // tokens per gather / reduce task
 
 struct Engine {
   std::mutex mu;  // serialises compute calls: the scratch below is shared by every layer
-  const KernelTable* kt = nullptr;
+  const IsaKernels* kt = nullptr;
   std::string isa;
   int kchunk = 0;  // K chunk of the task GEMMs: KT_SFT_KCHUNK, else the ISA unit's default
   std::unique_ptr<ThreadPool> pool;
@@ -85,7 +85,7 @@ Engine& engine() {
   return *e;
 }
 
-const KernelTable* table_for(const std::string& isa) {
+const IsaKernels* table_for(const std::string& isa) {
   if (isa == "scalar") return kernels_scalar();
   if (isa == "avx2") return kernels_avx2();
   if (isa == "avx512") return kernels_avx512();
@@ -104,7 +104,7 @@ int default_threads() {
 }
 
 // KT_SFT_KCHUNK (a multiple of 32; 0 = one pass) overrides the unit's K chunk: for tests and tuning.
-int kchunk_for(const KernelTable* kt) {
+int kchunk_for(const IsaKernels* kt) {
   if (const char* env = std::getenv("KT_SFT_KCHUNK")) {
     char* end = nullptr;
     const long v = std::strtol(env, &end, 10);
@@ -262,7 +262,8 @@ void run_proj(ThreadPool& pool, const KernelTable* kt, const LayerView& L, const
 // token rows [T][ld], K columns, with the scales of projection `which` folded in.
 struct QuantSource {
   const void* src;
-  int ld, K, which;
+  int ld, K;
+  ScaleFold fold;
   const int* row_token;
 };
 
@@ -275,7 +276,7 @@ constexpr int kQuantLead = 2;  // experts by which a phase's quantize tasks run 
 // two barriers. Tasks are taken in queue order and every quantize task comes before the GEMM tasks that wait for
 // it, so a waiting worker only waits for workers that are running.
 template <typename Gemm>
-void run_gemm_phase(Engine& eng, const LayerView& L, const RoutingPlan& plan, const std::vector<Task>& gemm_tasks,
+void run_gemm_phase(Engine& eng, const KernelTable* kt, const LayerView& L, const RoutingPlan& plan, const std::vector<Task>& gemm_tasks,
                     Gemm gemm, const QuantSource* quant, const int8_t** qa, const float** qs) {
   if (!quant) {
     eng.pool->run(int(gemm_tasks.size()), [&](int i, int wk) { gemm(gemm_tasks[size_t(i)], wk); });
@@ -285,7 +286,7 @@ void run_gemm_phase(Engine& eng, const LayerView& L, const RoutingPlan& plan, co
   float* ds = static_cast<float*>(eng.q8_scale.reserve(size_t(plan.rows) * sizeof(float)));
   *qa = dst;
   *qs = ds;
-  const QuantJob J{plan.seg_start.data(), quant->row_token, quant->src, quant->ld, quant->K, quant->which, dst, ds};
+  const QuantJob J{plan.seg_start.data(), quant->row_token, quant->src, quant->ld, quant->K, quant->fold, dst, ds};
   const std::vector<Task> qtasks = make_tasks(plan, 1, 64);
   const int E = int(plan.count.size());
   std::vector<int> need(size_t(E), 0);
@@ -301,7 +302,6 @@ void run_gemm_phase(Engine& eng, const LayerView& L, const RoutingPlan& plan, co
   }
   if (qi != qtasks.size() || gi != gemm_tasks.size())  // make_tasks orders by expert; anything else would skip tasks
     throw std::logic_error("run_gemm_phase: tasks not in expert order");
-  const KernelTable* kt = eng.kt;
   eng.pool->run(int(queue.size()), [&](int i, int wk) {
     const int q = queue[size_t(i)];
     if (q < 0) {
@@ -481,10 +481,17 @@ MoELayer::MoELayer(int experts, int hidden, int intermediate, WeightFormat forma
 }
 
 LayerView MoELayer::view(int kchunk) const {
-  return LayerView{E_, H_, I_, Hp_, Ip_, wtype_, gate_.get(), up_.get(), down_.get(), expert_elems_, wq_ ? 1 : 0,
-                   static_cast<const float*>(gate_s_.get()), static_cast<const float*>(up_s_.get()),
-                   static_cast<const float*>(down_s_.get()), kchunk, aq_ ? 1 : 0, padded_row_stride(Hp_),
-                   padded_row_stride(Ip_), padded_row_stride(2 * Ip_)};
+  LayerView L{};
+  L.E = E_; L.H = H_; L.I = I_; L.Hp = Hp_; L.Ip = Ip_;
+  L.w[0] = WeightView{gate_.get(), static_cast<const float*>(gate_s_.get()), size_t(Ip_)};
+  L.w[1] = WeightView{up_.get(), static_cast<const float*>(up_s_.get()), size_t(Ip_)};
+  L.w[2] = WeightView{down_.get(), static_cast<const float*>(down_s_.get()), size_t(Hp_)};
+  L.expert_elems = expert_elems_;
+  L.kchunk = kchunk;
+  L.ldx = padded_row_stride(Hp_);
+  L.ld_act = padded_row_stride(Ip_);
+  L.ld_dgu = padded_row_stride(2 * Ip_);
+  return L;
 }
 
 void MoELayer::set_weights(int which, int e0, int n, const void* src, int src_dtype, int64_t s_e, int64_t s_r,
@@ -680,7 +687,7 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
     fb.up_out = slot->up.reserve(rows * Ip_ * es);
   }
   ThreadPool& pool = *eng.pool;
-  const KernelTable* kt = eng.kt;
+  const KernelTable* kt = &eng.kt->formats[int(format_)];
   if (gather_bf16) gather_rows(pool, plan, x, const_cast<void*>(fb.xg), H_, Hp_, L.ldx, es);
   clock.mark("forward: plan + gather");
   LoraView lv{};
@@ -699,8 +706,8 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
   }
   std::vector<Task> tasks = make_tasks(plan, Ip_ / kBlock, wq_ ? kRowChunkInt8 : kRowChunk,
                                        aq_ ? kGateUpBlocksPerTaskInt8 : kGateUpBlocksPerTask);
-  const QuantSource qx{x, H_, H_, -1, plan.row_token.data()};
-  run_gemm_phase(eng, L, plan, tasks, [&](const Task& t, int wk) {
+  const QuantSource qx{x, H_, H_, ScaleFold::kNone, plan.row_token.data()};
+  run_gemm_phase(eng, kt, L, plan, tasks, [&](const Task& t, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->gate_up(L, fb, t, s);
   }, aq_ ? &qx : nullptr, &fb.qa, &fb.qs);
@@ -711,8 +718,8 @@ uint64_t MoELayer::forward(int T, int k, const void* x, const int64_t* ids, cons
   }
   tasks = make_tasks(plan, Hp_ / kBlock, wq_ ? kRowChunkInt8 : kRowChunk,
                      aq_ ? kDownBlocksPerTaskInt8 : kDownBlocksPerTask);
-  const QuantSource qact{fb.act, L.ld_act, Ip_, -1, nullptr};
-  run_gemm_phase(eng, L, plan, tasks, [&](const Task& t, int wk) {
+  const QuantSource qact{fb.act, L.ld_act, Ip_, ScaleFold::kNone, nullptr};
+  run_gemm_phase(eng, kt, L, plan, tasks, [&](const Task& t, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->down(L, fb, t, s);
   }, aq_ ? &qact : nullptr, &fb.qa, &fb.qs);
@@ -801,7 +808,7 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
   bb.dgu = eng.act.reserve(rows * L.ld_dgu * es);
   bb.dx_rows = static_cast<float*>(eng.rows_f32.reserve(rows * Hp_ * row_out_bytes()));
   ThreadPool& pool = *eng.pool;
-  const KernelTable* kt = eng.kt;
+  const KernelTable* kt = &eng.kt->formats[int(format_)];
   if (gather_bf16) gather_rows(pool, plan, dy, const_cast<void*>(bb.dyg), H_, Hp_, L.ldx, es);
   clock.mark("backward: gather dy");
   LoraView lv{};
@@ -836,8 +843,8 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
     clock.mark("backward: LoRA dy.A_d");
   }
   std::vector<Task> tasks = make_tasks(plan, ipb, bb.fuse_grads ? kWholeSegment : kRowChunkBwd, kActBlocksPerTask);
-  const QuantSource qdy{dy, H_, H_, 2, plan.row_token.data()};  // down's scales fold into dy
-  run_gemm_phase(eng, L, plan, tasks, [&](const Task& t, int wk) {
+  const QuantSource qdy{dy, H_, H_, ScaleFold::kDown, plan.row_token.data()};  // down's scales fold into dy
+  run_gemm_phase(eng, kt, L, plan, tasks, [&](const Task& t, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->bwd_act(L, bb, t, s);
   }, aq_ ? &qdy : nullptr, &bb.qa, &bb.qs);
@@ -847,8 +854,8 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
     clock.mark("backward: LoRA dz.A_gu");
   }
   tasks = make_tasks(plan, Hp_ / kBlock, kRowChunkBwd, aq_ ? kDxBlocksPerTaskInt8 : kDxBlocksPerTask);
-  const QuantSource qdz{bb.dgu, L.ld_dgu, 2 * Ip_, 0, nullptr};  // gate's and up's scales fold into dz
-  run_gemm_phase(eng, L, plan, tasks, [&](const Task& t, int wk) {
+  const QuantSource qdz{bb.dgu, L.ld_dgu, 2 * Ip_, ScaleFold::kGateUp, nullptr};  // gate's and up's scales fold into dz
+  run_gemm_phase(eng, kt, L, plan, tasks, [&](const Task& t, int wk) {
     Scratch s = scratch_of(eng, wk);
     kt->bwd_input(L, bb, t, s);
   }, aq_ ? &qdz : nullptr, &bb.qa, &bb.qs);
@@ -865,7 +872,7 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
       for (int kind = 0; kind < 4; ++kind)
         if ((kind < 2 ? rg : rd) > 0)
           if (!bb.fuse_grads || kind == 1 || kind == 2 || plan.count[size_t(e)] == 0)  // empty experts: zeros
-            for (int b = 0; b < nb[kind]; ++b) gt.push_back(GradTask{kind, e, b});
+            for (int b = 0; b < nb[kind]; ++b) gt.push_back(GradTask{GradKind(kind), e, b});
     pool.run(int(gt.size()), [&](int i, int wk) {
       Scratch s = scratch_of(eng, wk);
       kt->lora_grad(L, bb, gt[size_t(i)], s);

@@ -22,7 +22,7 @@
 #include <utility>
 #include <vector>
 
-#include "common.h"
+#include "kernel_api.h"
 
 namespace kt_sft {
 

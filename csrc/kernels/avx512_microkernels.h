@@ -9,7 +9,7 @@
 // Transpose: transpose_slice_avx512 turns one 16 x 32 bf16 slice of a panel (16 pair rows x 16 columns) into
 //            the 8 pair rows x 2 panels of the transposed B operand: a 16x16 transpose of 32-bit pairs
 //            (unpack / shuffle, 64 ops), then one vpermt2w per output row to pair rows n, n+1 per column.
-// Quads:     transpose_quads_avx512 is the int8 GEMMs' transposed repack (moe_tasks.inc, pack_transposed_quads):
+// Quads:     transpose_quads_avx512 is the int8 GEMMs' transposed repack (moe_int8_gemm.inc, pack_transposed_quads):
 //            one 512-byte slice (8 quad rows x 16 channels x 4 bytes) -> 4 quad rows of each of the 2 panels:
 //            a 4x4 byte transpose inside every 16-byte lane, then a 4x4 transpose of 128-bit lanes.
 // Included inside an anonymous namespace, after <immintrin.h>.
@@ -102,7 +102,7 @@ static inline void dequant_row_avx512(const int8_t* q, const float* sv, uint16_t
 // src: 16 pair rows of one panel slice (src[kk][n] = (W[n][k0+2kk], W[n][k0+2kk+1]) as uint32, 64 bytes per kk);
 // d0/d1: the first of 8 consecutive pair rows (32 uint16 each) of the two transposed panels: pair row p gets
 // (W[2p][k0+c], W[2p+1][k0+c]) for c < 16 in d0 and c >= 16 in d1. The same bytes as the plain loop of
-// pack_transposed (moe_tasks.inc).
+// pack_transposed_pairs (moe_common.inc).
 #define KT_TRANSPOSE_SLICE transpose_slice_avx512
 static inline void transpose_slice_avx512(const uint32_t* src, uint16_t* d0, uint16_t* d1) {
   // maskz forms throughout: GCC 12 warns on the unmasked ones (they start from an undefined vector).

@@ -13,13 +13,13 @@
 //            other libraries (oneDNN) may change it, so every task loads ours first. The kernel process must
 //            hold the XTILEDATA permission (cpu_features.cpp asks the kernel for it before selecting amx).
 #include <immintrin.h>
-#include "../common.h"
+#include "../kernel_api.h"
 
 namespace kt_sft {
 namespace {
 
 #define KT_ISA_NAME "amx"
-// K chunk of the task GEMMs (moe_tasks.inc, gemm_rows): a chunk keeps its B slice in L1 across a task's row
+// K chunk of the task GEMMs (moe_common.inc, gemm_rows): a chunk keeps its B slice in L1 across a task's row
 // blocks, but measured slower on the AMX host (KT_SFT_KCHUNK 0 / 256 / 512: 34.0k / 32.5k / 27.9k tokens/s), so
 // one pass.
 #define KT_KCHUNK 0
@@ -44,7 +44,7 @@ static inline void task_begin() {
   _tile_loadconfig(&cfg);
 }
 
-// accumulate: C += A x B (the C tiles start from the stored fp32 values: K-chunked callers, see moe_tasks.inc).
+// accumulate: C += A x B (the C tiles start from the stored fp32 values: K-chunked callers, moe_common.inc).
 static void mk(const uint16_t* A, size_t lda, int M, const uint16_t* B0, const uint16_t* B1, int Kp, float* C,
                bool accumulate = false) {
   if (M <= 4) {
@@ -101,7 +101,7 @@ static void mk(const uint16_t* A, size_t lda, int M, const uint16_t* B0, const u
 // INT8 GEMMs: C (int32) = A x B over quad panels of Kp rows, the same 2x2 tile schedule per 64-k step with tdpbssd
 // (rows past M read the other rows of the quantized buffer and are discarded). A Kp that is not a multiple of 64
 // ends with 32 k: that step's B slices (512 bytes each) go through a zero-padded copy, and A holds zeros there.
-// Exact int32 sums, so the plain loop of moe_tasks.inc agrees.
+// Exact int32 sums, so the plain loop of moe_int8_gemm.inc agrees.
 static void mk_i8_amx(const int8_t* A, size_t lda, int M, const int8_t* B0, const int8_t* B1, int Kp, int32_t* C) {
   __asm__ __volatile__("" ::: "memory");  // see mk
   constexpr size_t sc = kBlock * sizeof(int32_t);
@@ -157,10 +157,10 @@ static inline void mk(const float* A, size_t lda, int M, const float* B0, const 
   mk_avx512(A, lda, M, B0, B1, Kp, C, accumulate);
 }
 
-#include "moe_tasks.inc"
+#include "moe_kernels.inc"
 
 }  // namespace
 
-const KernelTable* kernels_amx() { return &kTable; }
+const IsaKernels* kernels_amx() { return &kKernels; }
 
 }  // namespace kt_sft

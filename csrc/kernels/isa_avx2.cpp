@@ -5,7 +5,7 @@
 //            broadcast, B rows are streamed from L1/L2. Compiled with -mavx2 -mfma only.
 // Invariants: fp32 accumulation; rows beyond M are never read.
 #include <immintrin.h>
-#include "../common.h"
+#include "../kernel_api.h"
 
 namespace kt_sft {
 namespace {
@@ -94,10 +94,10 @@ static void mk(const float* A, size_t lda, int M, const float* B0, const float* 
   panel_rows<float, block_f32<4>, block_f32<1>, block_f32<2>, block_f32<3>>(A, lda, M, B1, Kp, C + kPanel, accumulate);
 }
 
-#include "moe_tasks.inc"
+#include "moe_kernels.inc"
 
 }  // namespace
 
-const KernelTable* kernels_avx2() { return &kTable; }
+const IsaKernels* kernels_avx2() { return &kKernels; }
 
 }  // namespace kt_sft

@@ -3,7 +3,7 @@
 // Invariants: compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16; selected only when
 //            CPUID reports all of them and XCR0 enables the ZMM state.
 #include <immintrin.h>
-#include "../common.h"
+#include "../kernel_api.h"
 
 namespace kt_sft {
 namespace {
@@ -19,10 +19,10 @@ static inline void mk(const float* A, size_t lda, int M, const float* B0, const 
                       bool accumulate = false) {
   mk_avx512(A, lda, M, B0, B1, Kp, C, accumulate);
 }
-#include "moe_tasks.inc"
+#include "moe_kernels.inc"
 
 }  // namespace
 
-const KernelTable* kernels_avx512() { return &kTable; }
+const IsaKernels* kernels_avx512() { return &kKernels; }
 
 }  // namespace kt_sft

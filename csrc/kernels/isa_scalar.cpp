@@ -3,7 +3,7 @@
 // Algorithm: plain loops, one row at a time, k-pairs outermost so the 32 accumulators stay in registers.
 //            Compiled for baseline x86-64 (SSE2), so it runs on every CPU; the other paths must agree with it.
 // Invariants: accumulates in the same order as the reference definition sum_k a[k]*w[k] (pairs in k order).
-#include "../common.h"
+#include "../kernel_api.h"
 
 namespace kt_sft {
 namespace {
@@ -50,10 +50,10 @@ static void mk(const float* A, size_t lda, int M, const float* B0, const float* 
   }
 }
 
-#include "moe_tasks.inc"
+#include "moe_kernels.inc"
 
 }  // namespace
 
-const KernelTable* kernels_scalar() { return &kTable; }
+const IsaKernels* kernels_scalar() { return &kKernels; }
 
 }  // namespace kt_sft
