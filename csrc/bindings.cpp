@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include "cpu_features.h"
+#include "engine.h"
 #include "moe_layer.h"
 
 namespace py = pybind11;
@@ -69,10 +70,33 @@ py::dict cpu_info() {
   return d;
 }
 
-}  // namespace
+const char* panel_name(PanelKind k) { return k == PanelKind::kF32 ? "f32" : k == PanelKind::kPairs ? "pairs" : "quads"; }
 
-PYBIND11_MODULE(_engine, m) {
-  m.doc() = "kt-sft CPU MoE engine (no torch inside: raw pointers, checked by kt_sft.engine)";
+// packing.h's ProjectionLayout of each projection, by name: what kt_sft/engine/gpu_share.py unpacks panels with.
+py::dict layout_dict(const MoELayer& layer) {
+  py::dict out;
+  for (int p = 0; p < kNumProj; ++p) {
+    const ProjectionLayout& l = layer.layout(p);
+    py::dict d;
+    d["rows"] = l.N;
+    d["cols"] = l.K;
+    d["padded_rows"] = l.Np;
+    d["padded_cols"] = l.Kp;
+    d["panel"] = panel_name(l.panel);
+    d["panel_group"] = panel_group(l.panel);  // k elements per (panel row, column) unit: 1, 2 (pairs), 4 (quads)
+    d["panel_width"] = kPanel;
+    d["elem_bytes"] = l.elem_bytes;
+    d["expert_bytes"] = l.expert_bytes;
+    d["scales"] = l.scales == ScaleKind::kNone ? "none" : "channel";
+    d["scale_block"] = py::make_tuple(l.scale_block_n, l.scale_block_k);
+    d["scale_grid"] = py::make_tuple(l.scale_rows, l.scale_cols);  // one expert's scales, row-major
+    out[proj_name(Proj(p))] = d;
+  }
+  return out;
+}
+
+// Module functions: CPU features and the process-wide engine settings (engine.h).
+void bind_engine(py::module_& m) {
   m.def("cpu_info", &cpu_info, "CPUID / OS-state features relevant to the kernels");
   m.def("supported_isas", &supported_isas, "ISA paths this CPU and OS can run, best last");
   m.def(
@@ -83,6 +107,9 @@ PYBIND11_MODULE(_engine, m) {
         return py::make_tuple(ok, why);
       },
       "(ok, reason) for one ISA path");
+  m.def("start", &start_engine,
+        "Parse the KT_SFT_* variables and choose the ISA path; raises ValueError naming a bad variable "
+        "(kt_sft.engine calls it at import)");
   m.def("select_isa", &select_isa, py::arg("isa") = "",
         "Choose the kernel path ('' = KT_SFT_ISA or the best supported); raises if the CPU cannot run it");
   m.def("current_isa", &current_isa);
@@ -90,6 +117,10 @@ PYBIND11_MODULE(_engine, m) {
   m.def("num_threads", &num_threads);
   m.def("worker_spin_us", &worker_spin_us, "microseconds idle workers spin before sleeping");
   m.def("set_worker_spin_us", &set_worker_spin_us, py::arg("us"), "ignored when KT_SFT_SPIN_US is set");
+  m.def("set_kchunk", &set_kchunk, py::arg("n"),
+        "K chunk of the task GEMMs (0 = one pass, a multiple of 32; -1 = KT_SFT_KCHUNK or the ISA default); "
+        "returns the previous setting");
+  m.def("kchunk", &kchunk, "the K chunk in effect");
   m.def("set_profiling", &set_profiling, py::arg("on"), "wall time per phase of every forward/backward (clears)");
   m.def(
       "take_profile",
@@ -99,15 +130,13 @@ PYBIND11_MODULE(_engine, m) {
         return d;
       },
       "{phase: (calls, seconds)} since set_profiling / the last take_profile, then cleared");
+}
 
-  // kt_sft/engine/formats.py has one row per value.
-  py::enum_<WeightFormat>(m, "WeightFormat", py::module_local())
-      .value("f32", WeightFormat::kF32)
-      .value("bf16", WeightFormat::kBF16)
-      .value("int8", WeightFormat::kInt8)
-      .value("int8_gemm", WeightFormat::kInt8Gemm);
-
-  // module_local: two builds of the engine can live in one process (benchmarks/bench_moe.py --against).
+// The MoELayer class and the WeightFormat enum (one member per formats.h row; kt_sft/engine/formats.py has one row
+// per value). module_local: two builds of the engine can live in one process (benchmarks/bench_moe.py --against).
+void bind_layer(py::module_& m) {
+  py::enum_<WeightFormat> formats(m, "WeightFormat", py::module_local());
+  for (const FormatInfo& f : kFormats) formats.value(f.name, f.format);
   py::class_<MoELayer>(m, "MoELayer", py::module_local())
       .def(py::init([](int E, int H, int I, WeightFormat format, const std::string& activation, int max_saved) {
              if (activation != "silu") throw std::invalid_argument("activation '" + activation + "' is not implemented (expected 'silu')");
@@ -174,6 +203,9 @@ PYBIND11_MODULE(_engine, m) {
              auto s = l.scale_storage(which);
              return std::make_pair(reinterpret_cast<uintptr_t>(s.first), s.second);
            }, py::arg("which"))
+      .def("layout", &layout_dict,
+           "{gate|up|down: {rows, cols, padded_rows, padded_cols, panel, panel_group, panel_width, elem_bytes, "
+           "expert_bytes, scales, scale_block, scale_grid}}: how panel_storage / scale_storage are laid out")
       .def_property_readonly("padded_hidden", &MoELayer::padded_hidden)
       .def_property_readonly("padded_intermediate", &MoELayer::padded_intermediate)
       .def_property_readonly("format", &MoELayer::format)
@@ -184,4 +216,12 @@ PYBIND11_MODULE(_engine, m) {
       .def("grow_saved", &MoELayer::grow_saved, py::arg("n"), "at least n saved-forward slots (never fewer)")
       .def_property_readonly("packed_bytes", &MoELayer::packed_bytes)
       .def_property_readonly("saved_bytes", &MoELayer::saved_bytes);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_engine, m) {
+  m.doc() = "kt-sft CPU MoE engine (no torch inside: raw pointers, checked by kt_sft.engine)";
+  bind_engine(m);
+  bind_layer(m);
 }

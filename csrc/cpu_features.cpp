@@ -128,7 +128,7 @@ bool isa_supported(const std::string& isa, std::string* why) {
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
-  for (const char* isa : {"scalar", "avx2", "avx512", "amx"})
+  for (const char* isa : kIsaNames)
     if (isa_supported(isa, nullptr)) out.push_back(isa);
   return out;
 }

@@ -8,6 +8,9 @@
 
 namespace kt_sft {
 
+// The kernel paths, slowest first (KT_SFT_ISA takes one of these names).
+inline constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512", "amx"};
+
 struct CpuFeatures {
   std::string vendor, model;
   bool sse42 = false, avx = false, avx2 = false, fma = false, f16c = false;

@@ -3,28 +3,16 @@
 #include <immintrin.h>
 
 #include <chrono>
-#include <cstdlib>
 
 namespace kt_sft {
 
-namespace {
 // The spin is measured in time, not pause instructions: `pause` costs ~10 cycles on older cores but ~140 on
 // Sapphire Rapids, so a fixed count spun 20x longer there. The default (100 us) bridges the phases of one call
 // and back-to-back calls, and leaves the cores to the Python/CUDA thread between decode layers.
-// KT_SFT_SPIN_US (0 = sleep at once), or -1 when unset (or not a non-negative number).
-int spin_from_env() {
-  const char* env = std::getenv("KT_SFT_SPIN_US");
-  if (env && *env) {
-    const int v = std::atoi(env);
-    if (v >= 0) return v;
-  }
-  return -1;
-}
-}  // namespace
+constexpr int kDefaultSpinUs = 100;
 
-ThreadPool::ThreadPool(int threads) : spin_us_(spin_from_env()) {
-  spin_fixed_ = spin_us_.load() >= 0;
-  if (!spin_fixed_) spin_us_.store(100);
+ThreadPool::ThreadPool(int threads, int fixed_spin_us)
+    : spin_fixed_(fixed_spin_us >= 0), spin_us_(fixed_spin_us >= 0 ? fixed_spin_us : kDefaultSpinUs) {
   for (int w = 1; w < threads; ++w) workers_.emplace_back([this, w] { worker_loop(w); });
 }
 

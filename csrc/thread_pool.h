@@ -19,7 +19,8 @@ namespace kt_sft {
 
 class ThreadPool {
  public:
-  explicit ThreadPool(int threads);
+  // fixed_spin_us >= 0: the spin KT_SFT_SPIN_US fixed (set_spin_us is then ignored); -1: 100 us, settable.
+  ThreadPool(int threads, int fixed_spin_us);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;

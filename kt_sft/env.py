@@ -19,10 +19,13 @@ def _version(name: str) -> str:
 
 
 def report() -> str:
-    from .engine import runtime
-
     lines = [f"python: {sys.version.split()[0]} ({platform.platform()})"]
     lines += [f"{name}: {_version(name)}" for name in PACKAGES]
+    try:
+        from .engine import runtime
+    except (RuntimeError, ValueError) as err:  # a bad KT_SFT_* variable: the engine refuses to start
+        lines.append(f"isa chosen: none ({err})")
+        return "\n".join(lines)
     info = runtime.cpu_info()
     lines.append(f"cpu: {info['model'] or info['vendor']} ({info['physical_cores']} physical cores available)")
     lines.append("cpu flags: " + " ".join(f"{f}={'yes' if info['flags'][f] else 'no'}" for f in FLAGS))

@@ -42,7 +42,8 @@ def test_panels_unpack_to_the_loaded_weights(fmt):
                 ref = (q * s).to(torch.bfloat16)
             assert torch.equal(got.float(), ref.float()), f"expert {e}"
     raw = torch.arange(32 * 32, dtype=torch.float32).view(torch.uint8)  # one f32 expert of 32 x 32
-    w = panels_to_matrix(raw, 1, 32, 32, ke.FORMATS["fp32"])
+    fp32_layout = ke.ExpertLayer(1, 32, 32, "fp32")._layer.layout()["gate"]
+    w = panels_to_matrix(raw, 1, fp32_layout, ke.FORMATS["fp32"])
     assert w[0, 17, 5] == 16 * 32 + 5 * 16 + 1  # panel 1, k = 5, n = 1
 
 

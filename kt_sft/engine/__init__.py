@@ -11,12 +11,13 @@ from .gpu_share import GpuShare
 from .layer import ExpertLayer
 from .lora import ExpertLoRA, ExpertLoRAGrads
 from .panels import PackedPanels, ProjectionPanels
-from .runtime import (available_isas, cpu_info, current_isa, isa_supported, num_threads, phase_profile,
-                      select_isa, set_num_threads, set_worker_spin_us, use_isa, worker_spin_us)
+from .runtime import (available_isas, cpu_info, current_isa, isa_supported, kchunk, num_threads, phase_profile,
+                      select_isa, set_kchunk, set_num_threads, set_worker_spin_us, use_isa, use_kchunk,
+                      worker_spin_us)
 
 __all__ = [
     "FORMATS", "ExpertFormat", "ExpertLayer", "ExpertLoRA", "for_model_dtype", "get_format", "GpuShare",
     "ExpertLoRAGrads", "MoEExpertsFunction", "moe_experts", "PackedPanels", "ProjectionPanels", "available_isas",
-    "cpu_info", "current_isa", "isa_supported", "num_threads", "phase_profile", "select_isa", "set_num_threads",
-    "set_worker_spin_us", "use_isa", "worker_spin_us",
+    "cpu_info", "current_isa", "isa_supported", "kchunk", "num_threads", "phase_profile", "select_isa",
+    "set_kchunk", "set_num_threads", "set_worker_spin_us", "use_isa", "use_kchunk", "worker_spin_us",
 ]

@@ -36,22 +36,32 @@ from .lora import ExpertLoRA
 _PANEL = 16
 
 
-def panels_to_matrix(raw: torch.Tensor, experts: int, Np: int, Kp: int, fmt: ExpertFormat,
+def panels_to_matrix(raw: torch.Tensor, experts: int, layout: dict, fmt: ExpertFormat,
                      scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Engine panels of `experts` experts (raw bytes) -> W [experts][Np][Kp] in the format's compute dtype.
 
-    Panels of 16 columns (csrc/common.h): "f32" panel[k][n], "pairs" panel[k/2][n][k%2], "quads" panel[k/4][n][k%4].
-    A quantized format gives bf16(q * s[n]) with `scales` [experts][Np], the engine's own dequantization (the GPU
-    computes such a layer with bf16 activations)."""
-    if fmt.panel == "f32":
-        p = raw.view(fmt.weight_dtype).view(experts, Np // _PANEL, Kp, _PANEL)
-        return p.permute(0, 1, 3, 2).reshape(experts, Np, Kp)
-    group = {"pairs": 2, "quads": 4}[fmt.panel]
-    p = raw.view(fmt.weight_dtype).view(experts, Np // _PANEL, Kp // group, _PANEL, group)
+    `layout`: the projection's entry of the engine's `MoELayer.layout()` (csrc/packing.h, ProjectionLayout, the
+    writer's own description): padded sizes, panels of `panel_width` columns whose elements come in groups of
+    `panel_group` along k ("f32" panel[k][n], "pairs" panel[k/2][n][k%2], "quads" panel[k/4][n][k%4]) and the
+    scale grid. A quantized format gives bf16(q * s) with `scales` [experts][grid rows][grid cols], the engine's
+    own dequantization (the GPU computes such a layer with bf16 activations)."""
+    Np, Kp, g, width = layout["padded_rows"], layout["padded_cols"], layout["panel_group"], layout["panel_width"]
+    p = raw.view(fmt.weight_dtype).view(experts, Np // width, Kp // g, width, g)
     w = p.permute(0, 1, 3, 2, 4).reshape(experts, Np, Kp)
-    if fmt.quantized:
-        w = (w.float() * scales[:, :, None]).to(fmt.compute_dtype)
+    if scales is not None:
+        w = (w.float() * _scale_grid_to_matrix(scales, layout)).to(fmt.compute_dtype)
     return w
+
+
+def _scale_grid_to_matrix(scales: torch.Tensor, layout: dict) -> torch.Tensor:
+    """[experts][grid rows][grid cols] scales, one per block of scale_block elements, broadcastable to [.][Np][Kp]
+    (per channel: [.][Np][1] as it is)."""
+    (bn, bk), Np, Kp = layout["scale_block"], layout["padded_rows"], layout["padded_cols"]
+    if bn > 1:
+        scales = scales.repeat_interleave(bn, dim=1)[:, :Np]
+    if scales.shape[2] > 1:
+        scales = scales.repeat_interleave(bk, dim=2)[:, :, :Kp]
+    return scales
 
 
 def _expert_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: Optional[torch.Tensor]) -> torch.Tensor:
@@ -129,6 +139,7 @@ class GpuShare:
         self.layer, self.device = layer, device
         self.first, self.n, self.E = E - experts, experts, E
         panels = layer.panels()
+        self.layout = [p.layout for p in panels.projections]  # the engine's own description of its panels
         self.H, self.I = layer.hidden_size, layer.intermediate_size
         self.Hp, self.Ip = panels.padded_hidden, panels.padded_intermediate
         if chunk is None:  # CHUNK_BYTES of unpacked weights per chunk
@@ -137,10 +148,10 @@ class GpuShare:
         self.min_tokens, self.chunk = int(min_tokens), int(chunk)
         self.chunks = -(-self.n // self.chunk)  # chunk j holds share experts [j * chunk, (j + 1) * chunk)
         self.format = panels.format
-        self.expert_bytes = self.Ip * self.Hp * self.format.weight_bytes
+        self.expert_bytes = self.layout[0]["expert_bytes"]  # the same for gate, up and down
         self.panels = [p.raw[self.first * self.expert_bytes:] for p in panels.projections]
         self.scales = None
-        if self.format.quantized:  # tiny ([n][Np] fp32 per projection): kept on the device
+        if self.format.quantized:  # tiny ([n] x the scale grid, fp32, per projection): kept on the device
             self.scales = [p.scales[self.first:].to(self.device) for p in panels.projections]
         self.cuda = self.device.type == "cuda"
         if self.cuda:
@@ -217,7 +228,6 @@ class GpuShare:
 
     def _chunks(self):
         """Yields (first expert of the chunk relative to the share, experts, gate, up, down matrices [c][N][K])."""
-        Np, Kp = (self.Ip, self.Ip, self.Hp), (self.Hp, self.Hp, self.Ip)
         pre = self.ring.prefetched if self.cuda else None
         if pre is not None and pre[0] is self:
             pending = pre[1]
@@ -229,7 +239,7 @@ class GpuShare:
             raw, copied = pending[j]
             if self.cuda:
                 torch.cuda.current_stream(self.device).wait_event(copied)
-            mats = [panels_to_matrix(raw[w], c, Np[w], Kp[w], self.format,
+            mats = [panels_to_matrix(raw[w], c, self.layout[w], self.format,
                                      None if self.scales is None else self.scales[w][a:a + c]) for w in range(3)]
             if self.cuda:  # unpacking copied the slot out: it may be refilled
                 freed = torch.cuda.Event()

@@ -1,8 +1,9 @@
 """`PackedPanels`: a read-only view of one `ExpertLayer`'s packed experts in the engine's own memory.
 
 The engine packs each projection of every expert into panels of 16 output columns (csrc/common.h, the format's
-`panel` layout), padded to the engine's hidden / intermediate sizes; quantized formats keep one fp32 scale per
-output channel beside them. Code outside the engine that reads the weights (the GPU share streams them to a GPU)
+`panel` layout), padded to the engine's hidden / intermediate sizes; quantized formats keep fp32 scales beside
+them (per output channel today: a grid of one column). The engine's packer describes both itself
+(`MoELayer.layout()`, csrc/packing.h); the view carries that description, so no reader re-derives the layout. Code outside the engine that reads the weights (the GPU share streams them to a GPU)
 takes this view from `ExpertLayer.panels()` instead of reaching into the engine object.
 """
 from __future__ import annotations
@@ -28,11 +29,13 @@ def _host_bytes(address: int, nbytes: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ProjectionPanels:
-    """One projection of every expert: expert e's panels are bytes [e * n, (e + 1) * n) of `raw`, n = padded
-    rows x padded columns x the format's bytes per weight."""
+    """One projection of every expert: expert e's panels are bytes [e * n, (e + 1) * n) of `raw`, n =
+    layout["expert_bytes"] (padded rows x padded columns x the format's bytes per weight)."""
 
     raw: torch.Tensor               # uint8, the engine's storage itself (no copy)
-    scales: Optional[torch.Tensor]  # fp32 [experts][padded output channels] of a quantized format, else None
+    scales: Optional[torch.Tensor]  # fp32 [experts][grid rows][grid cols] of a quantized format, else None
+    layout: dict                    # the engine's description of both (MoELayer.layout(), csrc/packing.h): sizes,
+                                    # panel kind and group, bytes, scale kind, block and grid
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,11 @@ class PackedPanels:
 
 def packed_panels(engine_layer, fmt: ExpertFormat, num_experts: int) -> PackedPanels:
     """The view of an `_engine.MoELayer` holding `num_experts` experts in format `fmt`."""
-    projections = []
-    for which in PROJECTIONS.values():
-        scales = None
-        if fmt.quantized:
-            scales = _host_bytes(*engine_layer.scale_storage(which)).view(torch.float32).view(num_experts, -1)
-        projections.append(ProjectionPanels(_host_bytes(*engine_layer.panel_storage(which)), scales))
-    return PackedPanels(fmt, engine_layer.padded_hidden, engine_layer.padded_intermediate, tuple(projections))
+    layouts, projections = engine_layer.layout(), []
+    for name, which in PROJECTIONS.items():
+        layout, scales = layouts[name], None
+        if layout["scales"] != "none":
+            scales = (_host_bytes(*engine_layer.scale_storage(which)).view(torch.float32)
+                      .view(num_experts, *layout["scale_grid"]))
+        projections.append(ProjectionPanels(_host_bytes(*engine_layer.panel_storage(which)), scales, layout))
+    return PackedPanels(fmt, layouts["down"]["padded_rows"], layouts["gate"]["padded_rows"], tuple(projections))

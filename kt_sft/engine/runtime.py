@@ -1,12 +1,18 @@
-"""Process-wide engine settings: which ISA path runs and how many threads it uses."""
+"""Process-wide engine settings: which ISA path runs, how many threads it uses, the K chunk of its GEMMs.
+
+Importing this module starts the engine: it parses KT_SFT_ISA, KT_SFT_THREADS, KT_SFT_KCHUNK and KT_SFT_SPIN_US
+(csrc/env.h) and chooses the ISA path, so a bad value fails here, naming the variable and what it accepts.
+"""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 from .. import _engine
 
 ISA_ORDER = ("scalar", "avx2", "avx512", "amx")
+
+_engine.start()
 
 
 def cpu_info() -> dict:
@@ -45,6 +51,30 @@ def use_isa(isa: str) -> Iterator[str]:
         yield isa
     finally:
         select_isa(before)
+
+
+def kchunk() -> int:
+    """The K chunk of the engine's task GEMMs (0 = one pass; csrc/kernels/moe_common.inc, gemm_rows)."""
+    return _engine.kchunk()
+
+
+def set_kchunk(n: Optional[int]) -> Optional[int]:
+    """Run the task GEMMs in K chunks of `n` (0 = one pass, else a multiple of 32; None = back to `KT_SFT_KCHUNK`, else
+    the ISA path's default). The results are bitwise the same; a tuning knob. Returns the previous setting."""
+    if n is not None and int(n) < 0:
+        raise ValueError(f"kchunk must be 0 (one pass) or a positive multiple of 32 (None: the default), got {n}")
+    before = _engine.set_kchunk(-1 if n is None else int(n))
+    return None if before < 0 else before
+
+
+@contextlib.contextmanager
+def use_kchunk(n: Optional[int]) -> Iterator[int]:
+    """Run a block with the K chunk set to `n` (set_kchunk), then restore the previous setting."""
+    before = set_kchunk(n)
+    try:
+        yield kchunk()
+    finally:
+        set_kchunk(before)
 
 
 def set_num_threads(n: int = 0) -> None:

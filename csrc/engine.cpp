@@ -1,0 +1,199 @@
+#include "engine.h"
+
+#include <algorithm>
+#include <stdexcept>
+
+#include "cpu_features.h"
+#include "env.h"
+
+namespace kt_sft {
+namespace {
+
+const IsaKernels* kernels_of(const std::string& isa) {
+  if (isa == "scalar") return kernels_scalar();
+  if (isa == "avx2") return kernels_avx2();
+  if (isa == "avx512") return kernels_avx512();
+  return kernels_amx();
+}
+
+// With mu held. want: an ISA name or "" for the best available; from_env: it came from KT_SFT_ISA (env.h checked
+// the name).
+void choose_isa(Engine& eng, std::string want, bool from_env) {
+  std::string why;
+  if (want.empty()) {
+    want = supported_isas().back();
+  } else if (!isa_supported(want, &why)) {
+    throw std::runtime_error((from_env ? "KT_SFT_ISA=" + want : "ISA '" + want + "'") + " cannot run on this CPU: " +
+                             why);
+  }
+  eng.isa = want;
+  eng.kernels = kernels_of(want);
+  eng.kchunk = eng.kchunk_setting >= 0 ? eng.kchunk_setting : eng.kernels->kchunk;
+}
+
+int default_threads() {
+  const int env = env_settings().threads;
+  return env > 0 ? env : std::max(1, physical_cores());
+}
+
+}  // namespace
+
+Engine& engine() {
+  static Engine* e = new Engine();  // never destroyed: worker threads must not outlive a static destructor
+  return *e;
+}
+
+void ensure_ready(Engine& eng) {
+  if (!eng.kernels) {
+    const EnvSettings& env = env_settings();
+    eng.kchunk_setting = env.kchunk;
+    choose_isa(eng, env.isa, true);
+  }
+  if (!eng.pool) eng.pool.reset(new ThreadPool(default_threads(), env_settings().spin_us));
+}
+
+void ensure_scratch(Engine& eng, const FormatInfo& f, int Hp, int Ip) {
+  const size_t n = size_t(eng.pool->size());
+  // one transposed block (2 panels) per column block of a task: bwd_act's of Hp rows, bwd_input's of 2*Ip rows
+  const size_t packed = 2 * size_t(std::max(kActBlocksPerTask * round_up(Hp, f.transposed_k_align),
+                                            f.dx_blocks * round_up(2 * Ip, f.transposed_k_align))) *
+                        kPanel * f.transposed_bytes;
+  eng.c0.resize(n);
+  eng.c1.resize(n);
+  eng.packed.resize(n);
+  eng.wdq.resize(n);
+  eng.ci.resize(n);
+  for (size_t w = 0; w < n; ++w) {
+    const size_t c_rows = eng.kchunk > 0 ? kMaxTaskRows : kRowAlign;  // gemm_rows in moe_common.inc
+    eng.c0[w].reserve(c_rows * kBlock * sizeof(float));
+    eng.c1[w].reserve(c_rows * kBlock * sizeof(float));
+    eng.packed[w].reserve(packed);
+    // per column block of a task: gate_up's gate and up blocks (2 x 2 panels of Hp), down's 2 panels of Ip
+    if (f.expands_blocks)
+      eng.wdq[w].reserve(size_t(std::max(4 * f.gate_up_blocks * Hp, 2 * f.down_blocks * Ip)) * kPanel *
+                         dtype_size(f.act_dtype));
+    if (f.quantized_gemm) eng.ci[w].reserve(kRowAlign * kBlock * sizeof(int32_t));  // one 32-row block's sums
+  }
+}
+
+void ensure_lora_acc(Engine& eng, size_t floats) {
+  const size_t n = size_t(eng.pool->size());
+  eng.acc.resize(n);
+  for (size_t w = 0; w < n; ++w) eng.acc[w].reserve(floats * sizeof(float));
+}
+
+Scratch scratch_of(Engine& eng, int worker) {
+  return Scratch{static_cast<float*>(eng.c0[worker].get()), static_cast<float*>(eng.c1[worker].get()),
+                 eng.packed[worker].get(), worker < int(eng.acc.size()) ? static_cast<float*>(eng.acc[worker].get())
+                                                                        : nullptr,
+                 eng.wdq[worker].get(), static_cast<int32_t*>(eng.ci[worker].get())};
+}
+
+void PhaseClock::mark(const char* phase) {
+  if (!eng_.profiling) return;
+  const Clock::time_point t = Clock::now();
+  auto it = std::find_if(eng_.profile.begin(), eng_.profile.end(), [&](const auto& e) { return e.first == phase; });
+  if (it == eng_.profile.end()) it = eng_.profile.insert(it, {phase, PhaseStat{}});
+  PhaseStat& p = it->second;
+  p.calls += 1;
+  p.seconds += std::chrono::duration<double>(t - t_).count();
+  t_ = t;
+}
+
+// ---------------------------------------------------------------- settings
+
+void start_engine() {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  if (!eng.kernels) {
+    const EnvSettings& env = env_settings();
+    eng.kchunk_setting = env.kchunk;
+    choose_isa(eng, env.isa, true);
+  }
+}
+
+std::string select_isa(const std::string& isa) {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  if (!eng.kernels) eng.kchunk_setting = env_settings().kchunk;
+  const bool from_env = isa.empty();
+  choose_isa(eng, from_env ? env_settings().isa : isa, from_env);
+  return eng.isa;
+}
+
+std::string current_isa() {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  ensure_ready(eng);
+  return eng.isa;
+}
+
+void set_num_threads(int n) {
+  if (n != 0 && !threads_ok(n))
+    throw std::invalid_argument("num_threads must be 0 or " + std::string(kThreadsRule) + ", got " + std::to_string(n));
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  eng.pool.reset();
+  eng.pool.reset(new ThreadPool(n == 0 ? default_threads() : n, env_settings().spin_us));
+}
+
+int num_threads() {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  ensure_ready(eng);
+  return eng.pool->size();
+}
+
+int worker_spin_us() {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  ensure_ready(eng);
+  return eng.pool->spin_us();
+}
+
+void set_worker_spin_us(int us) {
+  if (!spin_us_ok(us))
+    throw std::invalid_argument("worker spin must be >= 0 microseconds (at most " + std::to_string(kMaxSpinUs) +
+                                "), got " + std::to_string(us));
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  ensure_ready(eng);
+  eng.pool->set_spin_us(us);
+}
+
+int set_kchunk(int n) {
+  if (n != -1 && !kchunk_ok(n))
+    throw std::invalid_argument("kchunk must be " + std::string(kKChunkRule) + " (or None: the default), got " +
+                                std::to_string(n));
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  ensure_ready(eng);
+  const int before = eng.kchunk_setting;
+  eng.kchunk_setting = n == -1 ? env_settings().kchunk : n;
+  eng.kchunk = eng.kchunk_setting >= 0 ? eng.kchunk_setting : eng.kernels->kchunk;
+  return before;
+}
+
+int kchunk() {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  ensure_ready(eng);
+  return eng.kchunk;
+}
+
+void set_profiling(bool on) {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  eng.profiling = on;
+  eng.profile.clear();
+}
+
+std::vector<std::pair<std::string, PhaseStat>> take_profile() {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  std::vector<std::pair<std::string, PhaseStat>> out;
+  out.swap(eng.profile);
+  return out;
+}
+
+}  // namespace kt_sft

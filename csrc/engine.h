@@ -1,0 +1,89 @@
+// NOTE (kt-sft engine, the process-wide engine: ISA choice, thread pool, shared scratch, phase profiler)
+// Layout:    one Engine per process (engine()), never destroyed (worker threads must not outlive a static
+//            destructor). It holds the chosen ISA's kernels (IsaKernels: one KernelTable per weight format), the
+//            K chunk in effect, the worker pool, every scratch buffer a call needs (shared by all layers) and
+//            the phase profile.
+// Algorithm: start_engine() (kt_sft/engine/runtime.py calls it at import) parses the KT_SFT_* variables
+//            (env.h) and makes the ISA choice once: KT_SFT_ISA, else the best path this CPU runs; select_isa
+//            changes it explicitly. The pool is created on first use (KT_SFT_THREADS, else the physical cores).
+//            The K chunk is set_kchunk's value, else KT_SFT_KCHUNK, else the ISA unit's default.
+// Invariants: every compute call and every setting change holds Engine::mu, so calls are serialised (the scratch
+//            is shared) and may run with the Python GIL released. Buffers only grow.
+#pragma once
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "buffer.h"
+#include "formats.h"
+#include "lora_pack.h"
+#include "thread_pool.h"
+
+namespace kt_sft {
+
+// Wall time of one phase of forward/backward summed over calls (set_profiling).
+struct PhaseStat {
+  long calls = 0;
+  double seconds = 0.0;
+};
+
+struct Engine {
+  std::mutex mu;  // serialises compute calls: the scratch below is shared by every layer
+  const IsaKernels* kernels = nullptr;  // the chosen ISA path
+  std::string isa;
+  int kchunk_setting = -1;  // set_kchunk / KT_SFT_KCHUNK (-1: the ISA unit's default)
+  int kchunk = 0;           // the K chunk of the task GEMMs in effect
+  std::unique_ptr<ThreadPool> pool;
+  // per call: gathered rows (x or dy), act / dgu, per-row outputs (y or dx rows), dw partial sums
+  Buffer xg, act, rows_out, dw_part;
+  std::vector<Buffer> c0, c1, packed, acc, wdq, ci;  // per worker (Scratch)
+  Buffer q8, q8_scale;  // int8 GEMMs: the current GEMM phase's A quantized (QuantJob), and its row scales
+  // LoRA: repacked factors (LoraView), rank-r projections of unsaved forwards / backward, h for dB_d.
+  LoraRepackBuffers lora;
+  Buffer l_u, l_q, l_dya, l_tgu, l_h;
+  bool profiling = false;                                  // set_profiling: wall time per phase of every call
+  std::vector<std::pair<std::string, PhaseStat>> profile;  // (phase, calls + seconds) in first-seen order
+};
+
+Engine& engine();
+// With mu held: the ISA choice (once) and the pool.
+void ensure_ready(Engine& eng);
+// With mu held: the per-worker scratch of a call on a layer of format f and padded sizes Hp, Ip.
+void ensure_scratch(Engine& eng, const FormatInfo& f, int Hp, int Ip);
+// With mu held: each worker's LoRA gradient sums, `floats` each (backward with LoRA).
+void ensure_lora_acc(Engine& eng, size_t floats);
+Scratch scratch_of(Engine& eng, int worker);
+// The kernels of format f on the chosen ISA.
+inline const KernelTable* kernels_for(const Engine& eng, WeightFormat f) { return &eng.kernels->formats[int(f)]; }
+
+// Wall-clock stamps between the phases of one forward/backward (each phase ends with a pool barrier, so the
+// stamps split the call exactly). Free when profiling is off.
+class PhaseClock {
+ public:
+  explicit PhaseClock(Engine& eng) : eng_(eng), t_(eng.profiling ? Clock::now() : Clock::time_point{}) {}
+  void mark(const char* phase);
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  Engine& eng_;
+  Clock::time_point t_;
+};
+
+// ---- process-wide settings (the bindings' module functions) ----
+void start_engine();                             // parse KT_SFT_* and choose the ISA; throws on a bad value
+std::string select_isa(const std::string& isa);  // "" = KT_SFT_ISA, else the best available; returns the name
+std::string current_isa();
+void set_num_threads(int n);                     // 0 = KT_SFT_THREADS or physical cores
+int num_threads();
+int worker_spin_us();                            // the pool's current spin before sleeping (thread_pool.h)
+void set_worker_spin_us(int us);                 // ignored under KT_SFT_SPIN_US
+int set_kchunk(int n);                           // -1 = back to KT_SFT_KCHUNK / the ISA default; returns the old setting
+int kchunk();                                    // the K chunk in effect
+// Phase profiling (off by default): on/off clears the table; take_profile returns it (by phase name) and clears it.
+void set_profiling(bool on);
+std::vector<std::pair<std::string, PhaseStat>> take_profile();
+
+}  // namespace kt_sft

@@ -1,0 +1,64 @@
+#include "env.h"
+
+#include <cerrno>
+#include <cstdlib>
+#include <stdexcept>
+
+#include "cpu_features.h"
+
+namespace kt_sft {
+
+const char* const kThreadsRule = "an integer from 1 to 4096";
+const char* const kKChunkRule = "0 (one pass) or a positive multiple of 32 up to 1048576";
+const char* const kSpinUsRule = "an integer from 0 to 10000000 microseconds";
+
+namespace {
+
+// The value of `name`, or null when it is unset or empty.
+const char* value_of(const char* name) {
+  const char* v = std::getenv(name);
+  return v && *v ? v : nullptr;
+}
+
+// Variable `name` holds a whole decimal integer (optional sign, no spaces or trailing characters) for which
+// ok(v) holds: returns it, else throws "<name>='<text>': expected <rule> (unset or empty: <unset>)".
+int parse_int(const char* name, const char* text, bool (*ok)(long), const char* rule, const char* unset) {
+  char* end = nullptr;
+  errno = 0;
+  const long v = std::strtol(text, &end, 10);
+  const bool whole = end != text && *end == '\0' && errno != ERANGE && *text != ' ' && *text != '\t';
+  if (!whole || !ok(v))
+    throw std::invalid_argument(std::string(name) + "='" + text + "': expected " + rule + " (unset or empty: " +
+                                unset + ")");
+  return int(v);
+}
+
+std::string parse_isa(const char* text) {
+  for (const char* name : kIsaNames)
+    if (std::string(text) == name) return text;
+  throw std::invalid_argument(std::string("KT_SFT_ISA='") + text + "': unknown ISA '" + text +
+                              "'; expected one of scalar, avx2, avx512, amx (unset or empty: the best path this "
+                              "CPU runs)");
+}
+
+EnvSettings parse_env() {
+  EnvSettings s;
+  if (const char* v = value_of("KT_SFT_ISA")) s.isa = parse_isa(v);
+  if (const char* v = value_of("KT_SFT_THREADS"))
+    s.threads = parse_int("KT_SFT_THREADS", v, threads_ok, kThreadsRule, "the physical cores of this process's CPU set");
+  if (const char* v = value_of("KT_SFT_KCHUNK"))
+    s.kchunk = parse_int("KT_SFT_KCHUNK", v, kchunk_ok, kKChunkRule, "the ISA path's default");
+  if (const char* v = value_of("KT_SFT_SPIN_US"))
+    s.spin_us = parse_int("KT_SFT_SPIN_US", v, spin_us_ok, kSpinUsRule,
+                          "the engine sets it, 100 or 20000 while training on a GPU");
+  return s;
+}
+
+}  // namespace
+
+const EnvSettings& env_settings() {
+  static const EnvSettings s = parse_env();  // a throw leaves it unset: the next call parses (and throws) again
+  return s;
+}
+
+}  // namespace kt_sft

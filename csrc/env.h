@@ -1,0 +1,36 @@
+// NOTE (kt-sft engine, the KT_SFT_* environment variables: one strict parser)
+// Layout:    EnvSettings holds every variable the engine reads: KT_SFT_ISA, KT_SFT_THREADS, KT_SFT_KCHUNK,
+//            KT_SFT_SPIN_US. Nothing else in csrc/ calls getenv.
+// Algorithm: env_settings() parses all of them the first time it is called (kt_sft/engine/runtime.py calls it at
+//            import, through start_engine) and keeps the result. An unset or empty variable means "not set";
+//            any other value must be exactly a valid one (no trailing characters, no out-of-range numbers).
+// Invariants: a bad value throws std::invalid_argument (Python ValueError) naming the variable, the value and
+//            the allowed values, at import, before any layer or checkpoint is touched; until the environment is
+//            fixed every later call throws the same error. The in-process setters (set_kchunk,
+//            set_worker_spin_us, set_num_threads) check their argument with the same rules (the *_ok functions).
+#pragma once
+#include <string>
+
+namespace kt_sft {
+
+struct EnvSettings {
+  std::string isa;   // KT_SFT_ISA: "" (unset: the best path this CPU runs) or one of kIsaNames (cpu_features.h)
+  int threads = 0;   // KT_SFT_THREADS: 0 unset, else threads_ok
+  int kchunk = -1;   // KT_SFT_KCHUNK: -1 unset, else kchunk_ok
+  int spin_us = -1;  // KT_SFT_SPIN_US: -1 unset, else spin_us_ok
+};
+
+const EnvSettings& env_settings();
+
+// The value rules and their wording (kThreadsRule ...: what a valid value is, for error messages).
+constexpr int kMaxThreads = 4096;
+constexpr int kMaxKChunk = 1 << 20;
+constexpr int kMaxSpinUs = 10000000;  // 10 s
+inline bool threads_ok(long v) { return v >= 1 && v <= kMaxThreads; }
+inline bool kchunk_ok(long v) { return v >= 0 && v % 32 == 0 && v <= kMaxKChunk; }
+inline bool spin_us_ok(long v) { return v >= 0 && v <= kMaxSpinUs; }
+extern const char* const kThreadsRule;
+extern const char* const kKChunkRule;
+extern const char* const kSpinUsRule;
+
+}  // namespace kt_sft

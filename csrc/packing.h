@@ -1,0 +1,65 @@
+// NOTE (kt-sft engine, packing and quantization: the only writer of the panel layout)
+// Layout:    PackedWeights owns one layer's packed experts: per projection (gate [I][H], up [I][H], down [H][I])
+//            one 64-byte aligned block of E experts' panels (common.h: Np/16 panels of Kp x 16 elements, the
+//            format's PanelKind and element bytes) and, for a quantized format, one block of fp32 scales
+//            ([E] x the scale grid). ProjectionLayout describes all of it; MoELayer.layout() hands it to Python
+//            (kt_sft/engine/gpu_share.py unpacks panels with it instead of re-deriving the layout).
+// Algorithm: pack() converts (or quantizes) experts [e0, e0+n) of one projection from a strided source, one
+//            pool task per (expert, panel): plain formats round each element to the panel type (bf16: round to
+//            nearest even); per-channel int8 computes s = max_k |w[n][k]| / 127 per output row n and
+//            q = clamp(round_half_even(w / s), -127, 127) (common.h, INT8). Padding rows/columns are written 0.
+// Invariants: every byte of an expert's panels (and scales) is written by one pack() of it; NaN/Inf in the source
+//            is reported (the first such expert), never packed silently.
+#pragma once
+#include <cstdint>
+#include <utility>
+
+#include "buffer.h"
+#include "formats.h"
+
+namespace kt_sft {
+
+class ThreadPool;
+
+// One projection's packed storage, as packing writes it.
+struct ProjectionLayout {
+  Proj proj;
+  int N, K;             // the weight's rows (output channels) and columns (reduction): W[N][K]
+  int Np, Kp;           // both padded to multiples of kBlock
+  PanelKind panel;      // element (n, k) of a panel at panel_index(panel, n % 16, k) (common.h)
+  int elem_bytes;       // bytes per packed element
+  size_t expert_bytes;  // one expert's panels: Np * Kp * elem_bytes
+  ScaleKind scales;     // kNone: no scales below
+  int scale_block_n;    // one scale per scale_block_n output rows x scale_block_k reduction columns
+  int scale_block_k;
+  int scale_rows;       // one expert's scale grid, row-major: ceil(Np / block_n) x ceil(Kp / block_k)
+  int scale_cols;
+};
+
+// A source tensor: element (e, r, c) of experts e0.. at data[e * s_e + r * s_r + c * s_c], dtype kF32/kBF16/kF16.
+struct WeightSource {
+  const void* data;
+  int dtype;
+  int64_t s_e, s_r, s_c;
+};
+
+class PackedWeights {
+ public:
+  PackedWeights(int experts, int hidden, int intermediate, const FormatInfo& format);
+  const ProjectionLayout& layout(Proj p) const { return layout_[int(p)]; }
+  // Packs experts [e0, e0 + n) of projection p from src; returns the first of them whose source holds NaN/Inf
+  // (its panels are then not to be used), or -1.
+  int pack(ThreadPool& pool, Proj p, int e0, int n, const WeightSource& src);
+  WeightView view(Proj p) const;
+  std::pair<const void*, size_t> panel_storage(Proj p) const;  // all experts' panels
+  std::pair<const void*, size_t> scale_storage(Proj p) const;  // all experts' scales; (null, 0) without
+  size_t bytes() const;                                        // panels and scales of all projections
+  size_t expert_elems() const { return size_t(layout_[0].Np) * layout_[0].Kp; }
+
+ private:
+  int E_;
+  ProjectionLayout layout_[kNumProj];
+  Buffer panels_[kNumProj], scales_[kNumProj];
+};
+
+}  // namespace kt_sft

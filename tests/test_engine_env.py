@@ -1,0 +1,50 @@
+"""The engine's KT_SFT_* variables (csrc/env.h): a bad value makes `import kt_sft.engine` fail at once with a message
+naming the variable and what it accepts (never later, inside a checkpoint load); good values work."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import kt_sft.engine as ke
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _import_engine(**env):
+    """`import kt_sft.engine` in a fresh interpreter with these variables set (the others cleared)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KT_SFT_")}
+    code = "import kt_sft.engine as ke; print('threads', ke.num_threads(), 'kchunk', ke.kchunk(), 'spin', ke.worker_spin_us())"
+    return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("KT_SFT_ISA", "avx9", "expected one of scalar, avx2, avx512, amx"),
+    ("KT_SFT_THREADS", "0", "expected an integer from 1 to 4096"),
+    ("KT_SFT_THREADS", "abc", "expected an integer from 1 to 4096"),
+    ("KT_SFT_KCHUNK", "33", "expected 0 (one pass) or a positive multiple of 32"),
+    ("KT_SFT_SPIN_US", "-1", "expected an integer from 0 to 10000000"),
+    ("KT_SFT_SPIN_US", "abc", "expected an integer from 0 to 10000000"),
+])
+def test_bad_value_fails_at_import_naming_the_variable(name, value, expected):
+    proc = _import_engine(**{name: value})
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ValueError: {name}='{value}': "), proc.stderr[-2000:]
+    assert expected in last
+
+
+def test_good_values_work():
+    proc = _import_engine(KT_SFT_ISA="scalar", KT_SFT_THREADS="3", KT_SFT_KCHUNK="64", KT_SFT_SPIN_US="0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "threads 3 kchunk 64 spin 0" in proc.stdout
+
+
+def test_isa_this_cpu_cannot_run_fails_at_import():
+    missing = [isa for isa in ("avx2", "avx512", "amx") if not ke.isa_supported(isa)[0]]
+    if not missing:
+        pytest.skip("this CPU runs every path")
+    proc = _import_engine(KT_SFT_ISA=missing[-1])
+    assert proc.returncode != 0
+    assert f"KT_SFT_ISA={missing[-1]} cannot run on this CPU" in proc.stderr
