@@ -70,7 +70,9 @@ py::dict cpu_info() {
   return d;
 }
 
-const char* panel_name(PanelKind k) { return k == PanelKind::kF32 ? "f32" : k == PanelKind::kPairs ? "pairs" : "quads"; }
+const char* panel_name(PanelKind k) {
+  return k == PanelKind::kF32 ? "f32" : k == PanelKind::kPairs ? "pairs" : "quads";
+}
 
 // packing.h's ProjectionLayout of each projection, by name: what kt_sft/engine/gpu_share.py unpacks panels with.
 py::dict layout_dict(const MoELayer& layer) {
@@ -87,7 +89,7 @@ py::dict layout_dict(const MoELayer& layer) {
     d["panel_width"] = kPanel;
     d["elem_bytes"] = l.elem_bytes;
     d["expert_bytes"] = l.expert_bytes;
-    d["scales"] = l.scales == ScaleKind::kNone ? "none" : "channel";
+    d["scales"] = scale_kind_name(l.scales);
     d["scale_block"] = py::make_tuple(l.scale_block_n, l.scale_block_k);
     d["scale_grid"] = py::make_tuple(l.scale_rows, l.scale_cols);  // one expert's scales, row-major
     out[proj_name(Proj(p))] = d;
@@ -132,18 +134,64 @@ void bind_engine(py::module_& m) {
       "{phase: (calls, seconds)} since set_profiling / the last take_profile, then cleared");
 }
 
+using PyLayer = py::class_<MoELayer>;
+
+// MoELayer's compute calls: forward and backward release the GIL.
+void bind_compute(PyLayer& c) {
+  c.def(
+      "forward",
+      [](MoELayer& self, int T, int k, uintptr_t x, uintptr_t ids, uintptr_t w, uintptr_t y, bool save,
+         const std::vector<int>& lora_ranks, const std::vector<double>& lora_scales,
+         const std::vector<uintptr_t>& lora_factors) {
+        const bool lo = !lora_ranks.empty();
+        const LoraArgs la = lo ? lora_args(lora_ranks, lora_scales, lora_factors) : LoraArgs{};
+        py::gil_scoped_release nogil;
+        return self.forward(T, k, ptr<const void>(x), ptr<const int64_t>(ids), ptr<const float>(w), ptr<void>(y),
+                            save, lo ? &la : nullptr);
+      },
+      py::arg("T"), py::arg("k"), py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("y"),
+      py::arg("save_for_backward"), py::arg("lora_ranks") = std::vector<int>{},
+      py::arg("lora_scales") = std::vector<double>{}, py::arg("lora_factors") = std::vector<uintptr_t>{},
+      "lora_*: empty = no LoRA; else (r_gu, r_d), (s_gu, s_d), fp32 (A_gu, B_gu, A_d, B_d) pointers (PEFT layout)")
+      .def(
+      "backward",
+      [](MoELayer& self, uint64_t handle, int T, int k, uintptr_t dy, uintptr_t dx, uintptr_t dw,
+         const std::vector<int>& lora_ranks, const std::vector<double>& lora_scales,
+         const std::vector<uintptr_t>& lora_factors, const std::vector<uintptr_t>& lora_grads) {
+        const bool lo = !lora_ranks.empty();
+        const LoraArgs la = lo ? lora_args(lora_ranks, lora_scales, lora_factors) : LoraArgs{};
+        LoraGrads lg;
+        if (lo) {
+          if (lora_grads.size() != 4) throw std::invalid_argument("lora_grads: expected 4 pointers");
+          lg = LoraGrads{ptr<float>(lora_grads[0]), ptr<float>(lora_grads[1]), ptr<float>(lora_grads[2]),
+                         ptr<float>(lora_grads[3])};
+        }
+        py::gil_scoped_release nogil;
+        self.backward(handle, T, k, ptr<const void>(dy), ptr<void>(dx), ptr<float>(dw), lo ? &la : nullptr,
+                      lo ? &lg : nullptr);
+      },
+      py::arg("handle"), py::arg("T"), py::arg("k"), py::arg("dy"), py::arg("dx"), py::arg("dw"),
+      py::arg("lora_ranks") = std::vector<int>{}, py::arg("lora_scales") = std::vector<double>{},
+      py::arg("lora_factors") = std::vector<uintptr_t>{}, py::arg("lora_grads") = std::vector<uintptr_t>{},
+      "with the forward's LoRA: also writes the factor gradients (PEFT layouts, fp32) into lora_grads")
+      .def("saved_lora_ranks", &MoELayer::saved_lora_ranks, py::arg("handle"))
+      .def("saved_shape", &MoELayer::saved_shape, py::arg("handle"))
+      .def("release", &MoELayer::release, py::arg("handle"));
+}
+
 // The MoELayer class and the WeightFormat enum (one member per formats.h row; kt_sft/engine/formats.py has one row
 // per value). module_local: two builds of the engine can live in one process (benchmarks/bench_moe.py --against).
 void bind_layer(py::module_& m) {
   py::enum_<WeightFormat> formats(m, "WeightFormat", py::module_local());
   for (const FormatInfo& f : kFormats) formats.value(f.name, f.format);
-  py::class_<MoELayer>(m, "MoELayer", py::module_local())
-      .def(py::init([](int E, int H, int I, WeightFormat format, const std::string& activation, int max_saved) {
-             if (activation != "silu") throw std::invalid_argument("activation '" + activation + "' is not implemented (expected 'silu')");
-             return new MoELayer(E, H, I, format, kSiluGLU, max_saved);
-           }),
-           py::arg("experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("format"),
-           py::arg("activation") = "silu", py::arg("max_saved") = 4)
+  PyLayer c(m, "MoELayer", py::module_local());
+  c.def(py::init([](int E, int H, int I, WeightFormat format, const std::string& activation, int max_saved) {
+         if (activation != "silu")
+           throw std::invalid_argument("activation '" + activation + "' is not implemented (expected 'silu')");
+         return new MoELayer(E, H, I, format, kSiluGLU, max_saved);
+       }),
+       py::arg("experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("format"),
+       py::arg("activation") = "silu", py::arg("max_saved") = 4)
       .def(
           "set_weights",
           [](MoELayer& self, int which, int e0, int n, uintptr_t src, const std::string& src_dtype, int64_t s_e,
@@ -153,45 +201,6 @@ void bind_layer(py::module_& m) {
           },
           py::arg("which"), py::arg("expert_begin"), py::arg("n_experts"), py::arg("src"), py::arg("src_dtype"),
           py::arg("stride_expert"), py::arg("stride_row"), py::arg("stride_col"))
-      .def(
-          "forward",
-          [](MoELayer& self, int T, int k, uintptr_t x, uintptr_t ids, uintptr_t w, uintptr_t y, bool save,
-             const std::vector<int>& lora_ranks, const std::vector<double>& lora_scales,
-             const std::vector<uintptr_t>& lora_factors) {
-            const bool lo = !lora_ranks.empty();
-            const LoraArgs la = lo ? lora_args(lora_ranks, lora_scales, lora_factors) : LoraArgs{};
-            py::gil_scoped_release nogil;
-            return self.forward(T, k, ptr<const void>(x), ptr<const int64_t>(ids), ptr<const float>(w), ptr<void>(y),
-                                save, lo ? &la : nullptr);
-          },
-          py::arg("T"), py::arg("k"), py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("y"),
-          py::arg("save_for_backward"), py::arg("lora_ranks") = std::vector<int>{},
-          py::arg("lora_scales") = std::vector<double>{}, py::arg("lora_factors") = std::vector<uintptr_t>{},
-          "lora_*: empty = no LoRA; else (r_gu, r_d), (s_gu, s_d), fp32 (A_gu, B_gu, A_d, B_d) pointers (PEFT layout)")
-      .def(
-          "backward",
-          [](MoELayer& self, uint64_t handle, int T, int k, uintptr_t dy, uintptr_t dx, uintptr_t dw,
-             const std::vector<int>& lora_ranks, const std::vector<double>& lora_scales,
-             const std::vector<uintptr_t>& lora_factors, const std::vector<uintptr_t>& lora_grads) {
-            const bool lo = !lora_ranks.empty();
-            const LoraArgs la = lo ? lora_args(lora_ranks, lora_scales, lora_factors) : LoraArgs{};
-            LoraGrads lg;
-            if (lo) {
-              if (lora_grads.size() != 4) throw std::invalid_argument("lora_grads: expected 4 pointers");
-              lg = LoraGrads{ptr<float>(lora_grads[0]), ptr<float>(lora_grads[1]), ptr<float>(lora_grads[2]),
-                             ptr<float>(lora_grads[3])};
-            }
-            py::gil_scoped_release nogil;
-            self.backward(handle, T, k, ptr<const void>(dy), ptr<void>(dx), ptr<float>(dw), lo ? &la : nullptr,
-                          lo ? &lg : nullptr);
-          },
-          py::arg("handle"), py::arg("T"), py::arg("k"), py::arg("dy"), py::arg("dx"), py::arg("dw"),
-          py::arg("lora_ranks") = std::vector<int>{}, py::arg("lora_scales") = std::vector<double>{},
-          py::arg("lora_factors") = std::vector<uintptr_t>{}, py::arg("lora_grads") = std::vector<uintptr_t>{},
-          "with the forward's LoRA: also writes the factor gradients (PEFT layouts, fp32) into lora_grads")
-      .def("saved_lora_ranks", &MoELayer::saved_lora_ranks, py::arg("handle"))
-      .def("saved_shape", &MoELayer::saved_shape, py::arg("handle"))
-      .def("release", &MoELayer::release, py::arg("handle"))
       .def("missing_weights", &MoELayer::missing_weights)
       // (address, bytes) of a projection's packed panels / int8 scales ((0, 0) without): read-only storage that
       // lives as long as the layer; kt_sft/engine/gpu_share.py wraps it without a copy.
@@ -216,6 +225,7 @@ void bind_layer(py::module_& m) {
       .def("grow_saved", &MoELayer::grow_saved, py::arg("n"), "at least n saved-forward slots (never fewer)")
       .def_property_readonly("packed_bytes", &MoELayer::packed_bytes)
       .def_property_readonly("saved_bytes", &MoELayer::saved_bytes);
+  bind_compute(c);
 }
 
 }  // namespace

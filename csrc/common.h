@@ -68,7 +68,9 @@ static inline const char* proj_name(Proj p) { return p == Proj::kGate ? "gate" :
 // Element order inside a panel of 16 output columns: element (n, k) of the panel sits at
 // (k / g * 16 + n) * g + k % g for g = panel_group(kind) (f32: g = 1, panel[k][n]).
 enum class PanelKind : int { kF32 = 0, kPairs = 1, kQuads = 2 };
-static inline int panel_group(PanelKind kind) { return kind == PanelKind::kF32 ? 1 : kind == PanelKind::kPairs ? 2 : 4; }
+static inline int panel_group(PanelKind kind) {
+  return kind == PanelKind::kF32 ? 1 : kind == PanelKind::kPairs ? 2 : 4;
+}
 static inline size_t panel_index(PanelKind kind, int n, int k) {
   const int g = panel_group(kind);
   return (size_t(k / g) * kPanel + n) * g + k % g;
@@ -78,7 +80,10 @@ static inline size_t panel_index(PanelKind kind, int n, int k) {
 // scales[(n / block_n) * cols + k / block_k], a grid of rows = ceil(Np / block_n) x cols = ceil(Kp / block_k).
 // Per channel (today's int8): block_n = 1, block_k = Kp, so one scale per output channel n. Block scales
 // (block_n = block_k = B) and group scales along K (block_n = 1, block_k = G) are the same grid.
+// A new scale layout (block-FP8's B x B blocks, INT4's groups along K) is a new kind with its block sizes in its
+// format's row (formats.h); the grid, its storage and its Python description follow from them.
 enum class ScaleKind : int { kNone = 0, kChannel = 1 };
+static inline const char* scale_kind_name(ScaleKind k) { return k == ScaleKind::kNone ? "none" : "channel"; }
 
 static inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 static inline int imin(int a, int b) { return a < b ? a : b; }

@@ -80,7 +80,7 @@ void set_num_threads(int n);                     // 0 = KT_SFT_THREADS or physic
 int num_threads();
 int worker_spin_us();                            // the pool's current spin before sleeping (thread_pool.h)
 void set_worker_spin_us(int us);                 // ignored under KT_SFT_SPIN_US
-int set_kchunk(int n);                           // -1 = back to KT_SFT_KCHUNK / the ISA default; returns the old setting
+int set_kchunk(int n);                           // -1 = KT_SFT_KCHUNK / the ISA default; returns the old setting
 int kchunk();                                    // the K chunk in effect
 // Phase profiling (off by default): on/off clears the table; take_profile returns it (by phase name) and clears it.
 void set_profiling(bool on);

@@ -45,7 +45,8 @@ EnvSettings parse_env() {
   EnvSettings s;
   if (const char* v = value_of("KT_SFT_ISA")) s.isa = parse_isa(v);
   if (const char* v = value_of("KT_SFT_THREADS"))
-    s.threads = parse_int("KT_SFT_THREADS", v, threads_ok, kThreadsRule, "the physical cores of this process's CPU set");
+    s.threads =
+        parse_int("KT_SFT_THREADS", v, threads_ok, kThreadsRule, "the physical cores of this process's CPU set");
   if (const char* v = value_of("KT_SFT_KCHUNK"))
     s.kchunk = parse_int("KT_SFT_KCHUNK", v, kchunk_ok, kKChunkRule, "the ISA path's default");
   if (const char* v = value_of("KT_SFT_SPIN_US"))

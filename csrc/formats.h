@@ -21,7 +21,9 @@ struct FormatInfo {
   int act_dtype;            // kF32 or kBF16: x, y, dx, dy and the activations between the GEMMs
   PanelKind panel;          // element order in the panels (common.h)
   int weight_bytes;         // bytes per packed weight
-  ScaleKind scales;         // fp32 multipliers beside the panels (common.h; per channel: one per output row)
+  ScaleKind scales;         // fp32 multipliers beside the panels (common.h)
+  int scale_block_n;        // ... one per scale_block_n output rows x scale_block_k reduction columns (0: the whole
+  int scale_block_k;        //     padded dimension; per channel: 1 x 0)
   bool quantized_gemm;      // each GEMM phase quantizes its A first (QuantJob); per-row outputs bf16 (INT8 GEMMs)
   bool expands_blocks;      // forward tasks dequantize their weight blocks into Scratch::wdq
   int transposed_bytes;     // bytes per element of backward's transposed blocks (Scratch::packed)
@@ -54,13 +56,15 @@ constexpr int kWholeSegment = 1 << 30;  // a row chunk no expert reaches: one ta
 static_assert(kRowChunkBwd <= kMaxTaskRows && kActBlocksPerTask <= kMaxTaskBlocks, "see Task");
 
 inline constexpr FormatInfo kFormats[kNumFormats] = {
-    {WeightFormat::kF32, "f32", kF32, PanelKind::kF32, 4, ScaleKind::kNone, false, false, 4, 1, kRowChunk,
+    // format, name, activations, panel, weight bytes, scales (kind, block n x k), quantized GEMM, expands blocks,
+    // transposed (bytes, k align), forward rows per task, blocks per task (gate_up, down, dx)
+    {WeightFormat::kF32, "f32", kF32, PanelKind::kF32, 4, ScaleKind::kNone, 0, 0, false, false, 4, 1, kRowChunk,
      kGateUpBlocksPerTask, kDownBlocksPerTask, kDxBlocksPerTask},
-    {WeightFormat::kBF16, "bf16", kBF16, PanelKind::kPairs, 2, ScaleKind::kNone, false, false, 2, 1, kRowChunk,
+    {WeightFormat::kBF16, "bf16", kBF16, PanelKind::kPairs, 2, ScaleKind::kNone, 0, 0, false, false, 2, 1, kRowChunk,
      kGateUpBlocksPerTask, kDownBlocksPerTask, kDxBlocksPerTask},
-    {WeightFormat::kInt8, "int8", kBF16, PanelKind::kPairs, 1, ScaleKind::kChannel, false, true, 2, 1, kRowChunkInt8,
-     kGateUpBlocksPerTask, kDownBlocksPerTask, kDxBlocksPerTask},
-    {WeightFormat::kInt8Gemm, "int8_gemm", kBF16, PanelKind::kQuads, 1, ScaleKind::kChannel, true, false, 1, 64,
+    {WeightFormat::kInt8, "int8", kBF16, PanelKind::kPairs, 1, ScaleKind::kChannel, 1, 0, false, true, 2, 1,
+     kRowChunkInt8, kGateUpBlocksPerTask, kDownBlocksPerTask, kDxBlocksPerTask},
+    {WeightFormat::kInt8Gemm, "int8_gemm", kBF16, PanelKind::kQuads, 1, ScaleKind::kChannel, 1, 0, true, false, 1, 64,
      kRowChunkInt8, kGateUpBlocksPerTaskInt8, kDownBlocksPerTaskInt8, kDxBlocksPerTaskInt8},
 };
 
@@ -68,7 +72,8 @@ constexpr bool format_rows_valid() {
   for (int f = 0; f < kNumFormats; ++f) {
     const FormatInfo& r = kFormats[f];
     if (int(r.format) != f || r.fwd_row_chunk > kMaxTaskRows) return false;
-    if (r.gate_up_blocks > kMaxTaskBlocks || r.down_blocks > kMaxTaskBlocks || r.dx_blocks > kMaxTaskBlocks) return false;
+    if (r.gate_up_blocks > kMaxTaskBlocks || r.down_blocks > kMaxTaskBlocks || r.dx_blocks > kMaxTaskBlocks)
+      return false;
   }
   return true;
 }
@@ -77,7 +82,8 @@ static_assert(format_rows_valid(), "kFormats: WeightFormat order, blocks <= kMax
 // The row of a format; throws std::invalid_argument for a value outside WeightFormat. (Driver only: formats.h is
 // never included by an ISA unit.)
 inline const FormatInfo& format_info(WeightFormat f) {
-  if (int(f) < 0 || int(f) >= kNumFormats) throw std::invalid_argument("unknown weight format " + std::to_string(int(f)));
+  if (int(f) < 0 || int(f) >= kNumFormats)
+    throw std::invalid_argument("unknown weight format " + std::to_string(int(f)));
   return kFormats[int(f)];
 }
 

@@ -5,8 +5,8 @@
 //            default K chunk, and one KernelTable per WeightFormat (kernels/moe_kernels.inc builds them).
 // Invariants: plain structs and function pointers only, no member functions (this header is compiled into every
 //            ISA unit and the driver alike, and an inline function emitted by a unit with wider flags could be
-//            the copy the linker keeps); the driver picks a layer's KernelTable once per call, so no task body branches on
-//            the format.
+//            the copy the linker keeps); the driver picks a layer's KernelTable once per call, so no task body
+//            branches on the format.
 #pragma once
 #include <cstddef>
 #include <cstdint>

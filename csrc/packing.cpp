@@ -1,13 +1,23 @@
 #include "packing.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <vector>
 
 #include "thread_pool.h"
 
 namespace kt_sft {
+
+// Element (row, k) of expert e (relative to the source's first expert) as fp32.
+struct SourceRow {
+  const WeightSource& src;
+  int e;
+  float operator()(int row, int k) const {
+    return load_as_f32(src.data, size_t(int64_t(e) * src.s_e + int64_t(row) * src.s_r + int64_t(k) * src.s_c),
+                       src.dtype);
+  }
+};
+
 namespace {
 
 ProjectionLayout make_layout(Proj p, int H, int I, const FormatInfo& f) {
@@ -21,24 +31,14 @@ ProjectionLayout make_layout(Proj p, int H, int I, const FormatInfo& f) {
   l.elem_bytes = f.weight_bytes;
   l.expert_bytes = size_t(l.Np) * l.Kp * l.elem_bytes;
   l.scales = f.scales;
-  if (f.scales == ScaleKind::kChannel) {  // one scale per output row
-    l.scale_block_n = 1;
-    l.scale_block_k = l.Kp;
-    l.scale_rows = l.Np;
-    l.scale_cols = 1;
+  if (f.scales != ScaleKind::kNone) {  // block sizes 0: the whole padded dimension
+    l.scale_block_n = f.scale_block_n > 0 ? f.scale_block_n : l.Np;
+    l.scale_block_k = f.scale_block_k > 0 ? f.scale_block_k : l.Kp;
+    l.scale_rows = (l.Np + l.scale_block_n - 1) / l.scale_block_n;
+    l.scale_cols = (l.Kp + l.scale_block_k - 1) / l.scale_block_k;
   }
   return l;
 }
-
-// Element (row, k) of expert e (relative to the source's first expert) as fp32.
-struct SourceRow {
-  const WeightSource& src;
-  int e;
-  float operator()(int row, int k) const {
-    return load_as_f32(src.data, size_t(int64_t(e) * src.s_e + int64_t(row) * src.s_r + int64_t(k) * src.s_c),
-                       src.dtype);
-  }
-};
 
 // One panel (16 output rows from row0) of a plain format: every element converted to Elem at its panel
 // position (G: panel_group). Returns false if the source holds NaN/Inf.
@@ -87,20 +87,31 @@ bool pack_channel_int8_panel(const ProjectionLayout& l, const SourceRow& value, 
   return finite;
 }
 
-// Panel p of one expert: dst = the panel, scales = the expert's scales (quantized formats).
-bool pack_panel(const ProjectionLayout& l, const SourceRow& value, int p, void* dst, float* scales) {
-  const int row0 = p * kPanel;
-  if (l.scales == ScaleKind::kChannel)
-    return l.panel == PanelKind::kQuads
-               ? pack_channel_int8_panel<4>(l, value, row0, static_cast<int8_t*>(dst), scales)
-               : pack_channel_int8_panel<2>(l, value, row0, static_cast<int8_t*>(dst), scales);
-  return l.panel == PanelKind::kF32 ? pack_plain_panel<float, 1>(l, value, row0, static_cast<float*>(dst))
-                                    : pack_plain_panel<uint16_t, 2>(l, value, row0, static_cast<uint16_t*>(dst));
+// Packs panel p (16 output rows from 16 * p) of one expert: dst = the panel, scales = the expert's scale grid.
+// Returns false if the source holds NaN/Inf.
+using PanelPacker = bool (*)(const ProjectionLayout&, const SourceRow&, int row0, void* dst, float* scales);
+
+template <typename Elem, int G>
+bool plain_packer(const ProjectionLayout& l, const SourceRow& value, int row0, void* dst, float*) {
+  return pack_plain_panel<Elem, G>(l, value, row0, static_cast<Elem*>(dst));
 }
+template <int G>
+bool channel_int8_packer(const ProjectionLayout& l, const SourceRow& value, int row0, void* dst, float* scales) {
+  return pack_channel_int8_panel<G>(l, value, row0, static_cast<int8_t*>(dst), scales);
+}
+
+// One packer per WeightFormat (formats.h order): a new format's element type / quantization is a new row here.
+constexpr PanelPacker kPackers[kNumFormats] = {
+    plain_packer<float, 1>,     // kF32
+    plain_packer<uint16_t, 2>,  // kBF16: pairs
+    channel_int8_packer<2>,     // kInt8: pairs
+    channel_int8_packer<4>,     // kInt8Gemm: quads
+};
 
 }  // namespace
 
-PackedWeights::PackedWeights(int experts, int hidden, int intermediate, const FormatInfo& format) : E_(experts) {
+PackedWeights::PackedWeights(int experts, int hidden, int intermediate, const FormatInfo& format)
+    : E_(experts), pack_panel_(kPackers[int(format.format)]) {
   for (int p = 0; p < kNumProj; ++p) {
     layout_[p] = make_layout(Proj(p), hidden, intermediate, format);
     panels_[p].reserve(size_t(E_) * layout_[p].expert_bytes);
@@ -121,7 +132,7 @@ int PackedWeights::pack(ThreadPool& pool, Proj proj, int e0, int n, const Weight
     const int e = e0 + task / panels, p = task % panels;
     void* dst = base + size_t(e) * l.expert_bytes + size_t(p) * panel_bytes;
     float* scales = scale_base ? scale_base + size_t(e) * expert_scales : nullptr;
-    if (!pack_panel(l, SourceRow{src, e - e0}, p, dst, scales)) bad[size_t(task)] = 1;
+    if (!pack_panel_(l, SourceRow{src, e - e0}, p * kPanel, dst, scales)) bad[size_t(task)] = 1;
   });
   for (int task = 0; task < n * panels; ++task)
     if (bad[size_t(task)]) return e0 + task / panels;

@@ -20,6 +20,7 @@
 namespace kt_sft {
 
 class ThreadPool;
+struct SourceRow;
 
 // One projection's packed storage, as packing writes it.
 struct ProjectionLayout {
@@ -58,6 +59,8 @@ class PackedWeights {
 
  private:
   int E_;
+  // the format's packer (packing.cpp, kPackers): one panel of one expert
+  bool (*pack_panel_)(const ProjectionLayout&, const SourceRow&, int row0, void* dst, float* scales);
   ProjectionLayout layout_[kNumProj];
   Buffer panels_[kNumProj], scales_[kNumProj];
 };

@@ -14,7 +14,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _import_engine(**env):
     """`import kt_sft.engine` in a fresh interpreter with these variables set (the others cleared)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("KT_SFT_")}
-    code = "import kt_sft.engine as ke; print('threads', ke.num_threads(), 'kchunk', ke.kchunk(), 'spin', ke.worker_spin_us())"
+    code = ("import kt_sft.engine as ke; "
+            "print('threads', ke.num_threads(), 'kchunk', ke.kchunk(), 'spin', ke.worker_spin_us())")
     return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
                           timeout=120, cwd=REPO)
 
