@@ -9,6 +9,7 @@ import pytest
 import kt_sft.engine as ke
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # a fresh interpreter per case
 
 
 def _import_engine(**env):
