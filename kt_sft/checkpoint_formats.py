@@ -14,15 +14,17 @@ A checkpoint's format comes from config.json's `quantization_config` (`source_fo
                    `X.weight_scale` [N, ceil(K/G)], `X.weight_shape` [N, K]; W = (nibble - 8) * scale
 
 Tensors a quantized checkpoint leaves unquantized (embeddings, norms, routers, lm_head, compressed-tensors'
-`ignore` list) are plain `X.weight`s, which `decode` tells apart by their dtype. `decode` gives W in fp32, computed exactly as fl32(stored value * scale),
-the value every engine format then starts from (bf16 rounds it once, int8 quantizes it per channel, fp32 keeps it).
+`ignore` list) are plain `X.weight`s, told apart by their dtype (`is_quantized`). `stored_parts` states each
+layout once (which tensors a weight is stored as, with their dtypes and shapes): `check_stored` checks a whole
+checkpoint's file headers against it before anything is read, and `decode` the tensors it reads. `decode` gives W
+in fp32, computed exactly as fl32(stored value * scale), the value every engine format then starts from (bf16
+rounds it once, int8 quantizes it per channel, fp32 keeps it).
 """
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -54,6 +56,32 @@ class SourceFormat:
         if self.name == "int4-group":
             return 0.5 + 2 / self.group
         return 1.0 if self.name == "fp8-channel" else 2.0
+
+    @property
+    def element_dtype(self) -> Optional[torch.dtype]:
+        """The element type of a quantized weight (None: unquantized, stored as bf16 / fp16 / fp32)."""
+        return {"fp8-block": torch.float8_e4m3fn, "fp8-channel": torch.float8_e4m3fn,
+                "int4-group": torch.int4}.get(self.name)
+
+    @property
+    def element_bytes(self) -> float:
+        """Bytes of one stored weight element, scales aside: what an engine format must hold per weight to keep
+        the checkpoint's precision (the default format rule in kt_sft.loader compares it with the format rows)."""
+        return {"fp8-block": 1.0, "fp8-channel": 1.0, "int4-group": 0.5}.get(self.name, 2.0)
+
+    def __str__(self) -> str:
+        if self.name == "fp8-block":
+            return f"fp8-block ({self.block[0]}x{self.block[1]} blocks)"
+        return f"int4-group (groups of {self.group})" if self.name == "int4-group" else self.name
+
+
+# What each source format is, for `python -m kt_sft env` and the refusal of other formats.
+SOURCE_FORMATS = {
+    "bf16": "no quantization_config: bf16 / fp16 / fp32 weights",
+    "fp8-block": "quant_method fp8, fmt e4m3, any weight_block_size (DeepSeek-V3/R1, Kimi-K2, Qwen3-FP8, MiniMax-M2)",
+    "fp8-channel": "compressed-tensors float-quantized, 8-bit per output channel (GLM-4.5/4.7-FP8)",
+    "int4-group": "compressed-tensors pack-quantized, 4-bit symmetric groups (Kimi-K2-Thinking, K2.5)",
+}
 
 
 def is_companion(key: str) -> bool:
@@ -108,23 +136,35 @@ def _compressed_tensors_format(quant: dict, where: str) -> SourceFormat:
             raise CheckpointFormatError(f"{where}: INT4 group_size={group!r}: expected a positive integer")
         return SourceFormat("int4-group", group=group)
     raise CheckpointFormatError(
-        f"{where}: compressed-tensors format={fmt!r} with weights {dict(type=kind[0], num_bits=kind[1], strategy=kind[2], symmetric=kind[3])} "
+        f"{where}: compressed-tensors format={fmt!r} with weights "
+        f"{dict(type=kind[0], num_bits=kind[1], strategy=kind[2], symmetric=kind[3])} "
         "is not a scheme kt-sft reads (it reads float-quantized 8-bit per channel and pack-quantized 4-bit "
         "symmetric groups)")
 
 
-# ---------------------------------------------------------------------------------------------- decoding
+# ---------------------------------------------------------------------------------------------- layout
 
-def _check(name: str, t: torch.Tensor, dtypes: tuple, shape: tuple) -> None:
-    if t.dtype not in dtypes or tuple(t.shape) != tuple(shape):
-        want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise CheckpointFormatError(f"{name}: expected {want} {list(shape)}, got {str(t.dtype).replace('torch.', '')} "
-                                    f"{list(t.shape)}")
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _expand(scale: torch.Tensor, rows: int, cols: int, n: int, k: int) -> torch.Tensor:
-    """Per-element scales [n][k] from one scale per rows x cols block (edge blocks partial)."""
-    return scale.repeat_interleave(rows, 0)[:n].repeat_interleave(cols, 1)[:, :k]
+@dataclass(frozen=True)
+class StoredPart:
+    """One tensor a quantized weight is stored as (the weight itself or a companion) and what it must be."""
+
+    key: str
+    dtypes: tuple
+    shape: tuple
+
+    def check(self, dtype, shape) -> None:
+        if dtype not in self.dtypes or tuple(shape) != tuple(self.shape):
+            want = " or ".join(_dtype_name(d) for d in self.dtypes)
+            raise CheckpointFormatError(f"{self.key}: expected {want} {list(self.shape)}, got {_dtype_name(dtype)} "
+                                        f"{list(shape)}")
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def stored_linear(key: str) -> Optional[str]:
@@ -135,45 +175,110 @@ def stored_linear(key: str) -> Optional[str]:
     return None
 
 
-def decode(fmt: SourceFormat, key: str, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    """W [N, K] in fp32 of the weight stored under `key` (`X.weight` or `X.weight_packed`), reading it and its scale
-    tensors with `get(key)`. A weight stored as a plain float (unquantized in a quantized checkpoint: routers,
-    norms, compressed-tensors' `ignore` list) is returned as it is; each companion's dtype and shape is checked
-    against the weight, and a mismatch names the tensor."""
-    w = get(key)
-    linear = stored_linear(key)
+def is_quantized(key: str, dtype: torch.dtype) -> bool:
+    """Whether the tensor stored under `key` with `dtype` is a quantized weight (read through `decode`); the rest of
+    a checkpoint (and all of an unquantized one) is read as stored."""
+    return key.endswith(".weight_packed") or dtype in FLOAT8
+
+
+def stored_parts(fmt: SourceFormat, key: str, dtype: torch.dtype, shape: tuple,
+                 read: Callable[[str], torch.Tensor]) -> tuple[StoredPart, ...]:
+    """The tensors the weight stored under `key` (dtype [shape] in its file) is read from, itself first, each with
+    the dtypes and shape the format requires; () for a weight stored unquantized. `read(key)` gives a tensor's
+    value: only INT4's `weight_shape` (two integers, the logical [out, in]) is read. The one statement of each
+    layout: `decode` checks the tensors it reads against it, `check_stored` the file headers before loading."""
     if key.endswith(".weight_packed"):
         if fmt.name != "int4-group":
             raise CheckpointFormatError(f"{key}: a packed INT4 weight in a {fmt.name} checkpoint")
-        return _decode_int4(fmt, linear, w, get)
-    if w.dtype != torch.float8_e4m3fn:
-        return w.float()
+        linear = stored_linear(key)
+        n, k = _int4_shape(linear + ".weight_shape", read)
+        return (StoredPart(key, (torch.int32,), (n, math.ceil(k / 8))),
+                StoredPart(linear + ".weight_scale", SCALE_DTYPES, (n, math.ceil(k / fmt.group))))
+    if dtype not in FLOAT8:
+        return ()
+    if dtype != torch.float8_e4m3fn:
+        raise CheckpointFormatError(f"{key}: a {_dtype_name(dtype)} weight; kt-sft reads e4m3 FP8 only")
+    if len(shape) != 2:
+        raise CheckpointFormatError(f"{key}: a {len(shape)}-D FP8 tensor; kt-sft reads FP8 linears stored as 2-D "
+                                    "[out, in] weights")
+    (n, k), linear = shape, stored_linear(key)
+    weight = StoredPart(key, (torch.float8_e4m3fn,), (n, k))
     if fmt.name == "fp8-block":
-        n, k = w.shape
         bn, bk = fmt.block
-        skey = linear + ".weight_scale_inv"
-        s = get(skey)
-        _check(skey, s, (torch.float32, torch.bfloat16), (math.ceil(n / bn), math.ceil(k / bk)))
-        return w.float() * _expand(s.float(), bn, bk, n, k)
+        return weight, StoredPart(linear + ".weight_scale_inv", (torch.float32, torch.bfloat16),
+                                  (math.ceil(n / bn), math.ceil(k / bk)))
     if fmt.name == "fp8-channel":
-        skey = linear + ".weight_scale"
-        s = get(skey)
-        _check(skey, s, (torch.float32, torch.bfloat16, torch.float16), (w.shape[0], 1))
-        return w.float() * s.float()
+        return weight, StoredPart(linear + ".weight_scale", SCALE_DTYPES, (n, 1))
     raise CheckpointFormatError(f"{key}: a float8 weight in a {fmt.name} checkpoint (config.json declares no FP8 "
                                 "quantization_config)")
 
 
-def _decode_int4(fmt: SourceFormat, linear: str, packed: torch.Tensor, get) -> torch.Tensor:
-    shape_key, scale_key = linear + ".weight_shape", linear + ".weight_scale"
-    shape = get(shape_key)
-    if shape.numel() != 2:
-        raise CheckpointFormatError(f"{shape_key}: expected 2 values [out, in], got {shape.tolist()}")
+def _int4_shape(shape_key: str, read) -> tuple[int, int]:
+    shape = read(shape_key)
+    if shape.numel() != 2 or shape.is_floating_point():
+        raise CheckpointFormatError(f"{shape_key}: expected 2 integers [out, in], got {shape.tolist()}")
     n, k = (int(v) for v in shape.tolist())
-    _check(linear + ".weight_packed", packed, (torch.int32,), (n, math.ceil(k / 8)))
-    scale = get(scale_key)
-    _check(scale_key, scale, (torch.bfloat16, torch.float16, torch.float32), (n, math.ceil(k / fmt.group)))
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # [n, k/8, 8]: nibble i of each int32, lowest bits first
-    q = nibbles.reshape(n, -1)[:, :k].float() - 8
-    return q * _expand(scale.float(), 1, fmt.group, n, k)
+    if n < 1 or k < 1:
+        raise CheckpointFormatError(f"{shape_key}: expected positive [out, in], got {[n, k]}")
+    return n, k
+
+
+def check_stored(fmt: SourceFormat, headers: Mapping[str, tuple], read: Callable[[str], torch.Tensor],
+                 where: Callable[[str], str] = lambda key: "") -> int:
+    """Every quantized weight in `headers` ({key: (dtype, shape)} of a whole checkpoint, from its files' headers)
+    comes with the companions its format needs, each of the right dtype and shape: checked before any weight is
+    read (INT4's two-integer `weight_shape`s aside). `where(key)` names a key's file in errors. Returns how many
+    quantized weights there are."""
+    count = 0
+    for key, (dtype, shape) in headers.items():
+        if is_companion(key) or not is_quantized(key, dtype):
+            continue
+        count += 1
+        try:
+            parts = stored_parts(fmt, key, dtype, shape, read)
+        except CheckpointFormatError as err:
+            raise CheckpointFormatError(f"{err} ({where(key)})") from None
+        for part in parts:
+            found = headers.get(part.key)
+            if found is None:
+                raise CheckpointFormatError(
+                    f"{part.key} is missing: the {fmt.name} weight {key} ({where(key)}) is stored with it, and no "
+                    "shard holds it. Is the checkpoint complete?")
+            try:
+                part.check(*found)
+            except CheckpointFormatError as err:
+                raise CheckpointFormatError(f"{err} ({where(part.key)}; {fmt.name})") from None
+    return count
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+def _expand(scale: torch.Tensor, rows: int, cols: int, n: int, k: int) -> torch.Tensor:
+    """Per-element scales [n][k] from one scale per rows x cols block (edge blocks partial)."""
+    return scale.repeat_interleave(rows, 0)[:n].repeat_interleave(cols, 1)[:, :k]
+
+
+def decode(fmt: SourceFormat, key: str, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """W [N, K] in fp32 of the weight stored under `key` (`X.weight` or `X.weight_packed`), reading it and its scale
+    tensors with `get(key)`. A weight stored as a plain float (unquantized in a quantized checkpoint: routers,
+    norms, compressed-tensors' `ignore` list) is returned in fp32 as it is; each stored tensor's dtype and shape is
+    checked against the layout (`stored_parts`), and a mismatch names the tensor."""
+    w = get(key)
+    parts = stored_parts(fmt, key, w.dtype, tuple(w.shape), get)
+    if not parts:
+        return w.float()
+    stored = {key: w}
+    for part in parts:
+        t = stored[part.key] if part.key in stored else get(part.key)
+        part.check(t.dtype, t.shape)
+        stored[part.key] = t
+    weight, scale = stored[parts[0].key], stored[parts[1].key].float()
+    if fmt.name == "int4-group":
+        n, k = _int4_shape(stored_linear(key) + ".weight_shape", get)
+        shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+        nibbles = (weight.unsqueeze(-1) >> shifts) & 0xF  # [n, k/8, 8]: nibble i of each int32, lowest bits first
+        q = nibbles.reshape(n, -1)[:, :k].float() - 8
+        return q * _expand(scale, 1, fmt.group, n, k)
+    n, k = weight.shape
+    rows, cols = fmt.block if fmt.name == "fp8-block" else (1, k)
+    return weight.float() * _expand(scale, rows, cols, n, k)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from kt_sft.checkpoint_formats import CheckpointFormatError, SourceFormat, decode, is_companion, source_format
+from kt_sft.checkpoint_formats import (CheckpointFormatError, SourceFormat, check_stored, decode, is_companion,
+                                       source_format)
 
 FP8_BLOCK = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [5, 7]}
 
@@ -60,6 +61,8 @@ def test_source_formats_from_config():
     assert source_format(FP8_CHANNEL) == SourceFormat("fp8-channel")
     assert source_format(INT4) == SourceFormat("int4-group", group=5)
     assert source_format(INT4).weight_bytes == 0.5 + 2 / 5
+    assert [source_format(q).element_bytes for q in (None, FP8_BLOCK, FP8_CHANNEL, INT4)] == [2, 1, 1, 0.5]
+    assert [str(source_format(q)) for q in (FP8_BLOCK, INT4)] == ["fp8-block (5x7 blocks)", "int4-group (groups of 5)"]
 
 
 @pytest.mark.parametrize("quant, match", [
@@ -116,23 +119,20 @@ def test_unquantized_tensors_pass_through():
 @pytest.mark.parametrize("case, match", [
     ("scale_shape", r"up.weight_scale_inv: expected float32 or bfloat16 \[3, 4\], got float32 \[3, 3\]"),
     ("shape_disagrees", r"e.weight_packed: expected int32 \[6, 4\], got int32 \[6, 3\]"),
-    ("int4_scale_shape", r"e.weight_scale: expected bfloat16 or float16 or float32 \[6, 5\]"),
+    ("int4_scale_shape", r"e.weight_scale: expected float32 or bfloat16 or float16 \[6, 5\], got bfloat16 \[6, 4\]"),
     ("packed_in_fp8", "a packed INT4 weight in a fp8-block checkpoint"),
 ])
 def test_bad_tensors_are_named(case, match):
-    fp8 = torch.zeros(13, 23).to(torch.float8_e4m3fn)
+    fp8 = {"up.weight": torch.zeros(13, 23).to(torch.float8_e4m3fn), "up.weight_scale_inv": torch.ones(3, 3)}
     int4 = {"e.weight_packed": torch.zeros(6, 3, dtype=torch.int32), "e.weight_scale": torch.ones(6, 5).bfloat16(),
             "e.weight_shape": torch.tensor([6, 23])}
-    if case == "scale_shape":
-        fmt, key, tensors = source_format(FP8_BLOCK), "up.weight", {"up.weight": fp8, "up.weight_scale_inv": torch.ones(3, 3)}
-    elif case == "shape_disagrees":
-        fmt, key, tensors = source_format(INT4), "e.weight_packed", {**int4, "e.weight_shape": torch.tensor([6, 30])}
-    elif case == "int4_scale_shape":
-        fmt, key, tensors = source_format(INT4), "e.weight_packed", {**int4, "e.weight_packed": torch.zeros(6, 3, dtype=torch.int32),
-                                                                     "e.weight_scale": torch.ones(6, 4).bfloat16(),
-                                                                     "e.weight_shape": torch.tensor([6, 23])}
-    else:
-        fmt, key, tensors = source_format(FP8_BLOCK), "e.weight_packed", int4
+    fmt, key, tensors = {
+        "scale_shape": (source_format(FP8_BLOCK), "up.weight", fp8),
+        "shape_disagrees": (source_format(INT4), "e.weight_packed", {**int4, "e.weight_shape": torch.tensor([6, 30])}),
+        "int4_scale_shape": (source_format(INT4), "e.weight_packed",
+                             {**int4, "e.weight_scale": torch.ones(6, 4).bfloat16()}),
+        "packed_in_fp8": (source_format(FP8_BLOCK), "e.weight_packed", int4),
+    }[case]
     with pytest.raises(CheckpointFormatError, match=match):
         decode(fmt, key, _getter(tensors))
 
@@ -140,3 +140,63 @@ def test_bad_tensors_are_named(case, match):
 def test_companions_are_recognised():
     assert all(is_companion(f"x.{s}") for s in ("weight_scale_inv", "weight_scale", "weight_shape", "input_scale"))
     assert not is_companion("x.weight") and not is_companion("x.weight_packed")
+
+
+@pytest.mark.parametrize("dtype, shape, match", [
+    (torch.float8_e5m2, (13, 23), "a float8_e5m2 weight; kt-sft reads e4m3 FP8 only"),
+    (torch.float8_e4m3fn, (2, 13, 23), "a 3-D FP8 tensor"),
+])
+def test_fp8_tensors_kt_sft_cannot_read_are_named(dtype, shape, match):
+    w = torch.zeros(shape).to(dtype)
+    with pytest.raises(CheckpointFormatError, match=match):
+        decode(source_format(FP8_BLOCK), "m.up.weight",
+               _getter({"m.up.weight": w, "m.up.weight_scale_inv": torch.ones(3, 4)}))
+
+
+# ------------------------------------------------------------------ the header check before loading
+
+def _headers(tensors):
+    return {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+
+
+def _int4_tensors(**replace):
+    tensors = {"e.weight_packed": torch.zeros(6, 3, dtype=torch.int32), "e.weight_scale": torch.ones(6, 5).bfloat16(),
+               "e.weight_shape": torch.tensor([6, 23]), "router.weight": torch.zeros(4, 6)}
+    tensors.update(replace)
+    return {k: v for k, v in tensors.items() if v is not None}
+
+
+@pytest.mark.parametrize("case, match", [
+    ("ok", None),
+    ("scale_missing", r"up.weight_scale_inv is missing: the fp8-block weight up.weight \(shard-1\) is stored with it"),
+    ("scale_shape", r"up.weight_scale_inv: expected float32 or bfloat16 \[3, 4\], got float32 \[3, 3\] \(shard-1"),
+    ("int4_shape_disagrees", r"e.weight_packed: expected int32 \[6, 4\], got int32 \[6, 3\] \(shard-1"),
+    ("int4_scale_missing", r"e.weight_scale is missing: the int4-group weight e.weight_packed"),
+    ("int4_weight_shape_missing", "e.weight_shape"),
+])
+def test_headers_are_checked_before_reading(case, match):
+    """check_stored finds a missing or misshapen companion from the headers alone (INT4's weight_shape is read)."""
+    fp8 = {"up.weight": torch.zeros(13, 23).to(torch.float8_e4m3fn), "up.weight_scale_inv": torch.ones(3, 4),
+           "norm.weight": torch.ones(23)}
+    if case.startswith("int4"):
+        fmt = source_format(INT4)
+        tensors = _int4_tensors(**{"int4_shape_disagrees": {"e.weight_shape": torch.tensor([6, 30])},
+                                   "int4_scale_missing": {"e.weight_scale": None},
+                                   "int4_weight_shape_missing": {"e.weight_shape": None}}[case])
+    else:
+        fmt = source_format(FP8_BLOCK)
+        tensors = {**fp8, **{"ok": {}, "scale_missing": {"up.weight_scale_inv": None},
+                             "scale_shape": {"up.weight_scale_inv": torch.ones(3, 3)}}[case]}
+        tensors = {k: v for k, v in tensors.items() if v is not None}
+
+    def read(key):
+        if key not in tensors:
+            raise CheckpointFormatError(f"{key} is missing")
+        return tensors[key]
+
+    run = lambda: check_stored(fmt, _headers(tensors), read, where=lambda key: "shard-1")  # noqa: E731
+    if match is None:
+        assert run() == 1
+    else:
+        with pytest.raises(CheckpointFormatError, match=match):
+            run()

@@ -17,6 +17,8 @@ import torch
 
 from .. import _engine
 
+PAD = 32  # the engine pads hidden and intermediate to multiples of this (csrc/common.h kBlock)
+
 
 @dataclass(frozen=True)
 class ExpertFormat:
@@ -39,6 +41,15 @@ class ExpertFormat:
     @property
     def quantized(self) -> bool:
         return self.scales != "none"
+
+    def packed_bytes(self, experts: int, hidden: int, intermediate: int) -> int:
+        """Host bytes of one MoE layer's experts packed in this format, computed without allocating (equal to
+        `ExpertLayer(experts, hidden, intermediate, self).packed_bytes`): gate, up and down panels of Ip x Hp
+        weights per expert (the engine pads both to multiples of PAD with zeros), plus, per scale layout, the
+        scales: "channel" keeps one fp32 multiplier per output channel (gate and up: Ip, down: Hp)."""
+        hp, ip = -(-hidden // PAD) * PAD, -(-intermediate // PAD) * PAD
+        scales_per_expert = {"none": 0, "channel": 2 * ip + hp}[self.scales]
+        return experts * (3 * ip * hp * self.weight_bytes + 4 * scales_per_expert)
 
     def __str__(self) -> str:
         return self.name
