@@ -1,24 +1,31 @@
 """`load_model`: a stock transformers MoE model whose routed experts live in the CPU engine.
 
-Options come as one `LoadOptions` (kt_sft/load_options.py). The model is built on the meta device from config.json
-(read once; the model family is resolved once, or handed in already resolved); non-expert tensors are loaded onto
-the compute device (CUDA when there is one, else CPU); routed-expert tensors stream shard by shard (safetensors
-mmap) straight into each layer's packed engine buffers, converted to the engine dtype, so host RAM peaks near the
-packed experts plus one shard. Which tensors are experts is the model registry's business (kt_sft/models).
+Options come as one `LoadOptions` (kt_sft/load_options.py). Loading runs in named steps:
+  plan      config.json (read once), the model family (resolved once, or handed in), the checkpoint's source format
+            (bf16, or block FP8 / FP8 per channel / INT4 pack-quantized: kt_sft/checkpoint_formats.py), the expert
+            format (asked for, or the default rule), the model built on the meta device (`plan_load`, `LoadPlan`)
+  scan      every shard's header (kt_sft/checkpoint_files.py): quantized weights checked against their format
+            (scales present, of the right shape) and the host RAM each expert format would need checked against
+            what is free, before any weight is read
+  stream    shard by shard (safetensors mmap): routed-expert tensors straight into each layer's packed engine
+            buffers, converted to the expert format; everything else onto the compute device (CUDA when there is
+            one, else CPU) in the model dtype. A quantized tensor is decoded to fp32 as it is read, one tensor at a
+            time, so host RAM peaks near the packed experts plus one shard, never a layer of bf16.
+Which tensors are experts is the model registry's business (kt_sft/models).
 """
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
-from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedConfig
 from transformers.core_model_loading import WeightRenaming, rename_source_key
@@ -26,7 +33,9 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from . import engine
-from .engine.formats import ExpertFormat, for_model_dtype, get_format
+from .checkpoint_files import CheckpointFiles, TensorReader, scan
+from .checkpoint_formats import SourceFormat, check_stored, decode, is_companion, is_quantized, source_format
+from .engine.formats import FORMATS, ExpertFormat, FormatLike, for_model_dtype, get_format
 from .load_options import LoadOptions, resolve_options
 from .models.chunked_loss import install_chunked_loss
 from .models.experts import ExpertCallPolicy, attach_engine, use_engine
@@ -34,38 +43,190 @@ from .models.registry import MoEFamily, get_family
 
 logger = logging.getLogger(__name__)
 
-GB = 1024 ** 3
+
+@dataclass
+class LoadPlan:
+    """What `load_model` decides before reading any weight (`plan_load`)."""
+
+    path: Path
+    config: object                   # what the model is built from: the checkpoint's, without quantization_config
+    family: MoEFamily
+    source: SourceFormat             # how the checkpoint stores its weights
+    format: ExpertFormat             # how the routed experts will be stored in RAM
+    format_reason: str               # why that format (asked for, or which default rule)
+    threads: int                     # engine threads (0: KT_SFT_THREADS or the physical cores)
+    model: torch.nn.Module           # every tensor on the meta device
+    experts_modules: dict            # MoE layer index -> its experts module
+
+    @property
+    def expert_shapes(self) -> dict[int, tuple[int, int, int]]:
+        """(experts, hidden, intermediate) of each MoE layer, from its fused gate_up_proj [E, 2I, H]."""
+        return {idx: (m.gate_up_proj.shape[0], m.gate_up_proj.shape[2], m.gate_up_proj.shape[1] // 2)
+                for idx, m in sorted(self.experts_modules.items())}
+
+    def expert_bytes(self, fmt: Optional[FormatLike] = None) -> int:
+        """Host bytes of every MoE layer's packed experts in `fmt` (default: the planned format), without
+        allocating: what the loaded layers' `packed_bytes` add up to."""
+        fmt = self.format if fmt is None else get_format(fmt)
+        return sum(fmt.packed_bytes(*shape) for shape in self.expert_shapes.values())
+
+    @property
+    def dense_bytes(self) -> int:
+        """Bytes of every non-expert parameter in the model dtype (what goes to the compute device)."""
+        expert_params = {id(p) for m in self.experts_modules.values() for p in m.parameters()}
+        return sum(p.numel() * p.element_size() for p in self.model.parameters() if id(p) not in expert_params)
 
 
-def _shards(path: Path) -> tuple[list[Path], dict[str, str]]:
-    """Shard files and, when an index exists, its key -> file map."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({path / f for f in weight_map.values()})
-        return files, weight_map
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no *.safetensors files (kt-sft loads safetensors checkpoints only)")
-    return files, {}
+def plan_load(path: str | os.PathLike, options: Optional[LoadOptions] = None, *, config=None,
+              family: Optional[MoEFamily] = None, **fields) -> LoadPlan:
+    """What `load_model(path, options, config=config, family=family, **fields)` would do, decided from config.json
+    alone: no weight is read (e.g. the host RAM of each expert format: `plan.expert_bytes(fmt)`)."""
+    return _plan(Path(path), resolve_options(options, fields), config, family)
 
 
-def _open(shard: Path):
-    if not shard.is_file():
-        raise FileNotFoundError(f"checkpoint shard {shard} listed in the index does not exist")
+def _plan(path: Path, opts: LoadOptions, config, family: Optional[MoEFamily]) -> LoadPlan:
+    config, family, source = _resolve_model(path, config, family, opts.rule)
+    fmt, reason = (opts.format, "asked for") if opts.format is not None else \
+        _default_format(family, source, opts.dtype)
+    if engine.current_isa() not in fmt.fast_isas:
+        logger.warning("kt-sft: %s experts need %s to be fast; this CPU runs them on the %s path in plain loops "
+                       "(correct, slow). kt_backend: INT8 keeps the int8 weights and computes in bf16, fast here.",
+                       fmt.label, "/".join(fmt.fast_isas), engine.current_isa())
+    model, modules = _build_meta_model(config, family, opts.dtype)
+    return LoadPlan(path, config, family, source, fmt, reason, _threads(family, opts), model, modules)
+
+
+def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *, config=None,
+               family: Optional[MoEFamily] = None, **fields):
+    """Load a Hugging Face MoE checkpoint directory with the routed experts on the CPU engine.
+
+    options: a LoadOptions (kt_sft.load_options: device, dtype, expert format, threads, chunking, GPU share, ...);
+    `**fields` set any of its fields by name on top of it: `load_model(path, dtype=torch.float32, format="bf16")`.
+    config: an already loaded (and possibly patched, e.g. by LLaMA-Factory) config of this checkpoint; default:
+    built from config.json. It is not modified (a quantized checkpoint's model is built from a copy without
+    quantization_config).
+    family: the checkpoint's MoEFamily when the caller has resolved it already (KTSettings.family); default:
+    resolved here from the model_type and `options.rule`.
+    The checkpoint may be bf16/fp16/fp32 or quantized (block FP8, FP8 per channel, INT4 pack-quantized).
+    Returns a stock transformers model whose experts modules run on the engine; `model.kt_summary` says where
+    everything went.
+    """
+    opts = resolve_options(options, fields)
+    plan = _plan(Path(path), opts, config, family)
+    logger.info("kt-sft: %s checkpoint, experts as %s (%s)", plan.source, plan.format.label, plan.format_reason)
+    if plan.threads:
+        engine.set_num_threads(plan.threads)
+    files = scan(plan.path, opts.expert_path)
+    router = _KeyRouter(plan.family, files.headers)
+    _check_stored(plan.source, files)
+    if opts.check_memory:
+        _check_memory({f.name: plan.expert_bytes(f) for f in FORMATS.values()}, plan.dense_bytes,
+                      files.largest_shard, opts.device, plan.format, plan.path.name)
+    layers = {idx: engine.ExpertLayer(E, H, I, plan.format, max_saved=opts.max_saved)
+              for idx, (E, H, I) in plan.expert_shapes.items()}
+    model, placer = plan.model, _Placer(plan.model, opts.device, opts.dtype)
+    _stream_shards(files, layers, router, placer, plan.source, opts.progress)
+    _check_experts_loaded(layers, plan, files, router.prefix)
+    for idx, layer in sorted(layers.items()):
+        attach_engine(plan.experts_modules[idx], layer, _call_policy(layer, opts))
+    _finish_dense(model, placer, opts.device)
+    use_engine(model.config)
+    install_chunked_loss(model, opts.loss_chunk_tokens)
+    model.kt_summary = _summary(layers, plan, opts.device)
+    logger.info(model.kt_summary)
+    return model
+
+
+def _resolve_model(path: Path, config, family: Optional[MoEFamily], rule) -> tuple[object, MoEFamily, SourceFormat]:
+    """The checkpoint's config (from one read of config.json, unless given), its MoE family (from the registry,
+    unless given) and its source format, checked against each other before any weight is read."""
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json here; model_name_or_path must be a local Hugging Face "
+                                "model directory (config.json + *.safetensors)")
+    config_dict = None
+    if config is None:
+        try:  # transformers' own reader, as AutoConfig.from_pretrained calls it
+            config_dict, config_kwargs = PreTrainedConfig.get_config_dict(path, _from_auto=True, name_or_path=str(path))
+        except OSError as err:
+            raise ValueError(f"{path / 'config.json'} is not valid JSON: {err}") from err
+        model_type = config_dict.get("model_type")
+    else:
+        model_type = getattr(config, "model_type", None)
+    if family is None:
+        family = get_family(model_type, rule)  # before transformers, whose error would not list what we support
+    elif family.model_type != model_type:
+        raise ValueError(f"family {family.source or family.model_type} is for model_type {family.model_type!r}, "
+                         f"but the config of {path} says {model_type!r}")
+    if config is None:
+        if model_type not in CONFIG_MAPPING:
+            raise ValueError(f"{path / 'config.json'}: transformers has no model_type {model_type!r} "
+                             f"(rule {family.source}); kt-sft runs transformers' own MoE model classes")
+        config = CONFIG_MAPPING[model_type].from_dict(config_dict, **config_kwargs)
+    config, source = _without_quantization(path, config)
+    hidden_act = next((getattr(config, a) for a in ("hidden_act", "hidden_activation", "activation_function")
+                       if getattr(config, a, None) is not None), None)
+    if not family.accepts_activation(hidden_act):
+        raise ValueError(f"{path}: hidden_act={hidden_act!r}, but the engine runs {family.activation}-gated experts")
+    return config, family, source
+
+
+def _without_quantization(path: Path, config) -> tuple[object, SourceFormat]:
+    """The checkpoint's source format (from quantization_config; a format kt-sft cannot read is refused, named) and
+    the config to build the model from: a copy without quantization_config, so that transformers builds plain
+    modules and PEFT, the Trainer and save_pretrained see an ordinary model. The caller's config stays as it was."""
+    source = source_format(getattr(config, "quantization_config", None), str(path / "config.json"))
+    if hasattr(config, "quantization_config"):
+        config = copy.deepcopy(config)
+        del config.quantization_config
+    return config, source
+
+
+def _default_format(family: MoEFamily, source: SourceFormat, dtype: torch.dtype) -> tuple[ExpertFormat, str]:
+    """(expert format, why) when the caller names none: an fp32 model gets exact fp32 experts (from the exactly
+    decoded weights of a quantized checkpoint); otherwise an unquantized checkpoint gets the family file's
+    defaults.engine_dtype, a quantized one the smallest format that holds its weights (`_smallest_holding`)."""
+    if dtype == torch.float32:
+        return for_model_dtype(dtype), "fp32 model: exact fp32 experts" + \
+            (f", decoded exactly from {source.name}" if source.quantized else "")
+    if source.quantized:
+        fmt = _smallest_holding(source)
+        return fmt, (f"the smallest expert format at least as wide as {source.name}'s {8 * source.element_bytes:g}"
+                     f"-bit weights: {fmt.weight_bytes} byte(s) per weight, bf16 would take "
+                     f"{FORMATS['bf16'].weight_bytes}; kt_backend / format= picks another")
     try:
-        return safe_open(str(shard), framework="pt", device="cpu")
-    except Exception as err:  # safetensors raises its own error type for truncated/corrupt headers
-        raise ValueError(f"checkpoint shard {shard} is unreadable (truncated or corrupt?): {err}") from err
+        fmt = get_format(str(family.defaults.get("engine_dtype", "bf16")))
+    except ValueError as err:
+        raise ValueError(f"{family.source}: defaults.engine_dtype: {err}") from None
+    return fmt, f"defaults.engine_dtype of {family.source or family.model_type}"
 
 
-def _check_config(path: Path, config) -> None:
-    quant = getattr(config, "quantization_config", None)
-    if quant:
-        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else type(quant).__name__
-        fmt = quant.get("fmt", "") if isinstance(quant, dict) else ""
-        raise ValueError(f"{path} is a quantized checkpoint (quant_method={method}{' ' + fmt if fmt else ''}); "
-                         "kt-sft loads bf16/fp16/fp32 checkpoints today: convert it to bf16 first")
+def _smallest_holding(source: SourceFormat) -> ExpertFormat:
+    """The default expert format of a quantized checkpoint, a rule over the format table: the rows whose weights are
+    at least as wide as the source's (no silent loss of precision), the fewest bytes per weight first (no silent
+    doubling of RAM), among equals a row that stores the source's own element type (exact, e.g. a native FP8 row
+    for FP8 checkpoints), then table order (exact formats are listed before their activation-quantized siblings).
+    Today: int8 for FP8 (same bytes) and INT4 (the smallest there is); native FP8 / INT4 rows take over by
+    themselves."""
+    rows = list(FORMATS.values())
+    holding = [f for f in rows if f.weight_bytes >= source.element_bytes]
+    return min(holding, key=lambda f: (f.weight_bytes, f.weight_dtype != source.element_dtype, rows.index(f)))
+
+
+def _threads(family: MoEFamily, opts: LoadOptions) -> int:
+    """Engine threads: the option, else the family file's defaults.threads (0 = KT_SFT_THREADS or the cores)."""
+    if opts.threads:
+        return opts.threads
+    value = family.defaults.get("threads", "auto")
+    if value != "auto" and not (isinstance(value, int) and value > 0):
+        raise ValueError(f"{family.source}: defaults.threads must be 'auto' or a positive integer, got {value!r}")
+    return 0 if value == "auto" else value
+
+
+def _build_meta_model(config, family: MoEFamily, dtype: torch.dtype):
+    """(the model with every tensor on the meta device, its experts modules by layer index)."""
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model, _experts_modules(model, family)
 
 
 def _experts_modules(model: torch.nn.Module, family: MoEFamily) -> dict[int, torch.nn.Module]:
@@ -106,19 +267,41 @@ def _free_host_bytes() -> Optional[int]:
     return None
 
 
-def _check_memory(expert_bytes: int, dense_bytes: int, largest_shard: int, device: torch.device) -> None:
-    host_need = int(expert_bytes * 1.1) + largest_shard + (dense_bytes if device.type == "cpu" else 0)
+def _size(nbytes: float) -> str:
+    if nbytes >= 1e12:
+        return f"{nbytes / 1e12:.2f} TB"
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _host_need(expert_bytes: int, dense_bytes: int, largest_shard: int, device: torch.device) -> int:
+    """Host RAM a load needs: the packed experts + 10 % (allocator, engine scratch) + one shard being read (mmap)
+    + the dense weights when they stay on the CPU."""
+    return int(expert_bytes * 1.1) + largest_shard + (dense_bytes if device.type == "cpu" else 0)
+
+
+def _check_memory(expert_bytes: dict[str, int], dense_bytes: int, largest_shard: int, device: torch.device,
+                  fmt: ExpertFormat, name: str) -> None:
+    """Refuse, before any weight is read, a load whose host RAM (for the packed experts in `fmt`; `expert_bytes`
+    has them per format name) or GPU memory (the dense weights) is short, naming the expert formats that would
+    fit."""
+    needs = {FORMATS[f]: _host_need(b, dense_bytes, largest_shard, device) for f, b in expert_bytes.items()}
     free = _free_host_bytes()
-    if free is not None and host_need > free:
-        raise MemoryError(f"loading needs about {host_need / GB:.1f} GB of host RAM (experts "
-                          f"{expert_bytes / GB:.1f} GB packed + 10% + one shard {largest_shard / GB:.1f} GB) but "
-                          f"{free / GB:.1f} GB is available; free memory or use a machine with more RAM "
-                          "(LoadOptions.check_memory=False skips this check)")
+    if free is not None and needs[fmt] > free:
+        fits = [f for f, need in sorted(needs.items(), key=lambda item: item[1]) if need <= free]
+        advice = (f"use kt_backend {' or '.join(f.backends[-1] for f in fits)} (load_model format="
+                  f"{' / '.join(repr(f.name) for f in fits)}), " if fits else "no expert format fits: ")
+        raise MemoryError(
+            f"loading {name} with {fmt.label} experts needs about {_size(needs[fmt])} of host RAM (experts "
+            f"{_size(expert_bytes[fmt.name])} packed + 10% + one shard {_size(largest_shard)}"
+            f"{' + dense weights' if device.type == 'cpu' else ''}) but {_size(free)} is available. Host RAM per "
+            f"expert format for {name}: {', '.join(f'{f.backends[-1]} {_size(n)}' for f, n in needs.items())}; "
+            f"{_size(free)} free: {advice}free memory or use a machine with more RAM (LoadOptions.check_memory=False"
+            " / kt_check_memory: false skips this check)")
     if device.type == "cuda":
         free_gpu, _ = torch.cuda.mem_get_info(device)
         if dense_bytes > free_gpu:
-            raise MemoryError(f"the non-expert weights need {dense_bytes / GB:.1f} GB on {device} but only "
-                              f"{free_gpu / GB:.1f} GB is free (LoadOptions.check_memory=False skips this check)")
+            raise MemoryError(f"the non-expert weights need {_size(dense_bytes)} on {device} but only "
+                              f"{_size(free_gpu)} is free (LoadOptions.check_memory=False skips this check)")
 
 
 class _Placer:
@@ -145,144 +328,111 @@ class _Placer:
         set_module_tensor_to_device(self.model, name, self.device, value=tensor, dtype=dtype)
 
 
-def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *, config=None,
-               family: Optional[MoEFamily] = None, **fields):
-    """Load a Hugging Face MoE checkpoint directory with the routed experts on the CPU engine.
+class _KeyRouter:
+    """Where each checkpoint key goes, by its logical name: INT4's `X.weight_packed` as `X.weight`, without the
+    prefix the checkpoint puts before the model's names (Kimi-K2.5: `language_model.`). That prefix is found once,
+    from the first key that matches a routed-expert template once a prefix is cut, and then cut from every key
+    that has it, experts and the rest alike (the rest then resolve through transformers' rename_source_key)."""
 
-    options: a LoadOptions (kt_sft.load_options: device, dtype, expert format, threads, chunking, GPU share, ...);
-    `**fields` set any of its fields by name on top of it: `load_model(path, dtype=torch.float32, format="bf16")`.
-    config: an already loaded (and possibly patched, e.g. by LLaMA-Factory) config of this checkpoint; default:
-    built from config.json.
-    family: the checkpoint's MoEFamily when the caller has resolved it already (KTSettings.family); default:
-    resolved here from the model_type and `options.rule`.
-    Returns a stock transformers model whose experts modules run on the engine; `model.kt_summary` says where
-    everything went.
-    """
-    opts = resolve_options(options, fields)
-    path = Path(path)
-    config, family = _resolve_model(path, config, family, opts.rule)
-    fmt, threads = _resolve_defaults(family, opts)
-    if threads:
-        engine.set_num_threads(threads)
-    model, modules = _build_meta_model(config, family, opts.dtype)
-    layers = {idx: engine.ExpertLayer(E, H, I, fmt, max_saved=opts.max_saved)
-              for idx, (E, H, I) in _expert_shapes(modules).items()}
-    sources, weight_map = _shard_sources(path, opts.expert_path)
-    if opts.check_memory:
-        _check_load_memory(model, modules, layers, sources, opts.device)
-    placer = _Placer(model, opts.device, opts.dtype)
-    _stream_shards(sources, layers, family, placer, opts.progress)
-    _check_experts_loaded(layers, family, weight_map)
+    def __init__(self, family: MoEFamily, keys: Iterable[str]):
+        self.expert_re, self.fused_re = family.expert_key_regexes(), family.fused_key_regexes()
+        self.prefix = self._find_prefix(keys)
+
+    def logical(self, key: str) -> str:
+        key = key[: -len("_packed")] if key.endswith(".weight_packed") else key
+        return key[len(self.prefix):] if self.prefix and key.startswith(self.prefix) else key
+
+    def expert(self, key: str) -> Optional[tuple[str, int, Optional[int]]]:
+        """(projection, layer, expert) of a routed-expert key (expert None: a fused tensor of all experts)."""
+        name = self.logical(key)
+        for proj, regex in self.expert_re.items():
+            m = regex.match(name)
+            if m:
+                return proj, int(m["layer"]), int(m["expert"])
+        for proj, regex in self.fused_re.items():
+            m = regex.match(name)
+            if m:
+                return proj, int(m["layer"]), None
+        return None
+
+    def _find_prefix(self, keys: Iterable[str]) -> str:
+        patterns = [*self.expert_re.values(), *self.fused_re.values()]
+        for key in keys:
+            parts = (key[: -len("_packed")] if key.endswith(".weight_packed") else key).split(".")
+            for cut in range(len(parts)):
+                if any(p.match(".".join(parts[cut:])) for p in patterns):
+                    return "".join(f"{part}." for part in parts[:cut])
+        return ""
+
+
+def _check_stored(source: SourceFormat, files: CheckpointFiles) -> None:
+    """Every quantized weight's scales present and of the right shape (from the headers), before any weight is
+    read; a checkpoint whose config declares a quantization but that stores no quantized tensor loads as it is."""
+    reader = TensorReader(files)
+    count = check_stored(source, files.headers, reader.get, where=lambda key: f"in {files.shard_of(key)}")
+    if source.quantized and not count:
+        logger.warning("kt-sft: config.json declares %s, but no tensor is stored quantized; loading the tensors as "
+                       "they are", source)
+
+
+def _stream_shards(files: CheckpointFiles, layers: dict, router: _KeyRouter, placer: "_Placer",
+                   source: SourceFormat, progress: bool) -> None:
+    reader = TensorReader(files)
+    for shard, kinds in tqdm(files.sources.items(), desc="kt-sft: loading shards", disable=not progress):
+        reader.use(shard)
+        for key in files.keys[shard]:
+            try:
+                _load_key(key, kinds, reader, router, layers, placer, source)
+            except (RuntimeError, ValueError) as err:
+                raise type(err)(f"{key} in {shard.name}: {err}") from err
+
+
+def _load_key(key: str, kinds: str, reader: TensorReader, router: _KeyRouter, layers: dict, placer: "_Placer",
+              source: SourceFormat) -> None:
+    """Route one checkpoint tensor: into an engine layer, onto the model, or (kinds says) not from this shard.
+    Companions (scales, shapes) are read with their weight, never on their own."""
+    if is_companion(key):
+        return
+    route = router.expert(key)
+    if route is not None and route[1] in layers:
+        proj, layer, expert = route
+        if kinds == "dense":
+            return
+        if expert is None and proj == "gate_up":
+            layers[layer].load_gate_up(_read(key, reader, source))
+        else:
+            layers[layer].set_projection(proj, _read(key, reader, source), expert or 0)
+        return
+    if kinds == "experts":
+        return
+    name = placer.name_of(router.logical(key))
+    if name is None:
+        placer.unexpected.append(key)  # e.g. DeepSeek-V3's MTP layer; stock transformers skips these too
+        return
+    placer.place(name, _read(key, reader, source))
+
+
+def _read(key: str, reader: TensorReader, source: SourceFormat) -> torch.Tensor:
+    """The tensor stored under `key`: as stored, or, for a quantized weight, decoded to fp32 (its scales read from
+    whichever shard holds them)."""
+    tensor = reader.get(key)
+    if not is_quantized(key, tensor.dtype):
+        return tensor
+    return decode(source, key, lambda k: tensor if k == key else reader.get(k))
+
+
+def _check_experts_loaded(layers: dict, plan: LoadPlan, files: CheckpointFiles, prefix: str) -> None:
+    """Every expert projection of every layer came from some shard; else name the first missing tensor."""
     for idx, layer in sorted(layers.items()):
-        attach_engine(modules[idx], layer, _call_policy(layer, opts))
-    _finish_dense(model, placer, opts.device)
-    use_engine(model.config)
-    install_chunked_loss(model, opts.loss_chunk_tokens)
-    model.kt_summary = _summary(layers, fmt, opts.device)
-    logger.info(model.kt_summary)
-    return model
-
-
-def _resolve_model(path: Path, config, family: Optional[MoEFamily], rule) -> tuple[object, MoEFamily]:
-    """The checkpoint's config (from one read of config.json, unless given) and its MoE family (from the registry,
-    unless given), checked against each other before any weight is read."""
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json here; model_name_or_path must be a local Hugging Face "
-                                "model directory (config.json + *.safetensors)")
-    config_dict = None
-    if config is None:
-        try:  # transformers' own reader, as AutoConfig.from_pretrained calls it
-            config_dict, config_kwargs = PreTrainedConfig.get_config_dict(path, _from_auto=True, name_or_path=str(path))
-        except OSError as err:
-            raise ValueError(f"{path / 'config.json'} is not valid JSON: {err}") from err
-        model_type = config_dict.get("model_type")
-    else:
-        model_type = getattr(config, "model_type", None)
-    if family is None:
-        family = get_family(model_type, rule)  # before transformers, whose error would not list what we support
-    elif family.model_type != model_type:
-        raise ValueError(f"family {family.source or family.model_type} is for model_type {family.model_type!r}, "
-                         f"but the config of {path} says {model_type!r}")
-    if config is None:
-        if model_type not in CONFIG_MAPPING:
-            raise ValueError(f"{path / 'config.json'}: transformers has no model_type {model_type!r} "
-                             f"(rule {family.source}); kt-sft runs transformers' own MoE model classes")
-        config = CONFIG_MAPPING[model_type].from_dict(config_dict, **config_kwargs)
-    _check_config(path, config)
-    hidden_act = next((getattr(config, a) for a in ("hidden_act", "hidden_activation", "activation_function")
-                       if getattr(config, a, None) is not None), None)
-    if not family.accepts_activation(hidden_act):
-        raise ValueError(f"{path}: hidden_act={hidden_act!r}, but the engine runs {family.activation}-gated experts")
-    return config, family
-
-
-def _resolve_defaults(family: MoEFamily, opts: LoadOptions) -> tuple[ExpertFormat, int]:
-    """(expert format, engine threads; 0 = KT_SFT_THREADS or the physical cores): explicit options win; then the
-    family file's defaults; fp32 models get the exact fp32 engine."""
-    fmt = opts.format
-    if fmt is None and opts.dtype == torch.float32:
-        fmt = for_model_dtype(opts.dtype)
-    elif fmt is None:
-        try:
-            fmt = get_format(str(family.defaults.get("engine_dtype", "bf16")))
-        except ValueError as err:
-            raise ValueError(f"{family.source}: defaults.engine_dtype: {err}") from None
-    if engine.current_isa() not in fmt.fast_isas:
-        logger.warning("kt-sft: %s experts need %s to be fast; this CPU runs them on the %s path in plain loops "
-                       "(correct, slow). kt_backend: INT8 keeps the int8 weights and computes in bf16, fast here.",
-                       fmt.label, "/".join(fmt.fast_isas), engine.current_isa())
-    threads = opts.threads
-    if not threads:
-        value = family.defaults.get("threads", "auto")
-        if value != "auto" and not (isinstance(value, int) and value > 0):
-            raise ValueError(f"{family.source}: defaults.threads must be 'auto' or a positive integer, got {value!r}")
-        threads = 0 if value == "auto" else value
-    return fmt, threads
-
-
-def _build_meta_model(config, family: MoEFamily, dtype: torch.dtype):
-    """(the model with every tensor on the meta device, its experts modules by layer index)."""
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model, _experts_modules(model, family)
-
-
-def _expert_shapes(modules: dict[int, torch.nn.Module]) -> dict[int, tuple[int, int, int]]:
-    """(experts, hidden, intermediate) of each experts module, from its fused gate_up_proj [E, 2I, H]."""
-    shapes = {}
-    for idx, module in sorted(modules.items()):
-        E, two_i, H = module.gate_up_proj.shape
-        shapes[idx] = (E, H, two_i // 2)
-    return shapes
-
-
-def _shard_sources(path: Path, expert_path) -> tuple[dict[Path, str], dict[str, str]]:
-    """({shard: which tensors to read from it, "all" / "dense" / "experts"}, the merged key -> file map)."""
-    shards, weight_map = _shards(path)
-    if expert_path is None or Path(expert_path).resolve() == path.resolve():
-        return {shard: "all" for shard in shards}, weight_map
-    expert_shards, expert_map = _shards(Path(expert_path))
-    sources = {shard: "dense" for shard in shards}
-    sources.update({shard: "experts" for shard in expert_shards})
-    return sources, {**weight_map, **expert_map}
-
-
-def _check_load_memory(model, modules, layers, sources, device: torch.device) -> None:
-    expert_params = {id(p) for m in modules.values() for p in m.parameters()}
-    dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_params)
-    _check_memory(sum(l.packed_bytes for l in layers.values()), dense,
-                  max(s.stat().st_size for s in sources if s.is_file()), device)
-
-
-def _stream_shards(sources: dict[Path, str], layers, family: MoEFamily, placer: "_Placer", progress: bool) -> None:
-    expert_re, fused_re = family.expert_key_regexes(), family.fused_key_regexes()
-    for shard, kinds in tqdm(sources.items(), desc="kt-sft: loading shards", disable=not progress):
-        with _open(shard) as f:
-            for key in f.keys():
-                try:
-                    _load_key(key, f, layers, expert_re, fused_re, placer, kinds)
-                except (RuntimeError, ValueError) as err:
-                    raise type(err)(f"{key} in {shard.name}: {err}") from err
+        missing = layer.missing_weights()
+        if missing:
+            expert, proj = missing[0].split()[1:]
+            key = prefix + plan.family.checkpoint[proj].format(layer=idx, expert=expert)
+            stored = [key, key + "_packed"] if plan.source.name == "int4-group" else [key]
+            listed = next((files.index[k] for k in stored if k in files.index), None)
+            where = f"the index maps it to {listed}, which lacks it" if listed else "no shard contains it"
+            raise KeyError(f"expert tensor {' / '.join(stored)} is missing ({where}); {len(missing)} expert "
+                           f"projections of layer {idx} were never loaded. Is the checkpoint complete?")
 
 
 def _call_policy(layer, opts: LoadOptions) -> ExpertCallPolicy:
@@ -290,47 +440,6 @@ def _call_policy(layer, opts: LoadOptions) -> ExpertCallPolicy:
     if opts.gpu_experts > 0 and opts.device.type == "cuda":
         share = engine.GpuShare(layer, max(1, round(opts.gpu_experts * layer.num_experts)), opts.device)
     return ExpertCallPolicy(chunk_size=opts.chunk_size, retain=opts.retain_activations, share=share)
-
-
-def _load_key(key, f, layers, expert_re, fused_re, placer, kinds: str = "all") -> None:
-    """Route one checkpoint tensor: into an engine layer, onto the model, or (kinds says) not from this shard."""
-    for proj, regex in expert_re.items():
-        m = regex.match(key)
-        if m and int(m["layer"]) in layers:
-            if kinds != "dense":
-                layers[int(m["layer"])].set_projection(proj, f.get_tensor(key), int(m["expert"]))
-            return
-    for proj, regex in fused_re.items():
-        m = regex.match(key)
-        if m and int(m["layer"]) in layers:
-            if kinds == "dense":
-                return
-            layer = layers[int(m["layer"])]
-            if proj == "gate_up":
-                layer.load_gate_up(f.get_tensor(key))
-            else:
-                layer.set_projection("down", f.get_tensor(key))
-            return
-    if kinds == "experts":
-        return
-    name = placer.name_of(key)
-    if name is None:
-        placer.unexpected.append(key)  # e.g. DeepSeek-V3's MTP layer; stock transformers skips these too
-        return
-    placer.place(name, f.get_tensor(key))
-
-
-def _check_experts_loaded(layers: dict, family: MoEFamily, weight_map: dict[str, str]) -> None:
-    """Every expert projection of every layer came from some shard; else name the first missing tensor."""
-    for idx, layer in sorted(layers.items()):
-        missing = layer.missing_weights()
-        if missing:
-            expert, proj = missing[0].split()[1:]
-            key = family.checkpoint[proj].format(layer=idx, expert=expert)
-            where = f"the index maps it to {weight_map[key]}, which lacks it" if key in weight_map \
-                else "no shard contains it"
-            raise KeyError(f"expert tensor {key} is missing ({where}); {len(missing)} expert projections of layer "
-                           f"{idx} were never loaded. Is the checkpoint complete?")
 
 
 def _finish_dense(model, placer: _Placer, device: torch.device) -> None:
@@ -349,9 +458,22 @@ def _finish_dense(model, placer: _Placer, device: torch.device) -> None:
                        len(placer.unexpected), placer.unexpected[0])
 
 
-def _summary(layers: dict, fmt: ExpertFormat, device: torch.device) -> str:
+def _summary(layers: dict, plan: LoadPlan, device: torch.device) -> str:
     experts = sum(l.num_experts for l in layers.values())
     packed = sum(l.packed_bytes for l in layers.values())
-    size = f"{packed / 1e9:.1f} GB" if packed >= 1e8 else f"{packed / 1e6:.1f} MB"
-    return (f"kt-sft: {len(layers)} MoE layers / {experts} experts ({size} {fmt.label}) on CPU engine "
+    stored = plan.format.label + (f" from {plan.source.name}" if plan.source.quantized else "")
+    return (f"kt-sft: {len(layers)} MoE layers / {experts} experts ({_size(packed)} {stored}) on CPU engine "
             f"[{engine.current_isa()}, {engine.num_threads()} threads]; dense on {device}")
+
+
+def describe(path: str | os.PathLike) -> list[str]:
+    """What kt-sft makes of a checkpoint directory, from config.json alone (for `python -m kt_sft env PATH`): its
+    family and source format, the host RAM of its experts in each expert format, and the default format."""
+    plan = plan_load(path, device="cpu", dtype=torch.bfloat16, progress=False)
+    shapes = plan.expert_shapes
+    experts = {E for E, _, _ in shapes.values()}
+    return [f"checkpoint {plan.path}: {plan.family.model_type}, {len(shapes)} MoE layers x "
+            f"{'/'.join(map(str, sorted(experts)))} experts, stored {plan.source}",
+            "  experts in host RAM: " + ", ".join(f"{f.backends[-1]} {_size(plan.expert_bytes(f))}"
+                                                  for f in FORMATS.values()),
+            f"  default expert format (bf16 model): {plan.format.name} ({plan.format_reason})"]
