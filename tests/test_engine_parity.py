@@ -76,3 +76,19 @@ def test_result_does_not_depend_on_thread_count(kind):
     finally:
         ke.set_num_threads(before)
     assert outputs_equal(runs[1], runs[2]) and outputs_equal(runs[3], runs[2])
+
+
+@pytest.mark.parametrize("kind", ENGINE_KIND_PARAMS)
+@pytest.mark.parametrize("shape", list(SHAPES), ids=[shape_id(s) for s in SHAPES])
+def test_k_chunked_gemms_are_bitwise_one_pass(isa, kind, shape):
+    """K-chunked task GEMMs (csrc/kernels/moe_common.inc `gemm_rows`, `ke.use_kchunk`) store and reload their fp32
+    accumulators between chunks, so every output is bitwise the one-pass GEMM's, on every path and format (int8
+    GEMMs ignore the chunk). With LoRA this also pins the fused factor gradients of bwd_act (one pass only) to the
+    separate lora_grad pass that chunked runs use."""
+    case, _ = grid_case(shape, kind)
+    layer = case_layer(case)
+    with ke.use_kchunk(0):
+        one_pass = run_layer(layer, case)
+    for kchunk in (64, 96):  # neither divides the grid's odd H and I
+        with ke.use_kchunk(kchunk):
+            assert outputs_equal(run_layer(layer, case), one_pass), kchunk
