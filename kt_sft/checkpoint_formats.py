@@ -78,9 +78,9 @@ class SourceFormat:
 # What each source format is, for `python -m kt_sft env` and the refusal of other formats.
 SOURCE_FORMATS = {
     "bf16": "no quantization_config: bf16 / fp16 / fp32 weights",
-    "fp8-block": "quant_method fp8, fmt e4m3, any weight_block_size (DeepSeek-V3/R1, Kimi-K2, Qwen3-FP8, MiniMax-M2)",
-    "fp8-channel": "compressed-tensors float-quantized, 8-bit per output channel (GLM-4.5/4.7-FP8)",
-    "int4-group": "compressed-tensors pack-quantized, 4-bit symmetric groups (Kimi-K2-Thinking, K2.5)",
+    "fp8-block": "quant_method fp8, fmt e4m3, any weight_block_size: DeepSeek-V3/R1, Kimi-K2, Qwen3-FP8, MiniMax-M2",
+    "fp8-channel": "compressed-tensors float-quantized, 8-bit per output channel: GLM-4.5/4.7-FP8",
+    "int4-group": "compressed-tensors pack-quantized, 4-bit symmetric groups, any group size: Kimi-K2-Thinking, K2.5",
 }
 
 
@@ -253,9 +253,14 @@ def check_stored(fmt: SourceFormat, headers: Mapping[str, tuple], read: Callable
 
 # ---------------------------------------------------------------------------------------------- decoding
 
-def _expand(scale: torch.Tensor, rows: int, cols: int, n: int, k: int) -> torch.Tensor:
-    """Per-element scales [n][k] from one scale per rows x cols block (edge blocks partial)."""
-    return scale.repeat_interleave(rows, 0)[:n].repeat_interleave(cols, 1)[:, :k]
+def _scaled(q: torch.Tensor, scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """fl32(q * s) for q [n, k] in fp32 and one scale per rows x cols block of it (scale [ceil(n/rows),
+    ceil(k/cols)]; edge blocks partial): q zero-padded to whole blocks and multiplied by the scales broadcast over
+    each block, in one pass (no per-element scale tensor)."""
+    (n, k), (nb, kb) = q.shape, scale.shape
+    if (n, k) != (nb * rows, kb * cols):
+        q = torch.nn.functional.pad(q, (0, kb * cols - k, 0, nb * rows - n))
+    return (q.view(nb, rows, kb, cols) * scale[:, None, :, None]).view(nb * rows, kb * cols)[:n, :k].contiguous()
 
 
 def decode(fmt: SourceFormat, key: str, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
@@ -278,7 +283,6 @@ def decode(fmt: SourceFormat, key: str, get: Callable[[str], torch.Tensor]) -> t
         shifts = torch.arange(0, 32, 4, dtype=torch.int32)
         nibbles = (weight.unsqueeze(-1) >> shifts) & 0xF  # [n, k/8, 8]: nibble i of each int32, lowest bits first
         q = nibbles.reshape(n, -1)[:, :k].float() - 8
-        return q * _expand(scale, 1, fmt.group, n, k)
-    n, k = weight.shape
-    rows, cols = fmt.block if fmt.name == "fp8-block" else (1, k)
-    return weight.float() * _expand(scale, rows, cols, n, k)
+        return _scaled(q, scale, 1, fmt.group)
+    rows, cols = fmt.block if fmt.name == "fp8-block" else (1, weight.shape[1])
+    return _scaled(weight.float(), scale, rows, cols)

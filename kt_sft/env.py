@@ -1,4 +1,6 @@
-"""`python -m kt_sft env`: what a bug report needs — versions, CPU, the flags the kernels use, ISA, threads."""
+"""`python -m kt_sft env [MODEL_DIR]`: what a bug report needs — versions, CPU, the flags the kernels use, ISA,
+threads, the checkpoint formats kt-sft reads and, given a model directory, what that checkpoint is (family, stored
+format, host RAM of its experts per expert format, the default expert format)."""
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -18,7 +20,10 @@ def _version(name: str) -> str:
         return "not installed"
 
 
-def report() -> str:
+def report(checkpoint: str | None = None) -> str:
+    """The environment; with `checkpoint` (a model directory), also what kt-sft makes of that checkpoint."""
+    from .checkpoint_formats import SOURCE_FORMATS
+
     lines = [f"python: {sys.version.split()[0]} ({platform.platform()})"]
     lines += [f"{name}: {_version(name)}" for name in PACKAGES]
     try:
@@ -38,6 +43,12 @@ def report() -> str:
         lines.append(f"isa chosen: {runtime.current_isa()}  threads: {runtime.num_threads()}")
     except (RuntimeError, ValueError) as err:  # e.g. KT_SFT_ISA names a path this CPU cannot run
         lines.append(f"isa chosen: none ({err})")
+    lines.append("checkpoint formats read:")
+    lines += [f"  {name:<12} {doc}" for name, doc in SOURCE_FORMATS.items()]
+    if checkpoint is not None:
+        from .loader import describe
+
+        lines += describe(checkpoint)
     return "\n".join(lines)
 
 
@@ -47,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         from .llamafactory.evaluate import main as run_eval
 
         return run_eval(argv[1:])
-    if argv[:1] != ["env"]:
-        print("usage: python -m kt_sft env | python -m kt_sft eval config.yaml", file=sys.stderr)
+    if argv[:1] != ["env"] or len(argv) > 2:
+        print("usage: python -m kt_sft env [MODEL_DIR] | python -m kt_sft eval config.yaml", file=sys.stderr)
         return 2
-    print(report())
+    print(report(*argv[1:]))
     return 0

@@ -21,6 +21,7 @@ import re
 import sys
 from typing import Any, Callable, Optional
 
+from ..checkpoint_formats import source_format
 from ..engine.formats import FORMATS, ExpertFormat, backend_names, get_format
 from ..models.registry import MoEFamily, UnsupportedModelError, get_family
 
@@ -122,8 +123,9 @@ def _refused(advice: str, allowed: tuple = ()) -> Parser:
 def _backend_help() -> str:
     """kt_backend's meaning, one clause per row of the format table (a new format documents itself)."""
     formats = "; ".join(f"{' / '.join(f.backends)}: {f.doc}" for f in FORMATS.values())
-    return (f"Expert weight format and GEMMs. {formats}. Unset: the family file's defaults.engine_dtype (bf16), "
-            "fp32 experts for an fp32 model.")
+    return (f"Expert weight format and GEMMs. {formats}. Unset: fp32 experts for an fp32 model; for a quantized "
+            "checkpoint (FP8, INT4) the smallest format at least as wide as its weights (INT8 today); else the "
+            "family file's defaults.engine_dtype (bf16).")
 
 
 KEY_SPECS: tuple[KeySpec, ...] = (
@@ -317,11 +319,13 @@ def _check_model(model_args, settings: KTSettings) -> None:
                             "(config.json + *.safetensors); kt-sft does not download models")
     try:
         with open(config_file) as f:
-            model_type = json.load(f).get("model_type")
+            config = json.load(f)
     except ValueError as err:
         raise KTConfigError(f"{config_file} is not valid JSON: {err}") from err
     try:
-        settings.family = get_family(model_type, settings.rule)
+        settings.family = get_family(config.get("model_type"), settings.rule)
+        # Before LLaMA-Factory's own quantization set-up, which would ask for gptqmodel, autoawq, ... instead.
+        source_format(config.get("quantization_config"), config_file)
     except (UnsupportedModelError, FileNotFoundError, ValueError) as err:
         raise KTConfigError(f"model_name_or_path={path!r}: {err}") from err
     for adapter in getattr(model_args, "adapter_name_or_path", None) or []:
