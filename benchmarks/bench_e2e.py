@@ -43,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import v2_lite_config, write_checkpoint  # noqa: E402  (same random checkpoint writer)
 import results  # noqa: E402  (benchmarks/results.py: the rows every benchmark records)
+from kt_sft.engine.formats import FORMATS  # noqa: E402
 
 GB = 1024 ** 3
 # LoRA on the attention projections and on the dense / shared-expert MLP linears (not the router `mlp.gate`).
@@ -168,7 +169,7 @@ def load_side(side: str, args, device: torch.device):
         from kt_sft.models.expert_lora import get_peft_model
 
         # int8: int8 weights, bf16 GEMMs (kt_backend INT8); int8-gemm: int8 GEMMs too (kt_backend AMXINT8)
-        model = kt_sft.load_model(args.dir, device=device, dtype=torch.bfloat16, format=args.engine_dtype,
+        model = kt_sft.load_model(args.dir, device=device, dtype=torch.bfloat16, format=args.format,
                                   threads=args.threads, progress=False, gpu_experts=args.gpu_experts)
         info["summary"] = model.kt_summary
     else:
@@ -307,7 +308,7 @@ def _cell(value, spec: str) -> str:
 def _label(side: str, r: dict, args) -> str:
     ckpt = ", grad ckpt" if r["gradient_checkpointing"] else ""
     share = f", GPU share {args.gpu_experts:g}" if args.gpu_experts else ""
-    dtype = "" if args.engine_dtype == "bf16" else f", {args.engine_dtype}"
+    dtype = "" if args.format == "bf16" else f", {args.format}"
     return f"kt-sft (ours{dtype}{share}{ckpt})" if side == "ours" else f"stock (all on {args.device}{ckpt})"
 
 
@@ -362,7 +363,7 @@ def variant(side: str, args) -> str:
     the run's gpu_experts setting)."""
     if side == "stock":
         return "stock"
-    return f"ours {args.engine_dtype}{' + expert LoRA' if args.expert_lora else ''}"
+    return f"ours {args.format}{' + expert LoRA' if args.expert_lora else ''}"
 
 
 def result_rows(sides: dict, args) -> list[dict]:
@@ -401,8 +402,9 @@ def parse_args():
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-target", nargs="+", default=DEFAULT_TARGETS)
     p.add_argument("--expert-lora", action="store_true", help="also LoRA on the routed experts (target_parameters)")
-    p.add_argument("--engine-dtype", choices=("bf16", "int8", "int8-gemm"), default="bf16",
-                   help="ours: engine weights bf16, int8 (kt_backend INT8) or int8 with int8 GEMMs (AMXINT8)")
+    p.add_argument("--format", choices=list(FORMATS), default="bf16",
+                   help="ours: the experts' format (kt_sft.engine.formats: bf16, int8 = kt_backend INT8, int8-gemm = "
+                        "AMXINT8, ...)")
     p.add_argument("--gpu-experts", type=float, default=0.0,
                    help="ours: fraction of each layer's experts computed on the GPU, streamed per call (kt_gpu_experts)")
     p.add_argument("--threads", type=int, default=0, help="engine threads (0: the family default, all cores)")

@@ -6,7 +6,7 @@
 # starts with an empty /tmp and writes it again).
 # Usage there, from the repo root with .whl and .dev carried:
 #   KT_SFT_COMMIT=<rev> bash benchmarks/device_e2e.sh [outdir] [more bench_e2e.py args, e.g. --expert-lora or
-#   --engine-dtype int8]   (rows in outdir/results: add them here with `python benchmarks/report.py --add`)
+#   --format int8]   (rows in outdir/results: add them here with `python benchmarks/report.py --add`)
 set -uo pipefail
 out="${1:-/tmp/kt-sft-device}"; mkdir -p "$out"; shift $(( $# > 0 ? 1 : 0 ))
 source .dev/prelude.sh || exit 1

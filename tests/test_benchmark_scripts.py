@@ -106,12 +106,12 @@ def test_bench_moe_against_another_build_runs_both_in_one_process():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine_dtype", ["bf16", "int8-gemm"])
-def test_bench_e2e_smoke_mode_trains(tmp_path, engine_dtype):
-    proc = _run("benchmarks/bench_e2e.py", "--tiny", "--dir", str(tmp_path / "ckpt"), "--engine-dtype", engine_dtype,
+@pytest.mark.parametrize("fmt", ["bf16", "int8-gemm"])
+def test_bench_e2e_smoke_mode_trains(tmp_path, fmt):
+    proc = _run("benchmarks/bench_e2e.py", "--tiny", "--dir", str(tmp_path / "ckpt"), "--format", fmt,
                 "--json", "--record", "--results-dir", str(tmp_path / "results"))
     [row] = _json_rows(proc.stdout, "bench_e2e")
-    assert row["variant"] == f"ours {engine_dtype}" and (row["layers"], row["batch"], row["seq"]) == (3, 2, 64)
+    assert row["variant"] == f"ours {fmt}" and (row["layers"], row["batch"], row["seq"]) == (3, 2, 64)
     # tokens/s is the timed steps' median: batch x seq over the median step wall, within the steps' range
     assert math.isclose(row["tokens_per_s"] * row["step_ms"] / 1e3, 2 * 64, rel_tol=1e-9)
     assert row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
@@ -120,7 +120,7 @@ def test_bench_e2e_smoke_mode_trains(tmp_path, engine_dtype):
     assert row["cpu_experts_ms"] > 0 and row["isa"] and row["threads"] == 2
     phases = row["phases_ms"]
     assert phases and all(ms >= 0 for ms in phases.values())
-    assert any("quantize" in name for name in phases) == (engine_dtype == "int8-gemm"), phases  # int8 GEMMs ran
+    assert any("quantize" in name for name in phases) == (fmt == "int8-gemm"), phases  # int8 GEMMs ran
     # the human report (stderr under --json) prints the same measurement
     printed = re.search(r"^kt-sft \(ours[^)]*\)\s+(\d+)\s.*\s([\d.]+)\s*$", proc.stderr, re.M)
     assert printed, proc.stderr
