@@ -268,7 +268,7 @@ def _free_host_bytes() -> Optional[int]:
 
 
 def _size(nbytes: float) -> str:
-    if nbytes >= 1e12:
+    if nbytes >= 1e11:
         return f"{nbytes / 1e12:.2f} TB"
     return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
