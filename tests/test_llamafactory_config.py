@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from kt_sft.engine import FORMATS
+from kt_sft.engine.formats import get_format
 from kt_sft.llamafactory import config as ktc
 from kt_sft.llamafactory.startup import activate
 from llamafactory_run import llamafactory_cli
@@ -191,7 +192,7 @@ def test_example_configs_parse(get_train_args, tmp_path, name):
     (stand_in / "config.json").write_text(json.dumps({"model_type": EXAMPLE_FAMILIES[name]}))
     cfg.update(model_name_or_path=str(stand_in), output_dir=str(tmp_path / "out"), bf16=False)
     model_args, _, _, finetuning_args, _ = get_train_args(cfg)
-    assert model_args.use_kt and model_args.kt_sft_settings.format is FORMATS["bf16"]
+    assert model_args.use_kt and model_args.kt_sft_settings.format is get_format(cfg["kt_backend"])
     assert finetuning_args.finetuning_type == "lora"
 
 
