@@ -89,9 +89,10 @@ def scan(path: Path, expert_path=None) -> CheckpointFiles:
 
 class TensorReader:
     """Reads tensors by key: from the shard being streamed when it holds the key, else from the shard the headers
-    name (a quantized weight's scale may sit in another shard), keeping the few shards last opened open."""
+    name (a quantized weight's scale may sit in another shard). Moving to the next shard closes the others: a
+    read shard's pages stop counting in the process's RSS, which stays near the packed experts plus one shard."""
 
-    KEEP_OPEN = 4
+    KEEP_OPEN = 2  # the shard being streamed + the last other one a scale came from
 
     def __init__(self, files: CheckpointFiles):
         self.files = files
@@ -102,6 +103,7 @@ class TensorReader:
     def use(self, shard: Path) -> None:
         """Stream `shard` next: its own keys are read from it."""
         self.current, self._current_keys = shard, set(self.files.keys[shard])
+        self._open.clear()
         self._handle(shard)
 
     def get(self, key: str) -> torch.Tensor:
