@@ -27,7 +27,7 @@ class LoadOptions:
     format: the experts' format (kt_sft.engine.formats: an ExpertFormat, its name or a kt_backend name; default:
     fp32 when dtype is float32, exact from any checkpoint; else for a quantized checkpoint (FP8, INT4) the smallest
     format at least as wide as its weights, int8 today, never silently bf16; else the family file's
-    defaults.engine_dtype, bf16); "int8" stores the experts as int8 with per-channel scales, quantized while
+    defaults.format, bf16); "int8" stores the experts as int8 with per-channel scales, quantized while
     loading (half the RAM of bf16), "int8-gemm" also runs the GEMMs in int8 (fast on AMX).
     rule: a family YAML (or built-in family name) overriding the registry entry (kt_optimize_rule).
     threads: engine worker threads (0 = the family file's defaults.threads, whose 'auto' means KT_SFT_THREADS or

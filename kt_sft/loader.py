@@ -184,7 +184,7 @@ def _without_quantization(path: Path, config) -> tuple[object, SourceFormat]:
 def _default_format(family: MoEFamily, source: SourceFormat, dtype: torch.dtype) -> tuple[ExpertFormat, str]:
     """(expert format, why) when the caller names none: an fp32 model gets exact fp32 experts (from the exactly
     decoded weights of a quantized checkpoint); otherwise an unquantized checkpoint gets the family file's
-    defaults.engine_dtype, a quantized one the smallest format that holds its weights (`_smallest_holding`)."""
+    defaults.format, a quantized one the smallest format that holds its weights (`_smallest_holding`)."""
     if dtype == torch.float32:
         return for_model_dtype(dtype), "fp32 model: exact fp32 experts" + \
             (f", decoded exactly from {source.name}" if source.quantized else "")
@@ -194,10 +194,10 @@ def _default_format(family: MoEFamily, source: SourceFormat, dtype: torch.dtype)
                      f"-bit weights: {fmt.weight_bytes} byte(s) per weight, bf16 would take "
                      f"{FORMATS['bf16'].weight_bytes}; kt_backend / format= picks another")
     try:
-        fmt = get_format(str(family.defaults.get("engine_dtype", "bf16")))
+        fmt = get_format(str(family.defaults.get("format", "bf16")))
     except ValueError as err:
-        raise ValueError(f"{family.source}: defaults.engine_dtype: {err}") from None
-    return fmt, f"defaults.engine_dtype of {family.source or family.model_type}"
+        raise ValueError(f"{family.source}: defaults.format: {err}") from None
+    return fmt, f"defaults.format of {family.source or family.model_type}"
 
 
 def _smallest_holding(source: SourceFormat) -> ExpertFormat:

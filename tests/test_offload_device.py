@@ -93,7 +93,7 @@ def test_rule_file_defaults_apply_and_explicit_arguments_win(qwen3_ckpt, tmp_pat
 
     rule = tmp_path / "my_qwen3.yaml"
     text = (FAMILY_DIR / "qwen3_moe.yaml").read_text()
-    rule.write_text(text.replace("engine_dtype: bfloat16", "engine_dtype: float32").replace("threads: auto", "threads: 1"))
+    rule.write_text(text.replace("format: bf16", "format: fp32").replace("threads: auto", "threads: 1"))
     before = ke.num_threads()
     try:
         model = kt_sft.load_model(qwen3_ckpt, device="cpu", dtype=torch.bfloat16, rule=rule, progress=False)
@@ -107,6 +107,10 @@ def test_rule_file_defaults_apply_and_explicit_arguments_win(qwen3_ckpt, tmp_pat
         ke.set_num_threads(before)
     rule.write_text(text.replace("model_type: qwen3_moe", "model_type: mixtral"))
     with pytest.raises(ValueError, match="is for model_type 'mixtral'"):
+        kt_sft.load_model(qwen3_ckpt, device="cpu", rule=rule, progress=False)
+    rule.write_text(text.replace("format: bf16", "engine_dtype: bfloat16"))  # the key's name before the format table
+    with pytest.raises(ValueError, match="unknown defaults engine_dtype; allowed: format, threads .engine_dtype is now "
+                                         "format"):
         kt_sft.load_model(qwen3_ckpt, device="cpu", rule=rule, progress=False)
 
 

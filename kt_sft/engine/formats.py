@@ -22,7 +22,7 @@ PAD = 32  # the engine pads hidden and intermediate to multiples of this (csrc/c
 
 @dataclass(frozen=True)
 class ExpertFormat:
-    name: str                     # the format's own name (family files' defaults.engine_dtype, benchmarks)
+    name: str                     # the format's own name (family files' defaults.format, benchmarks)
     code: object                  # _engine.WeightFormat value
     backends: tuple               # LLaMA-Factory kt_backend names that select it
     compute_dtype: torch.dtype    # activations in and out of the engine (x, y, dx, dy)

@@ -125,7 +125,7 @@ def _backend_help() -> str:
     formats = "; ".join(f"{' / '.join(f.backends)}: {f.doc}" for f in FORMATS.values())
     return (f"Expert weight format and GEMMs. {formats}. Unset: fp32 experts for an fp32 model; for a quantized "
             "checkpoint (FP8, INT4) the smallest format at least as wide as its weights (INT8 today); else the "
-            "family file's defaults.engine_dtype (bf16).")
+            "family file's defaults.format (bf16).")
 
 
 KEY_SPECS: tuple[KeySpec, ...] = (

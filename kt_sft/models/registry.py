@@ -9,7 +9,8 @@ Adding a family = one file in `kt_sft/models/families/` (or any YAML passed as `
     fused_checkpoint optional fused names on disk: gate_up [E, 2I, H] (gate rows first) / down [E, H, I]
     activation       the gated activation (config.hidden_act, where the config has one, must be one of its aliases)
     on_device        informational: what stays stock on the GPU (attention, router, shared experts, dense MLPs)
-    defaults         engine_dtype (bfloat16/float32/int8) and threads (auto or n) used when the caller sets none
+    defaults         format (a kt_sft.engine.formats name: bf16, int8, ...) and threads (auto or n) used when the
+                     caller sets none
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ FAMILY_DIR = Path(__file__).parent / "families"
 ADD_A_MODEL_DOC = "README.md, section 'Add a model'"
 PROJECTIONS = ("gate", "up", "down")
 ACTIVATION_ALIASES = {"silu": ("silu", "swish")}
+DEFAULTS_KEYS = ("format", "threads")
 
 
 class UnsupportedModelError(ValueError):
@@ -60,6 +62,11 @@ class MoEFamily:
                              f"transposed={self.transposed})")
         if "{layer}" not in self.experts_module:
             raise ValueError(f"{where}: experts_module must contain {{layer}}, got {self.experts_module!r}")
+        unknown = sorted(set(self.defaults) - set(DEFAULTS_KEYS))
+        if unknown:
+            hint = " (engine_dtype is now format: a kt_sft.engine.formats name, e.g. bf16)" \
+                if "engine_dtype" in unknown else ""
+            raise ValueError(f"{where}: unknown defaults {', '.join(unknown)}; allowed: {', '.join(DEFAULTS_KEYS)}{hint}")
 
     def expert_key_regexes(self) -> dict[str, re.Pattern]:
         """projection -> regex with groups layer/expert, for per-expert keys on disk."""
