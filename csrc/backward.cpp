@@ -14,7 +14,7 @@ class BackwardPass {
  public:
   BackwardPass(MoELayer& layer, Engine& eng, const SavedSlot& slot, const void* dy, const LoraArgs* lora,
                const LoraGrads* grads)
-      : ly_(layer), eng_(eng), f_(*layer.fmt_), kt_(kernels_for(eng, f_.format)), L_(layer.view(eng.kchunk)),
+      : ly_(layer), eng_(eng), f_(layer.fmt_), kt_(kernels_for(eng, f_.format)), L_(layer.view(eng.kchunk)),
         slot_(slot), plan_(slot.plan), dy_(dy), lora_(lora && lora->on() ? lora : nullptr), grads_(grads),
         clock_(eng), pool_(*eng.pool) {}
 

@@ -87,7 +87,7 @@ py::dict layout_dict(const MoELayer& layer) {
     d["panel"] = panel_name(l.panel);
     d["panel_group"] = panel_group(l.panel);  // k elements per (panel row, column) unit: 1, 2 (pairs), 4 (quads)
     d["panel_width"] = kPanel;
-    d["elem_bytes"] = l.elem_bytes;
+    d["elem_bits"] = l.elem_bits;  // 4: two weights per byte, the even k in the low nibble
     d["expert_bytes"] = l.expert_bytes;
     d["scales"] = scale_kind_name(l.scales);
     d["scale_block"] = py::make_tuple(l.scale_block_n, l.scale_block_k);
@@ -185,13 +185,15 @@ void bind_layer(py::module_& m) {
   py::enum_<WeightFormat> formats(m, "WeightFormat", py::module_local());
   for (const FormatInfo& f : kFormats) formats.value(f.name, f.format);
   PyLayer c(m, "MoELayer", py::module_local());
-  c.def(py::init([](int E, int H, int I, WeightFormat format, const std::string& activation, int max_saved) {
+  c.def(py::init([](int E, int H, int I, WeightFormat format, std::pair<int, int> scale_block,
+                    const std::string& activation, int max_saved) {
          if (activation != "silu")
            throw std::invalid_argument("activation '" + activation + "' is not implemented (expected 'silu')");
-         return new MoELayer(E, H, I, format, kSiluGLU, max_saved);
+         return new MoELayer(E, H, I, format, scale_block.first, scale_block.second, kSiluGLU, max_saved);
        }),
        py::arg("experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("format"),
-       py::arg("activation") = "silu", py::arg("max_saved") = 4)
+       py::arg("scale_block") = std::make_pair(0, 0), py::arg("activation") = "silu", py::arg("max_saved") = 4,
+       "scale_block: (rows, columns) of weights per scale of a block-scaled format ((0, 0): the format's own)")
       .def(
           "set_weights",
           [](MoELayer& self, int which, int e0, int n, uintptr_t src, const std::string& src_dtype, int64_t s_e,
@@ -201,6 +203,23 @@ void bind_layer(py::module_& m) {
           },
           py::arg("which"), py::arg("expert_begin"), py::arg("n_experts"), py::arg("src"), py::arg("src_dtype"),
           py::arg("stride_expert"), py::arg("stride_row"), py::arg("stride_col"))
+      .def(
+          "set_weights_stored",
+          [](MoELayer& self, int which, int e0, int n, uintptr_t codes, std::vector<int64_t> code_strides,
+             uintptr_t scales, const std::string& scale_dtype, std::vector<int64_t> scale_strides,
+             std::pair<int, int> grid) {
+            if (code_strides.size() != 3 || scale_strides.size() != 3)
+              throw std::invalid_argument("code_strides and scale_strides: expected 3 element strides each");
+            const StoredSource src{ptr<const void>(codes), code_strides[0], code_strides[1], code_strides[2],
+                                   ptr<const void>(scales), dtype_code(scale_dtype), scale_strides[0],
+                                   scale_strides[1], scale_strides[2], grid.first, grid.second};
+            py::gil_scoped_release nogil;
+            self.set_weights_stored(which, e0, n, src);
+          },
+          py::arg("which"), py::arg("expert_begin"), py::arg("n_experts"), py::arg("codes"), py::arg("code_strides"),
+          py::arg("scales"), py::arg("scale_dtype"), py::arg("scale_strides"), py::arg("scale_grid"),
+          "a checkpoint's own codes (fp8: e4m3 bytes [n][N][K]; int4: int32 words [n][N][ceil(K/8)]) and scales "
+          "[n][grid rows][grid cols], element strides (expert, row, col), kept as they are")
       .def("missing_weights", &MoELayer::missing_weights)
       // (address, bytes) of a projection's packed panels / int8 scales ((0, 0) without): read-only storage that
       // lives as long as the layer; kt_sft/engine/gpu_share.py wraps it without a copy.
@@ -213,7 +232,7 @@ void bind_layer(py::module_& m) {
              return std::make_pair(reinterpret_cast<uintptr_t>(s.first), s.second);
            }, py::arg("which"))
       .def("layout", &layout_dict,
-           "{gate|up|down: {rows, cols, padded_rows, padded_cols, panel, panel_group, panel_width, elem_bytes, "
+           "{gate|up|down: {rows, cols, padded_rows, padded_cols, panel, panel_group, panel_width, elem_bits, "
            "expert_bytes, scales, scale_block, scale_grid}}: how panel_storage / scale_storage are laid out")
       .def_property_readonly("padded_hidden", &MoELayer::padded_hidden)
       .def_property_readonly("padded_intermediate", &MoELayer::padded_intermediate)

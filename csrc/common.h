@@ -36,6 +36,15 @@
 //            LoraView: fp32 factors repacked per call into per-expert, zero-padded, row-major scratch
 //            (At_gu [E][r_gu][2Ip], Bt_gu [E][r_gu][Hp], At_d [E][r_d][Hp], Bt_d [E][r_d][Ip]); a null view or
 //            r = 0 means no LoRA on that projection.
+// FP8 / INT4 (WeightFormat::kFp8, kInt4; kernels/moe_fp8.inc, moe_int4.inc): codes in the bf16 pair order (fp8: one
+//            e4m3 byte per weight; int4: two weights per byte, the even k in the low nibble, stored q + 8) with fp32
+//            scales on a grid of block_n x block_k weights (ScaleKind::kBlock; the layer picks the sizes: fp8
+//            128 x 128 blocks, int4 groups of 1 x 32 by default). W(n, k) = bf16(fl32(value * scale)) with value the
+//            e4m3 number or q - 8: the kernels expand each block they use to those bf16 values and run the bf16
+//            GEMMs, so such a layer computes exactly what a bf16 layer holding them computes. From float sources
+//            the packer quantizes per block: s = max |w| / 448 (fp8) or / 7 (int4) over the block's weights,
+//            q = e4m3_rne_sat(w / s) or clamp(round_half_even(w / s), -8, 7) (s = 0: q = 0); from a checkpoint's
+//            own tensors it keeps codes and scales as they are (packing.h, pack_stored).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -56,8 +65,10 @@ enum class WeightFormat : int {
   kBF16 = 1,      // bf16 VNNI-pair panels, bf16 activations
   kInt8 = 2,      // int8 pair panels + per-channel scales, GEMMs in bf16 on the dequantized weights (INT8)
   kInt8Gemm = 3,  // int8 quad panels + per-channel scales, GEMMs in int8 (INT8 GEMMs)
+  kFp8 = 4,       // e4m3 pair panels + block scales, GEMMs in bf16 on the decoded weights (FP8 / INT4)
+  kInt4 = 5,      // int4 pair panels (two per byte) + group scales along K, GEMMs in bf16 likewise
 };
-constexpr int kNumFormats = 4;
+constexpr int kNumFormats = 6;
 enum Activation : int { kSiluGLU = 0 };
 
 // The three projections of an expert: gate and up are [I][H], down is [H][I] (out x reduce).
@@ -78,12 +89,13 @@ static inline size_t panel_index(PanelKind kind, int n, int k) {
 
 // Where a quantized projection's fp32 multipliers apply: scale (n, k) of one expert is
 // scales[(n / block_n) * cols + k / block_k], a grid of rows = ceil(Np / block_n) x cols = ceil(Kp / block_k).
-// Per channel (today's int8): block_n = 1, block_k = Kp, so one scale per output channel n. Block scales
-// (block_n = block_k = B) and group scales along K (block_n = 1, block_k = G) are the same grid.
-// A new scale layout (block-FP8's B x B blocks, INT4's groups along K) is a new kind with its block sizes in its
-// format's row (formats.h); the grid, its storage and its Python description follow from them.
-enum class ScaleKind : int { kNone = 0, kChannel = 1 };
-static inline const char* scale_kind_name(ScaleKind k) { return k == ScaleKind::kNone ? "none" : "channel"; }
+// Per channel (int8): block_n = 1, block_k = Kp, so one scale per output channel n. kBlock is any grid the layer
+// asks for (formats.h, format_with_scale_block): block-FP8's Bn x Bk blocks, INT4's groups along K (1 x G); partial
+// edge blocks, and grid cells holding only padding have scale 0.
+enum class ScaleKind : int { kNone = 0, kChannel = 1, kBlock = 2 };
+static inline const char* scale_kind_name(ScaleKind k) {
+  return k == ScaleKind::kNone ? "none" : k == ScaleKind::kChannel ? "channel" : "block";
+}
 
 static inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 static inline int imin(int a, int b) { return a < b ? a : b; }
@@ -112,6 +124,26 @@ static inline float load_as_f32(const void* p, size_t i, int dt) {
   if (dt == kF32) return static_cast<const float*>(p)[i];
   if (dt == kBF16) return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
   return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+}
+
+// e4m3 (float8_e4m3fn: 1 sign, 4 exponent bits of bias 7, 3 mantissa bits, no Inf, 0x7f / 0xff NaN) of f: round to
+// nearest even, saturating at +-448 (as torch's .to(torch.float8_e4m3fn)); NaN gives NaN.
+static inline uint8_t f32_to_e4m3(float f) {
+  uint32_t u = f32_to_bits(f);
+  const uint8_t sign = uint8_t((u >> 24) & 0x80u);
+  u &= 0x7fffffffu;
+  if (u > 0x7f800000u) return sign | 0x7f;
+  if (u >= 0x43e00000u) return sign | 0x7e;  // >= 448: the largest finite value (ties at 464 go to its even code)
+  if (u < 0x3c800000u)                       // below 2^-6, the subnormals: steps of 2^-9 (exact scaling, RNE)
+    return sign | uint8_t(__builtin_nearbyintf(bits_to_f32(u) * 512.0f));
+  u += 0x7ffffu + ((u >> 20) & 1u);  // round the 23-bit mantissa to 3 bits, half to even (a carry bumps the exponent)
+  return sign | uint8_t((u >> 20) - (120u << 3));  // exponent bias 127 -> 7
+}
+static inline float e4m3_to_f32(uint8_t b) {
+  const uint32_t sign = uint32_t(b & 0x80u) << 24, em = b & 0x7fu;
+  if (em == 0x7fu) return bits_to_f32(sign | 0x7fc00000u);
+  if (em < 8u) return bits_to_f32(sign | f32_to_bits(float(em) * 0.001953125f));  // subnormal: m * 2^-9
+  return bits_to_f32(sign | ((em << 20) + (120u << 23)));
 }
 
 // exp(x) to ~2 ulp on [-87, 88], written as plain arithmetic so each ISA unit auto-vectorises it.

@@ -1,9 +1,10 @@
 // NOTE (kt-sft engine, the driver's row for each weight format)
-// Layout:    kFormats[WeightFormat]: how a format is stored (activation dtype, panel kind, bytes per weight, scale
+// Layout:    kFormats[WeightFormat]: how a format is stored (activation dtype, panel kind, bits per weight, scale
 //            kind: what packing.h writes) and how the driver schedules it (which phases quantize A, which
 //            forward tasks expand their weight blocks, backward's transposed block size, task blocking). The
 //            kernels of a format are its policy in kernels/ (moe_kernels.inc); Python's row is
-//            kt_sft/engine/formats.py (it reads the layout from MoELayer.layout(), packing's descriptor).
+//            kt_sft/engine/formats.py (it reads the layout from MoELayer.layout(), packing's descriptor). A layer
+//            keeps its own copy of the row, with the scale grid it was built with (format_with_scale_block).
 // Algorithm: plain data; the driver reads the layer's row once per call.
 // Invariants: rows in WeightFormat order (checked at compile time); blocks per task <= kMaxTaskBlocks and row
 //            chunks <= kMaxTaskRows (K-chunked tasks keep all their rows' C in the per-worker scratch).
@@ -20,10 +21,10 @@ struct FormatInfo {
   const char* name;         // the _engine.WeightFormat member (kt_sft/engine/formats.py's ExpertFormat.code)
   int act_dtype;            // kF32 or kBF16: x, y, dx, dy and the activations between the GEMMs
   PanelKind panel;          // element order in the panels (common.h)
-  int weight_bytes;         // bytes per packed weight
+  int weight_bits;          // bits per packed weight (int4: two weights per byte)
   ScaleKind scales;         // fp32 multipliers beside the panels (common.h)
   int scale_block_n;        // ... one per scale_block_n output rows x scale_block_k reduction columns (0: the whole
-  int scale_block_k;        //     padded dimension; per channel: 1 x 0)
+  int scale_block_k;        //     padded dimension; per channel: 1 x 0). kBlock: the default a layer may change
   bool quantized_gemm;      // each GEMM phase quantizes its A first (QuantJob); per-row outputs bf16 (INT8 GEMMs)
   bool expands_blocks;      // forward tasks dequantize their weight blocks into Scratch::wdq
   int transposed_bytes;     // bytes per element of backward's transposed blocks (Scratch::packed)
@@ -56,16 +57,21 @@ constexpr int kWholeSegment = 1 << 30;  // a row chunk no expert reaches: one ta
 static_assert(kRowChunkBwd <= kMaxTaskRows && kActBlocksPerTask <= kMaxTaskBlocks, "see Task");
 
 inline constexpr FormatInfo kFormats[kNumFormats] = {
-    // format, name, activations, panel, weight bytes, scales (kind, block n x k), quantized GEMM, expands blocks,
+    // format, name, activations, panel, weight bits, scales (kind, block n x k), quantized GEMM, expands blocks,
     // transposed (bytes, k align), forward rows per task, blocks per task (gate_up, down, dx)
-    {WeightFormat::kF32, "f32", kF32, PanelKind::kF32, 4, ScaleKind::kNone, 0, 0, false, false, 4, 1, kRowChunk,
+    {WeightFormat::kF32, "f32", kF32, PanelKind::kF32, 32, ScaleKind::kNone, 0, 0, false, false, 4, 1, kRowChunk,
      kGateUpBlocksPerTask, kDownBlocksPerTask, kDxBlocksPerTask},
-    {WeightFormat::kBF16, "bf16", kBF16, PanelKind::kPairs, 2, ScaleKind::kNone, 0, 0, false, false, 2, 1, kRowChunk,
+    {WeightFormat::kBF16, "bf16", kBF16, PanelKind::kPairs, 16, ScaleKind::kNone, 0, 0, false, false, 2, 1, kRowChunk,
      kGateUpBlocksPerTask, kDownBlocksPerTask, kDxBlocksPerTask},
-    {WeightFormat::kInt8, "int8", kBF16, PanelKind::kPairs, 1, ScaleKind::kChannel, 1, 0, false, true, 2, 1,
+    {WeightFormat::kInt8, "int8", kBF16, PanelKind::kPairs, 8, ScaleKind::kChannel, 1, 0, false, true, 2, 1,
      kRowChunkInt8, kGateUpBlocksPerTask, kDownBlocksPerTask, kDxBlocksPerTask},
-    {WeightFormat::kInt8Gemm, "int8_gemm", kBF16, PanelKind::kQuads, 1, ScaleKind::kChannel, 1, 0, true, false, 1, 64,
+    {WeightFormat::kInt8Gemm, "int8_gemm", kBF16, PanelKind::kQuads, 8, ScaleKind::kChannel, 1, 0, true, false, 1, 64,
      kRowChunkInt8, kGateUpBlocksPerTaskInt8, kDownBlocksPerTaskInt8, kDxBlocksPerTaskInt8},
+    // fp8 and int4 decode their blocks per task like int8 (its row lengths and blocking: not tuned apart)
+    {WeightFormat::kFp8, "fp8", kBF16, PanelKind::kPairs, 8, ScaleKind::kBlock, 128, 128, false, true, 2, 1,
+     kRowChunkInt8, kGateUpBlocksPerTask, kDownBlocksPerTask, kDxBlocksPerTask},
+    {WeightFormat::kInt4, "int4", kBF16, PanelKind::kPairs, 4, ScaleKind::kBlock, 1, 32, false, true, 2, 1,
+     kRowChunkInt8, kGateUpBlocksPerTask, kDownBlocksPerTask, kDxBlocksPerTask},
 };
 
 constexpr bool format_rows_valid() {
@@ -85,6 +91,23 @@ inline const FormatInfo& format_info(WeightFormat f) {
   if (int(f) < 0 || int(f) >= kNumFormats)
     throw std::invalid_argument("unknown weight format " + std::to_string(int(f)));
   return kFormats[int(f)];
+}
+
+// The row of format f as one layer uses it: with its scale grid of block_n x block_k weights (0 x 0: the row's own).
+// Only kBlock formats take other sizes (any positive ones); throws std::invalid_argument naming the sizes otherwise.
+inline FormatInfo format_with_scale_block(WeightFormat f, int block_n, int block_k) {
+  FormatInfo r = format_info(f);
+  if (block_n == 0 && block_k == 0) return r;
+  const std::string sizes = std::to_string(block_n) + " x " + std::to_string(block_k);
+  if (r.scales != ScaleKind::kBlock) {
+    if (block_n == r.scale_block_n && block_k == r.scale_block_k) return r;
+    throw std::invalid_argument(std::string("format ") + r.name + " has no scale grid to choose (got " + sizes + ")");
+  }
+  if (block_n < 1 || block_k < 1)
+    throw std::invalid_argument(std::string("format ") + r.name + ": scale block sizes must be >= 1, got " + sizes);
+  r.scale_block_n = block_n;
+  r.scale_block_k = block_k;
+  return r;
 }
 
 }  // namespace kt_sft

@@ -12,7 +12,7 @@ namespace kt_sft {
 class ForwardPass {
  public:
   ForwardPass(MoELayer& layer, Engine& eng, const void* x, const LoraArgs* lora)
-      : ly_(layer), eng_(eng), f_(*layer.fmt_), kt_(kernels_for(eng, f_.format)), L_(layer.view(eng.kchunk)), x_(x),
+      : ly_(layer), eng_(eng), f_(layer.fmt_), kt_(kernels_for(eng, f_.format)), L_(layer.view(eng.kchunk)), x_(x),
         lora_(lora && lora->on() ? lora : nullptr), clock_(eng), pool_(*eng.pool) {}
 
   uint64_t route(int T, int k, const int64_t* ids, const float* w, bool save);

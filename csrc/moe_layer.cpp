@@ -25,10 +25,12 @@ Proj checked_proj(int which) {
 
 }  // namespace
 
-MoELayer::MoELayer(int experts, int hidden, int intermediate, WeightFormat format, int activation, int max_saved)
+MoELayer::MoELayer(int experts, int hidden, int intermediate, WeightFormat format, int scale_block_n,
+                   int scale_block_k, int activation, int max_saved)
     : E_(checked_experts(experts, hidden, intermediate, format, activation, max_saved)), H_(hidden), I_(intermediate),
       Hp_(round_up(hidden, kBlock)), Ip_(round_up(intermediate, kBlock)), activation_(activation),
-      fmt_(&format_info(format)), weights_(experts, hidden, intermediate, *fmt_) {
+      fmt_(format_with_scale_block(format, scale_block_n, scale_block_k)),
+      weights_(experts, hidden, intermediate, fmt_) {
   loaded_.assign(kNumProj * size_t(E_), 0);
   slots_.resize(size_t(max_saved));
 }
@@ -49,22 +51,35 @@ LayerView MoELayer::view(int kchunk) const {
   return L;
 }
 
-void MoELayer::set_weights(int which, int e0, int n, const void* src, int src_dtype, int64_t s_e, int64_t s_r,
-                           int64_t s_c) {
+template <class Pack>
+void MoELayer::pack_experts(int which, int e0, int n, const Pack& pack) {
   const Proj p = checked_proj(which);
   if (e0 < 0 || n < 1 || e0 + n > E_)
     throw std::invalid_argument("experts [" + std::to_string(e0) + ", " + std::to_string(e0 + n) +
                                 ") outside [0, " + std::to_string(E_) + ")");
-  if (src_dtype != kF32 && src_dtype != kBF16 && src_dtype != kF16)
-    throw std::invalid_argument("source dtype must be float32, bfloat16 or float16");
   Engine& eng = engine();
   std::lock_guard<std::mutex> lock(eng.mu);
   ensure_ready(eng);
-  const int bad = weights_.pack(*eng.pool, p, e0, n, WeightSource{src, src_dtype, s_e, s_r, s_c});
+  const int bad = pack(*eng.pool, p);
   if (bad >= 0)
     throw std::invalid_argument(std::string("non-finite value (NaN/Inf) in the ") + proj_name(p) +
                                 " weights of expert " + std::to_string(bad));
   for (int e = e0; e < e0 + n; ++e) loaded_[size_t(which) * E_ + e] = 1;
+}
+
+void MoELayer::set_weights(int which, int e0, int n, const void* src, int src_dtype, int64_t s_e, int64_t s_r,
+                           int64_t s_c) {
+  if (src_dtype != kF32 && src_dtype != kBF16 && src_dtype != kF16)
+    throw std::invalid_argument("source dtype must be float32, bfloat16 or float16");
+  pack_experts(which, e0, n, [&](ThreadPool& pool, Proj p) {
+    return weights_.pack(pool, p, e0, n, WeightSource{src, src_dtype, s_e, s_r, s_c});
+  });
+}
+
+void MoELayer::set_weights_stored(int which, int e0, int n, const StoredSource& src) {
+  if (src.scale_dtype != kF32 && src.scale_dtype != kBF16 && src.scale_dtype != kF16)
+    throw std::invalid_argument("scale dtype must be float32, bfloat16 or float16");
+  pack_experts(which, e0, n, [&](ThreadPool& pool, Proj p) { return weights_.pack_stored(pool, p, e0, n, src); });
 }
 
 std::vector<std::string> MoELayer::missing_weights() const {

@@ -41,13 +41,18 @@ struct SavedSlot {
 
 class MoELayer {
  public:
-  // format: how the experts are stored and multiplied (common.h, WeightFormat; formats.h).
-  MoELayer(int experts, int hidden, int intermediate, WeightFormat format, int activation, int max_saved);
+  // format: how the experts are stored and multiplied (common.h, WeightFormat; formats.h), with a scale grid of
+  // scale_block_n x scale_block_k weights (0 x 0: the format's own; formats.h, format_with_scale_block).
+  MoELayer(int experts, int hidden, int intermediate, WeightFormat format, int scale_block_n, int scale_block_k,
+           int activation, int max_saved);
 
   // Packs rows x cols of projection `which` (0 gate [I][H], 1 up [I][H], 2 down [H][I]) for experts
   // [e0, e0+n) from src (dtype src_dtype) with element strides (expert, row, col), quantizing each output
   // row (channel) of an int8 layer. Throws on NaN/Inf.
   void set_weights(int which, int e0, int n, const void* src, int src_dtype, int64_t s_e, int64_t s_r, int64_t s_c);
+  // The same from a checkpoint's own codes and scales, kept as they are (fp8, int4: packing.h, StoredSource). Throws
+  // for another format, a scale grid that is not the layer's, a NaN code or a non-finite scale.
+  void set_weights_stored(int which, int e0, int n, const StoredSource& src);
   // y[T][H] = sum_j w[t][j] * expert_{ids[t][j]}(x[t]) over slots with ids != kNotHere; returns a handle for
   // backward when save is set.
   // lora: optional per-expert LoRA on gate_up / down (null or all ranks 0 = frozen experts only).
@@ -79,7 +84,7 @@ class MoELayer {
   const ProjectionLayout& layout(int which) const;
   int padded_hidden() const { return Hp_; }
   int padded_intermediate() const { return Ip_; }
-  WeightFormat format() const { return fmt_->format; }
+  WeightFormat format() const { return fmt_.format; }
   std::vector<std::string> missing_weights() const;  // "expert 3 down", ...
 
  private:
@@ -90,10 +95,13 @@ class MoELayer {
   SavedSlot& live_slot(uint64_t handle);  // find_slot or a clear error
   SavedSlot& claim_slot();                // a free slot, else the oldest (its forward is forgotten)
   // Bytes per element of the per-row outputs (out_rows, dx_rows): bf16 with int8 GEMMs (common.h), else f32.
-  size_t row_out_bytes() const { return fmt_->quantized_gemm ? 2 : sizeof(float); }
+  size_t row_out_bytes() const { return fmt_.quantized_gemm ? 2 : sizeof(float); }
+  // Checks the experts range and claims the engine for packing; marks them loaded after pack(pool) succeeds.
+  template <class Pack>
+  void pack_experts(int which, int e0, int n, const Pack& pack);
 
   int E_, H_, I_, Hp_, Ip_, activation_;
-  const FormatInfo* fmt_;
+  FormatInfo fmt_;  // the format's row with this layer's scale grid
   PackedWeights weights_;
   std::vector<uint8_t> loaded_;  // [3][E]
   std::vector<SavedSlot> slots_;

@@ -10,6 +10,8 @@ until it has them.
 References (tests/moe_reference.py, tests/expert_lora_reference.py for the definitions):
   fp32, bf16  autograd through `experts_with_lora` on the weights rounded to the compute dtype
   int8        the same on the dequantized weights bf16(q * s) (csrc/common.h, INT8): exact dequantized math
+  fp8, int4   the same on the decoded weights bf16(fl32(value * s)) of their block / group quantization
+              (csrc/common.h, FP8 / INT4); the kinds cover the formats' default grids and quirky ones (VARIANTS)
   int8-gemm   `w8a8_reference`, the INT8-GEMMs spec of csrc/common.h written out row by row
 """
 from __future__ import annotations
@@ -78,20 +80,24 @@ class Tolerance:
 # are fp32. int8 is bf16 arithmetic on the dequantized weights (6.5e-3; 2.3e-2 from the unquantized weights). int8
 # GEMMs: the integer sums are exact, so what differs from the spec is fp32 summation order (dw; the LoRA terms) and
 # an output or activation rounding to the other side of a bf16 or int8 step (y, dx 1.0e-4 with LoRA, 0 without;
-# dw 3.1e-5, factors 5.9e-5; 3.1e-2 from the unquantized weights). Paths: the same flips between two units' bf16
-# outputs (2.4e-4).
+# dw 3.1e-5, factors 5.9e-5; 3.1e-2 from the unquantized weights). fp8 and int4 are bf16 arithmetic on the decoded
+# weights like int8 (1.0e-2 at most, int4 groups of 5's dw); from the unquantized weights they differ by what e4m3's
+# 3 mantissa bits (1.1e-1) and 4-bit groups (4.6e-1, dw; y and dx 2.2e-1) lose. Paths: the same flips between two
+# units' bf16 outputs (2.4e-4).
 TOLERANCE = {
     "fp32": Tolerance(y=5e-6, dx=5e-6, dw=5e-6, factors=5e-6, paths=1e-6),
     "bf16": Tolerance(y=1e-2, dx=1.5e-2, dw=1.5e-2, factors=1.5e-2, paths=1e-3),
     "int8": Tolerance(y=1e-2, dx=1.5e-2, dw=1.5e-2, factors=1.5e-2, paths=1e-3, unquantized=4e-2),
     "int8-gemm": Tolerance(y=3e-4, dx=3e-4, dw=1e-4, factors=2e-4, paths=1e-3, unquantized=5e-2),
+    "fp8": Tolerance(y=1e-2, dx=1.5e-2, dw=1.5e-2, factors=1.5e-2, paths=1e-3, unquantized=1.5e-1),
+    "int4": Tolerance(y=1e-2, dx=1.5e-2, dw=1.5e-2, factors=1.5e-2, paths=1e-3, unquantized=6e-1),
 }
 
 
 # The format whose reference and tolerance a GPU share's experts follow: the share runs stock PyTorch experts in the
 # format's compute dtype on the weights the engine multiplies with (int8: dequantized), so int8 GEMMs are bf16 there.
 # A call with a share gets the looser of the two rows (measured on the CPU device: fp32 6.1e-7, the others 8.8e-3).
-SHARE_COMPUTES_LIKE = {"fp32": "fp32", "bf16": "bf16", "int8": "int8", "int8-gemm": "int8"}
+SHARE_COMPUTES_LIKE = {"fp32": "fp32", "bf16": "bf16", "int8": "int8", "int8-gemm": "int8", "fp8": "fp8", "int4": "int4"}
 SHARE_DEVICES = ("cpu",) + (("cuda",) if torch.cuda.is_available() else ())
 
 
@@ -102,11 +108,21 @@ class LayerKind:
     share: Optional[str] = None  # the GPU share's device, or None: every expert on the engine
 
     def __str__(self) -> str:
-        return self.format.name + ("-lora" if self.lora else "") + (f"-share_{self.share}" if self.share else "")
+        return format_id(self.format) + ("-lora" if self.lora else "") + (f"-share_{self.share}" if self.share else "")
 
 
-KINDS = [LayerKind(fmt, lora, share) for fmt in ke.FORMATS.values() for lora in (False, True)
+# Scale grids besides the rows' own that every engine test covers: blocks and groups that divide neither the grid's
+# sizes nor their padding (odd block_k: a (k, k+1) pair straddles two blocks).
+VARIANTS = (ke.get_format("fp8", block=(5, 7)), ke.get_format("int4", group=5))
+KINDS = [LayerKind(fmt, lora, share) for fmt in (*ke.FORMATS.values(), *VARIANTS) for lora in (False, True)
          for share in (None,) + SHARE_DEVICES]
+
+
+def format_id(fmt: ke.ExpertFormat) -> str:
+    """The format's name, with its scale grid when it is not the row's own."""
+    if fmt.scale_block == ke.FORMATS[fmt.name].scale_block:
+        return fmt.name
+    return f"{fmt.name}-{fmt.scale_block[0]}x{fmt.scale_block[1]}"
 
 
 def shape_id(shape: Shape) -> str:
@@ -226,16 +242,38 @@ def outputs_equal(a: Outputs, b: Outputs) -> bool:
 
 # ------------------------------------------------------------------------------------------------ references
 
-def dequantized(w: torch.Tensor) -> torch.Tensor:
-    """What an int8 layer computes with (csrc/common.h, INT8): per output channel s = max |w| / 127, q =
-    round_half_even(w / s) clamped to +-127 (s = 0: q = 0), then bf16(q * s); plain torch, fp32 arithmetic."""
-    q, s = quantize(w)
-    return (q.float() * s).bfloat16()
+def dequantized(w: torch.Tensor, fmt: ke.FormatLike = "int8") -> torch.Tensor:
+    """What a layer of quantized format `fmt` computes with, from fp32 weights w [.., N, K], plain torch in fp32:
+    int8 (csrc/common.h, INT8): per output channel s = max |w| / 127, q = round_half_even(w / s) clamped to +-127
+    (s = 0: q = 0), then bf16(q * s); fp8 and int4 (FP8 / INT4): per block of the format's grid s = max |w| / 448
+    (7), q = e4m3(w / s) (round_half_even(w / s) clamped to [-8, 7]), then bf16(fl32(q * s))."""
+    fmt = ke.get_format(fmt)
+    if fmt.scales == "channel":  # int8, and int8-gemm's weights
+        q, s = quantize(w)
+        return (q.float() * s).bfloat16()
+    blocks = as_blocks(w, fmt.scale_block)
+    s = blocks.abs().amax(dim=(-3, -1), keepdim=True) / (448 if fmt.name == "fp8" else 7)
+    ratio = blocks / torch.where(s > 0, s, 1.0)
+    q = ratio.to(torch.float8_e4m3fn).float() if fmt.name == "fp8" else torch.round(ratio).clamp(-8, 7)
+    return from_blocks(torch.where(s > 0, q, 0.0) * s, w.shape).bfloat16()
+
+
+def as_blocks(w: torch.Tensor, block: tuple) -> torch.Tensor:
+    """w [.., N, K] zero-padded to whole blocks of block (Bn, Bk) and viewed as [.., N / Bn, Bn, K / Bk, Bk]."""
+    (bn, bk), (N, K) = block, w.shape[-2:]
+    padded = F.pad(w.float(), (0, -K % bk, 0, -N % bn))
+    return padded.view(*w.shape[:-2], padded.shape[-2] // bn, bn, padded.shape[-1] // bk, bk)
+
+
+def from_blocks(blocks: torch.Tensor, shape) -> torch.Tensor:
+    """as_blocks undone: [.., N, K] of shape `shape` (the padding cut off)."""
+    nb, bn, kb, bk = blocks.shape[-4:]
+    return blocks.reshape(*blocks.shape[:-4], nb * bn, kb * bk)[..., :shape[-2], :shape[-1]]
 
 
 def computed_weights(fmt: ke.ExpertFormat, w: torch.Tensor) -> torch.Tensor:
     """The weights a layer of `fmt` multiplies with, in fp32."""
-    return (dequantized(w) if fmt.quantized else w.to(fmt.compute_dtype)).float()
+    return (dequantized(w, fmt) if fmt.quantized else w.to(fmt.compute_dtype)).float()
 
 
 def reference_with_grads(x, ids, w, gate, up, down, lora: Optional[ke.ExpertLoRA], dy) -> Outputs:
@@ -390,7 +428,8 @@ def w8a8_reference(case: Case) -> Outputs:
     return Outputs(y.bfloat16(), dx.bfloat16(), dw, factors)
 
 
-REFERENCES = {"fp32": exact_reference, "bf16": exact_reference, "int8": exact_reference, "int8-gemm": w8a8_reference}
+REFERENCES = {"fp32": exact_reference, "bf16": exact_reference, "int8": exact_reference, "int8-gemm": w8a8_reference,
+              "fp8": exact_reference, "int4": exact_reference}
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -433,14 +472,15 @@ def assert_output_layout(got: Outputs, case: Case) -> None:
 
 
 def bitwise_dequantized_twin(case: Case, got: Outputs, why: str) -> None:
-    """int8 computes *bitwise* what the bf16 layer of its dequantized weights computes."""
-    twin = make_layer(dequantized(case.gate), dequantized(case.up), dequantized(case.down), "bf16")
+    """int8, fp8 and int4 compute *bitwise* what the bf16 layer of their dequantized weights computes."""
+    twin = make_layer(*(dequantized(t, case.format) for t in (case.gate, case.up, case.down)), "bf16")
     assert outputs_equal(got, run_layer(twin, case)), f"differs from the bf16 layer of dequantized weights ({why})"
 
 
 # What a format's layer must satisfy besides matching its reference (quantized formats are also checked against the
 # fp32 model of their unquantized weights, Tolerance.unquantized).
-IDENTITIES = {"fp32": (), "bf16": (), "int8": (bitwise_dequantized_twin,), "int8-gemm": ()}
+IDENTITIES = {"fp32": (), "bf16": (), "int8": (bitwise_dequantized_twin,), "int8-gemm": (),
+              "fp8": (bitwise_dequantized_twin,), "int4": (bitwise_dequantized_twin,)}
 
 
 def shared_reference(case: Case) -> Outputs:
@@ -450,6 +490,7 @@ def shared_reference(case: Case) -> Outputs:
     on_share = case.ids >= E - case.share[1]
     engine = REFERENCES[case.format.name](dataclasses.replace(case, ids=case.ids.masked_fill(on_share, -1)))
     like = ke.FORMATS[SHARE_COMPUTES_LIKE[case.format.name]]
+    like = case.format if like.name == case.format.name else like  # with the case's own scale grid
     share = REFERENCES[like.name](dataclasses.replace(case, format=like, ids=case.ids.masked_fill(~on_share, -1)))
     factors = None if case.lora is None else tuple(
         None if a is None else a + b for a, b in zip(engine.factors, share.factors))

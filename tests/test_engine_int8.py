@@ -43,9 +43,9 @@ def test_int8_halves_the_weight_memory():
     assert "format=int8," in repr(q)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "float16", "AMXINT4"])
+@pytest.mark.parametrize("fmt", ["int2", "float16", "AMXFP4"])
 def test_unknown_format_is_refused(fmt):
-    with pytest.raises(ValueError, match=f"expert format '{fmt}' is not one of bf16, fp32, int8, int8-gemm"):
+    with pytest.raises(ValueError, match=f"expert format '{fmt}' is not one of bf16, fp32, int8, int8-gemm, fp8, int4"):
         ke.ExpertLayer(2, 32, 32, fmt)
 
 

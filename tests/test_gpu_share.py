@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kt_sft.engine as ke
-from engine_cases import SHARE_DEVICES, TOLERANCE, reference_with_grads
+from engine_cases import SHARE_DEVICES, TOLERANCE, dequantized, reference_with_grads
 from kt_sft.engine.gpu_share import GpuShare, panels_to_matrix
 from moe_reference import make_experts, make_routing, rel_err
 
@@ -25,8 +25,8 @@ def _layer(E, H, I, fmt, gen):
 
 @pytest.mark.parametrize("fmt", list(ke.FORMATS))
 def test_panels_unpack_to_the_loaded_weights(fmt):
-    """The unpacked panels are the weights the engine computes with: exact for f32/bf16, q * s for int8 (stored as
-    VNNI pairs, or as quads for a layer with int8 GEMMs)."""
+    """The unpacked panels are the weights the engine computes with: exact for f32/bf16, bf16(q * s) for int8 (stored
+    as VNNI pairs, or as quads for a layer with int8 GEMMs), fp8 and int4 (engine_cases.dequantized)."""
     E, H, I = 3, 40, 24  # pads to 64 x 32: the padding must come back as zeros outside [:N, :K]
     layer, (gate, up, down) = _layer(E, H, I, fmt, torch.Generator().manual_seed(0))
     share = GpuShare(layer, 2, "cpu", chunk=1)
@@ -37,9 +37,7 @@ def test_panels_unpack_to_the_loaded_weights(fmt):
         g, u, d = mats[j]
         for got, ref in ((g[0], gate[e]), (u[0], up[e]), (d[0], down[e])):
             if ke.get_format(fmt).quantized:
-                s = ref.abs().amax(dim=1, keepdim=True) / 127
-                q = torch.where(s > 0, torch.round(ref / torch.where(s > 0, s, 1)), 0).clamp(-127, 127)
-                ref = (q * s).to(torch.bfloat16)
+                ref = dequantized(ref, fmt)
             assert torch.equal(got.float(), ref.float()), f"expert {e}"
     raw = torch.arange(32 * 32, dtype=torch.float32).view(torch.uint8)  # one f32 expert of 32 x 32
     fp32_layout = ke.ExpertLayer(1, 32, 32, "fp32")._layer.layout()["gate"]

@@ -10,8 +10,9 @@ A new format = one row here + its `WeightFormat` value + its kernel file.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -26,30 +27,59 @@ class ExpertFormat:
     code: object                  # _engine.WeightFormat value
     backends: tuple               # LLaMA-Factory kt_backend names that select it
     compute_dtype: torch.dtype    # activations in and out of the engine (x, y, dx, dy)
-    weight_dtype: torch.dtype     # element type of the packed panels
+    weight_dtype: torch.dtype     # element type of the packed panels (torch.int4: two weights per byte)
     panel: str                    # panel layout (csrc/common.h): "f32" [k][n], "pairs" [k/2][n][2], "quads" [k/4][n][4]
-    scales: str                   # "none" or "channel" (one fp32 multiplier per output channel)
+    scales: str                   # "none", "channel" (one fp32 multiplier per output channel) or "block" (a grid)
     label: str                    # how the summary line names it
     fast_isas: tuple              # ISA paths with a tuned kernel; elsewhere it runs correct plain loops
     doc: str                      # one line for kt_backend's help
+    scale_block: tuple = (0, 0)   # (rows, columns) of weights per fp32 scale, 0 = the whole padded dimension: per
+                                  # channel (1, 0); "block" formats default to fp8's (128, 128) blocks and int4's
+                                  # (1, 32) groups along K, and `with_scales` gives a layer any other grid
+    stored_dtype: Optional[torch.dtype] = None  # a checkpoint's code tensors `ExpertLayer.load_stored` keeps as they
+                                                # are (fp8: e4m3 bytes; int4: int32 words of 8 nibbles), or None
 
     @property
-    def weight_bytes(self) -> int:
-        """Bytes per packed weight (the scales come on top: 4 bytes per output channel when quantized)."""
-        return self.weight_dtype.itemsize
+    def weight_bytes(self) -> float:
+        """Bytes per packed weight, scales aside (torch reports int4's itemsize as 1)."""
+        return 0.5 if self.weight_dtype == torch.int4 else self.weight_dtype.itemsize
 
     @property
     def quantized(self) -> bool:
         return self.scales != "none"
 
+    def scale_grid(self, rows: int, cols: int) -> tuple[int, int]:
+        """The scale grid over a padded [rows][cols] weight: one scale per scale_block (0: the whole dimension)."""
+        if not self.quantized:
+            return 0, 0
+        return tuple(-(-n // (b or n)) for n, b in zip((rows, cols), self.scale_block))
+
     def packed_bytes(self, experts: int, hidden: int, intermediate: int) -> int:
         """Host bytes of one MoE layer's experts packed in this format, computed without allocating (equal to
         `ExpertLayer(experts, hidden, intermediate, self).packed_bytes`): gate, up and down panels of Ip x Hp
-        weights per expert (the engine pads both to multiples of PAD with zeros), plus, per scale layout, the
-        scales: "channel" keeps one fp32 multiplier per output channel (gate and up: Ip, down: Hp)."""
+        weights per expert (the engine pads both to multiples of PAD with zeros), plus 4 bytes per scale of each
+        projection's grid (`scale_grid`; per channel: gate and up Ip, down Hp)."""
         hp, ip = -(-hidden // PAD) * PAD, -(-intermediate // PAD) * PAD
-        scales_per_expert = {"none": 0, "channel": 2 * ip + hp}[self.scales]
-        return experts * (3 * ip * hp * self.weight_bytes + 4 * scales_per_expert)
+        grids = [self.scale_grid(ip, hp)] * 2 + [self.scale_grid(hp, ip)]
+        return experts * (int(3 * ip * hp * self.weight_bytes) + 4 * sum(r * c for r, c in grids))
+
+    def with_scales(self, block: Optional[tuple] = None, group: Optional[int] = None) -> "ExpertFormat":
+        """This format with another scale grid: `block` (rows, columns) of weights per scale, or `group` weights
+        along K (block (1, group)); any positive sizes, for a "block" format only (e.g. a checkpoint's own
+        weight_block_size or group_size, so `ExpertLayer.load_stored` keeps its tensors as they are)."""
+        if (block is None) == (group is None):
+            raise ValueError("with_scales: give block=(rows, columns) or group=G")
+        block = (1, group) if group is not None else tuple(block)
+        if self.scales != "block":
+            raise ValueError(f"expert format {self.name} has no scale grid to choose ({self.scales} scales)")
+        if len(block) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block):
+            raise ValueError(f"{self.name}: scale block sizes must be two integers >= 1, got {block}")
+        if block == self.scale_block:
+            return self
+        grid = f"groups of {block[1]}" if block[0] == 1 else f"{block[0]}x{block[1]} blocks"
+        row = FORMATS[self.name]
+        return dataclasses.replace(self, scale_block=block, label=row.label if block == row.scale_block
+                                   else f"{row.label} ({grid})")
 
     def __str__(self) -> str:
         return self.name
@@ -64,10 +94,18 @@ FORMATS: dict[str, ExpertFormat] = {f.name: f for f in (
                  "fp32", _ALL_ISAS, "exact fp32 experts, for parity checks"),
     ExpertFormat("int8", _engine.WeightFormat.int8, ("INT8",), torch.bfloat16, torch.int8, "pairs", "channel",
                  "int8", _ALL_ISAS, "int8 weights (one scale per output channel, quantized while loading: half "
-                 "the RAM), GEMMs in bf16: exact dequantized math, fast on every path"),
+                 "the RAM), GEMMs in bf16: exact dequantized math, fast on every path", (1, 0)),
     ExpertFormat("int8-gemm", _engine.WeightFormat.int8_gemm, ("AMXINT8",), torch.bfloat16, torch.int8, "quads", "channel",
                  "int8, int8 GEMMs", ("amx",), "the same int8 weights with the GEMMs in int8 too, activations "
-                 "quantized per row: AMX's int8 rate, other CPUs run it slowly"),
+                 "quantized per row: AMX's int8 rate, other CPUs run it slowly", (1, 0)),
+    ExpertFormat("fp8", _engine.WeightFormat.fp8, ("FP8",), torch.bfloat16, torch.float8_e4m3fn, "pairs", "block",
+                 "fp8", _ALL_ISAS, "block-FP8 experts (e4m3 + one scale per 128x128 block, a block-FP8 checkpoint's "
+                 "own kept exactly; others quantized while loading: half the RAM of bf16), GEMMs in bf16 on the "
+                 "decoded weights", (128, 128), torch.float8_e4m3fn),
+    ExpertFormat("int4", _engine.WeightFormat.int4, ("INT4",), torch.bfloat16, torch.int4, "pairs", "block",
+                 "int4", _ALL_ISAS, "int4 experts (one scale per group of 32 along the input, an INT4 checkpoint's "
+                 "own kept exactly; others quantized while loading: 0.31 of bf16's RAM with the scales), GEMMs in bf16 "
+                 "on the decoded weights", (1, 32), torch.int32),
 )}
 
 # Names older code and family files used for the same formats.
@@ -76,8 +114,14 @@ _ALIASES = {"bfloat16": "bf16", "float32": "fp32"}
 FormatLike = Union[ExpertFormat, str]
 
 
-def get_format(fmt: FormatLike) -> ExpertFormat:
-    """The row for a format, its name (or an alias: bfloat16, float32) or a kt_backend name (case-insensitive)."""
+def get_format(fmt: FormatLike, block: Optional[tuple] = None, group: Optional[int] = None) -> ExpertFormat:
+    """The row for a format, its name (or an alias: bfloat16, float32) or a kt_backend name (case-insensitive);
+    with `block` or `group`, that row with this scale grid (`ExpertFormat.with_scales`)."""
+    row = _row(fmt)
+    return row if block is None and group is None else row.with_scales(block, group)
+
+
+def _row(fmt: FormatLike) -> ExpertFormat:
     if isinstance(fmt, ExpertFormat):
         return fmt
     if isinstance(fmt, str):

@@ -42,15 +42,24 @@ def panels_to_matrix(raw: torch.Tensor, experts: int, layout: dict, fmt: ExpertF
 
     `layout`: the projection's entry of the engine's `MoELayer.layout()` (csrc/packing.h, ProjectionLayout, the
     writer's own description): padded sizes, panels of `panel_width` columns whose elements come in groups of
-    `panel_group` along k ("f32" panel[k][n], "pairs" panel[k/2][n][k%2], "quads" panel[k/4][n][k%4]) and the
-    scale grid. A quantized format gives bf16(q * s) with `scales` [experts][grid rows][grid cols], the engine's
-    own dequantization (the GPU computes such a layer with bf16 activations)."""
+    `panel_group` along k ("f32" panel[k][n], "pairs" panel[k/2][n][k%2], "quads" panel[k/4][n][k%4]) of
+    `elem_bits` each (4: two per byte, the even k in the low nibble) and the scale grid. A quantized format gives
+    bf16(fl32(value * s)) with `scales` [experts][grid rows][grid cols], the engine's own dequantization (value: the
+    int8 or e4m3 number, or an int4 code - 8; the GPU computes such a layer with bf16 activations)."""
     Np, Kp, g, width = layout["padded_rows"], layout["padded_cols"], layout["panel_group"], layout["panel_width"]
-    p = raw.view(fmt.weight_dtype).view(experts, Np // width, Kp // g, width, g)
+    p = _panel_values(raw, fmt, layout).view(experts, Np // width, Kp // g, width, g)
     w = p.permute(0, 1, 3, 2, 4).reshape(experts, Np, Kp)
     if scales is not None:
         w = (w.float() * _scale_grid_to_matrix(scales, layout)).to(fmt.compute_dtype)
     return w
+
+
+def _panel_values(raw: torch.Tensor, fmt: ExpertFormat, layout: dict) -> torch.Tensor:
+    """The panels' elements in storage order: raw bytes as the format's element type, int4 nibbles (low first) as
+    their values code - 8 (int8)."""
+    if layout["elem_bits"] != 4:
+        return raw.view(fmt.weight_dtype)
+    return (torch.stack([raw & 0xF, raw >> 4], dim=-1).view(torch.int8) - 8).flatten()
 
 
 def _scale_grid_to_matrix(scales: torch.Tensor, layout: dict) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from .. import _engine
 from .checks import SOURCE_DTYPES, check_lora, check_tensor
-from .formats import FormatLike, get_format
+from .formats import FORMATS, FormatLike, get_format
 from .lora import ExpertLoRA, ExpertLoRAGrads
 from .panels import PROJECTIONS, PackedPanels, packed_panels
 from .retained import RetainedForwards
@@ -38,7 +38,9 @@ class ExpertLayer:
     exact-arithmetic path of the parity tests). "int8" stores int8 weights with one scale per output channel and
     computes exactly what a bf16 layer holding the dequantized weights bf16(q * scale) would (csrc/common.h,
     INT8); "int8-gemm" runs the GEMMs themselves in int8, activations quantized per row (INT8 GEMMs): AMX's
-    tdpbssd, at the cost of activation rounding. `max_saved` bounds how many forwards may keep activations for
+    tdpbssd, at the cost of activation rounding. "fp8" and "int4" store e4m3 / int4 codes with scales on a grid of
+    blocks (the format's `scale_block`) and compute exactly what a bf16 layer holding the decoded weights would
+    (csrc/common.h, FP8 / INT4); `load_stored` keeps a checkpoint's own codes and scales. `max_saved` bounds how many forwards may keep activations for
     a later backward on this layer; `retained` holds the forwards kept for a checkpoint recompute (the autograd
     glue fills it, bounded by the same slots).
     """
@@ -56,7 +58,7 @@ class ExpertLayer:
         self._all_pinned = False
         self.format = get_format(format)
         self._layer = _engine.MoELayer(int(num_experts), int(hidden_size), int(intermediate_size), self.format.code,
-                                       activation, int(max_saved))
+                                       self.format.scale_block, activation, int(max_saved))
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.retained = RetainedForwards(self._layer)
 
@@ -72,22 +74,58 @@ class ExpertLayer:
         Any CPU strides work (slices of a fused tensor need no copy); fp16/fp32 are converted to the engine
         dtype; NaN/Inf raise ValueError naming the expert.
         """
-        if which not in PROJECTIONS:
-            raise ValueError(f"which={which!r}: expected one of {', '.join(PROJECTIONS)}")
-        rows, cols = ((self.hidden_size, self.intermediate_size) if which == "down"
-                      else (self.intermediate_size, self.hidden_size))
+        rows, cols = self._projection_shape(which)
         if isinstance(weight, torch.Tensor) and weight.dim() == 2:
             weight = weight.unsqueeze(0)
         w = check_tensor(f"{which} weight", weight, dtype=tuple(SOURCE_DTYPES), shape=(None, rows, cols),
                          contiguous=False)
-        n = w.shape[0]
+        if self._experts_range(expert_begin, w.shape[0]):
+            se, sr, sc = w.stride()
+            self._layer.set_weights(PROJECTIONS[which], int(expert_begin), int(w.shape[0]), w.data_ptr(),
+                                    SOURCE_DTYPES[w.dtype], se, sr, sc)
+
+    def _projection_shape(self, which: str) -> tuple[int, int]:
+        """(rows, cols) of projection `which`: gate/up [I, H], down [H, I]."""
+        if which not in PROJECTIONS:
+            raise ValueError(f"which={which!r}: expected one of {', '.join(PROJECTIONS)}")
+        return ((self.hidden_size, self.intermediate_size) if which == "down"
+                else (self.intermediate_size, self.hidden_size))
+
+    def _experts_range(self, expert_begin: int, n: int) -> bool:
+        """Whether there is anything to pack for experts [expert_begin, expert_begin + n); raises outside the layer."""
         if not 0 <= expert_begin or expert_begin + n > self.num_experts:
             raise ValueError(f"experts [{expert_begin}, {expert_begin + n}) are outside [0, {self.num_experts})")
-        if n == 0:
-            return
-        se, sr, sc = w.stride()
-        self._layer.set_weights(PROJECTIONS[which], int(expert_begin), int(n), w.data_ptr(),
-                                SOURCE_DTYPES[w.dtype], se, sr, sc)
+        return n > 0
+
+    def load_stored(self, which: str, codes: torch.Tensor, scale: torch.Tensor, expert_begin: int = 0) -> None:
+        """Pack experts expert_begin..+n of projection `which` from a checkpoint's own quantized tensors, kept as
+        they are (no rounding): fp8 `weight` float8_e4m3fn [n, rows, cols] with `weight_scale_inv` [n, ceil(rows /
+        Bn), ceil(cols / Bk)]; int4 `weight_packed` int32 [n, rows, ceil(cols / 8)] (nibble i of a word at bits 4i,
+        lowest first along cols, stored q + 8) with `weight_scale` [n, rows, ceil(cols / G)]; 2-D tensors are one
+        expert. The scale grid must be the layer's (`format.scale_block`: build the layer with
+        get_format("fp8", block=...) / get_format("int4", group=...)); scales are float32, bfloat16 or float16.
+        A NaN code or a non-finite scale raises ValueError naming the expert."""
+        fmt = self.format
+        if fmt.stored_dtype is None:
+            raise ValueError(f"load_stored: expert format {fmt.name} keeps no checkpoint tensors as they are "
+                             "(formats that do: " + ", ".join(n for n, f in FORMATS.items() if f.stored_dtype) +
+                             "); pass decoded weights to set_projection")
+        rows, cols = self._projection_shape(which)
+        codes, scale = (t.unsqueeze(0) if isinstance(t, torch.Tensor) and t.dim() == 2 else t for t in (codes, scale))
+        per_code = fmt.stored_dtype.itemsize * 8 // int(8 * fmt.weight_bytes)  # weights per stored element
+        check_tensor(f"{which} codes", codes, dtype=fmt.stored_dtype, shape=(None, rows, -(-cols // per_code)),
+                     contiguous=False)
+        n = codes.shape[0]
+        (bn, bk), grid = fmt.scale_block, (-(-rows // fmt.scale_block[0]), -(-cols // fmt.scale_block[1]))
+        if isinstance(scale, torch.Tensor) and scale.dim() == 3 and tuple(scale.shape[1:]) != grid:
+            raise ValueError(f"{which} scale: expected [{n}, {grid[0]}, {grid[1]}] (blocks of {bn}x{bk} over "
+                             f"{rows}x{cols} weights), got {list(scale.shape)}: the checkpoint's blocks differ from "
+                             f"the layer's; build the layer with get_format({fmt.name!r}, block=(rows, cols))")
+        check_tensor(f"{which} scale", scale, dtype=tuple(SOURCE_DTYPES), shape=(n, *grid), contiguous=False)
+        if self._experts_range(expert_begin, n):
+            self._layer.set_weights_stored(PROJECTIONS[which], int(expert_begin), n, codes.data_ptr(),
+                                           list(codes.stride()), scale.data_ptr(), SOURCE_DTYPES[scale.dtype],
+                                           list(scale.stride()), grid)
 
     def load_expert(self, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
         """One expert from Hub-style per-expert tensors gate/up [I, H] and down [H, I]."""
