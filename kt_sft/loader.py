@@ -34,8 +34,9 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from . import engine
 from .checkpoint_files import CheckpointFiles, TensorReader, scan
-from .checkpoint_formats import SourceFormat, check_stored, decode, is_companion, is_quantized, source_format
-from .engine.formats import FORMATS, ExpertFormat, FormatLike, for_model_dtype, get_format
+from .checkpoint_formats import (SourceFormat, check_stored, decode, is_companion, is_quantized, source_format,
+                                 stored_parts)
+from .engine.formats import FORMATS, WHOLE_ROW, ExpertFormat, FormatLike, for_model_dtype, get_format
 from .load_options import LoadOptions, resolve_options
 from .models.chunked_loss import install_chunked_loss
 from .models.experts import ExpertCallPolicy, attach_engine, use_engine
@@ -88,6 +89,7 @@ def _plan(path: Path, opts: LoadOptions, config, family: Optional[MoEFamily]) ->
     config, family, source = _resolve_model(path, config, family, opts.rule)
     fmt, reason = (opts.format, "asked for") if opts.format is not None else \
         _default_format(family, source, opts.dtype)
+    fmt = _fit_to_source(fmt, source)
     if engine.current_isa() not in fmt.fast_isas:
         logger.warning("kt-sft: %s experts need %s to be fast; this CPU runs them on the %s path in plain loops "
                        "(correct, slow). kt_backend: INT8 keeps the int8 weights and computes in bf16, fast here.",
@@ -120,7 +122,7 @@ def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *
     router = _KeyRouter(plan.family, files.headers)
     _check_stored(plan.source, files)
     if opts.check_memory:
-        _check_memory({f.name: plan.expert_bytes(f) for f in FORMATS.values()}, plan.dense_bytes,
+        _check_memory({f: plan.expert_bytes(f) for f in _formats_for(plan)}, plan.dense_bytes,
                       files.largest_shard, opts.device, plan.format, plan.path.name)
     layers = {idx: engine.ExpertLayer(E, H, I, plan.format, max_saved=opts.max_saved)
               for idx, (E, H, I) in plan.expert_shapes.items()}
@@ -212,6 +214,23 @@ def _smallest_holding(source: SourceFormat) -> ExpertFormat:
     return min(holding, key=lambda f: (f.weight_bytes, f.weight_dtype != source.element_dtype, rows.index(f)))
 
 
+def _fit_to_source(fmt: ExpertFormat, source: SourceFormat) -> ExpertFormat:
+    """A format that keeps a checkpoint's own tensors (fp8 from block / per-channel FP8, int4 from INT4) takes the
+    checkpoint's scale grid, so its experts load exactly as stored (`ExpertLayer.load_stored`); from any other source
+    it keeps its own grid and quantizes the decoded weights at load. FP8 cannot hold INT4 checkpoints' weights."""
+    if fmt.stored_dtype is None or not source.quantized:
+        return fmt
+    if fmt.weight_dtype != source.element_dtype:
+        if source.name == "int4-group" and fmt.weight_dtype == torch.float8_e4m3fn:
+            raise ValueError(f"expert format {fmt.name} (kt_backend {fmt.backends[0]}) cannot hold this checkpoint's "
+                             "INT4 weights (a 4-bit grid of group scales is not an FP8 block grid); use INT4 (exact, "
+                             "the default), AMXINT8 / INT8 or BF16 (decoded from the INT4 values)")
+        return fmt
+    if source.name == "int4-group":
+        return fmt.with_scales(group=source.group)
+    return fmt.with_scales(block=source.block if source.name == "fp8-block" else (1, WHOLE_ROW))
+
+
 def _threads(family: MoEFamily, opts: LoadOptions) -> int:
     """Engine threads: the option, else the family file's defaults.threads (0 = KT_SFT_THREADS or the cores)."""
     if opts.threads:
@@ -279,12 +298,24 @@ def _host_need(expert_bytes: int, dense_bytes: int, largest_shard: int, device: 
     return int(expert_bytes * 1.1) + largest_shard + (dense_bytes if device.type == "cpu" else 0)
 
 
-def _check_memory(expert_bytes: dict[str, int], dense_bytes: int, largest_shard: int, device: torch.device,
+def _formats_for(plan: LoadPlan) -> list[ExpertFormat]:
+    """Every expert format this checkpoint could load into (each with the scale grid it would take), the planned
+    one included: the choices the RAM preflight weighs."""
+    fitted = []
+    for row in FORMATS.values():
+        try:
+            fitted.append(_fit_to_source(row, plan.source))
+        except ValueError:  # a format that cannot hold this checkpoint's weights
+            continue
+    return list(dict.fromkeys([*fitted, plan.format]))
+
+
+def _check_memory(expert_bytes: dict[ExpertFormat, int], dense_bytes: int, largest_shard: int, device: torch.device,
                   fmt: ExpertFormat, name: str) -> None:
     """Refuse, before any weight is read, a load whose host RAM (for the packed experts in `fmt`; `expert_bytes`
-    has them per format name) or GPU memory (the dense weights) is short, naming the expert formats that would
-    fit."""
-    needs = {FORMATS[f]: _host_need(b, dense_bytes, largest_shard, device) for f, b in expert_bytes.items()}
+    has them per candidate format) or GPU memory (the dense weights) is short, naming the expert formats that
+    would fit."""
+    needs = {f: _host_need(b, dense_bytes, largest_shard, device) for f, b in expert_bytes.items()}
     free = _free_host_bytes()
     if free is not None and needs[fmt] > free:
         fits = [f for f, need in sorted(needs.items(), key=lambda item: item[1]) if need <= free]
@@ -292,7 +323,7 @@ def _check_memory(expert_bytes: dict[str, int], dense_bytes: int, largest_shard:
                   f"{' / '.join(repr(f.name) for f in fits)}), " if fits else "no expert format fits: ")
         raise MemoryError(
             f"loading {name} with {fmt.label} experts needs about {_size(needs[fmt])} of host RAM (experts "
-            f"{_size(expert_bytes[fmt.name])} packed + 10% + one shard {_size(largest_shard)}"
+            f"{_size(expert_bytes[fmt])} packed + 10% + one shard {_size(largest_shard)}"
             f"{' + dense weights' if device.type == 'cpu' else ''}) but {_size(free)} is available. Host RAM per "
             f"expert format for {name}: {', '.join(f'{f.backends[-1]} {_size(n)}' for f, n in needs.items())}; "
             f"{_size(free)} free: {advice}free memory or use a machine with more RAM (LoadOptions.check_memory=False"
@@ -401,7 +432,7 @@ def _load_key(key: str, kinds: str, reader: TensorReader, router: _KeyRouter, la
         if expert is None and proj == "gate_up":
             layers[layer].load_gate_up(_read(key, reader, source))
         else:
-            layers[layer].set_projection(proj, _read(key, reader, source), expert or 0)
+            _load_projection(layers[layer], proj, expert or 0, key, reader, source)
         return
     if kinds == "experts":
         return
@@ -412,13 +443,25 @@ def _load_key(key: str, kinds: str, reader: TensorReader, router: _KeyRouter, la
     placer.place(name, _read(key, reader, source))
 
 
-def _read(key: str, reader: TensorReader, source: SourceFormat) -> torch.Tensor:
-    """The tensor stored under `key`: as stored, or, for a quantized weight, decoded to fp32 (its scales read from
-    whichever shard holds them)."""
-    tensor = reader.get(key)
+def _read(key: str, reader: TensorReader, source: SourceFormat, tensor: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The tensor stored under `key` (or `tensor`, already read from there): as stored, or, for a quantized weight,
+    decoded to fp32 (its scales read from whichever shard holds them)."""
+    tensor = reader.get(key) if tensor is None else tensor
     if not is_quantized(key, tensor.dtype):
         return tensor
     return decode(source, key, lambda k: tensor if k == key else reader.get(k))
+
+
+def _load_projection(layer, proj: str, expert: int, key: str, reader: TensorReader, source: SourceFormat) -> None:
+    """One expert projection into its layer: a quantized weight whose element type the layer's format stores (the
+    plan gave that format the checkpoint's scale grid, `_fit_to_source`) is kept as it is, codes and scales;
+    anything else is decoded and packed into the format."""
+    tensor = reader.get(key)
+    if is_quantized(key, tensor.dtype) and tensor.dtype == layer.format.stored_dtype:
+        weight, scale = stored_parts(source, key, tensor.dtype, tuple(tensor.shape), reader.get)
+        layer.load_stored(proj, tensor, reader.get(scale.key), expert)
+        return
+    layer.set_projection(proj, _read(key, reader, source, tensor), expert)
 
 
 def _check_experts_loaded(layers: dict, plan: LoadPlan, files: CheckpointFiles, prefix: str) -> None:
@@ -475,5 +518,5 @@ def describe(path: str | os.PathLike) -> list[str]:
     return [f"checkpoint {plan.path}: {plan.family.model_type}, {len(shapes)} MoE layers x "
             f"{'/'.join(map(str, sorted(experts)))} experts, stored {plan.source}",
             "  experts in host RAM: " + ", ".join(f"{f.backends[-1]} {_size(plan.expert_bytes(f))}"
-                                                  for f in FORMATS.values()),
-            f"  default expert format (bf16 model): {plan.format.name} ({plan.format_reason})"]
+                                                  for f in _formats_for(plan)),
+            f"  default expert format (bf16 model): {plan.format.label} ({plan.format_reason})"]

@@ -39,7 +39,7 @@ import kt_sft
 import kt_sft.engine as ke
 import kt_sft.loader as loader
 from kt_sft.checkpoint_formats import CheckpointFormatError
-from kt_sft.engine.formats import FORMATS, ExpertFormat
+from kt_sft.engine.formats import FORMATS, WHOLE_ROW, ExpertFormat
 from lora_train import lora_run, make_batches
 from moe_reference import rel_err
 from quantized_checkpoints import dequantized_checkpoint, quantize_checkpoint
@@ -146,13 +146,21 @@ def test_fp32_experts_match_stock_on_the_dequantized_checkpoint(quantized, famil
 @pytest.mark.parametrize("family", QUANT_FAMILIES)
 def test_every_format_starts_from_the_decoded_weights(quantized, family, scheme):
     """Each expert format loaded from the quantized checkpoint computes bit for bit what it computes loaded from the
-    dequantized one (bf16 rounds, int8 quantizes the same fp32 values); bf16 and int8 within their tolerance of
-    stock on tokens that keep stock's routing."""
+    dequantized one (bf16 rounds, int8 quantizes the same fp32 values), except a native format of the checkpoint's
+    own element type (fp8 from FP8, int4 from INT4), which keeps the stored codes and scales and so computes bit
+    for bit what bf16 experts of the decoded weights compute; FP8 refuses INT4 checkpoints; bf16 and int8 within
+    their tolerance of stock on tokens that keep stock's routing."""
     q, ref = quantized(family, scheme)
     truth, truth_routes = logits_and_routing(stock(ref))
-    for name in FORMATS:
+    source = loader.plan_load(q, device="cpu", dtype=torch.float32).source
+    for name, fmt in FORMATS.items():
+        if scheme == "int4-group" and name == "fp8":
+            with pytest.raises(ValueError, match=r"cannot hold this checkpoint.s INT4 weights .*; use INT4"):
+                loader.plan_load(q, device="cpu", dtype=torch.bfloat16, format=name)
+            continue
         out, routes = logits_and_routing(load(q, format=name))
-        assert torch.equal(out, logits_and_routing(load(ref, format=name))[0]), name
+        twin = "bf16" if fmt.weight_dtype == source.element_dtype else name
+        assert torch.equal(out, logits_and_routing(load(ref, format=twin))[0]), name
         if name in LOGITS_RTOL:
             flipped = torch.zeros(truth.shape[:2], dtype=torch.bool)
             for module, ids in truth_routes.items():
@@ -165,11 +173,14 @@ def test_every_format_starts_from_the_decoded_weights(quantized, family, scheme)
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_default_format_never_silently_doubles_ram(quantized, tiny_checkpoint, scheme):
     q, _ = quantized("qwen3_moe", scheme)
-    assert loader.plan_load(q, device="cpu", dtype=torch.bfloat16).format.name == "int8"
+    native = "int4" if scheme == "int4-group" else "fp8"  # the checkpoint's own element type, its own scale grid
+    plan = loader.plan_load(q, device="cpu", dtype=torch.bfloat16)
+    own_grid = {"fp8-block": BLOCK, "fp8-channel": (1, WHOLE_ROW), "int4-group": (1, GROUP)}[scheme]
+    assert plan.format.name == native and plan.format.scale_block == own_grid
     assert loader.plan_load(q, device="cpu", dtype=torch.float32).format.name == "fp32"
     assert loader.plan_load(q, device="cpu", dtype=torch.bfloat16, format="AMXBF16").format.name == "bf16"
     assert loader.plan_load(tiny_checkpoint("qwen3_moe"), device="cpu", dtype=torch.bfloat16).format.name == "bf16"
-    assert "int8 from" in load(q, dtype=torch.bfloat16).kt_summary
+    assert f"{plan.format.label} from {scheme}" in load(q, dtype=torch.bfloat16).kt_summary
 
 
 def _native_row(name: str, weight_dtype) -> ExpertFormat:
@@ -197,9 +208,11 @@ def test_packed_bytes_is_the_engines(shape):
 def test_ram_per_format_matches_the_loaded_layers(quantized):
     q, _ = quantized("deepseek_v3", "int4-group")
     plan = loader.plan_load(q, device="cpu", dtype=torch.bfloat16)
-    for name in FORMATS:
-        layers = [m.kt_layer for m in load(q, format=name).modules() if hasattr(m, "kt_layer")]
-        assert plan.expert_bytes(name) == sum(layer.packed_bytes for layer in layers), name
+    candidates = loader._formats_for(plan)  # each format with the scale grid it takes here (int4: groups of 5)
+    assert {f.name for f in candidates} == set(FORMATS) - {"fp8"}  # FP8 cannot hold INT4 weights
+    for fmt in candidates:
+        layers = [m.kt_layer for m in load(q, format=fmt).modules() if hasattr(m, "kt_layer")]
+        assert plan.expert_bytes(fmt) == sum(layer.packed_bytes for layer in layers), fmt.label
 
 
 def _no_weight_read(monkeypatch):
@@ -221,7 +234,8 @@ def test_ram_preflight_names_the_formats_that_fit(quantized, monkeypatch):
         load(q, dtype=torch.bfloat16, format="bf16")
     msg = str(err.value)
     assert f"{q.name}: BF16 " in msg and "FP32 " in msg and "INT8 " in msg
-    assert "use kt_backend INT8 or AMXINT8 (load_model format='int8' / 'int8-gemm')" in msg
+    advice = re.search(r"free: use kt_backend (.*?) \(load_model format=", msg).group(1).split(" or ")
+    assert set(advice) == {"INT4", "INT8", "AMXINT8", "FP8"}  # BF16 and FP32 do not fit
 
 
 # ------------------------------------------------------------------ layouts
@@ -337,8 +351,8 @@ def test_env_names_the_checkpoint_formats(quantized, capsys):
     assert main(["env", str(q)]) == 0
     out = capsys.readouterr().out
     assert f"checkpoint {q}: deepseek_v3, 2 MoE layers x 8 experts, stored fp8-block (5x7 blocks)" in out
-    assert re.search(r"experts in host RAM: BF16 [\d.]+ MB, FP32 .*INT8 .*AMXINT8", out)
-    assert "default expert format (bf16 model): int8" in out
+    assert re.search(r"experts in host RAM: BF16 [\d.]+ MB, FP32 .*INT8 .*AMXINT8 .*FP8 .*INT4 ", out)
+    assert "default expert format (bf16 model): fp8 (5x7 blocks)" in out
 
 
 def test_llamafactory_hook_refuses_an_unreadable_format_early(damaged):

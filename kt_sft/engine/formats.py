@@ -76,7 +76,8 @@ class ExpertFormat:
             raise ValueError(f"{self.name}: scale block sizes must be two integers >= 1, got {block}")
         if block == self.scale_block:
             return self
-        grid = f"groups of {block[1]}" if block[0] == 1 else f"{block[0]}x{block[1]} blocks"
+        grid = "per channel" if block == (1, WHOLE_ROW) else f"groups of {block[1]}" if block[0] == 1 else \
+            f"{block[0]}x{block[1]} blocks"
         row = FORMATS[self.name]
         return dataclasses.replace(self, scale_block=block, label=row.label if block == row.scale_block
                                    else f"{row.label} ({grid})")
@@ -86,6 +87,9 @@ class ExpertFormat:
 
 
 _ALL_ISAS = ("scalar", "avx2", "avx512", "amx")
+# A scale block's column count that no weight reaches: block (1, WHOLE_ROW) is one scale per output channel (the
+# grid of FP8-per-channel checkpoints).
+WHOLE_ROW = 1 << 30
 
 FORMATS: dict[str, ExpertFormat] = {f.name: f for f in (
     ExpertFormat("bf16", _engine.WeightFormat.bf16, ("AMXBF16", "BF16"), torch.bfloat16, torch.bfloat16, "pairs", "none",

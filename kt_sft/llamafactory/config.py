@@ -124,8 +124,9 @@ def _backend_help() -> str:
     """kt_backend's meaning, one clause per row of the format table (a new format documents itself)."""
     formats = "; ".join(f"{' / '.join(f.backends)}: {f.doc}" for f in FORMATS.values())
     return (f"Expert weight format and GEMMs. {formats}. Unset: fp32 experts for an fp32 model; for a quantized "
-            "checkpoint (FP8, INT4) the smallest format at least as wide as its weights (INT8 today); else the "
-            "family file's defaults.format (bf16).")
+            "checkpoint the smallest format at least as wide as its weights, its own element type first (FP8 from "
+            "FP8, INT4 from INT4: the checkpoint's codes and scales kept exactly); else the family file's "
+            "defaults.format (bf16).")
 
 
 KEY_SPECS: tuple[KeySpec, ...] = (
