@@ -61,6 +61,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-baseline", action="store_true", help="skip the naive torch loop")
     p.add_argument("--small", action="store_true", help="E=8 k=2 H=256 I=192 T=256: a quick run")
     p.add_argument("--int8", action="store_true", help="also time the layer with int8 weights (kt_backend AMXINT8)")
+    p.add_argument("--formats", nargs="+", default=[], choices=[f for f in ke.FORMATS if f != "bf16"],
+                   help="also time the layer in these expert formats (kt_sft/engine/formats.py), each against bf16")
     p.add_argument("--profile", action="store_true", help="per-phase engine times (ms per call) after each row")
     p.add_argument("--against", metavar="DIR", action="append", default=[],
                    help="kt-sft checkout (built in place) whose engine runs interleaved with ours (repeatable)")
@@ -286,6 +288,9 @@ def build_variants(a, gate_up, down, threads: int) -> list[EngineVariant]:
     if a.int8:
         variants.append(EngineVariant("kt-sft int8 weights", "ours int8", layer("int8")))
         variants.append(ours_int8)
+    for name in a.formats:  # quantized at load with the row's default scale grid
+        if not (a.int8 and name in ("int8", "int8-gemm")):
+            variants.append(EngineVariant(f"kt-sft {name}", f"ours {name}", layer(name)))
     return variants
 
 
