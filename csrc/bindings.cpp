@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
+
 #include "cpu_features.h"
 #include "engine.h"
 #include "moe_layer.h"
@@ -91,7 +93,7 @@ py::dict layout_dict(const MoELayer& layer) {
     d["expert_bytes"] = l.expert_bytes;
     d["scales"] = scale_kind_name(l.scales);
     d["scale_block"] = py::make_tuple(l.scale_block_n, l.scale_block_k);
-    d["scale_grid"] = py::make_tuple(l.scale_rows, l.scale_cols);  // one expert's scales, row-major
+    d["scale_grid"] = py::make_tuple(l.scale_rows, l.scale_cols);  // one expert's scales, stored by column
     out[proj_name(Proj(p))] = d;
   }
   return out;
@@ -185,15 +187,17 @@ void bind_layer(py::module_& m) {
   py::enum_<WeightFormat> formats(m, "WeightFormat", py::module_local());
   for (const FormatInfo& f : kFormats) formats.value(f.name, f.format);
   PyLayer c(m, "MoELayer", py::module_local());
-  c.def(py::init([](int E, int H, int I, WeightFormat format, std::pair<int, int> scale_block,
+  c.def(py::init([](int E, int H, int I, WeightFormat format, std::optional<std::pair<int, int>> scale_block,
                     const std::string& activation, int max_saved) {
          if (activation != "silu")
            throw std::invalid_argument("activation '" + activation + "' is not implemented (expected 'silu')");
-         return new MoELayer(E, H, I, format, scale_block.first, scale_block.second, kSiluGLU, max_saved);
+         const FormatInfo& row = format_info(format);
+         const std::pair<int, int> block = scale_block.value_or(std::make_pair(row.scale_block_n, row.scale_block_k));
+         return new MoELayer(E, H, I, format, block.first, block.second, kSiluGLU, max_saved);
        }),
        py::arg("experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("format"),
-       py::arg("scale_block") = std::make_pair(0, 0), py::arg("activation") = "silu", py::arg("max_saved") = 4,
-       "scale_block: (rows, columns) of weights per scale of a block-scaled format ((0, 0): the format's own)")
+       py::arg("scale_block") = py::none(), py::arg("activation") = "silu", py::arg("max_saved") = 4,
+       "scale_block: (rows, columns) of weights per scale, 0 = the whole dimension (None: the format's own)")
       .def(
           "set_weights",
           [](MoELayer& self, int which, int e0, int n, uintptr_t src, const std::string& src_dtype, int64_t s_e,

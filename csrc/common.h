@@ -88,7 +88,9 @@ static inline size_t panel_index(PanelKind kind, int n, int k) {
 }
 
 // Where a quantized projection's fp32 multipliers apply: scale (n, k) of one expert is
-// scales[(n / block_n) * cols + k / block_k], a grid of rows = ceil(Np / block_n) x cols = ceil(Kp / block_k).
+// scales[(k / block_k) * rows + n / block_n], a grid of rows = ceil(Np / block_n) x cols = ceil(Kp / block_k) stored
+// column by column (the scales of a panel's 16 rows in one k block are adjacent: one cache line for a task or a
+// transposed slice to read; per channel, cols = 1, it is just one scale per row).
 // Per channel (int8): block_n = 1, block_k = Kp, so one scale per output channel n. kBlock is any grid the layer
 // asks for (formats.h, format_with_scale_block): block-FP8's Bn x Bk blocks, INT4's groups along K (1 x G); partial
 // edge blocks, and grid cells holding only padding have scale 0.

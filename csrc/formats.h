@@ -93,18 +93,18 @@ inline const FormatInfo& format_info(WeightFormat f) {
   return kFormats[int(f)];
 }
 
-// The row of format f as one layer uses it: with its scale grid of block_n x block_k weights (0 x 0: the row's own).
-// Only kBlock formats take other sizes (any positive ones); throws std::invalid_argument naming the sizes otherwise.
+// The row of format f as one layer uses it: with a scale grid of block_n x block_k weights (0: the whole padded
+// dimension, so (1, 0) is per channel and (0, 0) one scale per matrix). Only kBlock formats take a grid other than
+// their row's; throws std::invalid_argument naming the sizes otherwise.
 inline FormatInfo format_with_scale_block(WeightFormat f, int block_n, int block_k) {
   FormatInfo r = format_info(f);
-  if (block_n == 0 && block_k == 0) return r;
+  if (block_n == r.scale_block_n && block_k == r.scale_block_k) return r;
   const std::string sizes = std::to_string(block_n) + " x " + std::to_string(block_k);
-  if (r.scales != ScaleKind::kBlock) {
-    if (block_n == r.scale_block_n && block_k == r.scale_block_k) return r;
+  if (r.scales != ScaleKind::kBlock)
     throw std::invalid_argument(std::string("format ") + r.name + " has no scale grid to choose (got " + sizes + ")");
-  }
-  if (block_n < 1 || block_k < 1)
-    throw std::invalid_argument(std::string("format ") + r.name + ": scale block sizes must be >= 1, got " + sizes);
+  if (block_n < 0 || block_k < 0)
+    throw std::invalid_argument(std::string("format ") + r.name + ": scale block sizes must be >= 0 (0: the whole "
+                                "dimension), got " + sizes);
   r.scale_block_n = block_n;
   r.scale_block_k = block_k;
   return r;

@@ -20,8 +20,8 @@ struct WeightView {
   const void* panels;    // [E] x expert_elems elements (the format's element type and PanelKind)
   const float* scales;   // null, or [E] x expert_scales fp32 multipliers (ScaleKind; per channel: [E][Np])
   size_t expert_scales;  // scales of one expert
-  int block_n, block_k;  // scale (n, k) of an expert at [(n / block_n) * scale_cols + k / block_k] (common.h)
-  int scale_cols;
+  int block_n, block_k;  // scale (n, k) of an expert at [(k / block_k) * scale_rows + n / block_n] (common.h)
+  int scale_rows;
 };
 
 struct LayerView {

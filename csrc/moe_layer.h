@@ -42,7 +42,7 @@ struct SavedSlot {
 class MoELayer {
  public:
   // format: how the experts are stored and multiplied (common.h, WeightFormat; formats.h), with a scale grid of
-  // scale_block_n x scale_block_k weights (0 x 0: the format's own; formats.h, format_with_scale_block).
+  // scale_block_n x scale_block_k weights (formats.h, format_with_scale_block).
   MoELayer(int experts, int hidden, int intermediate, WeightFormat format, int scale_block_n, int scale_block_k,
            int activation, int max_saved);
 

@@ -116,24 +116,24 @@ bool pack_channel_int8_panel(const ProjectionLayout& l, const SourceRow& value, 
 // ---- block-scaled formats (common.h, FP8 / INT4): codes in the pair order, scales on the layer's grid ----
 
 // Writes code(row, k, s, &c) of every real element of one panel (16 output rows from row0) at its pair-panel
-// position, `zero` (the code of weight 0) in the padding; s is the element's scale in `scales` (one expert's grid; 0
-// without). Bits 8: a byte per code; 4: two per byte, the even k in the low nibble. Returns false if a code did.
+// position, `zero` (the code of weight 0) in the padding; s is the element's scale in `scales` (one expert's grid,
+// stored by column; 0 without). Bits 8: a byte per code; 4: two per byte, the even k in the low nibble. Returns false
+// if a code did.
 template <int Bits, class Code>
 bool write_codes(const ProjectionLayout& l, int row0, uint8_t* dst, uint8_t zero, const float* scales,
                  const Code& code) {
   bool ok = true;
   for (int nn = 0; nn < kPanel; ++nn) {
     const int row = row0 + nn;
-    const float* row_scales = scales ? scales + size_t(row / l.scale_block_n) * l.scale_cols : nullptr;
-    int kb = 0;
+    const float* scale = scales ? scales + row / l.scale_block_n : nullptr;  // (row, k): scale[(k / block_k) * rows]
     int64_t block_end = l.scale_block_k;
     for (int k = 0; k < l.Kp; ++k) {
-      if (k == block_end) {  // k / scale_block_k, kept without a division per element
-        ++kb;
+      if (k == block_end) {  // the next k block, without a division per element
+        scale += scales ? l.scale_rows : 0;
         block_end += l.scale_block_k;
       }
       uint8_t c = zero;
-      if (row < l.N && k < l.K && !code(row, k, row_scales ? row_scales[kb] : 0.f, &c)) ok = false;
+      if (row < l.N && k < l.K && !code(row, k, scale ? *scale : 0.f, &c)) ok = false;
       const size_t at = (size_t(k / 2) * kPanel + nn) * 2 + k % 2;  // panel_index(kPairs, nn, k)
       if (Bits == 8) {
         dst[at] = c;
@@ -162,7 +162,7 @@ bool block_scales(const ProjectionLayout& l, const SourceRow& value, int r, floa
         amax[size_t(c)] = std::max(amax[size_t(c)], std::fabs(v));
       }
     }
-  for (int c = 0; c < l.scale_cols; ++c) scales[size_t(r) * l.scale_cols + c] = amax[size_t(c)] / float(QMax);
+  for (int c = 0; c < l.scale_cols; ++c) scales[size_t(c) * l.scale_rows + r] = amax[size_t(c)] / float(QMax);
   return finite;
 }
 
@@ -287,7 +287,7 @@ int PackedWeights::pack_stored(ThreadPool& pool, Proj proj, int e0, int n, const
       for (int c = 0; c < l.scale_cols; ++c) {
         const float s = r < rows && c < cols ? StoredRow{src, e - e0}.scale(r, c) : 0.f;
         if (!std::isfinite(s)) bad = e;
-        scales[size_t(r) * l.scale_cols + c] = s;
+        scales[size_t(c) * l.scale_rows + r] = s;
       }
   }
   const size_t panel_bytes = size_t(l.Kp) * kPanel * l.elem_bits / 8;
@@ -301,7 +301,7 @@ int PackedWeights::pack_stored(ThreadPool& pool, Proj proj, int e0, int n, const
 WeightView PackedWeights::view(Proj p) const {
   const ProjectionLayout& l = layout_[int(p)];
   return WeightView{panels_[int(p)].get(), static_cast<const float*>(scales_[int(p)].get()),
-                    size_t(l.scale_rows) * l.scale_cols, l.scale_block_n, l.scale_block_k, l.scale_cols};
+                    size_t(l.scale_rows) * l.scale_cols, l.scale_block_n, l.scale_block_k, l.scale_rows};
 }
 
 std::pair<const void*, size_t> PackedWeights::panel_storage(Proj p) const {

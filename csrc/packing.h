@@ -37,8 +37,8 @@ struct ProjectionLayout {
   ScaleKind scales;     // kNone: no scales below
   int scale_block_n;    // one scale per scale_block_n output rows x scale_block_k reduction columns
   int scale_block_k;
-  int scale_rows;       // one expert's scale grid, row-major: ceil(Np / block_n) x ceil(Kp / block_k)
-  int scale_cols;
+  int scale_rows;       // one expert's scale grid: ceil(Np / block_n) x ceil(Kp / block_k), stored by column
+  int scale_cols;       // (common.h: scale (n, k) at [(k / block_k) * scale_rows + n / block_n])
 };
 
 // A source tensor: element (e, r, c) of experts e0.. at data[e * s_e + r * s_r + c * s_c], dtype kF32/kBF16/kF16.

@@ -36,7 +36,7 @@ from . import engine
 from .checkpoint_files import CheckpointFiles, TensorReader, scan
 from .checkpoint_formats import (SourceFormat, check_stored, decode, is_companion, is_quantized, source_format,
                                  stored_parts)
-from .engine.formats import FORMATS, WHOLE_ROW, ExpertFormat, FormatLike, for_model_dtype, get_format
+from .engine.formats import FORMATS, ExpertFormat, FormatLike, for_model_dtype, get_format
 from .load_options import LoadOptions, resolve_options
 from .models.chunked_loss import install_chunked_loss
 from .models.experts import ExpertCallPolicy, attach_engine, use_engine
@@ -228,7 +228,7 @@ def _fit_to_source(fmt: ExpertFormat, source: SourceFormat) -> ExpertFormat:
         return fmt
     if source.name == "int4-group":
         return fmt.with_scales(group=source.group)
-    return fmt.with_scales(block=source.block if source.name == "fp8-block" else (1, WHOLE_ROW))
+    return fmt.with_scales(block=source.block if source.name == "fp8-block" else (1, 0))
 
 
 def _threads(family: MoEFamily, opts: LoadOptions) -> int:

@@ -259,8 +259,10 @@ def dequantized(w: torch.Tensor, fmt: ke.FormatLike = "int8") -> torch.Tensor:
 
 
 def as_blocks(w: torch.Tensor, block: tuple) -> torch.Tensor:
-    """w [.., N, K] zero-padded to whole blocks of block (Bn, Bk) and viewed as [.., N / Bn, Bn, K / Bk, Bk]."""
-    (bn, bk), (N, K) = block, w.shape[-2:]
+    """w [.., N, K] zero-padded to whole blocks of block (Bn, Bk) (0: the whole dimension) and viewed as
+    [.., N / Bn, Bn, K / Bk, Bk]."""
+    (N, K) = w.shape[-2:]
+    bn, bk = block[0] or N, block[1] or K
     padded = F.pad(w.float(), (0, -K % bk, 0, -N % bn))
     return padded.view(*w.shape[:-2], padded.shape[-2] // bn, bn, padded.shape[-1] // bk, bk)
 

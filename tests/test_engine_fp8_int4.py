@@ -25,12 +25,15 @@ SHAPE = Shape(4, 33, 19, 23, 2, "uniform", 3, 2)  # odd H and I: partial blocks 
 
 
 def fp8_checkpoint(n, k, block, gen):
-    """A block-FP8 linear as a checkpoint stores it: every e4m3 code but NaN (0x7f, 0xff) cycled through the weight,
-    and scale_inv [ceil(n / Bn), ceil(k / Bk)] (fp32, each a power of two times 1..2)."""
+    """An FP8 linear as a checkpoint stores it: every e4m3 code but NaN (0x7f, 0xff) cycled through the weight, and
+    block-FP8's fp32 scale_inv [ceil(n / Bn), ceil(k / Bk)] or, block (1, 0), compressed-tensors' per-channel bf16
+    weight_scale [n, 1] (each a power of two times 1..2)."""
     codes = (torch.arange(n * k) * 37 + torch.randint(0, 256, (1,), generator=gen)) % 254
     codes = torch.where(codes >= 0x7f, codes + 1, codes).to(torch.uint8).view(n, k).view(torch.float8_e4m3fn)
-    grid = (math.ceil(n / block[0]), math.ceil(k / block[1]))
+    grid = (math.ceil(n / (block[0] or n)), math.ceil(k / (block[1] or k)))
     scale = (1 + torch.rand(grid, generator=gen)) * 2.0 ** torch.randint(-12, -4, grid, generator=gen)
+    if block == (1, 0):
+        return {"w.weight": codes, "w.weight_scale": scale.bfloat16()}
     return {"w.weight": codes, "w.weight_scale_inv": scale}
 
 
@@ -43,27 +46,34 @@ def int4_checkpoint(n, k, group, gen):
             "w.weight_shape": torch.tensor([n, k], dtype=torch.int32)}
 
 
-# format name -> (source format, the checkpoint's code and scale keys, its tensors for one [n, k] linear)
-CHECKPOINTS = {
-    "fp8": (lambda grid: SourceFormat("fp8-block", block=grid), ("w.weight", "w.weight_scale_inv"),
-            lambda n, k, grid, gen: fp8_checkpoint(n, k, grid, gen)),
-    "int4": (lambda grid: SourceFormat("int4-group", group=grid[1]), ("w.weight_packed", "w.weight_scale"),
-             lambda n, k, grid, gen: int4_checkpoint(n, k, grid[1], gen)),
-}
+def checkpoint_of(fmt):
+    """(the source format whose tensors a layer of `fmt` keeps as they are, its code and scale keys, their maker for
+    one [n, k] linear)."""
+    if fmt.name == "int4":
+        return (SourceFormat("int4-group", group=fmt.scale_block[1]), ("w.weight_packed", "w.weight_scale"),
+                lambda n, k, gen: int4_checkpoint(n, k, fmt.scale_block[1], gen))
+    if fmt.scale_block == (1, 0):
+        return SourceFormat("fp8-channel"), ("w.weight", "w.weight_scale"), \
+            lambda n, k, gen: fp8_checkpoint(n, k, (1, 0), gen)
+    return (SourceFormat("fp8-block", block=fmt.scale_block), ("w.weight", "w.weight_scale_inv"),
+            lambda n, k, gen: fp8_checkpoint(n, k, fmt.scale_block, gen))
+
+
 STORED_FORMATS = [pytest.param(ke.get_format("fp8", block=(5, 7)), id="fp8-5x7"),
                   pytest.param(ke.get_format("fp8"), id="fp8-128x128"),
+                  pytest.param(ke.get_format("fp8", block=(1, 0)), id="fp8-channel"),
                   pytest.param(ke.get_format("int4", group=5), id="int4-g5"),
                   pytest.param(ke.get_format("int4"), id="int4-g32")]
 
 
 def stored_experts(fmt, E, H, I, gen):
     """{projection: (codes [E, N, K], scales [E, grid], decoded fp32 [E, N, K])} of E experts' checkpoint tensors."""
-    source, (code_key, scale_key), make = CHECKPOINTS[fmt.name]
+    source, (code_key, scale_key), make = checkpoint_of(fmt)
     out = {}
     for which, (n, k) in (("gate", (I, H)), ("up", (I, H)), ("down", (H, I))):
-        experts = [make(n, k, fmt.scale_block, gen) for _ in range(E)]
+        experts = [make(n, k, gen) for _ in range(E)]
         out[which] = tuple(torch.stack(t) for t in zip(*[
-            (t[code_key], t[scale_key], decode(source(fmt.scale_block), code_key, t.__getitem__)) for t in experts]))
+            (t[code_key], t[scale_key], decode(source, code_key, t.__getitem__)) for t in experts]))
     return out
 
 
@@ -148,6 +158,7 @@ def test_format_carries_its_scale_grid():
     assert fp8 == ke.FORMATS["fp8"].with_scales(block=(5, 7)) and fp8.scale_block == (5, 7)
     assert fp8.label == "fp8 (5x7 blocks)" and fp8.name == "fp8"
     assert ke.get_format("int4", group=5).scale_block == (1, 5)
+    assert ke.get_format("fp8", block=(1, 0)).label == "fp8 (per channel)"
     assert ke.get_format("int4", group=32) is ke.FORMATS["int4"]
     layout = ke.ExpertLayer(2, 33, 19, fp8)._layer.layout()
     assert layout["gate"]["scale_block"] == (5, 7) and layout["gate"]["scale_grid"] == (7, 10)  # Ip 32, Hp 64
@@ -155,10 +166,13 @@ def test_format_carries_its_scale_grid():
     assert layout["gate"]["elem_bits"] == 8
     assert ke.ExpertLayer(1, 32, 32, "int4")._layer.layout()["up"]["elem_bits"] == 4
     assert ke.ExpertLayer(1, 32, 32, "int8")._layer.layout()["up"]["scale_block"] == (1, 32)
+    per_channel = ke.ExpertLayer(1, 33, 19, ke.get_format("fp8", block=(1, 0)))._layer.layout()
+    assert per_channel["gate"]["scale_block"] == (1, 64) and per_channel["down"]["scale_grid"] == (64, 1)
 
 
 @pytest.mark.parametrize("fmt", [ke.get_format("fp8", block=(5, 7)), ke.get_format("int4", group=5),
-                                 ke.get_format("fp8", block=(1000, 3)), ke.get_format("int4", block=(3, 2 ** 31 - 1))])
+                                 ke.get_format("fp8", block=(1000, 3)), ke.get_format("int4", block=(3, 2 ** 31 - 1)),
+                                 ke.get_format("fp8", block=(1, 0)), ke.get_format("int4", block=(0, 0))])
 @pytest.mark.parametrize("shape", [(3, 37, 13), (1, 33, 65)])
 def test_packed_bytes_of_any_grid_is_the_engines(fmt, shape):
     assert fmt.packed_bytes(*shape) == ke.ExpertLayer(*shape, fmt).packed_bytes
@@ -176,8 +190,8 @@ def test_memory_against_bf16():
 def test_with_scales_refuses_what_it_cannot_serve():
     with pytest.raises(ValueError, match="expert format int8 has no scale grid to choose"):
         ke.get_format("int8", block=(5, 7))
-    with pytest.raises(ValueError, match=r"fp8: scale block sizes must be two integers >= 1, got \(0, 7\)"):
-        ke.get_format("fp8", block=(0, 7))
+    with pytest.raises(ValueError, match=r"fp8: scale block sizes must be two integers >= 0 .*, got \(-1, 7\)"):
+        ke.get_format("fp8", block=(-1, 7))
     with pytest.raises(ValueError, match="give block=.* or group="):
         ke.FORMATS["int4"].with_scales(block=(1, 5), group=5)
 
@@ -187,8 +201,9 @@ def test_load_stored_refuses_other_formats_and_other_grids():
     t = fp8_checkpoint(19, 33, (5, 7), gen)
     with pytest.raises(ValueError, match="expert format bf16 keeps no checkpoint tensors as they are .*fp8, int4"):
         ke.ExpertLayer(1, 33, 19, "bf16").load_stored("gate", t["w.weight"], t["w.weight_scale_inv"])
-    with pytest.raises(ValueError, match=r"gate scale: expected \[1, 1, 1\] \(blocks of 128x128 over 19x33 weights\), "
-                                         r"got \[1, 4, 5\]: the checkpoint's blocks differ from the layer's"):
+    with pytest.raises(ValueError, match=r"gate scale: expected \[1, 1, 1\] \(fp8: blocks of 128x128 over 19x33 "
+                                         r"weights, 0 = all\), got \[1, 4, 5\]: the checkpoint's grid differs from the "
+                                         r"layer's; build the layer with get_format\('fp8', block="):
         ke.ExpertLayer(1, 33, 19, "fp8").load_stored("gate", t["w.weight"], t["w.weight_scale_inv"])
     with pytest.raises(TypeError, match="gate codes: expected dtype int32, got float8_e4m3fn"):
         ke.ExpertLayer(1, 33, 19, "int4").load_stored("gate", t["w.weight"], t["w.weight_scale_inv"])

@@ -39,7 +39,7 @@ import kt_sft
 import kt_sft.engine as ke
 import kt_sft.loader as loader
 from kt_sft.checkpoint_formats import CheckpointFormatError
-from kt_sft.engine.formats import FORMATS, WHOLE_ROW, ExpertFormat
+from kt_sft.engine.formats import FORMATS, ExpertFormat
 from lora_train import lora_run, make_batches
 from moe_reference import rel_err
 from quantized_checkpoints import dequantized_checkpoint, quantize_checkpoint
@@ -175,7 +175,7 @@ def test_default_format_never_silently_doubles_ram(quantized, tiny_checkpoint, s
     q, _ = quantized("qwen3_moe", scheme)
     native = "int4" if scheme == "int4-group" else "fp8"  # the checkpoint's own element type, its own scale grid
     plan = loader.plan_load(q, device="cpu", dtype=torch.bfloat16)
-    own_grid = {"fp8-block": BLOCK, "fp8-channel": (1, WHOLE_ROW), "int4-group": (1, GROUP)}[scheme]
+    own_grid = {"fp8-block": BLOCK, "fp8-channel": (1, 0), "int4-group": (1, GROUP)}[scheme]
     assert plan.format.name == native and plan.format.scale_block == own_grid
     assert loader.plan_load(q, device="cpu", dtype=torch.float32).format.name == "fp32"
     assert loader.plan_load(q, device="cpu", dtype=torch.bfloat16, format="AMXBF16").format.name == "bf16"

@@ -64,32 +64,35 @@ class ExpertFormat:
         return experts * (int(3 * ip * hp * self.weight_bytes) + 4 * sum(r * c for r, c in grids))
 
     def with_scales(self, block: Optional[tuple] = None, group: Optional[int] = None) -> "ExpertFormat":
-        """This format with another scale grid: `block` (rows, columns) of weights per scale, or `group` weights
-        along K (block (1, group)); any positive sizes, for a "block" format only (e.g. a checkpoint's own
-        weight_block_size or group_size, so `ExpertLayer.load_stored` keeps its tensors as they are)."""
+        """This format with another scale grid: `block` (rows, columns) of weights per scale, 0 = the whole
+        dimension ((1, 0): per channel), or `group` weights along K (block (1, group)); any sizes, for a "block"
+        format only (e.g. a checkpoint's own grid, so `ExpertLayer.load_stored` keeps its tensors as they are)."""
         if (block is None) == (group is None):
             raise ValueError("with_scales: give block=(rows, columns) or group=G")
         block = (1, group) if group is not None else tuple(block)
         if self.scales != "block":
             raise ValueError(f"expert format {self.name} has no scale grid to choose ({self.scales} scales)")
-        if len(block) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block):
-            raise ValueError(f"{self.name}: scale block sizes must be two integers >= 1, got {block}")
-        if block == self.scale_block:
-            return self
-        grid = "per channel" if block == (1, WHOLE_ROW) else f"groups of {block[1]}" if block[0] == 1 else \
-            f"{block[0]}x{block[1]} blocks"
+        if len(block) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in block):
+            raise ValueError(f"{self.name}: scale block sizes must be two integers >= 0 (0: the whole dimension), "
+                             f"got {block}")
         row = FORMATS[self.name]
-        return dataclasses.replace(self, scale_block=block, label=row.label if block == row.scale_block
-                                   else f"{row.label} ({grid})")
+        if block == row.scale_block:
+            return row
+        return dataclasses.replace(self, scale_block=block, label=f"{row.label} ({_grid_name(block)})")
 
     def __str__(self) -> str:
         return self.name
 
 
+def _grid_name(block: tuple) -> str:
+    """How a label names a scale grid: per tensor, per channel, groups of G or RxC blocks (0: the whole dimension)."""
+    names = {(0, 0): "per tensor", (1, 0): "per channel"}
+    if block in names:
+        return names[block]
+    return f"groups of {block[1]}" if block[0] == 1 else f"{block[0] or 'N'}x{block[1] or 'K'} blocks"
+
+
 _ALL_ISAS = ("scalar", "avx2", "avx512", "amx")
-# A scale block's column count that no weight reaches: block (1, WHOLE_ROW) is one scale per output channel (the
-# grid of FP8-per-channel checkpoints).
-WHOLE_ROW = 1 << 30
 
 FORMATS: dict[str, ExpertFormat] = {f.name: f for f in (
     ExpertFormat("bf16", _engine.WeightFormat.bf16, ("AMXBF16", "BF16"), torch.bfloat16, torch.bfloat16, "pairs", "none",
@@ -103,13 +106,13 @@ FORMATS: dict[str, ExpertFormat] = {f.name: f for f in (
                  "int8, int8 GEMMs", ("amx",), "the same int8 weights with the GEMMs in int8 too, activations "
                  "quantized per row: AMX's int8 rate, other CPUs run it slowly", (1, 0)),
     ExpertFormat("fp8", _engine.WeightFormat.fp8, ("FP8",), torch.bfloat16, torch.float8_e4m3fn, "pairs", "block",
-                 "fp8", _ALL_ISAS, "block-FP8 experts (e4m3 + one scale per 128x128 block, a block-FP8 checkpoint's "
-                 "own kept exactly; others quantized while loading: half the RAM of bf16), GEMMs in bf16 on the "
-                 "decoded weights", (128, 128), torch.float8_e4m3fn),
+                 "fp8", _ALL_ISAS, "block-FP8 experts (e4m3, a scale per 128x128 block; a block-FP8 checkpoint's own "
+                 "kept exactly, others quantized while loading): half the RAM of bf16, GEMMs in bf16 on the decoded "
+                 "weights", (128, 128), torch.float8_e4m3fn),
     ExpertFormat("int4", _engine.WeightFormat.int4, ("INT4",), torch.bfloat16, torch.int4, "pairs", "block",
-                 "int4", _ALL_ISAS, "int4 experts (one scale per group of 32 along the input, an INT4 checkpoint's "
-                 "own kept exactly; others quantized while loading: 0.31 of bf16's RAM with the scales), GEMMs in bf16 "
-                 "on the decoded weights", (1, 32), torch.int32),
+                 "int4", _ALL_ISAS, "int4 experts (a scale per group of 32 along the input; an INT4 checkpoint's own "
+                 "kept exactly, others quantized while loading): 0.31 of bf16's RAM, GEMMs in bf16 on the decoded "
+                 "weights", (1, 32), torch.int32),
 )}
 
 # Names older code and family files used for the same formats.

@@ -116,11 +116,12 @@ class ExpertLayer:
         check_tensor(f"{which} codes", codes, dtype=fmt.stored_dtype, shape=(None, rows, -(-cols // per_code)),
                      contiguous=False)
         n = codes.shape[0]
-        (bn, bk), grid = fmt.scale_block, (-(-rows // fmt.scale_block[0]), -(-cols // fmt.scale_block[1]))
+        grid = fmt.scale_grid(rows, cols)  # over the unpadded weight, as the checkpoint has it
         if isinstance(scale, torch.Tensor) and scale.dim() == 3 and tuple(scale.shape[1:]) != grid:
-            raise ValueError(f"{which} scale: expected [{n}, {grid[0]}, {grid[1]}] (blocks of {bn}x{bk} over "
-                             f"{rows}x{cols} weights), got {list(scale.shape)}: the checkpoint's blocks differ from "
-                             f"the layer's; build the layer with get_format({fmt.name!r}, block=(rows, cols))")
+            raise ValueError(f"{which} scale: expected [{n}, {grid[0]}, {grid[1]}] ({fmt.label}: blocks of "
+                             f"{fmt.scale_block[0]}x{fmt.scale_block[1]} over {rows}x{cols} weights, 0 = all), got "
+                             f"{list(scale.shape)}: the checkpoint's grid differs from the layer's; build the layer "
+                             f"with get_format({fmt.name!r}, block=(rows, columns)) or group=G")
         check_tensor(f"{which} scale", scale, dtype=tuple(SOURCE_DTYPES), shape=(n, *grid), contiguous=False)
         if self._experts_range(expert_begin, n):
             self._layer.set_weights_stored(PROJECTIONS[which], int(expert_begin), n, codes.data_ptr(),

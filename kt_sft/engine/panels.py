@@ -2,9 +2,10 @@
 
 The engine packs each projection of every expert into panels of 16 output columns (csrc/common.h, the format's
 `panel` layout), padded to the engine's hidden / intermediate sizes; quantized formats keep fp32 scales beside
-them (per output channel today: a grid of one column). The engine's packer describes both itself
-(`MoELayer.layout()`, csrc/packing.h); the view carries that description, so no reader re-derives the layout. Code outside the engine that reads the weights (the GPU share streams them to a GPU)
-takes this view from `ExpertLayer.panels()` instead of reaching into the engine object.
+them on a grid of scale blocks (per output channel: a grid of one column; fp8 / int4: the format's `scale_block`).
+The engine's packer describes both itself (`MoELayer.layout()`, csrc/packing.h); the view carries that
+description, so no reader re-derives the layout. Code outside the engine that reads the weights (the GPU share
+streams them to a GPU) takes this view from `ExpertLayer.panels()` instead of reaching into the engine object.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ class ProjectionPanels:
     layout["expert_bytes"] (padded rows x padded columns x the format's bytes per weight)."""
 
     raw: torch.Tensor               # uint8, the engine's storage itself (no copy)
-    scales: Optional[torch.Tensor]  # fp32 [experts][grid rows][grid cols] of a quantized format, else None
+    scales: Optional[torch.Tensor]  # fp32 [experts][grid rows][grid cols] of a quantized format, else None (a view
+                                    # of the engine's grid, which it stores column by column)
     layout: dict                    # the engine's description of both (MoELayer.layout(), csrc/packing.h): sizes,
                                     # panel kind and group, bytes, scale kind, block and grid
 
@@ -54,8 +56,9 @@ def packed_panels(engine_layer, fmt: ExpertFormat, num_experts: int) -> PackedPa
     layouts, projections = engine_layer.layout(), []
     for name, which in PROJECTIONS.items():
         layout, scales = layouts[name], None
-        if layout["scales"] != "none":
+        if layout["scales"] != "none":  # stored by grid column (csrc/common.h): viewed as [experts][rows][cols]
+            rows, cols = layout["scale_grid"]
             scales = (_host_bytes(*engine_layer.scale_storage(which)).view(torch.float32)
-                      .view(num_experts, *layout["scale_grid"]))
+                      .view(num_experts, cols, rows).transpose(1, 2))
         projections.append(ProjectionPanels(_host_bytes(*engine_layer.panel_storage(which)), scales, layout))
     return PackedPanels(fmt, layouts["down"]["padded_rows"], layouts["gate"]["padded_rows"], tuple(projections))
