@@ -34,7 +34,7 @@ HEADERS = ["csrc/common.h", "csrc/kernel_api.h", "csrc/buffer.h", "csrc/env.h", 
            "csrc/cpu_features.h", "csrc/thread_pool.h",
            "csrc/kernels/moe_kernels.inc", "csrc/kernels/moe_common.inc", "csrc/kernels/moe_lora.inc",
            "csrc/kernels/moe_float.inc", "csrc/kernels/moe_int8.inc", "csrc/kernels/moe_int8_gemm.inc", "csrc/kernels/moe_decoded.inc", "csrc/kernels/moe_fp8.inc",
-           "csrc/kernels/moe_int4.inc",
+           "csrc/kernels/moe_int4.inc", "csrc/kernels/moe_int4_gemm.inc",
            "csrc/kernels/moe_tasks.inc", "csrc/kernels/avx512_microkernels.h"]
 
 

@@ -94,6 +94,7 @@ py::dict layout_dict(const MoELayer& layer) {
     d["scales"] = scale_kind_name(l.scales);
     d["scale_block"] = py::make_tuple(l.scale_block_n, l.scale_block_k);
     d["scale_grid"] = py::make_tuple(l.scale_rows, l.scale_cols);  // one expert's scales, stored by column
+    d["channel_scales"] = l.channel;  // also [Np] derived channel scales per expert (INT4 GEMMs; engine-only)
     out[proj_name(Proj(p))] = d;
   }
   return out;

@@ -45,6 +45,13 @@
 //            the packer quantizes per block: s = max |w| / 448 (fp8) or / 7 (int4) over the block's weights,
 //            q = e4m3_rne_sat(w / s) or clamp(round_half_even(w / s), -8, 7) (s = 0: q = 0); from a checkpoint's
 //            own tensors it keeps codes and scales as they are (packing.h, pack_stored).
+// INT4 GEMMs (WeightFormat::kInt4Gemm, kt_backend AMXINT4; kernels/moe_int4_gemm.inc): the int4 format's codes and
+//            group scales s as they are, plus one fp32 channel scale per output row, S[n] = fl(8 * m[n] / 127) with
+//            m[n] = max |s| over the row's grid cells, computed at load. Each task expands the int4 block it uses to
+//            int8 weights on that channel scale, w8 = clamp(round_half_even(fl(q * fl(s / S[n]))), -127, 127)
+//            (S = 0: w8 = 0), and runs INT8 GEMMs on them with S as the channel scales: group scales cannot leave an
+//            int32 sum over several groups, a channel scale can. w8 * S is q * s to half an int8 step of the row's
+//            largest group (2-3 % of an int4 step), coarser only for groups 16x below the row's largest.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -67,8 +74,9 @@ enum class WeightFormat : int {
   kInt8Gemm = 3,  // int8 quad panels + per-channel scales, GEMMs in int8 (INT8 GEMMs)
   kFp8 = 4,       // e4m3 pair panels + block scales, GEMMs in bf16 on the decoded weights (FP8 / INT4)
   kInt4 = 5,      // int4 pair panels (two per byte) + group scales along K, GEMMs in bf16 likewise
+  kInt4Gemm = 6,  // the same int4 panels + derived channel scales, GEMMs in int8 (INT4 GEMMs)
 };
-constexpr int kNumFormats = 6;
+constexpr int kNumFormats = 7;
 enum Activation : int { kSiluGLU = 0 };
 
 // The three projections of an expert: gate and up are [I][H], down is [H][I] (out x reduce).

@@ -25,6 +25,7 @@ struct FormatInfo {
   ScaleKind scales;         // fp32 multipliers beside the panels (common.h)
   int scale_block_n;        // ... one per scale_block_n output rows x scale_block_k reduction columns (0: the whole
   int scale_block_k;        //     padded dimension; per channel: 1 x 0). kBlock: the default a layer may change
+  bool channel_scales;      // kBlock formats: also one fp32 scale per output channel, derived from the grid (INT4 GEMMs)
   bool quantized_gemm;      // each GEMM phase quantizes its A first (QuantJob); per-row outputs bf16 (INT8 GEMMs)
   bool expands_blocks;      // forward tasks dequantize their weight blocks into Scratch::wdq
   int transposed_bytes;     // bytes per element of backward's transposed blocks (Scratch::packed)
@@ -57,21 +58,24 @@ constexpr int kWholeSegment = 1 << 30;  // a row chunk no expert reaches: one ta
 static_assert(kRowChunkBwd <= kMaxTaskRows && kActBlocksPerTask <= kMaxTaskBlocks, "see Task");
 
 inline constexpr FormatInfo kFormats[kNumFormats] = {
-    // format, name, activations, panel, weight bits, scales (kind, block n x k), quantized GEMM, expands blocks,
-    // transposed (bytes, k align), forward rows per task, blocks per task (gate_up, down, dx)
-    {WeightFormat::kF32, "f32", kF32, PanelKind::kF32, 32, ScaleKind::kNone, 0, 0, false, false, 4, 1, kRowChunk,
+    // format, name, activations, panel, weight bits, scales (kind, block n x k), derived channel scales, quantized
+    // GEMM, expands blocks, transposed (bytes, k align), forward rows per task, blocks per task (gate_up, down, dx)
+    {WeightFormat::kF32, "f32", kF32, PanelKind::kF32, 32, ScaleKind::kNone, 0, 0, false, false, false, 4, 1, kRowChunk,
      kGateUpBlocksPerTask, kDownBlocksPerTask, kDxBlocksPerTask},
-    {WeightFormat::kBF16, "bf16", kBF16, PanelKind::kPairs, 16, ScaleKind::kNone, 0, 0, false, false, 2, 1, kRowChunk,
+    {WeightFormat::kBF16, "bf16", kBF16, PanelKind::kPairs, 16, ScaleKind::kNone, 0, 0, false, false, false, 2, 1, kRowChunk,
      kGateUpBlocksPerTask, kDownBlocksPerTask, kDxBlocksPerTask},
-    {WeightFormat::kInt8, "int8", kBF16, PanelKind::kPairs, 8, ScaleKind::kChannel, 1, 0, false, true, 2, 1,
+    {WeightFormat::kInt8, "int8", kBF16, PanelKind::kPairs, 8, ScaleKind::kChannel, 1, 0, false, false, true, 2, 1,
      kRowChunkInt8, kGateUpBlocksPerTask, kDownBlocksPerTask, kDxBlocksPerTask},
-    {WeightFormat::kInt8Gemm, "int8_gemm", kBF16, PanelKind::kQuads, 8, ScaleKind::kChannel, 1, 0, true, false, 1, 64,
+    {WeightFormat::kInt8Gemm, "int8_gemm", kBF16, PanelKind::kQuads, 8, ScaleKind::kChannel, 1, 0, false, true, false, 1, 64,
      kRowChunkInt8, kGateUpBlocksPerTaskInt8, kDownBlocksPerTaskInt8, kDxBlocksPerTaskInt8},
     // fp8 and int4 decode their blocks per task like int8 (its row lengths and blocking: not tuned apart)
-    {WeightFormat::kFp8, "fp8", kBF16, PanelKind::kPairs, 8, ScaleKind::kBlock, 128, 128, false, true, 2, 1,
+    {WeightFormat::kFp8, "fp8", kBF16, PanelKind::kPairs, 8, ScaleKind::kBlock, 128, 128, false, false, true, 2, 1,
      kRowChunkInt8, kGateUpBlocksPerTask, kDownBlocksPerTask, kDxBlocksPerTask},
-    {WeightFormat::kInt4, "int4", kBF16, PanelKind::kPairs, 4, ScaleKind::kBlock, 1, 32, false, true, 2, 1,
+    {WeightFormat::kInt4, "int4", kBF16, PanelKind::kPairs, 4, ScaleKind::kBlock, 1, 32, false, false, true, 2, 1,
      kRowChunkInt8, kGateUpBlocksPerTask, kDownBlocksPerTask, kDxBlocksPerTask},
+    // int4 GEMMs: int4's panels, int8 GEMMs on blocks each task expands (int8 GEMMs' blocking: not tuned apart)
+    {WeightFormat::kInt4Gemm, "int4_gemm", kBF16, PanelKind::kPairs, 4, ScaleKind::kBlock, 1, 32, true, true, true, 1,
+     64, kRowChunkInt8, kGateUpBlocksPerTaskInt8, kDownBlocksPerTaskInt8, kDxBlocksPerTaskInt8},
 };
 
 constexpr bool format_rows_valid() {

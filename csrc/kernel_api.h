@@ -22,6 +22,8 @@ struct WeightView {
   size_t expert_scales;  // scales of one expert
   int block_n, block_k;  // scale (n, k) of an expert at [(k / block_k) * scale_rows + n / block_n] (common.h)
   int scale_rows;
+  const float* channel;  // [E] x the padded output length: one scale per output channel (the int8 formats' scales
+                         // themselves, INT4 GEMMs' derived ones), else null
 };
 
 struct LayerView {

@@ -62,6 +62,7 @@ ProjectionLayout make_layout(Proj p, int H, int I, const FormatInfo& f) {
     l.scale_block_k = f.scale_block_k > 0 ? f.scale_block_k : l.Kp;
     l.scale_rows = blocks_over(l.Np, l.scale_block_n);
     l.scale_cols = blocks_over(l.Kp, l.scale_block_k);
+    l.channel = f.channel_scales;
   }
   return l;
 }
@@ -216,6 +217,7 @@ constexpr Packer kPackers[kNumFormats] = {
     {channel_int8_packer<4>, nullptr, nullptr},     // kInt8Gemm: quads
     {fp8_panel, block_scales<448>, fp8_stored_panel},  // kFp8: e4m3 pairs, block scales
     {int4_panel, block_scales<7>, int4_stored_panel},  // kInt4: nibble pairs, group scales
+    {int4_panel, block_scales<7>, int4_stored_panel},  // kInt4Gemm: int4's (channel scales derived after)
 };
 
 }  // namespace
@@ -227,7 +229,23 @@ PackedWeights::PackedWeights(int experts, int hidden, int intermediate, const Fo
     panels_[p].reserve(size_t(E_) * layout_[p].expert_bytes);
     if (format.scales != ScaleKind::kNone)
       scales_[p].reserve(size_t(E_) * layout_[p].scale_rows * layout_[p].scale_cols * sizeof(float));
+    if (format.channel_scales) channel_[p].reserve(size_t(E_) * layout_[p].Np * sizeof(float));
   }
+}
+
+void PackedWeights::derive_channel_scales(ThreadPool& pool, Proj p, int e0, int n) {
+  const ProjectionLayout& l = layout_[int(p)];
+  if (!l.channel) return;
+  pool.run(n, [&](int task, int) {
+    const float* grid = expert_scales(p, e0 + task);
+    float* S = static_cast<float*>(channel_[int(p)].get()) + size_t(e0 + task) * l.Np;
+    for (int row = 0; row < l.Np; ++row) {
+      const float* cells = grid + row / l.scale_block_n;  // the row's cell of each k block, scale_rows apart
+      float m = 0.f;
+      for (int c = 0; c < l.scale_cols; ++c) m = std::max(m, std::fabs(cells[size_t(c) * l.scale_rows]));
+      S[row] = 8.0f * m / 127.0f;
+    }
+  });
 }
 
 float* PackedWeights::expert_scales(Proj p, int e) const {
@@ -267,6 +285,7 @@ int PackedWeights::pack(ThreadPool& pool, Proj proj, int e0, int n, const Weight
     void* dst = base + size_t(e) * l.expert_bytes + size_t(p) * panel_bytes;
     return packer_.panel(l, SourceRow{src, e - e0}, p * kPanel, dst, expert_scales(proj, e));
   });
+  derive_channel_scales(pool, proj, e0, n);
   return earliest(bad, bad_panel);
 }
 
@@ -296,12 +315,15 @@ int PackedWeights::pack_stored(ThreadPool& pool, Proj proj, int e0, int n, const
     return packer_.stored_panel(l, StoredRow{src, e - e0}, p * kPanel,
                                 base + size_t(e) * l.expert_bytes + size_t(p) * panel_bytes);
   });
+  derive_channel_scales(pool, proj, e0, n);
   return earliest(bad, bad_panel);
 }
 WeightView PackedWeights::view(Proj p) const {
   const ProjectionLayout& l = layout_[int(p)];
-  return WeightView{panels_[int(p)].get(), static_cast<const float*>(scales_[int(p)].get()),
-                    size_t(l.scale_rows) * l.scale_cols, l.scale_block_n, l.scale_block_k, l.scale_rows};
+  const float* scales = static_cast<const float*>(scales_[int(p)].get());
+  const float* channel = l.scales == ScaleKind::kChannel ? scales : static_cast<const float*>(channel_[int(p)].get());
+  return WeightView{panels_[int(p)].get(), scales, size_t(l.scale_rows) * l.scale_cols, l.scale_block_n,
+                    l.scale_block_k, l.scale_rows, channel};
 }
 
 std::pair<const void*, size_t> PackedWeights::panel_storage(Proj p) const {
@@ -316,7 +338,9 @@ std::pair<const void*, size_t> PackedWeights::scale_storage(Proj p) const {
 
 size_t PackedWeights::bytes() const {
   size_t b = 0;
-  for (int p = 0; p < kNumProj; ++p) b += panel_storage(Proj(p)).second + scale_storage(Proj(p)).second;
+  for (int p = 0; p < kNumProj; ++p)
+    b += panel_storage(Proj(p)).second + scale_storage(Proj(p)).second +
+         (layout_[p].channel ? size_t(E_) * layout_[p].Np * sizeof(float) : 0);
   return b;
 }
 

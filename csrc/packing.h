@@ -10,7 +10,8 @@
 //            q = clamp(round_half_even(w / s), -127, 127) (common.h, INT8). Block-scaled formats (fp8, int4) first
 //            compute their scale grid, one task per (expert, grid row), then code each weight with its block's
 //            scale (common.h, FP8 / INT4). pack_stored() keeps a checkpoint's own codes and scales (fp8: e4m3
-//            bytes, int4: int32 words of 8 nibbles), when its grid is the layer's. Padding rows/columns are written
+//            bytes, int4: int32 words of 8 nibbles), when its grid is the layer's. A format with derived channel
+//            scales (INT4 GEMMs) then computes them from each packed expert's grid. Padding rows/columns are written
 //            as zero weights (code 0; int4: nibble 8), padding-only grid cells as scale 0.
 // Invariants: every byte of an expert's panels (and scales) is written by one pack() of it; NaN/Inf in the source
 //            (a NaN code or a non-finite scale of a stored one) is reported (the first such expert), never packed
@@ -39,6 +40,7 @@ struct ProjectionLayout {
   int scale_block_k;
   int scale_rows;       // one expert's scale grid: ceil(Np / block_n) x ceil(Kp / block_k), stored by column
   int scale_cols;       // (common.h: scale (n, k) at [(k / block_k) * scale_rows + n / block_n])
+  bool channel;         // kBlock formats: also [Np] channel scales per expert derived from the grid (INT4 GEMMs)
 };
 
 // A source tensor: element (e, r, c) of experts e0.. at data[e * s_e + r * s_r + c * s_c], dtype kF32/kBF16/kF16.
@@ -83,7 +85,7 @@ class PackedWeights {
   WeightView view(Proj p) const;
   std::pair<const void*, size_t> panel_storage(Proj p) const;  // all experts' panels
   std::pair<const void*, size_t> scale_storage(Proj p) const;  // all experts' scales; (null, 0) without
-  size_t bytes() const;                                        // panels and scales of all projections
+  size_t bytes() const;  // panels, scales and derived channel scales of all projections
   size_t expert_elems() const { return size_t(layout_[0].Np) * layout_[0].Kp; }
 
  private:
@@ -91,11 +93,12 @@ class PackedWeights {
   template <class PanelFn>
   int run_panels(ThreadPool& pool, Proj p, int e0, int n, const PanelFn& panel);
   float* expert_scales(Proj p, int e) const;
+  void derive_channel_scales(ThreadPool& pool, Proj p, int e0, int n);  // INT4 GEMMs' S of experts [e0, e0 + n)
 
   int E_;
   Packer packer_;  // the format's (packing.cpp, kPackers)
   ProjectionLayout layout_[kNumProj];
-  Buffer panels_[kNumProj], scales_[kNumProj];
+  Buffer panels_[kNumProj], scales_[kNumProj], channel_[kNumProj];
 };
 
 }  // namespace kt_sft

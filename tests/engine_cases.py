@@ -13,6 +13,7 @@ References (tests/moe_reference.py, tests/expert_lora_reference.py for the defin
   fp8, int4   the same on the decoded weights bf16(fl32(value * s)) of their block / group quantization
               (csrc/common.h, FP8 / INT4); the kinds cover the formats' default grids and quirky ones (VARIANTS)
   int8-gemm   `w8a8_reference`, the INT8-GEMMs spec of csrc/common.h written out row by row
+  int4-gemm   the same on the int8 weights it expands its int4 ones to (`int4_gemm_weights`, common.h INT4 GEMMs)
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ SHAPES = {
                                                         "r_d > r_gu",
 }
 OUTPUTS = ("y", "dx", "dw")
+PROJECTIONS = ("gate", "up", "down")
 FACTORS = ("A_gu", "B_gu", "A_d", "B_d")
 
 
@@ -82,8 +84,9 @@ class Tolerance:
 # an output or activation rounding to the other side of a bf16 or int8 step (y, dx 1.0e-4 with LoRA, 0 without;
 # dw 3.1e-5, factors 5.9e-5; 3.1e-2 from the unquantized weights). fp8 and int4 are bf16 arithmetic on the decoded
 # weights like int8 (1.0e-2 at most, int4 groups of 5's dw); from the unquantized weights they differ by what e4m3's
-# 3 mantissa bits (1.1e-1) and 4-bit groups (4.6e-1, dw; y and dx 2.2e-1) lose. Paths: the same flips between two
-# units' bf16 outputs (2.4e-4).
+# 3 mantissa bits (1.1e-1) and 4-bit groups (4.6e-1, dw; y and dx 2.2e-1) lose. int4 GEMMs are int8 GEMMs on the
+# expanded weights: against their spec as int8 GEMMs (1.3e-4, factors), from the unquantized weights as int4 (4.6e-1).
+# Paths: the same flips between two units' bf16 outputs (2.4e-4).
 TOLERANCE = {
     "fp32": Tolerance(y=5e-6, dx=5e-6, dw=5e-6, factors=5e-6, paths=1e-6),
     "bf16": Tolerance(y=1e-2, dx=1.5e-2, dw=1.5e-2, factors=1.5e-2, paths=1e-3),
@@ -91,13 +94,15 @@ TOLERANCE = {
     "int8-gemm": Tolerance(y=3e-4, dx=3e-4, dw=1e-4, factors=2e-4, paths=1e-3, unquantized=5e-2),
     "fp8": Tolerance(y=1e-2, dx=1.5e-2, dw=1.5e-2, factors=1.5e-2, paths=1e-3, unquantized=1.5e-1),
     "int4": Tolerance(y=1e-2, dx=1.5e-2, dw=1.5e-2, factors=1.5e-2, paths=1e-3, unquantized=6e-1),
+    "int4-gemm": Tolerance(y=3e-4, dx=3e-4, dw=1e-4, factors=2e-4, paths=1e-3, unquantized=6e-1),
 }
 
 
 # The format whose reference and tolerance a GPU share's experts follow: the share runs stock PyTorch experts in the
 # format's compute dtype on the weights the engine multiplies with (int8: dequantized), so int8 GEMMs are bf16 there.
 # A call with a share gets the looser of the two rows (measured on the CPU device: fp32 6.1e-7, the others 8.8e-3).
-SHARE_COMPUTES_LIKE = {"fp32": "fp32", "bf16": "bf16", "int8": "int8", "int8-gemm": "int8", "fp8": "fp8", "int4": "int4"}
+SHARE_COMPUTES_LIKE = {"fp32": "fp32", "bf16": "bf16", "int8": "int8", "int8-gemm": "int8", "fp8": "fp8", "int4": "int4",
+                       "int4-gemm": "int4"}
 SHARE_DEVICES = ("cpu",) + (("cuda",) if torch.cuda.is_available() else ())
 
 
@@ -113,7 +118,7 @@ class LayerKind:
 
 # Scale grids besides the rows' own that every engine test covers: blocks and groups that divide neither the grid's
 # sizes nor their padding (odd block_k: a (k, k+1) pair straddles two blocks).
-VARIANTS = (ke.get_format("fp8", block=(5, 7)), ke.get_format("int4", group=5))
+VARIANTS = (ke.get_format("fp8", block=(5, 7)), ke.get_format("int4", group=5), ke.get_format("int4-gemm", group=5))
 KINDS = [LayerKind(fmt, lora, share) for fmt in (*ke.FORMATS.values(), *VARIANTS) for lora in (False, True)
          for share in (None,) + SHARE_DEVICES]
 
@@ -251,11 +256,39 @@ def dequantized(w: torch.Tensor, fmt: ke.FormatLike = "int8") -> torch.Tensor:
     if fmt.scales == "channel":  # int8, and int8-gemm's weights
         q, s = quantize(w)
         return (q.float() * s).bfloat16()
+    q, s = block_codes(w, fmt)
+    return (q * s).bfloat16()
+
+
+def block_codes(w: torch.Tensor, fmt: ke.ExpertFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, scales), both like w [.., N, K] in fp32, of a "block" format's quantization of w: each weight's e4m3
+    number (fp8) or q in [-8, 7] (int4, int4-gemm), and the scale of its block (0 for a block of zeros)."""
     blocks = as_blocks(w, fmt.scale_block)
     s = blocks.abs().amax(dim=(-3, -1), keepdim=True) / (448 if fmt.name == "fp8" else 7)
     ratio = blocks / torch.where(s > 0, s, 1.0)
     q = ratio.to(torch.float8_e4m3fn).float() if fmt.name == "fp8" else torch.round(ratio).clamp(-8, 7)
-    return from_blocks(torch.where(s > 0, q, 0.0) * s, w.shape).bfloat16()
+    return from_blocks(torch.where(s > 0, q, 0.0), w.shape), from_blocks(s.expand_as(blocks), w.shape)
+
+
+def int4_gemm_weights(w: torch.Tensor, fmt: ke.ExpertFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w8 as fp64 integers [N, K], S [N]): the int8 weights and channel scales an int4-gemm layer multiplies with
+    (csrc/common.h, INT4 GEMMs): S = 8 * max |s| of the row / 127, w8 = clamp(round_half_even(q * (s / S)), +-127)."""
+    return requantized(*block_codes(w, fmt))
+
+
+def requantized(q: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4_gemm_weights of int4 values q [N, K] in [-8, 7] and their group scales s [N, K] (one per weight)."""
+    S = 8 * s.abs().amax(-1) / 127
+    r = torch.where(S[:, None] > 0, s / torch.where(S > 0, S, 1.0)[:, None], 0.0)
+    return torch.round(q * r).clamp(-127, 127).double(), S
+
+
+def gemm_weights(fmt: ke.ExpertFormat, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weights as fp64 integers [N, K], channel scales [N]) of a layer with int8 GEMMs."""
+    if fmt.scales == "channel":
+        q, s = quantize(w)
+        return q, s[:, 0]
+    return int4_gemm_weights(w, fmt)
 
 
 def as_blocks(w: torch.Tensor, block: tuple) -> torch.Tensor:
@@ -343,12 +376,11 @@ def bf16(t: torch.Tensor) -> torch.Tensor:
 
 
 class _W8A8Expert:
-    """One expert of the INT8-GEMM layer (quantized weights, per-expert LoRA factors or None) and its rows' math."""
+    """One expert of the INT8-GEMM layer (quantized weights, per-expert LoRA factors or None) and its rows' math;
+    weights(which, e): projection `which`'s int8 weights and channel scales."""
 
-    def __init__(self, case: Case, e: int):
-        (self.qg, self.sg), (self.qu, self.su), (self.qd, self.sd) = (quantize(t[e]) for t in
-                                                                      (case.gate, case.up, case.down))
-        self.sg, self.su, self.sd = self.sg[:, 0], self.su[:, 0], self.sd[:, 0]
+    def __init__(self, case: Case, e: int, weights):
+        (self.qg, self.sg), (self.qu, self.su), (self.qd, self.sd) = (weights(which, e) for which in PROJECTIONS)
         lora, E = case.lora, case.gate.shape[0]
         self.s_gu, self.s_d = (lora.scale_gu, lora.scale_d) if lora else (0.0, 0.0)
         self.A_gu = self.B_gu = self.A_d = self.B_d = None
@@ -402,9 +434,12 @@ class _W8A8Expert:
         return bf16(dx), dw, grads
 
 
-def w8a8_reference(case: Case) -> Outputs:
+def w8a8_reference(case: Case, weights=None) -> Outputs:
     """y, dx, dw (and the LoRA factor gradients) of the INT8-GEMM layer, expert by expert over its gathered rows
-    (fp64 integer sums, fp32 scaling and LoRA terms, bf16 where the engine stores bf16)."""
+    (fp64 integer sums, fp32 scaling and LoRA terms, bf16 where the engine stores bf16). `weights(which, e)`: the
+    int8 weights and channel scales of expert e's projection `which` (gate, up, down); by default gemm_weights of
+    the case's format and weights."""
+    weights = weights or (lambda which, e: gemm_weights(case.format, getattr(case, which)[e]))
     x, dy, ids, w = case.x.float(), case.dy.float(), case.ids, case.w
     T, k = ids.shape
     E, I, H = case.gate.shape
@@ -414,7 +449,7 @@ def w8a8_reference(case: Case) -> Outputs:
                   for i, (r, d1, d2) in enumerate([(ranks[0], 2 * I, H)] * 2 + [(ranks[1], H, I)] * 2)]
     for e in [e for e in ids.unique().tolist() if e >= 0]:  # -1: a slot another part of the layer computes
         t, j = (ids == e).nonzero(as_tuple=True)
-        expert, we = _W8A8Expert(case, e), w[t, j][:, None]
+        expert, we = _W8A8Expert(case, e, weights), w[t, j][:, None]
         rows, saved = expert.forward(x[t], we)
         y.index_add_(0, t, rows)  # bf16 rows, fp32 sum
         dx_rows, dw[t, j], grads = expert.backward(x[t], dy[t], we, saved)
@@ -431,7 +466,7 @@ def w8a8_reference(case: Case) -> Outputs:
 
 
 REFERENCES = {"fp32": exact_reference, "bf16": exact_reference, "int8": exact_reference, "int8-gemm": w8a8_reference,
-              "fp8": exact_reference, "int4": exact_reference}
+              "fp8": exact_reference, "int4": exact_reference, "int4-gemm": w8a8_reference}
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -481,8 +516,16 @@ def bitwise_dequantized_twin(case: Case, got: Outputs, why: str) -> None:
 
 # What a format's layer must satisfy besides matching its reference (quantized formats are also checked against the
 # fp32 model of their unquantized weights, Tolerance.unquantized).
+def int4_panels(case: Case, got: Outputs, why: str) -> None:
+    """int4-gemm stores exactly the int4 layer's codes and group scales (its int8 weights are made per task)."""
+    layers = [make_layer(case.gate, case.up, case.down, ke.FORMATS[name].with_scales(block=case.format.scale_block))
+              for name in ("int4", "int4-gemm")]
+    for a, b in zip(*(layer.panels().projections for layer in layers)):
+        assert torch.equal(a.raw, b.raw) and torch.equal(a.scales, b.scales), f"not int4's panels ({why})"
+
+
 IDENTITIES = {"fp32": (), "bf16": (), "int8": (bitwise_dequantized_twin,), "int8-gemm": (),
-              "fp8": (bitwise_dequantized_twin,), "int4": (bitwise_dequantized_twin,)}
+              "fp8": (bitwise_dequantized_twin,), "int4": (bitwise_dequantized_twin,), "int4-gemm": (int4_panels,)}
 
 
 def shared_reference(case: Case) -> Outputs:
@@ -492,7 +535,8 @@ def shared_reference(case: Case) -> Outputs:
     on_share = case.ids >= E - case.share[1]
     engine = REFERENCES[case.format.name](dataclasses.replace(case, ids=case.ids.masked_fill(on_share, -1)))
     like = ke.FORMATS[SHARE_COMPUTES_LIKE[case.format.name]]
-    like = case.format if like.name == case.format.name else like  # with the case's own scale grid
+    if like.scales == "block":  # with the case's own scale grid
+        like = like.with_scales(block=case.format.scale_block)
     share = REFERENCES[like.name](dataclasses.replace(case, format=like, ids=case.ids.masked_fill(~on_share, -1)))
     factors = None if case.lora is None else tuple(
         None if a is None else a + b for a, b in zip(engine.factors, share.factors))

@@ -1,10 +1,12 @@
-"""The block-scaled expert formats fp8 and int4 (csrc/common.h, FP8 / INT4; csrc/kernels/moe_fp8.inc, moe_int4.inc)
-beyond the engine tester's grid (test_engine_parity.py covers them, default and quirky scale grids, on every path):
+"""The block-scaled expert formats fp8, int4 and int4-gemm (csrc/common.h, FP8 / INT4 / INT4 GEMMs; csrc/kernels/
+moe_fp8.inc, moe_int4.inc, moe_int4_gemm.inc) beyond the engine tester's grid (test_engine_parity.py covers them,
+default and quirky scale grids, on every path):
 
   * a checkpoint's own tensors kept as they are (`ExpertLayer.load_stored`): block-FP8 `weight` + `weight_scale_inv`
     and INT4 `weight_packed` + `weight_scale`, with blocks / groups that divide neither dimension: the layer computes
     bitwise what a bf16 layer holding bf16(kt_sft.checkpoint_formats.decode(...)) computes, on every path, and its
-    panels unpack (GPU share) to those weights;
+    panels unpack (GPU share) to those weights; int4-gemm keeps the same panels and computes its INT8-GEMM spec on
+    the int8 weights it expands the checkpoint's to;
   * quantization while loading from fp32 / bf16 / fp16: e4m3 rounding (ties, subnormals) as torch's
     `.to(torch.float8_e4m3fn)`, int4 ties to even;
   * the scale grid a format carries (`with_scales`, `get_format(..., block=, group=)`), as the engine describes it
@@ -17,7 +19,8 @@ import pytest
 import torch
 
 import kt_sft.engine as ke
-from engine_cases import Shape, dequantized, make_case, make_layer, outputs_equal, run_layer
+from engine_cases import (TOLERANCE, Shape, assert_close, dequantized, make_case, make_layer, outputs_equal,
+                          requantized, run_layer, w8a8_reference)
 from kt_sft.checkpoint_formats import SourceFormat, decode
 from kt_sft.engine.gpu_share import panels_to_matrix
 
@@ -49,7 +52,7 @@ def int4_checkpoint(n, k, group, gen):
 def checkpoint_of(fmt):
     """(the source format whose tensors a layer of `fmt` keeps as they are, its code and scale keys, their maker for
     one [n, k] linear)."""
-    if fmt.name == "int4":
+    if fmt.stored_dtype == torch.int32:  # int4, int4-gemm
         return (SourceFormat("int4-group", group=fmt.scale_block[1]), ("w.weight_packed", "w.weight_scale"),
                 lambda n, k, gen: int4_checkpoint(n, k, fmt.scale_block[1], gen))
     if fmt.scale_block == (1, 0):
@@ -113,6 +116,32 @@ def test_stored_scales_of_any_float_dtype_and_strides():
         assert torch.equal(a.raw, b.raw) and torch.equal(a.scales, b.scales)
 
 
+def int4_values(packed, scale, n, k, group):
+    """(q [n, k] in [-8, 7], each weight's group scale [n, k]) of an INT4 checkpoint's tensors, fp32."""
+    nibbles = (packed.unsqueeze(-1) >> torch.arange(0, 32, 4, dtype=torch.int32)) & 0xF
+    q = nibbles.reshape(n, -1)[:, :k].float() - 8
+    return q, scale.float().repeat_interleave(group, dim=1)[:, :k]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["frozen", "lora"])
+@pytest.mark.parametrize("group", [5, 32])
+def test_int4_gemm_keeps_the_checkpoint_and_computes_its_spec(isa, group, lora):
+    fmt = ke.get_format("int4-gemm", group=group)
+    case = make_case(SHAPE, fmt, lora)
+    E, H, I = SHAPE.E, SHAPE.H, SHAPE.I
+    stored = stored_experts(fmt, E, H, I, torch.Generator().manual_seed(17))
+    layers = [ke.ExpertLayer(E, H, I, f) for f in (fmt, ke.get_format("int4", group=group))]
+    for layer in layers:
+        for which, (codes, scale, _) in stored.items():
+            layer.load_stored(which, codes, scale)
+    for a, b in zip(*(layer.panels().projections for layer in layers)):
+        assert torch.equal(a.raw, b.raw) and torch.equal(a.scales, b.scales)  # int4 storage, as the checkpoint's
+    shapes = {"gate": (I, H), "up": (I, H), "down": (H, I)}
+    spec = w8a8_reference(case, lambda which, e: requantized(*int4_values(
+        stored[which][0][e], stored[which][1][e], *shapes[which], group)))
+    assert_close(run_layer(layers[0], case), spec, TOLERANCE["int4-gemm"], f"int4-gemm g{group} from a checkpoint")
+
+
 # ------------------------------------------------------------------ quantization while loading
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -172,17 +201,21 @@ def test_format_carries_its_scale_grid():
 
 @pytest.mark.parametrize("fmt", [ke.get_format("fp8", block=(5, 7)), ke.get_format("int4", group=5),
                                  ke.get_format("fp8", block=(1000, 3)), ke.get_format("int4", block=(3, 2 ** 31 - 1)),
-                                 ke.get_format("fp8", block=(1, 0)), ke.get_format("int4", block=(0, 0))])
+                                 ke.get_format("fp8", block=(1, 0)), ke.get_format("int4", block=(0, 0)),
+                                 ke.get_format("int4-gemm", group=5), ke.get_format("int4-gemm", block=(2, 9))])
 @pytest.mark.parametrize("shape", [(3, 37, 13), (1, 33, 65)])
 def test_packed_bytes_of_any_grid_is_the_engines(fmt, shape):
     assert fmt.packed_bytes(*shape) == ke.ExpertLayer(*shape, fmt).packed_bytes
 
 
 def test_memory_against_bf16():
-    """fp8: a byte per weight and an fp32 scale per 128 x 128 block; int4: half a byte and an fp32 scale per 32."""
+    """fp8: a byte per weight and an fp32 scale per 128 x 128 block; int4: half a byte and an fp32 scale per 32;
+    int4-gemm: int4's, and one fp32 scale per output channel."""
     bf16 = ke.FORMATS["bf16"].packed_bytes(8, 7168, 2048)
     assert ke.FORMATS["fp8"].packed_bytes(8, 7168, 2048) / bf16 == (8 + 32 / 128 ** 2) / 16
     assert ke.FORMATS["int4"].packed_bytes(8, 7168, 2048) / bf16 == (4 + 32 / 32) / 16
+    extra = ke.FORMATS["int4-gemm"].packed_bytes(8, 7168, 2048) - ke.FORMATS["int4"].packed_bytes(8, 7168, 2048)
+    assert extra == 8 * 4 * (2 * 2048 + 7168)  # int4-gemm: an fp32 channel scale per output row besides
 
 
 # ------------------------------------------------------------------ bad input

@@ -148,7 +148,8 @@ def test_every_format_starts_from_the_decoded_weights(quantized, family, scheme)
     """Each expert format loaded from the quantized checkpoint computes bit for bit what it computes loaded from the
     dequantized one (bf16 rounds, int8 quantizes the same fp32 values), except a native format of the checkpoint's
     own element type (fp8 from FP8, int4 from INT4), which keeps the stored codes and scales and so computes bit
-    for bit what bf16 experts of the decoded weights compute; FP8 refuses INT4 checkpoints; bf16 and int8 within
+    for bit what bf16 experts of the decoded weights compute (int4-gemm, with int8 GEMMs: what it computes on the
+    checkpoint's grid from the decoded weights, which quantize back to the same codes); FP8 refuses INT4 checkpoints; bf16 and int8 within
     their tolerance of stock on tokens that keep stock's routing."""
     q, ref = quantized(family, scheme)
     truth, truth_routes = logits_and_routing(stock(ref))
@@ -159,7 +160,10 @@ def test_every_format_starts_from_the_decoded_weights(quantized, family, scheme)
                 loader.plan_load(q, device="cpu", dtype=torch.bfloat16, format=name)
             continue
         out, routes = logits_and_routing(load(q, format=name))
-        twin = "bf16" if fmt.weight_dtype == source.element_dtype else name
+        twin = name
+        if fmt.weight_dtype == source.element_dtype:  # keeps the stored codes: bf16 of the decoded weights, or, with
+            # int8 GEMMs, the same format on the checkpoint's grid quantizing the decoded weights to the same codes
+            twin = loader._fit_to_source(fmt, source) if fmt.quantized_gemm else "bf16"
         assert torch.equal(out, logits_and_routing(load(ref, format=twin))[0]), name
         if name in LOGITS_RTOL:
             flipped = torch.zeros(truth.shape[:2], dtype=torch.bool)
@@ -235,7 +239,7 @@ def test_ram_preflight_names_the_formats_that_fit(quantized, monkeypatch):
     msg = str(err.value)
     assert f"{q.name}: BF16 " in msg and "FP32 " in msg and "INT8 " in msg
     advice = re.search(r"free: use kt_backend (.*?) \(load_model format=", msg).group(1).split(" or ")
-    assert set(advice) == {"INT4", "INT8", "AMXINT8", "FP8"}  # BF16 and FP32 do not fit
+    assert set(advice) == {"INT4", "AMXINT4", "INT8", "AMXINT8", "FP8"}  # BF16 and FP32 do not fit
 
 
 # ------------------------------------------------------------------ layouts

@@ -38,6 +38,10 @@ class ExpertFormat:
                                   # (1, 32) groups along K, and `with_scales` gives a layer any other grid
     stored_dtype: Optional[torch.dtype] = None  # a checkpoint's code tensors `ExpertLayer.load_stored` keeps as they
                                                 # are (fp8: e4m3 bytes; int4: int32 words of 8 nibbles), or None
+    channel_scales: bool = False  # also one fp32 scale per output channel, derived from the grid (int4-gemm's int8
+                                  # GEMMs: csrc/common.h, INT4 GEMMs)
+    quantized_gemm: bool = False  # the GEMMs run in int8 on activations quantized per row (not the exact math of
+                                  # the stored weights: int8-gemm, int4-gemm)
 
     @property
     def weight_bytes(self) -> float:
@@ -58,10 +62,12 @@ class ExpertFormat:
         """Host bytes of one MoE layer's experts packed in this format, computed without allocating (equal to
         `ExpertLayer(experts, hidden, intermediate, self).packed_bytes`): gate, up and down panels of Ip x Hp
         weights per expert (the engine pads both to multiples of PAD with zeros), plus 4 bytes per scale of each
-        projection's grid (`scale_grid`; per channel: gate and up Ip, down Hp)."""
+        projection's grid (`scale_grid`; per channel: gate and up Ip, down Hp), and per output channel when the
+        format derives channel scales too."""
         hp, ip = -(-hidden // PAD) * PAD, -(-intermediate // PAD) * PAD
         grids = [self.scale_grid(ip, hp)] * 2 + [self.scale_grid(hp, ip)]
-        return experts * (int(3 * ip * hp * self.weight_bytes) + 4 * sum(r * c for r, c in grids))
+        channels = (2 * ip + hp) if self.channel_scales else 0
+        return experts * (int(3 * ip * hp * self.weight_bytes) + 4 * (sum(r * c for r, c in grids) + channels))
 
     def with_scales(self, block: Optional[tuple] = None, group: Optional[int] = None) -> "ExpertFormat":
         """This format with another scale grid: `block` (rows, columns) of weights per scale, 0 = the whole
@@ -104,7 +110,7 @@ FORMATS: dict[str, ExpertFormat] = {f.name: f for f in (
                  "the RAM), GEMMs in bf16: exact dequantized math, fast on every path", (1, 0)),
     ExpertFormat("int8-gemm", _engine.WeightFormat.int8_gemm, ("AMXINT8",), torch.bfloat16, torch.int8, "quads", "channel",
                  "int8, int8 GEMMs", ("amx",), "the same int8 weights with the GEMMs in int8 too, activations "
-                 "quantized per row: AMX's int8 rate, other CPUs run it slowly", (1, 0)),
+                 "quantized per row: AMX's int8 rate, other CPUs run it slowly", (1, 0), None, False, True),
     ExpertFormat("fp8", _engine.WeightFormat.fp8, ("FP8",), torch.bfloat16, torch.float8_e4m3fn, "pairs", "block",
                  "fp8", _ALL_ISAS, "block-FP8 experts (e4m3, a scale per 128x128 block; a block-FP8 checkpoint's own "
                  "kept exactly, others quantized while loading): half the RAM of bf16, GEMMs in bf16 on the decoded "
@@ -113,6 +119,10 @@ FORMATS: dict[str, ExpertFormat] = {f.name: f for f in (
                  "int4", _ALL_ISAS, "int4 experts (a scale per group of 32 along the input; an INT4 checkpoint's own "
                  "kept exactly, others quantized while loading): 0.31 of bf16's RAM, GEMMs in bf16 on the decoded "
                  "weights", (1, 32), torch.int32),
+    ExpertFormat("int4-gemm", _engine.WeightFormat.int4_gemm, ("AMXINT4",), torch.bfloat16, torch.int4, "pairs",
+                 "block", "int4, int8 GEMMs", ("amx",), "the same int4 experts with int8 GEMMs: each block expanded "
+                 "to int8 on one scale per output channel, activations quantized per row: AMX's int8 rate, other "
+                 "CPUs run it slowly", (1, 32), torch.int32, True, True),
 )}
 
 # Names older code and family files used for the same formats.

@@ -40,7 +40,8 @@ class ExpertLayer:
     INT8); "int8-gemm" runs the GEMMs themselves in int8, activations quantized per row (INT8 GEMMs): AMX's
     tdpbssd, at the cost of activation rounding. "fp8" and "int4" store e4m3 / int4 codes with scales on a grid of
     blocks (the format's `scale_block`) and compute exactly what a bf16 layer holding the decoded weights would
-    (csrc/common.h, FP8 / INT4); `load_stored` keeps a checkpoint's own codes and scales. `max_saved` bounds how many forwards may keep activations for
+    (csrc/common.h, FP8 / INT4); `load_stored` keeps a checkpoint's own codes and scales. "int4-gemm" stores int4's
+    codes and runs int8 GEMMs on blocks expanded per task to one scale per output channel (INT4 GEMMs). `max_saved` bounds how many forwards may keep activations for
     a later backward on this layer; `retained` holds the forwards kept for a checkpoint recompute (the autograd
     glue fills it, bounded by the same slots).
     """
