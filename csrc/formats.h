@@ -27,7 +27,7 @@ struct FormatInfo {
   int scale_block_k;        //     padded dimension; per channel: 1 x 0). kBlock: the default a layer may change
   bool channel_scales;      // kBlock formats: also one fp32 scale per output channel, derived from the grid (INT4 GEMMs)
   bool quantized_gemm;      // each GEMM phase quantizes its A first (QuantJob); per-row outputs bf16 (INT8 GEMMs)
-  bool expands_blocks;      // forward tasks dequantize their weight blocks into Scratch::wdq
+  bool expands_blocks;      // forward tasks expand their weight blocks (to bf16, or int8 quads) into Scratch::wdq
   int transposed_bytes;     // bytes per element of backward's transposed blocks (Scratch::packed)
   int transposed_k_align;   // their reduction length is rounded up to a multiple of this (quads: 64)
   int fwd_row_chunk;        // forward rows per task

@@ -143,7 +143,8 @@ struct Scratch {
   float* c1;     // [rows][kBlock]
   void* packed;  // one slot per column block of a task: 2 transposed panels of Hp (bwd_act) or 2*Ip rows
   float* acc;    // LoRA gradient sums: [r][kBlock] (lora_grad) or per column block (fused bwd_act)
-  void* wdq;     // formats that expand their weight blocks (int8 with bf16 GEMMs): one slot per column block
+  void* wdq;     // formats that expand their weight blocks (int8, fp8, int4: to bf16; int4 GEMMs: to int8 quads): one
+                 // slot per column block
   int32_t* ci;   // int8 GEMMs: int32 sums [kRowAlign][kBlock]
 };
 
