@@ -108,10 +108,12 @@ bool isa_supported(const std::string& isa, std::string* why) {
     if (why) *why = m;
     return false;
   };
-  const bool avx2_ok = f.avx2 && f.fma && f.os_ymm;
-  const bool avx512_ok = f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512_bf16 && f.os_zmm;
+  // every flag the units are compiled with (setup.py): the fp8 kernels use F16C's vcvtph2ps
+  const bool avx2_ok = f.avx2 && f.fma && f.f16c && f.os_ymm;
+  const bool avx512_ok = avx2_ok && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512_bf16 && f.os_zmm;
   if (isa == "scalar") return true;
-  if (isa == "avx2") return avx2_ok ? true : fail(!f.os_ymm ? "OS has not enabled the YMM state" : "CPU lacks avx2/fma");
+  if (isa == "avx2")
+    return avx2_ok ? true : fail(!f.os_ymm ? "OS has not enabled the YMM state" : "CPU lacks avx2/fma/f16c");
   if (isa == "avx512") {
     if (avx512_ok) return true;
     if (!f.avx512f) return fail("CPU lacks avx512f");
