@@ -222,9 +222,11 @@ def _fit_to_source(fmt: ExpertFormat, source: SourceFormat) -> ExpertFormat:
         return fmt
     if fmt.weight_dtype != source.element_dtype:
         if source.name == "int4-group" and fmt.weight_dtype == torch.float8_e4m3fn:
+            others = [r.backends[-1] for r in FORMATS.values() if r.weight_dtype != fmt.weight_dtype]
             raise ValueError(f"expert format {fmt.name} (kt_backend {fmt.backends[0]}) cannot hold this checkpoint's "
-                             "INT4 weights (a 4-bit grid of group scales is not an FP8 block grid); use INT4 (exact, "
-                             "the default), AMXINT8 / INT8 or BF16 (decoded from the INT4 values)")
+                             "INT4 weights (a 4-bit grid of group scales is not an FP8 block grid); use "
+                             f"{' / '.join(others)} (INT4 keeps them exactly and is the default; the others decode "
+                             "them)")
         return fmt
     if source.name == "int4-group":
         return fmt.with_scales(group=source.group)
