@@ -253,21 +253,23 @@ def check_stored(fmt: SourceFormat, headers: Mapping[str, tuple], read: Callable
 
 # ---------------------------------------------------------------------------------------------- decoding
 
-def _scaled(q: torch.Tensor, scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """fl32(q * s) for q [n, k] in fp32 and one scale per rows x cols block of it (scale [ceil(n/rows),
-    ceil(k/cols)]; edge blocks partial): q zero-padded to whole blocks and multiplied by the scales broadcast over
-    each block, in one pass (no per-element scale tensor)."""
-    (n, k), (nb, kb) = q.shape, scale.shape
-    if (n, k) != (nb * rows, kb * cols):
-        q = torch.nn.functional.pad(q, (0, kb * cols - k, 0, nb * rows - n))
-    return (q.view(nb, rows, kb, cols) * scale[:, None, :, None]).view(nb * rows, kb * cols)[:n, :k].contiguous()
+# Weights decoded per step and torch thread: a step's int16 / int8 codes and fp32 values stay in each core's L2
+# between its passes (conversion, scaling), so memory sees the codes read and the fp32 result written once. A V3
+# expert (7168 x 2048) on one thread: 18 ms of CPU at 2^17 (19 at 2^16 and 2^18, 21 at 2^20, 28 in one step).
+_STEP_ELEMENTS_PER_THREAD = 1 << 17
+# fp16 bits of (e4m3 byte as int8) << 7: its sign, exponent and mantissa at fp16's places (the value / 256).
+_E4M3_AS_FP16_MASK = -16512  # 0xBF80 as int16
 
 
-def decode(fmt: SourceFormat, key: str, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+def decode(fmt: SourceFormat, key: str, get: Callable[[str], torch.Tensor],
+           out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W [N, K] in fp32 of the weight stored under `key` (`X.weight` or `X.weight_packed`), reading it and its scale
     tensors with `get(key)`. A weight stored as a plain float (unquantized in a quantized checkpoint: routers,
     norms, compressed-tensors' `ignore` list) is returned in fp32 as it is; each stored tensor's dtype and shape is
-    checked against the layout (`stored_parts`), and a mismatch names the tensor."""
+    checked against the layout (`stored_parts`), and a mismatch names the tensor.
+
+    out: a float32 tensor of at least N * K elements to decode a quantized weight into (the result is a view of
+    it): a loader decoding one tensor after another reuses one buffer instead of faulting in fresh pages for each."""
     w = get(key)
     parts = stored_parts(fmt, key, w.dtype, tuple(w.shape), get)
     if not parts:
@@ -280,9 +282,70 @@ def decode(fmt: SourceFormat, key: str, get: Callable[[str], torch.Tensor]) -> t
     weight, scale = stored[parts[0].key], stored[parts[1].key].float()
     if fmt.name == "int4-group":
         n, k = _int4_shape(stored_linear(key) + ".weight_shape", get)
-        shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-        nibbles = (weight.unsqueeze(-1) >> shifts) & 0xF  # [n, k/8, 8]: nibble i of each int32, lowest bits first
-        q = nibbles.reshape(n, -1)[:, :k].float() - 8
-        return _scaled(q, scale, 1, fmt.group)
-    rows, cols = fmt.block if fmt.name == "fp8-block" else (1, weight.shape[1])
-    return _scaled(weight.float(), scale, rows, cols)
+        return _decode_steps(_int4_codes, weight, scale, (1, fmt.group), _output(out, n, k))
+    block, out = fmt.block if fmt.name == "fp8-block" else (1, weight.shape[1]), _output(out, *weight.shape)
+    if scale.abs().max() < 2.0 ** 119:  # 256 s is exact: one multiply makes fl32(value * s) of value / 256
+        values = _decode_steps(_fp8_over_256, weight, scale * 256, block, out)
+    else:  # 256 s would overflow (e4m3 scales are ~1e-4; an inf or NaN scale lands here too): the values in fp16
+        values = _decode_steps(lambda w, k: _fp8_over_256(w, k).mul_(256), weight, scale, block, out)
+    return _fp8_nans(weight, values)
+
+
+def _output(out: Optional[torch.Tensor], n: int, k: int) -> torch.Tensor:
+    if out is None or out.dtype != torch.float32 or out.numel() < n * k:
+        return torch.empty(n, k)
+    return out.view(-1)[: n * k].view(n, k)
+
+
+def _decode_steps(codes_of: Callable, weight: torch.Tensor, scale: torch.Tensor, block: tuple,
+                  out: torch.Tensor) -> torch.Tensor:
+    """out [n, k] = fl32(c * s) for the codes c that `codes_of(weight rows, k)` gives (a tensor torch converts to
+    fp32 exactly) and s = the scale of each rows x cols block (scale [ceil(n/rows), ceil(k/cols)], edge blocks
+    partial), a step of whole block rows at a time."""
+    (n, k), rows = out.shape, block[0]
+    step = max(1, _STEP_ELEMENTS_PER_THREAD * torch.get_num_threads() // (rows * k)) * rows
+    for r0 in range(0, n, step):
+        part = out[r0: r0 + step]
+        part.copy_(codes_of(weight[r0: r0 + step], k))
+        s = scale[r0 // rows: -(-(r0 + part.shape[0]) // rows)]
+        _scale_blocks(part, s if rows == 1 else s.repeat_interleave(rows, 0)[: part.shape[0]], block[1])
+    return out
+
+
+def _scale_blocks(values: torch.Tensor, row_scales: torch.Tensor, cols: int) -> None:
+    """values [n, k] *= the scale of each block of `cols` columns (row_scales [n, ceil(k/cols)], the last block
+    partial), in place: the whole blocks as a [n, k // cols, cols] view, the partial one as a strip."""
+    n, k = values.shape
+    whole = k // cols
+    if whole:
+        values[:, : whole * cols].view(n, whole, cols).mul_(row_scales[:, :whole, None])
+    if whole * cols < k:
+        values[:, whole * cols:].mul_(row_scales[:, whole:])
+
+
+def _fp8_over_256(weight: torch.Tensor, k: int) -> torch.Tensor:
+    """e4m3 codes [n, k] as fp16 holding each value / 256, exactly: e4m3 is fp16 with a 4-bit exponent of bias 7
+    (fp16's: 5 bits, bias 15), so the byte's sign, exponent and mantissa moved to fp16's places read as value * 2^-8,
+    subnormals included (fp16's exponent range covers them as well). Vectorized integer passes: torch's e4m3 -> fp32
+    conversion is an element loop (4 ns a weight on one core; this whole decode takes 1.2). The NaN codes (0x7f,
+    0xff) read as +-1.875: `_fp8_nans` restores them."""
+    codes = weight.view(torch.int8).to(torch.int16)  # sign-extended: the sign lands in bit 15 after the shift
+    return codes.bitwise_left_shift_(7).bitwise_and_(_E4M3_AS_FP16_MASK).view(torch.float16)
+
+
+def _fp8_nans(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """values with NaN wherever the code is e4m3's NaN (0x7f or 0xff), as torch's conversion decodes them; two byte
+    maxima find whether there is any (0x7f is the largest int8, 0xff the largest uint8)."""
+    if weight.view(torch.int8).max() == 127 or weight.view(torch.uint8).max() == 255:
+        values[(weight.view(torch.uint8) & 0x7F) == 0x7F] = float("nan")
+    return values
+
+
+def _int4_codes(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The q = nibble - 8 [n, k] (int8) of int32 words [n, ceil(k/8)] holding 8 nibbles each, lowest first. Bytes
+    of a little-endian word hold nibbles 2j (low) and 2j + 1 (high); xor 0x88 turns each nibble into q's 4-bit two's
+    complement, which arithmetic shifts of the byte as int8 sign-extend."""
+    n = packed.shape[0]
+    halves = packed.contiguous().view(torch.uint8).bitwise_xor(0x88).view(torch.int8)
+    low = halves.bitwise_left_shift(4).bitwise_right_shift_(4)
+    return torch.stack((low, halves.bitwise_right_shift(4)), -1).view(n, -1)[:, :k]

@@ -200,3 +200,45 @@ def test_headers_are_checked_before_reading(case, match):
     else:
         with pytest.raises(CheckpointFormatError, match=match):
             run()
+
+
+# ------------------------------------------------------------------ decoding: every code, step boundaries, buffers
+
+def _bits_equal(got, ref):
+    """Bit for bit (-0.0 apart from 0.0), NaN where the reference has NaN."""
+    nan = ref.isnan()
+    return torch.equal(got.isnan(), nan) and torch.equal(got[~nan].view(torch.int32), ref[~nan].view(torch.int32))
+
+
+@pytest.mark.parametrize("scale_exp", [-20, 0, 125])  # 125: 256 s overflows fp32, decoded without that shortcut
+def test_fp8_block_decodes_every_code(scale_exp):
+    """All 256 e4m3 bytes (subnormals, -0, the NaN codes 0x7f / 0xff) in 3 x 4 blocks of partial edges."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).view(16, 16)
+    s = (torch.rand(6, 4, generator=torch.Generator().manual_seed(3)) + 0.5) * 2.0 ** scale_exp
+    got = decode(source_format({**FP8_BLOCK, "weight_block_size": [3, 5]}), "w.weight",
+                 _getter({"w.weight": codes, "w.weight_scale_inv": s}))
+    assert _bits_equal(got, ref_fp8_block(codes, s, 3, 5))
+
+
+def test_decoding_in_steps_and_into_a_buffer_gives_the_same_bits(monkeypatch):
+    """Steps of a few rows (block rows of fp8, rows of int4 and FP8 per channel), into a larger reused buffer."""
+    import kt_sft.checkpoint_formats as formats
+
+    monkeypatch.setattr(formats, "_STEP_ELEMENTS_PER_THREAD", 40)
+    gen = torch.Generator().manual_seed(4)
+    n, k = 17, 29
+    fp8 = torch.randint(0, 256, (n, k), dtype=torch.uint8, generator=gen).view(torch.float8_e4m3fn)
+    q = torch.randint(-8, 8, (n, k), generator=gen)
+    cases = [
+        (FP8_BLOCK, "w.weight", {"w.weight": fp8, "w.weight_scale_inv": torch.rand(4, 5, generator=gen)},
+         lambda t: ref_fp8_block(fp8, t["w.weight_scale_inv"], 5, 7)),
+        (FP8_CHANNEL, "w.weight", {"w.weight": fp8, "w.weight_scale": torch.rand(n, 1, generator=gen).half()},
+         lambda t: ref_fp8_block(fp8, t["w.weight_scale"].float(), 1, k)),
+        (INT4, "w.weight_packed", {"w.weight_packed": pack_int4(q), "w.weight_shape": torch.tensor([n, k]),
+                                   "w.weight_scale": torch.rand(n, 6, generator=gen).bfloat16()},
+         lambda t: ref_int4(t["w.weight_packed"], t["w.weight_scale"], n, k, 5)),
+    ]
+    buffer = torch.full((n * k + 3,), 7.0)
+    for quant, key, tensors, ref in cases:
+        got = decode(source_format(quant), key, _getter(tensors), out=buffer)
+        assert got.shape == (n, k) and got.data_ptr() == buffer.data_ptr() and _bits_equal(got, ref(tensors))
