@@ -22,13 +22,30 @@ and there `(cd .dev/base && python3 setup.py build_ext --inplace -q)` before `--
 --json prints one JSON row per variant on stdout (the report above goes to stderr); --record appends the rows to
 benchmarks/results/bench_moe.csv (or --results-dir), whose rows BENCHMARKS.md's tables are generated from
 (benchmarks/results.py, benchmarks/report.py).
+
+The shape table (rows in benchmarks/results/bench_moe_shapes.csv):
+    python benchmarks/bench_moe.py --shapes                                   # every shape, T = 1 8 32 1024 4096 16384
+    python benchmarks/bench_moe.py --shapes DeepSeek-V3 Kimi-K2 --tokens 4096 --formats int8-gemm fp8
+    python benchmarks/bench_moe.py --smoke                                    # 2 small shapes, 8 experts, T = 64 and 1
+--shapes [NAME ...] times one layer of each named shape (benchmarks/moe_shapes.py: the real (experts, top-k,
+hidden, moe intermediate) of DeepSeek-V2-Lite ... Kimi-K2, Mixtral; all when no name is given) at each --tokens:
+forward + backward, or forward only for decode calls (T <= 32, a new routing each round), in bf16 and the --formats
+(default int8-gemm), with kt-kernel's layer beside ours where its wheel is installed (--no-kt-kernel: not). First
+it measures this host's ceilings (benchmarks/host_ceiling.py: the bf16 / int8 GEMM loops with their operands in
+L1, the DRAM read bandwidth; same threads, same process); each row then prints tokens/s, TF/s and its time
+against the floor max(FLOPs / compute ceiling, bytes / bandwidth) (bytes: the routed experts' packed weights once
++ the pass's input and output), naming the ceiling that binds. A shape whose layers do not fit in RAM runs a
+subset of its experts with the full layer's rows per expert, and the row says so. Each (shape, T) repeats its
+interleaved rounds for about --row-seconds (at least --iters rounds).
 """
 from __future__ import annotations
 
 import argparse
 import atexit
 import contextlib
+import gc
 import importlib.util
+import math
 import pathlib
 import shutil
 import sys
@@ -43,7 +60,15 @@ import torch.nn.functional as F
 import kt_sft.engine as ke
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import host_ceiling  # noqa: E402  (benchmarks/host_ceiling.py: this host's compute and bandwidth ceilings)
+import moe_shapes  # noqa: E402  (benchmarks/moe_shapes.py: the models' MoE shapes, subsets, floors)
 import results  # noqa: E402  (benchmarks/results.py: the rows every benchmark records)
+
+SHAPE_TOKENS = (1, 8, 32, 1024, 4096, 16384)  # --shapes' default calls: decode steps, then training sequences
+SMOKE_SHAPES = ("DeepSeek-V2-Lite", "Qwen3-30B-A3B")  # the two smallest: --smoke runs 8 of their experts
+MAX_ROUNDS = 50  # per (shape, T): decode calls take milliseconds, --row-seconds would ask for thousands
+DECODE_ROUTINGS = 8  # decode rounds cycle through this many routings: each call reads other experts' weights
+POOL_BYTES = 256 * 2**20  # random bf16 weights made once per shape (<= 4 experts) and packed into every expert
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,7 +77,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--topk", type=int, default=6)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=1408)
-    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help="tokens per call (default 4096; with --shapes a list, default: "
+                        + " ".join(map(str, SHAPE_TOKENS)) + ")")
     p.add_argument("--threads", type=int, default=0, help="0 = KT_SFT_THREADS or physical cores")
     p.add_argument("--isa", default=None, help="scalar|avx2|avx512|amx (default: best available)")
     p.add_argument("--iters", type=int, default=3)
@@ -61,8 +88,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-baseline", action="store_true", help="skip the naive torch loop")
     p.add_argument("--small", action="store_true", help="E=8 k=2 H=256 I=192 T=256: a quick run")
     p.add_argument("--int8", action="store_true", help="also time the layer with int8 weights (kt_backend AMXINT8)")
-    p.add_argument("--formats", nargs="+", default=[], choices=[f for f in ke.FORMATS if f != "bf16"],
-                   help="also time the layer in these expert formats (kt_sft/engine/formats.py), each against bf16")
+    p.add_argument("--formats", nargs="*", default=None, choices=[f for f in ke.FORMATS if f != "bf16"],
+                   help="also time the layer in these expert formats (kt_sft/engine/formats.py), each against bf16 "
+                        "(--shapes: default int8-gemm)")
     p.add_argument("--profile", action="store_true", help="per-phase engine times (ms per call) after each row")
     p.add_argument("--against", metavar="DIR", action="append", default=[],
                    help="kt-sft checkout (built in place) whose engine runs interleaved with ours (repeatable)")
@@ -71,10 +99,43 @@ def parse_args() -> argparse.Namespace:
                         "as in a model whose other layers ran in between (0 = off)")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="also time the engine with expert LoRA of this rank on gate_up and down (0 = off)")
+    g = p.add_argument_group("shape table")
+    g.add_argument("--shapes", nargs="*", metavar="NAME", default=None,
+                   help="time these MoE shapes (all without a name): " + ", ".join(moe_shapes.SHAPES))
+    g.add_argument("--smoke", action="store_true",
+                   help=f"the shape table in seconds: {' and '.join(SMOKE_SHAPES)}, 8 experts, T = 64 and 1")
+    g.add_argument("--max-experts", type=int, default=0, help="at most this many experts per shape (0: all that fit)")
+    g.add_argument("--row-seconds", type=float, default=3.0,
+                   help="repeat each (shape, T)'s rounds for about this long (at least --iters rounds)")
+    g.add_argument("--read-mb", type=int, default=0,
+                   help="bandwidth probe buffer in MiB (0: 4x the last-level cache, at least 1 GiB)")
+    g.add_argument("--no-kt-kernel", action="store_true", help="leave out kt-kernel's layer even where installed")
     results.add_arguments(p)
     args = p.parse_args()
     if args.small:
-        args.experts, args.topk, args.hidden, args.intermediate, args.tokens = 8, 2, 256, 192, 256
+        args.experts, args.topk, args.hidden, args.intermediate, args.tokens = 8, 2, 256, 192, [256]
+    if args.smoke:
+        args.shapes = args.shapes or list(SMOKE_SHAPES)
+        args.tokens, args.max_experts = args.tokens or [64, 1], args.max_experts or 8
+        args.iters, args.row_seconds, args.read_mb = 1, 0.0, args.read_mb or 64
+    return check_mode(p, args)
+
+
+def check_mode(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """One layer (--tokens: one value) or the shape table (--tokens: a list; no --against / --lora-rank)."""
+    if args.shapes is None:
+        if args.tokens is not None and len(args.tokens) != 1:
+            p.error("--tokens takes one value without --shapes")
+        args.tokens = (args.tokens or [4096])[0]
+        args.formats = args.formats or []
+        return args
+    if args.against or args.lora_rank or args.skewed or args.evict_mb:
+        p.error("--shapes times frozen layers with uniform routing: no --against, --lora-rank, --skewed, --evict-mb")
+    args.shapes = [moe_shapes.find(name) for name in (args.shapes or moe_shapes.SHAPES)]
+    args.tokens = args.tokens or list(SHAPE_TOKENS)
+    if min(args.tokens) < 1:
+        p.error("--tokens: at least 1")
+    args.formats = ["int8-gemm"] if args.formats is None else args.formats
     return args
 
 
@@ -119,20 +180,22 @@ def make_lora(a: argparse.Namespace, rank: int) -> ke.ExpertLoRA:
 
 
 class EngineVariant:
-    """One engine configuration (layer + optional LoRA) timed in forward/backward pairs. `name` labels its line in
-    the human report, `variant` its row in the results ("ours bf16", "against <build> int8-gemm", ...)."""
+    """One engine configuration (layer + optional LoRA) timed in forward/backward pairs, or in forwards alone
+    (`train=False`: decode calls, nothing saved; backward times 0). `name` labels its line in the human report,
+    `variant` its row in the results ("ours bf16", "against <build> int8-gemm", ...)."""
 
-    def __init__(self, name: str, variant: str, layer: ke.ExpertLayer, lora=None, engine=ke, against=None) -> None:
+    def __init__(self, name: str, variant: str, layer: ke.ExpertLayer, lora=None, engine=ke, against=None,
+                 train: bool = True) -> None:
         # against: our variant that an --against row is compared with (same weights and GEMM dtype)
         self.name, self.variant, self.layer, self.lora = name, variant, layer, lora
-        self.engine, self.against = engine, against
+        self.engine, self.against, self.train = engine, against, train
         self.fwd, self.bwd, self.phases, self.state = [], [], {}, {}
 
     def warm(self, x, ids, w, dy) -> None:
         # First use of every saved slot (page faults on ~140 MB of activations each) stays out of the timings:
         # a forward-backward pair alone would touch only one slot, since backward frees it.
         handles = [self.layer.forward(x, ids, w, save_for_backward=True, lora=self.lora)[1]
-                   for _ in range(self.layer.max_saved)]
+                   for _ in range(self.layer.max_saved if self.train else 0)]
         for h in handles:
             self.layer.release(h)
         self.pair(x, ids, w, dy, record=False)
@@ -142,10 +205,10 @@ class EngineVariant:
             evict.add_(1)  # outside the timed region: only the caches it leaves behind count
         with self.engine.phase_profile() if profile else contextlib.nullcontext({}) as phases:
             t0 = time.perf_counter()
-            y, handle = self.layer.forward(x, ids, w, save_for_backward=True, lora=self.lora)
+            y, handle = self.layer.forward(x, ids, w, save_for_backward=self.train, lora=self.lora)
             t1 = time.perf_counter()
-            out = self.layer.backward(handle, dy, lora=self.lora)
-            t2 = time.perf_counter()
+            out = self.layer.backward(handle, dy, lora=self.lora) if self.train else (None, None)
+            t2 = time.perf_counter() if self.train else t1
         self.state.update(y=y, dx=out[0], dw=out[1])
         if record:
             self.fwd.append(t1 - t0)
@@ -332,16 +395,22 @@ def baseline(a, inputs, frozen: EngineVariant, flops: float) -> tuple[dict, dict
     return row, {"ratio": round(ratio, 3), "ratio_of": "ours/naive", "err_y": diff, "err_dx": ddx}
 
 
-def run(a: argparse.Namespace) -> list[dict]:
-    """Every variant timed, the human report printed (ratios last); the results rows returned."""
+def setup_engine(a: argparse.Namespace) -> int:
+    """The engine's ISA and threads as asked, torch's threads the same; prints the cpu line, returns the threads."""
     if a.isa:
         ke.select_isa(a.isa)
     ke.set_num_threads(a.threads)
     threads = ke.num_threads()
     torch.set_num_threads(threads)
-    E, H, I, T, k = a.experts, a.hidden, a.intermediate, a.tokens, a.topk
     print(f"cpu: {ke.cpu_info()['model']} | engine isa={ke.current_isa()} threads={threads} | "
           f"torch {torch.__version__} threads={torch.get_num_threads()}")
+    return threads
+
+
+def run(a: argparse.Namespace) -> list[dict]:
+    """Every variant timed, the human report printed (ratios last); the results rows returned."""
+    threads = setup_engine(a)
+    E, H, I, T, k = a.experts, a.hidden, a.intermediate, a.tokens, a.topk
     print(f"shape: E={E} k={k} H={H} I={I} T={T}{' skewed' if a.skewed else ''} | iters={a.iters} rounds (median)"
           f"{f' | {a.evict_mb} MB rewritten before each pair' if a.evict_mb else ''}")
     run_info = {**results.provenance(ke.current_isa(), threads), "experts": E, "topk": k, "hidden": H,
@@ -368,11 +437,229 @@ def run(a: argparse.Namespace) -> list[dict]:
     return list(rows.values())
 
 
+# ---------------------------------------------------------------------------------------------- the shape table
+KT_KERNEL_METHODS = {"bf16": "AMXBF16_SFT_SkipLoRA", "int8-gemm": "AMXINT8_SFT_SkipLoRA",
+                     "int4-gemm": "AMXINT4_SFT_SkipLoRA"}  # our format -> kt-kernel's kernels of the same GEMMs
+
+
+def kt_kernel_wrapper():
+    """kt-kernel's AMX SFT MoE wrapper class where its wheel is installed (and built with it), else None."""
+    try:
+        from kt_kernel.sft import AMXSFTMoEWrapper
+    except Exception:  # noqa: BLE001  (absent, built without AMX SFT, or for another torch: all mean "not here")
+        return None
+    return AMXSFTMoEWrapper
+
+
+class KtKernelLayer:
+    """One layer of kt-kernel's AMX SFT MoE (kt_kernel.sft.AMXSFTMoEWrapper with its LoRA-free "SkipLoRA"
+    kernels; the API of its 0.6 wheel) behind the calls EngineVariant makes of an ExpertLayer, so the incumbent
+    runs in the same rounds as ours. Like its users' calls, each one copies inputs into its buffers and back."""
+    max_saved = 1
+
+    def __init__(self, wrapper, gate_up, down, fmt: str, topk: int, threads: int, max_tokens: int) -> None:
+        from kt_kernel.sft import KExpertsSFTBuffer
+
+        KExpertsSFTBuffer.clear_cache()  # one shared buffer, regrown by token count only: another H would overrun
+        E, two_i, H = gate_up.shape
+        I = two_i // 2
+        self.format = ke.get_format(fmt)
+        self.moe = wrapper(layer_idx=0, num_experts=E, num_experts_per_tok=topk, hidden_size=H,
+                           moe_intermediate_size=I, num_gpu_experts=0, cpuinfer_threads=threads, threadpool_count=1,
+                           weight_path=None, chunked_prefill_size=max_tokens, lora_rank=8, lora_alpha=16.0,
+                           method=KT_KERNEL_METHODS[fmt])
+        self.moe.load_weights_from_tensors(gate_up[:, :I], gate_up[:, I:], down, torch.arange(E))
+
+    def forward(self, x, ids, w, save_for_backward=False, lora=None):
+        return self.moe.forward(x, ids, w, save_for_backward=save_for_backward), int(save_for_backward)
+
+    def backward(self, handle, dy, lora=None):
+        return self.moe.backward(dy)
+
+    def release(self, handle) -> None:
+        pass  # it keeps one forward's activations, overwritten by the next
+
+
+def pool_experts(shape: moe_shapes.Shape, experts: int) -> int:
+    """How many experts of random weights to make (the rest repeat them: packing, not the values, costs time)."""
+    return max(1, min(experts, 4, POOL_BYTES // (3 * shape.hidden * shape.intermediate * 2)))
+
+
+def random_experts(shape: moe_shapes.Shape, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n experts of random bf16 weights, gate_up [n, 2I, H] and down [n, H, I], scaled as an initialised layer."""
+    gen = torch.Generator().manual_seed(0)
+    H, I = shape.hidden, shape.intermediate
+    return (torch.randn(n, 2 * I, H, generator=gen, dtype=torch.bfloat16).mul_(H ** -0.5),
+            torch.randn(n, H, I, generator=gen, dtype=torch.bfloat16).mul_(I ** -0.5))
+
+
+def packed_layer(fmt, experts: int, gate_up: torch.Tensor, down: torch.Tensor) -> ke.ExpertLayer:
+    """A layer of `experts` experts in format `fmt`, the given experts' weights packed into each slot in turn; one
+    saved forward (the table times forward-backward pairs)."""
+    layer = ke.ExpertLayer(experts, down.shape[1], down.shape[2], fmt, max_saved=1)
+    n = gate_up.shape[0]
+    for e in range(0, experts, n):
+        layer.load_fused(gate_up[: experts - e], down[: experts - e], e)
+    return layer
+
+
+def build_layers(a, plan: moe_shapes.Plan, formats: list, wrapper, threads: int) -> list[tuple]:
+    """(name, variant, layer) of ours in every format, then kt-kernel's in the formats it has (where it fails,
+    a line says why and the table goes on without it)."""
+    E = plan.experts_run
+    gate_up, down = random_experts(plan.shape, pool_experts(plan.shape, E))
+    built = [(f"kt-sft {f.name}", f"ours {f.name}", packed_layer(f, E, gate_up, down)) for f in formats]
+    kt_formats = [f.name for f in formats if wrapper is not None and f.name in KT_KERNEL_METHODS]
+    if kt_formats:  # kt-kernel takes every expert's bf16 weights at once
+        reps = -(-E // gate_up.shape[0])
+        gate_up, down = gate_up.repeat(reps, 1, 1)[:E], down.repeat(reps, 1, 1)[:E]
+    for name in kt_formats:
+        try:
+            layer = KtKernelLayer(wrapper, gate_up, down, name, plan.shape.topk, threads,
+                                  plan.tokens_run(max(a.tokens)))
+        except Exception as exc:  # noqa: BLE001  (another wheel's API or a refusal: say so, time ours)
+            print(f"  kt-kernel {name}: n/a ({type(exc).__name__}: {exc})")
+            continue
+        built.append((f"kt-kernel {name}", f"kt-kernel {name}", layer))
+    return built
+
+
+def routings(T: int, experts: int, k: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` uniform random routings (topk_ids, topk_weights) of T tokens to k of `experts` experts."""
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(T, experts, generator=gen).topk(k, dim=-1).indices.contiguous(),
+             torch.softmax(torch.randn(T, k, generator=gen), -1).contiguous()) for _ in range(count)]
+
+
+def time_rounds(a, variants: list[EngineVariant], x, routed: list, dy) -> int:
+    """Every variant warmed, one round left out of the results (it sizes the rest), then rounds of each variant
+    once, interleaved, for about --row-seconds: at least --iters, at most MAX_ROUNDS, the routings taken in turn.
+    Returns the rounds timed."""
+    for v in variants:
+        v.warm(x, *routed[0], dy)
+    t0 = time.perf_counter()
+    for v in variants:
+        v.pair(x, *routed[0], dy, record=False)
+    per_round = max(time.perf_counter() - t0, 1e-6)
+    rounds = min(MAX_ROUNDS, max(a.iters, math.ceil(a.row_seconds / per_round)))
+    for r in range(rounds):
+        for v in variants:
+            v.pair(x, *routed[r % len(routed)], dy, profile=a.profile)
+    return rounds
+
+
+def shape_row(v: EngineVariant, plan: moe_shapes.Plan, tokens: int, touched: float, ceilings, rounds: int) -> dict:
+    """A variant's row of one (shape, T): its times, TF/s and its time against this host's floor for the pass."""
+    shape, T = plan.shape, plan.tokens_run(tokens)
+    passes, fmt = (2 if v.train else 1), v.layer.format
+    flops = moe_shapes.pass_flops(shape, T)
+    ceiling = ceilings.compute_tflops(fmt)
+    floor, binding = moe_shapes.floor_seconds(flops, moe_shapes.pass_bytes(fmt, touched, shape, T), ceiling,
+                                              ceilings.bandwidth_gbs)
+    seconds = sum(v.medians())
+    row = v.row(T)
+    return {**row, "bwd_ms": row["bwd_ms"] if v.train else None, "shape": shape.name, "experts": shape.experts,
+            "topk": shape.topk, "hidden": shape.hidden, "intermediate": shape.intermediate, "tokens": tokens,
+            "experts_run": plan.experts_run, "tokens_run": T, "pass": "fwd+bwd" if v.train else "fwd",
+            "iters": rounds, "achieved_tflops": passes * flops / seconds / 1e12, "ceiling_tflops": ceiling,
+            "floor_ms": None if floor is None else passes * floor * 1e3,
+            "pct_ceiling": None if floor is None else 100 * passes * floor / seconds, "binding": binding,
+            "note": plan.note(tokens) or None}
+
+
+def add_kt_kernel_ratios(rows: list[dict]) -> None:
+    """Ours over kt-kernel's tokens/s, on our row of each format kt-kernel ran too."""
+    by_variant = {r["variant"]: r for r in rows}
+    for row in rows:
+        kt = by_variant.get(row["variant"].replace("ours ", "kt-kernel ", 1))
+        if row["variant"].startswith("ours ") and kt is not None:
+            row.update(ratio=round(row["tokens_per_s"] / kt["tokens_per_s"], 3), ratio_of="ours/kt-kernel")
+
+
+SHAPE_HEADER = (f"{'shape':<17} {'T':>6} {'variant':<20} {'pass':<7} {'fwd ms':>9} {'bwd ms':>9} {'tokens/s':>10} "
+                f"{'TF/s':>6} {'ceiling':>7} {'floor ms':>9} {'% floor':>7}  binds")
+
+
+def shape_line(row: dict) -> str:
+    """A row in the human report (SHAPE_HEADER's columns, then ours/kt-kernel and the subset note)."""
+    show = lambda v, spec: f"{'n/a':>{spec.split('.')[0]}}" if v is None else format(v, spec)  # noqa: E731
+    ratio = row.get("ratio")
+    tail = "".join(f"  {part}" for part in (ratio is not None and f"{ratio:.2f}x ours/kt-kernel", row["note"]) if part)
+    return (f"{row['shape']:<17} {row['tokens']:>6} {row['variant']:<20} {row['pass']:<7} {row['fwd_ms']:9.2f} "
+            f"{show(row['bwd_ms'], '9.2f')} {row['tokens_per_s']:10,.0f} {row['achieved_tflops']:6.2f} "
+            f"{show(row['ceiling_tflops'], '7.2f')} {show(row['floor_ms'], '9.2f')} "
+            f"{show(row['pct_ceiling'], '7.1f')}  {row['binding']}{tail}")
+
+
+def shape_cell(a, plan: moe_shapes.Plan, tokens: int, layers: list[tuple], ceilings) -> list[dict]:
+    """One (shape, T): every layer timed in the same rounds (forward + backward, or forward alone for a decode
+    call, whose rounds cycle through DECODE_ROUTINGS routings); their rows, printed."""
+    shape, T = plan.shape, plan.tokens_run(tokens)
+    train = tokens > moe_shapes.DECODE_MAX_TOKENS
+    routed = routings(T, plan.experts_run, shape.topk, 1 if train else DECODE_ROUTINGS)
+    gen = torch.Generator().manual_seed(2)
+    x, dy = (torch.randn(T, shape.hidden, generator=gen).bfloat16() for _ in range(2))
+    variants = [EngineVariant(name, variant, layer, train=train) for name, variant, layer in layers]
+    rounds = time_rounds(a, variants, x, routed, dy)
+    touched = statistics.mean(ids.unique().numel() for ids, _ in routed)  # experts each call reads
+    rows = [shape_row(v, plan, tokens, touched, ceilings, rounds) for v in variants]
+    add_kt_kernel_ratios(rows)
+    for v, row in zip(variants, rows):
+        print(shape_line(row))
+        print_phases(v)
+    return rows
+
+
+def run_shape(a, shape: moe_shapes.Shape, formats: list, wrapper, threads: int, ceilings) -> list[dict]:
+    """One shape: as many of its experts as fit in RAM with every format (and kt-kernel's copies), built once,
+    then each --tokens; its rows."""
+    gc.collect()  # the previous shape's layers are gone before this one's RAM is counted
+    kt = [f for f in formats if wrapper is not None and f.name in KT_KERNEL_METHODS]
+    budget = int(moe_shapes.RAM_FRACTION * moe_shapes.available_bytes())
+    # kt-kernel: every expert's bf16 source at once, and (assumed) a second copy of its weights per format
+    plan = moe_shapes.plan(shape, formats + kt, (1 + len(kt)) if kt else 0, max(a.tokens),
+                           pool_experts(shape, shape.experts), budget, a.max_experts)
+    t0 = time.perf_counter()
+    layers = build_layers(a, plan, formats, wrapper, threads)
+    print(f"# {shape.name} (E={shape.experts} k={shape.topk} H={shape.hidden} I={shape.intermediate}): "
+          f"{plan.experts_run} experts x {len(layers)} layers built in {time.perf_counter() - t0:.1f} s"
+          + (" (subset: RAM)" if plan.subset and plan.experts_run < (a.max_experts or shape.experts) else ""))
+    return [row for tokens in a.tokens for row in shape_cell(a, plan, tokens, layers, ceilings)]
+
+
+def run_shapes(a: argparse.Namespace):
+    """The shape table: this host's ceilings, then every shape at every --tokens; yields each shape's rows (printed
+    as they come)."""
+    threads = setup_engine(a)
+    ceilings = host_ceiling.measure(ke.current_isa(), threads, 0.02 if a.smoke else 0.2, a.read_mb * 2**20)
+    print(host_ceiling.describe(ceilings))
+    wrapper = None if a.no_kt_kernel else kt_kernel_wrapper()
+    print(f"kt-kernel: {'off' if a.no_kt_kernel else 'not installed' if wrapper is None else 'installed'} | "
+          f"rounds per (shape, T): ~{a.row_seconds:g} s, at least {a.iters} | decode (T <= "
+          f"{moe_shapes.DECODE_MAX_TOKENS}): forward only | % floor: the pass's floor over its median time")
+    run_info = {**results.provenance(ke.current_isa(), threads), "bf16_ceiling_tflops": ceilings.bf16_tflops,
+                "int8_ceiling_tflops": ceilings.int8_tflops, "bandwidth_gbs": ceilings.bandwidth_gbs}
+    formats = [ke.get_format(f) for f in dict.fromkeys(["bf16", *(["int8", "int8-gemm"] if a.int8 else []),
+                                                        *a.formats])]
+    print(SHAPE_HEADER)
+    for shape in a.shapes:
+        yield [{**run_info, **row} for row in run_shape(a, shape, formats, wrapper, threads, ceilings)]
+
+
 def main() -> None:
     a = parse_args()
-    with results.human_output(a):
-        rows = run(a)
-    results.emit("bench_moe", rows, a)
+    if a.shapes is None:
+        with results.human_output(a):
+            rows = run(a)
+        results.emit("bench_moe", rows, a)
+        return
+    shapes = run_shapes(a)
+    while True:  # each shape's rows recorded as soon as they exist: a run cut short keeps the shapes it finished
+        with results.human_output(a):
+            rows = next(shapes, None)
+        if rows is None:
+            return
+        results.emit("bench_moe_shapes", rows, a)
 
 
 if __name__ == "__main__":

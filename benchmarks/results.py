@@ -35,7 +35,7 @@ PROVENANCE = ("run", "date", "commit", "cpu", "cores", "gpu", "isa", "threads", 
 TRAILER = ("ratio", "ratio_of", "note")
 # Columns holding text; every other column holds a number (or is empty).
 TEXT_COLUMNS = {"run", "date", "commit", "cpu", "gpu", "isa", "command", "variant", "routing", "phase", "ratio_of",
-                "note", "phases_ms"}
+                "note", "phases_ms", "shape", "pass", "binding"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,14 @@ SCHEMAS = {
         config=("layers", "batch", "seq", "lora_rank", "gpu_experts", "steps"),
         fields=(*SPREAD, "step_ms", "gpu_compute_ms", "gpu_copy_ms", "gpu_idle", "cpu_experts_ms", "peak_gpu_gb",
                 "peak_rss_gb", "load_s", "loss_first", "loss_last", "loss_diff", "phases_ms")),
+    # bench_moe.py --shapes: one row per (shape, T, variant), beside this host's ceilings measured in the same run
+    # (benchmarks/host_ceiling.py); pct_ceiling = 100 x floor_ms / the measured time, binding = which ceiling sets
+    # the floor (compute or bandwidth); experts_run / tokens_run < experts / tokens: a subset (moe_shapes.Plan).
+    "bench_moe_shapes": Schema(
+        config=("bf16_ceiling_tflops", "int8_ceiling_tflops", "bandwidth_gbs"),
+        fields=("shape", "experts", "topk", "hidden", "intermediate", "tokens", "experts_run", "tokens_run", "pass",
+                "iters", "fwd_ms", "bwd_ms", *SPREAD, "achieved_tflops", "ceiling_tflops", "floor_ms",
+                "pct_ceiling", "binding", "phases_ms")),
     "bench_decode": Schema(
         config=("layers", "prompt", "new_tokens"),
         fields=("phase", "batch", "tokens_per_s", "experts_share")),

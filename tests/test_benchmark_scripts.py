@@ -106,6 +106,86 @@ def test_bench_moe_against_another_build_runs_both_in_one_process():
 
 
 @pytest.mark.slow
+def test_bench_moe_shape_table_smoke_puts_each_row_against_the_hosts_ceilings(tmp_path):
+    """bench_moe --smoke: the shape table's small version (2 shapes, 8 of their experts, T = 64 forward + backward
+    and T = 1 forward only) measures this host's ceilings in the same run; every row's TF/s, floor and binding
+    ceiling follow from its own fields, the subset keeps the full layer's rows per expert and says so."""
+    proc = _run("benchmarks/bench_moe.py", "--smoke", "--json", "--record", "--results-dir", str(tmp_path),
+                env={"KT_SFT_COMMIT": "abc1234"})
+    rows = _json_rows(proc.stdout, "bench_moe_shapes")
+    assert [(r["shape"], r["tokens"], r["variant"]) for r in rows] == [
+        (shape, T, v) for shape in ("DeepSeek-V2-Lite", "Qwen3-30B-A3B") for T in (64, 1)
+        for v in ("ours bf16", "ours int8-gemm")]
+    amx = rows[0]["isa"] == "amx"
+    for r in rows:
+        # CI builds the engine, so g++ is there; int8 GEMMs have a ceiling on AMX only (None: left out of JSON)
+        assert r["bf16_ceiling_tflops"] > 0 and r["bandwidth_gbs"] > 0 and ("int8_ceiling_tflops" in r) == amx
+        T, train = r["tokens_run"], r["tokens"] > 32
+        assert r["experts_run"] == 8 and T == max(1, round(r["tokens"] * 8 / r["experts"]))
+        assert r["note"].startswith(f"subset: 8 of {r['experts']} experts on {T} of {r['tokens']} tokens")
+        assert r["pass"] == ("fwd+bwd" if train else "fwd") and ("bwd_ms" in r) == train
+        seconds = (r["fwd_ms"] + r.get("bwd_ms", 0.0)) / 1e3
+        flops = (2 if train else 1) * 6.0 * T * r["topk"] * r["hidden"] * r["intermediate"]
+        assert math.isclose(r["achieved_tflops"], flops / seconds / 1e12, rel_tol=1e-6)
+        assert math.isclose(r["pct_ceiling"], 100 * r["floor_ms"] / 1e3 / seconds, rel_tol=1e-6)
+        ceiling = r.get("ceiling_tflops")
+        assert ceiling == (r["int8_ceiling_tflops"] if r["variant"] == "ours int8-gemm" else r["bf16_ceiling_tflops"])
+        compute_ms = flops / (ceiling * 1e12) * 1e3 if ceiling else 0.0
+        assert r["floor_ms"] >= compute_ms * (1 - 1e-9)  # the floor is the larger of the two bounds
+        assert r["binding"] == "bandwidth" or math.isclose(r["floor_ms"], compute_ms, rel_tol=1e-9)
+    out = proc.stderr  # the human report: the ceilings line, then a line per row
+    assert re.search(r"^ceiling \(\w+\): bf16 GEMM loop [\d.]+ TF/s", out, re.M), out
+    assert len(re.findall(r"^(DeepSeek-V2-Lite|Qwen3-30B-A3B) .* (compute|bandwidth)  subset: ", out, re.M)) == 8
+    recorded = _recorded(tmp_path, "bench_moe_shapes")
+    for rec, row in zip(recorded, rows, strict=True):
+        _same(rec, row)
+
+
+def test_host_ceilings_never_run_an_instruction_the_cpu_lacks():
+    """Each ceiling probe runs on the engine's ISA paths this CPU has and answers -1 (n/a) on AMX elsewhere;
+    measure() gives each path the ceilings of its GEMM loops (int8 GEMMs: AMX only)."""
+    import host_ceiling
+    import kt_sft.engine as ke
+
+    lib, why = host_ceiling.library()
+    assert lib is not None, why
+    isas = ke.available_isas()
+    for isa, probes in host_ceiling.PROBES.items():
+        for name in filter(None, probes):
+            value = getattr(lib, name)(1, 0.002)
+            if isa in isas:
+                assert value > 0, (name, value)
+            elif isa == "amx":  # no AMX here (or no permission for its tiles): the probe must not touch them
+                assert value == -1, (name, value)
+    for isa in isas:
+        c = host_ceiling.measure(isa, 2, seconds=0.002, read_bytes=8 * 2**20)
+        assert (c.bf16_tflops is not None, c.int8_tflops is not None) == (isa != "scalar", isa == "amx"), c
+        assert c.bandwidth_gbs > 0 and c.compute_tflops(ke.get_format("int8-gemm")) == c.int8_tflops
+
+
+def test_shape_plan_keeps_the_full_layers_rows_per_expert():
+    """A shape that does not fit runs as many experts as fit on T * E' / E tokens (a decode call: at least 1);
+    one where not even top-k experts fit is refused; the floor is the larger of the compute and memory bounds."""
+    import kt_sft.engine as ke
+    import moe_shapes
+
+    v3 = moe_shapes.find("deepseek-v3")
+    formats = [ke.get_format("bf16"), ke.get_format("int8-gemm")]
+    whole = moe_shapes.plan(v3, formats, 0, 4096, 2, budget=2**40)
+    assert (whole.experts_run, whole.subset, whole.note(4096)) == (256, False, "")
+    need = moe_shapes.plan(v3, formats, 0, 4096, 2, budget=2**40, max_experts=100)
+    assert need.experts_run == 100 and need.tokens_run(4096) == 1600 and need.tokens_run(1) == 1
+    fit = moe_shapes.plan(v3, formats, 0, 4096, 2, budget=10 * 2**30)
+    assert 8 <= fit.experts_run < 256 and abs(fit.tokens_run(4096) * 8 / fit.experts_run - 128) < 8 / fit.experts_run
+    assert "rows per expert; the full layer 128" in fit.note(4096)
+    with pytest.raises(SystemExit, match="top-8 experts fit"):
+        moe_shapes.plan(v3, formats, 0, 4096, 2, budget=2**30)
+    assert moe_shapes.floor_seconds(1e12, 1e9, 2.0, 100.0) == (0.5, "compute")
+    assert moe_shapes.floor_seconds(1e9, 1e11, 2.0, 100.0) == (1.0, "bandwidth")
+    assert moe_shapes.floor_seconds(1e9, 1e11, None, None) == (None, "n/a")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["bf16", "int8-gemm"])
 def test_bench_e2e_smoke_mode_trains(tmp_path, fmt):
     proc = _run("benchmarks/bench_e2e.py", "--tiny", "--dir", str(tmp_path / "ckpt"), "--format", fmt,
