@@ -22,11 +22,30 @@ retries with checkpointing and says so). The figures mean something on the devic
 
 --json prints one JSON row per side on stdout (the report goes to stderr); --record appends them to
 benchmarks/results/bench_e2e.csv (or --results-dir), the rows BENCHMARKS.md's tables are generated from.
+
+--family deepseek_v3: DeepSeek-V3 at its real dimensions, from a random checkpoint in the published block-FP8
+layout (benchmarks/v3_checkpoint.py: the real config truncated to --layers, default 3 dense + 3 MoE = 40.0 GB;
+written once, shard by shard, reused while --dir holds it), trained in one child process per --formats (default
+fp8 = kt_backend FP8, the checkpoint's own codes; int4-gemm = AMXINT4 and int8-gemm = AMXINT8, quantized at load).
+Per format: load seconds and GB/s (checkpoint bytes / load seconds), tokens/s, peak GPU and RSS, each decoder
+layer's forward + backward (LayerTimer), the CPU engine's time and phases per MoE layer, and the projection to the
+whole 61-layer model: step = rest + 3 x dense layer + 58 x MoE layer, as tokens/s next to KTransformers' published
+40.35 tokens/s. No stock side: the stock model does not fit one GPU at this size. Rows: bench_e2e_v3.csv.
+
+    python benchmarks/bench_e2e.py --family deepseek_v3 --record          # device (16 cores + H200): see below
+    python benchmarks/bench_e2e.py --family deepseek_v3 --tiny            # CPU smoke run, toy dimensions
+
+Device budget (16 AMX cores, estimated from this box's per-tensor costs and bench_moe's V3-shape rates): writing
+40 GB ~5 s of generation + the disk (~40 s at 1 GB/s); per format ~20 s of imports and CUDA set-up, the load
+(fp8 ~20 s: codes copied as stored; int4-gemm / int8-gemm ~60-100 s: each fp8 weight decoded to fp32, then
+quantized) and 5 steps of 4,096 tokens (fp8 ~4 s each, the int8-GEMM formats ~2 s): ~5-7 minutes in all;
+--layers 5 saves a MoE layer's 11.5 GB and ~40 s.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -43,13 +62,31 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import v2_lite_config, write_checkpoint  # noqa: E402  (same random checkpoint writer)
 import results  # noqa: E402  (benchmarks/results.py: the rows every benchmark records)
+import v3_checkpoint  # noqa: E402  (the block-FP8 DeepSeek-V3 checkpoint writer)
 from kt_sft.engine.formats import FORMATS  # noqa: E402
 
 GB = 1024 ** 3
 # LoRA on the attention projections and on the dense / shared-expert MLP linears (not the router `mlp.gate`).
 DEFAULT_TARGETS = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+V3_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
+              "down_proj"]
 EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 TARGETS = {"tokens_per_s": 1500, "peak_gpu_gb": 6.0, "gpu_idle": 0.30}
+# What an option left unset means for each --family (--tiny then overrides layers, seq, steps, warmup, shards).
+FAMILY_DEFAULTS = {
+    "deepseek_v2_lite": dict(layers=27, shard_gb=2.0, batch=2, seq=2048, steps=5, warmup=2,
+                             lora_target=DEFAULT_TARGETS),
+    "deepseek_v3": dict(layers=6, shard_gb=4.0, batch=1, seq=4096, steps=3, warmup=1, lora_target=V3_TARGETS),
+}
+CHECKPOINT_DIRS = {"deepseek_v2_lite": ("/tmp/v2lite-rand", "/tmp/v2lite-tiny-rand"),  # (default, --tiny)
+                   "deepseek_v3": ("/tmp/v3-rand", "/tmp/v3-tiny-rand")}
+V3_FORMATS = ["fp8", "int4-gemm", "int8-gemm"]  # kt_backend FP8 (the checkpoint's own), AMXINT4, AMXINT8
+FULL_LAYERS = v3_checkpoint.V3_CONFIG["num_hidden_layers"]  # DeepSeek-V3: 61 = 3 dense + 58 MoE
+# KTransformers' published DeepSeek-V3 671B LoRA (BF16) training throughput, on 2-4 RTX 4090s (70 GB GPU summed) and
+# a Xeon 8488C host with 1.2-1.3 TB RAM: "KTransformers Fine-Tuning x LLaMA-Factory Integration - User Guide",
+# https://kvcache-ai.github.io/ktransformers/en/SFT/KTransformers-Fine-Tuning_User-Guide.html
+# (summarized in ../shared/notes/field.md).
+INCUMBENT_V3_TOKENS_PER_S = 40.35
 
 
 def log(msg: str) -> None:
@@ -110,6 +147,58 @@ class EngineTimer:
         out = {**self.seconds, "calls": self.calls}
         self.seconds = dict.fromkeys(self.seconds, 0.0)
         self.calls = 0
+        return out
+
+
+class LayerTimer:
+    """Wall time of each decoder layer in a training step, CUDA-synchronized at the layer boundaries: its forward,
+    and its backward, from the moment the gradient of its output is complete to the moment that of the layer
+    below's output is (layer 0: to the end of the backward), so a gradient checkpoint's recompute counts in its
+    layer's backward. The step's wall minus the layers' is the rest (embeddings, final norm, loss, optimizer)."""
+
+    def __init__(self, layers, device: torch.device) -> None:
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.seconds = [0.0] * len(layers)
+        self.in_backward, self._start, self._grad_at = False, 0.0, {}
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(lambda module, args: self._forward_starts())
+            layer.register_forward_hook(functools.partial(self._forward_ends, i))
+
+    def _now(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+    def _forward_starts(self) -> None:
+        if not self.in_backward:  # in the backward: a checkpoint recompute, timed with its layer's backward
+            self._start = self._now()
+
+    def _forward_ends(self, i: int, module, args, output) -> None:
+        if self.in_backward:
+            return
+        self.seconds[i] += self._now() - self._start
+        out = output[0] if isinstance(output, tuple) else output
+        if out.requires_grad:
+            out.register_hook(lambda grad: self._grad_at.__setitem__(i, self._now()))
+
+    @contextlib.contextmanager
+    def backward(self):
+        """Around loss.backward(): forwards in here are checkpoint recomputes; layer i's backward ends where the
+        gradient of layer i-1's output is complete."""
+        self.in_backward, self._grad_at = True, {}
+        try:
+            yield
+        finally:
+            self.in_backward = False
+        end = self._now()
+        missing = sorted(set(range(len(self.seconds))) - set(self._grad_at))
+        if missing:
+            raise RuntimeError(f"LayerTimer: the outputs of layers {missing} got no gradient (no trainable parameter "
+                               "in or below them?)")
+        for i, began in self._grad_at.items():
+            self.seconds[i] += self._grad_at.get(i - 1, end) - began
+
+    def take(self) -> list[float]:
+        out, self.seconds = self.seconds, [0.0] * len(self.seconds)
         return out
 
 
@@ -201,7 +290,8 @@ def engine_phases(on: bool):
     return ke.phase_profile()
 
 
-def train(model, args, device: torch.device, checkpointing: bool, timer: EngineTimer | None) -> dict:
+def train(model, args, device: torch.device, checkpointing: bool, timer: EngineTimer | None,
+          layers: LayerTimer | None = None) -> dict:
     if checkpointing:  # non-reentrant: kt-sft's retained forwards spare the experts the recompute
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -210,17 +300,18 @@ def train(model, args, device: torch.device, checkpointing: bool, timer: EngineT
 
     def step(ids):
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
+        with layers.backward() if layers else contextlib.nullcontext():
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    walls, engine, losses, phases = [], [], [], {}
+    walls, engine, losses, phases, per_layer = [], [], [], {}, []
     for i, ids in enumerate(batches[:-1]):
-        if timer:
-            timer.take()
+        for discarded in filter(None, (timer, layers)):
+            discarded.take()
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -238,21 +329,34 @@ def train(model, args, device: torch.device, checkpointing: bool, timer: EngineT
             walls.append(wall)
             if timer:
                 engine.append(timer.take())
+            if layers:
+                per_layer.append(layers.take())
     res = profile_gpu(lambda: step(batches[-1]), device)
     step_s = statistics.median(walls)
     res.update(results.spread(args.batch * args.seq, walls))
     res.update(step_ms=step_s * 1e3, losses=losses, gradient_checkpointing=checkpointing)
     if res["gpu_busy_ms"] is not None:
         res["gpu_idle"] = max(0.0, 1.0 - res["gpu_busy_ms"] / res["profiled_step_ms"])
+    res.update(_timings(walls, engine, phases, per_layer))
+    if device.type == "cuda":
+        res["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / GB
+        res["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / GB
+    return res
+
+
+def _timings(walls: list[float], engine: list[dict], phases: dict, per_layer: list[list[float]]) -> dict:
+    """Means over the timed steps: the engine's calls and phases (EngineTimer), each decoder layer (LayerTimer)
+    and the rest of each step, its wall minus its layers."""
+    res = {}
     if engine:
         mean_ms = lambda key: 1e3 * sum(e[key] for e in engine) / len(engine)  # noqa: E731
         res.update(experts_fwd_ms=mean_ms("forward"), experts_bwd_ms=mean_ms("backward"),
                    staging_ms=mean_ms("staging"), engine_calls=engine[-1]["calls"])
         res["experts_ms"] = res["experts_fwd_ms"] + res["experts_bwd_ms"]
         res["engine_phases_ms"] = {k: 1e3 * v / len(engine) for k, v in phases.items()}
-    if device.type == "cuda":
-        res["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / GB
-        res["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / GB
+    if per_layer:
+        res["layer_ms"] = [1e3 * statistics.fmean(layer) for layer in zip(*per_layer)]
+        res["rest_ms"] = 1e3 * statistics.fmean(w - sum(step) for w, step in zip(walls, per_layer))
     return res
 
 
@@ -263,10 +367,14 @@ def run_child(side: str, args) -> dict:
     model, info = load_side(side, args, device)
     log(f"{side}: {info['summary']} (loaded in {info['load_s']:.0f}s)")
     timer = EngineTimer() if side == "ours" else None
+    layers = None
+    if args.family == "deepseek_v3":
+        info.update(v3_load_info(model, args, info["load_s"]))
+        layers = LayerTimer(model.get_base_model().model.layers, device)
     checkpointing = args.gradient_checkpointing if side == "ours" else args.stock_gradient_checkpointing
     oom = None
     try:
-        res = train(model, args, device, checkpointing, timer)
+        res = train(model, args, device, checkpointing, timer, layers)
     except torch.OutOfMemoryError as err:
         oom = str(err).splitlines()[0]
     if oom is not None:  # retried outside the except block, so the failed step's frames are gone
@@ -276,7 +384,7 @@ def run_child(side: str, args) -> dict:
         model.zero_grad(set_to_none=True)  # the failed step's partial gradients
         gc.collect()
         torch.cuda.empty_cache()
-        res = train(model, args, device, True, timer)
+        res = train(model, args, device, True, timer, layers)
         res["note"] = "OOM without gradient checkpointing; measured with it"
     res.update(info)
     res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
@@ -290,9 +398,20 @@ def run_child(side: str, args) -> dict:
     return res
 
 
-def run_side(side: str, args) -> dict | None:
-    """One side in a fresh process (its own RSS and GPU peaks); its progress streams to our stderr."""
-    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", side]
+def v3_load_info(model, args, load_s: float) -> dict:
+    """What a DeepSeek-V3 run reports of its load: the expert format, the checkpoint's bytes over the load's seconds,
+    the packed experts of one MoE layer in host RAM, how many layers are dense."""
+    engines = [m.kt_layer for m in model.modules() if hasattr(m, "kt_layer")]
+    checkpoint = v3_checkpoint.checkpoint_bytes(args.dir)
+    return {"format": args.format, "checkpoint_gb": checkpoint / 1e9, "load_gb_per_s": checkpoint / 1e9 / load_s,
+            "packed_gb_per_moe_layer": sum(e.packed_bytes for e in engines) / len(engines) / GB,
+            "dense_layers": model.config.first_k_dense_replace}
+
+
+def run_side(side: str, args, extra: tuple[str, ...] = ()) -> dict | None:
+    """One side in a fresh process (its own RSS and GPU peaks), with `extra` arguments; its progress streams to
+    our stderr."""
+    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], *extra, "--child", side]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
@@ -389,22 +508,154 @@ def result_rows(sides: dict, args) -> list[dict]:
     return rows
 
 
+def v3_run_config(args) -> dict:
+    return v3_checkpoint.v3_config(args.layers, args.fp8_block, **(v3_checkpoint.TINY_SIZES if args.tiny else {}))
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
+
+
+def ensure_v3_checkpoint(args, config: dict, size: dict) -> None:
+    """Say what the checkpoint holds; write it unless `args.dir` holds it already."""
+    dense, block = config["first_k_dense_replace"], args.fp8_block
+    print(f"DeepSeek-V3{' (tiny dimensions)' if args.tiny else ''}: {args.layers} of its {FULL_LAYERS} layers "
+          f"({dense} dense + {args.layers - dense} MoE), block-FP8 {block}x{block}: {_gb(size['total'])} (routed "
+          f"experts {_gb(size['experts'])}; one MoE layer {_gb(size['moe_layer'])}, one dense layer "
+          f"{_gb(size['dense_layer'])}, embeddings + lm_head {_gb(size['embeddings'])})", flush=True)
+    if v3_checkpoint.holds(args.dir, config):
+        print(f"reusing {args.dir}", flush=True)
+        return
+    seconds = v3_checkpoint.write_checkpoint(args.dir, config, int(args.shard_gb * GB), log=log)
+    print(f"wrote {args.dir} in {seconds:.0f}s ({size['total'] / 1e9 / seconds:.2f} GB/s, each shard fsync'ed)",
+          flush=True)
+
+
+def v3_projection(r: dict, config: dict, args, size: dict, full: dict) -> dict:
+    """One format's step split by layer kind (LayerTimer) and projected to the whole model of these dimensions
+    (FULL_LAYERS layers, the first first_k_dense_replace dense): step = rest + dense x the dense layers' mean +
+    MoE x the MoE layers' mean. GPU: the measured peak plus the other layers' non-expert bf16 weights and
+    checkpointed hidden states; host RAM: the measured peak plus the other MoE layers' packed experts."""
+    dense, layer_ms = config["first_k_dense_replace"], r["layer_ms"]
+    moe, full_moe = len(layer_ms) - dense, FULL_LAYERS - dense
+    dense_ms, moe_ms = statistics.fmean(layer_ms[:dense]), statistics.fmean(layer_ms[dense:])
+    step_ms = r["rest_ms"] + dense * dense_ms + full_moe * moe_ms
+    hidden_states = (FULL_LAYERS - len(layer_ms)) * args.batch * args.seq * config["hidden_size"] * 2
+    out = {"dense_layer_ms": dense_ms, "moe_layer_ms": moe_ms, "moe_layers": moe, "projected_step_ms": step_ms,
+           "projected_tokens_per_s": args.batch * args.seq / step_ms * 1e3,
+           "projected_rss_gb": r["peak_rss_gb"] + (full_moe - moe) * r["packed_gb_per_moe_layer"]}
+    if r.get("peak_gpu_gb") is not None:
+        out["projected_gpu_gb"] = r["peak_gpu_gb"] + (full["gpu"] - size["gpu"] + hidden_states) / GB
+    if r.get("experts_ms") is not None:
+        out["experts_ms_per_moe_layer"] = r["experts_ms"] / moe
+        out["phases_per_moe_layer"] = {k: ms / moe for k, ms in r.get("engine_phases_ms", {}).items()}
+    return out
+
+
+def report_v3(runs: dict, config: dict, args) -> None:
+    cols = [("load s", "load_s", ".0f"), ("load GB/s", "load_gb_per_s", ".2f"), ("tokens/s", "tokens_per_s", ".1f"),
+            ("step ms", "step_ms", ".0f"), ("MoE layer ms", "moe_layer_ms", ".0f"),
+            ("dense layer ms", "dense_layer_ms", ".0f"), ("rest ms", "rest_ms", ".0f"),
+            ("experts ms/layer", "experts_ms_per_moe_layer", ".0f"), ("peak GPU GB", "peak_gpu_gb", ".2f"),
+            ("peak RSS GB", "peak_rss_gb", ".1f"), ("loss step 1", "loss_first", ".4f")]
+    if runs:
+        print(f"\ndevice: {next(iter(runs.values()))['host']}")
+    experts = " + routed experts" if args.expert_lora else ""
+    print(f"LoRA r={args.lora_rank} on {', '.join(args.lora_target)}{experts}; batch {args.batch} x {args.seq} tokens; "
+          f"{args.steps} timed steps after {args.warmup} warm-up; gradient checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'}")
+    print("no stock baseline: at DeepSeek-V3 size the stock model does not fit one GPU (the full model is 673 GB "
+          "in block-FP8, 1.3 TB in bf16)")
+    print(f"{'':<22}" + "".join(f"{c[0]:>17}" for c in cols))
+    for fmt, r in runs.items():
+        cells = [_cell(r["losses"][0] if key == "loss_first" else r.get(key), spec) for _, key, spec in cols]
+        print(f"{'kt-sft ' + fmt:<22}" + "".join(f"{c:>17}" for c in cells))
+    dense = config["first_k_dense_replace"]
+    print(f"projection to the full model ({dense} dense + {FULL_LAYERS - dense} MoE layers): step = rest + {dense} x "
+          f"dense layer + {FULL_LAYERS - dense} x MoE layer (each layer's forward + backward, recompute included)")
+    for fmt, r in runs.items():
+        print(f"  {fmt}: {r['rest_ms'] / 1e3:.2f} + {dense} x {r['dense_layer_ms'] / 1e3:.2f} + {FULL_LAYERS - dense} "
+              f"x {r['moe_layer_ms'] / 1e3:.2f} s = {r['projected_step_ms'] / 1e3:.1f} s per {args.batch * args.seq} "
+              f"tokens -> {r['projected_tokens_per_s']:.1f} tokens/s = "
+              f"{r['projected_tokens_per_s'] / INCUMBENT_V3_TOKENS_PER_S:.2f}x KTransformers' published "
+              f"{INCUMBENT_V3_TOKENS_PER_S} tokens/s; GPU ~{_cell(r.get('projected_gpu_gb'), '.0f')} GB, host RAM "
+              f"~{r['projected_rss_gb']:.0f} GB")
+    for fmt, r in runs.items():
+        inside = ", ".join(f"{name} {ms:.0f}" for name, ms in r.get("phases_per_moe_layer", {}).items())
+        print(f"{fmt}: {r['summary']}; checkpoint {r['checkpoint_gb']:.2f} GB read at {r['load_gb_per_s']:.2f} GB/s "
+              f"(from the page cache where the shards were just written or read); engine phases per MoE layer (ms): "
+              f"{inside}{'; ' + r['note'] if r.get('note') else ''}")
+
+
+def v3_rows(runs: dict, config: dict, args) -> list[dict]:
+    """One results row per format that finished (bench_e2e_v3: experts ms and phases per MoE layer)."""
+    first = next(iter(runs.values()), {})
+    run_info = {**results.provenance(first.get("isa", ""), first.get("threads", ""), first.get("gpu", "")),
+                "layers": args.layers, "moe_layers": args.layers - config["first_k_dense_replace"],
+                "batch": args.batch, "seq": args.seq, "lora_rank": args.lora_rank, "gpu_experts": args.gpu_experts,
+                "steps": args.steps, "checkpoint_gb": first.get("checkpoint_gb")}
+    rows = []
+    for fmt, r in runs.items():
+        keys = ("tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "step_ms", "load_s", "load_gb_per_s",
+                "moe_layer_ms", "dense_layer_ms", "rest_ms", "peak_gpu_gb", "peak_rss_gb", "projected_tokens_per_s",
+                "projected_gpu_gb", "projected_rss_gb", "note")
+        rows.append({**run_info, **{k: r.get(k) for k in keys},
+                     "variant": f"ours {fmt}{' + expert LoRA' if args.expert_lora else ''}",
+                     "cpu_experts_ms": r.get("experts_ms_per_moe_layer"), "loss_first": r["losses"][0],
+                     "loss_last": r["losses"][-1], "phases_ms": r.get("phases_per_moe_layer") or None,
+                     "ratio": round(r["projected_tokens_per_s"] / INCUMBENT_V3_TOKENS_PER_S, 3),
+                     "ratio_of": f"projected {FULL_LAYERS} layers / KTransformers {INCUMBENT_V3_TOKENS_PER_S}"})
+    return rows
+
+
+def main_v3(args) -> None:
+    """DeepSeek-V3: the checkpoint, then one child per format, the report and the rows."""
+    with results.human_output(args):
+        config = v3_run_config(args)
+        size = v3_checkpoint.sizes(config)
+        ensure_v3_checkpoint(args, config, size)
+        full = v3_checkpoint.sizes({**config, "num_hidden_layers": FULL_LAYERS})
+        runs = {}
+        for fmt in args.formats:
+            log(f"--- {fmt} experts ---")
+            r = run_side("ours", args, ("--format", fmt))
+            if r is not None:
+                runs[fmt] = {**r, **v3_projection(r, config, args, size, full)}
+        report_v3(runs, config, args)
+    results.emit("bench_e2e_v3", v3_rows(runs, config, args), args)
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dir", type=Path, default=None, help="checkpoint dir (default /tmp/v2lite-rand; --tiny: "
-                   "/tmp/v2lite-tiny-rand); written only when it lacks the config or a shard")
-    p.add_argument("--layers", type=int, default=27, help="decoder layers (the first is dense); V2-Lite has 27")
-    p.add_argument("--shard-gb", type=float, default=2.0)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=5, help="timed steps (then one more, profiled)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--family", choices=list(FAMILY_DEFAULTS), default="deepseek_v2_lite",
+                   help="deepseek_v2_lite: the bf16 V2-Lite-shaped run against stock (default); deepseek_v3: the real "
+                        "DeepSeek-V3 dimensions from a block-FP8 checkpoint, one child per --formats, no stock side")
+    p.add_argument("--dir", type=Path, default=None, help="checkpoint dir (default /tmp/v2lite-rand, /tmp/v3-rand; "
+                   "--tiny: /tmp/v2lite-tiny-rand, /tmp/v3-tiny-rand); written only when it lacks the config or a "
+                   "shard (deepseek_v3: or holds another config, whose shards it first deletes)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers (V2-Lite: default 27, the first dense; DeepSeek-V3: default 6 = 3 dense + 3 "
+                        "MoE, of its 61. V3 sizes on disk, fp8: one MoE layer 11.5 GB (routed experts 11.3; in RAM "
+                        "fp8 / int8-gemm 11.3 GB, int4-gemm 7.1 GB), one dense layer 0.58 GB, embeddings + lm_head "
+                        "3.7 GB: 6 layers = 40.0 GB, 5 = 28.5 GB)")
+    p.add_argument("--shard-gb", type=float, default=None, help="shard size (default 2; deepseek_v3: 4)")
+    p.add_argument("--batch", type=int, default=None, help="default 2 (deepseek_v3: 1)")
+    p.add_argument("--seq", type=int, default=None, help="default 2048 (deepseek_v3: 4096)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps, then one more, profiled (default 5; "
+                                                           "deepseek_v3: 3)")
+    p.add_argument("--warmup", type=int, default=None, help="default 2 (deepseek_v3: 1)")
     p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-target", nargs="+", default=DEFAULT_TARGETS)
+    p.add_argument("--lora-target", nargs="+", default=None,
+                   help=f"default {' '.join(DEFAULT_TARGETS)} (deepseek_v3: {' '.join(V3_TARGETS)})")
     p.add_argument("--expert-lora", action="store_true", help="also LoRA on the routed experts (target_parameters)")
-    p.add_argument("--format", choices=list(FORMATS), default="bf16",
-                   help="ours: the experts' format (kt_sft.engine.formats: bf16, int8 = kt_backend INT8, int8-gemm = "
-                        "AMXINT8, ...)")
+    p.add_argument("--format", choices=list(FORMATS), default=None,
+                   help="ours: the experts' format (kt_sft.engine.formats: bf16 (default), int8 = kt_backend INT8, "
+                        "int8-gemm = AMXINT8, ...); deepseek_v3 takes --formats")
+    p.add_argument("--formats", choices=list(FORMATS), nargs="+", default=None,
+                   help=f"deepseek_v3: the experts' formats, one child process each (default {' '.join(V3_FORMATS)}"
+                        ": kt_backend FP8, the checkpoint's own codes; AMXINT4 and AMXINT8, quantized at load)")
+    p.add_argument("--fp8-block", type=int, default=None,
+                   help="deepseek_v3: weights per block scale, B x B (default 128 as published; --tiny: 40)")
     p.add_argument("--gpu-experts", type=float, default=0.0,
                    help="ours: fraction of each layer's experts computed on the GPU, streamed per call (kt_gpu_experts)")
     p.add_argument("--threads", type=int, default=0, help="engine threads (0: the family default, all cores)")
@@ -413,20 +664,37 @@ def parse_args():
     p.add_argument("--stock-gradient-checkpointing", action="store_true",
                    help="stock too (default off: its fastest setting that fits the H100)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
-                   help="train stock as well (default: yes, except with --tiny)")
+                   help="train stock as well (default: yes, except with --tiny and for deepseek_v3)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: 3 toy-sized layers, seq 64, no baseline")
     p.add_argument("--child", choices=("ours", "stock"), help=argparse.SUPPRESS)
     results.add_arguments(p)
     args = p.parse_args()
+    v3 = args.family == "deepseek_v3"
+    if v3 and args.baseline:
+        p.error("--baseline: no stock side at DeepSeek-V3 size (its whole model does not fit one GPU)")
+    if v3 and args.format and not args.child:
+        p.error("--format: a deepseek_v3 run trains each of --formats in its own process; use --formats")
+    if not v3 and (args.formats or args.fp8_block):
+        p.error("--formats and --fp8-block are for --family deepseek_v3")
+    return _resolve_defaults(args)
+
+
+def _resolve_defaults(args):
+    """The family's values for the options left unset, then --tiny's overrides."""
+    for key, value in FAMILY_DEFAULTS[args.family].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.format = args.format or "bf16"
+    args.formats = args.formats or V3_FORMATS
+    args.dir = args.dir or Path(CHECKPOINT_DIRS[args.family][args.tiny])
+    args.fp8_block = args.fp8_block or (40 if args.tiny else 128)
     if args.tiny:
         args.layers, args.seq, args.steps, args.warmup, args.shard_gb = 3, 64, 2, 1, 1 / 1024
-        args.dir = args.dir or Path("/tmp/v2lite-tiny-rand")
         args.device = "cpu"
     else:
-        args.dir = args.dir or Path("/tmp/v2lite-rand")
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.baseline is None:
-        args.baseline = not args.tiny
+        args.baseline = not args.tiny and args.family != "deepseek_v3"
     return args
 
 
@@ -434,6 +702,9 @@ def main() -> None:
     args = parse_args()
     if args.child:
         print("RESULT " + json.dumps(run_child(args.child, args)), flush=True)
+        return
+    if args.family == "deepseek_v3":
+        main_v3(args)
         return
     with results.human_output(args):
         config = tiny_config(args.layers) if args.tiny else v2_lite_config(args.layers)

@@ -57,6 +57,13 @@ SCHEMAS = {
         config=("layers", "batch", "seq", "lora_rank", "gpu_experts", "steps"),
         fields=(*SPREAD, "step_ms", "gpu_compute_ms", "gpu_copy_ms", "gpu_idle", "cpu_experts_ms", "peak_gpu_gb",
                 "peak_rss_gb", "load_s", "loss_first", "loss_last", "loss_diff", "phases_ms")),
+    # bench_e2e.py --family deepseek_v3: one row per expert format; cpu_experts_ms and phases_ms per MoE layer,
+    # layer times per layer (forward + backward), projected_* for the whole 61-layer model.
+    "bench_e2e_v3": Schema(
+        config=("layers", "moe_layers", "batch", "seq", "lora_rank", "gpu_experts", "steps", "checkpoint_gb"),
+        fields=(*SPREAD, "step_ms", "load_s", "load_gb_per_s", "moe_layer_ms", "dense_layer_ms", "rest_ms",
+                "cpu_experts_ms", "peak_gpu_gb", "peak_rss_gb", "projected_tokens_per_s", "projected_gpu_gb",
+                "projected_rss_gb", "loss_first", "loss_last", "phases_ms")),
     # bench_moe.py --shapes: one row per (shape, T, variant), beside this host's ceilings measured in the same run
     # (benchmarks/host_ceiling.py); pct_ceiling = 100 x floor_ms / the measured time, binding = which ceiling sets
     # the floor (compute or bandwidth); experts_run / tokens_run < experts / tokens: a subset (moe_shapes.Plan).

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -208,6 +209,54 @@ def test_bench_e2e_smoke_mode_trains(tmp_path, fmt):
     assert float(printed.group(2)) == round(row["loss_first"], 4)
     [recorded] = _recorded(tmp_path / "results", "bench_e2e")
     _same(recorded, row)
+
+
+@pytest.mark.slow
+def test_bench_e2e_deepseek_v3_tiny_trains_each_format_from_block_fp8(tmp_path):
+    """--family deepseek_v3 --tiny: the block-FP8 writer's checkpoint (stock key names, e4m3 codes that are never
+    NaN, fp32 scales on the 40 x 40 block grid, the rest bf16) trains in each default format, one child each; the
+    rows' layer times add up to the step and project to 61 layers as printed."""
+    import v3_checkpoint
+    from safetensors import safe_open
+
+    ckpt = tmp_path / "ckpt"
+    proc = _run("benchmarks/bench_e2e.py", "--family", "deepseek_v3", "--tiny", "--dir", str(ckpt), "--json",
+                "--record", "--results-dir", str(tmp_path / "results"))
+    rows = _json_rows(proc.stdout, "bench_e2e_v3")
+    assert [r["variant"] for r in rows] == ["ours fp8", "ours int4-gemm", "ours int8-gemm"]
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["quantization_config"] == {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                             "weight_block_size": [40, 40]}
+    assert v3_checkpoint.holds(ckpt, v3_checkpoint.v3_config(3, 40, **v3_checkpoint.TINY_SIZES))  # reused next time
+    stored = {}
+    for shard in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            stored.update({k: f.get_tensor(k) for k in f.keys()})
+    assert {"model.layers.2.mlp.experts.11.down_proj.weight", "model.layers.0.mlp.gate_proj.weight"} <= set(stored)
+    for key, t in stored.items():
+        if t.dtype == torch.float8_e4m3fn:
+            assert ((t.view(torch.uint8) & 0x7F) != 0x7F).all(), key  # no NaN code
+            scale = stored[key.replace(".weight", ".weight_scale_inv")]
+            assert scale.dtype == torch.float32 and scale.shape == (-(-t.shape[0] // 40), -(-t.shape[1] // 40)), key
+        elif not key.endswith(("weight_scale_inv", "e_score_correction_bias")):
+            assert t.dtype == torch.bfloat16 and (t.dim() == 1 or "embed" in key or "lm_head" in key
+                                                  or key.endswith("mlp.gate.weight")), key
+    for row in rows:
+        assert (row["layers"], row["moe_layers"], row["batch"], row["seq"]) == (3, 2, 1, 64)
+        assert math.isclose(row["tokens_per_s"] * row["step_ms"] / 1e3, 64, rel_tol=1e-9)
+        # two timed steps: the median step is their mean, the sum of the layers and the rest
+        layers_ms = row["dense_layer_ms"] + 2 * row["moe_layer_ms"]
+        assert math.isclose(row["rest_ms"] + layers_ms, row["step_ms"], rel_tol=1e-6)
+        full_ms = row["rest_ms"] + row["dense_layer_ms"] + 60 * row["moe_layer_ms"]  # tiny: 1 dense + 60 MoE
+        assert math.isclose(row["projected_tokens_per_s"], 64e3 / full_ms, rel_tol=1e-9)
+        assert row["ratio"] == round(row["projected_tokens_per_s"] / 40.35, 3)
+        assert math.isclose(row["load_gb_per_s"] * row["load_s"], row["checkpoint_gb"], rel_tol=1e-9)
+        assert abs(row["loss_first"] - math.log(1000)) < 1.0 and math.isfinite(row["loss_last"])
+        assert row["cpu_experts_ms"] > 0 and row["phases_ms"] and row["threads"] == 2
+    assert "no stock baseline" in proc.stderr
+    assert len(re.findall(r"x KTransformers' published 40.35 tokens/s", proc.stderr)) == 3, proc.stderr
+    for rec, row in zip(_recorded(tmp_path / "results", "bench_e2e_v3"), rows, strict=True):
+        _same(rec, row)
 
 
 @pytest.mark.slow
