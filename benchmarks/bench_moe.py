@@ -481,7 +481,7 @@ class KtKernelLayer:
 
 
 def pool_experts(shape: moe_shapes.Shape, experts: int) -> int:
-    """How many experts of random weights to make (the rest repeat them: packing, not the values, costs time)."""
+    """How many experts of random weights to make (the others derive from them: packing, not the values, costs)."""
     return max(1, min(experts, 4, POOL_BYTES // (3 * shape.hidden * shape.intermediate * 2)))
 
 
@@ -493,26 +493,29 @@ def random_experts(shape: moe_shapes.Shape, n: int) -> tuple[torch.Tensor, torch
             torch.randn(n, H, I, generator=gen, dtype=torch.bfloat16).mul_(I ** -0.5))
 
 
-def packed_layer(fmt, experts: int, gate_up: torch.Tensor, down: torch.Tensor) -> ke.ExpertLayer:
-    """A layer of `experts` experts in format `fmt`, the given experts' weights packed into each slot in turn; one
-    saved forward (the table times forward-backward pairs)."""
-    layer = ke.ExpertLayer(experts, down.shape[1], down.shape[2], fmt, max_saved=1)
+def expert_chunks(gate_up: torch.Tensor, down: torch.Tensor, experts: int):
+    """(first expert, gate_up, down) of `experts` experts, a chunk of the random ones at a time, the c-th chunk's
+    rows rotated by c columns: no expert's pages equal another's (a host that merges equal pages would serve them
+    from cache), at the cost of a copy instead of random numbers."""
     n = gate_up.shape[0]
-    for e in range(0, experts, n):
-        layer.load_fused(gate_up[: experts - e], down[: experts - e], e)
-    return layer
+    for c, e in enumerate(range(0, experts, n)):
+        yield e, gate_up[: experts - e].roll(c, -1), down[: experts - e].roll(c, -1)
 
 
 def build_layers(a, plan: moe_shapes.Plan, formats: list, wrapper, threads: int) -> list[tuple]:
-    """(name, variant, layer) of ours in every format, then kt-kernel's in the formats it has (where it fails,
-    a line says why and the table goes on without it)."""
-    E = plan.experts_run
-    gate_up, down = random_experts(plan.shape, pool_experts(plan.shape, E))
-    built = [(f"kt-sft {f.name}", f"ours {f.name}", packed_layer(f, E, gate_up, down)) for f in formats]
+    """(name, variant, layer) of ours in every format (one saved forward: the table times forward-backward
+    pairs), then kt-kernel's in the formats it has (where it fails, a line says why and the table goes on)."""
+    E, H, I = plan.experts_run, plan.shape.hidden, plan.shape.intermediate
+    ours = [ke.ExpertLayer(E, H, I, f, max_saved=1) for f in formats]
     kt_formats = [f.name for f in formats if wrapper is not None and f.name in KT_KERNEL_METHODS]
-    if kt_formats:  # kt-kernel takes every expert's bf16 weights at once
-        reps = -(-E // gate_up.shape[0])
-        gate_up, down = gate_up.repeat(reps, 1, 1)[:E], down.repeat(reps, 1, 1)[:E]
+    kept = []  # kt-kernel takes every expert's bf16 weights at once
+    for e, gate_up, down in expert_chunks(*random_experts(plan.shape, pool_experts(plan.shape, E)), E):
+        for layer in ours:
+            layer.load_fused(gate_up, down, e)
+        kept += [(gate_up, down)] if kt_formats else []
+    built = [(f"kt-sft {f.name}", f"ours {f.name}", layer) for f, layer in zip(formats, ours)]
+    if kt_formats:
+        gate_up, down = (torch.cat(parts) for parts in zip(*kept))
     for name in kt_formats:
         try:
             layer = KtKernelLayer(wrapper, gate_up, down, name, plan.shape.topk, threads,
