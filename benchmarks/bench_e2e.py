@@ -399,13 +399,12 @@ def run_child(side: str, args) -> dict:
 
 
 def v3_load_info(model, args, load_s: float) -> dict:
-    """What a DeepSeek-V3 run reports of its load: the expert format, the checkpoint's bytes over the load's seconds,
-    the packed experts of one MoE layer in host RAM, how many layers are dense."""
+    """What a DeepSeek-V3 run reports of its load: the checkpoint's bytes over the load's seconds, the packed
+    experts of one MoE layer in host RAM."""
     engines = [m.kt_layer for m in model.modules() if hasattr(m, "kt_layer")]
     checkpoint = v3_checkpoint.checkpoint_bytes(args.dir)
-    return {"format": args.format, "checkpoint_gb": checkpoint / 1e9, "load_gb_per_s": checkpoint / 1e9 / load_s,
-            "packed_gb_per_moe_layer": sum(e.packed_bytes for e in engines) / len(engines) / GB,
-            "dense_layers": model.config.first_k_dense_replace}
+    return {"checkpoint_gb": checkpoint / 1e9, "load_gb_per_s": checkpoint / 1e9 / load_s,
+            "packed_gb_per_moe_layer": sum(e.packed_bytes for e in engines) / len(engines) / GB}
 
 
 def run_side(side: str, args, extra: tuple[str, ...] = ()) -> dict | None:
@@ -541,7 +540,7 @@ def v3_projection(r: dict, config: dict, args, size: dict, full: dict) -> dict:
     dense_ms, moe_ms = statistics.fmean(layer_ms[:dense]), statistics.fmean(layer_ms[dense:])
     step_ms = r["rest_ms"] + dense * dense_ms + full_moe * moe_ms
     hidden_states = (FULL_LAYERS - len(layer_ms)) * args.batch * args.seq * config["hidden_size"] * 2
-    out = {"dense_layer_ms": dense_ms, "moe_layer_ms": moe_ms, "moe_layers": moe, "projected_step_ms": step_ms,
+    out = {"dense_layer_ms": dense_ms, "moe_layer_ms": moe_ms, "projected_step_ms": step_ms,
            "projected_tokens_per_s": args.batch * args.seq / step_ms * 1e3,
            "projected_rss_gb": r["peak_rss_gb"] + (full_moe - moe) * r["packed_gb_per_moe_layer"]}
     if r.get("peak_gpu_gb") is not None:
@@ -552,7 +551,7 @@ def v3_projection(r: dict, config: dict, args, size: dict, full: dict) -> dict:
     return out
 
 
-def report_v3(runs: dict, config: dict, args) -> None:
+def report_v3(runs: dict, config: dict, args, full: dict) -> None:
     cols = [("load s", "load_s", ".0f"), ("load GB/s", "load_gb_per_s", ".2f"), ("tokens/s", "tokens_per_s", ".1f"),
             ("step ms", "step_ms", ".0f"), ("MoE layer ms", "moe_layer_ms", ".0f"),
             ("dense layer ms", "dense_layer_ms", ".0f"), ("rest ms", "rest_ms", ".0f"),
@@ -564,8 +563,8 @@ def report_v3(runs: dict, config: dict, args) -> None:
     print(f"LoRA r={args.lora_rank} on {', '.join(args.lora_target)}{experts}; batch {args.batch} x {args.seq} tokens; "
           f"{args.steps} timed steps after {args.warmup} warm-up; gradient checkpointing "
           f"{'on' if args.gradient_checkpointing else 'off'}")
-    print("no stock baseline: at DeepSeek-V3 size the stock model does not fit one GPU (the full model is 673 GB "
-          "in block-FP8, 1.3 TB in bf16)")
+    print(f"no stock baseline: at DeepSeek-V3 size the stock model does not fit one GPU (the full model is "
+          f"{_gb(full['total'])} in block-FP8, twice that in bf16)")
     print(f"{'':<22}" + "".join(f"{c[0]:>17}" for c in cols))
     for fmt, r in runs.items():
         cells = [_cell(r["losses"][0] if key == "loss_first" else r.get(key), spec) for _, key, spec in cols]
@@ -587,42 +586,47 @@ def report_v3(runs: dict, config: dict, args) -> None:
               f"{inside}{'; ' + r['note'] if r.get('note') else ''}")
 
 
-def v3_rows(runs: dict, config: dict, args) -> list[dict]:
-    """One results row per format that finished (bench_e2e_v3: experts ms and phases per MoE layer)."""
-    first = next(iter(runs.values()), {})
-    run_info = {**results.provenance(first.get("isa", ""), first.get("threads", ""), first.get("gpu", "")),
-                "layers": args.layers, "moe_layers": args.layers - config["first_k_dense_replace"],
-                "batch": args.batch, "seq": args.seq, "lora_rank": args.lora_rank, "gpu_experts": args.gpu_experts,
-                "steps": args.steps, "checkpoint_gb": first.get("checkpoint_gb")}
-    rows = []
-    for fmt, r in runs.items():
-        keys = ("tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "step_ms", "load_s", "load_gb_per_s",
-                "moe_layer_ms", "dense_layer_ms", "rest_ms", "peak_gpu_gb", "peak_rss_gb", "projected_tokens_per_s",
-                "projected_gpu_gb", "projected_rss_gb", "note")
-        rows.append({**run_info, **{k: r.get(k) for k in keys},
-                     "variant": f"ours {fmt}{' + expert LoRA' if args.expert_lora else ''}",
-                     "cpu_experts_ms": r.get("experts_ms_per_moe_layer"), "loss_first": r["losses"][0],
-                     "loss_last": r["losses"][-1], "phases_ms": r.get("phases_per_moe_layer") or None,
-                     "ratio": round(r["projected_tokens_per_s"] / INCUMBENT_V3_TOKENS_PER_S, 3),
-                     "ratio_of": f"projected {FULL_LAYERS} layers / KTransformers {INCUMBENT_V3_TOKENS_PER_S}"})
-    return rows
+def v3_run_info(first: dict, config: dict, args) -> dict:
+    """The columns every row of the run shares (provenance from the first format that finished)."""
+    return {**results.provenance(first["isa"], first["threads"], first["gpu"]), "layers": args.layers,
+            "moe_layers": args.layers - config["first_k_dense_replace"], "batch": args.batch, "seq": args.seq,
+            "lora_rank": args.lora_rank, "gpu_experts": args.gpu_experts, "steps": args.steps,
+            "checkpoint_gb": first["checkpoint_gb"]}
+
+
+def v3_row(fmt: str, r: dict, run_info: dict, args) -> dict:
+    """The bench_e2e_v3 row of one format (experts ms and phases per MoE layer)."""
+    keys = ("tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "step_ms", "load_s", "load_gb_per_s",
+            "moe_layer_ms", "dense_layer_ms", "rest_ms", "peak_gpu_gb", "peak_rss_gb", "projected_tokens_per_s",
+            "projected_gpu_gb", "projected_rss_gb", "note")
+    variant = f"ours {fmt}{' + expert LoRA' if args.expert_lora else ''}"
+    return {**run_info, **{k: r.get(k) for k in keys}, "variant": variant,
+            "cpu_experts_ms": r.get("experts_ms_per_moe_layer"), "loss_first": r["losses"][0],
+            "loss_last": r["losses"][-1], "phases_ms": r.get("phases_per_moe_layer") or None,
+            "ratio": round(r["projected_tokens_per_s"] / INCUMBENT_V3_TOKENS_PER_S, 3),
+            "ratio_of": f"projected {FULL_LAYERS} layers / KTransformers {INCUMBENT_V3_TOKENS_PER_S}"}
 
 
 def main_v3(args) -> None:
-    """DeepSeek-V3: the checkpoint, then one child per format, the report and the rows."""
+    """DeepSeek-V3: the checkpoint, then one child per format, each format's row emitted (--json, --record) as
+    soon as it finished (a call cut short by a time limit keeps the formats done), and the report."""
     with results.human_output(args):
         config = v3_run_config(args)
         size = v3_checkpoint.sizes(config)
         ensure_v3_checkpoint(args, config, size)
         full = v3_checkpoint.sizes({**config, "num_hidden_layers": FULL_LAYERS})
-        runs = {}
-        for fmt in args.formats:
+    runs, run_info = {}, None
+    for fmt in args.formats:
+        with results.human_output(args):
             log(f"--- {fmt} experts ---")
             r = run_side("ours", args, ("--format", fmt))
-            if r is not None:
-                runs[fmt] = {**r, **v3_projection(r, config, args, size, full)}
-        report_v3(runs, config, args)
-    results.emit("bench_e2e_v3", v3_rows(runs, config, args), args)
+        if r is None:
+            continue
+        runs[fmt] = {**r, **v3_projection(r, config, args, size, full)}
+        run_info = run_info or v3_run_info(r, config, args)
+        results.emit("bench_e2e_v3", [v3_row(fmt, runs[fmt], run_info, args)], args)
+    with results.human_output(args):
+        report_v3(runs, config, args, full)
 
 
 def parse_args():
