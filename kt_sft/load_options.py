@@ -25,10 +25,15 @@ class LoadOptions:
     becomes the current CUDA device).
     dtype: dtype of those non-expert weights.
     format: the experts' format (kt_sft.engine.formats: an ExpertFormat, its name or a kt_backend name; default:
-    fp32 when dtype is float32, exact from any checkpoint; else for a quantized checkpoint (FP8, INT4) the smallest
-    format at least as wide as its weights, int8 today, never silently bf16; else the family file's
-    defaults.format, bf16); "int8" stores the experts as int8 with per-channel scales, quantized while
-    loading (half the RAM of bf16), "int8-gemm" also runs the GEMMs in int8 (fast on AMX).
+    fp32 when dtype is float32, exact from any checkpoint; else for a quantized checkpoint the smallest format at
+    least as wide as its weights, its own element type first (fp8 from FP8, int4 from INT4, codes and scales kept
+    as stored), never silently bf16; else the family file's defaults.format, bf16); "int8" stores the experts as
+    int8 with per-channel scales, quantized while loading (half the RAM of bf16), "int8-gemm" also runs the GEMMs
+    in int8 (fast on AMX).
+    int4_group: weights per scale along the input dimension when int4 / int4-gemm experts are quantized while
+    loading (from bf16 or FP8 weights; symmetric, the last group of a row partial when it does not divide the
+    size). None: the int4 row's own groups of 32, or an INT4 checkpoint's own groups, which are kept exactly (any
+    other value is refused for such a checkpoint, as is a value with a format that is not int4).
     rule: a family YAML (or built-in family name) overriding the registry entry (kt_optimize_rule).
     threads: engine worker threads (0 = the family file's defaults.threads, whose 'auto' means KT_SFT_THREADS or
     the physical cores).
@@ -63,6 +68,7 @@ class LoadOptions:
     retain_activations: bool = True
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     gpu_experts: float = 0.0
+    int4_group: Optional[int] = None
 
     def __post_init__(self) -> None:
         # Frozen: the two normalized fields (device with its index, format as an ExpertFormat) are set here, once.
@@ -85,6 +91,20 @@ class LoadOptions:
         if isinstance(self.gpu_experts, bool) or not (isinstance(self.gpu_experts, (int, float))
                                                       and 0.0 <= self.gpu_experts <= 1.0):
             raise ValueError(f"gpu_experts must be a fraction in [0, 1], got {self.gpu_experts!r}")
+        self._check_int4_group()
+
+    def _check_int4_group(self) -> None:
+        """A positive group size, which a format given with its own int4 grid must not contradict."""
+        group = self.int4_group
+        if group is None:
+            return
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+            raise ValueError(f"int4_group: expected an integer >= 1 (weights per scale along the input dimension), "
+                             f"got {group!r}")
+        fmt = self.format
+        if fmt is not None and fmt.weight_dtype == torch.int4 and fmt.scale_block not in (
+                get_format(fmt.name).scale_block, (1, group)):
+            raise ValueError(f"format {fmt.label} and int4_group={group} give two int4 grids; give one")
 
 
 def _device(device) -> torch.device:

@@ -89,7 +89,13 @@ def _plan(path: Path, opts: LoadOptions, config, family: Optional[MoEFamily]) ->
     config, family, source = _resolve_model(path, config, family, opts.rule)
     fmt, reason = (opts.format, "asked for") if opts.format is not None else \
         _default_format(family, source, opts.dtype)
-    fmt = _fit_to_source(fmt, source)
+    if opts.int4_group is not None and fmt.weight_dtype != torch.int4:
+        int4 = [r for r in FORMATS.values() if r.weight_dtype == torch.int4]
+        raise ValueError(f"int4_group={opts.int4_group} (kt_int4_group_size) sets the groups of int4 experts, but "
+                         f"the experts load as {fmt.label} ({reason}); use kt_backend "
+                         f"{' / '.join(r.backends[-1] for r in int4)} (format="
+                         f"{' / '.join(repr(r.name) for r in int4)}) or remove it")
+    fmt = _fit_to_source(fmt, source, opts.int4_group)
     if engine.current_isa() not in fmt.fast_isas:
         logger.warning("kt-sft: %s experts need %s to be fast; this CPU runs them on the %s path in plain loops "
                        "(correct, slow). kt_backend: INT8 keeps the int8 weights and computes in bf16, fast here.",
@@ -207,17 +213,19 @@ def _smallest_holding(source: SourceFormat) -> ExpertFormat:
     at least as wide as the source's (no silent loss of precision), the fewest bytes per weight first (no silent
     doubling of RAM), among equals a row that stores the source's own element type (exact, e.g. a native FP8 row
     for FP8 checkpoints), then table order (exact formats are listed before their activation-quantized siblings).
-    Today: int8 for FP8 (same bytes) and INT4 (the smallest there is); native FP8 / INT4 rows take over by
-    themselves."""
+    Today: fp8 for FP8 (1 byte, like int8, and its own element type) and int4 for INT4."""
     rows = list(FORMATS.values())
     holding = [f for f in rows if f.weight_bytes >= source.element_bytes]
     return min(holding, key=lambda f: (f.weight_bytes, f.weight_dtype != source.element_dtype, rows.index(f)))
 
 
-def _fit_to_source(fmt: ExpertFormat, source: SourceFormat) -> ExpertFormat:
-    """A format that keeps a checkpoint's own tensors (fp8 from block / per-channel FP8, int4 from INT4) takes the
-    checkpoint's scale grid, so its experts load exactly as stored (`ExpertLayer.load_stored`); from any other source
-    it keeps its own grid and quantizes the decoded weights at load. FP8 cannot hold INT4 checkpoints' weights."""
+def _fit_to_source(fmt: ExpertFormat, source: SourceFormat, int4_group: Optional[int] = None) -> ExpertFormat:
+    """`fmt` with the scale grid it takes for this checkpoint. A format that keeps a checkpoint's own tensors (fp8
+    from block / per-channel FP8, int4 from INT4) takes the checkpoint's grid, so its experts load exactly as stored
+    (`ExpertLayer.load_stored`); an int4 format quantizing at load (from bf16 or FP8) takes groups of `int4_group`
+    along K (None: its own); any other keeps its grid. FP8 cannot hold INT4 checkpoints' weights."""
+    if fmt.weight_dtype == torch.int4:
+        return _int4_groups(fmt, source, int4_group)
     if fmt.stored_dtype is None or not source.quantized:
         return fmt
     if fmt.weight_dtype != source.element_dtype:
@@ -228,9 +236,19 @@ def _fit_to_source(fmt: ExpertFormat, source: SourceFormat) -> ExpertFormat:
                              f"{' / '.join(others)} (INT4 keeps them exactly and is the default; the others decode "
                              "them)")
         return fmt
-    if source.name == "int4-group":
-        return fmt.with_scales(group=source.group)
     return fmt.with_scales(block=source.block if source.name == "fp8-block" else (1, 0))
+
+
+def _int4_groups(fmt: ExpertFormat, source: SourceFormat, group: Optional[int]) -> ExpertFormat:
+    """An int4 format's groups: an INT4 checkpoint's own (its codes kept exactly; regrouping them would quantize
+    them a second time, so another group size asked for is refused), else `group` (None: the format's own)."""
+    if source.name != "int4-group":
+        return fmt if group is None else fmt.with_scales(group=group)
+    if group not in (None, source.group):
+        raise ValueError(f"int4_group={group} (kt_int4_group_size): this checkpoint stores its experts as INT4 in "
+                         f"groups of {source.group}, which {fmt.backends[-1]} experts keep exactly as stored; "
+                         f"regrouping them would quantize them twice. Remove the setting (or give {source.group})")
+    return fmt.with_scales(group=source.group)
 
 
 def _threads(family: MoEFamily, opts: LoadOptions) -> int:
@@ -301,12 +319,14 @@ def _host_need(expert_bytes: int, dense_bytes: int, largest_shard: int, device: 
 
 
 def _formats_for(plan: LoadPlan) -> list[ExpertFormat]:
-    """Every expert format this checkpoint could load into (each with the scale grid it would take), the planned
-    one included: the choices the RAM preflight weighs."""
+    """Every expert format this checkpoint could load into (each with the scale grid it would take: the int4 rows
+    the planned format's groups when it is one of them, e.g. an int4_group asked for), the planned one included:
+    the choices the RAM preflight weighs."""
+    group = plan.format.scale_block[1] if plan.format.weight_dtype == torch.int4 else None
     fitted = []
     for row in FORMATS.values():
         try:
-            fitted.append(_fit_to_source(row, plan.source))
+            fitted.append(_fit_to_source(row, plan.source, group))
         except ValueError:  # a format that cannot hold this checkpoint's weights
             continue
     return list(dict.fromkeys([*fitted, plan.format]))

@@ -53,6 +53,8 @@ def test_keys_resolve_to_settings(get_train_args, tmp_path):
     assert model_args.kt_sft_settings.format is FORMATS["int8-gemm"]
     model_args, *_ = get_train_args(_args(tmp_path, kt_backend="int8"))
     assert model_args.kt_sft_settings.format is FORMATS["int8"]
+    model_args, *_ = get_train_args(_args(tmp_path, kt_backend="AMXINT4", kt_int4_group_size="24"))
+    assert ktc.load_fields(model_args.kt_sft_settings)["int4_group"] == 24  # LoadOptions.int4_group
 
 
 def test_argv_form_is_split_too():
@@ -80,6 +82,8 @@ BAD = [
     ({"kt_max_cache_depth": 0}, "kt_max_cache_depth: expected an integer >= 1, got 0"),
     ({"chunk_size": "many"}, "chunk_size: expected an integer"),
     ({"kt_cpu_activation": "offload"}, "retain or recompute"),
+    ({"kt_int4_group_size": 0}, "kt_int4_group_size: expected an integer >= 1, got 0"),
+    ({"kt_int4_group_size": 2.5}, "kt_int4_group_size: expected an integer >= 1, got 2.5"),
     ({"kt_gpu_experts": 1.5}, "kt_gpu_experts: expected a fraction between 0 and 1, got 1.5"),
     ({"kt_gpu_experts": "all"}, "kt_gpu_experts: expected a fraction between 0 and 1, got 'all'"),
     ({"use_kt": False, "kt_backend": "AMXBF16"}, "use_kt is false"),

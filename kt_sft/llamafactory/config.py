@@ -136,6 +136,12 @@ KEY_SPECS: tuple[KeySpec, ...] = (
             "(kt_sft/models/families format). Unset: picked from config.json's model_type.",
             setting="rule", parse=_text),
     KeySpec("kt_backend", _backend_help(), setting="format", parse=_expert_format),
+    KeySpec("kt_int4_group_size", "Weights per scale along the input dimension when INT4 / AMXINT4 experts are "
+            "quantized while loading from bf16 or FP8 weights (symmetric groups; a size that does not divide the "
+            f"hidden or intermediate size leaves a partial last group). Unset: {FORMATS['int4'].scale_block[1]}. "
+            "An INT4 checkpoint's experts keep their own groups (another size is refused), and experts in any "
+            "other format refuse the key.",
+            setting="int4_group", parse=_integer(1)),
     KeySpec("kt_num_threads", "CPU engine threads. 0: the family file's defaults.threads (auto: KT_SFT_THREADS, "
             "else the physical cores of the CPU set). `cpu_infer` is its KTransformers name.",
             setting="threads", parse=_integer(0), default=0, aliases=("cpu_infer",)),
