@@ -81,7 +81,11 @@ SCHEMAS = {
     "bench_load": Schema(
         config=("layers", "seq", "steps"),
         fields=("load_s", "rss_before_gb", "peak_rss_gb", "rss_bound_gb", "gpu_after_load_gb", "gpu_peak_gb",
-                "tokens_per_s", "saved_activation_gb", "loss")),
+                "tokens_per_s", "saved_activation_gb", "loss", "checkpoint_gb", "load_gb_per_s")),
+    # bench_load.py --profile: one expert tensor at a time, per source -> format pair (the variant).
+    "bench_load_tensors": Schema(
+        config=("iters",),
+        fields=("rows", "cols", "read_ms", "decode_ms", "pack_ms", "tensor_ms", "gb_per_s")),
     # Written by hand from the C++ probe's output (it prints TFLOPS per variant; it has no recorder).
     "amx_gemm_probe": Schema(config=("rounds",), fields=("gate_up_tflops", "down_tflops")),
     # benchmarks/device_llamafactory.sh and `make demo`: the embedded demo through llamafactory-cli.

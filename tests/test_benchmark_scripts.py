@@ -314,3 +314,31 @@ def test_results_rows_append_render_and_add_once(tmp_path):
     report.add_rows([jsonl], added)
     report.add_rows([jsonl, tmp_path / "bench_moe.csv"], added)
     assert [r["variant"] for r in _recorded(added, "bench_moe")] == ["naive", "ours bf16"]
+
+
+@pytest.mark.slow
+def test_bench_load_quantized_checkpoint_and_tensor_profile(tmp_path):
+    """bench_load writes a block-FP8 checkpoint and loads it into another expert format (--steps 0: load only), its
+    row with the checkpoint's GB/s; --profile times one tensor for every source -> format pair that can load."""
+    from bench_e2e import tiny_config
+    from bench_load import SOURCES, write_source_checkpoint
+    from kt_sft.engine.formats import FORMATS
+
+    write_source_checkpoint(tmp_path / "ckpt", "fp8-block", 3, 2**20, config=tiny_config(3))
+    proc = _run("benchmarks/bench_load.py", "--dir", str(tmp_path / "ckpt"), "--source", "fp8-block", "--format",
+                "int8-gemm", "--steps", "0", "--json", "--record", "--results-dir", str(tmp_path / "results"))
+    (row,) = _json_rows(proc.stdout, "bench_load")
+    assert row["variant"] == "ours fp8-block -> int8-gemm" and row["load_gb_per_s"] > 0 and "tokens_per_s" not in row
+    _same(_recorded(tmp_path / "results", "bench_load")[0], row)
+    proc = _run("benchmarks/bench_load.py", "--profile", "--iters", "1", "--shapes", "33x45", "--json", "--record",
+                "--results-dir", str(tmp_path / "results"))
+    rows = _json_rows(proc.stdout, "bench_load_tensors")
+    assert [r["variant"] for r in rows] == [f"{s} -> {f}" for s in SOURCES for f in FORMATS if
+                                            (s, f) != ("int4-group", "fp8")]
+    assert all(r["tensor_ms"] > 0 and r["gb_per_s"] > 0 for r in rows)
+    kept = {("fp8-block", "fp8"), ("fp8-channel", "fp8"), ("int4-group", "int4"), ("int4-group", "int4-gemm")}
+    for r in rows:  # decoded: a quantized source into a format that does not keep its codes
+        source, fmt = r["variant"].split(" -> ")
+        assert (r["decode_ms"] > 0) == (source != "bf16" and (source, fmt) not in kept), r
+    for rec, r in zip(_recorded(tmp_path / "results", "bench_load_tensors"), rows, strict=True):
+        _same(rec, r)
