@@ -27,7 +27,7 @@ import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, PreTrainedConfig
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedConfig
 from transformers.core_model_loading import WeightRenaming, rename_source_key
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -138,6 +138,7 @@ def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *
     for idx, layer in sorted(layers.items()):
         attach_engine(plan.experts_modules[idx], layer, _call_policy(layer, opts))
     _finish_dense(model, placer, opts.device)
+    _read_generation_config(model, plan.path)
     use_engine(model.config)
     install_chunked_loss(model, opts.loss_chunk_tokens)
     model.kt_summary = _summary(layers, plan, opts.device)
@@ -505,6 +506,13 @@ def _check_experts_loaded(layers: dict, plan: LoadPlan, files: CheckpointFiles, 
             where = f"the index maps it to {listed}, which lacks it" if listed else "no shard contains it"
             raise KeyError(f"expert tensor {' / '.join(stored)} is missing ({where}); {len(missing)} expert "
                            f"projections of layer {idx} were never loaded. Is the checkpoint complete?")
+
+
+def _read_generation_config(model, path: Path) -> None:
+    """The checkpoint's generation_config.json (its eos list, sampling defaults), as stock `from_pretrained` reads
+    it; without the file the model keeps the one derived from its config, as stock does."""
+    if model.can_generate() and (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
 
 
 def _call_policy(layer, opts: LoadOptions) -> ExpertCallPolicy:

@@ -286,6 +286,20 @@ def test_lora_training_gradient_checkpointing(family, ckpt, reentrant):
     assert cos >= 0.999 and max(dev) <= FP32_LOSS_RTOL
 
 
+def test_generation_config_read_like_stock(tmp_path, tiny_checkpoint):
+    """The checkpoint's generation_config.json reaches model.generation_config as with stock from_pretrained (its
+    eos list and defaults drive chat and predict_with_generate)."""
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint("qwen3_moe"), path)
+    (path / "generation_config.json").write_text(json.dumps({"min_new_tokens": 7, "eos_token_id": [3, 5],
+                                                             "do_sample": True, "top_p": 0.8}))
+    stock = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ours = load_model(path, dtype=torch.float32)
+    for name in ("min_new_tokens", "eos_token_id", "do_sample", "top_p"):
+        assert getattr(ours.generation_config, name) == getattr(stock.generation_config, name)
+    assert ours.generation_config.min_new_tokens == 7
+
+
 # ------------------------------------------------------------------ bad input
 def test_directory_without_config_json(tmp_path):
     """An empty directory: the error names config.json."""
