@@ -99,7 +99,7 @@ void BackwardPass::act_phase() {
   const std::vector<Task> tasks =
       make_tasks(plan_, ly_.Ip_ / kBlock, bb_.fuse_grads ? kWholeSegment : kRowChunkBwd, kActBlocksPerTask);
   const QuantSource qdy{dy_, ly_.H_, ly_.H_, ScaleFold::kDown, plan_.row_token.data()};  // down's scales fold into dy
-  run_gemm_phase(eng_, kt_, L_, plan_, tasks, [&](const Task& t, int wk) {
+  run_gemm_phase(eng_, kt_, L_, plan_, ly_.nodes_, tasks, [&](const Task& t, int wk) {
     Scratch s = scratch_of(eng_, wk);
     kt_->bwd_act(L_, bb_, t, s);
   }, f_.quantized_gemm ? &qdy : nullptr, &bb_.qa, &bb_.qs);
@@ -119,7 +119,7 @@ void BackwardPass::lora_dz_proj() {
 void BackwardPass::input_phase() {
   const std::vector<Task> tasks = make_tasks(plan_, ly_.Hp_ / kBlock, kRowChunkBwd, f_.dx_blocks);
   const QuantSource qdz{bb_.dgu, L_.ld_dgu, 2 * ly_.Ip_, ScaleFold::kGateUp, nullptr};  // gate's, up's scales into dz
-  run_gemm_phase(eng_, kt_, L_, plan_, tasks, [&](const Task& t, int wk) {
+  run_gemm_phase(eng_, kt_, L_, plan_, ly_.nodes_, tasks, [&](const Task& t, int wk) {
     Scratch s = scratch_of(eng_, wk);
     kt_->bwd_input(L_, bb_, t, s);
   }, f_.quantized_gemm ? &qdz : nullptr, &bb_.qa, &bb_.qs);

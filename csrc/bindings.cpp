@@ -72,6 +72,36 @@ py::dict cpu_info() {
   return d;
 }
 
+// numa_info(): the layout in effect (numa.h) and the pool's workers on each node.
+py::dict numa_dict() {
+  const std::pair<NumaLayout, std::vector<int>> info = numa_info();
+  const NumaLayout& l = info.first;
+  py::list nodes;
+  for (size_t n = 0; n < l.nodes.size(); ++n) {
+    py::dict d;
+    d["memory_node"] = l.nodes[n].memory_node;
+    d["cpus"] = l.nodes[n].cpus;
+    d["cores"] = l.nodes[n].cores;
+    d["workers"] = info.second[n];
+    nodes.append(d);
+  }
+  py::dict d;
+  d["setting"] = numa_setting_name(l.setting);
+  d["virtual"] = l.virtual_nodes;
+  d["reason"] = l.reason;
+  d["placement_failure"] = placement_failure();
+  d["nodes"] = nodes;
+  return d;
+}
+
+// [(first expert, end, memory node or -1)] per node (ExpertNodes).
+py::list node_ranges(const ExpertNodes& en) {
+  py::list out;
+  for (int n = 0; n < en.count(); ++n)
+    out.append(py::make_tuple(en.first[size_t(n)], en.first[size_t(n) + 1], en.memory_node[size_t(n)]));
+  return out;
+}
+
 const char* panel_name(PanelKind k) {
   return k == PanelKind::kF32 ? "f32" : k == PanelKind::kPairs ? "pairs" : "quads";
 }
@@ -120,6 +150,13 @@ void bind_engine(py::module_& m) {
   m.def("current_isa", &current_isa);
   m.def("set_num_threads", &set_num_threads, py::arg("n"), "0 = KT_SFT_THREADS or physical cores");
   m.def("num_threads", &num_threads);
+  m.def("set_numa", &set_numa, py::arg("setting"),
+        "NUMA layout for the pool and layers made from now on: -1 auto, 0 off, N nodes, -2 KT_SFT_NUMA");
+  m.def(
+      "expert_nodes", [](int experts) { return node_ranges(layer_nodes(experts)); }, py::arg("experts"),
+      "[(first expert, end, memory node or -1)] per node: where a layer of this many experts made now would go");
+  m.def("numa_info", &numa_dict,
+        "{setting, virtual, reason, placement_failure, nodes: [{memory_node, cpus, cores, workers}]}");
   m.def("worker_spin_us", &worker_spin_us, "microseconds idle workers spin before sleeping");
   m.def("set_worker_spin_us", &set_worker_spin_us, py::arg("us"), "ignored when KT_SFT_SPIN_US is set");
   m.def("set_kchunk", &set_kchunk, py::arg("n"),
@@ -247,6 +284,9 @@ void bind_layer(py::module_& m) {
       .def_property_readonly("intermediate", &MoELayer::intermediate)
       .def_property_readonly("max_saved", &MoELayer::max_saved)
       .def("grow_saved", &MoELayer::grow_saved, py::arg("n"), "at least n saved-forward slots (never fewer)")
+      .def_property_readonly(
+          "expert_nodes", [](const MoELayer& l) { return node_ranges(l.expert_nodes()); },
+          "[(first expert, end, memory node or -1)] per NUMA node, in node order")
       .def_property_readonly("packed_bytes", &MoELayer::packed_bytes)
       .def_property_readonly("saved_bytes", &MoELayer::saved_bytes);
   bind_compute(c);

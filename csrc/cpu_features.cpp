@@ -5,6 +5,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -135,22 +136,35 @@ std::vector<std::string> supported_isas() {
   return out;
 }
 
-int physical_cores() {
+std::vector<int> allowed_cpus() {
   cpu_set_t set;
   CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof(set), &set) != 0) return int(std::thread::hardware_concurrency());
-  std::set<std::pair<std::string, std::string>> cores;
-  int logical = 0;
-  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
-    if (!CPU_ISSET(cpu, &set)) continue;
-    ++logical;
-    const std::string base = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
-    std::ifstream pkg(base + "physical_package_id"), core(base + "core_id");
-    std::string p, c;
-    if (!(pkg >> p) || !(core >> c)) return logical > 0 ? CPU_COUNT(&set) : 1;
-    cores.insert({p, c});
+  std::vector<int> cpus;
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return cpus;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu)
+    if (CPU_ISSET(cpu, &set)) cpus.push_back(cpu);
+  return cpus;
+}
+
+bool core_of(int cpu, std::string* key) {
+  const std::string base = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
+  std::ifstream pkg(base + "physical_package_id"), core(base + "core_id");
+  std::string p, c;
+  if (!(pkg >> p) || !(core >> c)) return false;
+  *key = p + ":" + c;
+  return true;
+}
+
+int physical_cores() {
+  const std::vector<int> cpus = allowed_cpus();
+  if (cpus.empty()) return std::max(1, int(std::thread::hardware_concurrency()));
+  std::set<std::string> cores;
+  for (int cpu : cpus) {
+    std::string key;
+    if (!core_of(cpu, &key)) return int(cpus.size());
+    cores.insert(key);
   }
-  return cores.empty() ? (logical > 0 ? logical : 1) : int(cores.size());
+  return int(cores.size());
 }
 
 }  // namespace kt_sft

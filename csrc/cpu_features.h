@@ -25,5 +25,7 @@ const CpuFeatures& cpu_features();                       // detected once
 bool isa_supported(const std::string& isa, std::string* why);  // "scalar" | "avx2" | "avx512" | "amx"
 std::vector<std::string> supported_isas();               // best last
 int physical_cores();                                    // cores in this process's affinity mask
+std::vector<int> allowed_cpus();                         // this process's affinity mask (empty: unknown)
+bool core_of(int cpu, std::string* key);                 // "package:core" of a cpu from sysfs; false: unknown
 
 }  // namespace kt_sft

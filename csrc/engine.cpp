@@ -36,6 +36,13 @@ int default_threads() {
   return env > 0 ? env : std::max(1, physical_cores());
 }
 
+// With mu held: a pool of `threads` over the layout in effect (detected first when there is none).
+void make_pool(Engine& eng, int threads) {
+  eng.pool.reset();
+  if (eng.numa.nodes.empty()) eng.numa = detect_numa(env_settings().numa);
+  eng.pool.reset(new ThreadPool(threads, env_settings().spin_us, eng.numa));
+}
+
 }  // namespace
 
 Engine& engine() {
@@ -49,7 +56,7 @@ void ensure_ready(Engine& eng) {
     eng.kchunk_setting = env.kchunk;
     choose_isa(eng, env.isa, true);
   }
-  if (!eng.pool) eng.pool.reset(new ThreadPool(default_threads(), env_settings().spin_us));
+  if (!eng.pool) make_pool(eng, default_threads());
 }
 
 void ensure_scratch(Engine& eng, const FormatInfo& f, int Hp, int Ip) {
@@ -133,8 +140,31 @@ void set_num_threads(int n) {
     throw std::invalid_argument("num_threads must be 0 or " + std::string(kThreadsRule) + ", got " + std::to_string(n));
   Engine& eng = engine();
   std::lock_guard<std::mutex> lock(eng.mu);
-  eng.pool.reset();
-  eng.pool.reset(new ThreadPool(n == 0 ? default_threads() : n, env_settings().spin_us));
+  make_pool(eng, n == 0 ? default_threads() : n);
+}
+
+void set_numa(int setting) {
+  if (setting != kNumaFromEnv && setting != kNumaAuto && setting != kNumaOff && !numa_nodes_ok(setting))
+    throw std::invalid_argument(std::string("numa must be ") + kNumaRule + ", got " + std::to_string(setting));
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  const int threads = eng.pool ? eng.pool->size() : default_threads();
+  eng.numa = detect_numa(setting == kNumaFromEnv ? env_settings().numa : setting);
+  make_pool(eng, threads);
+}
+
+std::pair<NumaLayout, std::vector<int>> numa_info() {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  ensure_ready(eng);
+  return {eng.numa, eng.pool->workers_per_node()};
+}
+
+ExpertNodes layer_nodes(int experts) {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  ensure_ready(eng);
+  return expert_nodes(experts, eng.numa);
 }
 
 int num_threads() {

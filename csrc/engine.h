@@ -5,7 +5,9 @@
 //            the phase profile.
 // Algorithm: start_engine() (kt_sft/engine/runtime.py calls it at import) parses the KT_SFT_* variables
 //            (env.h) and makes the ISA choice once: KT_SFT_ISA, else the best path this CPU runs; select_isa
-//            changes it explicitly. The pool is created on first use (KT_SFT_THREADS, else the physical cores).
+//            changes it explicitly. The pool is created on first use (KT_SFT_THREADS, else the physical cores),
+//            over the NUMA layout (numa.h) of KT_SFT_NUMA or set_numa, detected with the pool; a layer takes its
+//            experts' nodes from the layout in effect when it is made (layer_nodes).
 //            The K chunk is set_kchunk's value, else KT_SFT_KCHUNK, else the ISA unit's default.
 // Invariants: every compute call and every setting change holds Engine::mu, so calls are serialised (the scratch
 //            is shared) and may run with the Python GIL released. Buffers only grow.
@@ -20,6 +22,7 @@
 #include "buffer.h"
 #include "formats.h"
 #include "lora_pack.h"
+#include "numa.h"
 #include "thread_pool.h"
 
 namespace kt_sft {
@@ -37,6 +40,7 @@ struct Engine {
   int kchunk_setting = -1;  // set_kchunk / KT_SFT_KCHUNK (-1: the ISA unit's default)
   int kchunk = 0;           // the K chunk of the task GEMMs in effect
   std::unique_ptr<ThreadPool> pool;
+  NumaLayout numa;  // the pool's nodes (empty until the pool exists)
   // per call: gathered rows (x or dy), act / dgu, per-row outputs (y or dx rows), dw partial sums
   Buffer xg, act, rows_out, dw_part;
   std::vector<Buffer> c0, c1, packed, acc, wdq, ci;  // per worker (Scratch)
@@ -78,6 +82,13 @@ std::string select_isa(const std::string& isa);  // "" = KT_SFT_ISA, else the be
 std::string current_isa();
 void set_num_threads(int n);                     // 0 = KT_SFT_THREADS or physical cores
 int num_threads();
+// NUMA (numa.h): set_numa(kNumaAuto | kNumaOff | nodes, or kNumaFromEnv) re-detects the layout and rebuilds the pool
+// with as many threads; layers made before keep their experts' nodes (run on one range when the counts differ).
+constexpr int kNumaFromEnv = -2;
+void set_numa(int setting);
+// The layout in effect and the pool's workers on each of its nodes.
+std::pair<NumaLayout, std::vector<int>> numa_info();
+ExpertNodes layer_nodes(int experts);  // a new layer's experts over the layout in effect
 int worker_spin_us();                            // the pool's current spin before sleeping (thread_pool.h)
 void set_worker_spin_us(int us);                 // ignored under KT_SFT_SPIN_US
 int set_kchunk(int n);                           // -1 = KT_SFT_KCHUNK / the ISA default; returns the old setting

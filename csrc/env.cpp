@@ -5,12 +5,16 @@
 #include <stdexcept>
 
 #include "cpu_features.h"
+#include "numa.h"
 
 namespace kt_sft {
 
 const char* const kThreadsRule = "an integer from 1 to 4096";
 const char* const kKChunkRule = "0 (one pass) or a positive multiple of 32 up to 1048576";
 const char* const kSpinUsRule = "an integer from 0 to 10000000 microseconds";
+const char* const kNumaRule =
+    "auto (the host's nodes), off, or a number of nodes from 1 to 64 (N > 1 on a one-node host: N virtual nodes, "
+    "for testing)";
 
 namespace {
 
@@ -41,6 +45,19 @@ std::string parse_isa(const char* text) {
                               "CPU runs)");
 }
 
+int parse_numa(const char* text) {
+  if (std::string(text) == "auto") return kNumaAuto;
+  if (std::string(text) == "off") return kNumaOff;
+  if (*text >= '0' && *text <= '9') {  // digits only: "-1" and "+2" are refused like "abc"
+    char* end = nullptr;
+    errno = 0;
+    const long v = std::strtol(text, &end, 10);
+    if (*end == '\0' && errno != ERANGE && numa_nodes_ok(v)) return int(v);
+  }
+  throw std::invalid_argument(std::string("KT_SFT_NUMA='") + text + "': expected " + kNumaRule +
+                              " (unset or empty: auto)");
+}
+
 EnvSettings parse_env() {
   EnvSettings s;
   if (const char* v = value_of("KT_SFT_ISA")) s.isa = parse_isa(v);
@@ -52,6 +69,7 @@ EnvSettings parse_env() {
   if (const char* v = value_of("KT_SFT_SPIN_US"))
     s.spin_us = parse_int("KT_SFT_SPIN_US", v, spin_us_ok, kSpinUsRule,
                           "the engine sets it, 100 or 20000 while training on a GPU");
+  if (const char* v = value_of("KT_SFT_NUMA")) s.numa = parse_numa(v);
   return s;
 }
 

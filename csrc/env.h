@@ -1,13 +1,14 @@
 // NOTE (kt-sft engine, the KT_SFT_* environment variables: one strict parser)
 // Layout:    EnvSettings holds every variable the engine reads: KT_SFT_ISA, KT_SFT_THREADS, KT_SFT_KCHUNK,
-//            KT_SFT_SPIN_US. Nothing else in csrc/ calls getenv.
+//            KT_SFT_SPIN_US, KT_SFT_NUMA. Nothing else in csrc/ calls getenv.
 // Algorithm: env_settings() parses all of them the first time it is called (kt_sft/engine/runtime.py calls it at
 //            import, through start_engine) and keeps the result. An unset or empty variable means "not set";
 //            any other value must be exactly a valid one (no trailing characters, no out-of-range numbers).
 // Invariants: a bad value throws std::invalid_argument (Python ValueError) naming the variable, the value and
 //            the allowed values, at import, before any layer or checkpoint is touched; until the environment is
 //            fixed every later call throws the same error. The in-process setters (set_kchunk,
-//            set_worker_spin_us, set_num_threads) check their argument with the same rules (the *_ok functions).
+//            set_worker_spin_us, set_num_threads, set_numa) check their argument with the same rules (the *_ok
+//            functions).
 #pragma once
 #include <string>
 
@@ -18,6 +19,7 @@ struct EnvSettings {
   int threads = 0;   // KT_SFT_THREADS: 0 unset, else threads_ok
   int kchunk = -1;   // KT_SFT_KCHUNK: -1 unset, else kchunk_ok
   int spin_us = -1;  // KT_SFT_SPIN_US: -1 unset, else spin_us_ok
+  int numa = -1;     // KT_SFT_NUMA: kNumaAuto (unset, "auto"), kNumaOff ("off") or a node count (numa.h)
 };
 
 const EnvSettings& env_settings();
@@ -32,5 +34,6 @@ inline bool spin_us_ok(long v) { return v >= 0 && v <= kMaxSpinUs; }
 extern const char* const kThreadsRule;
 extern const char* const kKChunkRule;
 extern const char* const kSpinUsRule;
+extern const char* const kNumaRule;
 
 }  // namespace kt_sft

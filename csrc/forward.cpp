@@ -96,7 +96,7 @@ void ForwardPass::lora_prepare() {
 void ForwardPass::gate_up_phase() {
   const std::vector<Task> tasks = make_tasks(*plan_, ly_.Ip_ / kBlock, f_.fwd_row_chunk, f_.gate_up_blocks);
   const QuantSource qx{x_, ly_.H_, ly_.H_, ScaleFold::kNone, plan_->row_token.data()};
-  run_gemm_phase(eng_, kt_, L_, *plan_, tasks, [&](const Task& t, int wk) {
+  run_gemm_phase(eng_, kt_, L_, *plan_, ly_.nodes_, tasks, [&](const Task& t, int wk) {
     Scratch s = scratch_of(eng_, wk);
     kt_->gate_up(L_, fb_, t, s);
   }, f_.quantized_gemm ? &qx : nullptr, &fb_.qa, &fb_.qs);
@@ -115,7 +115,7 @@ void ForwardPass::lora_down_input() {
 void ForwardPass::down_phase() {
   const std::vector<Task> tasks = make_tasks(*plan_, ly_.Hp_ / kBlock, f_.fwd_row_chunk, f_.down_blocks);
   const QuantSource qact{fb_.act, L_.ld_act, ly_.Ip_, ScaleFold::kNone, nullptr};
-  run_gemm_phase(eng_, kt_, L_, *plan_, tasks, [&](const Task& t, int wk) {
+  run_gemm_phase(eng_, kt_, L_, *plan_, ly_.nodes_, tasks, [&](const Task& t, int wk) {
     Scratch s = scratch_of(eng_, wk);
     kt_->down(L_, fb_, t, s);
   }, f_.quantized_gemm ? &qact : nullptr, &fb_.qa, &fb_.qs);

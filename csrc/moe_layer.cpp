@@ -29,8 +29,8 @@ MoELayer::MoELayer(int experts, int hidden, int intermediate, WeightFormat forma
                    int scale_block_k, int activation, int max_saved)
     : E_(checked_experts(experts, hidden, intermediate, format, activation, max_saved)), H_(hidden), I_(intermediate),
       Hp_(round_up(hidden, kBlock)), Ip_(round_up(intermediate, kBlock)), activation_(activation),
-      fmt_(format_with_scale_block(format, scale_block_n, scale_block_k)),
-      weights_(experts, hidden, intermediate, fmt_) {
+      fmt_(format_with_scale_block(format, scale_block_n, scale_block_k)), nodes_(layer_nodes(experts)),
+      weights_(experts, hidden, intermediate, fmt_, nodes_) {
   loaded_.assign(kNumProj * size_t(E_), 0);
   slots_.resize(size_t(max_saved));
 }

@@ -5,7 +5,9 @@
 // Algorithm: forward groups the T*k (token, slot) pairs by expert into row segments (routing.h), runs the per-ISA
 //            tasks over (expert x 32-column block x row chunk) on the thread pool, then sums each token's k rows;
 //            backward replays the saved routing plan with dy. Both read as a list of named phases (forward.cpp,
-//            backward.cpp).
+//            backward.cpp). With several NUMA nodes (numa.h) the layer's experts are cut into one contiguous range
+//            per node when it is made: each range's panels sit in its node's memory and its GEMM tasks run on its
+//            node's workers first (schedule.h).
 // Invariants: what forward keeps for backward lives in a bounded set of slots (max_saved per layer, reused
 //            buffers, LRU); a stale handle is an error, never silently wrong math. Scratch buffers are shared by
 //            all layers of the process and guarded by the engine's mutex, so calls are serialised and may run
@@ -85,6 +87,7 @@ class MoELayer {
   int padded_hidden() const { return Hp_; }
   int padded_intermediate() const { return Ip_; }
   WeightFormat format() const { return fmt_.format; }
+  const ExpertNodes& expert_nodes() const { return nodes_; }
   std::vector<std::string> missing_weights() const;  // "expert 3 down", ...
 
  private:
@@ -102,6 +105,7 @@ class MoELayer {
 
   int E_, H_, I_, Hp_, Ip_, activation_;
   FormatInfo fmt_;  // the format's row with this layer's scale grid
+  ExpertNodes nodes_;  // where the experts live and run (the engine's layout when the layer was made)
   PackedWeights weights_;
   std::vector<uint8_t> loaded_;  // [3][E]
   std::vector<SavedSlot> slots_;

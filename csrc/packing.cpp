@@ -222,11 +222,13 @@ constexpr Packer kPackers[kNumFormats] = {
 
 }  // namespace
 
-PackedWeights::PackedWeights(int experts, int hidden, int intermediate, const FormatInfo& format)
+PackedWeights::PackedWeights(int experts, int hidden, int intermediate, const FormatInfo& format,
+                             const ExpertNodes& nodes)
     : E_(experts), packer_(kPackers[int(format.format)]) {
   for (int p = 0; p < kNumProj; ++p) {
     layout_[p] = make_layout(Proj(p), hidden, intermediate, format);
     panels_[p].reserve(size_t(E_) * layout_[p].expert_bytes);
+    panels_[p].place(layout_[p].expert_bytes, nodes);
     if (format.scales != ScaleKind::kNone)
       scales_[p].reserve(size_t(E_) * layout_[p].scale_rows * layout_[p].scale_cols * sizeof(float));
     if (format.channel_scales) channel_[p].reserve(size_t(E_) * layout_[p].Np * sizeof(float));

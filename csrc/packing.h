@@ -13,6 +13,8 @@
 //            bytes, int4: int32 words of 8 nibbles), when its grid is the layer's. A format with derived channel
 //            scales (INT4 GEMMs) then computes them from each packed expert's grid. Padding rows/columns are written
 //            as zero weights (code 0; int4: nibble 8), padding-only grid cells as scale 0.
+//            The panels live in PlacedMemory (numa.h): each node's experts are bound to its memory node when the
+//            storage is made, before packing first touches it.
 // Invariants: every byte of an expert's panels (and scales) is written by one pack() of it; NaN/Inf in the source
 //            (a NaN code or a non-finite scale of a stored one) is reported (the first such expert), never packed
 //            silently.
@@ -22,6 +24,7 @@
 
 #include "buffer.h"
 #include "formats.h"
+#include "numa.h"
 
 namespace kt_sft {
 
@@ -74,7 +77,8 @@ struct Packer {
 
 class PackedWeights {
  public:
-  PackedWeights(int experts, int hidden, int intermediate, const FormatInfo& format);
+  // nodes: where each expert's panels are placed (expert_nodes, numa.h).
+  PackedWeights(int experts, int hidden, int intermediate, const FormatInfo& format, const ExpertNodes& nodes);
   const ProjectionLayout& layout(Proj p) const { return layout_[int(p)]; }
   // Packs experts [e0, e0 + n) of projection p from src; returns the first of them whose source holds NaN/Inf
   // (its panels are then not to be used), or -1.
@@ -98,7 +102,8 @@ class PackedWeights {
   int E_;
   Packer packer_;  // the format's (packing.cpp, kPackers)
   ProjectionLayout layout_[kNumProj];
-  Buffer panels_[kNumProj], scales_[kNumProj], channel_[kNumProj];
+  PlacedMemory panels_[kNumProj];
+  Buffer scales_[kNumProj], channel_[kNumProj];
 };
 
 }  // namespace kt_sft

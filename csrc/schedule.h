@@ -5,8 +5,13 @@
 //            run: expert e's quantize tasks are queued kQuantLead experts ahead of its GEMM tasks, and a GEMM task
 //            spins until its expert's rows are all quantized. The memory-bound quantization then runs beside other
 //            workers' AMX GEMMs instead of alone between two barriers.
+//            NUMA (numa.h): a GEMM phase runs with ThreadPool::run_by_node, one range of tasks per node of the
+//            layer's experts (ExpertNodes: contiguous experts, so tasks in expert order split at node boundaries);
+//            a node's workers take its range first, then help the others. The quantize queue is built node by node,
+//            its lead never crossing into the next node's experts.
 // Invariants: tasks are taken in queue order and every quantize task comes before the GEMM tasks that wait for
-//            it, so a waiting worker only waits for workers that are running.
+//            it in the same node's range, so a waiting worker only waits for workers that are running. Which worker
+//            runs a task never changes what it computes.
 #pragma once
 #include <immintrin.h>
 
@@ -15,6 +20,7 @@
 #include <vector>
 
 #include "engine.h"
+#include "numa.h"
 #include "routing.h"
 
 namespace kt_sft {
@@ -22,6 +28,8 @@ namespace kt_sft {
 // One task per expert x row chunk x group of `per_task` column blocks (<= kMaxTaskBlocks; the last group of an
 // expert may hold fewer).
 std::vector<Task> make_tasks(const RoutingPlan& plan, int blocks, int chunk, int per_task = 1);
+// Where each node's tasks start in a list in expert order ([nodes + 1] offsets for ThreadPool::run_by_node).
+std::vector<int> node_begin(const std::vector<Task>& tasks, const ExpertNodes& nodes);
 
 // Rank-r row projections out[row][rho] = scale_row * src[row] . mat[e][rho] over every routed row.
 void run_proj(ThreadPool& pool, const KernelTable* kt, const LayerView& L, const RoutingPlan& plan, const void* src,
@@ -45,26 +53,28 @@ struct QuantQueue {
   std::vector<int> need;                     // [E] quantize tasks of each expert
   std::unique_ptr<std::atomic<int>[]> done;  // [E] of them finished
   std::vector<int> order;                    // >= 0: GEMM task; < 0: quantize task -1 - i
+  std::vector<int> begin;                    // [nodes + 1] where each node's part of `order` starts
 };
 // Reserves the engine's q8 buffers for the phase's A and builds its queue.
-void build_quant_queue(Engine& eng, const RoutingPlan& plan, const std::vector<Task>& gemm_tasks,
-                       const QuantSource& src, QuantQueue& q);
+void build_quant_queue(Engine& eng, const RoutingPlan& plan, const ExpertNodes& nodes,
+                       const std::vector<Task>& gemm_tasks, const QuantSource& src, QuantQueue& q);
 
-// One GEMM phase: gemm(task, worker) for every task. With `quant` (a format with quantized GEMM inputs) the
-// phase's A is quantized in the same run, returned in (qa, qs) before any GEMM task starts.
+// One GEMM phase: gemm(task, worker) for every task, each node's experts' tasks on that node's workers first. With
+// `quant` (a format with quantized GEMM inputs) the phase's A is quantized in the same run, returned in (qa, qs)
+// before any GEMM task starts.
 template <typename Gemm>
 void run_gemm_phase(Engine& eng, const KernelTable* kt, const LayerView& L, const RoutingPlan& plan,
-                    const std::vector<Task>& gemm_tasks, Gemm gemm, const QuantSource* quant, const int8_t** qa,
-                    const float** qs) {
+                    const ExpertNodes& nodes, const std::vector<Task>& gemm_tasks, Gemm gemm,
+                    const QuantSource* quant, const int8_t** qa, const float** qs) {
   if (!quant) {
-    eng.pool->run(int(gemm_tasks.size()), [&](int i, int wk) { gemm(gemm_tasks[size_t(i)], wk); });
+    eng.pool->run_by_node(node_begin(gemm_tasks, nodes), [&](int i, int wk) { gemm(gemm_tasks[size_t(i)], wk); });
     return;
   }
   QuantQueue q;
-  build_quant_queue(eng, plan, gemm_tasks, *quant, q);
+  build_quant_queue(eng, plan, nodes, gemm_tasks, *quant, q);
   *qa = q.job.dst;
   *qs = q.job.dst_scale;
-  eng.pool->run(int(q.order.size()), [&](int i, int wk) {
+  eng.pool->run_by_node(q.begin, [&](int i, int wk) {
     const int o = q.order[size_t(i)];
     if (o < 0) {
       const Task& t = q.qtasks[size_t(-1 - o)];

@@ -1,6 +1,6 @@
 """`python -m kt_sft env [MODEL_DIR]`: what a bug report needs — versions, CPU, the flags the kernels use, ISA,
-threads, the checkpoint formats kt-sft reads and, given a model directory, what that checkpoint is (family, stored
-format, host RAM of its experts per expert format, the default expert format)."""
+threads, the NUMA layout, the checkpoint formats kt-sft reads and, given a model directory, what that checkpoint is
+(family, stored format, host RAM of its experts per expert format, the default expert format, its experts' nodes)."""
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -18,6 +18,37 @@ def _version(name: str) -> str:
         return md.version(name)
     except md.PackageNotFoundError:
         return "not installed"
+
+
+def _cpu_list(cpus: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    runs: list[list[int]] = []
+    for cpu in cpus:
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
+def numa_lines(runtime) -> list[str]:
+    """The engine's NUMA layout: its nodes, each one's cpus, cores, workers and memory node, and the experts' rule."""
+    layout = runtime.numa_layout()
+    nodes = layout["nodes"]
+    kind = "virtual nodes" if layout["virtual"] else "nodes" if len(nodes) > 1 else "node"
+    lines = [f"numa: {len(nodes)} {kind} (setting {layout['setting']}"
+             + (f": {layout['reason']})" if layout["reason"] else ")")]
+    for i, node in enumerate(nodes):
+        memory = f"memory node {node['memory_node']}" if len(nodes) > 1 and node["memory_node"] >= 0 else \
+            "memory not bound"
+        lines.append(f"  node {i}: cpus {_cpu_list(node['cpus'])} ({node['cores']} cores, {node['workers']} "
+                     f"workers), {memory}")
+    if len(nodes) > 1:
+        lines.append(f"  experts: a layer's expert e of E on node e * {len(nodes)} // E (contiguous ranges, weights in "
+                     "that node's memory, its workers first; they help the other nodes when done)")
+    if layout["placement_failure"]:
+        lines.append(f"  expert memory placement failed: {layout['placement_failure']}")
+    return lines
 
 
 def report(checkpoint: str | None = None) -> str:
@@ -43,6 +74,7 @@ def report(checkpoint: str | None = None) -> str:
         lines.append(f"isa chosen: {runtime.current_isa()}  threads: {runtime.num_threads()}")
     except (RuntimeError, ValueError) as err:  # e.g. KT_SFT_ISA names a path this CPU cannot run
         lines.append(f"isa chosen: none ({err})")
+    lines += numa_lines(runtime)
     lines.append("checkpoint formats read:")
     lines += [f"  {name:<12} {doc}" for name, doc in SOURCE_FORMATS.items()]
     if checkpoint is not None:

@@ -14,6 +14,7 @@ from typing import Optional, Union
 import torch
 
 from .engine.formats import FormatLike, get_format
+from .engine.runtime import NumaSetting, numa_setting
 from .models.chunked_loss import DEFAULT_CHUNK_TOKENS, check_chunk_tokens
 
 PathLike = Union[str, os.PathLike]
@@ -53,6 +54,10 @@ class LoadOptions:
     gpu_experts: fraction of each MoE layer's routed experts that calls of >= 1024 tokens on a CUDA `device`
     compute on the GPU, streaming their weights from the engine's RAM per call (kt_sft.engine.gpu_share); the
     rest runs on the CPU engine at the same time. 0 = off (everything on the CPU engine).
+    numa: the NUMA nodes the engine runs on (kt_sft.engine.set_numa): "auto" (the nodes this process's cpus span),
+    "off" (one node), or a node count (N > 1 on a one-node host: N virtual nodes, for testing). Each layer's experts
+    are cut into one contiguous range per node, their weights in that node's memory and their tasks run by its
+    pinned workers first. None: KT_SFT_NUMA (default auto), or what set_numa last set.
     """
 
     device: Union[str, torch.device, None] = None
@@ -69,9 +74,10 @@ class LoadOptions:
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     gpu_experts: float = 0.0
     int4_group: Optional[int] = None
+    numa: Optional[NumaSetting] = None
 
     def __post_init__(self) -> None:
-        # Frozen: the two normalized fields (device with its index, format as an ExpertFormat) are set here, once.
+        # Frozen: the normalized fields (device with its index, format as an ExpertFormat, numa) are set here, once.
         object.__setattr__(self, "device", _device(self.device))
         if self.format is not None:
             object.__setattr__(self, "format", get_format(self.format))
@@ -92,6 +98,8 @@ class LoadOptions:
                                                       and 0.0 <= self.gpu_experts <= 1.0):
             raise ValueError(f"gpu_experts must be a fraction in [0, 1], got {self.gpu_experts!r}")
         self._check_int4_group()
+        if self.numa is not None:
+            object.__setattr__(self, "numa", numa_setting(self.numa, "numa"))
 
     def _check_int4_group(self) -> None:
         """A positive group size, which a format given with its own int4 grid must not contradict."""

@@ -122,6 +122,8 @@ def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *
     opts = resolve_options(options, fields)
     plan = _plan(Path(path), opts, config, family)
     logger.info("kt-sft: %s checkpoint, experts as %s (%s)", plan.source, plan.format.label, plan.format_reason)
+    if opts.numa is not None:
+        engine.set_numa(opts.numa)
     if plan.threads:
         engine.set_num_threads(plan.threads)
     files = scan(plan.path, opts.expert_path)
@@ -542,18 +544,28 @@ def _summary(layers: dict, plan: LoadPlan, device: torch.device) -> str:
     experts = sum(l.num_experts for l in layers.values())
     packed = sum(l.packed_bytes for l in layers.values())
     stored = plan.format.label + (f" from {plan.source.name}" if plan.source.quantized else "")
+    nodes = len(engine.numa_layout()["nodes"])
+    numa = f", {nodes} NUMA nodes" if nodes > 1 else ""
     return (f"kt-sft: {len(layers)} MoE layers / {experts} experts ({_size(packed)} {stored}) on CPU engine "
-            f"[{engine.current_isa()}, {engine.num_threads()} threads]; dense on {device}")
+            f"[{engine.current_isa()}, {engine.num_threads()} threads{numa}]; dense on {device}")
 
 
 def describe(path: str | os.PathLike) -> list[str]:
     """What kt-sft makes of a checkpoint directory, from config.json alone (for `python -m kt_sft env PATH`): its
-    family and source format, the host RAM of its experts in each expert format, and the default format."""
+    family and source format, the host RAM of its experts in each expert format, the default format, and on several
+    NUMA nodes which experts each node holds."""
     plan = plan_load(path, device="cpu", dtype=torch.bfloat16, progress=False)
     shapes = plan.expert_shapes
     experts = {E for E, _, _ in shapes.values()}
-    return [f"checkpoint {plan.path}: {plan.family.model_type}, {len(shapes)} MoE layers x "
-            f"{'/'.join(map(str, sorted(experts)))} experts, stored {plan.source}",
-            "  experts in host RAM: " + ", ".join(f"{f.backends[-1]} {_size(plan.expert_bytes(f))}"
-                                                  for f in _formats_for(plan)),
-            f"  default expert format (bf16 model): {plan.format.label} ({plan.format_reason})"]
+    lines = [f"checkpoint {plan.path}: {plan.family.model_type}, {len(shapes)} MoE layers x "
+             f"{'/'.join(map(str, sorted(experts)))} experts, stored {plan.source}",
+             "  experts in host RAM: " + ", ".join(f"{f.backends[-1]} {_size(plan.expert_bytes(f))}"
+                                                   for f in _formats_for(plan)),
+             f"  default expert format (bf16 model): {plan.format.label} ({plan.format_reason})"]
+    for E in sorted(experts):
+        nodes = engine.expert_nodes(E)
+        if len(nodes) > 1:
+            lines.append(f"  experts on NUMA nodes ({E} per layer): " + ", ".join(
+                f"{first}-{end - 1} on node {n}" if end - first > 1 else f"{first} on node {n}" if end > first
+                else f"none on node {n}" for n, (first, end, _) in enumerate(nodes)))
+    return lines

@@ -263,6 +263,12 @@ class ExpertLayer:
         return self._layer.packed_bytes
 
     @property
+    def expert_nodes(self) -> list[tuple[int, int, int]]:
+        """(first expert, end, memory node) of each NUMA node the layer's experts were placed on when it was made
+        (one entry on one node; memory node -1: its pages are not bound, e.g. on one node)."""
+        return [tuple(node) for node in self._layer.expert_nodes]
+
+    @property
     def saved_bytes(self) -> int:
         """Host bytes held for backward: the engine's slots plus the inputs/outputs kept for checkpoint reuse."""
         return self._layer.saved_bytes + self.retained.nbytes

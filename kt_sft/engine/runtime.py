@@ -1,12 +1,15 @@
-"""Process-wide engine settings: which ISA path runs, how many threads it uses, the K chunk of its GEMMs.
+"""Process-wide engine settings: which ISA path runs, how many threads it uses, the K chunk of its GEMMs, the NUMA
+nodes it runs on.
 
-Importing this module starts the engine: it parses KT_SFT_ISA, KT_SFT_THREADS, KT_SFT_KCHUNK and KT_SFT_SPIN_US
-(csrc/env.h) and chooses the ISA path, so a bad value fails here, naming the variable and what it accepts.
+Importing this module starts the engine: it parses KT_SFT_ISA, KT_SFT_THREADS, KT_SFT_KCHUNK, KT_SFT_SPIN_US and
+KT_SFT_NUMA (csrc/env.h) and chooses the ISA path, so a bad value fails here, naming the variable and what it
+accepts.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+import re
+from typing import Iterator, Optional, Union
 
 from .. import _engine
 
@@ -84,6 +87,55 @@ def set_num_threads(n: int = 0) -> None:
 
 def num_threads() -> int:
     return _engine.num_threads()
+
+
+NumaSetting = Union[str, int]  # "auto", "off" or a number of nodes
+NUMA_RULE = ("auto (the host's nodes), off, or a number of nodes from 1 to 64 (N > 1 on a one-node host: N virtual "
+             "nodes, for testing)")
+_NUMA_CODES = {"auto": -1, "off": 0}  # csrc/numa.h: kNumaAuto, kNumaOff
+
+
+def numa_setting(value: NumaSetting, name: str = "numa") -> NumaSetting:
+    """A NUMA setting as "auto", "off" or an int: those words, or a node count (an int or a string of digits); anything
+    else is a ValueError naming `name` (the rule of KT_SFT_NUMA, csrc/env.cpp)."""
+    text = str(value).strip()
+    if not isinstance(value, bool) and text in _NUMA_CODES:
+        return text
+    if not isinstance(value, bool) and re.fullmatch(r"\d+", text) and 1 <= int(text) <= 64:
+        return int(text)
+    raise ValueError(f"{name}: expected {NUMA_RULE}, got {value!r}")
+
+
+def set_numa(setting: Optional[NumaSetting]) -> None:
+    """Run the engine on these NUMA nodes (None: back to `KT_SFT_NUMA`, default auto): re-detects the layout and
+    rebuilds the worker pool with as many threads. Layers made afterwards place their experts on the new nodes;
+    earlier ones keep theirs (correct either way: the split never changes results)."""
+    code = -2 if setting is None else numa_setting(setting)
+    _engine.set_numa(_NUMA_CODES.get(code, code) if isinstance(code, str) else code)
+
+
+@contextlib.contextmanager
+def use_numa(setting: Optional[NumaSetting]) -> Iterator[dict]:
+    """Run a block on this NUMA setting (set_numa; layers made inside place their experts by it), then restore the
+    previous setting (re-detected, with the pool's thread count kept)."""
+    before = numa_layout()["setting"]
+    set_numa(setting)
+    try:
+        yield numa_layout()
+    finally:
+        set_numa(before)
+
+
+def expert_nodes(experts: int) -> list[tuple[int, int, int]]:
+    """(first expert, end, memory node or -1) per NUMA node: where a layer of `experts` experts made now would go."""
+    return [tuple(node) for node in _engine.expert_nodes(int(experts))]
+
+
+def numa_layout() -> dict:
+    """The NUMA layout in effect: {setting, virtual, reason, placement_failure, nodes: [{memory_node, cpus, cores,
+    workers}]} (reason: why it is not the setting taken at its word; placement_failure: the first refused binding of
+    expert memory to a node, "" when none)."""
+    return _engine.numa_info()
 
 
 def worker_spin_us() -> int:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 from ..checkpoint_formats import source_format
 from ..engine.formats import FORMATS, ExpertFormat, backend_names, get_format
+from ..engine.runtime import numa_setting
 from ..models.registry import MoEFamily, UnsupportedModelError, get_family
 
 SUPPORTED_STAGES = ("sft", "pt")
@@ -106,6 +107,16 @@ def _expert_format(key: str, value: Any) -> ExpertFormat:
     return get_format(name)
 
 
+def _numa(key: str, value: Any) -> Any:
+    """auto / off / a node count (kt_sft.engine.set_numa); YAML reads a bare `off` as false, which means off here."""
+    if value is False:
+        return "off"
+    try:
+        return numa_setting(value, key)
+    except ValueError as err:
+        raise KTConfigError(str(err)) from None
+
+
 def _directory(key: str, value: Any) -> str:
     if not os.path.isdir(str(value)):
         raise KTConfigError(f"{key}={value!r} is not a directory")
@@ -145,6 +156,12 @@ KEY_SPECS: tuple[KeySpec, ...] = (
     KeySpec("kt_num_threads", "CPU engine threads. 0: the family file's defaults.threads (auto: KT_SFT_THREADS, "
             "else the physical cores of the CPU set). `cpu_infer` is its KTransformers name.",
             setting="threads", parse=_integer(0), default=0, aliases=("cpu_infer",)),
+    KeySpec("kt_numa", "NUMA nodes of the CPU engine: auto (the nodes this process's cpus span: one on a one-socket "
+            "host), off (one node), or a node count N (N > 1 on a one-node host: N virtual nodes, for testing the "
+            "split). Each MoE layer's experts are cut into one contiguous range per node (expert e on node e·N/E), "
+            "their weights placed in that node's memory and their tasks run first by that node's workers, pinned to "
+            "its cpus, which then help the other nodes. Unset: KT_SFT_NUMA, else auto. `python -m kt_sft env` "
+            "shows the layout.", setting="numa", parse=_numa),
     KeySpec("chunk_size", "Most tokens per engine call: longer micro-batches are split, bounding the engine's "
             "scratch memory. 0: the whole micro-batch in one call.", setting="chunk_size", parse=_integer(0),
             default=0),
