@@ -82,6 +82,8 @@ def parse_args() -> argparse.Namespace:
                         + " ".join(map(str, SHAPE_TOKENS)) + ")")
     p.add_argument("--threads", type=int, default=0, help="0 = KT_SFT_THREADS or physical cores")
     p.add_argument("--isa", default=None, help="scalar|avx2|avx512|amx (default: best available)")
+    p.add_argument("--numa", default=None, help="auto|off|N: our engine's NUMA nodes (kt_sft.engine.set_numa; default: "
+                   "KT_SFT_NUMA, else auto); an --against build keeps its own (main: one node, unpinned)")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--skewed", action="store_true", help="route most tokens to a few experts")
@@ -399,11 +401,16 @@ def setup_engine(a: argparse.Namespace) -> int:
     """The engine's ISA and threads as asked, torch's threads the same; prints the cpu line, returns the threads."""
     if a.isa:
         ke.select_isa(a.isa)
+    if a.numa is not None:
+        ke.set_numa(a.numa)
     ke.set_num_threads(a.threads)
     threads = ke.num_threads()
     torch.set_num_threads(threads)
-    print(f"cpu: {ke.cpu_info()['model']} | engine isa={ke.current_isa()} threads={threads} | "
-          f"torch {torch.__version__} threads={torch.get_num_threads()}")
+    numa = ke.numa_layout()
+    nodes = "/".join(str(n["workers"]) for n in numa["nodes"])
+    print(f"cpu: {ke.cpu_info()['model']} | engine isa={ke.current_isa()} threads={threads} "
+          f"numa={numa['setting']}: {len(numa['nodes'])}{' virtual' if numa['virtual'] else ''} node(s), workers "
+          f"{nodes} | torch {torch.__version__} threads={torch.get_num_threads()}")
     return threads
 
 

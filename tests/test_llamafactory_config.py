@@ -57,6 +57,22 @@ def test_keys_resolve_to_settings(get_train_args, tmp_path):
     assert ktc.load_fields(model_args.kt_sft_settings)["int4_group"] == 24  # LoadOptions.int4_group
 
 
+def test_kt_numa_reaches_load_options(get_train_args, tmp_path):
+    """kt_numa as a YAML gives it (`off` reads as false in YAML 1.1, as LLaMA-Factory's OmegaConf loads it) becomes
+    LoadOptions.numa; unset leaves KT_SFT_NUMA / auto to the engine."""
+    from omegaconf import OmegaConf
+
+    from kt_sft.load_options import LoadOptions
+
+    for text, want in (("kt_numa: 2", 2), ("kt_numa: off", "off"), ("kt_numa: auto", "auto"), ("kt_numa: '3'", 3)):
+        value = OmegaConf.to_container(OmegaConf.create(text))["kt_numa"]
+        model_args, *_ = get_train_args(_args(tmp_path, kt_numa=value))
+        assert model_args.kt_sft_settings.numa == want, text
+        assert LoadOptions(**ktc.load_fields(model_args.kt_sft_settings)).numa == want
+    model_args, *_ = get_train_args(_args(tmp_path))
+    assert model_args.kt_sft_settings.numa is None
+
+
 def test_argv_form_is_split_too():
     rest, ours = ktc.split_kt_keys(["--use_kt", "true", "--kt_backend", "FP32", "--chunk_size=64", "--lr", "1"])
     assert rest == ["--use_kt", "true", "--lr", "1"]
@@ -84,6 +100,10 @@ BAD = [
     ({"kt_cpu_activation": "offload"}, "retain or recompute"),
     ({"kt_int4_group_size": 0}, "kt_int4_group_size: expected an integer >= 1, got 0"),
     ({"kt_int4_group_size": 2.5}, "kt_int4_group_size: expected an integer >= 1, got 2.5"),
+    ({"kt_numa": "abc"}, "kt_numa: expected auto (the host's nodes), off, or a number of nodes from 1 to 64"),
+    *(({"kt_numa": n}, f"kt_numa: expected auto (the host's nodes), off, or a number of nodes from 1 to 64 (N > 1 on "
+                       f"a one-node host: N virtual nodes, for testing), got {n}") for n in (0, -1)),
+    ({"kt_numa": True}, "kt_numa: expected auto"),
     ({"kt_gpu_experts": 1.5}, "kt_gpu_experts: expected a fraction between 0 and 1, got 1.5"),
     ({"kt_gpu_experts": "all"}, "kt_gpu_experts: expected a fraction between 0 and 1, got 'all'"),
     ({"use_kt": False, "kt_backend": "AMXBF16"}, "use_kt is false"),
