@@ -41,8 +41,9 @@ def numa_lines(runtime) -> list[str]:
     for i, node in enumerate(nodes):
         memory = f"memory node {node['memory_node']}" if len(nodes) > 1 and node["memory_node"] >= 0 else \
             "memory not bound"
-        lines.append(f"  node {i}: cpus {_cpu_list(node['cpus'])} ({node['cores']} cores, {node['workers']} "
-                     f"workers), {memory}")
+        counts = ", ".join(f"{n} {what}{'s' if n != 1 else ''}" for n, what in ((node["cores"], "core"),
+                                                                             (node["workers"], "worker")))
+        lines.append(f"  node {i}: cpus {_cpu_list(node['cpus'])} ({counts}), {memory}")
     if len(nodes) > 1:
         lines.append(f"  experts: a layer's expert e of E on node e * {len(nodes)} // E (contiguous ranges, weights in "
                      "that node's memory, its workers first; they help the other nodes when done)")
