@@ -162,6 +162,8 @@ NumaLayout detect_numa(int setting) {
   } else if (setting == kNumaAuto) {
     l.reason = host.empty() ? why + ": one node" : "this process's cpus lie on one node (node " +
                                                        std::to_string(host[0].memory_node) + ")";
+  } else if (allowed.empty()) {  // nothing to split
+    l.reason = why + ": one node";
   } else {  // N > 1 virtual nodes of one
     l.nodes = split_node(one, want);
     l.virtual_nodes = true;
