@@ -27,8 +27,9 @@ SHAPES = {
     Shape(2, 40, 24, 9, 2, "uniform", 2, 3): "fewer experts than 3 nodes: a node without experts",
     Shape(16, 64, 48, 5, 2, "uniform", 8, 4): "more experts than rows: most empty (zero LoRA grads)",
 }
-# (virtual nodes, engine threads): 3 nodes with 4 threads puts workers on every node of this 2-core box.
-SPLITS = [(2, 0), (3, 4)]
+# (virtual nodes, engine threads; 0: the default): on a 2-core box (3, 0) leaves a node without workers (its tasks are
+# all stolen) and (3, 4) puts workers on every node.
+SPLITS = [(2, 0), (3, 0), (3, 4)]
 
 
 def run_on(setting, threads: int, case):
