@@ -82,6 +82,10 @@ std::string select_isa(const std::string& isa);  // "" = KT_SFT_ISA, else the be
 std::string current_isa();
 void set_num_threads(int n);                     // 0 = KT_SFT_THREADS or physical cores
 int num_threads();
+int worker_spin_us();                            // the pool's current spin before sleeping (thread_pool.h)
+void set_worker_spin_us(int us);                 // ignored under KT_SFT_SPIN_US
+int set_kchunk(int n);                           // -1 = KT_SFT_KCHUNK / the ISA default; returns the old setting
+int kchunk();                                    // the K chunk in effect
 // NUMA (numa.h): set_numa(kNumaAuto | kNumaOff | nodes, or kNumaFromEnv) re-detects the layout and rebuilds the pool
 // with as many threads; layers made before keep their experts' nodes (run on one range when the counts differ).
 constexpr int kNumaFromEnv = -2;
@@ -89,10 +93,6 @@ void set_numa(int setting);
 // The layout in effect and the pool's workers on each of its nodes.
 std::pair<NumaLayout, std::vector<int>> numa_info();
 ExpertNodes layer_nodes(int experts);  // a new layer's experts over the layout in effect
-int worker_spin_us();                            // the pool's current spin before sleeping (thread_pool.h)
-void set_worker_spin_us(int us);                 // ignored under KT_SFT_SPIN_US
-int set_kchunk(int n);                           // -1 = KT_SFT_KCHUNK / the ISA default; returns the old setting
-int kchunk();                                    // the K chunk in effect
 // Phase profiling (off by default): on/off clears the table; take_profile returns it (by phase name) and clears it.
 void set_profiling(bool on);
 std::vector<std::pair<std::string, PhaseStat>> take_profile();

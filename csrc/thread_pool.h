@@ -11,15 +11,15 @@
 // pinned to its node's cpus (the calling thread, worker 0, stays unpinned: its node is the one of the cpu it runs
 // on). `run_by_node(begin, fn)` gives every node its own range of tasks, [begin[n], begin[n+1]), taken in order
 // from that node's counter by its workers; a worker whose node has none left takes the next node's in the same
-// order (work stealing), so a skewed routing does not idle a socket. A run waits only for tasks earlier in its own
-// range, as the int8-GEMM queue does (schedule.h), stays safe: every range is taken front to back. With one node
-// (or a `begin` of another node count) it is `run`: one range, no pinning, as before.
+// order (work stealing), so a skewed routing does not idle a socket. A task may wait for tasks earlier in its own
+// range (the int8-GEMM queue, schedule.h): every range is taken front to back, so those were taken by workers that
+// are running. With one node (or a `begin` of another node count) it is `run`: one range, no pinning, as before.
 #pragma once
 #include <atomic>
 #include <condition_variable>
 #include <functional>
-#include <mutex>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
