@@ -247,11 +247,12 @@ def other_checkout(checkout: str):
     return Path(checkout).resolve().name, importlib.import_module(name)
 
 
-def profile_tensors(iters: int, shapes=PROFILE_SHAPES, sources=SOURCES, base=None) -> list[dict]:
+def profile_tensors(iters: int, shapes=PROFILE_SHAPES, sources=SOURCES, base=None, formats=None) -> list[dict]:
     """For each source -> format pair and shape, the ms per expert tensor of what the loader does with it (read from
     a safetensors file in a temporary directory, as the loader reads shards): `profile_tensor`'s rows. base: (label,
     kt_sft package) of another checkout whose loader is timed on the same tensors, interleaved with ours: each row
-    gets ratio = its ms / ours (ratio_of ours/label), and a row of its own (variant `label: source -> format`)."""
+    gets ratio = its ms / ours (ratio_of ours/label), and a row of its own (variant `label: source -> format`).
+    formats: the expert formats to pack into (None: all)."""
     from safetensors.torch import save_file
 
     from kt_sft.checkpoint_files import TensorReader, scan
@@ -273,6 +274,8 @@ def profile_tensors(iters: int, shapes=PROFILE_SHAPES, sources=SOURCES, base=Non
             reader = TensorReader(scan(Path(tmp)))
             reader.use(Path(tmp) / "model.safetensors")
             for (n, k), (name, row) in itertools.product(shapes, FORMATS.items()):
+                if formats and name not in formats:
+                    continue
                 try:
                     expert_fmt = _fit_to_source(row, fmt)
                 except ValueError:  # a format that cannot hold this source's weights (fp8 from INT4)
@@ -340,6 +343,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5, help="--profile: timed repetitions per stage (median)")
     p.add_argument("--shapes", nargs="+", default=[f"{n}x{k}" for n, k in PROFILE_SHAPES],
                    help="--profile: tensor shapes ROWSxCOLS")
+    p.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES),
+                   help="--profile: the checkpoint layouts to time (default: all)")
+    p.add_argument("--formats", nargs="+", default=None, help="--profile: the expert formats to time (default: all)")
     p.add_argument("--against", metavar="DIR", default=None,
                    help="--profile: also time the loader of this kt-sft checkout (built in place) on the same tensors, "
                         "interleaved with ours in this process (rows gain ratio = its ms / ours)")
@@ -368,7 +374,8 @@ def profile(a: argparse.Namespace) -> None:
 
     with results.human_output(a):
         base = other_checkout(a.against) if a.against else None
-        rows = profile_tensors(a.iters, [tuple(int(v) for v in shape.split("x")) for shape in a.shapes], base=base)
+        rows = profile_tensors(a.iters, [tuple(int(v) for v in shape.split("x")) for shape in a.shapes], a.sources,
+                               base, a.formats)
         print(f"per tensor, ms (median of {a.iters}); torch threads {torch.get_num_threads()}, engine threads "
               f"{ke.num_threads()} [{ke.current_isa()}]")
         print(f"{'source -> format':44} {'shape':>11} {'read':>7} {'pack':>7} {'tensor':>7} {'GB/s':>6}")

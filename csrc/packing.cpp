@@ -52,21 +52,20 @@ ProjectionLayout make_layout(Proj p, int H, int I, const FormatInfo& f) {
 
 // ---- decoding: one source row into fp32 ----
 
-// Exact values of every e4m3 byte (NaN codes: NaN) and of every byte of an int4 word (its two q, low nibble first).
-struct DecodeTables {
-  float e4m3[256];
-  float int4_pair[256][2];
-  DecodeTables() {
-    for (int b = 0; b < 256; ++b) {
-      e4m3[b] = e4m3_to_f32(uint8_t(b));
-      int4_pair[b][0] = float((b & 15) - 8);
-      int4_pair[b][1] = float((b >> 4) - 8);
-    }
-  }
-};
-const DecodeTables& tables() {
-  static const DecodeTables t;
-  return t;
+// c ? a : b as bit masks: the compiler vectorizes loops of these, where it keeps some ternaries (and every float
+// comparison, which may trap) as branches.
+uint32_t select(bool c, uint32_t a, uint32_t b) {
+  const uint32_t m = 0u - uint32_t(c);
+  return (a & m) | (b & ~m);
+}
+
+// e4m3_to_f32 (common.h) without branches: e4m3 is fp32 with a 4-bit exponent of bias 7 and 3 mantissa bits, so a
+// normal code's exponent and mantissa move up by 20 bits and its exponent gains 120; subnormals are m * 2^-9.
+float e4m3_value(uint32_t b) {
+  const uint32_t em = b & 0x7fu;
+  uint32_t v = select(em < 8u, f32_to_bits(float(int(em)) * 0.001953125f), (em << 20) + (120u << 23));
+  v = select(em == 0x7fu, 0x7fc00000u, v);  // the NaN codes
+  return bits_to_f32(v | ((b & 0x80u) << 24));
 }
 
 void float_values(const WeightSource& s, int64_t at, int K, float* out) {
@@ -83,68 +82,90 @@ void float_values(const WeightSource& s, int64_t at, int K, float* out) {
   else for (int k = 0; k < K; ++k) out[k] = bf16_to_f32(p[k * sc]);
 }
 
-// The codes' values; int4 writes whole words (8 * ceil(K / 8) <= Kp values).
-void code_values(const WeightSource& s, int64_t at, int K, float* out) {
-  const DecodeTables& t = tables();
-  if (s.kind == SourceKind::kE4m3) {
-    const uint8_t* p = static_cast<const uint8_t*>(s.data) + at;
-    for (int k = 0; k < K; ++k) out[k] = t.e4m3[p[k * s.s_c]];
+// Each k's scale of source row `row` of expert e: blocks written out per element, so that the decode is one loop
+// over the row whatever the block width (INT4's groups of 32 in separate loops: per-group overhead).
+void source_k_scales(const WeightSource& s, int e, int row, int K, float* k_scales) {
+  const int64_t at = int64_t(e) * s.ss_e + int64_t(row / s.block_n) * s.ss_r;
+  for (int c = 0, k0 = 0; k0 < K; ++c, k0 = block_end(k0, s.block_k, K))
+    std::fill(k_scales + k0, k_scales + block_end(k0, s.block_k, K),
+              load_as_f32(s.scales, size_t(at + int64_t(c) * s.ss_c), s.scale_dtype));
+}
+
+// fl32(value * scale) of each e4m3 code of the row.
+void e4m3_values(const WeightSource& s, int64_t at, int K, const float* k_scales, float* out) {
+  const uint8_t* p = static_cast<const uint8_t*>(s.data) + at;
+  if (s.s_c == 1) for (int k = 0; k < K; ++k) out[k] = e4m3_value(p[k]) * k_scales[k];
+  else for (int k = 0; k < K; ++k) out[k] = e4m3_value(p[k * s.s_c]) * k_scales[k];
+}
+
+// fl32(q * scale) of each int4 code of the row (whole words: 8 * ceil(K / 8) <= Kp values; k_scales past K are
+// overwritten after). A little-endian word's byte j holds nibbles 2j and 2j + 1.
+void int4_values(const WeightSource& s, int64_t at, int K, const float* k_scales, float* out) {
+  const int32_t* p = static_cast<const int32_t*>(s.data) + at;
+  const int words = blocks_over(K, 8);
+  if (s.s_c == 1) {
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(p);
+    for (int j = 0; j < 4 * words; ++j) {
+      out[2 * j] = float(int(bytes[j] & 15u) - 8) * k_scales[2 * j];
+      out[2 * j + 1] = float(int(bytes[j] >> 4) - 8) * k_scales[2 * j + 1];
+    }
     return;
   }
-  const int32_t* p = static_cast<const int32_t*>(s.data) + at;
-  for (int w = 0; w < blocks_over(K, 8); ++w) {
-    const uint32_t word = uint32_t(p[w * s.s_c]);
-    for (int j = 0; j < 4; ++j) std::memcpy(out + 8 * w + 2 * j, t.int4_pair[(word >> (8 * j)) & 0xffu], 8);
-  }
+  for (int w = 0; w < words; ++w)
+    for (int i = 0; i < 8; ++i)
+      out[8 * w + i] = float(int((uint32_t(p[w * s.s_c]) >> (4 * i)) & 15u) - 8) * k_scales[8 * w + i];
 }
 
-// values[k] = fl32(values[k] * the scale of its block), for source row `row` of expert e.
-void scale_blocks(const WeightSource& s, int e, int row, int K, float* values) {
-  const int64_t at = int64_t(e) * s.ss_e + int64_t(row / s.block_n) * s.ss_r;
-  for (int c = 0, k0 = 0; k0 < K; ++c, k0 = block_end(k0, s.block_k, K)) {
-    const float scale = load_as_f32(s.scales, size_t(at + int64_t(c) * s.ss_c), s.scale_dtype);
-    for (int k = k0, k1 = block_end(k0, s.block_k, K); k < k1; ++k) values[k] *= scale;
-  }
-}
-
-// W(row, k) of expert e (relative to the source's first) into out[0, Kp), zeros from K on (rows >= N: all zeros).
-// Returns max_k |W(row, k)| as fp32 bits: the bits of non-negative floats order as their values, and any bits
-// above kInfBits are a NaN, kInfBits an Inf.
-uint32_t decode_row(const WeightSource& s, int e, int row, const ProjectionLayout& l, float* out) {
+// W(row, k) of expert e (relative to the source's first) into out[0, Kp), zeros from K on (rows >= N: all zeros);
+// k_scales: Kp floats of room.
+void decode_row(const WeightSource& s, int e, int row, const ProjectionLayout& l, float* out, float* k_scales) {
   if (row >= l.N) {
     std::fill(out, out + l.Kp, 0.f);
-    return 0;
+    return;
   }
   const int64_t at = int64_t(e) * s.s_e + int64_t(row) * s.s_r;
   if (s.kind == SourceKind::kFloat) {
     float_values(s, at, l.K, out);
   } else {
-    code_values(s, at, l.K, out);
-    scale_blocks(s, e, row, l.K, out);
+    source_k_scales(s, e, row, l.K, k_scales);
+    std::fill(k_scales + l.K, k_scales + l.Kp, 0.f);
+    if (s.kind == SourceKind::kE4m3) e4m3_values(s, at, l.K, k_scales, out);
+    else int4_values(s, at, l.K, k_scales, out);
   }
   std::fill(out + l.K, out + l.Kp, 0.f);
-  uint32_t m = 0;
-  for (int k = 0; k < l.K; ++k) m = std::max(m, abs_bits(out[k]));
+}
+
+// max |w[k]| over [k0, k1) as fp32 bits, which order as the values do (non-negative: compared as int32); bits of
+// kInfBits or more: an Inf or NaN among them.
+int32_t max_abs_bits(const float* w, int k0, int k1) {
+  int32_t m = 0;
+  for (int k = k0; k < k1; ++k) {
+    const int32_t a = int32_t(abs_bits(w[k]));
+    m = a > m ? a : m;
+  }
   return m;
 }
 
 // ---- coding one decoded row (Kp values, zeros past K) into its panel codes, in k order ----
+// Each returns false if the row holds NaN/Inf; the block-scaled ones (fp8, int4) leave that to their grid's amax.
+
+// fp32: the values are the codes.
+bool f32_row(const ProjectionLayout& l, const float* w, int, float*, float*, uint8_t* codes) {
+  std::memcpy(codes, w, size_t(l.Kp) * sizeof(float));
+  return max_abs_bits(w, 0, l.Kp) < int32_t(kInfBits);
+}
 
 // bf16: round to nearest even, NaN kept a (quiet) NaN: f32_to_bf16 without branches.
-void bf16_row(const ProjectionLayout& l, const float* w, int, uint32_t, float*, uint8_t* out) {
+bool bf16_row(const ProjectionLayout& l, const float* w, int, float*, float*, uint8_t* out) {
   uint16_t* codes = reinterpret_cast<uint16_t*>(out);
-  for (int k = 0; k < l.Kp; ++k) {
+  uint32_t special = 0;  // any exponent of all ones: Inf or NaN
+  for (int k = 0, Kp = l.Kp; k < Kp; ++k) {
     const uint32_t u = f32_to_bits(w[k]);
     const uint16_t rounded = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
     codes[k] = (u & kAbsMask) > kInfBits ? uint16_t((u >> 16) | 0x40u) : rounded;
+    special |= uint32_t((u & kInfBits) == kInfBits);
   }
-}
-
-// c ? a : b as bit masks: the compiler vectorizes loops of these, where it keeps some ternaries (and every float
-// comparison, which may trap) as branches.
-uint32_t select(bool c, uint32_t a, uint32_t b) {
-  const uint32_t m = 0u - uint32_t(c);
-  return (a & m) | (b & ~m);
+  return !special;
 }
 
 // clamp(round_half_even(x), -low, high) for integral low, high > 0, as nearbyint and std::min/max would give it
@@ -156,15 +177,17 @@ int round_clamped(float x, float low, float high) {
 }
 
 // Per-channel int8 (common.h, INT8): s = max_k |w| / 127 into scales[row], q = clamp(rne(w / s), -127, 127).
-void int8_row(const ProjectionLayout& l, const float* w, int row, uint32_t amax_bits, float* scales, uint8_t* out) {
-  const float s = bits_to_f32(amax_bits) / 127.0f;
+bool int8_row(const ProjectionLayout& l, const float* w, int row, float* scales, float*, uint8_t* out) {
+  const int32_t amax = max_abs_bits(w, 0, l.K);
+  const float s = bits_to_f32(uint32_t(amax)) / 127.0f;
   scales[row] = s;
   int8_t* q = reinterpret_cast<int8_t*>(out);
-  if (!(s > 0.f && s <= 3.4028235e38f)) {  // an all-zero row, or a non-finite one (reported by the decode)
+  if (!(s > 0.f && amax < int32_t(kInfBits))) {  // an all-zero row, or a non-finite one
     std::fill(q, q + l.Kp, int8_t(0));
-    return;
+    return amax < int32_t(kInfBits);
   }
   for (int k = 0, Kp = l.Kp; k < Kp; ++k) q[k] = int8_t(round_clamped(w[k] / s, 127.f, 127.f));
+  return true;
 }
 
 // f32_to_e4m3 (common.h) without branches: the same code for every input.
@@ -179,35 +202,37 @@ uint8_t e4m3_code(float f) {
   return uint8_t(((u >> 24) & 0x80u) | code);
 }
 
-// The scale of (row, block c) in one expert's grid (stored by column).
-float grid_scale(const ProjectionLayout& l, const float* grid, int row, int c) {
-  return grid[size_t(c) * l.scale_rows + row / l.scale_block_n];
+// s > 0 (Inf included, NaN not), as bits: grid scales are never negative.
+bool positive(float s) { return f32_to_bits(s) - 1u < kInfBits; }
+
+// Each k's scale of `row` in one expert's grid (stored by column), blocks written out per element as on the source
+// side (source_k_scales); `unscaled` in place of a scale that is not positive.
+void grid_k_scales(const ProjectionLayout& l, const float* grid, int row, float unscaled, float* k_scales) {
+  const float* cells = grid + row / l.scale_block_n;  // the row's cell of each k block, scale_rows apart
+  for (int c = 0, k0 = 0; k0 < l.Kp; ++c, k0 = block_end(k0, l.scale_block_k, l.Kp)) {
+    const float s = cells[size_t(c) * l.scale_rows];
+    std::fill(k_scales + k0, k_scales + block_end(k0, l.scale_block_k, l.Kp), positive(s) ? s : unscaled);
+  }
 }
 
 // fp8 (common.h, FP8): e4m3(w / s) of each block's scale s, round to nearest even, saturating (s = 0: code 0).
-void fp8_row(const ProjectionLayout& l, const float* w, int row, uint32_t, float* grid, uint8_t* codes) {
-  for (int c = 0, k0 = 0; k0 < l.Kp; ++c, k0 = block_end(k0, l.scale_block_k, l.Kp)) {
-    const float s = grid_scale(l, grid, row, c);
-    const int k1 = block_end(k0, l.scale_block_k, l.Kp);
-    if (s > 0.f) for (int k = k0; k < k1; ++k) codes[k] = e4m3_code(w[k] / s);
-    else std::fill(codes + k0, codes + k1, uint8_t(0));
-  }
+bool fp8_row(const ProjectionLayout& l, const float* w, int row, float* grid, float* k_scales, uint8_t* codes) {
+  grid_k_scales(l, grid, row, 0.f, k_scales);
+  for (int k = 0, Kp = l.Kp; k < Kp; ++k)
+    codes[k] = uint8_t(select(positive(k_scales[k]), e4m3_code(w[k] / k_scales[k]), 0u));
+  return true;
 }
 
-// int4 (common.h, INT4): q = clamp(rne(w / s), -8, 7) stored q + 8 (s = 0: q = 0), two per byte, even k low.
-void int4_row(const ProjectionLayout& l, const float* w, int row, uint32_t, float* grid, uint8_t* codes) {
-  uint8_t* nibbles = codes + l.Kp / 2;  // one per k, past the Kp / 2 pair bytes made of them below
-  for (int c = 0, k0 = 0; k0 < l.Kp; ++c, k0 = block_end(k0, l.scale_block_k, l.Kp)) {
-    const float s = grid_scale(l, grid, row, c);
-    const int k1 = block_end(k0, l.scale_block_k, l.Kp);
-    if (s > 0.f) {
-      for (int k = k0; k < k1; ++k) nibbles[k] = uint8_t(round_clamped(w[k] / s, 8.f, 7.f) + 8);
-    } else {
-      std::fill(nibbles + k0, nibbles + k1, uint8_t(8));
-    }
+// int4 (common.h, INT4): q = clamp(rne(w / s), -8, 7) stored q + 8 (s = 0: q = 0), two per byte, even k low. A block
+// with s = 0 holds only zeros (of either sign), which s = 1 codes as q = 0 too: no select per weight.
+bool int4_row(const ProjectionLayout& l, const float* w, int row, float* grid, float* k_scales, uint8_t* codes) {
+  grid_k_scales(l, grid, row, 1.f, k_scales);
+  for (int k2 = 0, pairs = l.Kp / 2; k2 < pairs; ++k2) {
+    const int lo = round_clamped(w[2 * k2] / k_scales[2 * k2], 8.f, 7.f) + 8;
+    const int hi = round_clamped(w[2 * k2 + 1] / k_scales[2 * k2 + 1], 8.f, 7.f) + 8;
+    codes[k2] = uint8_t(lo | (hi << 4));
   }
-  for (int k2 = 0, pairs = l.Kp / 2; k2 < pairs; ++k2)
-    codes[k2] = uint8_t(nibbles[2 * k2] | (nibbles[2 * k2 + 1] << 4));
+  return true;
 }
 
 // ---- panel places ----
@@ -231,11 +256,10 @@ void scatter_row(const ProjectionLayout& l, const uint8_t* codes, char* panel, i
 // e4m3 bytes, zeros past K; false on a NaN code (0x7f, 0xff).
 bool kept_e4m3_row(const WeightSource& s, int e, int row, const ProjectionLayout& l, uint8_t* codes) {
   const uint8_t* p = static_cast<const uint8_t*>(s.data) + int64_t(e) * s.s_e + int64_t(row) * s.s_r;
+  if (s.s_c == 1) std::memcpy(codes, p, size_t(l.K));
+  else for (int k = 0; k < l.K; ++k) codes[k] = p[k * s.s_c];
   uint8_t nan = 0;
-  for (int k = 0; k < l.K; ++k) {
-    codes[k] = p[k * s.s_c];
-    nan |= uint8_t((codes[k] & 0x7fu) == 0x7fu);
-  }
+  for (int k = 0, K = l.K; k < K; ++k) nan |= uint8_t((codes[k] & 0x7fu) == 0x7fu);
   std::fill(codes + l.K, codes + l.Kp, uint8_t(0));
   return !nan;
 }
@@ -244,9 +268,11 @@ bool kept_e4m3_row(const WeightSource& s, int e, int row, const ProjectionLayout
 // weight 0 (nibble 8) past K.
 bool kept_int4_row(const WeightSource& s, int e, int row, const ProjectionLayout& l, uint8_t* codes) {
   const int32_t* p = static_cast<const int32_t*>(s.data) + int64_t(e) * s.s_e + int64_t(row) * s.s_r;
-  for (int w = 0; w < blocks_over(l.K, 8); ++w) {
-    const uint32_t word = uint32_t(p[w * s.s_c]);
-    for (int j = 0; j < 4; ++j) codes[4 * w + j] = uint8_t(word >> (8 * j));
+  if (s.s_c == 1) {
+    std::memcpy(codes, p, size_t(blocks_over(l.K, 8)) * 4);
+  } else {
+    for (int w = 0; w < blocks_over(l.K, 8); ++w)
+      for (int j = 0; j < 4; ++j) codes[4 * w + j] = uint8_t(uint32_t(p[w * s.s_c]) >> (8 * j));
   }
   if (l.K % 2) codes[l.K / 2] = uint8_t((codes[l.K / 2] & 0x0fu) | 0x80u);
   std::fill(codes + (l.K + 1) / 2, codes + l.Kp / 2, uint8_t(0x88));
@@ -255,11 +281,11 @@ bool kept_int4_row(const WeightSource& s, int e, int row, const ProjectionLayout
 
 // ---- the table ----
 
-// How one format packs (WeightFormat order): a decoded row into its codes (row_codes: the decoded row w, the row's
-// index, max |w| as bits, the expert's scales, the codes out; null: the fp32 values are the codes), the largest
-// code magnitude its block scales map a block's max |w| to (0: no grid to compute first), and the encoded source
-// kind whose codes and scales it can keep as they are with that kind's row function (kFloat: none).
-using RowCoder = void (*)(const ProjectionLayout&, const float*, int, uint32_t, float*, uint8_t*);
+// How one format packs (WeightFormat order): a decoded row into its codes (the row, its index, the expert's scales,
+// Kp floats of room for per-k scales, the codes out), the largest code magnitude its block scales map a block's max |w| to (0: no grid to compute
+// first), and the encoded source kind whose codes and scales it can keep as they are, with that kind's row function
+// (kFloat: none).
+using RowCoder = bool (*)(const ProjectionLayout&, const float*, int, float*, float*, uint8_t*);
 using KeptRow = bool (*)(const WeightSource&, int, int, const ProjectionLayout&, uint8_t*);
 struct FormatPacking {
   RowCoder row_codes;
@@ -268,7 +294,7 @@ struct FormatPacking {
   KeptRow kept_row;
 };
 constexpr FormatPacking kPacking[kNumFormats] = {
-    {nullptr, 0.f, SourceKind::kFloat, nullptr},              // kF32
+    {f32_row, 0.f, SourceKind::kFloat, nullptr},              // kF32
     {bf16_row, 0.f, SourceKind::kFloat, nullptr},             // kBF16: pairs
     {int8_row, 0.f, SourceKind::kFloat, nullptr},             // kInt8: pairs, channel scales
     {int8_row, 0.f, SourceKind::kFloat, nullptr},             // kInt8Gemm: quads, channel scales
@@ -308,31 +334,34 @@ void check_source(const ProjectionLayout& l, const FormatPacking& f, const char*
         "the layer's own grid");
 }
 
-// Rows of one decode task: whole panels, and for a format with a grid to compute, whole grid rows (lcm of the two,
-// the whole padded matrix when that is larger); 0 when such a band would pass kMaxBandBytes.
-int band_rows(const ProjectionLayout& l, bool grid) {
-  if (!grid) return kPanel;
-  const int64_t band = std::lcm(int64_t(kPanel), int64_t(l.scale_block_n));
-  const int rows = band >= l.Np ? l.Np : int(band);
-  return size_t(rows) * l.Kp * sizeof(float) <= kMaxBandBytes ? rows : 0;
+// Rows decoded together: one grid row's (a grid row's scales come from all of its weights), else one; 0 for a grid
+// whose rows would pass kMaxBandBytes (its grid is then computed in a pass of its own, a row at a time).
+int group_rows(const ProjectionLayout& l, bool grid) {
+  if (!grid) return 1;
+  return size_t(l.scale_block_n) * l.Kp * sizeof(float) <= kMaxBandBytes ? l.scale_block_n : 0;
+}
+
+// Rows of one task: whole panels and whole groups (their lcm; the whole padded matrix when that is larger).
+int band_rows(const ProjectionLayout& l, int group) {
+  const int64_t band = std::lcm(int64_t(kPanel), int64_t(group));
+  return band >= l.Np ? l.Np : int(band);
 }
 
 // amax[c] = max(amax[c], max |w| over the row's k in block column c), as fp32 bits.
-void accumulate_block_amax(const ProjectionLayout& l, const float* w, uint32_t* amax) {
-  for (int c = 0, k0 = 0; k0 < l.Kp; ++c, k0 = block_end(k0, l.scale_block_k, l.Kp)) {
-    uint32_t m = amax[c];
-    for (int k = k0, k1 = block_end(k0, l.scale_block_k, l.Kp); k < k1; ++k) m = std::max(m, abs_bits(w[k]));
-    amax[c] = m;
-  }
+void accumulate_block_amax(const ProjectionLayout& l, const float* w, int32_t* amax) {
+  for (int c = 0, k0 = 0; k0 < l.Kp; ++c, k0 = block_end(k0, l.scale_block_k, l.Kp))
+    amax[c] = std::max(amax[c], max_abs_bits(w, k0, block_end(k0, l.scale_block_k, l.Kp)));
 }
 
-// Grid row r's scales s = max |w| / qmax over each block (0: a block of zeros or of padding only), from `rows`
-// decoded rows of the grid row (zeros past N).
-void grid_row_scales(const ProjectionLayout& l, float qmax, const float* rows, int count, int r, float* grid,
-                     std::vector<uint32_t>& amax) {
-  amax.assign(size_t(l.scale_cols), 0u);
-  for (int i = 0; i < count; ++i) accumulate_block_amax(l, rows + size_t(i) * l.Kp, amax.data());
-  for (int c = 0; c < l.scale_cols; ++c) grid[size_t(c) * l.scale_rows + r] = bits_to_f32(amax[size_t(c)]) / qmax;
+// Grid row r's scales s = max |w| / qmax over each block (0: a block of zeros or of padding only) from the amax of
+// its rows; false if they hold NaN/Inf.
+bool set_grid_row(const ProjectionLayout& l, float qmax, const int32_t* amax, int r, float* grid) {
+  int32_t m = 0;
+  for (int c = 0; c < l.scale_cols; ++c) {
+    grid[size_t(c) * l.scale_rows + r] = bits_to_f32(uint32_t(amax[c])) / qmax;
+    m = std::max(m, amax[c]);
+  }
+  return m < int32_t(kInfBits);
 }
 
 }  // namespace
@@ -394,64 +423,65 @@ int PackedWeights::pack(ThreadPool& pool, std::vector<Buffer>& scratch, Proj pro
   return bad;
 }
 
-// Bands of rows (band_rows) decoded into each worker's buffer, then grid rows (if any) and panels coded from it.
-// A grid whose band would be too large is computed first, a task per (expert, grid row) decoding a row at a time.
+// Tasks of whole panels and grid rows (band_rows); each decodes a group of rows (group_rows) at a time into its
+// worker's buffer, computes their grid row's scales if the format has a grid, then codes the rows into their panels
+// (a row or a grid row stays in L1 / L2 from decode to panel). A grid whose group would be too large is computed
+// first, a task per (expert, grid row) decoding a row at a time.
 int PackedWeights::pack_decoded(ThreadPool& pool, std::vector<Buffer>& scratch, Proj proj, int e0, int n,
                                 const WeightSource& src) {
   const ProjectionLayout& l = layout_[int(proj)];
   const FormatPacking& f = kPacking[int(format_)];
   const bool grid = f.grid_qmax > 0.f;
-  const int band_fit = band_rows(l, grid), band = band_fit ? band_fit : kPanel, bands = blocks_over(l.Np, band);
+  const int group_fit = group_rows(l, grid), group = std::max(group_fit, 1);
+  const int band = band_rows(l, group), bands = blocks_over(l.Np, band);
+  for (Buffer& b : scratch)  // the group's rows, a row of codes, per-k scales, a grid row's amax
+    b.reserve((size_t(group) + 2) * l.Kp * sizeof(float) + size_t(l.scale_cols) * sizeof(int32_t));
+  const int bad = grid && !group_fit ? grid_pass(pool, scratch, proj, e0, n, src) : -1;
   const size_t panel_bytes = size_t(l.Kp) * kPanel * l.elem_bits / 8;
-  for (Buffer& b : scratch) b.reserve((size_t(band) + 1) * l.Kp * sizeof(float) + size_t(band) * sizeof(uint32_t));
-  int bad = -1;
-  if (grid && !band_fit) {
-    const int task = first_failed(pool, n * l.scale_rows, [&](int task, int worker) {
-      const int e = task / l.scale_rows, r = task % l.scale_rows;
-      float* row = static_cast<float*>(scratch[size_t(worker)].get());
-      std::vector<uint32_t> amax(size_t(l.scale_cols), 0u);
-      bool finite = true;
-      for (int i = r * l.scale_block_n, end = block_end(i, l.scale_block_n, l.N); i < end; ++i) {
-        finite &= decode_row(src, e, i, l, row) < kInfBits;
-        accumulate_block_amax(l, row, amax.data());
-      }
-      float* grid_cells = expert_scales(proj, e0 + e);
-      for (int c = 0; c < l.scale_cols; ++c)
-        grid_cells[size_t(c) * l.scale_rows + r] = bits_to_f32(amax[size_t(c)]) / f.grid_qmax;
-      return finite;
-    });
-    bad = task < 0 ? -1 : e0 + task / l.scale_rows;
-  }
   const int task = first_failed(pool, n * bands, [&](int task, int worker) {
-    const int e = task / bands, row0 = (task % bands) * band, rows = std::min(band, l.Np - row0);
-    float* buf = static_cast<float*>(scratch[size_t(worker)].get());
-    uint8_t* codes = reinterpret_cast<uint8_t*>(buf + size_t(band) * l.Kp);
-    uint32_t* amax = reinterpret_cast<uint32_t*>(codes + size_t(l.Kp) * sizeof(float));
-    bool finite = true;
-    for (int i = 0; i < rows; ++i) {
-      amax[i] = decode_row(src, e, row0 + i, l, buf + size_t(i) * l.Kp);
-      finite &= amax[i] < kInfBits;
-    }
+    const int e = task / bands, row0 = (task % bands) * band, end = std::min(row0 + band, l.Np);
+    float* rows = static_cast<float*>(scratch[size_t(worker)].get());
+    uint8_t* codes = reinterpret_cast<uint8_t*>(rows + size_t(group) * l.Kp);
+    float* k_scales = rows + size_t(group + 1) * l.Kp;
+    int32_t* amax = reinterpret_cast<int32_t*>(k_scales + l.Kp);
     float* scales = expert_scales(proj, e0 + e);
-    if (grid && band_fit) {
-      std::vector<uint32_t> cols;
-      for (int r0 = row0; r0 < row0 + rows; r0 += l.scale_block_n)
-        grid_row_scales(l, f.grid_qmax, buf + size_t(r0 - row0) * l.Kp, std::min(l.scale_block_n, row0 + rows - r0),
-                        r0 / l.scale_block_n, scales, cols);
-    }
-    char* panels = expert_panels(proj, e0 + e) + size_t(row0 / kPanel) * panel_bytes;
-    for (int i = 0; i < rows; ++i) {
-      const float* w = buf + size_t(i) * l.Kp;
-      const uint8_t* row_codes = reinterpret_cast<const uint8_t*>(w);
-      if (f.row_codes) {
-        f.row_codes(l, w, row0 + i, amax[i], scales, codes);
-        row_codes = codes;
+    char* panels = expert_panels(proj, e0 + e);
+    bool finite = true;
+    for (int g0 = row0; g0 < end; g0 += group) {
+      const int count = std::min(group, end - g0);
+      for (int i = 0; i < count; ++i) decode_row(src, e, g0 + i, l, rows + size_t(i) * l.Kp, k_scales);
+      if (grid && group_fit) {
+        std::fill(amax, amax + l.scale_cols, 0);
+        for (int i = 0; i < count; ++i) accumulate_block_amax(l, rows + size_t(i) * l.Kp, amax);
+        finite &= set_grid_row(l, f.grid_qmax, amax, g0 / l.scale_block_n, scales);
       }
-      scatter_row(l, row_codes, panels + size_t(i / kPanel) * panel_bytes, i % kPanel);
+      for (int i = 0, row = g0; i < count; ++i, ++row) {
+        finite &= f.row_codes(l, rows + size_t(i) * l.Kp, row, scales, k_scales, codes);
+        scatter_row(l, codes, panels + size_t(row / kPanel) * panel_bytes, row % kPanel);
+      }
     }
     return finite;
   });
   return earliest(bad, task < 0 ? -1 : e0 + task / bands);
+}
+
+// The scale grid of experts [e0, e0 + n) on its own, a task per (expert, grid row), decoding a row at a time.
+int PackedWeights::grid_pass(ThreadPool& pool, std::vector<Buffer>& scratch, Proj proj, int e0, int n,
+                             const WeightSource& src) {
+  const ProjectionLayout& l = layout_[int(proj)];
+  const float qmax = kPacking[int(format_)].grid_qmax;
+  const int task = first_failed(pool, n * l.scale_rows, [&](int task, int worker) {
+    const int e = task / l.scale_rows, r = task % l.scale_rows;
+    float* row = static_cast<float*>(scratch[size_t(worker)].get());
+    int32_t* amax = reinterpret_cast<int32_t*>(row + 2 * size_t(l.Kp));
+    std::fill(amax, amax + l.scale_cols, 0);
+    for (int i = r * l.scale_block_n, end = block_end(i, l.scale_block_n, l.N); i < end; ++i) {
+      decode_row(src, e, i, l, row, row + l.Kp);
+      accumulate_block_amax(l, row, amax);
+    }
+    return set_grid_row(l, qmax, amax, r, expert_scales(proj, e0 + e));
+  });
+  return task < 0 ? -1 : e0 + task / l.scale_rows;
 }
 
 // The source's scales as the layer's grid (padding-only cells 0), its codes row by row into the panels.

@@ -91,6 +91,7 @@ class PackedWeights {
 
  private:
   int pack_decoded(ThreadPool& pool, std::vector<Buffer>& scratch, Proj p, int e0, int n, const WeightSource& src);
+  int grid_pass(ThreadPool& pool, std::vector<Buffer>& scratch, Proj p, int e0, int n, const WeightSource& src);
   int pack_kept(ThreadPool& pool, std::vector<Buffer>& scratch, Proj p, int e0, int n, const WeightSource& src);
   // Runs fn(task, worker) for tasks [0, n); returns the first task it returned false for, or -1.
   template <class Fn>
