@@ -16,9 +16,10 @@ A checkpoint's format comes from config.json's `quantization_config` (`source_fo
 Tensors a quantized checkpoint leaves unquantized (embeddings, norms, routers, lm_head, compressed-tensors'
 `ignore` list) are plain `X.weight`s, told apart by their dtype (`is_quantized`). `stored_parts` states each
 layout once (which tensors a weight is stored as, with their dtypes and shapes): `check_stored` checks a whole
-checkpoint's file headers against it before anything is read, and `decode` the tensors it reads. `decode` gives W
-in fp32, computed exactly as fl32(stored value * scale), the value every engine format then starts from (bf16
-rounds it once, int8 quantizes it per channel, fp32 keeps it).
+checkpoint's file headers against it before anything is read, and `encoded` the tensors it reads. Routed experts go
+to the engine as `encoded` gives them (codes, scales, block), which decodes them itself (csrc/packing.h); `decode`
+gives any other quantized weight in fp32. Both compute W exactly as fl32(stored value * scale), the value every
+engine format then starts from (bf16 rounds it once, int8 quantizes it per channel, fp32 keeps it).
 """
 from __future__ import annotations
 
