@@ -11,8 +11,13 @@ forward/backward tokens/s of a few training steps with LoRA on the attention pro
     python benchmarks/bench_load.py --dir /tmp/v2lite-fp8 --source fp8-block --format int8-gemm --steps 0
 
 `--profile` times instead, in this process, one expert-sized tensor at a time (a DeepSeek-V3 expert's 7168 x 2048
-and an odd size no block divides) for every source -> format pair: the loader's reading, decoding and packing of
-it, and its whole `_load_projection`, in ms and GB/s of checkpoint bytes (rows: bench_load_tensors).
+and an odd size no block divides) for every source -> format pair: the loader's reading of it, the engine's packing
+of what was read (a quantized tensor decoded by the engine itself, or its codes kept), and the loader's whole
+`_load_projection`, in ms and GB/s of checkpoint bytes (rows: bench_load_tensors). `--against DIR` times another
+checkout's `_load_projection` (built in place, imported beside ours) on the same tensors, interleaved, for ratios
+measured in one process:
+
+    python benchmarks/bench_load.py --profile --iters 5 --against .dev/base
 
 --json prints the result rows as JSON lines on stdout (the report goes to stderr); --record appends them to
 benchmarks/results/bench_load.csv / bench_load_tensors.csv (or --results-dir). GB = 2^30 bytes throughout.
@@ -20,6 +25,8 @@ benchmarks/results/bench_load.csv / bench_load_tensors.csv (or --results-dir). G
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import itertools
 import json
 import resource
@@ -216,19 +223,36 @@ def stored_tensors(source: str, key: str, rows: int, cols: int, gen: torch.Gener
     return {key: codes, linear + ".weight_scale": (torch.rand(rows, 1, generator=gen) * 1e-4).bfloat16()}
 
 
-def _median_ms(fn, iters: int) -> float:
-    fn()  # the first call faults in the pages of the file and of the layer
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
+def _medians_ms(fns, iters: int) -> list[float]:
+    """The median ms of each of `fns` over `iters` rounds that run them in turn (a drift of the machine hits all alike),
+    after one untimed call of each (which faults in the pages of the file and of the layer)."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    times = [[] for _ in fns]
+    for _ in range(iters):
+        for spent, fn in zip(times, fns):
+            t0 = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - t0)
+    return [statistics.median(t) * 1e3 for t in times]
 
 
-def profile_tensors(iters: int, shapes=PROFILE_SHAPES, sources=SOURCES) -> list[dict]:
+def other_checkout(checkout: str):
+    """(label, its kt_sft package) of another kt-sft checkout built in place, imported under another name beside ours
+    (bench_moe.py's load_other_engine)."""
+    from bench_moe import load_other_engine
+
+    name = "kt_sft_base"
+    load_other_engine(checkout, name)
+    return Path(checkout).resolve().name, importlib.import_module(name)
+
+
+def profile_tensors(iters: int, shapes=PROFILE_SHAPES, sources=SOURCES, base=None, formats=None) -> list[dict]:
     """For each source -> format pair and shape, the ms per expert tensor of what the loader does with it (read from
-    a safetensors file in a temporary directory, as the loader reads shards): `profile_tensor`'s rows."""
+    a safetensors file in a temporary directory, as the loader reads shards): `profile_tensor`'s rows. base: (label,
+    kt_sft package) of another checkout whose loader is timed on the same tensors, interleaved with ours: each row
+    gets ratio = its ms / ours (ratio_of ours/label), and a row of its own (variant `label: source -> format`).
+    formats: the expert formats to pack into (None: all)."""
     from safetensors.torch import save_file
 
     from kt_sft.checkpoint_files import TensorReader, scan
@@ -250,40 +274,60 @@ def profile_tensors(iters: int, shapes=PROFILE_SHAPES, sources=SOURCES) -> list[
             reader = TensorReader(scan(Path(tmp)))
             reader.use(Path(tmp) / "model.safetensors")
             for (n, k), (name, row) in itertools.product(shapes, FORMATS.items()):
+                if formats and name not in formats:
+                    continue
                 try:
                     expert_fmt = _fit_to_source(row, fmt)
                 except ValueError:  # a format that cannot hold this source's weights (fp8 from INT4)
                     continue
                 stored = {key: t for key, t in tensors.items() if key.startswith(f"e{n}x{k}.")}
-                times = profile_tensor(reader, fmt, expert_fmt, next(iter(stored)), (n, k), iters)
+                times = profile_tensor(reader, fmt, expert_fmt, next(iter(stored)), (n, k), iters, base)
                 nbytes = sum(t.numel() * t.element_size() for t in stored.values())
-                rows.append({"variant": f"{source} -> {name}", "rows": n, "cols": k, **times,
-                             "gb_per_s": nbytes / GB / (times["tensor_ms"] / 1e3)})
+                gbps = {key: nbytes / GB / (ms / 1e3) for key, ms in times.items() if key.endswith("tensor_ms")}
+                rows.append({"variant": f"{source} -> {name}", "rows": n, "cols": k,
+                             **{key: ms for key, ms in times.items() if key != "base_tensor_ms"},
+                             "gb_per_s": gbps["tensor_ms"]})
+                if base:
+                    rows[-1].update(ratio=times["base_tensor_ms"] / times["tensor_ms"], ratio_of=f"ours/{base[0]}")
+                    rows.append({"variant": f"{base[0]}: {source} -> {name}", "rows": n, "cols": k,
+                                 "tensor_ms": times["base_tensor_ms"], "gb_per_s": gbps["base_tensor_ms"]})
     return rows
 
 
-def profile_tensor(reader, source, expert_fmt, key: str, shape: tuple, iters: int) -> dict:
-    """ms of one tensor's read (TensorReader.get of the weight and its companions), decode (checkpoint_formats.decode
-    into a reused buffer, where the loader decodes), pack (ExpertLayer.set_projection / load_stored) and the whole
-    of loader._load_projection, each the median of `iters`."""
-    from kt_sft.checkpoint_formats import decode, is_quantized, stored_parts
+def profile_tensor(reader, source, expert_fmt, key: str, shape: tuple, iters: int, base=None) -> dict:
+    """ms of one tensor's read (TensorReader.get of the weight and its companions), pack (ExpertLayer.set_projection
+    of what was read: the engine decodes a quantized weight itself, or keeps its codes) and the whole of
+    loader._load_projection, each the median of `iters`; decode_ms (the loader's torch decode before packing) is 0:
+    expert tensors are no longer decoded outside the engine. base: also base_tensor_ms, the other checkout's whole
+    _load_projection of the tensor into a layer of the same format, interleaved with ours."""
+    from kt_sft.checkpoint_formats import encoded, stored_parts
     from kt_sft.engine import ExpertLayer
     from kt_sft.loader import _load_projection
 
     weight = reader.get(key)
     parts = [p.key for p in stored_parts(source, key, weight.dtype, tuple(weight.shape), reader.get)] or [key]
-    layer, scratch = ExpertLayer(1, *shape, expert_fmt), torch.empty(shape[0] * shape[1])
-    keeps = is_quantized(key, weight.dtype) and weight.dtype == expert_fmt.stored_dtype  # as _load_projection decides
-    decodes = source.quantized and not keeps
-    decoded = decode(source, key, reader.get, out=scratch) if decodes else weight
-    if keeps:
-        pack = lambda: layer.load_stored("down", reader.get(parts[0]), reader.get(parts[1]))  # noqa: E731
+    layer, enc = ExpertLayer(1, *shape, expert_fmt), encoded(source, key, reader.get)
+    if enc is None:
+        pack = lambda: layer.set_projection("down", reader.get(key))  # noqa: E731
     else:
-        pack = lambda: layer.set_projection("down", decoded)  # noqa: E731
-    return {"read_ms": _median_ms(lambda: [reader.get(k) for k in parts], iters),
-            "decode_ms": _median_ms(lambda: decode(source, key, reader.get, out=scratch), iters) if decodes else 0.0,
-            "pack_ms": _median_ms(pack, iters),
-            "tensor_ms": _median_ms(lambda: _load_projection(layer, "down", 0, key, reader, source, scratch), iters)}
+        pack = lambda: layer.set_projection("down", enc.codes, scale=enc.scale, block=enc.block)  # noqa: E731
+    fns = [lambda: [reader.get(k) for k in parts], pack,
+           lambda: _load_projection(layer, "down", 0, key, reader, source)]
+    if base:
+        fns.append(_base_projection(base[1], reader, source, expert_fmt, key, shape))
+    times = dict(zip(("read_ms", "pack_ms", "tensor_ms", "base_tensor_ms"), _medians_ms(fns, iters)))
+    return {"read_ms": times["read_ms"], "decode_ms": 0.0, **times}
+
+
+def _base_projection(pkg, reader, source, expert_fmt, key: str, shape: tuple):
+    """The other checkout's _load_projection of `key` into a layer of its own in the same format (its loader decoded
+    quantized experts in torch into a reused buffer, `scratch`, before its engine packed them)."""
+    loader = importlib.import_module(f"{pkg.__name__}.loader")
+    formats = importlib.import_module(f"{pkg.__name__}.engine.formats")
+    layer = pkg.engine.ExpertLayer(1, *shape, loader._fit_to_source(formats.FORMATS[expert_fmt.name], source))
+    scratch = (torch.empty(shape[0] * shape[1]),) if "scratch" in inspect.signature(loader._load_projection).parameters \
+        else ()
+    return lambda: loader._load_projection(layer, "down", 0, key, reader, source, *scratch)
 
 
 def main() -> None:
@@ -299,6 +343,12 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5, help="--profile: timed repetitions per stage (median)")
     p.add_argument("--shapes", nargs="+", default=[f"{n}x{k}" for n, k in PROFILE_SHAPES],
                    help="--profile: tensor shapes ROWSxCOLS")
+    p.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES),
+                   help="--profile: the checkpoint layouts to time (default: all)")
+    p.add_argument("--formats", nargs="+", default=None, help="--profile: the expert formats to time (default: all)")
+    p.add_argument("--against", metavar="DIR", default=None,
+                   help="--profile: also time the loader of this kt-sft checkout (built in place) on the same tensors, "
+                        "interleaved with ours in this process (rows gain ratio = its ms / ours)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     results.add_arguments(p)
     a = p.parse_args()
@@ -323,13 +373,17 @@ def profile(a: argparse.Namespace) -> None:
     import kt_sft.engine as ke
 
     with results.human_output(a):
-        rows = profile_tensors(a.iters, [tuple(int(v) for v in shape.split("x")) for shape in a.shapes])
+        base = other_checkout(a.against) if a.against else None
+        rows = profile_tensors(a.iters, [tuple(int(v) for v in shape.split("x")) for shape in a.shapes], a.sources,
+                               base, a.formats)
         print(f"per tensor, ms (median of {a.iters}); torch threads {torch.get_num_threads()}, engine threads "
               f"{ke.num_threads()} [{ke.current_isa()}]")
-        print(f"{'source -> format':26} {'shape':>11} {'read':>7} {'decode':>7} {'pack':>7} {'tensor':>7} {'GB/s':>6}")
+        print(f"{'source -> format':44} {'shape':>11} {'read':>7} {'pack':>7} {'tensor':>7} {'GB/s':>6}")
         for r in rows:
-            print(f"{r['variant']:26} {r['rows']:>5}x{r['cols']:<5} {r['read_ms']:7.2f} {r['decode_ms']:7.2f} "
-                  f"{r['pack_ms']:7.2f} {r['tensor_ms']:7.2f} {r['gb_per_s']:6.2f}")
+            stages = f"{r['read_ms']:7.2f} {r['pack_ms']:7.2f}" if "read_ms" in r else " " * 15
+            ratio = f"  {r['ratio']:.2f}x {r['ratio_of']}" if "ratio" in r else ""
+            print(f"{r['variant']:44} {r['rows']:>5}x{r['cols']:<5} {stages} {r['tensor_ms']:7.2f} "
+                  f"{r['gb_per_s']:6.2f}{ratio}")
     run = results.provenance(ke.current_isa(), ke.num_threads())
     results.emit("bench_load_tensors", [{**run, "iters": a.iters, **r} for r in rows], a)
 

@@ -174,6 +174,36 @@ void bind_engine(py::module_& m) {
       "{phase: (calls, seconds)} since set_profiling / the last take_profile, then cleared");
 }
 
+// A source from Python's arguments (kt_sft/engine/layer.py has checked dtypes, shapes and strides): float rows, or
+// e4m3 / int4 codes with their scales (packing.h, WeightSource).
+WeightSource weight_source(uintptr_t src, const std::string& dtype, const std::vector<int64_t>& strides,
+                           uintptr_t scales, const std::string& scale_dtype, const std::vector<int64_t>& scale_strides,
+                           std::pair<int, int> block) {
+  if (strides.size() != 3) throw std::invalid_argument("strides: expected 3 element strides (expert, row, col)");
+  WeightSource s;
+  s.data = ptr<const void>(src);
+  s.s_e = strides[0], s.s_r = strides[1], s.s_c = strides[2];
+  if (dtype != "float8_e4m3fn" && dtype != "int32") {
+    s.dtype = dtype_code(dtype);
+    return s;
+  }
+  if (scale_strides.size() != 3) throw std::invalid_argument("scale_strides: expected 3 element strides");
+  s.kind = dtype == "int32" ? SourceKind::kInt4 : SourceKind::kE4m3;
+  s.scales = ptr<const void>(scales);
+  s.scale_dtype = dtype_code(scale_dtype);
+  s.ss_e = scale_strides[0], s.ss_r = scale_strides[1], s.ss_c = scale_strides[2];
+  s.block_n = block.first, s.block_k = block.second;
+  return s;
+}
+
+void set_weights(MoELayer& self, int which, int e0, int n, uintptr_t src, const std::string& dtype,
+                 const std::vector<int64_t>& strides, uintptr_t scales, const std::string& scale_dtype,
+                 const std::vector<int64_t>& scale_strides, std::pair<int, int> block, bool keep_codes) {
+  const WeightSource source = weight_source(src, dtype, strides, scales, scale_dtype, scale_strides, block);
+  py::gil_scoped_release nogil;
+  self.set_weights(which, e0, n, source, keep_codes);
+}
+
 using PyLayer = py::class_<MoELayer>;
 
 // MoELayer's compute calls: forward and backward release the GIL.
@@ -236,32 +266,15 @@ void bind_layer(py::module_& m) {
        py::arg("experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("format"),
        py::arg("scale_block") = py::none(), py::arg("activation") = "silu", py::arg("max_saved") = 4,
        "scale_block: (rows, columns) of weights per scale, 0 = the whole dimension (None: the format's own)")
-      .def(
-          "set_weights",
-          [](MoELayer& self, int which, int e0, int n, uintptr_t src, const std::string& src_dtype, int64_t s_e,
-             int64_t s_r, int64_t s_c) {
-            py::gil_scoped_release nogil;
-            self.set_weights(which, e0, n, ptr<const void>(src), dtype_code(src_dtype), s_e, s_r, s_c);
-          },
-          py::arg("which"), py::arg("expert_begin"), py::arg("n_experts"), py::arg("src"), py::arg("src_dtype"),
-          py::arg("stride_expert"), py::arg("stride_row"), py::arg("stride_col"))
-      .def(
-          "set_weights_stored",
-          [](MoELayer& self, int which, int e0, int n, uintptr_t codes, std::vector<int64_t> code_strides,
-             uintptr_t scales, const std::string& scale_dtype, std::vector<int64_t> scale_strides,
-             std::pair<int, int> grid) {
-            if (code_strides.size() != 3 || scale_strides.size() != 3)
-              throw std::invalid_argument("code_strides and scale_strides: expected 3 element strides each");
-            const StoredSource src{ptr<const void>(codes), code_strides[0], code_strides[1], code_strides[2],
-                                   ptr<const void>(scales), dtype_code(scale_dtype), scale_strides[0],
-                                   scale_strides[1], scale_strides[2], grid.first, grid.second};
-            py::gil_scoped_release nogil;
-            self.set_weights_stored(which, e0, n, src);
-          },
-          py::arg("which"), py::arg("expert_begin"), py::arg("n_experts"), py::arg("codes"), py::arg("code_strides"),
-          py::arg("scales"), py::arg("scale_dtype"), py::arg("scale_strides"), py::arg("scale_grid"),
-          "a checkpoint's own codes (fp8: e4m3 bytes [n][N][K]; int4: int32 words [n][N][ceil(K/8)]) and scales "
-          "[n][grid rows][grid cols], element strides (expert, row, col), kept as they are")
+      .def("set_weights", &set_weights, py::arg("which"), py::arg("expert_begin"), py::arg("n_experts"),
+           py::arg("src"), py::arg("src_dtype"), py::arg("strides"), py::arg("scales") = 0,
+           py::arg("scale_dtype") = "float32", py::arg("scale_strides") = std::vector<int64_t>{},
+           py::arg("scale_block") = std::make_pair(1, 1), py::arg("keep_codes") = false,
+           "src [n][rows][cols] of src_dtype float32 / bfloat16 / float16, or a checkpoint's codes: float8_e4m3fn "
+           "bytes [n][rows][cols] or int32 words [n][rows][ceil(cols/8)] of 8 int4 nibbles (q + 8, lowest first) "
+           "with scales [n][ceil(rows/bn)][ceil(cols/bk)] of scale_block (bn, bk), decoded by the engine; element "
+           "strides (expert, row, col) for both. keep_codes: codes and scales kept as they are (fp8 / int4 formats, "
+           "on the layer's grid)")
       .def("missing_weights", &MoELayer::missing_weights)
       // (address, bytes) of a projection's packed panels / int8 scales ((0, 0) without): read-only storage that
       // lives as long as the layer; kt_sft/engine/gpu_share.py wraps it without a copy.

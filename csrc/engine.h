@@ -44,6 +44,7 @@ struct Engine {
   // per call: gathered rows (x or dy), act / dgu, per-row outputs (y or dx rows), dw partial sums
   Buffer xg, act, rows_out, dw_part;
   std::vector<Buffer> c0, c1, packed, acc, wdq, ci;  // per worker (Scratch)
+  std::vector<Buffer> decoded;  // per worker: packing's decoded source rows and codes (packing.h, pack)
   Buffer q8, q8_scale;  // int8 GEMMs: the current GEMM phase's A quantized (QuantJob), and its row scales
   // LoRA: repacked factors (LoraView), rank-r projections of unsaved forwards / backward, h for dB_d.
   LoraRepackBuffers lora;

@@ -51,35 +51,19 @@ LayerView MoELayer::view(int kchunk) const {
   return L;
 }
 
-template <class Pack>
-void MoELayer::pack_experts(int which, int e0, int n, const Pack& pack) {
+void MoELayer::set_weights(int which, int e0, int n, const WeightSource& src, bool keep_codes) {
   const Proj p = checked_proj(which);
   if (e0 < 0 || n < 1 || e0 + n > E_)
     throw std::invalid_argument("experts [" + std::to_string(e0) + ", " + std::to_string(e0 + n) +
                                 ") outside [0, " + std::to_string(E_) + ")");
   Engine& eng = engine();
-  std::lock_guard<std::mutex> lock(eng.mu);
+  std::lock_guard<std::mutex> lock(eng.mu);  // the pool and the decode buffers are the engine's
   ensure_ready(eng);
-  const int bad = pack(*eng.pool, p);
+  const int bad = weights_.pack(*eng.pool, eng.decoded, p, e0, n, src, keep_codes);
   if (bad >= 0)
     throw std::invalid_argument(std::string("non-finite value (NaN/Inf) in the ") + proj_name(p) +
                                 " weights of expert " + std::to_string(bad));
   for (int e = e0; e < e0 + n; ++e) loaded_[size_t(which) * E_ + e] = 1;
-}
-
-void MoELayer::set_weights(int which, int e0, int n, const void* src, int src_dtype, int64_t s_e, int64_t s_r,
-                           int64_t s_c) {
-  if (src_dtype != kF32 && src_dtype != kBF16 && src_dtype != kF16)
-    throw std::invalid_argument("source dtype must be float32, bfloat16 or float16");
-  pack_experts(which, e0, n, [&](ThreadPool& pool, Proj p) {
-    return weights_.pack(pool, p, e0, n, WeightSource{src, src_dtype, s_e, s_r, s_c});
-  });
-}
-
-void MoELayer::set_weights_stored(int which, int e0, int n, const StoredSource& src) {
-  if (src.scale_dtype != kF32 && src.scale_dtype != kBF16 && src.scale_dtype != kF16)
-    throw std::invalid_argument("scale dtype must be float32, bfloat16 or float16");
-  pack_experts(which, e0, n, [&](ThreadPool& pool, Proj p) { return weights_.pack_stored(pool, p, e0, n, src); });
 }
 
 std::vector<std::string> MoELayer::missing_weights() const {

@@ -48,13 +48,11 @@ class MoELayer {
   MoELayer(int experts, int hidden, int intermediate, WeightFormat format, int scale_block_n, int scale_block_k,
            int activation, int max_saved);
 
-  // Packs rows x cols of projection `which` (0 gate [I][H], 1 up [I][H], 2 down [H][I]) for experts
-  // [e0, e0+n) from src (dtype src_dtype) with element strides (expert, row, col), quantizing each output
-  // row (channel) of an int8 layer. Throws on NaN/Inf.
-  void set_weights(int which, int e0, int n, const void* src, int src_dtype, int64_t s_e, int64_t s_r, int64_t s_c);
-  // The same from a checkpoint's own codes and scales, kept as they are (fp8, int4: packing.h, StoredSource). Throws
-  // for another format, a scale grid that is not the layer's, a NaN code or a non-finite scale.
-  void set_weights_stored(int which, int e0, int n, const StoredSource& src);
+  // Packs projection `which` (0 gate [I][H], 1 up [I][H], 2 down [H][I]) of experts [e0, e0+n) from src (packing.h,
+  // WeightSource: floats, or a checkpoint's e4m3 / int4 codes with their scales, decoded by the engine), converted
+  // or quantized into the layer's format; keep_codes keeps encoded codes and scales as they are (fp8 from e4m3, int4
+  // formats from int4, on the layer's grid). Throws on NaN/Inf, or a source the layer cannot take.
+  void set_weights(int which, int e0, int n, const WeightSource& src, bool keep_codes);
   // y[T][H] = sum_j w[t][j] * expert_{ids[t][j]}(x[t]) over slots with ids != kNotHere; returns a handle for
   // backward when save is set.
   // lora: optional per-expert LoRA on gate_up / down (null or all ranks 0 = frozen experts only).
@@ -99,9 +97,6 @@ class MoELayer {
   SavedSlot& claim_slot();                // a free slot, else the oldest (its forward is forgotten)
   // Bytes per element of the per-row outputs (out_rows, dx_rows): bf16 with int8 GEMMs (common.h), else f32.
   size_t row_out_bytes() const { return fmt_.quantized_gemm ? 2 : sizeof(float); }
-  // Checks the experts range and claims the engine for packing; marks them loaded after pack(pool) succeeds.
-  template <class Pack>
-  void pack_experts(int which, int e0, int n, const Pack& pack);
 
   int E_, H_, I_, Hp_, Ip_, activation_;
   FormatInfo fmt_;  // the format's row with this layer's scale grid

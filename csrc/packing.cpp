@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -9,42 +11,23 @@
 #include "thread_pool.h"
 
 namespace kt_sft {
-
-// Element (row, k) of expert e (relative to the source's first expert) as fp32.
-struct SourceRow {
-  const WeightSource& src;
-  int e;
-  float operator()(int row, int k) const {
-    return load_as_f32(src.data, size_t(int64_t(e) * src.s_e + int64_t(row) * src.s_r + int64_t(k) * src.s_c),
-                       src.dtype);
-  }
-};
-
-// Expert e (relative to the source's first expert) of a checkpoint's stored codes: code (row, k) as a byte (fp8:
-// the e4m3 byte; int4: the nibble, q + 8), scale (r, c) of its grid as fp32.
-struct StoredRow {
-  const StoredSource& src;
-  int e;
-  uint8_t byte(int row, int k) const {
-    return static_cast<const uint8_t*>(src.codes)[int64_t(e) * src.s_e + int64_t(row) * src.s_r + int64_t(k) * src.s_c];
-  }
-  uint8_t nibble(int row, int k) const {
-    const int32_t w = static_cast<const int32_t*>(
-        src.codes)[int64_t(e) * src.s_e + int64_t(row) * src.s_r + int64_t(k / 8) * src.s_c];
-    return uint8_t((uint32_t(w) >> (4 * (k % 8))) & 0xfu);
-  }
-  float scale(int r, int c) const {
-    return load_as_f32(src.scales, size_t(int64_t(e) * src.ss_e + int64_t(r) * src.ss_r + int64_t(c) * src.ss_c),
-                       src.scale_dtype);
-  }
-};
-
 namespace {
+
+// A band of rows decoded at once (grid formats: whole grid rows and whole panels) uses at most this much fp32
+// buffer per worker; a larger one (a grid of very tall blocks) computes its grid in a pass of its own instead.
+// DeepSeek-V3's fp8 blocks of 128 rows over K = 7168: 3.5 MiB.
+constexpr size_t kMaxBandBytes = size_t(8) << 20;
+constexpr uint32_t kAbsMask = 0x7fffffffu, kInfBits = 0x7f800000u;
+// 1.5 * 2^23: x + kRound - kRound is x rounded to an integer, half to even, for |x| <= 2^22 (the sum's ulp is 1), in
+// plain adds the compiler vectorizes (nearbyint is a library call per element).
+constexpr float kRound = 12582912.0f;
 
 // Blocks of `block` elements covering `len` (any positive block: computed without overflow).
 int blocks_over(int len, int block) { return int((int64_t(len) + block - 1) / block); }
+int block_end(int start, int block, int len) { return int(std::min<int64_t>(len, int64_t(start) + block)); }
 // The first of two failing experts (-1: none).
 int earliest(int a, int b) { return a < 0 ? b : b < 0 ? a : std::min(a, b); }
+uint32_t abs_bits(float v) { return f32_to_bits(v) & kAbsMask; }
 
 ProjectionLayout make_layout(Proj p, int H, int I, const FormatInfo& f) {
   ProjectionLayout l{};
@@ -67,164 +50,325 @@ ProjectionLayout make_layout(Proj p, int H, int I, const FormatInfo& f) {
   return l;
 }
 
-// One panel (16 output rows from row0) of a plain format: every element converted to Elem at its panel
-// position (G: panel_group). Returns false if the source holds NaN/Inf.
-template <typename Elem, int G>
-bool pack_plain_panel(const ProjectionLayout& l, const SourceRow& value, int row0, Elem* dst) {
-  bool finite = true;
-  for (int nn = 0; nn < kPanel; ++nn) {
-    const int row = row0 + nn;
-    for (int k = 0; k < l.Kp; ++k) {
-      float v = 0.f;
-      if (row < l.N && k < l.K) {
-        v = value(row, k);
-        if (!std::isfinite(v)) finite = false;
-      }
-      const size_t at = (size_t(k / G) * kPanel + nn) * G + k % G;
-      if constexpr (sizeof(Elem) == 4) dst[at] = v;
-      else dst[at] = f32_to_bf16(v);
-    }
+// ---- decoding: one source row into fp32 ----
+
+// c ? a : b as bit masks: the compiler vectorizes loops of these, where it keeps some ternaries (and every float
+// comparison, which may trap) as branches.
+uint32_t select(bool c, uint32_t a, uint32_t b) {
+  const uint32_t m = 0u - uint32_t(c);
+  return (a & m) | (b & ~m);
+}
+
+// e4m3_to_f32 (common.h) without branches: e4m3 is fp32 with a 4-bit exponent of bias 7 and 3 mantissa bits, so a
+// normal code's exponent and mantissa move up by 20 bits and its exponent gains 120; subnormals are m * 2^-9.
+float e4m3_value(uint32_t b) {
+  const uint32_t em = b & 0x7fu;
+  uint32_t v = select(em < 8u, f32_to_bits(float(int(em)) * 0.001953125f), (em << 20) + (120u << 23));
+  v = select(em == 0x7fu, 0x7fc00000u, v);  // the NaN codes
+  return bits_to_f32(v | ((b & 0x80u) << 24));
+}
+
+void float_values(const WeightSource& s, int64_t at, int K, float* out) {
+  const int64_t sc = s.s_c;
+  if (s.dtype == kF32) {
+    const float* p = static_cast<const float*>(s.data) + at;
+    if (sc == 1) std::memcpy(out, p, size_t(K) * sizeof(float));
+    else for (int k = 0; k < K; ++k) out[k] = p[k * sc];
+    return;
   }
-  return finite;
+  const uint16_t* p = static_cast<const uint16_t*>(s.data) + at;
+  if (s.dtype == kF16) for (int k = 0; k < K; ++k) out[k] = f16_to_f32(p[k * sc]);
+  else if (sc == 1) for (int k = 0; k < K; ++k) out[k] = bf16_to_f32(p[k]);
+  else for (int k = 0; k < K; ++k) out[k] = bf16_to_f32(p[k * sc]);
 }
 
-// One panel of per-channel int8 (common.h, INT8): each output row's scale into scales[row], its q at their panel
-// positions (G: panel_group). Returns false if the source holds NaN/Inf.
-template <int G>
-bool pack_channel_int8_panel(const ProjectionLayout& l, const SourceRow& value, int row0, int8_t* q, float* scales) {
-  bool finite = true;
-  for (int nn = 0; nn < kPanel; ++nn) {
-    const int row = row0 + nn;
-    float amax = 0.f;
-    if (row < l.N)
-      for (int k = 0; k < l.K; ++k) {
-        const float v = value(row, k);
-        if (!std::isfinite(v)) finite = false;
-        amax = std::max(amax, std::fabs(v));
-      }
-    const float sc = amax / 127.0f;
-    scales[row] = sc;
-    for (int k = 0; k < l.Kp; ++k) {
-      float r = 0.f;
-      if (row < l.N && k < l.K && sc > 0.f && std::isfinite(sc))
-        r = std::min(127.f, std::max(-127.f, std::nearbyint(value(row, k) / sc)));
-      q[(size_t(k / G) * kPanel + nn) * G + k % G] = int8_t(r);
+// Each k's scale of source row `row` of expert e: blocks written out per element, so that the decode is one loop
+// over the row whatever the block width (INT4's groups of 32 in separate loops: per-group overhead).
+void source_k_scales(const WeightSource& s, int e, int row, int K, float* k_scales) {
+  const int64_t at = int64_t(e) * s.ss_e + int64_t(row / s.block_n) * s.ss_r;
+  for (int c = 0, k0 = 0; k0 < K; ++c, k0 = block_end(k0, s.block_k, K))
+    std::fill(k_scales + k0, k_scales + block_end(k0, s.block_k, K),
+              load_as_f32(s.scales, size_t(at + int64_t(c) * s.ss_c), s.scale_dtype));
+}
+
+// fl32(value * scale) of each e4m3 code of the row.
+void e4m3_values(const WeightSource& s, int64_t at, int K, const float* k_scales, float* out) {
+  const uint8_t* p = static_cast<const uint8_t*>(s.data) + at;
+  if (s.s_c == 1) for (int k = 0; k < K; ++k) out[k] = e4m3_value(p[k]) * k_scales[k];
+  else for (int k = 0; k < K; ++k) out[k] = e4m3_value(p[k * s.s_c]) * k_scales[k];
+}
+
+// fl32(q * scale) of each int4 code of the row (whole words: 8 * ceil(K / 8) <= Kp values; k_scales past K are
+// overwritten after). A little-endian word's byte j holds nibbles 2j and 2j + 1.
+void int4_values(const WeightSource& s, int64_t at, int K, const float* k_scales, float* out) {
+  const int32_t* p = static_cast<const int32_t*>(s.data) + at;
+  const int words = blocks_over(K, 8);
+  if (s.s_c == 1) {
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(p);
+    for (int j = 0; j < 4 * words; ++j) {
+      out[2 * j] = float(int(bytes[j] & 15u) - 8) * k_scales[2 * j];
+      out[2 * j + 1] = float(int(bytes[j] >> 4) - 8) * k_scales[2 * j + 1];
     }
+    return;
   }
-  return finite;
+  for (int w = 0; w < words; ++w)
+    for (int i = 0; i < 8; ++i)
+      out[8 * w + i] = float(int((uint32_t(p[w * s.s_c]) >> (4 * i)) & 15u) - 8) * k_scales[8 * w + i];
 }
 
-// ---- block-scaled formats (common.h, FP8 / INT4): codes in the pair order, scales on the layer's grid ----
-
-// Writes code(row, k, s, &c) of every real element of one panel (16 output rows from row0) at its pair-panel
-// position, `zero` (the code of weight 0) in the padding; s is the element's scale in `scales` (one expert's grid,
-// stored by column; 0 without). Bits 8: a byte per code; 4: two per byte, the even k in the low nibble. Returns false
-// if a code did.
-template <int Bits, class Code>
-bool write_codes(const ProjectionLayout& l, int row0, uint8_t* dst, uint8_t zero, const float* scales,
-                 const Code& code) {
-  bool ok = true;
-  for (int nn = 0; nn < kPanel; ++nn) {
-    const int row = row0 + nn;
-    const float* scale = scales ? scales + row / l.scale_block_n : nullptr;  // (row, k): scale[(k / block_k) * rows]
-    int64_t block_end = l.scale_block_k;
-    for (int k = 0; k < l.Kp; ++k) {
-      if (k == block_end) {  // the next k block, without a division per element
-        scale += scales ? l.scale_rows : 0;
-        block_end += l.scale_block_k;
-      }
-      uint8_t c = zero;
-      if (row < l.N && k < l.K && !code(row, k, scale ? *scale : 0.f, &c)) ok = false;
-      const size_t at = (size_t(k / 2) * kPanel + nn) * 2 + k % 2;  // panel_index(kPairs, nn, k)
-      if (Bits == 8) {
-        dst[at] = c;
-      } else {
-        uint8_t& b = dst[at / 2];
-        b = k % 2 ? uint8_t((b & 0x0fu) | (c << 4)) : uint8_t((b & 0xf0u) | c);
-      }
-    }
+// W(row, k) of expert e (relative to the source's first) into out[0, Kp), zeros from K on (rows >= N: all zeros);
+// k_scales: Kp floats of room.
+void decode_row(const WeightSource& s, int e, int row, const ProjectionLayout& l, float* out, float* k_scales) {
+  if (row >= l.N) {
+    std::fill(out, out + l.Kp, 0.f);
+    return;
   }
-  return ok;
+  const int64_t at = int64_t(e) * s.s_e + int64_t(row) * s.s_r;
+  if (s.kind == SourceKind::kFloat) {
+    float_values(s, at, l.K, out);
+  } else {
+    source_k_scales(s, e, row, l.K, k_scales);
+    std::fill(k_scales + l.K, k_scales + l.Kp, 0.f);
+    if (s.kind == SourceKind::kE4m3) e4m3_values(s, at, l.K, k_scales, out);
+    else int4_values(s, at, l.K, k_scales, out);
+  }
+  std::fill(out + l.K, out + l.Kp, 0.f);
 }
 
-// Grid row r of one expert from a float source: s = max |w| / QMax over each block's real weights (0 for a block of
-// zeros or of padding only). Returns false if the source holds NaN/Inf.
-template <int QMax>
-bool block_scales(const ProjectionLayout& l, const SourceRow& value, int r, float* scales) {
-  std::vector<float> amax(size_t(l.scale_cols), 0.f);
-  bool finite = true;
-  const int end = int(std::min<int64_t>(l.N, int64_t(r + 1) * l.scale_block_n));
-  for (int row = r * l.scale_block_n; row < end; ++row)
-    for (int c = 0; c < l.scale_cols; ++c) {
-      const int k1 = int(std::min<int64_t>(l.K, int64_t(c + 1) * l.scale_block_k));
-      for (int k = c * l.scale_block_k; k < k1; ++k) {
-        const float v = value(row, k);
-        if (!std::isfinite(v)) finite = false;
-        amax[size_t(c)] = std::max(amax[size_t(c)], std::fabs(v));
-      }
-    }
-  for (int c = 0; c < l.scale_cols; ++c) scales[size_t(c) * l.scale_rows + r] = amax[size_t(c)] / float(QMax);
-  return finite;
+// max |w[k]| over [k0, k1) as fp32 bits, which order as the values do (non-negative: compared as int32); bits of
+// kInfBits or more: an Inf or NaN among them.
+int32_t max_abs_bits(const float* w, int k0, int k1) {
+  int32_t m = 0;
+  for (int k = k0; k < k1; ++k) {
+    const int32_t a = int32_t(abs_bits(w[k]));
+    m = a > m ? a : m;
+  }
+  return m;
 }
 
-// fp8 from a float source: e4m3(w / s), round to nearest even, saturating (s = 0: code 0).
-bool fp8_panel(const ProjectionLayout& l, const SourceRow& value, int row0, void* dst, float* scales) {
-  return write_codes<8>(l, row0, static_cast<uint8_t*>(dst), 0, scales, [&](int row, int k, float s, uint8_t* c) {
-    *c = s > 0.f ? f32_to_e4m3(value(row, k) / s) : 0;
-    return true;
-  });
+// ---- coding one decoded row (Kp values, zeros past K) into its panel codes, in k order ----
+// Each returns false if the row holds NaN/Inf; the block-scaled ones (fp8, int4) leave that to their grid's amax.
+
+// fp32: the values are the codes.
+bool f32_row(const ProjectionLayout& l, const float* w, int, float*, float*, uint8_t* codes) {
+  std::memcpy(codes, w, size_t(l.Kp) * sizeof(float));
+  return max_abs_bits(w, 0, l.Kp) < int32_t(kInfBits);
 }
-// int4 from a float source: q = clamp(round_half_even(w / s), -8, 7), stored q + 8 (s = 0: q = 0).
-bool int4_panel(const ProjectionLayout& l, const SourceRow& value, int row0, void* dst, float* scales) {
-  return write_codes<4>(l, row0, static_cast<uint8_t*>(dst), 8, scales, [&](int row, int k, float s, uint8_t* c) {
-    const float q = s > 0.f ? std::min(7.f, std::max(-8.f, std::nearbyint(value(row, k) / s))) : 0.f;
-    *c = uint8_t(int(q) + 8);
-    return true;
-  });
+
+// bf16: round to nearest even, NaN kept a (quiet) NaN: f32_to_bf16 without branches.
+bool bf16_row(const ProjectionLayout& l, const float* w, int, float*, float*, uint8_t* out) {
+  uint16_t* codes = reinterpret_cast<uint16_t*>(out);
+  uint32_t special = 0;  // any exponent of all ones: Inf or NaN
+  for (int k = 0, Kp = l.Kp; k < Kp; ++k) {
+    const uint32_t u = f32_to_bits(w[k]);
+    const uint16_t rounded = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    codes[k] = (u & kAbsMask) > kInfBits ? uint16_t((u >> 16) | 0x40u) : rounded;
+    special |= uint32_t((u & kInfBits) == kInfBits);
+  }
+  return !special;
 }
-// fp8 from stored e4m3 bytes; false on a NaN code (0x7f, 0xff).
-bool fp8_stored_panel(const ProjectionLayout& l, const StoredRow& src, int row0, void* dst) {
-  return write_codes<8>(l, row0, static_cast<uint8_t*>(dst), 0, nullptr, [&](int row, int k, float, uint8_t* c) {
-    *c = src.byte(row, k);
-    return (*c & 0x7fu) != 0x7fu;
-  });
+
+// clamp(round_half_even(x), -low, high) for integral low, high > 0, as nearbyint and std::min/max would give it
+// (clamping first rounds the same); compared as bits, |x|'s order (NaN: a bound).
+int round_clamped(float x, float low, float high) {
+  const uint32_t u = f32_to_bits(x), a = u & kAbsMask, bound = select(u >> 31, f32_to_bits(low), f32_to_bits(high));
+  const float clamped = bits_to_f32((u & ~kAbsMask) | select(a > bound, bound, a));
+  return int((clamped + kRound) - kRound);
 }
-bool int4_stored_panel(const ProjectionLayout& l, const StoredRow& src, int row0, void* dst) {
-  return write_codes<4>(l, row0, static_cast<uint8_t*>(dst), 8, nullptr, [&](int row, int k, float, uint8_t* c) {
-    *c = src.nibble(row, k);
-    return true;
-  });
+
+// Per-channel int8 (common.h, INT8): s = max_k |w| / 127 into scales[row], q = clamp(rne(w / s), -127, 127).
+bool int8_row(const ProjectionLayout& l, const float* w, int row, float* scales, float*, uint8_t* out) {
+  const int32_t amax = max_abs_bits(w, 0, l.K);
+  const float s = bits_to_f32(uint32_t(amax)) / 127.0f;
+  scales[row] = s;
+  int8_t* q = reinterpret_cast<int8_t*>(out);
+  if (!(s > 0.f && amax < int32_t(kInfBits))) {  // an all-zero row, or a non-finite one
+    std::fill(q, q + l.Kp, int8_t(0));
+    return amax < int32_t(kInfBits);
+  }
+  for (int k = 0, Kp = l.Kp; k < Kp; ++k) q[k] = int8_t(round_clamped(w[k] / s, 127.f, 127.f));
+  return true;
+}
+
+// f32_to_e4m3 (common.h) without branches: the same code for every input.
+uint8_t e4m3_code(float f) {
+  const uint32_t u = f32_to_bits(f), a = u & kAbsMask;
+  const uint32_t normal = ((a + 0x7ffffu + ((a >> 20) & 1u)) >> 20) - (120u << 3);
+  const bool tiny = a < 0x3c800000u;  // below 2^-6, the subnormals: steps of 2^-9 (exact scaling, RNE)
+  const float steps = bits_to_f32(select(tiny, a, 0x3c800000u)) * 512.0f;
+  uint32_t code = select(tiny, uint32_t(int((steps + kRound) - kRound)), normal);
+  code = select(a >= 0x43e00000u, 0x7eu, code);  // >= 448: the largest finite value
+  code = select(a > kInfBits, 0x7fu, code);
+  return uint8_t(((u >> 24) & 0x80u) | code);
+}
+
+// s > 0 (Inf included, NaN not), as bits: grid scales are never negative.
+bool positive(float s) { return f32_to_bits(s) - 1u < kInfBits; }
+
+// Each k's scale of `row` in one expert's grid (stored by column), blocks written out per element as on the source
+// side (source_k_scales); `unscaled` in place of a scale that is not positive.
+void grid_k_scales(const ProjectionLayout& l, const float* grid, int row, float unscaled, float* k_scales) {
+  const float* cells = grid + row / l.scale_block_n;  // the row's cell of each k block, scale_rows apart
+  for (int c = 0, k0 = 0; k0 < l.Kp; ++c, k0 = block_end(k0, l.scale_block_k, l.Kp)) {
+    const float s = cells[size_t(c) * l.scale_rows];
+    std::fill(k_scales + k0, k_scales + block_end(k0, l.scale_block_k, l.Kp), positive(s) ? s : unscaled);
+  }
+}
+
+// fp8 (common.h, FP8): e4m3(w / s) of each block's scale s, round to nearest even, saturating (s = 0: code 0).
+bool fp8_row(const ProjectionLayout& l, const float* w, int row, float* grid, float* k_scales, uint8_t* codes) {
+  grid_k_scales(l, grid, row, 0.f, k_scales);
+  for (int k = 0, Kp = l.Kp; k < Kp; ++k)
+    codes[k] = uint8_t(select(positive(k_scales[k]), e4m3_code(w[k] / k_scales[k]), 0u));
+  return true;
+}
+
+// int4 (common.h, INT4): q = clamp(rne(w / s), -8, 7) stored q + 8 (s = 0: q = 0), two per byte, even k low. A block
+// with s = 0 holds only zeros (of either sign), which s = 1 codes as q = 0 too: no select per weight.
+bool int4_row(const ProjectionLayout& l, const float* w, int row, float* grid, float* k_scales, uint8_t* codes) {
+  grid_k_scales(l, grid, row, 1.f, k_scales);
+  for (int k2 = 0, pairs = l.Kp / 2; k2 < pairs; ++k2) {
+    const int lo = round_clamped(w[2 * k2] / k_scales[2 * k2], 8.f, 7.f) + 8;
+    const int hi = round_clamped(w[2 * k2 + 1] / k_scales[2 * k2 + 1], 8.f, 7.f) + 8;
+    codes[k2] = uint8_t(lo | (hi << 4));
+  }
+  return true;
+}
+
+// ---- panel places ----
+
+// Row nn of a panel from its codes in k order: unit u (the panel_group(panel) consecutive k of one row, `Unit`
+// bytes) at panel[u * kPanel + nn] (common.h, panel_index).
+template <class Unit>
+void scatter_units(const uint8_t* codes, int units, char* panel, int nn) {
+  for (int u = 0; u < units; ++u)
+    std::memcpy(panel + (size_t(u) * kPanel + nn) * sizeof(Unit), codes + size_t(u) * sizeof(Unit), sizeof(Unit));
+}
+void scatter_row(const ProjectionLayout& l, const uint8_t* codes, char* panel, int nn) {
+  const int unit_bytes = panel_group(l.panel) * l.elem_bits / 8, units = l.Kp / panel_group(l.panel);
+  if (unit_bytes == 1) scatter_units<uint8_t>(codes, units, panel, nn);
+  else if (unit_bytes == 2) scatter_units<uint16_t>(codes, units, panel, nn);
+  else scatter_units<uint32_t>(codes, units, panel, nn);
+}
+
+// ---- codes kept as stored (one row of expert e, relative to the source's first, in k order) ----
+
+// e4m3 bytes, zeros past K; false on a NaN code (0x7f, 0xff).
+bool kept_e4m3_row(const WeightSource& s, int e, int row, const ProjectionLayout& l, uint8_t* codes) {
+  const uint8_t* p = static_cast<const uint8_t*>(s.data) + int64_t(e) * s.s_e + int64_t(row) * s.s_r;
+  if (s.s_c == 1) std::memcpy(codes, p, size_t(l.K));
+  else for (int k = 0; k < l.K; ++k) codes[k] = p[k * s.s_c];
+  uint8_t nan = 0;
+  for (int k = 0, K = l.K; k < K; ++k) nan |= uint8_t((codes[k] & 0x7fu) == 0x7fu);
+  std::fill(codes + l.K, codes + l.Kp, uint8_t(0));
+  return !nan;
+}
+
+// Bytes of nibble pairs (a little-endian word's byte j holds nibbles 2j, 2j + 1: already the panel's pair byte),
+// weight 0 (nibble 8) past K.
+bool kept_int4_row(const WeightSource& s, int e, int row, const ProjectionLayout& l, uint8_t* codes) {
+  const int32_t* p = static_cast<const int32_t*>(s.data) + int64_t(e) * s.s_e + int64_t(row) * s.s_r;
+  if (s.s_c == 1) {
+    std::memcpy(codes, p, size_t(blocks_over(l.K, 8)) * 4);
+  } else {
+    for (int w = 0; w < blocks_over(l.K, 8); ++w)
+      for (int j = 0; j < 4; ++j) codes[4 * w + j] = uint8_t(uint32_t(p[w * s.s_c]) >> (8 * j));
+  }
+  if (l.K % 2) codes[l.K / 2] = uint8_t((codes[l.K / 2] & 0x0fu) | 0x80u);
+  std::fill(codes + (l.K + 1) / 2, codes + l.Kp / 2, uint8_t(0x88));
+  return true;
 }
 
 // ---- the table ----
 
-// Packs panel p (16 output rows from 16 * p) of one expert: dst = the panel, scales = the expert's scale grid.
-// Returns false if the source holds NaN/Inf.
-template <typename Elem, int G>
-bool plain_packer(const ProjectionLayout& l, const SourceRow& value, int row0, void* dst, float*) {
-  return pack_plain_panel<Elem, G>(l, value, row0, static_cast<Elem*>(dst));
-}
-template <int G>
-bool channel_int8_packer(const ProjectionLayout& l, const SourceRow& value, int row0, void* dst, float* scales) {
-  return pack_channel_int8_panel<G>(l, value, row0, static_cast<int8_t*>(dst), scales);
+// How one format packs (WeightFormat order): a decoded row into its codes (the row, its index, the expert's scales,
+// Kp floats of room for per-k scales, the codes out), the largest code magnitude its block scales map a block's max |w| to (0: no grid to compute
+// first), and the encoded source kind whose codes and scales it can keep as they are, with that kind's row function
+// (kFloat: none).
+using RowCoder = bool (*)(const ProjectionLayout&, const float*, int, float*, float*, uint8_t*);
+using KeptRow = bool (*)(const WeightSource&, int, int, const ProjectionLayout&, uint8_t*);
+struct FormatPacking {
+  RowCoder row_codes;
+  float grid_qmax;
+  SourceKind kept;
+  KeptRow kept_row;
+};
+constexpr FormatPacking kPacking[kNumFormats] = {
+    {f32_row, 0.f, SourceKind::kFloat, nullptr},              // kF32
+    {bf16_row, 0.f, SourceKind::kFloat, nullptr},             // kBF16: pairs
+    {int8_row, 0.f, SourceKind::kFloat, nullptr},             // kInt8: pairs, channel scales
+    {int8_row, 0.f, SourceKind::kFloat, nullptr},             // kInt8Gemm: quads, channel scales
+    {fp8_row, 448.f, SourceKind::kE4m3, kept_e4m3_row},       // kFp8: e4m3 pairs, block scales
+    {int4_row, 7.f, SourceKind::kInt4, kept_int4_row},        // kInt4: nibble pairs, group scales
+    {int4_row, 7.f, SourceKind::kInt4, kept_int4_row},        // kInt4Gemm: int4's (channel scales derived after)
+};
+
+const char* kind_name(SourceKind k) {
+  return k == SourceKind::kE4m3 ? "e4m3 (fp8)" : k == SourceKind::kInt4 ? "int4 (packed int32)" : "float";
 }
 
-// One Packer per WeightFormat (formats.h order): a new format's element type / quantization is a new row here.
-constexpr Packer kPackers[kNumFormats] = {
-    {plain_packer<float, 1>, nullptr, nullptr},     // kF32
-    {plain_packer<uint16_t, 2>, nullptr, nullptr},  // kBF16: pairs
-    {channel_int8_packer<2>, nullptr, nullptr},     // kInt8: pairs
-    {channel_int8_packer<4>, nullptr, nullptr},     // kInt8Gemm: quads
-    {fp8_panel, block_scales<448>, fp8_stored_panel},  // kFp8: e4m3 pairs, block scales
-    {int4_panel, block_scales<7>, int4_stored_panel},  // kInt4: nibble pairs, group scales
-    {int4_panel, block_scales<7>, int4_stored_panel},  // kInt4Gemm: int4's (channel scales derived after)
-};
+// Throws std::invalid_argument unless `s` is a source pack() can read (and keep, when asked).
+void check_source(const ProjectionLayout& l, const FormatPacking& f, const char* format, const WeightSource& s,
+                  bool keep) {
+  auto float_dtype = [](int dt) { return dt == kF32 || dt == kBF16 || dt == kF16; };
+  if (!s.data) throw std::invalid_argument("source: null data");
+  if (s.kind == SourceKind::kFloat) {
+    if (!float_dtype(s.dtype)) throw std::invalid_argument("source dtype must be float32, bfloat16 or float16");
+  } else {
+    if (!s.scales) throw std::invalid_argument("an encoded source needs its scales");
+    if (!float_dtype(s.scale_dtype)) throw std::invalid_argument("scale dtype must be float32, bfloat16 or float16");
+    if (s.block_n < 1 || s.block_k < 1)
+      throw std::invalid_argument("source scale blocks must be >= 1 weights, got " + std::to_string(s.block_n) +
+                                  " x " + std::to_string(s.block_k));
+  }
+  if (!keep) return;
+  if (s.kind == SourceKind::kFloat || f.kept != s.kind)
+    throw std::invalid_argument(std::string("expert format ") + format + " keeps no " + kind_name(s.kind) +
+                                " codes as they are");
+  auto same = [](int a, int b, int len) { return std::min(a, len) == std::min(b, len); };
+  if (!same(s.block_n, l.scale_block_n, l.N) || !same(s.block_k, l.scale_block_k, l.K))
+    throw std::invalid_argument(
+        "stored scales: blocks of " + std::to_string(s.block_n) + " x " + std::to_string(s.block_k) +
+        ", but the layer's are " + std::to_string(l.scale_block_n) + " x " + std::to_string(l.scale_block_k) +
+        " over " + std::to_string(l.N) + " x " + std::to_string(l.K) + " weights: the codes can be kept only on "
+        "the layer's own grid");
+}
+
+// Rows decoded together: one grid row's (a grid row's scales come from all of its weights), else one; 0 for a grid
+// whose rows would pass kMaxBandBytes (its grid is then computed in a pass of its own, a row at a time).
+int group_rows(const ProjectionLayout& l, bool grid) {
+  if (!grid) return 1;
+  return size_t(l.scale_block_n) * l.Kp * sizeof(float) <= kMaxBandBytes ? l.scale_block_n : 0;
+}
+
+// Rows of one task: whole panels and whole groups (their lcm; the whole padded matrix when that is larger).
+int band_rows(const ProjectionLayout& l, int group) {
+  const int64_t band = std::lcm(int64_t(kPanel), int64_t(group));
+  return band >= l.Np ? l.Np : int(band);
+}
+
+// amax[c] = max(amax[c], max |w| over the row's k in block column c), as fp32 bits.
+void accumulate_block_amax(const ProjectionLayout& l, const float* w, int32_t* amax) {
+  for (int c = 0, k0 = 0; k0 < l.Kp; ++c, k0 = block_end(k0, l.scale_block_k, l.Kp))
+    amax[c] = std::max(amax[c], max_abs_bits(w, k0, block_end(k0, l.scale_block_k, l.Kp)));
+}
+
+// Grid row r's scales s = max |w| / qmax over each block (0: a block of zeros or of padding only) from the amax of
+// its rows; false if they hold NaN/Inf.
+bool set_grid_row(const ProjectionLayout& l, float qmax, const int32_t* amax, int r, float* grid) {
+  int32_t m = 0;
+  for (int c = 0; c < l.scale_cols; ++c) {
+    grid[size_t(c) * l.scale_rows + r] = bits_to_f32(uint32_t(amax[c])) / qmax;
+    m = std::max(m, amax[c]);
+  }
+  return m < int32_t(kInfBits);
+}
 
 }  // namespace
 
 PackedWeights::PackedWeights(int experts, int hidden, int intermediate, const FormatInfo& format,
                              const ExpertNodes& nodes)
-    : E_(experts), packer_(kPackers[int(format.format)]) {
+    : E_(experts), format_(format.format) {
   for (int p = 0; p < kNumProj; ++p) {
     layout_[p] = make_layout(Proj(p), hidden, intermediate, format);
     panels_[p].reserve(size_t(E_) * layout_[p].expert_bytes);
@@ -256,70 +400,130 @@ float* PackedWeights::expert_scales(Proj p, int e) const {
   return base ? base + size_t(e) * l.scale_rows * l.scale_cols : nullptr;
 }
 
-template <class PanelFn>
-int PackedWeights::run_panels(ThreadPool& pool, Proj proj, int e0, int n, const PanelFn& panel) {
-  const int panels = layout_[int(proj)].Np / kPanel;
-  std::vector<uint8_t> bad(size_t(n) * panels, 0);
-  pool.run(n * panels, [&](int task, int) {
-    if (!panel(e0 + task / panels, task % panels)) bad[size_t(task)] = 1;
+char* PackedWeights::expert_panels(Proj p, int e) const {
+  return static_cast<char*>(panels_[int(p)].get()) + size_t(e) * layout_[int(p)].expert_bytes;
+}
+
+template <class Fn>
+int PackedWeights::first_failed(ThreadPool& pool, int n, const Fn& fn) {
+  std::vector<uint8_t> bad(size_t(n), 0);
+  pool.run(n, [&](int task, int worker) {
+    if (!fn(task, worker)) bad[size_t(task)] = 1;
   });
-  for (int task = 0; task < n * panels; ++task)
-    if (bad[size_t(task)]) return e0 + task / panels;
+  for (int task = 0; task < n; ++task)
+    if (bad[size_t(task)]) return task;
   return -1;
 }
 
-int PackedWeights::pack(ThreadPool& pool, Proj proj, int e0, int n, const WeightSource& src) {
-  const ProjectionLayout& l = layout_[int(proj)];
-  const size_t panel_bytes = size_t(l.Kp) * kPanel * l.elem_bits / 8;
-  char* base = static_cast<char*>(panels_[int(proj)].get());
-  int bad = -1;
-  if (packer_.grid_row) {  // the scale grid first: a block spans several panels
-    std::vector<uint8_t> bad_rows(size_t(n) * l.scale_rows, 0);
-    pool.run(n * l.scale_rows, [&](int task, int) {
-      const int e = e0 + task / l.scale_rows;
-      if (!packer_.grid_row(l, SourceRow{src, e - e0}, task % l.scale_rows, expert_scales(proj, e)))
-        bad_rows[size_t(task)] = 1;
-    });
-    for (int task = n * l.scale_rows - 1; task >= 0; --task)
-      if (bad_rows[size_t(task)]) bad = e0 + task / l.scale_rows;
-  }
-  const int bad_panel = run_panels(pool, proj, e0, n, [&](int e, int p) {
-    void* dst = base + size_t(e) * l.expert_bytes + size_t(p) * panel_bytes;
-    return packer_.panel(l, SourceRow{src, e - e0}, p * kPanel, dst, expert_scales(proj, e));
-  });
+int PackedWeights::pack(ThreadPool& pool, std::vector<Buffer>& scratch, Proj proj, int e0, int n,
+                        const WeightSource& src, bool keep_codes) {
+  check_source(layout_[int(proj)], kPacking[int(format_)], kFormats[int(format_)].name, src, keep_codes);
+  if (scratch.size() < size_t(pool.size())) scratch.resize(size_t(pool.size()));
+  const int bad = keep_codes ? pack_kept(pool, scratch, proj, e0, n, src)
+                             : pack_decoded(pool, scratch, proj, e0, n, src);
   derive_channel_scales(pool, proj, e0, n);
-  return earliest(bad, bad_panel);
+  return bad;
 }
 
-int PackedWeights::pack_stored(ThreadPool& pool, Proj proj, int e0, int n, const StoredSource& src) {
+// Tasks of whole panels and grid rows (band_rows); each decodes a group of rows (group_rows) at a time into its
+// worker's buffer, computes their grid row's scales if the format has a grid, then codes the rows into their panels
+// (a row or a grid row stays in L1 / L2 from decode to panel). A grid whose group would be too large is computed
+// first, a task per (expert, grid row) decoding a row at a time.
+int PackedWeights::pack_decoded(ThreadPool& pool, std::vector<Buffer>& scratch, Proj proj, int e0, int n,
+                                const WeightSource& src) {
   const ProjectionLayout& l = layout_[int(proj)];
-  if (!packer_.stored_panel) throw std::invalid_argument("this expert format keeps no checkpoint codes as they are");
+  const FormatPacking& f = kPacking[int(format_)];
+  const bool grid = f.grid_qmax > 0.f;
+  const int group_fit = group_rows(l, grid), group = std::max(group_fit, 1);
+  const int band = band_rows(l, group), bands = blocks_over(l.Np, band);
+  for (Buffer& b : scratch)  // the group's rows, a row of codes, per-k scales, a grid row's amax
+    b.reserve((size_t(group) + 2) * l.Kp * sizeof(float) + size_t(l.scale_cols) * sizeof(int32_t));
+  const int bad = grid && !group_fit ? grid_pass(pool, scratch, proj, e0, n, src) : -1;
+  const size_t panel_bytes = size_t(l.Kp) * kPanel * l.elem_bits / 8;
+  const int task = first_failed(pool, n * bands, [&](int task, int worker) {
+    const int e = task / bands, row0 = (task % bands) * band, end = std::min(row0 + band, l.Np);
+    float* rows = static_cast<float*>(scratch[size_t(worker)].get());
+    uint8_t* codes = reinterpret_cast<uint8_t*>(rows + size_t(group) * l.Kp);
+    float* k_scales = rows + size_t(group + 1) * l.Kp;
+    int32_t* amax = reinterpret_cast<int32_t*>(k_scales + l.Kp);
+    float* scales = expert_scales(proj, e0 + e);
+    char* panels = expert_panels(proj, e0 + e);
+    bool finite = true;
+    for (int g0 = row0; g0 < end; g0 += group) {
+      const int count = std::min(group, end - g0);
+      for (int i = 0; i < count; ++i) decode_row(src, e, g0 + i, l, rows + size_t(i) * l.Kp, k_scales);
+      if (grid && group_fit) {
+        std::fill(amax, amax + l.scale_cols, 0);
+        for (int i = 0; i < count; ++i) accumulate_block_amax(l, rows + size_t(i) * l.Kp, amax);
+        finite &= set_grid_row(l, f.grid_qmax, amax, g0 / l.scale_block_n, scales);
+      }
+      for (int i = 0, row = g0; i < count; ++i, ++row) {
+        finite &= f.row_codes(l, rows + size_t(i) * l.Kp, row, scales, k_scales, codes);
+        scatter_row(l, codes, panels + size_t(row / kPanel) * panel_bytes, row % kPanel);
+      }
+    }
+    return finite;
+  });
+  return earliest(bad, task < 0 ? -1 : e0 + task / bands);
+}
+
+// The scale grid of experts [e0, e0 + n) on its own, a task per (expert, grid row), decoding a row at a time.
+int PackedWeights::grid_pass(ThreadPool& pool, std::vector<Buffer>& scratch, Proj proj, int e0, int n,
+                             const WeightSource& src) {
+  const ProjectionLayout& l = layout_[int(proj)];
+  const float qmax = kPacking[int(format_)].grid_qmax;
+  const int task = first_failed(pool, n * l.scale_rows, [&](int task, int worker) {
+    const int e = task / l.scale_rows, r = task % l.scale_rows;
+    float* row = static_cast<float*>(scratch[size_t(worker)].get());
+    int32_t* amax = reinterpret_cast<int32_t*>(row + 2 * size_t(l.Kp));
+    std::fill(amax, amax + l.scale_cols, 0);
+    for (int i = r * l.scale_block_n, end = block_end(i, l.scale_block_n, l.N); i < end; ++i) {
+      decode_row(src, e, i, l, row, row + l.Kp);
+      accumulate_block_amax(l, row, amax);
+    }
+    return set_grid_row(l, qmax, amax, r, expert_scales(proj, e0 + e));
+  });
+  return task < 0 ? -1 : e0 + task / l.scale_rows;
+}
+
+// The source's scales as the layer's grid (padding-only cells 0), its codes row by row into the panels.
+int PackedWeights::pack_kept(ThreadPool& pool, std::vector<Buffer>& scratch, Proj proj, int e0, int n,
+                             const WeightSource& src) {
+  const ProjectionLayout& l = layout_[int(proj)];
+  const FormatPacking& f = kPacking[int(format_)];
   const int rows = blocks_over(l.N, l.scale_block_n), cols = blocks_over(l.K, l.scale_block_k);
-  if (src.scale_rows != rows || src.scale_cols != cols)
-    throw std::invalid_argument("stored scales: a grid of " + std::to_string(src.scale_rows) + " x " +
-                                std::to_string(src.scale_cols) + ", but the layer's blocks of " +
-                                std::to_string(l.scale_block_n) + " x " + std::to_string(l.scale_block_k) + " over " +
-                                std::to_string(l.N) + " x " + std::to_string(l.K) + " weights make " +
-                                std::to_string(rows) + " x " + std::to_string(cols));
   int bad = -1;
-  for (int e = e0 + n - 1; e >= e0; --e) {  // the grid as stored, padding-only cells 0
-    float* scales = expert_scales(proj, e);
+  for (int e = n - 1; e >= 0; --e) {
+    float* scales = expert_scales(proj, e0 + e);
     for (int r = 0; r < l.scale_rows; ++r)
       for (int c = 0; c < l.scale_cols; ++c) {
-        const float s = r < rows && c < cols ? StoredRow{src, e - e0}.scale(r, c) : 0.f;
-        if (!std::isfinite(s)) bad = e;
+        const float s = r < rows && c < cols ? load_as_f32(src.scales, size_t(int64_t(e) * src.ss_e +
+                                                            int64_t(r) * src.ss_r + int64_t(c) * src.ss_c),
+                                                            src.scale_dtype)
+                                             : 0.f;
+        if (!std::isfinite(s)) bad = e0 + e;
         scales[size_t(c) * l.scale_rows + r] = s;
       }
   }
+  for (Buffer& b : scratch) b.reserve(size_t(l.Kp));
+  const int panels = l.Np / kPanel;
   const size_t panel_bytes = size_t(l.Kp) * kPanel * l.elem_bits / 8;
-  char* base = static_cast<char*>(panels_[int(proj)].get());
-  const int bad_panel = run_panels(pool, proj, e0, n, [&](int e, int p) {
-    return packer_.stored_panel(l, StoredRow{src, e - e0}, p * kPanel,
-                                base + size_t(e) * l.expert_bytes + size_t(p) * panel_bytes);
+  const int task = first_failed(pool, n * panels, [&](int task, int worker) {
+    const int e = task / panels, p = task % panels;
+    uint8_t* codes = static_cast<uint8_t*>(scratch[size_t(worker)].get());
+    char* panel = expert_panels(proj, e0 + e) + size_t(p) * panel_bytes;
+    bool ok = true;
+    for (int nn = 0; nn < kPanel; ++nn) {
+      const int row = p * kPanel + nn;
+      if (row < l.N) ok &= f.kept_row(src, e, row, l, codes);
+      else std::fill(codes, codes + l.Kp, uint8_t(src.kind == SourceKind::kInt4 ? 0x88 : 0));
+      scatter_row(l, codes, panel, nn);
+    }
+    return ok;
   });
-  derive_channel_scales(pool, proj, e0, n);
-  return earliest(bad, bad_panel);
+  return earliest(bad, task < 0 ? -1 : e0 + task / panels);
 }
+
 WeightView PackedWeights::view(Proj p) const {
   const ProjectionLayout& l = layout_[int(p)];
   const float* scales = static_cast<const float*>(scales_[int(p)].get());

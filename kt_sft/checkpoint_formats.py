@@ -16,9 +16,10 @@ A checkpoint's format comes from config.json's `quantization_config` (`source_fo
 Tensors a quantized checkpoint leaves unquantized (embeddings, norms, routers, lm_head, compressed-tensors'
 `ignore` list) are plain `X.weight`s, told apart by their dtype (`is_quantized`). `stored_parts` states each
 layout once (which tensors a weight is stored as, with their dtypes and shapes): `check_stored` checks a whole
-checkpoint's file headers against it before anything is read, and `decode` the tensors it reads. `decode` gives W
-in fp32, computed exactly as fl32(stored value * scale), the value every engine format then starts from (bf16
-rounds it once, int8 quantizes it per channel, fp32 keeps it).
+checkpoint's file headers against it before anything is read, and `encoded` the tensors it reads. Routed experts go
+to the engine as `encoded` gives them (codes, scales, block), which decodes them itself (csrc/packing.h); `decode`
+gives any other quantized weight in fp32. Both compute W exactly as fl32(stored value * scale), the value every
+engine format then starts from (bf16 rounds it once, int8 quantizes it per channel, fp32 keeps it).
 """
 from __future__ import annotations
 
@@ -261,34 +262,61 @@ _STEP_ELEMENTS_PER_THREAD = 1 << 17
 _E4M3_AS_FP16_MASK = -16512  # 0xBF80 as int16
 
 
-def decode(fmt: SourceFormat, key: str, get: Callable[[str], torch.Tensor],
-           out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """W [N, K] in fp32 of the weight stored under `key` (`X.weight` or `X.weight_packed`), reading it and its scale
-    tensors with `get(key)`. A weight stored as a plain float (unquantized in a quantized checkpoint: routers,
-    norms, compressed-tensors' `ignore` list) is returned in fp32 as it is; each stored tensor's dtype and shape is
-    checked against the layout (`stored_parts`), and a mismatch names the tensor.
+@dataclass(frozen=True)
+class Encoded:
+    """A quantized weight as stored, its tensors checked against the layout (`stored_parts`): `codes` (e4m3 [N, K],
+    or INT4's int32 words [N, ceil(K/8)]), `scale` [ceil(N/Bn), ceil(K/Bk)] of `block` (Bn, Bk) weights each (edge
+    blocks partial; per channel (1, K), INT4 groups (1, G)), and the weight's logical `shape` (N, K)."""
 
-    out: a float32 tensor of at least N * K elements to decode a quantized weight into (the result is a view of
-    it): a loader decoding one tensor after another reuses one buffer instead of faulting in fresh pages for each."""
-    w = get(key)
+    codes: torch.Tensor
+    scale: torch.Tensor
+    block: tuple
+    shape: tuple
+
+
+def encoded(fmt: SourceFormat, key: str, get: Callable[[str], torch.Tensor],
+            weight: Optional[torch.Tensor] = None) -> Optional[Encoded]:
+    """The stored tensors of the weight under `key` (`X.weight` or `X.weight_packed`; `weight`: that tensor, already
+    read), each read with `get(key)` and its dtype and shape checked (a mismatch names the tensor); None for a weight
+    stored as a plain float (unquantized in a quantized checkpoint: routers, norms, compressed-tensors' `ignore`)."""
+    w = get(key) if weight is None else weight
     parts = stored_parts(fmt, key, w.dtype, tuple(w.shape), get)
     if not parts:
-        return w.float()
+        return None
     stored = {key: w}
     for part in parts:
         t = stored[part.key] if part.key in stored else get(part.key)
         part.check(t.dtype, t.shape)
         stored[part.key] = t
-    weight, scale = stored[parts[0].key], stored[parts[1].key].float()
+    codes, scale = stored[parts[0].key], stored[parts[1].key]
     if fmt.name == "int4-group":
         n, k = _int4_shape(stored_linear(key) + ".weight_shape", get)
-        return _decode_steps(_int4_codes, weight, scale, (1, fmt.group), _output(out, n, k))
-    block, out = fmt.block if fmt.name == "fp8-block" else (1, weight.shape[1]), _output(out, *weight.shape)
+        return Encoded(codes, scale, (1, fmt.group), (n, k))
+    n, k = codes.shape
+    return Encoded(codes, scale, fmt.block if fmt.name == "fp8-block" else (1, k), (n, k))
+
+
+def decode(fmt: SourceFormat, key: str, get: Callable[[str], torch.Tensor],
+           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W [N, K] in fp32 of the weight stored under `key` (`X.weight` or `X.weight_packed`), reading it and its scale
+    tensors with `get(key)` (`encoded`); a weight stored as a plain float is returned in fp32 as it is. Routed
+    experts never come here: the engine decodes their stored tensors itself, to the same values
+    (ExpertLayer.set_projection with scale=).
+
+    out: a float32 tensor of at least N * K elements to decode a quantized weight into (the result is a view of
+    it): a caller decoding one tensor after another reuses one buffer instead of faulting in fresh pages for each."""
+    w = get(key)
+    enc = encoded(fmt, key, get, w)
+    if enc is None:
+        return w.float()
+    scale, out = enc.scale.float(), _output(out, *enc.shape)
+    if fmt.name == "int4-group":
+        return _decode_steps(_int4_codes, enc.codes, scale, enc.block, out)
     if scale.abs().max() < 2.0 ** 119:  # 256 s is exact: one multiply makes fl32(value * s) of value / 256
-        values = _decode_steps(_fp8_over_256, weight, scale * 256, block, out)
+        values = _decode_steps(_fp8_over_256, enc.codes, scale * 256, enc.block, out)
     else:  # 256 s would overflow (e4m3 scales are ~1e-4; an inf or NaN scale lands here too): the values in fp16
-        values = _decode_steps(lambda w, k: _fp8_over_256(w, k).mul_(256), weight, scale, block, out)
-    return _fp8_nans(weight, values)
+        values = _decode_steps(lambda w, k: _fp8_over_256(w, k).mul_(256), enc.codes, scale, enc.block, out)
+    return _fp8_nans(enc.codes, values)
 
 
 def _output(out: Optional[torch.Tensor], n: int, k: int) -> torch.Tensor:

@@ -9,8 +9,10 @@ Options come as one `LoadOptions` (kt_sft/load_options.py). Loading runs in name
             what is free, before any weight is read
   stream    shard by shard (safetensors mmap): routed-expert tensors straight into each layer's packed engine
             buffers, converted to the expert format; everything else onto the compute device (CUDA when there is
-            one, else CPU) in the model dtype. A quantized tensor is decoded to fp32 as it is read, one tensor at a
-            time, so host RAM peaks near the packed experts plus one shard, never a layer of bf16.
+            one, else CPU) in the model dtype. A quantized expert projection goes to the engine as stored (codes
+            and scales), which decodes it itself where the format does not keep it; any other quantized tensor is
+            decoded to fp32 as it is read. Host RAM peaks near the packed experts plus one shard, never a layer
+            of bf16.
 Which tensors are experts is the model registry's business (kt_sft/models).
 """
 from __future__ import annotations
@@ -34,8 +36,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from . import engine
 from .checkpoint_files import CheckpointFiles, TensorReader, scan
-from .checkpoint_formats import (SourceFormat, check_stored, decode, is_companion, is_quantized, source_format,
-                                 stored_parts)
+from .checkpoint_formats import SourceFormat, check_stored, decode, encoded, is_companion, is_quantized, source_format
 from .engine.formats import FORMATS, ExpertFormat, FormatLike, for_model_dtype, get_format
 from .load_options import LoadOptions, resolve_options
 from .models.chunked_loss import install_chunked_loss
@@ -434,24 +435,19 @@ def _check_stored(source: SourceFormat, files: CheckpointFiles) -> None:
 def _stream_shards(files: CheckpointFiles, layers: dict, router: _KeyRouter, placer: "_Placer",
                    source: SourceFormat, progress: bool) -> None:
     reader = TensorReader(files)
-    # Every expert projection that is decoded goes through this one fp32 buffer, packed before the next is read:
-    # a fresh tensor each time would fault in its pages anew (V3's 58 MB: about 10 ms of a core per projection).
-    # Untouched (no memory) when nothing is decoded.
-    scratch = torch.empty(max((l.hidden_size * l.intermediate_size for l in layers.values()), default=0))
     for shard, kinds in tqdm(files.sources.items(), desc="kt-sft: loading shards", disable=not progress):
         reader.use(shard)
         for key in files.keys[shard]:
             try:
-                _load_key(key, kinds, reader, router, layers, placer, source, scratch)
+                _load_key(key, kinds, reader, router, layers, placer, source)
             except (RuntimeError, ValueError) as err:
                 raise type(err)(f"{key} in {shard.name}: {err}") from err
 
 
 def _load_key(key: str, kinds: str, reader: TensorReader, router: _KeyRouter, layers: dict, placer: "_Placer",
-              source: SourceFormat, scratch: torch.Tensor) -> None:
+              source: SourceFormat) -> None:
     """Route one checkpoint tensor: into an engine layer, onto the model, or (kinds says) not from this shard.
-    Companions (scales, shapes) are read with their weight, never on their own; expert projections are decoded
-    into `scratch` (`_stream_shards`)."""
+    Companions (scales, shapes) are read with their weight, never on their own."""
     if is_companion(key):
         return
     route = router.expert(key)
@@ -462,7 +458,7 @@ def _load_key(key: str, kinds: str, reader: TensorReader, router: _KeyRouter, la
         if expert is None and proj == "gate_up":
             layers[layer].load_gate_up(_read(key, reader, source))
         else:
-            _load_projection(layers[layer], proj, expert or 0, key, reader, source, scratch)
+            _load_projection(layers[layer], proj, expert or 0, key, reader, source)
         return
     if kinds == "experts":
         return
@@ -473,27 +469,30 @@ def _load_key(key: str, kinds: str, reader: TensorReader, router: _KeyRouter, la
     placer.place(name, _read(key, reader, source))
 
 
-def _read(key: str, reader: TensorReader, source: SourceFormat, tensor: Optional[torch.Tensor] = None,
-          out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The tensor stored under `key` (or `tensor`, already read from there): as stored, or, for a quantized weight,
-    decoded to fp32 (its scales read from whichever shard holds them), into `out` when given (`decode`)."""
-    tensor = reader.get(key) if tensor is None else tensor
+def _read(key: str, reader: TensorReader, source: SourceFormat) -> torch.Tensor:
+    """The tensor stored under `key`: as stored, or, for a quantized weight (not a routed expert's), decoded to fp32
+    (its scales read from whichever shard holds them; `decode`)."""
+    tensor = reader.get(key)
     if not is_quantized(key, tensor.dtype):
         return tensor
-    return decode(source, key, lambda k: tensor if k == key else reader.get(k), out)
+    return decode(source, key, lambda k: tensor if k == key else reader.get(k))
 
 
-def _load_projection(layer, proj: str, expert: int, key: str, reader: TensorReader, source: SourceFormat,
-                     scratch: Optional[torch.Tensor] = None) -> None:
-    """One expert projection into its layer: a quantized weight whose element type the layer's format stores (the
-    plan gave that format the checkpoint's scale grid, `_fit_to_source`) is kept as it is, codes and scales;
-    anything else is decoded (into `scratch` when given) and packed into the format."""
+def _load_projection(layer, proj: str, expert: int, key: str, reader: TensorReader, source: SourceFormat) -> None:
+    """One expert projection into its layer, as the checkpoint stores it: a plain weight as it is, a quantized one as
+    its codes and scales (`encoded`), which the engine keeps as they are when the layer's format stores their element
+    type (the plan gave that format the checkpoint's scale grid, `_fit_to_source`) and otherwise decodes itself,
+    exactly as `decode` would, and packs into the format: no fp32 copy of the weight, no torch threads beside the
+    engine's."""
     tensor = reader.get(key)
-    if is_quantized(key, tensor.dtype) and tensor.dtype == layer.format.stored_dtype:
-        weight, scale = stored_parts(source, key, tensor.dtype, tuple(tensor.shape), reader.get)
-        layer.load_stored(proj, tensor, reader.get(scale.key), expert)
+    enc = encoded(source, key, reader.get, tensor)
+    if enc is None:
+        layer.set_projection(proj, tensor, expert)
         return
-    layer.set_projection(proj, _read(key, reader, source, tensor, scratch), expert)
+    if enc.shape != layer.projection_shape(proj):  # INT4's weight_shape against the model's
+        raise ValueError(f"the stored weight is {list(enc.shape)} but the model's {proj} projection is "
+                         f"{list(layer.projection_shape(proj))}")
+    layer.set_projection(proj, enc.codes, expert, scale=enc.scale, block=enc.block)
 
 
 def _check_experts_loaded(layers: dict, plan: LoadPlan, files: CheckpointFiles, prefix: str) -> None:

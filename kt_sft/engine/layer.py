@@ -18,6 +18,32 @@ from .panels import PROJECTIONS, PackedPanels, packed_panels
 from .retained import RetainedForwards
 
 
+# Encoded checkpoint tensors the engine decodes (set_projection with scale=): e4m3 bytes, int32 words of 8 int4 nibbles.
+ENCODED_DTYPES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.int32: "int32"}
+_GRID_ADVICE = (": the checkpoint's grid differs from the layer's; build the layer with get_format({name!r}, "
+                "block=(rows, columns)) or group=G")
+
+
+def _checked_block(block) -> tuple[int, int]:
+    if not (isinstance(block, (tuple, list)) and len(block) == 2 and
+            all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in block)):
+        raise ValueError(f"block={block!r}: expected (rows, columns) of weights per scale, integers >= 0 (0: the "
+                         "whole dimension)")
+    return tuple(block)
+
+
+def _whole(block: tuple, rows: int, cols: int) -> tuple[int, int]:
+    """A block over a [rows, cols] weight with 0 (the whole dimension) and sizes beyond it made the dimension: two
+    blocks that cut the weight alike compare equal."""
+    return tuple(min(b or d, d) for b, d in zip(block, (rows, cols)))
+
+
+def _blocks_text(fmt, block: Optional[tuple]) -> str:
+    if block is None:
+        return f"{fmt.label}: blocks of {fmt.scale_block[0]}x{fmt.scale_block[1]}"
+    return f"blocks of {block[0]}x{block[1]}"
+
+
 def _host_output(shape, dtype: torch.dtype) -> torch.Tensor:
     """A fresh host tensor for an engine output (y, dx, dw, LoRA factor gradients), written in full by the engine.
 
@@ -40,10 +66,11 @@ class ExpertLayer:
     INT8); "int8-gemm" runs the GEMMs themselves in int8, activations quantized per row (INT8 GEMMs): AMX's
     tdpbssd, at the cost of activation rounding. "fp8" and "int4" store e4m3 / int4 codes with scales on a grid of
     blocks (the format's `scale_block`) and compute exactly what a bf16 layer holding the decoded weights would
-    (csrc/common.h, FP8 / INT4); `load_stored` keeps a checkpoint's own codes and scales. "int4-gemm" stores int4's
-    codes and runs int8 GEMMs on blocks expanded per task to one scale per output channel (INT4 GEMMs). `max_saved` bounds how many forwards may keep activations for
-    a later backward on this layer; `retained` holds the forwards kept for a checkpoint recompute (the autograd
-    glue fills it, bounded by the same slots).
+    (csrc/common.h, FP8 / INT4); they keep a checkpoint's own codes and scales (`set_projection` with scale=).
+    "int4-gemm" stores int4's codes and runs int8 GEMMs on blocks expanded per task to one scale per output channel
+    (INT4 GEMMs). `max_saved` bounds how many forwards may keep activations for a later backward on this layer;
+    `retained` holds the forwards kept for a checkpoint recompute (the autograd glue fills it, bounded by the same
+    slots).
     """
 
     def __init__(
@@ -69,23 +96,33 @@ class ExpertLayer:
         return self.format.compute_dtype
 
     # ------------------------------------------------------------------ loading
-    def set_projection(self, which: str, weight: torch.Tensor, expert_begin: int = 0) -> None:
-        """Pack `weight` [n, rows, cols] for experts expert_begin..+n; gate/up are [I, H], down is [H, I].
+    def set_projection(self, which: str, weight: torch.Tensor, expert_begin: int = 0,
+                       scale: Optional[torch.Tensor] = None, block: Optional[tuple] = None) -> None:
+        """Pack projection `which` (its [rows, cols]: `projection_shape`) of experts expert_begin..+n.
 
-        Any CPU strides work (slices of a fused tensor need no copy); fp16/fp32 are converted to the engine
-        dtype; NaN/Inf raise ValueError naming the expert.
+        weight: [n, rows, cols] fp32 / bf16 / fp16, converted (or quantized) into the layer's format; 2-D is one
+        expert; any CPU strides work (slices of a fused tensor need no copy). With `scale`, weight is a checkpoint's
+        encoded tensor instead, which the engine decodes itself, W = fl32(value * scale) exactly as
+        kt_sft.checkpoint_formats.decode: float8_e4m3fn codes [n, rows, cols], or int32 words [n, rows,
+        ceil(cols / 8)] of 8 int4 nibbles (nibble i at bits 4i, lowest first along cols, stored q + 8), with scale
+        [n, ceil(rows / Bn), ceil(cols / Bk)] (fp32 / bf16 / fp16) of `block` (Bn, Bk) weights each, 0 = the whole
+        dimension (per channel: (1, 0); INT4 groups: (1, G); edge blocks partial; None: the format's own grid).
+        Codes of the element type the format stores (FP8 codes in fp8, INT4 in int4 / int4-gemm) are kept exactly
+        as they are, which needs the layer's grid (`get_format(..., block=...)` / `group=`). NaN/Inf (a NaN code, a
+        non-finite scale) raise ValueError naming the expert.
         """
-        rows, cols = self._projection_shape(which)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-            weight = weight.unsqueeze(0)
+        rows, cols = self.projection_shape(which)
+        weight, scale = (t.unsqueeze(0) if isinstance(t, torch.Tensor) and t.dim() == 2 else t for t in (weight, scale))
+        if scale is not None:
+            self._set_encoded(which, weight, scale, expert_begin, block, self._encoded_keeps(weight))
+            return
         w = check_tensor(f"{which} weight", weight, dtype=tuple(SOURCE_DTYPES), shape=(None, rows, cols),
                          contiguous=False)
         if self._experts_range(expert_begin, w.shape[0]):
-            se, sr, sc = w.stride()
             self._layer.set_weights(PROJECTIONS[which], int(expert_begin), int(w.shape[0]), w.data_ptr(),
-                                    SOURCE_DTYPES[w.dtype], se, sr, sc)
+                                    SOURCE_DTYPES[w.dtype], list(w.stride()))
 
-    def _projection_shape(self, which: str) -> tuple[int, int]:
+    def projection_shape(self, which: str) -> tuple[int, int]:
         """(rows, cols) of projection `which`: gate/up [I, H], down [H, I]."""
         if which not in PROJECTIONS:
             raise ValueError(f"which={which!r}: expected one of {', '.join(PROJECTIONS)}")
@@ -98,36 +135,48 @@ class ExpertLayer:
             raise ValueError(f"experts [{expert_begin}, {expert_begin + n}) are outside [0, {self.num_experts})")
         return n > 0
 
+    def _encoded_keeps(self, codes) -> bool:
+        """Whether encoded `codes` are kept as they are: the format stores their element type."""
+        return isinstance(codes, torch.Tensor) and codes.dtype == self.format.stored_dtype
+
+    def _set_encoded(self, which: str, codes, scale, expert_begin: int, block: Optional[tuple], keep: bool) -> None:
+        """set_projection of encoded codes + scales (3-D), decoded by the engine or (keep) kept as they are."""
+        rows, cols = self.projection_shape(which)
+        int4 = isinstance(codes, torch.Tensor) and codes.dtype == torch.int32
+        check_tensor(f"{which} codes", codes, dtype=tuple(ENCODED_DTYPES), shape=(None, rows, -(-cols // 8) if int4
+                                                                                 else cols), contiguous=False)
+        fmt, n = self.format, codes.shape[0]
+        if block is None and fmt.scales != "block":
+            raise ValueError(f"{which}: block=(rows, columns) of weights per scale is needed to decode these codes "
+                             f"(expert format {fmt.name} has no scale grid of its own)")
+        layer_block = _whole(fmt.scale_block, rows, cols) if fmt.scales == "block" else None
+        source_block = layer_block if block is None else _whole(_checked_block(block), rows, cols)
+        grid = tuple(-(-d // b) for d, b in zip((rows, cols), source_block))
+        if isinstance(scale, torch.Tensor) and scale.dim() == 3 and tuple(scale.shape[1:]) != grid:
+            raise ValueError(f"{which} scale: expected [{n}, {grid[0]}, {grid[1]}] ({_blocks_text(fmt, block)} over "
+                             f"{rows}x{cols} weights, 0 = all), got {list(scale.shape)}" +
+                             (_GRID_ADVICE.format(name=fmt.name) if block is None else ""))
+        check_tensor(f"{which} scale", scale, dtype=tuple(SOURCE_DTYPES), shape=(n, *grid), contiguous=False)
+        if keep and source_block != layer_block:
+            raise ValueError(f"{which}: codes in blocks of {source_block[0]}x{source_block[1]} can be kept only on the "
+                             f"layer's own grid ({fmt.label}: blocks of {layer_block[0]}x{layer_block[1]} here)" +
+                             _GRID_ADVICE.format(name=fmt.name))
+        if self._experts_range(expert_begin, n):
+            self._layer.set_weights(PROJECTIONS[which], int(expert_begin), n, codes.data_ptr(),
+                                    ENCODED_DTYPES[codes.dtype], list(codes.stride()), scale.data_ptr(),
+                                    SOURCE_DTYPES[scale.dtype], list(scale.stride()), source_block, keep)
+
     def load_stored(self, which: str, codes: torch.Tensor, scale: torch.Tensor, expert_begin: int = 0) -> None:
-        """Pack experts expert_begin..+n of projection `which` from a checkpoint's own quantized tensors, kept as
-        they are (no rounding): fp8 `weight` float8_e4m3fn [n, rows, cols] with `weight_scale_inv` [n, ceil(rows /
-        Bn), ceil(cols / Bk)]; int4 `weight_packed` int32 [n, rows, ceil(cols / 8)] (nibble i of a word at bits 4i,
-        lowest first along cols, stored q + 8) with `weight_scale` [n, rows, ceil(cols / G)]; 2-D tensors are one
-        expert. The scale grid must be the layer's (`format.scale_block`: build the layer with
-        get_format("fp8", block=...) / get_format("int4", group=...)); scales are float32, bfloat16 or float16.
-        A NaN code or a non-finite scale raises ValueError naming the expert."""
+        """`set_projection(which, codes, expert_begin, scale=scale)` for a format that keeps a checkpoint's codes
+        (fp8: float8_e4m3fn codes; int4 / int4-gemm: int32 words), on the layer's own grid; refuses any other."""
         fmt = self.format
         if fmt.stored_dtype is None:
             raise ValueError(f"load_stored: expert format {fmt.name} keeps no checkpoint tensors as they are "
                              "(formats that do: " + ", ".join(n for n, f in FORMATS.items() if f.stored_dtype) +
-                             "); pass decoded weights to set_projection")
-        rows, cols = self._projection_shape(which)
+                             "); pass them to set_projection(which, codes, scale=..., block=...) to decode them")
         codes, scale = (t.unsqueeze(0) if isinstance(t, torch.Tensor) and t.dim() == 2 else t for t in (codes, scale))
-        per_code = fmt.stored_dtype.itemsize * 8 // int(8 * fmt.weight_bytes)  # weights per stored element
-        check_tensor(f"{which} codes", codes, dtype=fmt.stored_dtype, shape=(None, rows, -(-cols // per_code)),
-                     contiguous=False)
-        n = codes.shape[0]
-        grid = fmt.scale_grid(rows, cols)  # over the unpadded weight, as the checkpoint has it
-        if isinstance(scale, torch.Tensor) and scale.dim() == 3 and tuple(scale.shape[1:]) != grid:
-            raise ValueError(f"{which} scale: expected [{n}, {grid[0]}, {grid[1]}] ({fmt.label}: blocks of "
-                             f"{fmt.scale_block[0]}x{fmt.scale_block[1]} over {rows}x{cols} weights, 0 = all), got "
-                             f"{list(scale.shape)}: the checkpoint's grid differs from the layer's; build the layer "
-                             f"with get_format({fmt.name!r}, block=(rows, columns)) or group=G")
-        check_tensor(f"{which} scale", scale, dtype=tuple(SOURCE_DTYPES), shape=(n, *grid), contiguous=False)
-        if self._experts_range(expert_begin, n):
-            self._layer.set_weights_stored(PROJECTIONS[which], int(expert_begin), n, codes.data_ptr(),
-                                           list(codes.stride()), scale.data_ptr(), SOURCE_DTYPES[scale.dtype],
-                                           list(scale.stride()), grid)
+        check_tensor(f"{which} codes", codes, dtype=fmt.stored_dtype, shape=(None, None, None), contiguous=False)
+        self._set_encoded(which, codes, scale, expert_begin, None, True)
 
     def load_expert(self, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
         """One expert from Hub-style per-expert tensors gate/up [I, H] and down [H, I]."""
