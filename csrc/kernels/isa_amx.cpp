@@ -49,7 +49,7 @@ static inline void task_begin() {
 // After a kernel's tile stores: the C they wrote is visible to the plain loads that follow.
 static inline void tiles_stored() { __asm__ __volatile__("" ::: "memory"); }
 
-// accumulate: C += A x B (the C tiles start from the stored fp32 values: K-chunked callers, moe_common.inc).
+// accumulate: C += A x B (the C tiles start from the stored fp32 values: K chunks, moe_tasks.inc).
 static void mk(const uint16_t* A, size_t lda, int M, const uint16_t* B0, const uint16_t* B1, int Kp, float* C,
                bool accumulate = false) {
   if (M <= 4) {
