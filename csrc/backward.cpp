@@ -78,8 +78,8 @@ void BackwardPass::lora_prepare() {
   bb_.dyA = static_cast<float*>(eng_.l_dya.reserve(std::max<size_t>(1, rows * rd() * sizeof(float))));
   bb_.t_gu = static_cast<float*>(eng_.l_tgu.reserve(std::max<size_t>(1, rows * rg() * sizeof(float))));
   // Fused factor gradients (moe_tasks.inc, bwd_act) need all rows of an expert x block in one bwd_act task
-  // (kWholeSegment), and 32-row groups (K not chunked); otherwise bwd_act keeps h and separate tasks sum
-  // every factor gradient.
+  // (kWholeSegment). A forced K chunk (KT_SFT_KCHUNK > 0: experiments, and the engine tester, which pins the fused
+  // sums to these) keeps h instead and sums every factor gradient in separate tasks.
   bb_.fuse_grads = eng_.kchunk == 0;
   bb_.h = rd() > 0 && !bb_.fuse_grads ? eng_.l_h.reserve(rows * ly_.Ip_ * dtype_size(f_.act_dtype)) : nullptr;
   bb_.gA_gu = grads_->A_gu;

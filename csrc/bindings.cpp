@@ -160,7 +160,7 @@ void bind_engine(py::module_& m) {
   m.def("worker_spin_us", &worker_spin_us, "microseconds idle workers spin before sleeping");
   m.def("set_worker_spin_us", &set_worker_spin_us, py::arg("us"), "ignored when KT_SFT_SPIN_US is set");
   m.def("set_kchunk", &set_kchunk, py::arg("n"),
-        "K chunk of the task GEMMs (0 = one pass, a multiple of 32; -1 = KT_SFT_KCHUNK or the ISA default); "
+        "K chunk of the task GEMMs (0 = each task chooses, else a multiple of 32; -1 = KT_SFT_KCHUNK, else 0); "
         "returns the previous setting");
   m.def("kchunk", &kchunk, "the K chunk in effect");
   m.def("set_profiling", &set_profiling, py::arg("on"), "wall time per phase of every forward/backward (clears)");

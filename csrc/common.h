@@ -62,7 +62,6 @@ namespace kt_sft {
 constexpr int kPanel = 16;     // output columns per panel
 constexpr int kBlock = 32;     // output columns per kernel call (two panels) and padding unit
 constexpr int kRowAlign = 32;  // per-expert row segments start at multiples of this
-constexpr int kMaxTaskRows = 2048;  // most rows of one task (the driver's row chunks never exceed it)
 
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 // How a layer stores and multiplies its experts; mirrors kt_sft/engine/formats.py (one row per value). The
@@ -109,6 +108,7 @@ static inline const char* scale_kind_name(ScaleKind k) {
 
 static inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 static inline int imin(int a, int b) { return a < b ? a : b; }
+static inline int imax(int a, int b) { return a > b ? a : b; }
 static inline int dtype_size(int dt) { return dt == kF32 ? 4 : 2; }
 
 // ---- scalar conversions (bit-exact round-to-nearest-even, NaN stays NaN) ----

@@ -28,7 +28,7 @@ void choose_isa(Engine& eng, std::string want, bool from_env) {
   }
   eng.isa = want;
   eng.kernels = kernels_of(want);
-  eng.kchunk = eng.kchunk_setting >= 0 ? eng.kchunk_setting : eng.kernels->kchunk;
+  eng.kchunk = std::max(eng.kchunk_setting, 0);
 }
 
 int default_threads() {
@@ -65,21 +65,16 @@ void ensure_scratch(Engine& eng, const FormatInfo& f, int Hp, int Ip) {
   const size_t packed = 2 * size_t(std::max(kActBlocksPerTask * round_up(Hp, f.transposed_k_align),
                                             f.dx_blocks * round_up(2 * Ip, f.transposed_k_align))) *
                         kPanel * f.transposed_bytes;
-  eng.c0.resize(n);
-  eng.c1.resize(n);
+  eng.c.resize(n);
   eng.packed.resize(n);
   eng.wdq.resize(n);
-  eng.ci.resize(n);
   for (size_t w = 0; w < n; ++w) {
-    const size_t c_rows = eng.kchunk > 0 ? kMaxTaskRows : kRowAlign;  // gemm_rows in moe_common.inc
-    eng.c0[w].reserve(c_rows * kBlock * sizeof(float));
-    eng.c1[w].reserve(c_rows * kBlock * sizeof(float));
+    eng.c[w].reserve(kTaskCBytes);
     eng.packed[w].reserve(packed);
     // per column block of a task: gate_up's gate and up blocks (2 x 2 panels of Hp), down's 2 panels of Ip
     if (f.expands_blocks)
       eng.wdq[w].reserve(size_t(std::max(4 * f.gate_up_blocks * Hp, 2 * f.down_blocks * Ip)) * kPanel *
                          dtype_size(f.act_dtype));
-    if (f.quantized_gemm) eng.ci[w].reserve(kRowAlign * kBlock * sizeof(int32_t));  // one 32-row block's sums
   }
 }
 
@@ -90,10 +85,9 @@ void ensure_lora_acc(Engine& eng, size_t floats) {
 }
 
 Scratch scratch_of(Engine& eng, int worker) {
-  return Scratch{static_cast<float*>(eng.c0[worker].get()), static_cast<float*>(eng.c1[worker].get()),
-                 eng.packed[worker].get(), worker < int(eng.acc.size()) ? static_cast<float*>(eng.acc[worker].get())
-                                                                        : nullptr,
-                 eng.wdq[worker].get(), static_cast<int32_t*>(eng.ci[worker].get())};
+  return Scratch{static_cast<float*>(eng.c[worker].get()), eng.packed[worker].get(),
+                 worker < int(eng.acc.size()) ? static_cast<float*>(eng.acc[worker].get()) : nullptr,
+                 eng.wdq[worker].get()};
 }
 
 void PhaseClock::mark(const char* phase) {
@@ -200,7 +194,7 @@ int set_kchunk(int n) {
   ensure_ready(eng);
   const int before = eng.kchunk_setting;
   eng.kchunk_setting = n == -1 ? env_settings().kchunk : n;
-  eng.kchunk = eng.kchunk_setting >= 0 ? eng.kchunk_setting : eng.kernels->kchunk;
+  eng.kchunk = std::max(eng.kchunk_setting, 0);
   return before;
 }
 

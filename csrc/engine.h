@@ -8,7 +8,7 @@
 //            changes it explicitly. The pool is created on first use (KT_SFT_THREADS, else the physical cores),
 //            over the NUMA layout (numa.h) of KT_SFT_NUMA or set_numa, detected with the pool; a layer takes its
 //            experts' nodes from the layout in effect when it is made (layer_nodes).
-//            The K chunk is set_kchunk's value, else KT_SFT_KCHUNK, else the ISA unit's default.
+//            The K chunk is set_kchunk's value, else KT_SFT_KCHUNK, else 0 (each task chooses: moe_tasks.inc).
 // Invariants: every compute call and every setting change holds Engine::mu, so calls are serialised (the scratch
 //            is shared) and may run with the Python GIL released. Buffers only grow.
 #pragma once
@@ -37,13 +37,13 @@ struct Engine {
   std::mutex mu;  // serialises compute calls: the scratch below is shared by every layer
   const IsaKernels* kernels = nullptr;  // the chosen ISA path
   std::string isa;
-  int kchunk_setting = -1;  // set_kchunk / KT_SFT_KCHUNK (-1: the ISA unit's default)
+  int kchunk_setting = -1;  // set_kchunk / KT_SFT_KCHUNK (-1: unset, 0)
   int kchunk = 0;           // the K chunk of the task GEMMs in effect
   std::unique_ptr<ThreadPool> pool;
   NumaLayout numa;  // the pool's nodes (empty until the pool exists)
   // per call: gathered rows (x or dy), act / dgu, per-row outputs (y or dx rows), dw partial sums
   Buffer xg, act, rows_out, dw_part;
-  std::vector<Buffer> c0, c1, packed, acc, wdq, ci;  // per worker (Scratch)
+  std::vector<Buffer> c, packed, acc, wdq;  // per worker (Scratch)
   std::vector<Buffer> decoded;  // per worker: packing's decoded source rows and codes (packing.h, pack)
   Buffer q8, q8_scale;  // int8 GEMMs: the current GEMM phase's A quantized (QuantJob), and its row scales
   // LoRA: repacked factors (LoraView), rank-r projections of unsaved forwards / backward, h for dB_d.
@@ -85,7 +85,7 @@ void set_num_threads(int n);                     // 0 = KT_SFT_THREADS or physic
 int num_threads();
 int worker_spin_us();                            // the pool's current spin before sleeping (thread_pool.h)
 void set_worker_spin_us(int us);                 // ignored under KT_SFT_SPIN_US
-int set_kchunk(int n);                           // -1 = KT_SFT_KCHUNK / the ISA default; returns the old setting
+int set_kchunk(int n);                           // -1 = KT_SFT_KCHUNK, else 0; returns the old setting
 int kchunk();                                    // the K chunk in effect
 // NUMA (numa.h): set_numa(kNumaAuto | kNumaOff | nodes, or kNumaFromEnv) re-detects the layout and rebuilds the pool
 // with as many threads; layers made before keep their experts' nodes (run on one range when the counts differ).

@@ -10,7 +10,7 @@
 namespace kt_sft {
 
 const char* const kThreadsRule = "an integer from 1 to 4096";
-const char* const kKChunkRule = "0 (one pass) or a positive multiple of 32 up to 1048576";
+const char* const kKChunkRule = "0 (each task chooses) or a positive multiple of 32 up to 1048576";
 const char* const kSpinUsRule = "an integer from 0 to 10000000 microseconds";
 const char* const kNumaRule =
     "auto (the host's nodes), off, or a number of nodes from 1 to 64 (N > 1 on a one-node host: N virtual nodes, "
@@ -65,7 +65,7 @@ EnvSettings parse_env() {
     s.threads =
         parse_int("KT_SFT_THREADS", v, threads_ok, kThreadsRule, "the physical cores of this process's CPU set");
   if (const char* v = value_of("KT_SFT_KCHUNK"))
-    s.kchunk = parse_int("KT_SFT_KCHUNK", v, kchunk_ok, kKChunkRule, "the ISA path's default");
+    s.kchunk = parse_int("KT_SFT_KCHUNK", v, kchunk_ok, kKChunkRule, "each task chooses");
   if (const char* v = value_of("KT_SFT_SPIN_US"))
     s.spin_us = parse_int("KT_SFT_SPIN_US", v, spin_us_ok, kSpinUsRule,
                           "the engine sets it, 100 or 20000 while training on a GPU");

@@ -6,8 +6,7 @@
 //            kt_sft/engine/formats.py (it reads the layout from MoELayer.layout(), packing's descriptor). A layer
 //            keeps its own copy of the row, with the scale grid it was built with (format_with_scale_block).
 // Algorithm: plain data; the driver reads the layer's row once per call.
-// Invariants: rows in WeightFormat order (checked at compile time); blocks per task <= kMaxTaskBlocks and row
-//            chunks <= kMaxTaskRows (K-chunked tasks keep all their rows' C in the per-worker scratch).
+// Invariants: rows in WeightFormat order (checked at compile time); blocks per task <= kMaxTaskBlocks.
 #pragma once
 #include <stdexcept>
 #include <string>
@@ -55,7 +54,7 @@ constexpr int kDxBlocksPerTaskInt8 = 8;
 constexpr int kRowChunkBwd = 2048;  // backward tasks repack their weight block first: fewer, longer tasks
 constexpr int kActBlocksPerTask = 4;  // backward dy.W_down + dSiLU-GLU (dy rows: 32 x Hp)
 constexpr int kWholeSegment = 1 << 30;  // a row chunk no expert reaches: one task per expert x block group
-static_assert(kRowChunkBwd <= kMaxTaskRows && kActBlocksPerTask <= kMaxTaskBlocks, "see Task");
+static_assert(kActBlocksPerTask <= kMaxTaskBlocks, "see Task");
 
 inline constexpr FormatInfo kFormats[kNumFormats] = {
     // format, name, activations, panel, weight bits, scales (kind, block n x k), derived channel scales, quantized
@@ -81,13 +80,13 @@ inline constexpr FormatInfo kFormats[kNumFormats] = {
 constexpr bool format_rows_valid() {
   for (int f = 0; f < kNumFormats; ++f) {
     const FormatInfo& r = kFormats[f];
-    if (int(r.format) != f || r.fwd_row_chunk > kMaxTaskRows) return false;
+    if (int(r.format) != f) return false;
     if (r.gate_up_blocks > kMaxTaskBlocks || r.down_blocks > kMaxTaskBlocks || r.dx_blocks > kMaxTaskBlocks)
       return false;
   }
   return true;
 }
-static_assert(format_rows_valid(), "kFormats: WeightFormat order, blocks <= kMaxTaskBlocks, rows <= kMaxTaskRows");
+static_assert(format_rows_valid(), "kFormats: WeightFormat order, blocks <= kMaxTaskBlocks");
 
 // The row of a format; throws std::invalid_argument for a value outside WeightFormat. (Driver only: formats.h is
 // never included by an ISA unit.)

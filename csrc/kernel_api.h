@@ -1,8 +1,8 @@
 // NOTE (kt-sft engine, what the driver hands to the per-ISA kernels)
 // Layout:    LayerView: one layer's sizes and packed weights (WeightView per projection, written by packing.h);
 //            Task / GradTask / QuantJob: one unit of work of a pool run; ForwardBuffers / BackwardBuffers: the
-//            call's buffers; Scratch: one worker's scratch. Each ISA unit exports IsaKernels: its name, its
-//            default K chunk, and one KernelTable per WeightFormat (kernels/moe_kernels.inc builds them).
+//            call's buffers; Scratch: one worker's scratch. Each ISA unit exports IsaKernels: its name and one
+//            KernelTable per WeightFormat (kernels/moe_kernels.inc builds them).
 // Invariants: plain structs and function pointers only, no member functions (this header is compiled into every
 //            ISA unit and the driver alike, and an inline function emitted by a unit with wider flags could be
 //            the copy the linker keeps); the driver picks a layer's KernelTable once per call, so no task body
@@ -30,7 +30,7 @@ struct LayerView {
   int E, H, I, Hp, Ip;
   WeightView w[kNumProj];  // indexed by Proj: gate, up [Ip][Hp]; down [Hp][Ip] (panels, common.h)
   size_t expert_elems;     // Ip*Hp: elements of one expert's gate (= up = down) panels
-  int kchunk;              // K chunk of the task GEMMs (0 = one pass; moe_common.inc, gemm_rows)
+  int kchunk;              // K chunk of the task GEMMs (0: each task chooses; moe_tasks.inc, plan_k)
   // Row strides (elements) of the gathered GEMM inputs: xg and dyg (K = Hp), act (Ip), dgu (2*Ip). See
   // padded_row_stride: a 32-row tile of A then spans 32 different L1 sets.
   int ldx, ld_act, ld_dgu;
@@ -137,15 +137,18 @@ struct BackwardBuffers {
   const float* qs;           // int8 GEMMs: its row scales
 };
 
-// Per-worker scratch: C tiles and one transposed weight block for backward.
+// Bytes of a worker's C sums (Scratch.c): a K-chunked task sweeps as many row groups as theirs fit (moe_tasks.inc,
+// plan_k); one row group's C tiles for every block of a task (kMaxTaskBlocks x gate and up: 64 KiB) always fit.
+constexpr size_t kTaskCBytes = size_t(256) << 10;
+
+// Per-worker scratch: C sums and the weight blocks a task makes (transposed for backward, expanded for forward).
 struct Scratch {
-  float* c0;     // [rows][kBlock]: kRowAlign rows, or a whole task's rows when K is chunked (kMaxTaskRows)
-  float* c1;     // [rows][kBlock]
+  float* c;      // kTaskCBytes: C tiles [row group][column block][projection][kRowAlign][kBlock], f32 or (int8
+                 // GEMMs, until finish) int32
   void* packed;  // one slot per column block of a task: 2 transposed panels of Hp (bwd_act) or 2*Ip rows
   float* acc;    // LoRA gradient sums: [r][kBlock] (lora_grad) or per column block (fused bwd_act)
   void* wdq;     // formats that expand their weight blocks (int8, fp8, int4: to bf16; int4 GEMMs: to int8 quads): one
-                 // slot per column block
-  int32_t* ci;   // int8 GEMMs: int32 sums [kRowAlign][kBlock]
+                 // slot per column block (and projection)
 };
 
 // One format's kernels on one ISA. Every entry is a direct instantiation for that format: no run-time dispatch.
@@ -162,7 +165,6 @@ struct KernelTable {
 
 struct IsaKernels {
   const char* name;
-  int kchunk;                          // the unit's default K chunk (0 = none); set_kchunk / KT_SFT_KCHUNK override it
   KernelTable formats[kNumFormats];    // indexed by WeightFormat
 };
 

@@ -25,7 +25,7 @@ def _import_engine(**env):
     ("KT_SFT_ISA", "avx9", "expected one of scalar, avx2, avx512, amx"),
     ("KT_SFT_THREADS", "0", "expected an integer from 1 to 4096"),
     ("KT_SFT_THREADS", "abc", "expected an integer from 1 to 4096"),
-    ("KT_SFT_KCHUNK", "33", "expected 0 (one pass) or a positive multiple of 32"),
+    ("KT_SFT_KCHUNK", "33", "expected 0 (each task chooses) or a positive multiple of 32"),
     ("KT_SFT_SPIN_US", "-1", "expected an integer from 0 to 10000000"),
     ("KT_SFT_SPIN_US", "abc", "expected an integer from 0 to 10000000"),
 ])

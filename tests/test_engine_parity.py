@@ -14,6 +14,7 @@ from engine_cases import (IDENTITIES, KINDS, REFERENCES, SHAPES, SHARE_COMPUTES_
 KIND_PARAMS = [pytest.param(kind, id=str(kind)) for kind in KINDS]
 # The engine alone: what a GPU share cannot change (its experts' paths, an empty call, the engine's thread count).
 ENGINE_KIND_PARAMS = [pytest.param(kind, id=str(kind)) for kind in KINDS if kind.share is None]
+ONE_PASS = 1 << 20  # a forced K chunk no layer reaches: every task GEMM in one pass
 
 
 def test_every_format_has_a_row_in_each_table():
@@ -81,14 +82,14 @@ def test_result_does_not_depend_on_thread_count(kind):
 @pytest.mark.parametrize("kind", ENGINE_KIND_PARAMS)
 @pytest.mark.parametrize("shape", list(SHAPES), ids=[shape_id(s) for s in SHAPES])
 def test_k_chunked_gemms_are_bitwise_one_pass(isa, kind, shape):
-    """K-chunked task GEMMs (csrc/kernels/moe_common.inc `gemm_rows`, `ke.use_kchunk`) store and reload their fp32
-    accumulators between chunks, so every output is bitwise the one-pass GEMM's, on every path and format (int8
-    GEMMs ignore the chunk). With LoRA this also pins the fused factor gradients of bwd_act (one pass only) to the
-    separate lora_grad pass that chunked runs use."""
+    """K-chunked task GEMMs (csrc/kernels/moe_tasks.inc `task_gemms`, `ke.use_kchunk`) store and reload their fp32
+    (int8 GEMMs: int32) sums between chunks, so every output is bitwise the one-pass GEMM's, on every path and
+    format. With LoRA this also pins the fused factor gradients of bwd_act (0: the tasks choose) to the separate
+    lora_grad pass that forced chunks use."""
     case, _ = grid_case(shape, kind)
     layer = case_layer(case)
-    with ke.use_kchunk(0):
+    with ke.use_kchunk(ONE_PASS):
         one_pass = run_layer(layer, case)
-    for kchunk in (64, 96):  # neither divides the grid's odd H and I
+    for kchunk in (0, 64, 96):  # neither divides the grid's odd H and I (int8 GEMMs round 96 up to 128)
         with ke.use_kchunk(kchunk):
             assert outputs_equal(run_layer(layer, case), one_pass), kchunk

@@ -12,6 +12,10 @@
 //            buffers (rows beyond M are computed and discarded). Tile configuration is thread state and
 //            other libraries (oneDNN) may change it, so every task loads ours first. The kernel process must
 //            hold the XTILEDATA permission (cpu_features.cpp asks the kernel for it before selecting amx).
+//            GCC's tile intrinsics are asm statements that declare no memory operands (tileloadd, tilestored) or
+//            only the first 8 bytes of the configuration (_tile_loadconfig), so the compiler may move plain loads
+//            and stores across them, or drop the configuration's stores as dead: every kernel is fenced with
+//            compiler barriers on both sides, and the configuration is loaded by our own asm that reads all of it.
 #include <immintrin.h>
 #include "../kernel_api.h"
 
@@ -19,10 +23,6 @@ namespace kt_sft {
 namespace {
 
 #define KT_ISA_NAME "amx"
-// K chunk of the task GEMMs (moe_common.inc, gemm_rows): a chunk keeps its B slice in L1 across a task's row
-// blocks, but measured slower on the AMX host (KT_SFT_KCHUNK 0 / 256 / 512: 34.0k / 32.5k / 27.9k tokens/s), so
-// one pass.
-#define KT_KCHUNK 0
 #include "avx512_microkernels.h"
 
 struct alignas(64) TileConfig {
@@ -41,10 +41,15 @@ static inline void task_begin() {
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
-  _tile_loadconfig(&cfg);
+  // the whole configuration as the asm's input (see the note: _tile_loadconfig declares 8 bytes of it); volatile
+  // asm statements keep their order, so every later tile instruction runs after it
+  __asm__ __volatile__("ldtilecfg %0" ::"m"(cfg));
 }
 
-// accumulate: C += A x B (the C tiles start from the stored fp32 values: K-chunked callers, moe_common.inc).
+// After a kernel's tile stores: the C they wrote is visible to the plain loads that follow.
+static inline void tiles_stored() { __asm__ __volatile__("" ::: "memory"); }
+
+// accumulate: C += A x B (the C tiles start from the stored fp32 values: K chunks, moe_tasks.inc).
 static void mk(const uint16_t* A, size_t lda, int M, const uint16_t* B0, const uint16_t* B1, int Kp, float* C,
                bool accumulate = false) {
   if (M <= 4) {
@@ -73,6 +78,7 @@ static void mk(const uint16_t* A, size_t lda, int M, const uint16_t* B0, const u
     }
     _tile_stored(0, C, kBlock * sizeof(float));
     _tile_stored(1, C + kPanel, kBlock * sizeof(float));
+    tiles_stored();
     return;
   }
   if (accumulate) {
@@ -96,13 +102,16 @@ static void mk(const uint16_t* A, size_t lda, int M, const uint16_t* B0, const u
   _tile_stored(1, C + kPanel, kBlock * sizeof(float));
   _tile_stored(2, C + 16 * kBlock, kBlock * sizeof(float));
   _tile_stored(3, C + 16 * kBlock + kPanel, kBlock * sizeof(float));
+  tiles_stored();
 }
 
-// INT8 GEMMs: C (int32) = A x B over quad panels of Kp rows, the same 2x2 tile schedule per 64-k step with tdpbssd
-// (rows past M read the other rows of the quantized buffer and are discarded). A Kp that is not a multiple of 64
-// ends with 32 k: that step's B slices (512 bytes each) go through a zero-padded copy, and A holds zeros there.
-// Exact int32 sums, so the plain loop of moe_int8_gemm.inc agrees.
-static void mk_i8_amx(const int8_t* A, size_t lda, int M, const int8_t* B0, const int8_t* B1, int Kp, int32_t* C) {
+// INT8 GEMMs: C (int32) (+)= A x B over quad panels of Kp rows, the same 2x2 tile schedule per 64-k step with
+// tdpbssd (rows past M read the other rows of the quantized buffer and are discarded); accumulate: the C tiles
+// start from the stored sums (K chunks). A Kp that is not a multiple of 64 ends with 32 k: that step's B slices
+// (512 bytes each) go through a zero-padded copy, and A holds zeros there. Exact int32 sums, so the plain loop of
+// moe_int8_gemm.inc agrees.
+static void mk_i8_amx(const int8_t* A, size_t lda, int M, const int8_t* B0, const int8_t* B1, int Kp, int32_t* C,
+                      bool accumulate) {
   __asm__ __volatile__("" ::: "memory");  // see mk
   constexpr size_t sc = kBlock * sizeof(int32_t);
   const int Kf = Kp & ~63;
@@ -115,8 +124,13 @@ static void mk_i8_amx(const int8_t* A, size_t lda, int M, const int8_t* B0, cons
     __asm__ __volatile__("" ::: "memory");
   }
   const int steps = (Kp + 63) / 64;
-  _tile_zero(0);
-  _tile_zero(1);
+  if (accumulate) {
+    _tile_loadd(0, C, sc);
+    _tile_loadd(1, C + kPanel, sc);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+  }
   if (M <= 16) {
     for (int s = 0; s < steps; ++s) {
       const int k0 = 64 * s;
@@ -129,10 +143,16 @@ static void mk_i8_amx(const int8_t* A, size_t lda, int M, const int8_t* B0, cons
     }
     _tile_stored(0, C, sc);
     _tile_stored(1, C + kPanel, sc);
+    tiles_stored();
     return;
   }
-  _tile_zero(2);
-  _tile_zero(3);
+  if (accumulate) {
+    _tile_loadd(2, C + 16 * kBlock, sc);
+    _tile_loadd(3, C + 16 * kBlock + kPanel, sc);
+  } else {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
   for (int s = 0; s < steps; ++s) {
     const int k0 = 64 * s;
     const bool t = k0 == Kf;
@@ -149,6 +169,7 @@ static void mk_i8_amx(const int8_t* A, size_t lda, int M, const int8_t* B0, cons
   _tile_stored(1, C + kPanel, sc);
   _tile_stored(2, C + 16 * kBlock, sc);
   _tile_stored(3, C + 16 * kBlock + kPanel, sc);
+  tiles_stored();
 }
 #define KT_MK_I8 mk_i8_amx
 

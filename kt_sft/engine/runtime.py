@@ -57,15 +57,18 @@ def use_isa(isa: str) -> Iterator[str]:
 
 
 def kchunk() -> int:
-    """The K chunk of the engine's task GEMMs (0 = one pass; csrc/kernels/moe_common.inc, gemm_rows)."""
+    """The K chunk of the engine's task GEMMs (0 = each task chooses; csrc/kernels/moe_tasks.inc, plan_k)."""
     return _engine.kchunk()
 
 
 def set_kchunk(n: Optional[int]) -> Optional[int]:
-    """Run the task GEMMs in K chunks of `n` (0 = one pass, else a multiple of 32; None = back to `KT_SFT_KCHUNK`, else
-    the ISA path's default). The results are bitwise the same; a tuning knob. Returns the previous setting."""
+    """Run the task GEMMs in K chunks of `n` (0 = each task chooses: one pass while its weight blocks fit L2, else
+    chunks of about 512 KiB of weights; else a multiple of 32, int8 GEMMs rounding it up to 64, and n >= K is one
+    pass; None = back to `KT_SFT_KCHUNK`, else 0). The results are bitwise the same; an experiment knob. Returns the
+    previous setting."""
     if n is not None and int(n) < 0:
-        raise ValueError(f"kchunk must be 0 (one pass) or a positive multiple of 32 (None: the default), got {n}")
+        raise ValueError(f"kchunk must be 0 (each task chooses) or a positive multiple of 32 (None: the default), "
+                         f"got {n}")
     before = _engine.set_kchunk(-1 if n is None else int(n))
     return None if before < 0 else before
 
