@@ -11,7 +11,9 @@
 // Invariants: row segments are padded to 32 rows and K to 32, so the 16-row tile loads never leave the
 //            buffers (rows beyond M are computed and discarded). Tile configuration is thread state and
 //            other libraries (oneDNN) may change it, so every task loads ours first. The kernel process must
-//            hold the XTILEDATA permission (cpu_features.cpp asks the kernel for it before selecting amx).
+//            hold the XTILEDATA permission (cpu_features.cpp asks the kernel for it before selecting amx). The unit
+//            is also built with AVX512-VBMI (avx512_int4.h's lookups): every AMX CPU has it, and amx is selected
+//            only where CPUID reports it.
 #include <immintrin.h>
 #include "../kernel_api.h"
 
