@@ -24,7 +24,8 @@ ISA_UNITS = {  # source -> extra target flags, used for that translation unit on
     "csrc/kernels/isa_scalar.cpp": [],
     "csrc/kernels/isa_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "csrc/kernels/isa_avx512.cpp": AVX512,
-    "csrc/kernels/isa_amx.cpp": AVX512 + ["-mamx-tile", "-mamx-bf16", "-mamx-int8"],
+    # AVX512-VBMI: the int4-GEMM lookups (every AMX CPU has it; cpu_features.cpp checks)
+    "csrc/kernels/isa_amx.cpp": AVX512 + ["-mavx512vbmi", "-mamx-tile", "-mamx-bf16", "-mamx-int8"],
 }
 BASE_SOURCES = ["csrc/bindings.cpp", "csrc/env.cpp", "csrc/engine.cpp", "csrc/packing.cpp", "csrc/routing.cpp",
                 "csrc/schedule.cpp", "csrc/lora_pack.cpp", "csrc/moe_layer.cpp", "csrc/forward.cpp",
@@ -35,7 +36,8 @@ HEADERS = ["csrc/common.h", "csrc/kernel_api.h", "csrc/buffer.h", "csrc/env.h", 
            "csrc/kernels/moe_kernels.inc", "csrc/kernels/moe_common.inc", "csrc/kernels/moe_lora.inc",
            "csrc/kernels/moe_float.inc", "csrc/kernels/moe_int8.inc", "csrc/kernels/moe_int8_gemm.inc", "csrc/kernels/moe_decoded.inc", "csrc/kernels/moe_fp8.inc",
            "csrc/kernels/moe_int4.inc", "csrc/kernels/moe_int4_gemm.inc",
-           "csrc/kernels/moe_tasks.inc", "csrc/kernels/avx512_microkernels.h"]
+           "csrc/kernels/moe_tasks.inc", "csrc/kernels/avx512_microkernels.h",
+           "csrc/kernels/avx512_int4.h"]
 
 
 class BuildEngine(build_ext):

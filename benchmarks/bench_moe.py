@@ -14,9 +14,10 @@ fp32 factors, factor gradients included in bwd) and the LoRA overhead (frozen-on
 (kt_backend INT8) and GEMMs in int8 with per-row activation quantization (kt_backend AMXINT8), each with its error
 against the bf16 layer.
 --profile prints the engine's per-phase wall times (kt_sft.engine.phase_profile) under each engine row.
---against DIR adds a row for the engine of another kt-sft checkout (built in place, e.g. a `git worktree` of the
+--against DIR adds rows for the engine of another kt-sft checkout (built in place, e.g. a `git worktree` of the
 previous commit), loaded under another package name and interleaved with ours: an A/B of two builds in one
-process, where the host's drift (±15 % between processes on the device) cannot masquerade as a kernel change.
+process, where the host's drift (±15 % between processes on the device) cannot masquerade as a kernel change. It
+gets a row, and a ratio against ours, for every format timed: bf16, --int8's two and each of --formats.
 For the device, whose copy of the tree has no .git: `git archive REV | tar -x -C .dev/base` here, carry .dev,
 and there `(cd .dev/base && python3 setup.py build_ext --inplace -q)` before `--against .dev/base`.
 --json prints one JSON row per variant on stdout (the report above goes to stderr); --record appends the rows to
@@ -251,11 +252,11 @@ def load_other_engine(checkout: str, name: str):
 
 def other_layer(other, gate_up, down, fmt: str):
     """A layer of another checkout's engine: one with the format table (kt_sft.engine.formats) takes the format
-    name; an older one took (dtype, weights, int8_compute)."""
+    name; an older one took (dtype, weights, int8_compute). None where that build has no such format."""
     if hasattr(other, "get_format"):
-        return other.ExpertLayer.from_fused(gate_up, down, fmt)
-    old = {"bf16": {}, "int8": {"weights": "int8"}, "int8-gemm": {"weights": "int8", "int8_compute": True}}[fmt]
-    return other.ExpertLayer.from_fused(gate_up, down, dtype=torch.bfloat16, **old)
+        return other.ExpertLayer.from_fused(gate_up, down, fmt) if fmt in other.FORMATS else None
+    old = {"bf16": {}, "int8": {"weights": "int8"}, "int8-gemm": {"weights": "int8", "int8_compute": True}}
+    return other.ExpertLayer.from_fused(gate_up, down, dtype=torch.bfloat16, **old[fmt]) if fmt in old else None
 
 
 def bench_engines(a, variants: list[EngineVariant], ids, w, x, dy) -> None:
@@ -327,36 +328,47 @@ def against_label(checkout: str) -> str:
     return head if pathlib.Path(top).resolve() == path else path.name[:12]  # not the tree of a parent checkout
 
 
+def our_format_variants(a, layer) -> list[EngineVariant]:
+    """Ours in each expert format asked for besides bf16: int8 weights and int8 GEMMs (--int8), then --formats."""
+    names = {"int8": "kt-sft int8 weights", "int8-gemm": "kt-sft int8 GEMMs"} if a.int8 else {}
+    for name in a.formats:  # quantized at load with the row's default scale grid
+        names.setdefault(name, f"kt-sft {name}")
+    return [EngineVariant(label, f"ours {name}", layer(name)) for name, label in names.items()]
+
+
+def against_variants(a, checkout: str, i: int, ours: list[EngineVariant], gate_up, down,
+                     threads: int) -> list[EngineVariant]:
+    """Another build's row of every format of ours (bf16 and each other one), each compared with ours of it."""
+    other = load_other_engine(checkout, f"kt_sft_against{i}")
+    if a.isa:
+        other.select_isa(a.isa)
+    other.set_num_threads(threads)
+    name, label = pathlib.Path(checkout).resolve().name[:12], against_label(checkout)
+    out = []
+    for v in ours:
+        fmt = v.variant.removeprefix("ours ")
+        layer = other_layer(other, gate_up, down, fmt)
+        if layer is None:
+            print(f"--against {checkout}: that build has no {fmt} experts; no row of it")
+            continue
+        shown = f"{name} ({other.current_isa()})" if fmt == "bf16" else f"{name} {v.name.removeprefix('kt-sft ')}"
+        out.append(EngineVariant(shown, f"against {label} {fmt}", layer, engine=other, against=v))
+    return out
+
+
 def build_variants(a, gate_up, down, threads: int) -> list[EngineVariant]:
-    """Ours bf16 first, then the --against builds, ours + LoRA, ours int8 weights, ours int8 GEMMs."""
+    """Ours bf16 first, then each --against build's row of every format we time, ours + LoRA, ours in the other
+    formats (int8 weights and int8 GEMMs with --int8, then --formats)."""
     layer = lambda fmt: ke.ExpertLayer.from_fused(gate_up, down, fmt)  # noqa: E731
     frozen = EngineVariant(f"kt-sft ({ke.current_isa()})", "ours bf16", layer("bf16"))
+    formats = our_format_variants(a, layer)
     variants = [frozen]
-    ours_int8 = None
-    if a.int8:
-        ours_int8 = EngineVariant("kt-sft int8 GEMMs", "ours int8-gemm", layer("int8-gemm"))
     for i, checkout in enumerate(a.against):
-        other = load_other_engine(checkout, f"kt_sft_against{i}")
-        if a.isa:
-            other.select_isa(a.isa)
-        other.set_num_threads(threads)
-        name, label = pathlib.Path(checkout).resolve().name[:12], against_label(checkout)
-        variants.append(EngineVariant(f"{name} ({other.current_isa()})", f"against {label} bf16",
-                                      other_layer(other, gate_up, down, "bf16"), engine=other, against=frozen))
-        if a.int8:
-            variants.append(EngineVariant(f"{name} int8 GEMMs", f"against {label} int8-gemm",
-                                          other_layer(other, gate_up, down, "int8-gemm"), engine=other,
-                                          against=ours_int8))
+        variants += against_variants(a, checkout, i, [frozen, *formats], gate_up, down, threads)
     if a.lora_rank > 0:
         variants.append(EngineVariant(f"kt-sft + LoRA r={a.lora_rank}", f"ours bf16 + LoRA r={a.lora_rank}",
                                       frozen.layer, make_lora(a, a.lora_rank)))
-    if a.int8:
-        variants.append(EngineVariant("kt-sft int8 weights", "ours int8", layer("int8")))
-        variants.append(ours_int8)
-    for name in a.formats:  # quantized at load with the row's default scale grid
-        if not (a.int8 and name in ("int8", "int8-gemm")):
-            variants.append(EngineVariant(f"kt-sft {name}", f"ours {name}", layer(name)))
-    return variants
+    return variants + formats
 
 
 def compare(v: EngineVariant, frozen: EngineVariant) -> tuple[str, dict]:

@@ -57,6 +57,7 @@ py::dict cpu_info() {
   flags["avx512vl"] = f.avx512vl;
   flags["avx512dq"] = f.avx512dq;
   flags["avx512_bf16"] = f.avx512_bf16;
+  flags["avx512vbmi"] = f.avx512vbmi;
   flags["amx_tile"] = f.amx_tile;
   flags["amx_bf16"] = f.amx_bf16;
   flags["amx_int8"] = f.amx_int8;

@@ -69,6 +69,7 @@ CpuFeatures detect() {
     f.avx512dq = r[1] & (1u << 17);
     f.avx512bw = r[1] & (1u << 30);
     f.avx512vl = r[1] & (1u << 31);
+    f.avx512vbmi = r[2] & (1u << 1);
     f.amx_bf16 = r[3] & (1u << 22);
     f.amx_tile = r[3] & (1u << 24);
     f.amx_int8 = r[3] & (1u << 25);
@@ -124,6 +125,7 @@ bool isa_supported(const std::string& isa, std::string* why) {
   }
   if (isa == "amx") {
     if (!avx512_ok) return fail("amx path also needs avx512 with avx512_bf16");
+    if (!f.avx512vbmi) return fail("amx path also needs avx512vbmi (its int4-GEMM lookups; every AMX CPU has it)");
     return f.amx_permitted ? true : fail(f.amx_note);
   }
   return fail("unknown ISA '" + isa + "' (expected scalar, avx2, avx512 or amx)");

@@ -14,7 +14,7 @@ inline constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512", "amx"};
 struct CpuFeatures {
   std::string vendor, model;
   bool sse42 = false, avx = false, avx2 = false, fma = false, f16c = false;
-  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false, avx512_bf16 = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false, avx512_bf16 = false, avx512vbmi = false;
   bool amx_tile = false, amx_bf16 = false, amx_int8 = false;
   bool os_ymm = false, os_zmm = false, os_amx = false;  // XCR0 state enabled by the OS
   bool amx_permitted = false;                          // arch_prctl(ARCH_REQ_XCOMP_PERM) granted

@@ -9,8 +9,8 @@ import sys
 
 PACKAGES = ("kt-sft", "torch", "transformers", "peft", "accelerate", "datasets", "trl", "llamafactory",
             "deepspeed", "safetensors")
-FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile", "amx_bf16",
-         "amx_int8")
+FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512vbmi", "amx_tile",
+         "amx_bf16", "amx_int8")
 
 
 def _version(name: str) -> str:

@@ -188,7 +188,8 @@ def test_cpu_flags_match_proc_cpuinfo():
     except (OSError, StopIteration):
         pytest.skip("no /proc/cpuinfo")
     ours = ke.cpu_info()["flags"]
-    for name in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile", "amx_bf16"):
+    for name in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512vbmi", "amx_tile",
+                 "amx_bf16"):
         assert ours[name] == (name in flags), name
 
 

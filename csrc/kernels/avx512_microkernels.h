@@ -169,3 +169,5 @@ static inline void transpose_quads_avx512(const int8_t* src, int8_t* d0, int8_t*
     _mm512_storeu_si512(d + 192, _mm512_maskz_shuffle_i64x2(0xff, t1, t3, 0xdd));
   }
 }
+
+#include "avx512_int4.h"  // the int4-GEMM expansion's tables and (with AVX512-VBMI: the amx unit) lookups

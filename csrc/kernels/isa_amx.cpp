@@ -16,6 +16,8 @@
 //            only the first 8 bytes of the configuration (_tile_loadconfig), so the compiler may move plain loads
 //            and stores across them, or drop the configuration's stores as dead: every kernel is fenced with
 //            compiler barriers on both sides, and the configuration is loaded by our own asm that reads all of it.
+//            The unit is also built with AVX512-VBMI (avx512_int4.h's lookups): every AMX CPU has it, and amx is
+//            selected only where CPUID reports it.
 #include <immintrin.h>
 #include "../kernel_api.h"
 
