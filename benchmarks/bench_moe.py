@@ -17,7 +17,8 @@ against the bf16 layer.
 --against DIR adds rows for the engine of another kt-sft checkout (built in place, e.g. a `git worktree` of the
 previous commit), loaded under another package name and interleaved with ours: an A/B of two builds in one
 process, where the host's drift (±15 % between processes on the device) cannot masquerade as a kernel change. It
-gets a row, and a ratio against ours, for every format timed: bf16, --int8's two and each of --formats.
+gets a row, and a ratio against ours, for every format timed: bf16, --int8's two and each of --formats; each ratio
+line also says whether the two builds' outputs (y, dx, dw) are bitwise equal.
 For the device, whose copy of the tree has no .git: `git archive REV | tar -x -C .dev/base` here, carry .dev,
 and there `(cd .dev/base && python3 setup.py build_ext --inplace -q)` before `--against .dev/base`.
 --json prints one JSON row per variant on stdout (the report above goes to stderr); --record appends the rows to
@@ -380,8 +381,11 @@ def compare(v: EngineVariant, frozen: EngineVariant) -> tuple[str, dict]:
         o_fwd, o_bwd = v.against.medians()
         ratio = (v_fwd + v_bwd) / (o_fwd + o_bwd)
         label = v.variant.removesuffix(" bf16").replace("against ", "ours/")
+        same = all(torch.equal(v.state[k], v.against.state[k]) for k in ("y", "dx", "dw"))
         return (f"{v.against.name} / {v.name} tokens/s: {ratio:.3f}x "
-                f"(fwd {v_fwd / o_fwd:.3f}x, bwd {v_bwd / o_bwd:.3f}x)", {"ratio": round(ratio, 3), "ratio_of": label})
+                f"(fwd {v_fwd / o_fwd:.3f}x, bwd {v_bwd / o_bwd:.3f}x); outputs {'bitwise equal' if same else 'differ'}",
+                {"ratio": round(ratio, 3), "ratio_of": label,
+                 "note": "outputs bitwise equal" if same else "outputs differ"})
     if v.lora is not None:
         ratio = (v_fwd + v_bwd) / (f_fwd + f_bwd)
         return (f"LoRA overhead (frozen-only tokens/s / with-LoRA tokens/s): {ratio:.3f}x "

@@ -103,7 +103,7 @@ def test_bench_moe_against_another_build_runs_both_in_one_process():
     assert re.search(rf"^kt-sft \(\w+\) / {name} \(\w+\) tokens/s: [\d.]+x", out, re.M), out
     for ours in ("int8 weights", "int8 GEMMs", "int4-gemm"):
         assert re.search(rf"^{name} {ours}\s.*\s\d+\s*$", out, re.M), out
-        assert re.search(rf"^kt-sft {ours} / {name} {ours} tokens/s: [\d.]+x", out, re.M), out
+        assert re.search(rf"^kt-sft {ours} / {name} {ours} tokens/s: [\d.]+x.*; outputs bitwise equal$", out, re.M), out
     assert "8 MB rewritten before each pair" in out
 
 

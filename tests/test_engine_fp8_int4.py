@@ -6,7 +6,7 @@ default and quirky scale grids, on every path):
     and INT4 `weight_packed` + `weight_scale`, with blocks / groups that divide neither dimension: the layer computes
     bitwise what a bf16 layer holding bf16(kt_sft.checkpoint_formats.decode(...)) computes, on every path, and its
     panels unpack (GPU share) to those weights; int4-gemm keeps the same panels and computes its INT8-GEMM spec on
-    the int8 weights it expands the checkpoint's to;
+    the int8 weights it expands the checkpoint's to, bitwise those of an int8-gemm layer holding them (S = 1);
   * quantization while loading from fp32 / bf16 / fp16: e4m3 rounding (ties, subnormals) as torch's
     `.to(torch.float8_e4m3fn)`, int4 ties to even;
   * the scale grid a format carries (`with_scales`, `get_format(..., block=, group=)`), as the engine describes it
@@ -140,6 +140,39 @@ def test_int4_gemm_keeps_the_checkpoint_and_computes_its_spec(isa, group, lora):
     spec = w8a8_reference(case, lambda which, e: requantized(*int4_values(
         stored[which][0][e], stored[which][1][e], *shapes[which], group)))
     assert_close(run_layer(layers[0], case), spec, TOLERANCE["int4-gemm"], f"int4-gemm g{group} from a checkpoint")
+
+
+def unit_channel_checkpoint(n, k, group, gen):
+    """int4_checkpoint whose every row has S = 1 exactly: group 0's bf16 scale 127 / 8 (the row's largest; S = 8 m /
+    127) and code 0 (value -8: w8 = -127) at its first weight; the other scales in (0, 127 / 8], ties of q * s
+    among them."""
+    t = int4_checkpoint(n, k, group, gen)
+    scale = (torch.randint(1, 128, t["w.weight_scale"].shape, generator=gen).float() / 8).bfloat16()  # k / 8: ties
+    scale[:, 0] = 127 / 8
+    t["w.weight_scale"] = scale
+    t["w.weight_packed"][:, 0] &= ~0xF
+    return t
+
+
+@pytest.mark.parametrize("group", [5, 32, 48])
+def test_int4_gemm_is_bitwise_int8_gemm_of_its_int8_weights(isa, group):
+    """The expansion is exact on every path (tables, lookups, the transposed ones, straddled groups): with channel
+    scales S = 1 an int4-gemm layer computes bitwise what an int8-gemm layer holding w8 = clamp(round_half_even(q *
+    s), +-127) computes (its per-channel quantizer keeps integers of row maximum 127 as they are, scale 1)."""
+    E, H, I = 3, 100, 72
+    fmt = ke.get_format("int4-gemm", group=group)
+    case = make_case(Shape(E, H, I, 29, 2, "uniform", 0, 0), fmt, False)
+    gen = torch.Generator().manual_seed(23)
+    layer, w8 = ke.ExpertLayer(E, H, I, fmt), {}
+    for which, (n, k) in (("gate", (I, H)), ("up", (I, H)), ("down", (H, I))):
+        experts = [unit_channel_checkpoint(n, k, group, gen) for _ in range(E)]
+        codes, scales = (torch.stack([t[key] for t in experts]) for key in ("w.weight_packed", "w.weight_scale"))
+        layer.load_stored(which, codes, scales)
+        w8[which] = [requantized(*int4_values(c, s, n, k, group)) for c, s in zip(codes, scales)]
+        assert all(torch.equal(S, torch.ones(n, dtype=S.dtype)) for _, S in w8[which])
+    twin = make_layer(*(torch.stack([w for w, _ in w8[which]]).float() for which in ("gate", "up", "down")),
+                      "int8-gemm")
+    assert outputs_equal(run_layer(layer, case), run_layer(twin, case))
 
 
 # ------------------------------------------------------------------ quantization while loading
