@@ -21,6 +21,9 @@ gets a row, and a ratio against ours, for every format timed: bf16, --int8's two
 line also says whether the two builds' outputs (y, dx, dw) are bitwise equal.
 For the device, whose copy of the tree has no .git: `git archive REV | tar -x -C .dev/base` here, carry .dev,
 and there `(cd .dev/base && python3 setup.py build_ext --inplace -q)` before `--against .dev/base`.
+--kchunk N [N ...] adds rows for our bf16 layer (and int8 GEMMs with --int8) with the task GEMMs' K chunk forced to
+N (kt_sft.engine.use_kchunk; 1048576: every task in one pass), each against ours with the tasks' own choice, in the
+same rounds.
 --json prints one JSON row per variant on stdout (the report above goes to stderr); --record appends the rows to
 benchmarks/results/bench_moe.csv (or --results-dir), whose rows BENCHMARKS.md's tables are generated from
 (benchmarks/results.py, benchmarks/report.py).
@@ -98,6 +101,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="per-phase engine times (ms per call) after each row")
     p.add_argument("--against", metavar="DIR", action="append", default=[],
                    help="kt-sft checkout (built in place) whose engine runs interleaved with ours (repeatable)")
+    p.add_argument("--kchunk", type=int, nargs="+", default=[], metavar="N",
+                   help="also time ours with the K chunk forced to N (1048576: one pass), against the tasks' choice")
     p.add_argument("--evict-mb", type=int, default=0,
                    help="rewrite this many MB of other memory before every timed pair: the layer then starts cold, "
                         "as in a model whose other layers ran in between (0 = off)")
@@ -133,8 +138,9 @@ def check_mode(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
         args.tokens = (args.tokens or [4096])[0]
         args.formats = args.formats or []
         return args
-    if args.against or args.lora_rank or args.skewed or args.evict_mb:
-        p.error("--shapes times frozen layers with uniform routing: no --against, --lora-rank, --skewed, --evict-mb")
+    if args.against or args.kchunk or args.lora_rank or args.skewed or args.evict_mb:
+        p.error("--shapes times frozen layers with uniform routing: no --against, --kchunk, --lora-rank, --skewed, "
+                "--evict-mb")
     args.shapes = [moe_shapes.find(name) for name in (args.shapes or moe_shapes.SHAPES)]
     args.tokens = args.tokens or list(SHAPE_TOKENS)
     if min(args.tokens) < 1:
@@ -189,10 +195,10 @@ class EngineVariant:
     `variant` its row in the results ("ours bf16", "against <build> int8-gemm", ...)."""
 
     def __init__(self, name: str, variant: str, layer: ke.ExpertLayer, lora=None, engine=ke, against=None,
-                 train: bool = True) -> None:
-        # against: our variant that an --against row is compared with (same weights and GEMM dtype)
+                 train: bool = True, kchunk: int | None = None) -> None:
+        # against: our variant that an --against or --kchunk row is compared with (same weights and GEMM dtype)
         self.name, self.variant, self.layer, self.lora = name, variant, layer, lora
-        self.engine, self.against, self.train = engine, against, train
+        self.engine, self.against, self.train, self.kchunk = engine, against, train, kchunk
         self.fwd, self.bwd, self.phases, self.state = [], [], {}, {}
 
     def warm(self, x, ids, w, dy) -> None:
@@ -207,7 +213,8 @@ class EngineVariant:
     def pair(self, x, ids, w, dy, record: bool = True, profile: bool = False, evict=None) -> None:
         if evict is not None:
             evict.add_(1)  # outside the timed region: only the caches it leaves behind count
-        with self.engine.phase_profile() if profile else contextlib.nullcontext({}) as phases:
+        chunk = self.engine.use_kchunk(self.kchunk) if self.kchunk is not None else contextlib.nullcontext()
+        with chunk, self.engine.phase_profile() if profile else contextlib.nullcontext({}) as phases:
             t0 = time.perf_counter()
             y, handle = self.layer.forward(x, ids, w, save_for_backward=self.train, lora=self.lora)
             t1 = time.perf_counter()
@@ -366,6 +373,12 @@ def build_variants(a, gate_up, down, threads: int) -> list[EngineVariant]:
     variants = [frozen]
     for i, checkout in enumerate(a.against):
         variants += against_variants(a, checkout, i, [frozen, *formats], gate_up, down, threads)
+    ours_int8 = next((v for v in formats if v.variant == "ours int8-gemm"), None) if a.int8 else None
+    for n in a.kchunk:  # the same layers with a forced K chunk
+        variants.append(EngineVariant(f"kt-sft kchunk={n}", f"kchunk={n} bf16", frozen.layer, against=frozen, kchunk=n))
+        if ours_int8 is not None:
+            variants.append(EngineVariant(f"kt-sft int8 kchunk={n}", f"kchunk={n} int8-gemm", ours_int8.layer,
+                                          against=ours_int8, kchunk=n))
     if a.lora_rank > 0:
         variants.append(EngineVariant(f"kt-sft + LoRA r={a.lora_rank}", f"ours bf16 + LoRA r={a.lora_rank}",
                                       frozen.layer, make_lora(a, a.lora_rank)))

@@ -95,15 +95,18 @@ def test_bench_moe_small_rows_agree_with_the_naive_loop(tmp_path):
 def test_bench_moe_against_another_build_runs_both_in_one_process():
     """--against loads a second copy of the engine (here: this same checkout) under another package name; both
     rows and their ratio are printed, for the bf16 layer and every other format timed (--int8's two, --formats), each
-    against ours of the same format. --evict-mb rewrites memory between pairs without changing the results."""
+    against ours of the same format; --kchunk adds ours with a forced K chunk, against ours the same way. --evict-mb
+    rewrites memory between pairs without changing the results."""
     out = _run("benchmarks/bench_moe.py", "--small", "--iters", "1", "--no-baseline", "--evict-mb", "8", "--int8",
-               "--formats", "int4-gemm", "--against", str(REPO)).stdout
+               "--formats", "int4-gemm", "--against", str(REPO), "--kchunk", "64").stdout
     name = re.escape(REPO.name[:12])
     assert re.search(rf"^{name} \(\w+\)\s.*\s\d+\s*$", out, re.M), out
     assert re.search(rf"^kt-sft \(\w+\) / {name} \(\w+\) tokens/s: [\d.]+x", out, re.M), out
     for ours in ("int8 weights", "int8 GEMMs", "int4-gemm"):
         assert re.search(rf"^{name} {ours}\s.*\s\d+\s*$", out, re.M), out
         assert re.search(rf"^kt-sft {ours} / {name} {ours} tokens/s: [\d.]+x.*; outputs bitwise equal$", out, re.M), out
+    assert re.search(r"^kt-sft \(\w+\) / kt-sft kchunk=64 tokens/s: [\d.]+x", out, re.M), out
+    assert re.search(r"^kt-sft int8 GEMMs / kt-sft int8 kchunk=64 tokens/s: [\d.]+x", out, re.M), out
     assert "8 MB rewritten before each pair" in out
 
 
