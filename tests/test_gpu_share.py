@@ -12,6 +12,7 @@ import torch
 import kt_sft.engine as ke
 from engine_cases import SHARE_DEVICES, TOLERANCE, dequantized, reference_with_grads
 from kt_sft.engine.gpu_share import GpuShare, panels_to_matrix
+from kt_sft.engine.share_plan import FORWARD
 from moe_reference import make_experts, make_routing, rel_err
 
 
@@ -31,7 +32,7 @@ def test_panels_unpack_to_the_loaded_weights(fmt):
     layer, (gate, up, down) = _layer(E, H, I, fmt, torch.Generator().manual_seed(0))
     share = GpuShare(layer, 2, "cpu", chunk=1)
     mats = {}
-    for a, c, g, u, d in share._chunks():
+    for a, c, g, u, d in share._chunks(share.plan(torch.zeros(0, 1, dtype=torch.int64), share.fixed), FORWARD):
         mats[a] = (g, u, d)
     for j, e in enumerate(range(1, 3)):
         g, u, d = mats[j]

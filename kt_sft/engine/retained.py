@@ -5,7 +5,8 @@ Gradient checkpointing runs a layer's forward again before its backward with bit
 saved activations is kept as a `RetainedForward`; a later forward whose inputs and key equal one's returns its y
 and handle instead of computing. The key says what else must match: the LoRA factors (tensor identity, storage,
 in-place version and scales, so an optimizer step in between is never missed) and the GPU share (it changes which
-side computes what). The engine layer's saved-forward slots bound the cache (oldest dropped, in step with the
+side computes what; `split` holds the experts the share computed, which the recompute reuses). The engine layer's
+saved-forward slots bound the cache (oldest dropped, in step with the
 engine's own LRU slots, `grow_saved` raises both); backward drops the record it used.
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ class RetainedForward(NamedTuple):
     y: Union[torch.Tensor, HostCopy]  # a HostCopy while the copy of a GPU-side result may still run
     handle: int
     key: Hashable
+    split: tuple = ()  # the experts a GPU share computed in this forward (empty: all on the engine)
 
     def matches(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, key: Hashable) -> bool:
         return (self.x.shape == x.shape and self.topk_ids.shape == topk_ids.shape and self.key == key
@@ -71,9 +73,12 @@ class RetainedForwards:
     def find(self, x, topk_ids, topk_weights, key: Hashable) -> Optional[RetainedForward]:
         return next((e for e in self.entries if e.matches(x, topk_ids, topk_weights, key)), None)
 
-    def add(self, x, topk_ids, topk_weights, y, handle: int, key: Hashable) -> None:
-        """Keep a forward; the inputs are copied (the caller's staging buffers are reused by the next call)."""
-        self.entries.append(RetainedForward(x.clone(), topk_ids.clone(), topk_weights.clone(), y, handle, key))
+    def add(self, x, topk_ids, topk_weights, y, handle: int, key: Hashable, split: tuple = (),
+            keep_x: bool = False) -> None:
+        """Keep a forward; the inputs are copied (the caller's staging buffers are reused by the next call), x only
+        without `keep_x` (the caller hands over a tensor of its own)."""
+        self.entries.append(RetainedForward(x if keep_x else x.clone(), topk_ids.clone(), topk_weights.clone(), y,
+                                            handle, key, tuple(split)))
         del self.entries[: max(0, len(self.entries) - self._slots.max_saved)]
 
     def drop(self, handle: int) -> None:
