@@ -446,11 +446,11 @@ class GpuShare:
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, plan, lora: Optional[ExpertLoRA] = None) -> torch.Tensor:
         """This share's part of y [T][H] (fp32), queued on the compute stream (see join). lora: factors on this
-        share's device."""
+        share's device. x in any float dtype: computed in the layer's (as the engine does)."""
         with self._on_streams():
             start = self._mark()
             y = torch.zeros(x.shape[0], self.H, dtype=torch.float32, device=self.device)
-            xs_all = x[plan["tok"]]
+            xs_all = x[plan["tok"]].to(self.layer.dtype)
             ws_all = w.flatten()[plan["pos"]].float()
             with torch.no_grad():
                 for a, c, gate, up, down in self._chunks(plan, FORWARD):
@@ -477,7 +477,7 @@ class GpuShare:
                 if hi == lo:
                     continue
                 tok, pos = plan["tok"][lo:hi], plan["pos"][lo:hi]
-                xs = x.detach()[tok].requires_grad_()
+                xs = x.detach()[tok].to(self.layer.dtype).requires_grad_()
                 ws = w.detach().flatten()[pos].float().requires_grad_()
                 o = self._rows(xs, ws, a, plan, gate, up, down, lora)
                 torch.autograd.backward(o, dy[tok].float())
