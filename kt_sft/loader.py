@@ -141,7 +141,7 @@ def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *
     policies = {idx: _call_policy(layer, opts) for idx, layer in layers.items()}
     for idx, layer in sorted(layers.items()):
         attach_engine(plan.experts_modules[idx], layer, policies[idx])
-    _reserve_launch_cores(plan, any(p.share is not None for p in policies.values()))
+    reserve_launch_cores(plan.threads, any(p.share is not None for p in policies.values()))
     _finish_dense(model, placer, opts.device)
     _read_generation_config(model, plan.path)
     use_engine(model.config)
@@ -532,10 +532,10 @@ def _call_policy(layer, opts: LoadOptions) -> ExpertCallPolicy:
 LAUNCH_CORES = 1
 
 
-def _reserve_launch_cores(plan: LoadPlan, shared: bool) -> None:
-    """With a GPU share and the engine's threads left to auto (no threads option, no KT_SFT_THREADS), the pool
-    gets LAUNCH_CORES fewer threads."""
-    if shared and not plan.threads and not os.environ.get("KT_SFT_THREADS"):
+def reserve_launch_cores(threads: int, shared: bool) -> None:
+    """With a GPU share (`shared`) and the engine's threads left to auto (`threads` 0: no option, no family
+    default; no KT_SFT_THREADS), the pool gets LAUNCH_CORES fewer threads."""
+    if shared and not threads and not os.environ.get("KT_SFT_THREADS"):
         engine.set_num_threads(max(1, engine.num_threads() - LAUNCH_CORES))
 
 

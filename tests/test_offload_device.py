@@ -226,8 +226,6 @@ def test_gpu_experts_option_and_launch_core(qwen3_ckpt, monkeypatch):
     """gpu_experts: "auto" by default, a fraction, or a clear error; without a CUDA device no share is built and
     the engine keeps its threads; with one, the pool leaves a core to the share's launching thread unless the
     threads were given (option or KT_SFT_THREADS)."""
-    from types import SimpleNamespace
-
     import kt_sft.engine as ke
     import kt_sft.loader as loader
     from kt_sft.load_options import LoadOptions
@@ -243,10 +241,10 @@ def test_gpu_experts_option_and_launch_core(qwen3_ckpt, monkeypatch):
     calls = []
     monkeypatch.setattr(loader.engine, "set_num_threads", calls.append)
     monkeypatch.delenv("KT_SFT_THREADS", raising=False)
-    loader._reserve_launch_cores(SimpleNamespace(threads=0), shared=True)
+    loader.reserve_launch_cores(0, shared=True)
     assert calls == [max(1, threads - loader.LAUNCH_CORES)]
-    loader._reserve_launch_cores(SimpleNamespace(threads=4), shared=True)
-    loader._reserve_launch_cores(SimpleNamespace(threads=0), shared=False)
+    loader.reserve_launch_cores(4, shared=True)
+    loader.reserve_launch_cores(0, shared=False)
     monkeypatch.setenv("KT_SFT_THREADS", "3")
-    loader._reserve_launch_cores(SimpleNamespace(threads=0), shared=True)
+    loader.reserve_launch_cores(0, shared=True)
     assert len(calls) == 1
