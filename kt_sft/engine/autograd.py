@@ -329,15 +329,14 @@ class MoEExpertsFunction(torch.autograd.Function):
             raise RuntimeError("this experts forward saved nothing for backward (it ran without inputs requiring grad)")
         layer.retained.drop(ctx.handle)
         factors = ctx.saved_tensors if ctx.lora_scales is not None else (None,) * 4
-        with _serial_host_ops(dy.device.type == "cuda"):
-            res, s_out = _experts_backward(ctx, layer, dy, factors)
-        s_dx, s_dw, s_grads = s_out
         needed = ctx.needs_input_grad
-        dx = _input_grad(needed[0], "dx", ctx.x_meta, None if res is None else res[0], s_dx)
-        dw = _input_grad(needed[2], "dw", ctx.w_meta, None if res is None else res[1], s_dw)
-        factor_grads = (None,) * 4
-        if ctx.lora_scales is not None:
-            factor_grads = _factor_grads(res[2] if res is not None else None, s_grads, factors, needed[7:11])
+        with _serial_host_ops(dy.device.type == "cuda"):  # the expert LoRA gradients' sums too
+            res, (s_dx, s_dw, s_grads) = _experts_backward(ctx, layer, dy, factors)
+            dx = _input_grad(needed[0], "dx", ctx.x_meta, None if res is None else res[0], s_dx)
+            dw = _input_grad(needed[2], "dw", ctx.w_meta, None if res is None else res[1], s_dw)
+            factor_grads = (None,) * 4
+            if ctx.lora_scales is not None:
+                factor_grads = _factor_grads(res[2] if res is not None else None, s_grads, factors, needed[7:11])
         return ((dx, None, dw, None, None, None, None) + factor_grads)[: len(needed)]
 
 

@@ -243,7 +243,7 @@ class GpuShare:
             r = self.book.rates
             experts = tuple(plan_split(counts, r.engine, r.stream, r.gpu, 3 * self.expert_bytes, backward,
                                        lead=self._prefetched_experts()))
-        self.book.split(len(experts), sum(counts[e] for e in experts), sum(counts), self.E)
+        self.book.split(len(experts), sum(counts[e] for e in experts), sum(counts), self.E, log=self.fixed is None)
         if experts:
             self._last = experts
         return experts

@@ -143,14 +143,14 @@ class RateBook:
         t["gpu_waits_s"] += max(0.0, engine_seconds - gpu_seconds)
 
     # ------------------------------------------------------------ splits
-    def split(self, experts: int, gpu_rows: int, rows: int, num_experts: int) -> None:
-        """A call's chosen split (for the totals and the log line)."""
+    def split(self, experts: int, gpu_rows: int, rows: int, num_experts: int, log: bool = True) -> None:
+        """A call's chosen split (for the totals and, with `log` (an "auto" split), the log line)."""
         self.totals["calls"] += 1
         self.totals["gpu_experts"] += experts
         w = self._window
         w[0], w[1], w[2], w[3] = w[0] + 1, w[1] + experts, w[2] + gpu_rows, w[3] + rows
         now = time.monotonic()
-        if now >= self._log_at:
+        if log and now >= self._log_at:
             self._log(num_experts)
             self._log_at = now + LOG_INTERVAL_S
 
