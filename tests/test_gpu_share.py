@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kt_sft.engine as ke
-from engine_cases import (SHARE_DEVICES, TOLERANCE, Shape, check_layer, dequantized, make_case,
+from engine_cases import (SHARE_DEVICES, TOLERANCE, Shape, case_layer, check_layer, dequantized, make_case,
                           reference_with_grads)
 from kt_sft.engine import share_plan
 from kt_sft.engine.gpu_share import GpuShare, _runs, panels_to_matrix
@@ -347,3 +347,17 @@ def test_auto_training_matches_the_engine_only_run(tmp_path):
     dev = [abs(a - b) / abs(b) for a, b in zip(got, ref)]
     print(f"[auto share] loss rel dev median {statistics.median(dev):.1e} max {max(dev):.1e}, {len(chosen)} splits")
     assert statistics.median(dev) <= 1e-3 and max(dev) <= 3e-2, dev
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int4", "int4-gemm"])
+def test_streamed_scales_match_the_reference(fmt, monkeypatch):
+    """Scale grids above RESIDENT_SCALES_BYTES (int4 groups of a large layer) travel with their experts' panels,
+    gathered run by run like them: the same reference as resident scales, for an expert set cut into runs."""
+    import kt_sft.engine.gpu_share as gs
+
+    monkeypatch.setattr(gs, "RESIDENT_SCALES_BYTES", 0)
+    case = make_case(Shape(7, 40, 24, 30, 3, "skewed", 3, 2), fmt, True)
+    for device in SHARE_DEVICES:
+        share = GpuShare(case_layer(case), (5, 0, 2, 3), device, chunk=3)
+        assert share.resident is None and min(share.scale_bytes) > 0
+        check_layer(dataclasses.replace(case, share=(device, (5, 0, 2, 3), 3)), f"streamed scales on {device}")

@@ -106,6 +106,9 @@ def _lora_rows(x: torch.Tensor, counts: list[int], experts: Sequence[int], A, B,
 
 
 _DIRECTIONS = {"forward": FORWARD, "backward": BACKWARD}
+# A quantized layer's scales up to this size stay on the GPU whole (per-channel int8 and block-FP8 grids: 1.5 MB
+# a V2-Lite layer, ~3 MB a DeepSeek-V3 one); larger grids (int4 groups) stream with their experts.
+RESIDENT_SCALES_BYTES = 16 << 20
 
 # Unpacked weight bytes per streamed chunk (~8 DeepSeek-V2-Lite experts in bf16). Each chunk costs ~20 kernel
 # launches and, in backward, as many autograd nodes: with 4 such experts per chunk the host's launches left the
@@ -212,9 +215,8 @@ class GpuShare:
         self.format = panels.format
         self.expert_bytes = self.layout[0]["expert_bytes"]  # the same for gate, up and down
         self.panels = [p.raw for p in panels.projections]
-        self.scales = None
-        if self.format.quantized:  # tiny ([E] x the scale grid, fp32, per projection): kept on the device
-            self.scales = [p.scales.to(self.device) for p in panels.projections]
+        self.scales = None if not self.format.quantized else [p.scales for p in panels.projections]
+        self._stream_scales(layer)
         self.cuda = self.device.type == "cuda"
         self._pinned = False
         if self.cuda:
@@ -225,6 +227,20 @@ class GpuShare:
         # grouped_mm takes bf16 rows whose strides are multiples of 16 bytes
         self.grouped = (hasattr(torch, "_grouped_mm") and layer.dtype == torch.bfloat16 and self.H % 8 == 0
                         and self.I % 8 == 0)
+
+    def _stream_scales(self, layer) -> None:
+        """A quantized format's scales: small grids (per channel, FP8 blocks: ~1.5 MB a V2-Lite layer) stay on the
+        device whole (`resident`); large ones (int4 groups: a quarter of the panel bytes, 1.4 GB a DeepSeek-V3
+        layer) travel with their experts' panels, each expert's grid bytes (stored by grid column) after the
+        chunk's panels in the ring slot (`scale_bytes`: per expert, of each projection)."""
+        self.resident, self.scale_bytes, self.scale_raw = None, [0, 0, 0], None
+        if self.scales is None:
+            return
+        if sum(g.numel() * 4 for g in self.scales) <= RESIDENT_SCALES_BYTES:
+            self.resident = [g.to(self.device) for g in self.scales]
+            return
+        self.scale_bytes = [g[0].numel() * 4 for g in self.scales]
+        self.scale_raw = [g.transpose(1, 2).reshape(-1).view(torch.uint8) for g in self.scales]  # [E][cols][rows]
 
     def applies(self, x: torch.Tensor) -> bool:
         return x.device == self.device and x.shape[0] >= self.min_tokens
@@ -240,8 +256,8 @@ class GpuShare:
         else:
             if self.cuda:
                 self.book.harvest()
-            r = self.book.rates
-            experts = tuple(plan_split(counts, r.engine, r.stream, r.gpu, 3 * self.expert_bytes, backward,
+            r, streamed = self.book.rates, 3 * self.expert_bytes + sum(self.scale_bytes)  # bytes per expert
+            experts = tuple(plan_split(counts, r.engine, r.stream, r.gpu, streamed, backward,
                                        lead=self._prefetched_experts()))
         self.book.split(len(experts), sum(counts[e] for e in experts), sum(counts), self.E, log=self.fixed is None)
         if experts:
@@ -300,19 +316,23 @@ class GpuShare:
     # ---------------------------------------------------------------- streaming
     def _issue(self, j: int, experts: tuple):
         """Queue chunk j of `experts` into ring slot j % 2 on the copy stream (one copy per run of consecutive
-        experts and projection): (its experts, [gate, up, down] raw bytes, the copy's event; None off CUDA, where
-        the panels are read in place or gathered)."""
-        eb = self.expert_bytes
+        experts and projection): (its experts, [gate, up, down] raw bytes, their scales [c][grid] or None, the
+        copy's event; None off CUDA, where the panels are read in place or gathered)."""
+        eb, sb = self.expert_bytes, self.scale_bytes
         a, c = self._span_of(j, len(experts))
         ids = tuple(experts[a:a + c])
         runs = _runs(ids)
-        if not self.cuda:  # one run: read in place
-            return ids, [torch.cat([p[e * eb:(e + m) * eb] for e, m in runs]) if len(runs) > 1
-                         else p[ids[0] * eb:(ids[0] + c) * eb] for p in self.panels], None
+        if not self.cuda:  # the runs' bytes gathered (one run: read in place)
+            def gather(src: torch.Tensor, n: int) -> torch.Tensor:
+                parts = [src[e * n:(e + m) * n] for e, m in runs]
+                return parts[0] if len(parts) == 1 else torch.cat(parts)
+            scales = None if not any(sb) else [self._scales_of(gather(self.scale_raw[w], sb[w]), c, w)
+                                                for w in range(3)]
+            return ids, [gather(p, eb) for p in self.panels], scales, None
         self._pin()
         ring = self.ring
         ring.prefetched = None  # the slots are being refilled: an earlier prefetch is gone
-        slot = ring.slot(j, self.chunk * eb)
+        slot, base = ring.slot(j, self.chunk * (eb + max(sb))), self.chunk * eb  # panels, then scales from `base`
         with torch.cuda.stream(ring.copy_stream):
             if ring.freed[j % 2] is not None:
                 ring.copy_stream.wait_event(ring.freed[j % 2])  # its last reader (any layer) is done
@@ -321,10 +341,20 @@ class GpuShare:
                 at = 0
                 for e, m in runs:
                     slot[w, at * eb:(at + m) * eb].copy_(self.panels[w][e * eb:(e + m) * eb], non_blocking=True)
+                    n = sb[w]
+                    if n:
+                        slot[w, base + at * n:base + (at + m) * n].copy_(self.scale_raw[w][e * n:(e + m) * n],
+                                                                         non_blocking=True)
                     at += m
             done = _timed_event(ring.copy_stream)
-        self.book.later("copy", 0, start, done, 3 * c * eb)
-        return ids, [slot[w, :c * eb] for w in range(3)], done
+        self.book.later("copy", 0, start, done, c * (3 * eb + sum(sb)))
+        scales = None if not any(sb) else [self._scales_of(slot[w, base:base + c * sb[w]], c, w) for w in range(3)]
+        return ids, [slot[w, :c * eb] for w in range(3)], scales, done
+
+    def _scales_of(self, raw: torch.Tensor, c: int, w: int) -> torch.Tensor:
+        """c experts' scale bytes (stored by grid column) as [c][grid rows][grid cols]."""
+        rows, cols = self.scales[w].shape[1:]
+        return raw.view(torch.float32).view(c, cols, rows).transpose(1, 2)
 
     def _pin(self) -> None:
         """Page-lock the layer's panels at the first copy (a run that never streams never locks them)."""
@@ -345,7 +375,7 @@ class GpuShare:
 
     def _prefetched_experts(self) -> tuple:
         pre = self.ring.prefetched if self.cuda else None
-        return () if pre is None or pre[0] is not self else tuple(e for ids, _, _ in pre[1] for e in ids)
+        return () if pre is None or pre[0] is not self else tuple(e for chunk in pre[1] for e in chunk[0])
 
     def _take_prefetched(self, experts: tuple) -> list:
         """The prefetched chunks that hold this call's first chunks (a prefix of them), as _issue returns them."""
@@ -354,11 +384,12 @@ class GpuShare:
             return []
         self.ring.prefetched = None
         usable, eb = [], self.expert_bytes
-        for j, (ids, raw, done) in enumerate(pre[1]):
+        for j, (ids, raw, scales, done) in enumerate(pre[1]):
             a, c = self._span_of(j, len(experts))
             if c <= 0 or tuple(experts[a:a + c]) != ids[:c]:
                 break
-            usable.append((ids[:c], [r[:c * eb] for r in raw], done))
+            usable.append((ids[:c], [r[:c * eb] for r in raw], None if scales is None else [g[:c] for g in scales],
+                           done))
         return usable
 
     def _chunks(self, plan, direction: int):
@@ -370,13 +401,14 @@ class GpuShare:
             pending.append(self._issue(len(pending), experts))
         for j in range(plan["chunks"]):
             a, c = self._span_of(j, n)
-            _, raw, copied = pending[j]
+            _, raw, scales, copied = pending[j]
             if self.cuda:
                 torch.cuda.current_stream(self.device).wait_event(copied)
             start = self._mark()
-            ids = None if self.scales is None else plan["ids"][a:a + c]
-            mats = [panels_to_matrix(raw[w], c, self.layout[w], self.format,
-                                     None if ids is None else self.scales[w][ids]) for w in range(3)]
+            if self.resident is not None:
+                scales = [g[plan["ids"][a:a + c]] for g in self.resident]
+            mats = [panels_to_matrix(raw[w], c, self.layout[w], self.format, None if scales is None else scales[w])
+                    for w in range(3)]
             if self.cuda:  # unpacking copied the slot out: it may be refilled
                 freed = torch.cuda.Event()
                 freed.record(torch.cuda.current_stream(self.device))
