@@ -11,9 +11,25 @@ engine's own LRU slots, `grow_saved` raises both); backward drops the record it 
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Hashable, NamedTuple, Optional, Union
 
 import torch
+
+_libc = ctypes.CDLL(None)
+_libc.memcmp.restype = ctypes.c_int
+_libc.memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical host tensors (dtype, shape, bytes). A memcmp for contiguous ones: 1.6 ms for a 16 MB x on one
+    core of the 2-core box, where torch.equal took 27 ms on one thread (its parallel version leaves OpenMP workers
+    spinning on the engine's cores, kt_sft.engine.autograd)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not (a.is_contiguous() and b.is_contiguous() and a.device.type == b.device.type == "cpu"):
+        return torch.equal(a, b)
+    return _libc.memcmp(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0
 
 
 class HostCopy:
@@ -49,9 +65,8 @@ class RetainedForward(NamedTuple):
     split: tuple = ()  # the experts a GPU share computed in this forward (empty: all on the engine)
 
     def matches(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, key: Hashable) -> bool:
-        return (self.x.shape == x.shape and self.topk_ids.shape == topk_ids.shape and self.key == key
-                and torch.equal(self.topk_ids, topk_ids) and torch.equal(self.topk_weights, topk_weights)
-                and torch.equal(self.x, x))
+        return (self.key == key and same_bits(self.topk_ids, topk_ids)
+                and same_bits(self.topk_weights, topk_weights) and same_bits(self.x, x))
 
     def host_y(self) -> torch.Tensor:
         """y on the host, waiting for its copy if one is still running."""
