@@ -147,7 +147,7 @@ def split_call(layer, share, x, ids, w, dy) -> tuple[float, float]:
 
 def share_alone(share, x, w, dy, ids_host) -> float:
     """The share's forward + backward with no engine call (seconds, synchronized)."""
-    plan = share.plan(ids_host, share.fixed)
+    plan = share.plan(ids_host, share.fixed, share.routed_counts(ids_host))
     torch.cuda.synchronize()
     start = time.perf_counter()
     share.forward(x, w, plan)

@@ -37,7 +37,7 @@ def test_panels_unpack_to_the_loaded_weights(fmt):
     layer, (gate, up, down) = _layer(E, H, I, fmt, torch.Generator().manual_seed(0))
     share = GpuShare(layer, 2, "cpu", chunk=1)
     mats = {}
-    for a, c, g, u, d in share._chunks(share.plan(torch.zeros(0, 1, dtype=torch.int64), share.fixed), FORWARD):
+    for a, c, g, u, d in share._chunks(share.plan(torch.zeros(0, 1, dtype=torch.int64), share.fixed, [0] * E), FORWARD):
         mats[a] = (g, u, d)
     for j, e in enumerate(range(1, 3)):
         g, u, d = mats[j]
@@ -246,7 +246,7 @@ def test_auto_splits_per_call_and_the_recompute_reuses_the_split():
     assert 0 < len(want) < E
     seen = []
     plan_of = share.plan
-    share.plan = lambda ids_host, experts, ranks=None: seen.append(experts) or plan_of(ids_host, experts, ranks)
+    share.plan = lambda ids, experts, counts: seen.append(experts) or plan_of(ids, experts, counts)
     with torch.no_grad():
         y0 = ke.moe_experts(x, ids, w, layer, retain=True, share=share)
     assert seen == [tuple(want)]

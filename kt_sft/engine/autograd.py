@@ -202,16 +202,15 @@ def _factor_to_host(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach().to(device="cpu", dtype=torch.float32).contiguous()
 
 
-def _forward_with_share(layer: ExpertLayer, share, experts: tuple, x, topk_weights, x_host, ids_host, w_host,
-                        save: bool, lora: Optional[ExpertLoRA], share_lora: Optional[ExpertLoRA]):
+def _forward_with_share(layer: ExpertLayer, share, experts: tuple, counts: list, x, topk_ids, topk_weights, x_host,
+                        ids_host, w_host, save: bool, lora: Optional[ExpertLoRA], share_lora: Optional[ExpertLoRA]):
     """`experts` on the GPU share while the engine runs the rest from a helper thread, its call issued before the
     share's plan and launches: (y on x's device, engine handle, the share's plan)."""
-    ids_engine, ranks = share.engine_ids(ids_host, experts)
     job = None
-    if bool((ids_engine >= 0).any()):
-        job = _engine_worker().submit(_timed, layer.forward, x_host, ids_engine, w_host, save_for_backward=save,
-                                      lora=lora)
-    plan = share.plan(ids_host, experts, ranks)
+    if sum(counts) > sum(counts[e] for e in experts):  # the engine has rows
+        job = _engine_worker().submit(_timed, layer.forward, x_host, share.engine_ids(ids_host, experts), w_host,
+                                      save_for_backward=save, lora=lora)
+    plan = share.plan(topk_ids, experts, counts)
     y_share = share.forward(x.detach(), topk_weights.detach(), plan, share_lora)
     share.join(y_share)
     if job is None:  # every routed slot on the GPU: the engine has nothing to do
@@ -270,16 +269,17 @@ def _experts_forward(layer: ExpertLayer, share, x, topk_ids, topk_weights, save:
     # would choose now.
     key = (_lora_key(factors, lora_scales), None if share is None else id(share))
     hit = layer.retained.find(x_host, ids_host, w_host, key) if save else None
+    counts = share.routed_counts(ids_host) if share is not None else None
     if hit is not None:
-        plan = share.plan(ids_host, hit.split) if hit.split else None
+        plan = share.plan(topk_ids, hit.split, counts) if hit.split else None
         kept = hit.host_y()
         out = _from_engine("y", kept, x.device, x.dtype)
         out = out.clone() if out.data_ptr() == kept.data_ptr() else out  # the retained y must stay intact
         return out, hit.handle, plan, _engine_rows(ids_host, plan)
-    experts = share.choose(ids_host, backward=save) if share is not None else ()
+    experts = share.choose(counts, backward=save) if share is not None else ()
     if experts:
-        out, handle, plan = _forward_with_share(layer, share, experts, x, topk_weights, x_host, ids_host, w_host,
-                                                save, lora, _share_lora(share, factors, lora_scales))
+        out, handle, plan = _forward_with_share(layer, share, experts, counts, x, topk_ids, topk_weights, x_host,
+                                                ids_host, w_host, save, lora, _share_lora(share, factors, lora_scales))
         if save:
             layer.retained.add(x_host, ids_host, w_host, HostCopy(out.to(layer.dtype)), handle, key, split=experts,
                                keep_x=True)

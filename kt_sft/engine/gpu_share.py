@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import time
 import warnings
 from typing import Optional, Sequence
@@ -246,11 +247,14 @@ class GpuShare:
         return x.device == self.device and x.shape[0] >= self.min_tokens
 
     # ---------------------------------------------------------------- routing
-    def choose(self, ids_host: torch.Tensor, backward: bool) -> tuple[int, ...]:
-        """The experts this call computes here, in streaming order (may be empty: all on the engine). `backward`:
-        a backward will follow, so its costs count in the split."""
+    def routed_counts(self, ids_host: torch.Tensor) -> list[int]:
+        """Routed rows per expert of a call (ids outside [0, E) count nowhere)."""
         flat = ids_host.flatten()
-        counts = torch.bincount(flat[(flat >= 0) & (flat < self.E)], minlength=self.E).tolist()
+        return torch.bincount(flat[(flat >= 0) & (flat < self.E)], minlength=self.E).tolist()
+
+    def choose(self, counts: list[int], backward: bool) -> tuple[int, ...]:
+        """The experts this call computes here, in streaming order (may be empty: all on the engine), from its
+        routed_counts. `backward`: a backward will follow, so its costs count in the split."""
         if self.fixed is not None:
             experts = self.fixed
         else:
@@ -264,44 +268,45 @@ class GpuShare:
             self._last = experts
         return experts
 
-    def engine_ids(self, ids_host: torch.Tensor, experts: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids for the engine with this call's share slots at -1, each slot's rank in `experts` or -1, flat).
-        Ids outside [0, E) stay with the engine, which refuses them by name."""
-        rank_of = torch.full((self.E + 1,), -1, dtype=torch.int64)
-        rank_of[list(experts)] = torch.arange(len(experts))
-        flat = ids_host.flatten()
-        ranks = rank_of[torch.where((flat < 0) | (flat >= self.E), self.E, flat)]
-        return ids_host.masked_fill((ranks >= 0).view_as(ids_host), -1), ranks
+    def engine_ids(self, ids_host: torch.Tensor, experts: tuple) -> torch.Tensor:
+        """The call's ids for the engine: this call's share slots at -1 (ids outside [0, E) stay: the engine
+        refuses them by name)."""
+        on_share = torch.zeros(self.E + 1, dtype=torch.bool)
+        on_share[list(experts)] = True
+        return ids_host.masked_fill(on_share[torch.where((ids_host < 0) | (ids_host >= self.E), self.E, ids_host)],
+                                    -1)
 
-    def plan(self, ids_host: torch.Tensor, experts: tuple, ranks: Optional[torch.Tensor] = None) -> dict:
-        """What forward / backward need for `experts` (engine_ids' ranks, when the caller has them): the share's
-        slots grouped by expert (pos, tok), rows per expert (counts, bounds) and grouped_mm's offsets per chunk."""
-        if ranks is None:
-            ranks = self.engine_ids(ids_host, experts)[1]
-        n, k = len(experts), ids_host.shape[1]
-        pos = torch.nonzero(ranks >= 0).flatten()
-        order = torch.argsort(ranks[pos], stable=True)
-        pos = pos[order]
-        counts = torch.bincount(ranks[pos], minlength=n)
+    def plan(self, ids: torch.Tensor, experts: tuple, counts: list[int]) -> dict:
+        """What forward / backward need for `experts` of a call with topk_ids `ids` (on the share's device; the
+        host's routed_counts `counts`): the share's slots grouped by expert (pos, tok: sorted where the ids are,
+        no host wait), rows per expert (counts, bounds) and grouped_mm's offsets per chunk."""
+        n, k = len(experts), ids.shape[1]
+        share_counts = [counts[e] for e in experts]
+        rank_of = torch.full((self.E + 1,), n, dtype=torch.int64)  # n: not on the share (sorts last)
+        rank_of[list(experts)] = torch.arange(n)
+        flat = ids.to(self.device, non_blocking=True).flatten()
+        key = self._upload(rank_of)[torch.where((flat < 0) | (flat >= self.E), self.E, flat)]
+        pos = torch.argsort(key, stable=True)[:sum(share_counts)]
         # bounds[j]: first row of share expert j in the expert-sorted rows
-        bounds = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
-        # grouped_mm's offsets of every chunk (row ends of its experts, relative to the chunk), the row indices and
-        # the expert ids cross in one page-locked copy each: no host wait on the GPU inside the chunk loop
+        bounds = [0] + list(itertools.accumulate(share_counts))
+        # grouped_mm's offsets of every chunk (row ends of its experts, relative to the chunk) and the expert ids
+        # cross in one page-locked copy each: no host wait on the GPU inside the chunk loop
         chunks = -(-n // self.chunk)
         offs = torch.zeros(chunks, self.chunk, dtype=torch.int32)
         for j in range(chunks):
             a, c = self._span_of(j, n)
-            offs[j, :c] = counts[a:a + c].cumsum(0)
-        engine_rows = int((ids_host >= 0).sum()) - len(pos)
+            offs[j, :c] = torch.tensor(list(itertools.accumulate(share_counts[a:a + c])), dtype=torch.int32)
         return dict(experts=tuple(experts), ids=self._upload(torch.tensor(experts, dtype=torch.int64)),
-                    pos=self._upload(pos), tok=self._upload(pos // k), offs=self._upload(offs),
-                    counts=counts.tolist(), bounds=bounds, k=k, chunks=chunks, engine_rows=engine_rows)
+                    pos=pos, tok=pos // k, offs=self._upload(offs), counts=share_counts, bounds=bounds, k=k,
+                    chunks=chunks, engine_rows=sum(counts) - bounds[-1])
 
-    def split(self, ids_host: torch.Tensor, backward: bool = True):
-        """(ids for the engine with the share's slots at -1, plan) of a call: choose, engine_ids and plan."""
-        experts = self.choose(ids_host, backward)
-        ids_engine, ranks = self.engine_ids(ids_host, experts)
-        return ids_engine, self.plan(ids_host, experts, ranks)
+    def split(self, ids: torch.Tensor, backward: bool = True):
+        """(ids for the engine with the share's slots at -1, plan) of a call: routed_counts, choose, engine_ids
+        and plan in one."""
+        ids_host = ids.cpu()
+        counts = self.routed_counts(ids_host)
+        experts = self.choose(counts, backward)
+        return self.engine_ids(ids_host, experts), self.plan(ids, experts, counts)
 
     def _span_of(self, j: int, n: int) -> tuple[int, int]:
         """Chunk j of n experts: its first position in the call's expert order and how many experts it holds."""
