@@ -255,11 +255,11 @@ class GpuShare:
     def choose(self, counts: list[int], backward: bool) -> tuple[int, ...]:
         """The experts this call computes here, in streaming order (may be empty: all on the engine), from its
         routed_counts. `backward`: a backward will follow, so its costs count in the split."""
+        if self.cuda:
+            self.book.harvest()
         if self.fixed is not None:
             experts = self.fixed
         else:
-            if self.cuda:
-                self.book.harvest()
             r, streamed = self.book.rates, 3 * self.expert_bytes + sum(self.scale_bytes)  # bytes per expert
             experts = tuple(plan_split(counts, r.engine, r.stream, r.gpu, streamed, backward,
                                        lead=self._prefetched_experts()))
