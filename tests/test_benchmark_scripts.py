@@ -358,3 +358,12 @@ def test_bench_e2e_gpu_experts_variants_and_sweep(tmp_path):
                                                  auto["note"])
     assert re.search(r"^sweep over tokens per step", proc.stderr, re.M)
     assert len(re.findall(r"^\s+\d+ x \d+ kt-sft", proc.stderr, re.M)) == 4
+
+
+@pytest.mark.slow
+def test_bench_overlap_tiny_runs():
+    """bench_overlap's CPU smoke run prints, per format, the engine alone and after a torch op (the rows that need
+    no GPU), each with its ratio to alone."""
+    proc = _run("benchmarks/bench_overlap.py", "--tiny", "--formats", "bf16")
+    rows = re.findall(r"^  (alone|after torch op)\s+([\d.]+) ms\s+([\d.]+)x alone", proc.stdout, re.M)
+    assert [r[0] for r in rows] == ["alone", "after torch op"] and float(rows[0][2]) == 1.0, proc.stdout
