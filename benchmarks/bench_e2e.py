@@ -11,6 +11,8 @@ token batches (labels = input_ids) with the same LoRA config. Per side it report
   copies ms        union of the CUDA memcpy/memset intervals of that step (the engine's host<->device staging)
   CPU experts ms   wall time inside the engine's forward + backward calls per step (ExpertLayer.forward/backward)
   GPU idle         1 - (kernels + copies, merged) / the profiled step's wall
+  GPU share ms     the GPU share's time per step (CUDA events, first chunk's compute to the last), and inside the
+                   split calls how long the CPU waited for it and it for the engine (kt_sft.engine.share_plan)
   peak GPU         torch.cuda.max_memory_allocated over training (weights included); peak RSS = ru_maxrss
 
 and last the ratios and whether the targets hold (>= 1,500 tokens/s, <= 6 GB GPU, GPU idle < 30% of a step).
@@ -19,6 +21,10 @@ retries with checkpointing and says so). The figures mean something on the devic
 
     python benchmarks/bench_e2e.py --dir /tmp/v2lite-rand --layers 27       # device: bash benchmarks/device_e2e.sh
     python benchmarks/bench_e2e.py --tiny                                   # CPU smoke run of the script itself
+
+--gpu-experts auto 1.0 0 (kt_gpu_experts; default auto with a GPU): one load, then each value in turn from the
+same LoRA init, a row each (bash benchmarks/device_hybrid.sh). --sweep 2x2048 4x2048 8x4096: each batch x seq in
+turn, then one table (tokens/s, step, peak GPU, CPU experts, GPU share, idle) of all.
 
 --json prints one JSON row per side on stdout (the report goes to stderr); --record appends them to
 benchmarks/results/bench_e2e.csv (or --results-dir), the rows BENCHMARKS.md's tables are generated from.
@@ -62,6 +68,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import v2_lite_config, write_checkpoint  # noqa: E402  (same random checkpoint writer)
 import results  # noqa: E402  (benchmarks/results.py: the rows every benchmark records)
+from kt_sft.engine import share_plan  # noqa: E402
 import v3_checkpoint  # noqa: E402  (the block-FP8 DeepSeek-V3 checkpoint writer)
 from kt_sft.engine.formats import FORMATS  # noqa: E402
 
@@ -259,7 +266,7 @@ def load_side(side: str, args, device: torch.device):
 
         # int8: int8 weights, bf16 GEMMs (kt_backend INT8); int8-gemm: int8 GEMMs too (kt_backend AMXINT8)
         model = kt_sft.load_model(args.dir, device=device, dtype=torch.bfloat16, format=args.format,
-                                  threads=args.threads, progress=False, gpu_experts=args.gpu_experts)
+                                  threads=args.threads, progress=False, gpu_experts=0)  # shares: use_gpu_experts
         info["summary"] = model.kt_summary
     else:
         from peft import get_peft_model
@@ -308,10 +315,11 @@ def train(model, args, device: torch.device, checkpointing: bool, timer: EngineT
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    walls, engine, losses, phases, per_layer = [], [], [], {}, []
+    walls, engine, losses, phases, per_layer, shares = [], [], [], {}, [], []
     for i, ids in enumerate(batches[:-1]):
         for discarded in filter(None, (timer, layers)):
             discarded.take()
+        share_plan.take_totals()
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -329,6 +337,7 @@ def train(model, args, device: torch.device, checkpointing: bool, timer: EngineT
             walls.append(wall)
             if timer:
                 engine.append(timer.take())
+                shares.append(share_plan.take_totals())
             if layers:
                 per_layer.append(layers.take())
     res = profile_gpu(lambda: step(batches[-1]), device)
@@ -338,6 +347,7 @@ def train(model, args, device: torch.device, checkpointing: bool, timer: EngineT
     if res["gpu_busy_ms"] is not None:
         res["gpu_idle"] = max(0.0, 1.0 - res["gpu_busy_ms"] / res["profiled_step_ms"])
     res.update(_timings(walls, engine, phases, per_layer))
+    res.update(_share_timings(shares))
     if device.type == "cuda":
         res["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / GB
         res["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / GB
@@ -360,7 +370,62 @@ def _timings(walls: list[float], engine: list[dict], phases: dict, per_layer: li
     return res
 
 
-def run_child(side: str, args) -> dict:
+def _share_timings(shares: list[dict]) -> dict:
+    """Means over the timed steps of the GPU share's totals (kt_sft.engine.share_plan.take_totals): its GPU time,
+    the time the CPU waited for it and it for the engine inside the split calls, the experts it took per call."""
+    calls = sum(t["calls"] for t in shares)
+    if not calls:
+        return {}
+    mean_ms = lambda key: 1e3 * sum(t[key] for t in shares) / len(shares)  # noqa: E731
+    return {"gpu_share_ms": mean_ms("gpu_s"), "cpu_waits_ms": mean_ms("cpu_waits_s"),
+            "gpu_waits_ms": mean_ms("gpu_waits_s"), "share_calls": calls / len(shares),
+            "gpu_experts_per_call": sum(t["gpu_experts"] for t in shares) / calls}
+
+
+def use_gpu_experts(model, value, args, device: torch.device) -> None:
+    """Every experts module of `model` computes with a GPU share for `value` ("auto" or a fraction of its experts;
+    0: none) on the run's device (on the CPU, as under --tiny, the share's code without streams), and the engine's
+    pool is sized as the loader sizes it for that setting."""
+    import dataclasses
+
+    import kt_sft.engine as ke
+    from kt_sft.loader import reserve_launch_cores
+
+    for module in model.modules():
+        layer = getattr(module, "kt_layer", None)
+        if layer is not None:
+            share = None
+            if value:
+                experts = "auto" if value == "auto" else max(1, round(value * layer.num_experts))
+                share = ke.GpuShare(layer, experts, device, min_tokens=args.share_min_tokens)
+            module.kt_policy = dataclasses.replace(module.kt_policy, share=share)
+    ke.set_num_threads(args.threads)
+    reserve_launch_cores(args.threads, bool(value) and device.type == "cuda")
+
+
+def train_side(model, side: str, args, device: torch.device, timer, layers) -> dict:
+    """train() with the side's checkpointing; a run without it that runs out of GPU memory is retried with it."""
+    checkpointing = args.gradient_checkpointing if side == "ours" else args.stock_gradient_checkpointing
+    oom = None
+    try:
+        return train(model, args, device, checkpointing, timer, layers)
+    except torch.OutOfMemoryError as err:
+        oom = str(err).splitlines()[0]
+    # retried outside the except block, so the failed step's frames are gone
+    if checkpointing:
+        raise RuntimeError(f"{side}: out of GPU memory even with gradient checkpointing: {oom}")
+    log(f"{side}: out of GPU memory without gradient checkpointing; retrying with it ({oom})")
+    model.zero_grad(set_to_none=True)  # the failed step's partial gradients
+    gc.collect()
+    torch.cuda.empty_cache()
+    res = train(model, args, device, True, timer, layers)
+    res["note"] = "OOM without gradient checkpointing; measured with it"
+    return res
+
+
+def run_child(side: str, args):
+    """One side's measurement; ours: a list, one per --gpu-experts value, each trained from the same LoRA init
+    on the same batches in this process (one load)."""
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.zeros(1, device=device)  # CUDA context up before anything is timed
@@ -371,31 +436,31 @@ def run_child(side: str, args) -> dict:
     if args.family == "deepseek_v3":
         info.update(v3_load_info(model, args, info["load_s"]))
         layers = LayerTimer(model.get_base_model().model.layers, device)
-    checkpointing = args.gradient_checkpointing if side == "ours" else args.stock_gradient_checkpointing
-    oom = None
-    try:
-        res = train(model, args, device, checkpointing, timer, layers)
-    except torch.OutOfMemoryError as err:
-        oom = str(err).splitlines()[0]
-    if oom is not None:  # retried outside the except block, so the failed step's frames are gone
-        if checkpointing:
-            raise RuntimeError(f"{side}: out of GPU memory even with gradient checkpointing: {oom}")
-        log(f"{side}: out of GPU memory without gradient checkpointing; retrying with it ({oom})")
-        model.zero_grad(set_to_none=True)  # the failed step's partial gradients
-        gc.collect()
-        torch.cuda.empty_cache()
-        res = train(model, args, device, True, timer, layers)
-        res["note"] = "OOM without gradient checkpointing; measured with it"
-    res.update(info)
-    res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
-    res["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    res["host"] = f"{res['gpu'] or 'no GPU'}; {os.cpu_count()} CPUs; torch {torch.__version__}"
-    if side == "ours":
-        import kt_sft.engine as ke
+    host = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else ""}
+    host["host"] = f"{host['gpu'] or 'no GPU'}; {os.cpu_count()} CPUs; torch {torch.__version__}"
+    if side == "stock":
+        return {**train_side(model, side, args, device, timer, layers), **info, **host, "peak_rss_gb": _rss_gb()}
+    import kt_sft.engine as ke
 
-        res["isa"], res["threads"] = ke.current_isa(), ke.num_threads()
+    init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    runs = []
+    for value in args.gpu_experts:
+        use_gpu_experts(model, value, args, device)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in init:
+                    p.copy_(init[n])
+        log(f"--- ours, gpu_experts {value} ({ke.num_threads()} engine threads) ---")
+        res = train_side(model, side, args, device, timer, layers)
+        res.update(info, **host, gpu_experts=value, peak_rss_gb=_rss_gb(), isa=ke.current_isa(),
+                   threads=ke.num_threads())
         res["engine"] = f"{res['isa']}, {res['threads']} threads"
-    return res
+        runs.append(res)
+    return runs
+
+
+def _rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
 
 
 def v3_load_info(model, args, load_s: float) -> dict:
@@ -423,88 +488,145 @@ def _cell(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _share_name(value) -> str:
+    return "auto" if value == "auto" else f"{value:g}"
+
+
 def _label(side: str, r: dict, args) -> str:
     ckpt = ", grad ckpt" if r["gradient_checkpointing"] else ""
-    share = f", GPU share {args.gpu_experts:g}" if args.gpu_experts else ""
+    value = r.get("gpu_experts")
+    share = f", GPU share {_share_name(value)}" if value else ""
     dtype = "" if args.format == "bf16" else f", {args.format}"
     return f"kt-sft (ours{dtype}{share}{ckpt})" if side == "ours" else f"stock (all on {args.device}{ckpt})"
 
 
-def report(results: dict, args) -> None:
+def report(runs: list[tuple[str, dict]], args) -> None:
+    """The table of one (batch, seq): a row per (side, --gpu-experts value), then per run its details."""
     cols = [("tokens/s", "tokens_per_s", ".0f", 1), ("step ms", "step_ms", ".0f", 1),
             ("GPU compute ms", "gpu_kernel_ms", ".0f", 1), ("copies ms", "gpu_copy_ms", ".1f", 1),
-            ("CPU experts ms", "experts_ms", ".0f", 1), ("GPU idle %", "gpu_idle", ".1f", 100),
-            ("peak GPU GB", "peak_gpu_gb", ".2f", 1), ("peak RSS GB", "peak_rss_gb", ".1f", 1),
-            ("loss step 1", "losses", ".4f", 1)]
-    if results:  # the parent never touches CUDA: no context of its own on the GPU the children measure
-        print(f"\ndevice: {next(iter(results.values()))['host']}")
+            ("CPU experts ms", "experts_ms", ".0f", 1), ("GPU share ms", "gpu_share_ms", ".0f", 1),
+            ("GPU idle %", "gpu_idle", ".1f", 100), ("peak GPU GB", "peak_gpu_gb", ".2f", 1),
+            ("peak RSS GB", "peak_rss_gb", ".1f", 1), ("loss step 1", "losses", ".4f", 1)]
+    if runs:  # the parent never touches CUDA: no context of its own on the GPU the children measure
+        print(f"\ndevice: {runs[0][1]['host']}")
     print(f"LoRA r={args.lora_rank} on {', '.join(args.lora_target)}{' + routed experts' if args.expert_lora else ''}; "
           f"batch {args.batch} x {args.seq} tokens; {args.steps} timed steps after {args.warmup} warm-up")
     print(f"{'':<48}" + "".join(f"{c[0]:>15}" for c in cols))
-    for side, r in results.items():
+    for side, r in runs:
         cells = []
         for _, key, spec, scale in cols:
             v = r.get(key)
             v = v[0] if key == "losses" and v else v
             cells.append(_cell(None if v is None else v * scale, spec))
         print(f"{_label(side, r, args):<48}" + "".join(f"{c:>15}" for c in cells))
-    for side, r in results.items():
-        extra = f"; {r['note']}" if r.get("note") else ""
-        print(f"{side}: {r['summary']}; load {r['load_s']:.0f}s; GPU after load "
-              f"{_cell(r.get('gpu_after_load_gb'), '.2f')} GB, peak reserved {_cell(r.get('peak_reserved_gb'), '.2f')} GB"
-              f"; profiled step {_cell(r.get('profiled_step_ms'), '.0f')} ms{extra}")
-    ours, stock = results.get("ours"), results.get("stock")
-    if ours and ours.get("experts_ms") is not None:
-        print(f"ours per step: CPU experts forward {ours['experts_fwd_ms']:.0f} ms + backward {ours['experts_bwd_ms']:.0f} "
-              f"ms over {ours['engine_calls']} engine calls; staging (host wall, incl. waiting for queued GPU work) "
-              f"{ours['staging_ms']:.0f} ms; engine {ours['engine']}")
-        inside = ", ".join(f"{name} {ms:.0f}" for name, ms in ours.get("engine_phases_ms", {}).items())
+    for side, r in runs:
+        _report_details(side, r, args)
+    ours = [r for side, r in runs if side == "ours"]
+    stock = next((r for side, r in runs if side == "stock"), None)
+    for r in ours:
+        _report_targets(r, args)
+    for r in ours if stock else ():  # same weights, batches and LoRA init: losses agree up to bf16 (int8: more)
+        diff = max(abs(a - b) for a, b in zip(r["losses"], stock["losses"]))
+        gpu = (f"; peak GPU ours/stock {r['peak_gpu_gb'] / stock['peak_gpu_gb']:.3f}"
+               if r.get("peak_gpu_gb") and stock.get("peak_gpu_gb") else "")
+        print(f"{_label('ours', r, args)} vs stock: loss per step max |difference| {diff:.4f} over "
+              f"{len(r['losses'])} steps; tokens/s {r['tokens_per_s'] / stock['tokens_per_s']:.3f} of stock{gpu}")
+
+
+def _report_details(side: str, r: dict, args) -> None:
+    extra = f"; {r['note']}" if r.get("note") else ""
+    print(f"{_label(side, r, args)}: {r['summary']}; load {r['load_s']:.0f}s; GPU after load "
+          f"{_cell(r.get('gpu_after_load_gb'), '.2f')} GB, peak reserved {_cell(r.get('peak_reserved_gb'), '.2f')} GB"
+          f"; profiled step {_cell(r.get('profiled_step_ms'), '.0f')} ms{extra}")
+    if r.get("experts_ms") is not None:
+        print(f"  per step: CPU experts forward {r['experts_fwd_ms']:.0f} ms + backward {r['experts_bwd_ms']:.0f} "
+              f"ms over {r['engine_calls']} engine calls; staging (host wall, incl. waiting for queued GPU work) "
+              f"{r['staging_ms']:.0f} ms; engine {r['engine']}")
+        inside = ", ".join(f"{name} {ms:.0f}" for name, ms in r.get("engine_phases_ms", {}).items())
         print(f"  engine phases per step (ms, all layers): {inside}")
-    if ours:
-        checks = [("tokens/s >= 1,500", ours.get("tokens_per_s"), lambda v: v >= TARGETS["tokens_per_s"], ".0f", 1),
-                  ("peak GPU <= 6 GB", ours.get("peak_gpu_gb"), lambda v: v <= TARGETS["peak_gpu_gb"], ".2f", 1),
-                  ("GPU idle < 30% of a step", ours.get("gpu_idle"), lambda v: v < TARGETS["gpu_idle"], ".1f", 100)]
-        judged = args.device == "cuda" and not args.tiny  # the targets are for the full shape on the device
-        for label, v, ok, spec, scale in checks:
-            verdict = ("holds" if ok(v) else "MISSED") if judged and v is not None else "n/a (device run only)"
-            print(f"target {label:<26} ours {_cell(None if v is None else v * scale, spec):>8}: {verdict}")
-    if ours and stock:  # same weights, batches and LoRA init: the losses agree up to bf16 (int8 experts: more)
-        diff = max(abs(a - b) for a, b in zip(ours["losses"], stock["losses"]))
-        print(f"loss per step ours vs stock: max |difference| {diff:.4f} over {len(ours['losses'])} steps")
-        gpu = (f"; peak GPU ours/stock {ours['peak_gpu_gb'] / stock['peak_gpu_gb']:.3f}"
-               if ours.get("peak_gpu_gb") and stock.get("peak_gpu_gb") else "")
-        print(f"ratio ours/stock tokens/s {ours['tokens_per_s'] / stock['tokens_per_s']:.2f}{gpu}")
+    if r.get("gpu_share_ms") is not None:
+        print(f"  {_share_breakdown(r)}")
+
+
+def _share_breakdown(r: dict) -> str:
+    """The GPU share's per-step line (also the note of its results row)."""
+    return (f"GPU share {r['gpu_share_ms']:.0f} ms/step over {r['share_calls']:.0f} calls, "
+            f"{r['gpu_experts_per_call']:.1f} experts per call; in those calls the CPU waited "
+            f"{r['cpu_waits_ms']:.0f} ms for the GPU, the GPU {r['gpu_waits_ms']:.0f} ms for the engine")
+
+
+def _report_targets(r: dict, args) -> None:
+    checks = [("tokens/s >= 1,500", r.get("tokens_per_s"), lambda v: v >= TARGETS["tokens_per_s"], ".0f", 1),
+              ("peak GPU <= 6 GB", r.get("peak_gpu_gb"), lambda v: v <= TARGETS["peak_gpu_gb"], ".2f", 1),
+              ("GPU idle < 30% of a step", r.get("gpu_idle"), lambda v: v < TARGETS["gpu_idle"], ".1f", 100)]
+    judged = args.device == "cuda" and not args.tiny  # the targets are for the full shape on the device
+    for label, v, ok, spec, scale in checks:
+        verdict = ("holds" if ok(v) else "MISSED") if judged and v is not None else "n/a (device run only)"
+        print(f"target {label:<26} {_label('ours', r, args):<40} {_cell(None if v is None else v * scale, spec):>8}: "
+              f"{verdict}")
 
 
 def variant(side: str, args) -> str:
-    """The side's name in the results: "ours <format>[ + expert LoRA]" or "stock" (the GPU share's fraction is
-    the run's gpu_experts setting)."""
+    """The side's name in the results: "ours <format>[ + expert LoRA]" or "stock" (the GPU share is the row's
+    gpu_experts setting)."""
     if side == "stock":
         return "stock"
     return f"ours {args.format}{' + expert LoRA' if args.expert_lora else ''}"
 
 
-def result_rows(sides: dict, args) -> list[dict]:
-    """One results row per side that finished; ours carries tokens/s over stock's and the largest loss gap."""
-    ours, stock = sides.get("ours"), sides.get("stock")
-    first, engine = next(iter(sides.values()), {}), ours or {}
-    run_info = {**results.provenance(engine.get("isa", ""), engine.get("threads", ""), first.get("gpu", "")),
-                "layers": args.layers, "batch": args.batch, "seq": args.seq, "lora_rank": args.lora_rank,
-                "gpu_experts": args.gpu_experts, "steps": args.steps}
+def result_rows(runs: list[tuple[str, dict]], args, provenance: dict | None = None) -> list[dict]:
+    """One results row per (side, --gpu-experts value) that finished; ours carry tokens/s over stock's and the
+    largest loss gap, and the GPU share's breakdown as the note. `provenance`: the run's (a sweep's points share
+    one run id); default: this call's."""
+    stock = next((r for side, r in runs if side == "stock"), None)
+    first = runs[0][1] if runs else {}
+    engine = next((r for side, r in runs if side == "ours"), {})
+    provenance = provenance or results.provenance(engine.get("isa", ""), engine.get("threads", ""),
+                                                  first.get("gpu", ""))
+    run_info = {**provenance, "layers": args.layers, "batch": args.batch, "seq": args.seq, "lora_rank": args.lora_rank,
+                "steps": args.steps}
     rows = []
-    for side, r in sides.items():
+    for side, r in runs:
         losses = r.get("losses") or [None]
-        rows.append({**run_info, "variant": variant(side, args), "tokens_per_s": r["tokens_per_s"],
-                     "tokens_per_s_min": r["tokens_per_s_min"], "tokens_per_s_max": r["tokens_per_s_max"],
-                     "step_ms": r["step_ms"], "gpu_compute_ms": r.get("gpu_kernel_ms"),
-                     "gpu_copy_ms": r.get("gpu_copy_ms"), "gpu_idle": r.get("gpu_idle"),
-                     "cpu_experts_ms": r.get("experts_ms"), "peak_gpu_gb": r.get("peak_gpu_gb"),
-                     "peak_rss_gb": r.get("peak_rss_gb"), "load_s": r.get("load_s"), "loss_first": losses[0],
-                     "loss_last": losses[-1], "phases_ms": r.get("engine_phases_ms") or None, "note": r.get("note")})
-    if ours and stock:
-        rows[0].update(ratio=round(ours["tokens_per_s"] / stock["tokens_per_s"], 3), ratio_of="ours/stock",
-                       loss_diff=max(abs(a - b) for a, b in zip(ours["losses"], stock["losses"])))
+        notes = [n for n in (r.get("note"), _share_breakdown(r) if r.get("gpu_share_ms") is not None else None) if n]
+        row = {**run_info, "gpu_experts": _share_name(r.get("gpu_experts") or 0) if side == "ours" else 0,
+               "threads": r.get("threads", run_info["threads"]), "variant": variant(side, args),
+               "tokens_per_s": r["tokens_per_s"], "tokens_per_s_min": r["tokens_per_s_min"],
+               "tokens_per_s_max": r["tokens_per_s_max"], "step_ms": r["step_ms"],
+               "gpu_compute_ms": r.get("gpu_kernel_ms"), "gpu_copy_ms": r.get("gpu_copy_ms"),
+               "gpu_idle": r.get("gpu_idle"), "cpu_experts_ms": r.get("experts_ms"), "peak_gpu_gb": r.get("peak_gpu_gb"),
+               "peak_rss_gb": r.get("peak_rss_gb"), "load_s": r.get("load_s"), "loss_first": losses[0],
+               "loss_last": losses[-1], "phases_ms": r.get("engine_phases_ms") or None,
+               "note": "; ".join(notes) or None}
+        if side == "ours" and stock:
+            row.update(ratio=round(r["tokens_per_s"] / stock["tokens_per_s"], 3), ratio_of="ours/stock",
+                       loss_diff=max(abs(a - b) for a, b in zip(r["losses"], stock["losses"])))
+        rows.append(row)
     return rows
+
+
+def measure(args) -> list[tuple[str, dict]]:
+    """Ours (a run per --gpu-experts value, one process) and, with --baseline, stock, at args.batch x args.seq."""
+    extra = ("--batch", str(args.batch), "--seq", str(args.seq))
+    runs = [("ours", r) for r in run_side("ours", args, extra) or []]
+    if args.baseline:
+        stock = run_side("stock", args, extra)
+        runs += [("stock", stock)] if stock else []
+    return runs
+
+
+def report_sweep(sweep: list[tuple[int, int, list]], args) -> None:
+    """One line per (batch x seq, run): how the stream's fixed cost amortizes over more tokens per step."""
+    print(f"\nsweep over tokens per step ({args.format} experts; gradient checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'}):")
+    print(f"{'batch x seq':>12} {'run':<40} {'tokens/s':>9} {'step ms':>8} {'peak GPU GB':>12} {'CPU experts ms':>15} "
+          f"{'GPU share ms':>13} {'GPU idle %':>11}")
+    for batch, seq, runs in sweep:
+        for side, r in runs:
+            idle = r.get("gpu_idle")
+            print(f"{f'{batch} x {seq}':>12} {_label(side, r, args):<40} {r['tokens_per_s']:>9.0f} {r['step_ms']:>8.0f} "
+                  f"{_cell(r.get('peak_gpu_gb'), '.2f'):>12} {_cell(r.get('experts_ms'), '.0f'):>15} "
+                  f"{_cell(r.get('gpu_share_ms'), '.0f'):>13} {_cell(None if idle is None else 100 * idle, '.1f'):>11}")
 
 
 def v3_run_config(args) -> dict:
@@ -590,8 +712,8 @@ def v3_run_info(first: dict, config: dict, args) -> dict:
     """The columns every row of the run shares (provenance from the first format that finished)."""
     return {**results.provenance(first["isa"], first["threads"], first["gpu"]), "layers": args.layers,
             "moe_layers": args.layers - config["first_k_dense_replace"], "batch": args.batch, "seq": args.seq,
-            "lora_rank": args.lora_rank, "gpu_experts": args.gpu_experts, "steps": args.steps,
-            "checkpoint_gb": first["checkpoint_gb"]}
+            "lora_rank": args.lora_rank, "gpu_experts": _share_name(first.get("gpu_experts") or 0),
+            "steps": args.steps, "checkpoint_gb": first["checkpoint_gb"]}
 
 
 def v3_row(fmt: str, r: dict, run_info: dict, args) -> dict:
@@ -619,7 +741,7 @@ def main_v3(args) -> None:
     for fmt in args.formats:
         with results.human_output(args):
             log(f"--- {fmt} experts ---")
-            r = run_side("ours", args, ("--format", fmt))
+            r = (run_side("ours", args, ("--format", fmt)) or [None])[0]
         if r is None:
             continue
         runs[fmt] = {**r, **v3_projection(r, config, args, size, full)}
@@ -660,8 +782,16 @@ def parse_args():
                         ": kt_backend FP8, the checkpoint's own codes; AMXINT4 and AMXINT8, quantized at load)")
     p.add_argument("--fp8-block", type=int, default=None,
                    help="deepseek_v3: weights per block scale, B x B (default 128 as published; --tiny: 40)")
-    p.add_argument("--gpu-experts", type=float, default=0.0,
-                   help="ours: fraction of each layer's experts computed on the GPU, streamed per call (kt_gpu_experts)")
+    p.add_argument("--gpu-experts", type=_gpu_experts_arg, nargs="+", default=None,
+                   help="ours: kt_gpu_experts, auto or the fraction of each layer's experts computed on the GPU, "
+                        "streamed per call (0: all on the CPU engine); several values run one after another in the "
+                        "same process, each from the same LoRA init (default: auto with a GPU, else 0)")
+    p.add_argument("--share-min-tokens", type=int, default=None,
+                   help="ours: calls of at least this many tokens use the GPU share (default 1024 as the loader; "
+                        "--tiny: 1, so that the smoke run goes through the share's code on the CPU)")
+    p.add_argument("--sweep", type=_shape_arg, nargs="+", default=None, metavar="BATCHxSEQ",
+                   help="run each batch x seq (e.g. 2x2048 4x2048 8x4096), then a table of all: how the stream's "
+                        "fixed cost amortizes with tokens per step, and the GPU memory each needs")
     p.add_argument("--threads", type=int, default=0, help="engine threads (0: the family default, all cores)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="ours (default on: the GPU memory target)")
@@ -680,11 +810,35 @@ def parse_args():
         p.error("--format: a deepseek_v3 run trains each of --formats in its own process; use --formats")
     if not v3 and (args.formats or args.fp8_block):
         p.error("--formats and --fp8-block are for --family deepseek_v3")
+    if v3 and (args.sweep or len(args.gpu_experts or ()) > 1):
+        p.error("--sweep and several --gpu-experts values are for the V2-Lite run")
     return _resolve_defaults(args)
+
+
+def _gpu_experts_arg(text: str):
+    """auto, or a fraction in [0, 1] (kt_gpu_experts)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected auto or a fraction between 0 and 1, got {text!r}")
+    return value
+
+
+def _shape_arg(text: str) -> tuple[int, int]:
+    """BATCHxSEQ, e.g. 4x2048."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected BATCHxSEQ with positive integers (e.g. 4x2048), got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def _resolve_defaults(args):
     """The family's values for the options left unset, then --tiny's overrides."""
+    seq_given = args.seq is not None
     for key, value in FAMILY_DEFAULTS[args.family].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -693,10 +847,15 @@ def _resolve_defaults(args):
     args.dir = args.dir or Path(CHECKPOINT_DIRS[args.family][args.tiny])
     args.fp8_block = args.fp8_block or (40 if args.tiny else 128)
     if args.tiny:
-        args.layers, args.seq, args.steps, args.warmup, args.shard_gb = 3, 64, 2, 1, 1 / 1024
+        args.layers, args.steps, args.warmup, args.shard_gb = 3, 2, 1, 1 / 1024
+        args.seq = args.seq if seq_given else 64
         args.device = "cpu"
     else:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.gpu_experts is None:
+        args.gpu_experts = ["auto"] if args.device == "cuda" else [0.0]
+    if args.share_min_tokens is None:
+        args.share_min_tokens = 1 if args.tiny else 1024
     if args.baseline is None:
         args.baseline = not args.tiny and args.family != "deepseek_v3"
     return args
@@ -713,10 +872,20 @@ def main() -> None:
     with results.human_output(args):
         config = tiny_config(args.layers) if args.tiny else v2_lite_config(args.layers)
         ensure_checkpoint(args.dir, config, int(args.shard_gb * GB))
-        sides = {side: run_side(side, args) for side in ("ours", "stock") if side == "ours" or args.baseline}
-        sides = {side: r for side, r in sides.items() if r is not None}
-        report(sides, args)
-    results.emit("bench_e2e", result_rows(sides, args), args)
+    sweep, provenance = [], None
+    for batch, seq in args.sweep or [(args.batch, args.seq)]:
+        args.batch, args.seq = batch, seq
+        with results.human_output(args):
+            runs = measure(args)
+            report(runs, args)
+        rows = result_rows(runs, args, provenance)
+        if rows and provenance is None:
+            provenance = {k: rows[0][k] for k in results.PROVENANCE}
+        results.emit("bench_e2e", rows, args)
+        sweep.append((batch, seq, runs))
+    if args.sweep:
+        with results.human_output(args):
+            report_sweep(sweep, args)
 
 
 if __name__ == "__main__":

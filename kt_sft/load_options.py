@@ -51,9 +51,11 @@ class LoadOptions:
     lm_head in chunks of this many tokens, each recomputed in backward, so the [tokens, vocab] logits are never
     materialized (kt_sft.models.chunked_loss; same loss and gradients as stock). Such a forward returns
     `logits=None`; eval, generate and label-less calls are stock. 0 = off (stock loss, full logits).
-    gpu_experts: fraction of each MoE layer's routed experts that calls of >= 1024 tokens on a CUDA `device`
-    compute on the GPU, streaming their weights from the engine's RAM per call (kt_sft.engine.gpu_share); the
-    rest runs on the CPU engine at the same time. 0 = off (everything on the CPU engine).
+    gpu_experts: how many of each MoE layer's routed experts calls of >= 1024 tokens on a CUDA `device` compute
+    on the GPU, streaming their weights from the engine's RAM per call (kt_sft.engine.gpu_share) while the CPU
+    engine runs the rest: "auto" (default): per call, the experts with the most rows, as many as make both sides
+    finish together by the rates measured on the calls so far (kt_sft.engine.share_plan); a fraction F in (0, 1]:
+    the last F x E experts on every call; 0 = off (everything on the CPU engine). Ignored without a CUDA device.
     numa: the NUMA nodes the engine runs on (kt_sft.engine.set_numa): "auto" (the nodes this process's cpus span),
     "off" (one node), or a node count (N > 1 on a one-node host: N virtual nodes, for testing). Each layer's experts
     are cut into one contiguous range per node, their weights in that node's memory and their tasks run by its
@@ -72,7 +74,7 @@ class LoadOptions:
     chunk_size: int = 0
     retain_activations: bool = True
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
-    gpu_experts: float = 0.0
+    gpu_experts: Union[float, str] = "auto"
     int4_group: Optional[int] = None
     numa: Optional[NumaSetting] = None
 
@@ -94,9 +96,9 @@ class LoadOptions:
             if not (getattr(self, name) is None or isinstance(getattr(self, name), (str, os.PathLike))):
                 raise TypeError(f"{name}: expected a path, got {getattr(self, name)!r}")
         check_chunk_tokens(self.loss_chunk_tokens)
-        if isinstance(self.gpu_experts, bool) or not (isinstance(self.gpu_experts, (int, float))
-                                                      and 0.0 <= self.gpu_experts <= 1.0):
-            raise ValueError(f"gpu_experts must be a fraction in [0, 1], got {self.gpu_experts!r}")
+        if self.gpu_experts != "auto" and (isinstance(self.gpu_experts, bool) or not (
+                isinstance(self.gpu_experts, (int, float)) and 0.0 <= self.gpu_experts <= 1.0)):
+            raise ValueError(f"gpu_experts must be 'auto' or a fraction in [0, 1], got {self.gpu_experts!r}")
         self._check_int4_group()
         if self.numa is not None:
             object.__setattr__(self, "numa", numa_setting(self.numa, "numa"))

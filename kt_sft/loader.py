@@ -138,8 +138,10 @@ def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *
     model, placer = plan.model, _Placer(plan.model, opts.device, opts.dtype)
     _stream_shards(files, layers, router, placer, plan.source, opts.progress)
     _check_experts_loaded(layers, plan, files, router.prefix)
+    policies = {idx: _call_policy(layer, opts) for idx, layer in layers.items()}
     for idx, layer in sorted(layers.items()):
-        attach_engine(plan.experts_modules[idx], layer, _call_policy(layer, opts))
+        attach_engine(plan.experts_modules[idx], layer, policies[idx])
+    reserve_launch_cores(plan.threads, any(p.share is not None for p in policies.values()))
     _finish_dense(model, placer, opts.device)
     _read_generation_config(model, plan.path)
     use_engine(model.config)
@@ -518,9 +520,23 @@ def _read_generation_config(model, path: Path) -> None:
 
 def _call_policy(layer, opts: LoadOptions) -> ExpertCallPolicy:
     share = None
-    if opts.gpu_experts > 0 and opts.device.type == "cuda":
-        share = engine.GpuShare(layer, max(1, round(opts.gpu_experts * layer.num_experts)), opts.device)
+    if opts.gpu_experts and opts.device.type == "cuda":
+        experts = "auto" if opts.gpu_experts == "auto" else max(1, round(opts.gpu_experts * layer.num_experts))
+        share = engine.GpuShare(layer, experts, opts.device)
     return ExpertCallPolicy(chunk_size=opts.chunk_size, retain=opts.retain_activations, share=share)
+
+
+# Cores left to the thread that launches the GPU share's work while the engine computes (forward: the caller's;
+# backward: autograd's device thread). With every core in the engine's pool, that thread time-shares a core with a
+# worker, and a worker descheduled mid-task holds up its phase's barrier (the pool's other workers spin on it).
+LAUNCH_CORES = 1
+
+
+def reserve_launch_cores(threads: int, shared: bool) -> None:
+    """With a GPU share (`shared`) and the engine's threads left to auto (`threads` 0: no option, no family
+    default; no KT_SFT_THREADS), the pool gets LAUNCH_CORES fewer threads."""
+    if shared and not threads and not os.environ.get("KT_SFT_THREADS"):
+        engine.set_num_threads(max(1, engine.num_threads() - LAUNCH_CORES))
 
 
 def _finish_dense(model, placer: _Placer, device: torch.device) -> None:

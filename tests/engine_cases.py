@@ -531,8 +531,8 @@ IDENTITIES = {"fp32": (), "bf16": (), "int8": (bitwise_dequantized_twin,), "int8
 def shared_reference(case: Case) -> Outputs:
     """A call with a GPU share: the engine's experts by the format's reference, the share's by the reference of the
     format it computes like; the parts add up (disjoint slots and experts)."""
-    E = case.gate.shape[0]
-    on_share = case.ids >= E - case.share[1]
+    E, experts = case.gate.shape[0], case.share[1]  # a count (the last ones) or the ids
+    on_share = case.ids >= E - experts if isinstance(experts, int) else torch.isin(case.ids, torch.tensor(experts))
     engine = REFERENCES[case.format.name](dataclasses.replace(case, ids=case.ids.masked_fill(on_share, -1)))
     like = ke.FORMATS[SHARE_COMPUTES_LIKE[case.format.name]]
     if like.scales == "block":  # with the case's own scale grid

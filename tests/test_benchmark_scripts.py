@@ -343,3 +343,30 @@ def test_bench_load_quantized_checkpoint_and_tensor_profile(tmp_path):
     assert all(r["tensor_ms"] > 0 and r["pack_ms"] > 0 and r["decode_ms"] == 0 and r["gb_per_s"] > 0 for r in rows)
     for rec, r in zip(_recorded(tmp_path / "results", "bench_load_tensors"), rows, strict=True):
         _same(rec, r)
+
+
+@pytest.mark.slow
+def test_bench_e2e_gpu_experts_variants_and_sweep(tmp_path):
+    """--gpu-experts 0 auto --sweep: per batch x seq one load and a row per value, trained from the same LoRA init
+    (the same first loss); the share's rows carry its breakdown; the sweep table lists every run. On the CPU the
+    share computes on the CPU device (--tiny: calls of any size use it)."""
+    proc = _run("benchmarks/bench_e2e.py", "--tiny", "--dir", str(tmp_path / "ckpt"), "--gpu-experts", "0", "auto",
+                "--sweep", "1x32", "2x48", "--json")
+    rows = _json_rows(proc.stdout, "bench_e2e")
+    assert [(r["batch"], r["seq"], r["gpu_experts"]) for r in rows] == [
+        (1, 32, "0"), (1, 32, "auto"), (2, 48, "0"), (2, 48, "auto")]
+    for plain, auto in (rows[:2], rows[2:]):
+        assert abs(plain["loss_first"] - auto["loss_first"]) < 1e-2  # same init and batch: bf16 noise only
+        assert "note" not in plain and re.search(r"GPU share \d+ ms/step over \d+ calls, [\d.]+ experts per call",
+                                                 auto["note"])
+    assert re.search(r"^sweep over tokens per step", proc.stderr, re.M)
+    assert len(re.findall(r"^\s+\d+ x \d+ kt-sft", proc.stderr, re.M)) == 4
+
+
+@pytest.mark.slow
+def test_bench_overlap_tiny_runs():
+    """bench_overlap's CPU smoke run prints, per format, the engine alone and after a torch op (the rows that need
+    no GPU), each with its ratio to alone."""
+    proc = _run("benchmarks/bench_overlap.py", "--tiny", "--formats", "bf16")
+    rows = re.findall(r"^  (alone|after torch op)\s+([\d.]+) ms\s+([\d.]+)x alone", proc.stdout, re.M)
+    assert [r[0] for r in rows] == ["alone", "after torch op"] and float(rows[0][2]) == 1.0, proc.stdout

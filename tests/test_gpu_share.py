@@ -4,14 +4,20 @@ panels, the rest by the engine with those slots at -1.
 Its results against the references, for every format with and without LoRA over the shape grid, on the CPU (the
 share's device is then the CPU: same code without streams) and, where a GPU exists, on it, are the engine tester's
 GPU share axis (test_engine_parity.py, tests/engine_cases.py). Here: the panels it streams, the -1 slots, checkpoint
-recompute, prefetch, the token threshold, arguments and chunk sizes.
+recompute, prefetch, the token threshold, arguments and chunk sizes; shares of any expert set; "auto": plan_split's
+choices for synthetic rates, per-call splits reused by the recompute, the rates measured, the split log line.
 """
+import dataclasses
+
 import pytest
 import torch
 
 import kt_sft.engine as ke
-from engine_cases import SHARE_DEVICES, TOLERANCE, dequantized, reference_with_grads
-from kt_sft.engine.gpu_share import GpuShare, panels_to_matrix
+from engine_cases import (SHARE_DEVICES, TOLERANCE, Shape, case_layer, check_layer, dequantized, make_case,
+                          reference_with_grads)
+from kt_sft.engine import share_plan
+from kt_sft.engine.gpu_share import GpuShare, _runs, panels_to_matrix
+from kt_sft.engine.share_plan import FORWARD, Rates, plan_split
 from moe_reference import make_experts, make_routing, rel_err
 
 
@@ -31,7 +37,7 @@ def test_panels_unpack_to_the_loaded_weights(fmt):
     layer, (gate, up, down) = _layer(E, H, I, fmt, torch.Generator().manual_seed(0))
     share = GpuShare(layer, 2, "cpu", chunk=1)
     mats = {}
-    for a, c, g, u, d in share._chunks():
+    for a, c, g, u, d in share._chunks(share.plan(torch.zeros(0, 1, dtype=torch.int64), share.fixed, [0] * E), FORWARD):
         mats[a] = (g, u, d)
     for j, e in enumerate(range(1, 3)):
         g, u, d = mats[j]
@@ -150,3 +156,208 @@ def test_default_chunk_is_sized_in_unpacked_bytes():
     assert GpuShare(ke.ExpertLayer(8, 7168, 2048, "bf16"), 8, "cpu").chunk == 2
     tiny, _ = _layer(6, 40, 24, "fp32", torch.Generator().manual_seed(6))
     assert GpuShare(tiny, 6, "cpu").chunk >= 6
+
+
+# ------------------------------------------------------------------------------------------ any expert set, "auto"
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int8-gemm", "fp8", "int4-gemm"])
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+def test_a_share_of_any_expert_set_matches_the_reference(fmt, lora):
+    """Experts given by id, out of order and not consecutive (runs 5 | 0 | 2-3 of 7, chunks of 2 that cut a run),
+    LoRA factors and scales picked by id: the engine tester's reference and tolerance, as for a tail share."""
+    case = make_case(Shape(7, 40, 24, 30, 3, "skewed", 3, 2), fmt, lora)
+    for device in SHARE_DEVICES:
+        check_layer(dataclasses.replace(case, share=(device, (5, 0, 2, 3), 2)), f"share of experts 5,0,2,3 on {device}")
+
+
+def test_copy_runs():
+    assert _runs((5, 0, 2, 3, 4, 7)) == [(5, 1), (0, 1), (2, 3), (7, 1)]
+    assert _runs(()) == []
+
+
+# plan_split cases: counts, engine (fwd, bwd) rows/s, stream bytes/s, gpu (fwd, bwd) rows/s, expert bytes,
+# backward, lead -> the experts. Costs worked by hand in the comments (seconds).
+PLANS = [
+    # one direction; order 0(100) 1(50) 4(40) 2(10), 3 has no rows. CPU 200/100 = 2.0; n=1: max(1.0, 1) = 1.0;
+    # n=2: max(0.5, 2) = 2.
+    ([100, 50, 10, 0, 40], (100, 100), 1.0, (1e9, 1e9), 1, False, (), [0]),
+    # both directions, backward engine at 50 rows/s: n=0 2+4 = 6; n=1 max(1,1)+max(2,1) = 3; n=2 max(.5,2)+max(1,2)=4
+    ([100, 50, 10, 0, 40], (100, 50), 1.0, (1e9, 1e9), 1, True, (), [0]),
+    # a fast stream: every expert with rows, never the one without
+    ([100, 50, 10, 0, 40], (100, 100), 1e6, (1e9, 1e9), 1, True, (), [0, 1, 4, 2]),
+    # a slow stream: nothing streams
+    ([100, 50, 10, 0, 40], (100, 100), 1e-3, (1e9, 1e9), 1, True, (), []),
+    # GPU compute bound (10 rows/s, stream free): n=1 max(1, 10) = 10 > 2.0 = all on the CPU
+    ([100, 50, 10, 0, 40], (100, 100), 1e6, (10, 10), 1, False, (), []),
+    # equal costs: n=0 max(2, 0) = 2 = n=2 max(1, 2): ties go to fewer streamed experts; n=1 max(1.5, 1) is best
+    ([50, 50, 50, 50], (100, 100), 1.0, (1e9, 1e9), 1, False, (), [0]),
+    ([50, 50, 50, 50], (100, 100), 0.5, (1e9, 1e9), 1, False, (), []),  # n=1: max(1.5, 2) = 2 = n=0
+    # lead experts (prefetched) come first while they have rows: 2 then 1, then by count
+    ([100, 50, 10, 0, 40], (100, 100), 1e6, (1e9, 1e9), 1, False, (2, 1), [2, 1, 0, 4]),
+    # a lead expert without rows ends the lead (its copy is useless; the ones after it would land elsewhere)
+    ([100, 50, 10, 0, 40], (100, 100), 1e6, (1e9, 1e9), 1, False, (3, 1), [0, 1, 4, 2]),
+    # the lead goes first, then the busiest: n=1 (4) max(1.6, .5) = 1.6; n=2 (4, 0) max(.6, 1) = 1; n=3 max(.1, 1.5)
+    ([100, 50, 10, 0, 40], (100, 100), 2.0, (1e9, 1e9), 1, False, (4,), [4, 0]),
+]
+
+
+@pytest.mark.parametrize("counts,engine,stream,gpu,nbytes,backward,lead,want", PLANS)
+def test_plan_split(counts, engine, stream, gpu, nbytes, backward, lead, want):
+    assert plan_split(counts, engine, stream, gpu, nbytes, backward=backward, lead=lead) == want
+
+
+def test_plan_split_balances_v2_lite_like_rates():
+    """V2-Lite-like numbers (4096 tokens x 6 of 64 experts; engine 465k rows/s each direction, 16 MB per expert over
+    53 GB/s, GPU compute 20M rows/s): the chosen split leaves neither side more than one expert's cost idle, and
+    the experts streamed are the busiest."""
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.multinomial(torch.rand(64, generator=gen), 4096 * 6, replacement=True,
+                                              generator=gen), minlength=64).tolist()
+    engine, stream, gpu, nbytes = (465e3, 465e3), 53e9, (20e6, 10e6), 16_000_000
+    chosen = plan_split(counts, engine, stream, gpu, nbytes)
+    cpu_s = (sum(counts) - sum(counts[e] for e in chosen)) / engine[0]
+    gpu_s = len(chosen) * nbytes / stream
+    assert abs(cpu_s - gpu_s) <= max(nbytes / stream, max(counts) / engine[0])
+    assert min(counts[e] for e in chosen) >= max(counts[e] for e in range(64) if e not in chosen)
+
+
+def _frozen_rates(book, engine, stream, gpu):
+    """Pin a RateBook to the given rates (the calls' samples no longer move them)."""
+    book.rates = Rates(list(engine), list(gpu), stream)
+    book.engine = lambda d, rows, s: book.totals.__setitem__("engine_s", book.totals["engine_s"] + s)
+    book.gpu = book.stream = lambda *a: None
+
+
+def test_auto_splits_per_call_and_the_recompute_reuses_the_split():
+    """"auto" on the CPU device: each call's split comes from its counts (busiest first); the result matches the
+    reference; a checkpoint recompute reuses the forward's split even when the planner would now choose another,
+    and backward computes the same experts on the share."""
+    gen = torch.Generator().manual_seed(11)
+    E, H, I, T, k = 8, 48, 40, 64, 2
+    layer, weights = _layer(E, H, I, "bf16", gen)
+    ids, w = make_routing(T, E, k, "skewed", gen)
+    x, dy = torch.randn(T, H, generator=gen).bfloat16(), torch.randn(T, H, generator=gen).bfloat16()
+    share = GpuShare(layer, "auto", "cpu", min_tokens=1, chunk=3)
+    nbytes = 3 * share.expert_bytes
+    # engine 1000 rows/s, one expert's stream 1/10 s: about 100 rows' worth per streamed expert
+    _frozen_rates(share.book, (1000, 1000), nbytes * 10, (1e9, 1e9))
+    counts = torch.bincount(ids.flatten(), minlength=E).tolist()
+    want = plan_split(counts, (1000, 1000), nbytes * 10, (1e9, 1e9), nbytes)
+    assert 0 < len(want) < E
+    seen = []
+    plan_of = share.plan
+    share.plan = lambda ids, experts, counts: seen.append(experts) or plan_of(ids, experts, counts)
+    with torch.no_grad():
+        y0 = ke.moe_experts(x, ids, w, layer, retain=True, share=share)
+    assert seen == [tuple(want)]
+    _frozen_rates(share.book, (1e9, 1e9), 1.0, (1.0, 1.0))  # the planner would now keep everything on the CPU
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y1 = ke.moe_experts(xs, ids, ws, layer, share=share)
+    y1.backward(dy)
+    assert torch.equal(y0, y1) and seen[1:] == [tuple(want)]  # the recompute's plan: the forward's experts
+    ref = reference_with_grads(x, ids, w, *weights, None, dy)
+    tol = TOLERANCE["bf16"]
+    assert rel_err(y1, ref.y) < tol.y and rel_err(xs.grad, ref.dx) < tol.dx and rel_err(ws.grad, ref.dw) < tol.dw
+    assert layer.retained.entries == []
+
+
+def test_auto_measures_rates_and_keeps_small_calls_on_the_engine():
+    """The calls' measurements move the engine and GPU rates off their priors; a call below min_tokens never asks
+    the planner; take_totals counts the split calls and resets."""
+    gen = torch.Generator().manual_seed(12)
+    layer, _ = _layer(6, 32, 24, "bf16", gen)
+    share = GpuShare(layer, "auto", "cpu", min_tokens=16, chunk=2)
+    # ~13 rows per expert at 1000 rows/s against 10 ms per streamed expert: some experts stream
+    share.book.rates = Rates([1000.0, 1000.0], [1e9, 1e9], 3 * share.expert_bytes * 100)
+    share_plan.take_totals()
+    before = (list(share.book.rates.engine), list(share.book.rates.gpu))
+    ids, w = make_routing(40, 6, 2, "uniform", gen)
+    x = torch.randn(40, 32, generator=gen).bfloat16().requires_grad_()
+    ke.moe_experts(x, ids, w, layer, share=share).float().sum().backward()
+    after = (share.book.rates.engine, share.book.rates.gpu)
+    assert after[0] != before[0] and after[1] != before[1]
+    totals = share_plan.take_totals()
+    assert totals["calls"] == 1 and totals["engine_s"] > 0 and totals["gpu_s"] > 0
+    assert share_plan.take_totals()["calls"] == 0
+    share.choose = lambda *a: pytest.fail("a call below min_tokens reached the planner")
+    ke.moe_experts(x[:8].detach(), ids[:8], w[:8], layer, share=share)
+
+
+def test_split_log_is_rate_limited(monkeypatch, caplog):
+    """One line when the mean split moves by an expert or more, at most once per LOG_INTERVAL_S."""
+    clock = [1000.0]
+    monkeypatch.setattr(share_plan.time, "monotonic", lambda: clock[0])
+    book = share_plan.RateBook("test", Rates([1.0, 1.0], [1.0, 1.0], 1.0))
+    caplog.set_level("INFO", logger="kt_sft.gpu_share")
+    lines = lambda: [r for r in caplog.records if "gpu share auto" in r.getMessage()]  # noqa: E731
+    clock[0] += 10
+    book.split(3, 30, 60, 8)
+    assert len(lines()) == 1 and "3.0 of 8 experts" in lines()[0].getMessage()
+    for _ in range(5):
+        book.split(5, 50, 60, 8)
+    assert len(lines()) == 1  # within the interval
+    clock[0] += share_plan.LOG_INTERVAL_S
+    book.split(5, 50, 60, 8)
+    assert len(lines()) == 2
+    assert "5.0 of 8 experts on the GPU (83 % of the rows) over the last 6 calls" in lines()[1].getMessage()
+    clock[0] += share_plan.LOG_INTERVAL_S
+    book.split(5, 50, 60, 8)
+    assert len(lines()) == 2  # interval over, but the split moved by less than an expert
+
+
+def test_auto_and_bad_expert_arguments():
+    layer, _ = _layer(4, 32, 32, torch.float32, torch.Generator().manual_seed(13))
+    assert GpuShare(layer, "auto", "cpu").fixed is None
+    assert GpuShare(layer, [3, 1], "cpu").fixed == (3, 1)
+    for bad in ("all", [1, 1], [4], []):
+        with pytest.raises(ValueError, match="gpu share: expert"):
+            GpuShare(layer, bad, "cpu")
+
+
+def test_auto_training_matches_the_engine_only_run(tmp_path):
+    """A tiny qwen3_moe (fp32 model, bf16 experts: the share takes x in the model's dtype) trained 8 LoRA steps
+    with gradient checkpointing, every MoE call split by "auto" on the CPU device (rates pinned so that the busiest
+    experts of each call go to the share): every step's loss within the bf16 bounds of the engine-only run
+    (tests/test_offload_parity.py, BF16_LOSS_*), and the splits did vary."""
+    import statistics
+
+    import kt_sft
+    from lora_train import lora_run, make_batches
+    from tiny_models import make_tiny_checkpoint
+
+    make_tiny_checkpoint("qwen3_moe", tmp_path)
+
+    def run(auto: bool):
+        model = kt_sft.load_model(tmp_path, device="cpu", dtype=torch.float32, format="bf16", progress=False)
+        chosen = []
+        for module in model.modules():
+            if hasattr(module, "kt_layer") and auto:
+                share = GpuShare(module.kt_layer, "auto", "cpu", min_tokens=1, chunk=3)
+                # ~6 rows per expert and call: one streamed expert costs about as much as 6 engine rows
+                _frozen_rates(share.book, (1000, 1000), 3 * share.expert_bytes * 1000 / 6, (1e9, 1e9))
+                choose = share.choose
+                share.choose = lambda *a, _c=choose, **kw: chosen.append(_c(*a, **kw)) or chosen[-1]
+                module.kt_policy = dataclasses.replace(module.kt_policy, share=share)
+        losses = lora_run(model, "qwen3_moe", make_batches(8), gradient_checkpointing={"use_reentrant": False}).losses
+        return losses, chosen
+
+    ref, _ = run(False)
+    got, chosen = run(True)
+    assert len(set(chosen)) > 3 and all(0 < len(c) < 8 for c in chosen), chosen
+    dev = [abs(a - b) / abs(b) for a, b in zip(got, ref)]
+    print(f"[auto share] loss rel dev median {statistics.median(dev):.1e} max {max(dev):.1e}, {len(chosen)} splits")
+    assert statistics.median(dev) <= 1e-3 and max(dev) <= 3e-2, dev
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int4", "int4-gemm"])
+def test_streamed_scales_match_the_reference(fmt, monkeypatch):
+    """Scale grids above RESIDENT_SCALES_BYTES (int4 groups of a large layer) travel with their experts' panels,
+    gathered run by run like them: the same reference as resident scales, for an expert set cut into runs."""
+    import kt_sft.engine.gpu_share as gs
+
+    monkeypatch.setattr(gs, "RESIDENT_SCALES_BYTES", 0)
+    case = make_case(Shape(7, 40, 24, 30, 3, "skewed", 3, 2), fmt, True)
+    for device in SHARE_DEVICES:
+        share = GpuShare(case_layer(case), (5, 0, 2, 3), device, chunk=3)
+        assert share.resident is None and min(share.scale_bytes) > 0
+        check_layer(dataclasses.replace(case, share=(device, (5, 0, 2, 3), 3)), f"streamed scales on {device}")

@@ -47,6 +47,10 @@ def test_keys_resolve_to_settings(get_train_args, tmp_path):
     assert model_args.kt_sft_settings.family.model_type == "qwen3_moe"  # resolved once, for the loader
     model_args, *_ = get_train_args(_args(tmp_path))
     assert model_args.kt_sft_settings == ktc.KTSettings()  # every default is "auto"
+    assert model_args.kt_sft_settings.gpu_experts == "auto"
+    for given, parsed in (("auto", "auto"), ("AUTO", "auto"), (0, 0.0), ("0.7", 0.7), (1, 1.0)):
+        model_args, *_ = get_train_args(_args(tmp_path, kt_gpu_experts=given))
+        assert ktc.load_fields(model_args.kt_sft_settings)["gpu_experts"] == parsed, given
     model_args, *_ = get_train_args(_args(tmp_path, kt_num_threads="3", cpu_infer=3))  # an alias may repeat it
     assert model_args.kt_sft_settings.threads == 3
     model_args, *_ = get_train_args(_args(tmp_path, kt_backend="AMXINT8"))
@@ -104,8 +108,9 @@ BAD = [
     *(({"kt_numa": n}, f"kt_numa: expected auto (the host's nodes), off, or a number of nodes from 1 to 64 (N > 1 on "
                        f"a one-node host: N virtual nodes, for testing), got {n}") for n in (0, -1)),
     ({"kt_numa": True}, "kt_numa: expected auto"),
-    ({"kt_gpu_experts": 1.5}, "kt_gpu_experts: expected a fraction between 0 and 1, got 1.5"),
-    ({"kt_gpu_experts": "all"}, "kt_gpu_experts: expected a fraction between 0 and 1, got 'all'"),
+    ({"kt_gpu_experts": 1.5}, "kt_gpu_experts: expected auto or a fraction between 0 and 1, got 1.5"),
+    ({"kt_gpu_experts": "all"}, "kt_gpu_experts: expected auto or a fraction between 0 and 1, got 'all'"),
+    ({"kt_gpu_experts": True}, "kt_gpu_experts: expected auto or a fraction between 0 and 1, got True"),
     ({"use_kt": False, "kt_backend": "AMXBF16"}, "use_kt is false"),
     ({"kt_maxlen": 4096}, "use LLaMA-Factory's cutoff_len"),
     ({"kt_weight_path": "/some/where"}, "pre-quantized .kt expert files are not supported"),

@@ -220,3 +220,31 @@ def test_options_and_a_resolved_family(qwen3_ckpt, monkeypatch):
     assert {m.kt_layer.max_saved for m in model.modules() if hasattr(m, "kt_layer")} == {6}
     with pytest.raises(ValueError, match="is for model_type 'mixtral'"):
         kt_sft.load_model(qwen3_ckpt, device="cpu", family=mixtral, progress=False)
+
+
+def test_gpu_experts_option_and_launch_core(qwen3_ckpt, monkeypatch):
+    """gpu_experts: "auto" by default, a fraction, or a clear error; without a CUDA device no share is built and
+    the engine keeps its threads; with one, the pool leaves a core to the share's launching thread unless the
+    threads were given (option or KT_SFT_THREADS)."""
+    import kt_sft.engine as ke
+    import kt_sft.loader as loader
+    from kt_sft.load_options import LoadOptions
+
+    assert LoadOptions().gpu_experts == "auto" and LoadOptions(gpu_experts=0.5).gpu_experts == 0.5
+    for bad in ("all", 1.5, -0.1, True, None):
+        with pytest.raises(ValueError, match=r"gpu_experts must be 'auto' or a fraction in \[0, 1\]"):
+            LoadOptions(gpu_experts=bad)
+    threads = ke.num_threads()
+    model = kt_sft.load_model(qwen3_ckpt, device="cpu", progress=False)
+    assert all(m.kt_policy.share is None for m in model.modules() if hasattr(m, "kt_policy"))
+    assert ke.num_threads() == threads
+    calls = []
+    monkeypatch.setattr(loader.engine, "set_num_threads", calls.append)
+    monkeypatch.delenv("KT_SFT_THREADS", raising=False)
+    loader.reserve_launch_cores(0, shared=True)
+    assert calls == [max(1, threads - loader.LAUNCH_CORES)]
+    loader.reserve_launch_cores(4, shared=True)
+    loader.reserve_launch_cores(0, shared=False)
+    monkeypatch.setenv("KT_SFT_THREADS", "3")
+    loader.reserve_launch_cores(0, shared=True)
+    assert len(calls) == 1

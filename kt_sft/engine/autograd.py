@@ -7,10 +7,22 @@ back non-blocking; an event guards each pinned buffer so it is not overwritten w
 
 With `share=` (a `GpuShare` of the layer, kt_sft.engine.gpu_share) large calls compute part of the experts on the
 GPU; this module only calls the share's methods and never imports it, so the engine core does not depend on it.
+The share's call runs as: the engine's call first (from a helper thread, the GIL released in C++), then the share's
+plan and GPU launches, then the joins; each engine call's rows and wall seconds go to the share (`record`), whose
+"auto" split balances on them.
+
+Host work of the glue on GPU runs stays on its own thread (`_serial_host_ops`): torch's OpenMP workers spin ~6 ms
+after each parallel region (libgomp's default wait policy) on the cores the engine's pool is about to use; a short
+engine forward right after a parallel 32 MB clone ran 2.1x slower than after a one-thread clone (2-core box, same
+process, /tmp/omp_vs_engine.py of the hybrid branch: 17.1 / 8.2 ms and 19.4 / 9.1 ms), the slowdown issue 25 saw
+on the split's short engine calls. For the same reason a saved forward keeps its fresh pinned x instead of cloning
+the staging buffer (16 MB per V2-Lite layer at 4096 tokens).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
@@ -61,12 +73,19 @@ class PinnedStaging:
         if ev is not None:
             ev.synchronize()
 
-    def to_host(self, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Device tensor -> pinned host tensor (dtype converted on the device first), ready to read."""
+    def to_host(self, name: str, t: torch.Tensor, dtype: torch.dtype, fresh: bool = False,
+                sync: bool = True) -> torch.Tensor:
+        """Device tensor -> pinned host tensor (dtype converted on the device first), ready to read once the
+        stream is synchronized (`sync`: here). `fresh`: a new pinned tensor (from torch's caching pinned
+        allocator) that the caller may keep, instead of the reused buffer `name`."""
         src = t.to(dtype).contiguous()
-        host = self.buffer(name, tuple(src.shape), dtype)
+        if fresh:
+            host = torch.empty(src.shape, dtype=dtype, pin_memory=True)
+        else:
+            host = self.buffer(name, tuple(src.shape), dtype)
         host.copy_(src, non_blocking=True)
-        torch.cuda.current_stream(t.device).synchronize()
+        if sync:
+            torch.cuda.current_stream(t.device).synchronize()
         return host
 
     def to_device(self, name: str, host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -113,6 +132,42 @@ def _to_engine(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).contiguous()
 
 
+def _inputs_to_engine(layer: ExpertLayer, x, topk_ids, topk_weights, keep_x: bool):
+    """(x, topk_ids, topk_weights) on the host for the engine, with one wait for the GPU. keep_x: x may be kept
+    by `layer.retained` as it is (a fresh pinned tensor, or a copy of a host x); else it is a reused buffer or
+    the caller's own tensor."""
+    if x.device.type != "cuda":
+        x_host = x.to(layer.dtype).contiguous()
+        if keep_x and x_host.data_ptr() == x.data_ptr():
+            x_host = x_host.clone()  # the caller's tensor: they may change it in place
+        return x_host, _to_engine("ids", topk_ids, torch.int64), _to_engine("w", topk_weights, torch.float32)
+    staging = _staging_buffers()
+    x_host = staging.to_host("x", x, layer.dtype, fresh=keep_x, sync=False)
+    ids_host = staging.to_host("ids", topk_ids, torch.int64, sync=False)
+    return x_host, ids_host, staging.to_host("w", topk_weights, torch.float32)
+
+
+@contextlib.contextmanager
+def _serial_host_ops(on_gpu: bool):
+    """Torch's host ops in the block run on this thread alone when the model is on a GPU (see the module's note)."""
+    threads = torch.get_num_threads()
+    if not on_gpu or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _timed(fn, *args, **kwargs):
+    """(fn's result, its wall seconds): an engine call measured where it runs."""
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
 def _from_engine(name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     if device.type == "cuda":
         return _staging_buffers().to_device(name, t, device).to(dtype)
@@ -147,20 +202,36 @@ def _factor_to_host(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach().to(device="cpu", dtype=torch.float32).contiguous()
 
 
-def _forward_with_share(layer: ExpertLayer, share, x, topk_weights, x_host, ids_host, w_host, save: bool,
-                        lora: Optional[ExpertLoRA], share_lora: Optional[ExpertLoRA]):
-    """Part of the experts on the GPU share while the engine runs the rest from a helper thread:
-    (y on x's device, engine handle, the share's plan)."""
-    ids_engine, plan = share.split(ids_host)
+def _forward_with_share(layer: ExpertLayer, share, experts: tuple, counts: list, x, topk_ids, topk_weights, x_host,
+                        ids_host, w_host, save: bool, lora: Optional[ExpertLoRA], share_lora: Optional[ExpertLoRA]):
+    """`experts` on the GPU share while the engine runs the rest from a helper thread, its call issued before the
+    share's plan and launches: (y on x's device, engine handle, the share's plan)."""
     job = None
-    if share.first > 0:
-        job = _engine_worker().submit(layer.forward, x_host, ids_engine, w_host, save_for_backward=save, lora=lora)
+    if sum(counts) > sum(counts[e] for e in experts):  # the engine has rows
+        job = _engine_worker().submit(_timed, layer.forward, x_host, share.engine_ids(ids_host, experts), w_host,
+                                      save_for_backward=save, lora=lora)
+    plan = share.plan(topk_ids, experts, counts)
     y_share = share.forward(x.detach(), topk_weights.detach(), plan, share_lora)
     share.join(y_share)
-    if job is None:  # every expert on the GPU: the engine has nothing to do
+    if job is None:  # every routed slot on the GPU: the engine has nothing to do
+        share.record("forward", 0, 0.0, shared=True)
         return y_share.to(x.dtype), (-next(_share_only_handles) if save else 0), plan
-    y_cpu, handle = job.result()
+    (y_cpu, handle), seconds = job.result()
+    share.record("forward", plan["engine_rows"], seconds, shared=True)
     return (_from_engine("y", y_cpu, x.device, torch.float32) + y_share).to(x.dtype), handle, plan
+
+
+def _engine_forward(layer: ExpertLayer, share, x, x_host, ids_host, w_host, save: bool, lora):
+    """Every expert on the engine (in this thread): (y on x's device, the host y to retain, handle). `share`: the
+    call's GpuShare that chose no expert, told the engine's rows and seconds."""
+    # Inference (decode) on a GPU: the engine writes straight into the pinned buffer the result is copied from, so a
+    # step costs no host allocation and no extra host copy.
+    buf = _staging_buffers().buffer("y", (x.shape[0], layer.hidden_size), layer.dtype) \
+        if x.device.type == "cuda" and not save else None
+    (y, handle), seconds = _timed(layer.forward, x_host, ids_host, w_host, save_for_backward=save, out=buf, lora=lora)
+    if share is not None:
+        share.record("forward", int((ids_host >= 0).sum()), seconds, shared=False)
+    return _from_engine("y", y, x.device, x.dtype), y, handle
 
 
 def _input_grad(needed: bool, name: str, meta, engine_grad, share_grad):
@@ -184,6 +255,46 @@ def _factor_grads(engine_grads, share_grads, factors, needed) -> tuple:
                  for g, t, need in zip(grads, factors, needed))
 
 
+def _experts_forward(layer: ExpertLayer, share, x, topk_ids, topk_weights, save: bool, factors, lora_scales):
+    """The forward's work: (y on x's device, engine handle, the share's plan or None, the engine's routed rows)."""
+    lora = None if lora_scales is None else ExpertLoRA(*(_factor_to_host(t) for t in factors), *lora_scales)
+    if share is not None:
+        # Its first weight copies run while the host waits for the router below. A checkpoint recompute
+        # (retained, no share call) leaves them to the backward that follows it at once, which streams the
+        # same chunks first.
+        share.prefetch()
+    x_host, ids_host, w_host = _inputs_to_engine(layer, x, topk_ids, topk_weights, keep_x=save)
+    _set_spin(save and x.device.type == "cuda")
+    # Which side computed what is the retained record's own (split): the recompute reuses it whatever the share
+    # would choose now.
+    key = (_lora_key(factors, lora_scales), None if share is None else id(share))
+    hit = layer.retained.find(x_host, ids_host, w_host, key) if save else None
+    counts = share.routed_counts(ids_host) if share is not None else None
+    if hit is not None:
+        plan = share.plan(topk_ids, hit.split, counts) if hit.split else None
+        kept = hit.host_y()
+        out = _from_engine("y", kept, x.device, x.dtype)
+        out = out.clone() if out.data_ptr() == kept.data_ptr() else out  # the retained y must stay intact
+        return out, hit.handle, plan, _engine_rows(ids_host, plan)
+    experts = share.choose(counts, backward=save) if share is not None else ()
+    if experts:
+        out, handle, plan = _forward_with_share(layer, share, experts, counts, x, topk_ids, topk_weights, x_host,
+                                                ids_host, w_host, save, lora, _share_lora(share, factors, lora_scales))
+        if save:
+            layer.retained.add(x_host, ids_host, w_host, HostCopy(out.to(layer.dtype)), handle, key, split=experts,
+                               keep_x=True)
+        return out, handle, plan, plan["engine_rows"]
+    out, y, handle = _engine_forward(layer, share, x, x_host, ids_host, w_host, save, lora)
+    if save:
+        layer.retained.add(x_host, ids_host, w_host, y, handle, key, keep_x=True)
+        out = out.clone() if out.data_ptr() == y.data_ptr() else out  # the retained y must stay intact
+    return out, handle, None, _engine_rows(ids_host, None)
+
+
+def _engine_rows(ids_host: torch.Tensor, plan) -> int:
+    return plan["engine_rows"] if plan is not None else int((ids_host >= 0).sum())
+
+
 class MoEExpertsFunction(torch.autograd.Function):
     """y = experts(x) weighted by topk_weights; gradients for x, topk_weights and the optional LoRA factors
     (A_gu, B_gu, A_d, B_d, PEFT layout), none for the frozen weights."""
@@ -194,45 +305,15 @@ class MoEExpertsFunction(torch.autograd.Function):
         if x.dim() != 2:
             raise ValueError(f"x: expected [tokens, hidden], got shape {list(x.shape)}")
         factors = (A_gu, B_gu, A_d, B_d)
-        lora = None if lora_scales is None else ExpertLoRA(*(_factor_to_host(t) for t in factors), *lora_scales)
         share = _active_share(share, layer, x)
-        if share is not None:
-            # Its first weight copies run while the host waits for the router below. A checkpoint recompute
-            # (retained, no share call) leaves them to the backward that follows it at once, which streams the
-            # same chunks first.
-            share.prefetch()
-        x_host = _to_engine("x", x, layer.dtype)
-        ids_host = _to_engine("ids", topk_ids, torch.int64)
-        w_host = _to_engine("w", topk_weights, torch.float32)
-        _set_spin(save and x.device.type == "cuda")
-        # The share changes which side computes what: a retained forward counts only under the same share.
-        key = (_lora_key(factors, lora_scales), None if share is None else (id(share), share.first))
-        hit = layer.retained.find(x_host, ids_host, w_host, key) if save else None
-        kept, plan = None, None  # kept: a host y that layer.retained holds
-        if hit is not None:
-            kept, handle = hit.host_y(), hit.handle
-            plan = None if share is None else share.split(ids_host)[1]
-            out = _from_engine("y", kept, x.device, x.dtype)
-        elif share is not None:
-            out, handle, plan = _forward_with_share(layer, share, x, topk_weights, x_host, ids_host, w_host, save,
-                                                    lora, _share_lora(share, factors, lora_scales))
-            if save:
-                layer.retained.add(x_host, ids_host, w_host, HostCopy(out.to(layer.dtype)), handle, key)
-        else:
-            # Inference (decode) on a GPU: the engine writes straight into the pinned buffer the result is copied
-            # from, so a step costs no host allocation and no extra host copy.
-            buf = _staging_buffers().buffer("y", (x.shape[0], layer.hidden_size), layer.dtype) \
-                if x.device.type == "cuda" and not save else None
-            y, handle = layer.forward(x_host, ids_host, w_host, save_for_backward=save, out=buf, lora=lora)
-            if save:
-                layer.retained.add(x_host, ids_host, w_host, y, handle, key)
-                kept = y
-            out = _from_engine("y", y, x.device, x.dtype)
-        if kept is not None and out.data_ptr() == kept.data_ptr():
-            out = out.clone()  # the retained y must stay intact
+        with _serial_host_ops(x.device.type == "cuda"):
+            out, handle, plan, engine_rows = _experts_forward(layer, share, x, topk_ids, topk_weights, save, factors,
+                                                              lora_scales)
         ctx.layer, ctx.handle, ctx.lora_scales = layer, handle, lora_scales
         ctx.x_meta, ctx.w_meta = (x.device, x.dtype), (topk_weights.device, topk_weights.dtype)
-        ctx.share, ctx.share_plan = (share, plan) if save and share is not None else (None, None)
+        # share: the GpuShare that computes part of this call's backward; rated: the one told the engine's time
+        ctx.share, ctx.share_plan = (share, plan) if save and plan is not None else (None, None)
+        ctx.rated, ctx.engine_rows = (share if save else None), engine_rows
         if ctx.share is not None:
             ctx.share_inputs = (x.detach(), topk_weights.detach())
         if lora_scales is not None:
@@ -248,31 +329,40 @@ class MoEExpertsFunction(torch.autograd.Function):
             raise RuntimeError("this experts forward saved nothing for backward (it ran without inputs requiring grad)")
         layer.retained.drop(ctx.handle)
         factors = ctx.saved_tensors if ctx.lora_scales is not None else (None,) * 4
-        lora = None if ctx.lora_scales is None else ExpertLoRA(*(_factor_to_host(t) for t in factors),
-                                                               *ctx.lora_scales)
-        share = ctx.share
-        job = res = None
-        if ctx.handle > 0:  # handle < 0: every expert ran on the GPU share
-            _set_spin(dy.device.type == "cuda")
-            dy_host = _to_engine("dy", dy, layer.dtype)
-            if share is None:
-                res = layer.backward(ctx.handle, dy_host, lora=lora)
-            else:
-                job = _engine_worker().submit(layer.backward, ctx.handle, dy_host, lora=lora)
-        s_dx = s_dw = s_grads = None
-        if share is not None:
-            s_dx, s_dw, s_grads = share.backward(*ctx.share_inputs, dy, ctx.share_plan,
-                                                 _share_lora(share, factors, ctx.lora_scales))
-            share.join(s_dx, s_dw, *(s_grads or ()))
-            if job is not None:
-                res = job.result()
         needed = ctx.needs_input_grad
-        dx = _input_grad(needed[0], "dx", ctx.x_meta, None if res is None else res[0], s_dx)
-        dw = _input_grad(needed[2], "dw", ctx.w_meta, None if res is None else res[1], s_dw)
-        factor_grads = (None,) * 4
-        if lora is not None:
-            factor_grads = _factor_grads(res[2] if res is not None else None, s_grads, factors, needed[7:11])
+        with _serial_host_ops(dy.device.type == "cuda"):  # the expert LoRA gradients' sums too
+            res, (s_dx, s_dw, s_grads) = _experts_backward(ctx, layer, dy, factors)
+            dx = _input_grad(needed[0], "dx", ctx.x_meta, None if res is None else res[0], s_dx)
+            dw = _input_grad(needed[2], "dw", ctx.w_meta, None if res is None else res[1], s_dw)
+            factor_grads = (None,) * 4
+            if ctx.lora_scales is not None:
+                factor_grads = _factor_grads(res[2] if res is not None else None, s_grads, factors, needed[7:11])
         return ((dx, None, dw, None, None, None, None) + factor_grads)[: len(needed)]
+
+
+def _experts_backward(ctx, layer: ExpertLayer, dy, factors):
+    """(the engine's (dx, dw[, factor grads]) or None, the share's (dx, dw, factor grads) or Nones): the engine's
+    call first (from the helper thread when a share computes too), then the share's launches."""
+    lora = None if ctx.lora_scales is None else ExpertLoRA(*(_factor_to_host(t) for t in factors), *ctx.lora_scales)
+    share = ctx.share
+    job = res = None
+    seconds = 0.0
+    if ctx.handle > 0:  # handle < 0: every expert ran on the GPU share
+        _set_spin(dy.device.type == "cuda")
+        dy_host = _to_engine("dy", dy, layer.dtype)
+        if share is None:
+            res, seconds = _timed(layer.backward, ctx.handle, dy_host, lora=lora)
+        else:
+            job = _engine_worker().submit(_timed, layer.backward, ctx.handle, dy_host, lora=lora)
+    s_out = (None, None, None)
+    if share is not None:
+        s_out = share.backward(*ctx.share_inputs, dy, ctx.share_plan, _share_lora(share, factors, ctx.lora_scales))
+        share.join(s_out[0], s_out[1], *(s_out[2] or ()))
+        if job is not None:
+            res, seconds = job.result()
+    if ctx.rated is not None:
+        ctx.rated.record("backward", ctx.engine_rows if ctx.handle > 0 else 0, seconds, shared=share is not None)
+    return res, s_out
 
 
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: ExpertLayer,

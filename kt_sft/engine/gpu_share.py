@@ -1,5 +1,7 @@
-"""GPU share of the routed experts: on large calls the experts [E - n, E) of a layer run on the GPU, their frozen
-weights streamed per call from the engine's own host panels, while the CPU engine computes the other experts.
+"""GPU share of the routed experts: on large calls some experts of a layer run on the GPU, their frozen weights
+streamed per call from the engine's own host panels, while the CPU engine computes the other experts. Which ones:
+a fixed set (`kt_gpu_experts` F: the last F x E experts) or, with "auto", per call the experts with the most rows,
+as many as make both sides finish together by the rates measured so far (share_plan.py).
 
 Why: the CPU engine is bound near 10 TFLOPS by AMX tile loads (BENCHMARKS.md, "AMX GEMM ceiling"), so training
 through it left the GPU idle 94 % of a step (V2-Lite, ~1,000 tokens/s; with every expert on the share:
@@ -10,13 +12,16 @@ experts to the GPU beats computing them on the CPU, and both sides run at the sa
 `min_tokens`) stay on the CPU, where a token costs microseconds and the stream would cost milliseconds.
 
 Layout: nothing is copied in RAM (the engine's panels, `ExpertLayer.panels()`, are read in place and page-locked
-once, `ExpertLayer.pin_panels()`) and nothing stays on the GPU between calls: experts travel in chunks of `chunk`
-experts through a ring of two staging slots on a copy stream (one ring per GPU, shared by all layers), are
+at the first copy, `ExpertLayer.pin_panels()`) and nothing stays on the GPU between calls: a call's experts travel in
+chunks of `chunk` experts (one copy per run of consecutive ids) through a ring of two staging slots on a copy stream
+(one ring per GPU, shared by all layers), are
 unpacked from the panel layout (csrc/common.h) into [N][K] matrices, int8 ones dequantized to bf16(q * s) exactly
 as the CPU kernels do, and computed on a compute stream. The autograd glue (`moe_experts(..., share=...)`) calls
 the CPU engine with those slots' ids set to -1 (csrc/moe_layer.h, kNotHere) from a helper thread (it releases the
 GIL), so the launches here overlap its work. Backward streams the share again and recomputes its forward chunk
 by chunk under autograd (frozen weights, so nothing else is needed), which also yields the LoRA factor gradients.
+CUDA events around each chunk's copy and compute, and around each call's share, feed the rates of "auto" and the
+benchmarks' totals (share_plan.RateBook); they are read once complete, never waited for.
 Numerics: the share computes like stock PyTorch bf16 experts (bf16 GEMM outputs), the engine like its kernels;
 both are checked against the fp32 reference in tests/test_gpu_share.py.
 """
@@ -24,14 +29,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
+import time
 import warnings
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from . import share_plan
 from .formats import ExpertFormat
 from .lora import ExpertLoRA
+from .runtime import current_isa, num_threads
+from .share_plan import BACKWARD, FORWARD, plan_split
 
 _PANEL = 16
 
@@ -84,17 +94,22 @@ def _expert_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: Option
     return torch.cat(parts) if parts else x.new_zeros(0, w.shape[1])
 
 
-def _lora_rows(x: torch.Tensor, counts: list[int], first: int, A, B, E: int, scale: float) -> torch.Tensor:
-    """scale * (x_e @ B_e) @ A_e for each expert's rows (PEFT flat layout: A rows e*r.., B columns e::E)."""
+def _lora_rows(x: torch.Tensor, counts: list[int], experts: Sequence[int], A, B, E: int, scale: float) -> torch.Tensor:
+    """scale * (x_e @ B_e) @ A_e for each expert's rows (experts[j] has counts[j] rows, in order; PEFT flat layout:
+    A rows e*r.., B columns e::E)."""
     r = B.shape[1] // E
     parts, start = [], 0
-    for j, c in enumerate(counts):
-        e = first + j
+    for e, c in zip(experts, counts):
         if c:
             parts.append((x[start:start + c].float() @ B[:, e::E]) @ A[e * r:(e + 1) * r])
         start += c
     return scale * torch.cat(parts) if parts else x.new_zeros(0, A.shape[1], dtype=torch.float32)
 
+
+_DIRECTIONS = {"forward": FORWARD, "backward": BACKWARD}
+# A quantized layer's scales up to this size stay on the GPU whole (per-channel int8 and block-FP8 grids: 1.5 MB
+# a V2-Lite layer, ~3 MB a DeepSeek-V3 one); larger grids (int4 groups) stream with their experts.
+RESIDENT_SCALES_BYTES = 16 << 20
 
 # Unpacked weight bytes per streamed chunk (~8 DeepSeek-V2-Lite experts in bf16). Each chunk costs ~20 kernel
 # launches and, in backward, as many autograd nodes: with 4 such experts per chunk the host's launches left the
@@ -133,20 +148,63 @@ def _ring(device: torch.device) -> _Ring:
     return _rings[device]
 
 
-class GpuShare:
-    """The last `experts` experts of an ExpertLayer, computed on `device` for calls of at least `min_tokens`."""
-
-    def __init__(self, layer, experts: int, device, min_tokens: int = 1024, chunk: Optional[int] = None) -> None:
-        E = layer.num_experts
+def _fixed_experts(experts, E: int) -> Optional[tuple]:
+    """The experts of a fixed share (an int n: the last n; a sequence: those ids), None for "auto"."""
+    if isinstance(experts, str):
+        if experts != "auto":
+            raise ValueError(f"gpu share: experts must be a count, a list of expert ids or 'auto', got {experts!r}")
+        return None
+    if isinstance(experts, int) and not isinstance(experts, bool):
         if not 0 < experts <= E:
             raise ValueError(f"gpu share: experts must be in [1, {E}], got {experts}")
+        return tuple(range(E - experts, E))
+    ids = tuple(int(e) for e in experts)
+    if not ids or len(set(ids)) != len(ids) or not all(0 <= e < E for e in ids):
+        raise ValueError(f"gpu share: expert ids must be distinct and in [0, {E}), got {list(ids)}")
+    return ids
+
+
+def _runs(ids: Sequence[int]) -> list[tuple[int, int]]:
+    """(first id, length) of each run of consecutive ids, in order: one copy each."""
+    runs: list[list[int]] = []
+    for e in ids:
+        if runs and runs[-1][0] + runs[-1][1] == e:
+            runs[-1][1] += 1
+        else:
+            runs.append([e, 1])
+    return [(e, m) for e, m in runs]
+
+
+def _timed_event(stream) -> "torch.cuda.Event":
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record(stream)
+    return ev
+
+
+def _rate_book(layer, fmt: ExpertFormat, device: torch.device) -> share_plan.RateBook:
+    """The rates of this layer shape and format on this device (shared by the layers of that shape)."""
+    E, H, I = layer.num_experts, layer.hidden_size, layer.intermediate_size
+    prior = share_plan.prior_rates(H, I, current_isa(), num_threads(), fmt.name in ("int8-gemm", "int4-gemm"))
+    return share_plan.rate_book((E, H, I, fmt.label, str(device)), f"{E}x{H}x{I} {fmt.label}", prior)
+
+
+class GpuShare:
+    """Routed experts of an ExpertLayer computed on `device` for calls of at least `min_tokens` tokens.
+
+    experts: an int n (the last n experts, every call), a sequence of expert ids (those, every call), or "auto":
+    per call, the experts `share_plan.plan_split` picks from the call's routing counts and the rates measured on the
+    calls so far (engine rows/s, host->device GB/s, GPU rows/s; share_plan.py), so that both sides finish together.
+    """
+
+    def __init__(self, layer, experts, device, min_tokens: int = 1024, chunk: Optional[int] = None) -> None:
+        E = layer.num_experts
+        self.fixed = _fixed_experts(experts, E)  # None: "auto"
         if chunk is not None and chunk < 1:
             raise ValueError(f"gpu share: chunk must be >= 1, got {chunk}")
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:  # inputs always carry an index: compare like with like
             device = torch.device("cuda", torch.cuda.current_device())
-        self.layer, self.device = layer, device
-        self.first, self.n, self.E = E - experts, experts, E
+        self.layer, self.device, self.E = layer, device, E
         panels = layer.panels()
         self.layout = [p.layout for p in panels.projections]  # the engine's own description of its panels
         self.H, self.I = layer.hidden_size, layer.intermediate_size
@@ -155,52 +213,105 @@ class GpuShare:
             unpacked = 3 * self.Ip * self.Hp * layer.dtype.itemsize
             chunk = max(1, round(CHUNK_BYTES / unpacked))
         self.min_tokens, self.chunk = int(min_tokens), int(chunk)
-        self.chunks = -(-self.n // self.chunk)  # chunk j holds share experts [j * chunk, (j + 1) * chunk)
         self.format = panels.format
         self.expert_bytes = self.layout[0]["expert_bytes"]  # the same for gate, up and down
-        self.panels = [p.raw[self.first * self.expert_bytes:] for p in panels.projections]
-        self.scales = None
-        if self.format.quantized:  # tiny ([n] x the scale grid, fp32, per projection): kept on the device
-            self.scales = [p.scales[self.first:].to(self.device) for p in panels.projections]
+        self.panels = [p.raw for p in panels.projections]
+        self.scales = None if not self.format.quantized else [p.scales for p in panels.projections]
+        self._stream_scales(layer)
         self.cuda = self.device.type == "cuda"
+        self._pinned = False
         if self.cuda:
-            if not layer.pin_panels():
-                warnings.warn("kt-sft gpu share: could not page-lock the expert panels; streaming them runs at "
-                              "pageable-copy speed", stacklevel=2)
             self.ring = _ring(self.device)
+        self.book = _rate_book(layer, self.format, self.device)
+        self._last = self.fixed or ()  # the experts of the previous call, in order: what prefetch() copies
+        self._span: Optional[tuple] = None  # the last forward / backward's (start, end) on the GPU
         # grouped_mm takes bf16 rows whose strides are multiples of 16 bytes
         self.grouped = (hasattr(torch, "_grouped_mm") and layer.dtype == torch.bfloat16 and self.H % 8 == 0
                         and self.I % 8 == 0)
+
+    def _stream_scales(self, layer) -> None:
+        """A quantized format's scales: small grids (per channel, FP8 blocks: ~1.5 MB a V2-Lite layer) stay on the
+        device whole (`resident`); large ones (int4 groups: a quarter of the panel bytes, 1.4 GB a DeepSeek-V3
+        layer) travel with their experts' panels, each expert's grid bytes (stored by grid column) after the
+        chunk's panels in the ring slot (`scale_bytes`: per expert, of each projection)."""
+        self.resident, self.scale_bytes, self.scale_raw = None, [0, 0, 0], None
+        if self.scales is None:
+            return
+        if sum(g.numel() * 4 for g in self.scales) <= RESIDENT_SCALES_BYTES:
+            self.resident = [g.to(self.device) for g in self.scales]
+            return
+        self.scale_bytes = [g[0].numel() * 4 for g in self.scales]
+        self.scale_raw = [g.transpose(1, 2).reshape(-1).view(torch.uint8) for g in self.scales]  # [E][cols][rows]
 
     def applies(self, x: torch.Tensor) -> bool:
         return x.device == self.device and x.shape[0] >= self.min_tokens
 
     # ---------------------------------------------------------------- routing
-    def split(self, ids_host: torch.Tensor):
-        """(ids for the engine with this share's slots at -1, plan) from host topk_ids [T][k]."""
-        share = ids_host >= self.first
+    def routed_counts(self, ids_host: torch.Tensor) -> list[int]:
+        """Routed rows per expert of a call (ids outside [0, E) count nowhere)."""
         flat = ids_host.flatten()
-        pos = torch.nonzero(share.flatten()).flatten()
-        order = torch.argsort(flat[pos], stable=True)
-        pos = pos[order]
-        counts = torch.bincount(flat[pos] - self.first, minlength=self.n)
-        k = ids_host.shape[1]
-        # bounds[j]: first row of share expert j in the expert-sorted rows
-        bounds = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
-        # grouped_mm's offsets of every chunk (row ends of its experts, relative to the chunk), and the row
-        # indices, cross in one page-locked copy each: no host wait on the GPU inside the chunk loop
-        offs = torch.zeros(self.chunks, self.chunk, dtype=torch.int32)
-        for j in range(self.chunks):
-            a, c = self._span(j)
-            offs[j, :c] = counts[a:a + c].cumsum(0)
-        plan = dict(pos=self._upload(pos), tok=self._upload(pos // k), offs=self._upload(offs),
-                    counts=counts.tolist(), bounds=bounds, k=k)
-        return ids_host.masked_fill(share, -1), plan
+        return torch.bincount(flat[(flat >= 0) & (flat < self.E)], minlength=self.E).tolist()
 
-    def _span(self, j: int) -> tuple[int, int]:
-        """Chunk j: its first expert (relative to the share) and how many experts it holds."""
+    def choose(self, counts: list[int], backward: bool) -> tuple[int, ...]:
+        """The experts this call computes here, in streaming order (may be empty: all on the engine), from its
+        routed_counts. `backward`: a backward will follow, so its costs count in the split."""
+        if self.cuda:
+            self.book.harvest()
+        if self.fixed is not None:
+            experts = self.fixed
+        else:
+            r, streamed = self.book.rates, 3 * self.expert_bytes + sum(self.scale_bytes)  # bytes per expert
+            experts = tuple(plan_split(counts, r.engine, r.stream, r.gpu, streamed, backward,
+                                       lead=self._prefetched_experts()))
+        self.book.split(len(experts), sum(counts[e] for e in experts), sum(counts), self.E, log=self.fixed is None)
+        if experts:
+            self._last = experts
+        return experts
+
+    def engine_ids(self, ids_host: torch.Tensor, experts: tuple) -> torch.Tensor:
+        """The call's ids for the engine: this call's share slots at -1 (ids outside [0, E) stay: the engine
+        refuses them by name)."""
+        on_share = torch.zeros(self.E + 1, dtype=torch.bool)
+        on_share[list(experts)] = True
+        return ids_host.masked_fill(on_share[torch.where((ids_host < 0) | (ids_host >= self.E), self.E, ids_host)],
+                                    -1)
+
+    def plan(self, ids: torch.Tensor, experts: tuple, counts: list[int]) -> dict:
+        """What forward / backward need for `experts` of a call with topk_ids `ids` (on the share's device; the
+        host's routed_counts `counts`): the share's slots grouped by expert (pos, tok: sorted where the ids are,
+        no host wait), rows per expert (counts, bounds) and grouped_mm's offsets per chunk."""
+        n, k = len(experts), ids.shape[1]
+        share_counts = [counts[e] for e in experts]
+        rank_of = torch.full((self.E + 1,), n, dtype=torch.int64)  # n: not on the share (sorts last)
+        rank_of[list(experts)] = torch.arange(n)
+        flat = ids.to(self.device, non_blocking=True).flatten()
+        key = self._upload(rank_of)[torch.where((flat < 0) | (flat >= self.E), self.E, flat)]
+        pos = torch.argsort(key, stable=True)[:sum(share_counts)]
+        # bounds[j]: first row of share expert j in the expert-sorted rows
+        bounds = [0] + list(itertools.accumulate(share_counts))
+        # grouped_mm's offsets of every chunk (row ends of its experts, relative to the chunk) and the expert ids
+        # cross in one page-locked copy each: no host wait on the GPU inside the chunk loop
+        chunks = -(-n // self.chunk)
+        offs = torch.zeros(chunks, self.chunk, dtype=torch.int32)
+        for j in range(chunks):
+            a, c = self._span_of(j, n)
+            offs[j, :c] = torch.tensor(list(itertools.accumulate(share_counts[a:a + c])), dtype=torch.int32)
+        return dict(experts=tuple(experts), ids=self._upload(torch.tensor(experts, dtype=torch.int64)),
+                    pos=pos, tok=pos // k, offs=self._upload(offs), counts=share_counts, bounds=bounds, k=k,
+                    chunks=chunks, engine_rows=sum(counts) - bounds[-1])
+
+    def split(self, ids: torch.Tensor, backward: bool = True):
+        """(ids for the engine with the share's slots at -1, plan) of a call: routed_counts, choose, engine_ids
+        and plan in one."""
+        ids_host = ids.cpu()
+        counts = self.routed_counts(ids_host)
+        experts = self.choose(counts, backward)
+        return self.engine_ids(ids_host, experts), self.plan(ids, experts, counts)
+
+    def _span_of(self, j: int, n: int) -> tuple[int, int]:
+        """Chunk j of n experts: its first position in the call's expert order and how many experts it holds."""
         a = j * self.chunk
-        return a, min(self.chunk, self.n - a)
+        return a, min(self.chunk, n - a)
 
     def _upload(self, t: torch.Tensor) -> torch.Tensor:
         if not self.cuda:
@@ -208,56 +319,135 @@ class GpuShare:
         return t.pin_memory().to(self.device, non_blocking=True)
 
     # ---------------------------------------------------------------- streaming
-    def _issue(self, j: int):
-        """Queue chunk j's panels into ring slot j % 2 on the copy stream: ([gate, up, down] raw bytes, the
-        copy's event; None off CUDA, where the panels are read in place)."""
-        eb = self.expert_bytes
-        a, c = self._span(j)
-        if not self.cuda:
-            return [p[a * eb:(a + c) * eb] for p in self.panels], None
+    def _issue(self, j: int, experts: tuple):
+        """Queue chunk j of `experts` into ring slot j % 2 on the copy stream (one copy per run of consecutive
+        experts and projection): (its experts, [gate, up, down] raw bytes, their scales [c][grid] or None, the
+        copy's event; None off CUDA, where the panels are read in place or gathered)."""
+        eb, sb = self.expert_bytes, self.scale_bytes
+        a, c = self._span_of(j, len(experts))
+        ids = tuple(experts[a:a + c])
+        runs = _runs(ids)
+        if not self.cuda:  # the runs' bytes gathered (one run: read in place)
+            def gather(src: torch.Tensor, n: int) -> torch.Tensor:
+                parts = [src[e * n:(e + m) * n] for e, m in runs]
+                return parts[0] if len(parts) == 1 else torch.cat(parts)
+            scales = None if not any(sb) else [self._scales_of(gather(self.scale_raw[w], sb[w]), c, w)
+                                                for w in range(3)]
+            return ids, [gather(p, eb) for p in self.panels], scales, None
+        self._pin()
         ring = self.ring
         ring.prefetched = None  # the slots are being refilled: an earlier prefetch is gone
-        slot = ring.slot(j, self.chunk * eb)
+        slot, base = ring.slot(j, self.chunk * (eb + max(sb))), self.chunk * eb  # panels, then scales from `base`
         with torch.cuda.stream(ring.copy_stream):
             if ring.freed[j % 2] is not None:
                 ring.copy_stream.wait_event(ring.freed[j % 2])  # its last reader (any layer) is done
+            start = _timed_event(ring.copy_stream)
             for w in range(3):
-                slot[w, :c * eb].copy_(self.panels[w][a * eb:(a + c) * eb], non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(ring.copy_stream)
-        return [slot[w, :c * eb] for w in range(3)], done
+                at = 0
+                for e, m in runs:
+                    slot[w, at * eb:(at + m) * eb].copy_(self.panels[w][e * eb:(e + m) * eb], non_blocking=True)
+                    n = sb[w]
+                    if n:
+                        slot[w, base + at * n:base + (at + m) * n].copy_(self.scale_raw[w][e * n:(e + m) * n],
+                                                                         non_blocking=True)
+                    at += m
+            done = _timed_event(ring.copy_stream)
+        self.book.later("copy", 0, start, done, c * (3 * eb + sum(sb)))
+        scales = None if not any(sb) else [self._scales_of(slot[w, base:base + c * sb[w]], c, w) for w in range(3)]
+        return ids, [slot[w, :c * eb] for w in range(3)], scales, done
+
+    def _scales_of(self, raw: torch.Tensor, c: int, w: int) -> torch.Tensor:
+        """c experts' scale bytes (stored by grid column) as [c][grid rows][grid cols]."""
+        rows, cols = self.scales[w].shape[1:]
+        return raw.view(torch.float32).view(c, cols, rows).transpose(1, 2)
+
+    def _pin(self) -> None:
+        """Page-lock the layer's panels at the first copy (a run that never streams never locks them)."""
+        if not self._pinned:
+            self._pinned = True
+            if not self.layer.pin_panels():
+                warnings.warn("kt-sft gpu share: could not page-lock the expert panels; streaming them runs at "
+                              "pageable-copy speed", stacklevel=3)
 
     def prefetch(self) -> None:
-        """Start copying the first two chunks now, before the call (the autograd glue calls this before it waits
-        for the router's output), so the copy engine works while the host waits and prepares the call. The next
-        call of this share uses them; any other share's copies replace them."""
-        if self.cuda and (self.ring.prefetched is None or self.ring.prefetched[0] is not self):
-            first = [self._issue(j) for j in range(min(2, self.chunks))]
+        """Start copying the first two chunks of the experts of this share's previous call (a fixed share's every
+        call) now, before the call (the autograd glue calls this before it waits for the router's output), so the
+        copy engine works while the host waits and prepares the call. The next call uses the chunks it can ("auto"
+        puts these experts first while they have rows); any other share's copies replace them."""
+        if self.cuda and self._last and (self.ring.prefetched is None or self.ring.prefetched[0] is not self):
+            first = [self._issue(j, self._last) for j in range(min(2, -(-len(self._last) // self.chunk)))]
             self.ring.prefetched = (self, first)
 
-    def _chunks(self):
-        """Yields (first expert of the chunk relative to the share, experts, gate, up, down matrices [c][N][K])."""
+    def _prefetched_experts(self) -> tuple:
         pre = self.ring.prefetched if self.cuda else None
-        if pre is not None and pre[0] is self:
-            pending = pre[1]
-            self.ring.prefetched = None
-        else:
-            pending = [self._issue(j) for j in range(min(2, self.chunks))]
-        for j in range(self.chunks):
-            a, c = self._span(j)
-            raw, copied = pending[j]
+        return () if pre is None or pre[0] is not self else tuple(e for chunk in pre[1] for e in chunk[0])
+
+    def _take_prefetched(self, experts: tuple) -> list:
+        """The prefetched chunks that hold this call's first chunks (a prefix of them), as _issue returns them."""
+        pre = self.ring.prefetched if self.cuda else None
+        if pre is None or pre[0] is not self:
+            return []
+        self.ring.prefetched = None
+        usable, eb = [], self.expert_bytes
+        for j, (ids, raw, scales, done) in enumerate(pre[1]):
+            a, c = self._span_of(j, len(experts))
+            if c <= 0 or tuple(experts[a:a + c]) != ids[:c]:
+                break
+            usable.append((ids[:c], [r[:c * eb] for r in raw], None if scales is None else [g[:c] for g in scales],
+                           done))
+        return usable
+
+    def _chunks(self, plan, direction: int):
+        """Yields (first position of the chunk in the call's experts, experts, gate, up, down matrices [c][N][K]);
+        times each chunk's compute (from its unpacking to the consumer's next request) for the GPU rate."""
+        experts, n = plan["experts"], len(plan["experts"])
+        pending = self._take_prefetched(experts)
+        while len(pending) < min(2, plan["chunks"]):
+            pending.append(self._issue(len(pending), experts))
+        for j in range(plan["chunks"]):
+            a, c = self._span_of(j, n)
+            _, raw, scales, copied = pending[j]
             if self.cuda:
                 torch.cuda.current_stream(self.device).wait_event(copied)
-            mats = [panels_to_matrix(raw[w], c, self.layout[w], self.format,
-                                     None if self.scales is None else self.scales[w][a:a + c]) for w in range(3)]
+            start = self._mark()
+            if self.resident is not None:
+                scales = [g[plan["ids"][a:a + c]] for g in self.resident]
+            mats = [panels_to_matrix(raw[w], c, self.layout[w], self.format, None if scales is None else scales[w])
+                    for w in range(3)]
             if self.cuda:  # unpacking copied the slot out: it may be refilled
                 freed = torch.cuda.Event()
                 freed.record(torch.cuda.current_stream(self.device))
                 self.ring.freed[j % 2] = freed
-            if j + 2 < self.chunks:
-                pending.append(self._issue(j + 2))
+            if j + 2 < plan["chunks"]:
+                pending.append(self._issue(j + 2, experts))
             gate, up, down = mats
             yield a, c, gate[:, :self.I, :self.H], up[:, :self.I, :self.H], down[:, :self.H, :self.I]
+            self._sample("compute", direction, start, plan["bounds"][a + c] - plan["bounds"][a])
+
+    def _mark(self):
+        """Now, on the compute stream (a timing event) or, off CUDA, on the host clock."""
+        return _timed_event(torch.cuda.current_stream(self.device)) if self.cuda else time.perf_counter()
+
+    def _sample(self, kind: str, direction: int, start, amount) -> None:
+        """A duration from `start` (_mark) to now for the rate book: read once its events complete on CUDA."""
+        end = self._mark()
+        if self.cuda:
+            self.book.later(kind, direction, start, end, amount)
+        else:
+            self.book.gpu(direction, amount, end - start)
+
+    def record(self, direction: str, engine_rows: int, engine_seconds: float, shared: bool) -> None:
+        """A finished call ("forward" / "backward"): the engine's rows and seconds (its rate), and with `shared`,
+        the GPU span of the share's forward / backward against them (the benchmarks' totals)."""
+        direction = _DIRECTIONS[direction]
+        self.book.engine(direction, engine_rows, engine_seconds)
+        if shared and self._span is not None:
+            start, end = self._span
+            if self.cuda:
+                self.book.later("span", direction, start, end, engine_seconds)
+            else:
+                self.book.span(end - start, engine_seconds)
+        self._span = None
 
     # ---------------------------------------------------------------- compute
     def _mm(self, x, w, counts, offs):
@@ -277,14 +467,14 @@ class GpuShare:
         c = gate.shape[0]
         counts, offs = plan["counts"][a:a + c], plan["offs"][a // self.chunk, :c]
         g, u = self._mm(xs, gate, counts, offs), self._mm(xs, up, counts, offs)
-        first = self.first + a
+        experts = plan["experts"][a:a + c]
         if lora is not None and lora.A_gu is not None:
-            d = _lora_rows(xs, counts, first, lora.A_gu, lora.B_gu, self.E, lora.scale_gu)
+            d = _lora_rows(xs, counts, experts, lora.A_gu, lora.B_gu, self.E, lora.scale_gu)
             g, u = g.float() + d[:, :self.I], u.float() + d[:, self.I:]
         h = (F.silu(g.float()) * u.float()).to(xs.dtype)
         o = self._mm(h, down, counts, offs).float()
         if lora is not None and lora.A_d is not None:
-            o = o + _lora_rows(h, counts, first, lora.A_d, lora.B_d, self.E, lora.scale_d)
+            o = o + _lora_rows(h, counts, experts, lora.A_d, lora.B_d, self.E, lora.scale_d)
         return o * ws[:, None]
 
     @staticmethod
@@ -293,41 +483,45 @@ class GpuShare:
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, plan, lora: Optional[ExpertLoRA] = None) -> torch.Tensor:
         """This share's part of y [T][H] (fp32), queued on the compute stream (see join). lora: factors on this
-        share's device."""
+        share's device. x in any float dtype: computed in the layer's (as the engine does)."""
         with self._on_streams():
+            start = self._mark()
             y = torch.zeros(x.shape[0], self.H, dtype=torch.float32, device=self.device)
-            xs_all = x[plan["tok"]]
+            xs_all = x[plan["tok"]].to(self.layer.dtype)
             ws_all = w.flatten()[plan["pos"]].float()
             with torch.no_grad():
-                for a, c, gate, up, down in self._chunks():
+                for a, c, gate, up, down in self._chunks(plan, FORWARD):
                     lo, hi = self._chunk_rows(plan, a, c)
                     if hi > lo:
                         o = self._rows(xs_all[lo:hi], ws_all[lo:hi], a, plan, gate, up, down, lora)
                         y.index_add_(0, plan["tok"][lo:hi], o)
+            self._span = (start, self._mark())
         return y
 
     def backward(self, x, w, dy, plan, lora: Optional[ExpertLoRA] = None):
         """(dx [T][H] fp32, dw [T][k] fp32, factor grads or None) of this share, recomputing its forward."""
         T, k = x.shape[0], plan["k"]
         with self._on_streams(), torch.enable_grad():
+            start = self._mark()
             dx = torch.zeros(T, self.H, dtype=torch.float32, device=self.device)
             dw = torch.zeros(T * k, dtype=torch.float32, device=self.device)
             factors = None
             if lora is not None:
                 factors = [None if f is None else f.detach().requires_grad_() for f in lora.factors()]
                 lora = dataclasses.replace(lora, **dict(zip(("A_gu", "B_gu", "A_d", "B_d"), factors)))
-            for a, c, gate, up, down in self._chunks():
+            for a, c, gate, up, down in self._chunks(plan, BACKWARD):
                 lo, hi = self._chunk_rows(plan, a, c)
                 if hi == lo:
                     continue
                 tok, pos = plan["tok"][lo:hi], plan["pos"][lo:hi]
-                xs = x.detach()[tok].requires_grad_()
+                xs = x.detach()[tok].to(self.layer.dtype).requires_grad_()
                 ws = w.detach().flatten()[pos].float().requires_grad_()
                 o = self._rows(xs, ws, a, plan, gate, up, down, lora)
                 torch.autograd.backward(o, dy[tok].float())
                 dx.index_add_(0, tok, xs.grad.float())
                 dw[pos] = ws.grad
             grads = None if factors is None else [None if f is None else f.grad for f in factors]
+            self._span = (start, self._mark())
         return dx, dw.view(T, k), grads
 
     @contextlib.contextmanager

@@ -210,18 +210,22 @@ class ExpertLayer:
         return packed_panels(self._layer, self.format, self.num_experts)
 
     def pin_panels(self) -> bool:
-        """Page-lock the packed panels in place, so copies to a GPU run at full PCIe speed (the GPU share streams
-        them on every call). Done once per layer: CUDA refuses a second registration of any page. False when CUDA
-        refused some of them (their copies then run at pageable speed). __del__ undoes it before the engine frees
-        the memory, which malloc may hand out again."""
+        """Page-lock the packed panels and their scales in place, so copies to a GPU run at full PCIe speed (the GPU
+        share streams them on every call). Done once per layer: CUDA refuses a second registration of any page.
+        False when CUDA refused some of them (their copies then run at pageable speed). __del__ undoes it before
+        the engine frees the memory, which malloc may hand out again."""
         if self._pinned is None:
             cudart, self._pinned, self._all_pinned = torch.cuda.cudart(), [], True
             for which in PROJECTIONS.values():
-                address, nbytes = self._layer.panel_storage(which)
-                if nbytes and int(cudart.cudaHostRegister(address, nbytes, 0)) == 0:
-                    self._pinned.append(address)
-                elif nbytes:
-                    self._all_pinned = False
+                scales = self._layer.scale_storage(which)
+                # Small scale grids (per channel, FP8 blocks) may share a heap page with another registered range,
+                # which CUDA refuses; they copy fast enough pageable. Large ones (int4 groups) get their own pages.
+                ranges = (self._layer.panel_storage(which),) + ((scales,) if scales[1] >= 1 << 20 else ())
+                for address, nbytes in ranges:
+                    if nbytes and int(cudart.cudaHostRegister(address, nbytes, 0)) == 0:
+                        self._pinned.append(address)
+                    elif nbytes:
+                        self._all_pinned = False
         return self._all_pinned
 
     def __del__(self) -> None:

@@ -81,6 +81,16 @@ def _boolean(key: str, value: Any) -> bool:
     return words[str(value).strip().lower()]
 
 
+def _gpu_experts(key: str, value: Any):
+    """"auto" or a fraction."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _fraction(key, value)
+    except KTConfigError:
+        raise KTConfigError(f"{key}: expected auto or a fraction between 0 and 1, got {value!r}") from None
+
+
 def _fraction(key: str, value: Any) -> float:
     try:
         fraction = float(value)
@@ -168,10 +178,14 @@ KEY_SPECS: tuple[KeySpec, ...] = (
     KeySpec("kt_cpu_activation", "retain: a gradient-checkpoint recompute reuses the CPU experts' forward instead "
             "of running it again; recompute: run it again (less host RAM, more CPU time).",
             setting="retain_activations", parse=_choice({"retain": True, "recompute": False}), default="retain"),
-    KeySpec("kt_gpu_experts", "Fraction (0..1) of each MoE layer's routed experts that training / prefill calls of "
-            ">= 1024 tokens compute on the GPU, their weights streamed from RAM per call while the CPU engine runs "
-            "the rest (0: all on the CPU). Costs GPU memory for a few experts at a time.",
-            setting="gpu_experts", parse=_fraction, default=0),
+    KeySpec("kt_gpu_experts", "Routed experts that training / prefill calls of >= 1024 tokens compute on the GPU, "
+            "their weights streamed from RAM per call while the CPU engine runs the rest. auto: per call and MoE "
+            "layer, the experts with the most tokens, as many as make the GPU and the CPU engine finish together "
+            "by the rates measured on the calls so far (a log line says the split when it moves; the engine keeps "
+            "one core fewer for the GPU's launches unless kt_num_threads is set); a fraction F: the last F x E "
+            "experts of each layer; 0: all on the CPU. Without a CUDA device everything runs on the CPU. Costs GPU "
+            "memory for a few experts at a time (a two-chunk staging ring, ~280 MB for DeepSeek-V2-Lite).",
+            setting="gpu_experts", parse=_gpu_experts, default="auto"),
     KeySpec("kt_max_cache_depth", "Forward results each MoE layer keeps for backward; raise it if an error says a "
             "saved forward was evicted. A `chunk_size` split raises it, per layer, to the number of calls a batch "
             "needs.", setting="max_saved", parse=_integer(1), default=4),
