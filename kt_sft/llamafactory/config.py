@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 from ..checkpoint_formats import source_format
 from ..engine.formats import FORMATS, ExpertFormat, backend_names, get_format
-from ..models.registry import MoEFamily, UnsupportedModelError, get_family
+from ..models.registry import MoEFamily, UnsupportedModelError
 
 SUPPORTED_STAGES = ("sft", "pt")
 # Who parses a key (KeySpec.source).
@@ -330,7 +330,9 @@ def _check_model(model_args, settings: KTSettings) -> None:
     except ValueError as err:
         raise KTConfigError(f"{config_file} is not valid JSON: {err}") from err
     try:
-        settings.family = get_family(config.get("model_type"), settings.rule)
+        from ..loader import checkpoint_family  # transformers' model code: only once a config names use_kt
+
+        settings.family = checkpoint_family(path, settings.rule)
         # Before LLaMA-Factory's own quantization set-up, which would ask for gptqmodel, autoawq, ... instead.
         source_format(config.get("quantization_config"), config_file)
     except (UnsupportedModelError, FileNotFoundError, ValueError) as err:
