@@ -21,6 +21,7 @@ import re
 import sys
 from typing import Any, Callable, Optional
 
+from .. import readme_tables
 from ..checkpoint_formats import source_format
 from ..engine.formats import FORMATS, ExpertFormat, backend_names, get_format
 from ..models.registry import MoEFamily, UnsupportedModelError
@@ -372,30 +373,20 @@ def readme_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def _table_span(readme: str) -> tuple[int, int]:
-    """Where the key table sits in README.md: the first table after the "### Config keys" heading."""
-    section = readme.index("### Config keys\n")
-    start = readme.index("\n|", section) + 1
-    end = re.compile(r"^(?!\|)", re.M).search(readme, start).start()
-    return start, end
+KEYS_HEADING = "### Config keys"
 
 
 def readme_key_table(readme: str) -> str:
-    start, end = _table_span(readme)
-    return readme[start:end]
+    return readme_tables.table_in(readme, KEYS_HEADING)
 
 
 def with_readme_table(readme: str) -> str:
-    start, end = _table_span(readme)
-    return readme[:start] + readme_table() + readme[end:]
+    return readme_tables.with_table(readme, KEYS_HEADING, readme_table())
 
 
 if __name__ == "__main__":
     # `python -m kt_sft.llamafactory.config`: print the table; `... README.md`: rewrite the table in that file.
     if len(sys.argv) > 1:
-        with open(sys.argv[1]) as f:
-            text = f.read()
-        with open(sys.argv[1], "w") as f:
-            f.write(with_readme_table(text))
+        readme_tables.rewrite(sys.argv[1], KEYS_HEADING, readme_table())
     else:
         sys.stdout.write(readme_table())

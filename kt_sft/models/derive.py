@@ -54,12 +54,13 @@ def model_kind_gap(config) -> Optional[str]:
             "not supported yet")
 
 
-def build_meta(config, dtype: torch.dtype = torch.bfloat16, *, buffers: bool = True) -> nn.Module:
+def build_meta(config, dtype: torch.dtype = torch.bfloat16, *, buffers: bool = True, any_kind: bool = False):
     """The model LLaMA-Factory would build from `config`, every parameter on the meta device (and the buffers too
-    when `buffers` is False: for derivation only, nothing allocated)."""
+    when `buffers` is False: for derivation only, nothing allocated). A model kind kt-sft cannot load yet
+    (`model_kind_gap`) is refused unless `any_kind` (the families table describes those too)."""
     from accelerate import init_empty_weights
 
-    gap = model_kind_gap(config)
+    gap = None if any_kind else model_kind_gap(config)
     if gap:
         raise UnsupportedModelError(gap)
     auto = model_class(config)
