@@ -11,7 +11,8 @@ Options come as one `LoadOptions` (kt_sft/load_options.py). Loading runs in name
             buffers, converted to the expert format; everything else onto the compute device (CUDA when there is
             one, else CPU) in the model dtype. A quantized tensor is decoded to fp32 as it is read, one tensor at a
             time, so host RAM peaks near the packed experts plus one shard, never a layer of bf16.
-Which tensors are experts is the model registry's business (kt_sft/models).
+Which modules and tensors are experts is the family rule's business (kt_sft/models: derived from the model, or a
+rule file).
 """
 from __future__ import annotations
 
@@ -201,7 +202,7 @@ def _without_quantization(path: Path, config) -> tuple[object, SourceFormat]:
 
 def _default_format(family: MoEFamily, source: SourceFormat, dtype: torch.dtype) -> tuple[ExpertFormat, str]:
     """(expert format, why) when the caller names none: an fp32 model gets exact fp32 experts (from the exactly
-    decoded weights of a quantized checkpoint); otherwise an unquantized checkpoint gets the family file's
+    decoded weights of a quantized checkpoint); otherwise an unquantized checkpoint gets a rule file's
     defaults.format, a quantized one the smallest format that holds its weights (`_smallest_holding`)."""
     if dtype == torch.float32:
         return for_model_dtype(dtype), "fp32 model: exact fp32 experts" + \
@@ -215,7 +216,7 @@ def _default_format(family: MoEFamily, source: SourceFormat, dtype: torch.dtype)
         fmt = get_format(str(family.defaults.get("format", "bf16")))
     except ValueError as err:
         raise ValueError(f"{family.source}: defaults.format: {err}") from None
-    return fmt, f"defaults.format of {family.source or family.model_type}"
+    return fmt, (f"defaults.format of {family.source}" if family.defaults.get("format") else "the default")
 
 
 def _smallest_holding(source: SourceFormat) -> ExpertFormat:
@@ -262,7 +263,7 @@ def _int4_groups(fmt: ExpertFormat, source: SourceFormat, group: Optional[int]) 
 
 
 def _threads(family: MoEFamily, opts: LoadOptions) -> int:
-    """Engine threads: the option, else the family file's defaults.threads (0 = KT_SFT_THREADS or the cores)."""
+    """Engine threads: the option, else a rule file's defaults.threads (0 = KT_SFT_THREADS or the cores)."""
     if opts.threads:
         return opts.threads
     value = family.defaults.get("threads", "auto")

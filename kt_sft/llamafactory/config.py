@@ -126,15 +126,16 @@ def _backend_help() -> str:
     formats = "; ".join(f"{' / '.join(f.backends)}: {f.doc}" for f in FORMATS.values())
     return (f"Expert weight format and GEMMs. {formats}. Unset: fp32 experts for an fp32 model; for a quantized "
             "checkpoint the smallest format at least as wide as its weights, its own element type first (FP8 from "
-            "FP8, INT4 from INT4: the checkpoint's codes and scales kept exactly); else the family file's "
-            "defaults.format (bf16).")
+            "FP8, INT4 from INT4: the checkpoint's codes and scales kept exactly); else a rule file's "
+            "defaults.format, bf16 without one.")
 
 
 KEY_SPECS: tuple[KeySpec, ...] = (
     KeySpec("use_kt", "Turn the CPU expert engine on (the hook also needs USE_KT=1 in the environment).",
             LLAMAFACTORY),
-    KeySpec("kt_optimize_rule", "Model family rule: a family name (e.g. qwen3_moe) or a family YAML "
-            "(kt_sft/models/families format). Unset: picked from config.json's model_type.",
+    KeySpec("kt_optimize_rule", "Model family rule file (the format of configs/*.yaml) replacing the rule kt-sft "
+            "derives from the model, or a family name (the checkpoint's model_type, e.g. qwen3_moe). Unset: "
+            "derived from the model (python -m kt_sft families lists every family).",
             setting="rule", parse=_text),
     KeySpec("kt_backend", _backend_help(), setting="format", parse=_expert_format),
     KeySpec("kt_int4_group_size", "Weights per scale along the input dimension when INT4 / AMXINT4 experts are "
@@ -143,7 +144,7 @@ KEY_SPECS: tuple[KeySpec, ...] = (
             "An INT4 checkpoint's experts keep their own groups (another size is refused), and experts in any "
             "other format refuse the key.",
             setting="int4_group", parse=_integer(1)),
-    KeySpec("kt_num_threads", "CPU engine threads. 0: the family file's defaults.threads (auto: KT_SFT_THREADS, "
+    KeySpec("kt_num_threads", "CPU engine threads. 0: a rule file's defaults.threads, else auto (KT_SFT_THREADS, "
             "else the physical cores of the CPU set). `cpu_infer` is its KTransformers name.",
             setting="threads", parse=_integer(0), default=0, aliases=("cpu_infer",)),
     KeySpec("chunk_size", "Most tokens per engine call: longer micro-batches are split, bounding the engine's "

@@ -31,7 +31,6 @@ import yaml
 from . import experts_math
 
 FAMILY_DIR = Path(__file__).parent / "families"
-ADD_A_MODEL_DOC = "README.md, section 'Add a model'"
 DEFAULTS_KEYS = ("format", "threads")
 # The model types whose tiny random model tests/test_families.py compares with stock transformers + PEFT (logits,
 # LoRA steps with expert LoRA, greedy generation); a test keeps this list equal to that table.
