@@ -160,8 +160,9 @@ REFUSED = {
                          vocab_size_per_layer_input=VOCAB, num_hidden_layers=2,
                          layer_types=["sliding_attention", "full_attention"]),
                     r"experts math 'gelu-tanh glu' not supported yet"),
-    "qwen3_vl_moe": ({}, r"qwen3_vl_moe is a vision-language model .*not supported yet"),
-    "qwen3_omni_moe": ({}, r"qwen3_omni_moe is a omni \(audio / speech\) model .*not supported yet"),
+    "qwen3_vl_moe": ({}, r"qwen3_vl_moe: vision-language model \(Qwen3VLMoeForConditionalGeneration, loaded with "
+                         r"AutoModelForImageTextToText\) not supported yet"),
+    "qwen3_omni_moe": ({}, r"qwen3_omni_moe: omni \(audio / speech\) model .* not supported yet"),
 }
 _SMALL = dict(vocab_size=VOCAB, hidden_size=48, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
 

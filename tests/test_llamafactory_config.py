@@ -96,6 +96,7 @@ BAD = [
     ({"use_unsloth": True}, "use_unsloth with use_kt"),
     ({"model_name_or_path": "Qwen/Qwen3-30B-A3B"}, "does not download models"),
     ({"kt_optimize_rule": "mixtral"}, "built-in family for model_type 'mixtral'"),
+    ({"kt_optimize_rule": "no_such_family"}, "rule 'no_such_family': no such rule file"),
 ]
 
 

@@ -82,11 +82,12 @@ def _probe_config(model_type: str):
 
 def family_row(model_type: str) -> FamilyRow:
     """What kt-sft makes of `model_type`, from its default config's model built on meta."""
-    config = _probe_config(model_type)
-    kind_gap = derive.model_kind_gap(config)
+    kind_gap = None
     try:
+        config = _probe_config(model_type)
+        kind_gap = derive.model_kind_gap(config)
         model = derive.build_meta(config, buffers=False, any_kind=True)
-    except Exception as err:  # transformers' own model code failing on its default config
+    except Exception as err:  # transformers' own config or model code failing on its defaults
         return FamilyRow(model_type, "", "", "", "refused", kind_gap or f"its default config does not build ({err})")
     modules = derive.experts_modules(model)
     first = next(iter(modules.values()), None)

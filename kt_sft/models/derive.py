@@ -50,8 +50,7 @@ def model_kind_gap(config) -> Optional[str]:
     if auto.__name__ == "AutoModelForImageTextToText" and cls.__name__.endswith("ForCausalLM"):
         return None  # a text model LLaMA-Factory reaches through the image-text mapping (mistral4)
     kind = "vision-language" if auto.__name__ == "AutoModelForImageTextToText" else "omni (audio / speech)"
-    return (f"{config.model_type} is a {kind} model ({cls.__name__}, loaded with {auto.__name__}): "
-            "not supported yet")
+    return f"{config.model_type}: {kind} model ({cls.__name__}, loaded with {auto.__name__}) not supported yet"
 
 
 def build_meta(config, dtype: torch.dtype = torch.bfloat16, *, buffers: bool = True, any_kind: bool = False):

@@ -158,6 +158,10 @@ def get_override(model_type: str, rule: str | Path | None = None) -> Optional[Mo
     """The rule file that replaces the derived rule for `model_type`: `rule` (a family YAML, or a family name,
     which must be `model_type`'s own), else a built-in override file; None: derive the rule from the model."""
     if rule and _is_name(rule):
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if str(rule) not in CONFIG_MAPPING_NAMES and str(rule) not in builtin_overrides():
+            raise ValueError(f"rule {rule!r}: no such rule file, and no model_type of that name")
         if str(rule) != model_type:
             raise UnsupportedModelError(f"rule {rule!r} is the built-in family for model_type {rule!r}, but the "
                                         f"checkpoint's config.json says {model_type!r}")
