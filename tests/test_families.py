@@ -29,7 +29,7 @@ from kt_sft.models.expert_lora import get_peft_model
 from kt_sft.models.registry import load_family_file
 from lora_train import make_batches
 from moe_reference import rel_err
-from tiny_models import ALL_FAMILIES, CONFIGS, FAMILIES, VOCAB, derived_family, experts_path
+from tiny_models import ALL_FAMILIES, CONFIGS, FAMILIES, VOCAB, derived_family, experts_path, refused_config
 
 RTOL = 1e-4          # logits and every step's loss, fp32 (measured <= 5e-7)
 STEPS = 8
@@ -146,40 +146,27 @@ def test_prefixed_fused_checkpoint_loads_like_stock(tiny_checkpoint, tmp_path):
 
 
 # ------------------------------------------------------------------ refused families
+# What each refused family's load says (configs: tiny_models.REFUSED_KWARGS).
 REFUSED = {
-    "gpt_oss": (dict(num_local_experts=4, intermediate_size=20, head_dim=12, num_hidden_layers=2,
-                     layer_types=["sliding_attention", "full_attention"]),
-                r"experts math 'gpt-oss clamped swiglu .*', expert biases, transposed expert weights .*not supported "
-                r"yet"),
-    "nemotron_h": (dict(layers_block_type=["mamba", "moe"], n_routed_experts=4, moe_intermediate_size=20,
-                        moe_shared_expert_intermediate_size=20, intermediate_size=40, mamba_num_heads=4,
-                        mamba_head_dim=12, n_groups=1, ssm_state_size=8, head_dim=12),
-                   r"experts math 'relu2 ungated' not supported yet"),
-    "gemma4_text": (dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=20,
-                         intermediate_size=40, head_dim=12, global_head_dim=12, hidden_size_per_layer_input=8,
-                         vocab_size_per_layer_input=VOCAB, num_hidden_layers=2,
-                         layer_types=["sliding_attention", "full_attention"]),
-                    r"experts math 'gelu-tanh glu' not supported yet"),
-    "qwen3_vl_moe": ({}, r"qwen3_vl_moe: vision-language model \(Qwen3VLMoeForConditionalGeneration, loaded with "
-                         r"AutoModelForImageTextToText\) not supported yet"),
-    "qwen3_omni_moe": ({}, r"qwen3_omni_moe: omni \(audio / speech\) model .* not supported yet"),
+    "gpt_oss": r"experts math 'gpt-oss clamped swiglu .*', expert biases, transposed expert weights .*not supported yet",
+    "nemotron_h": r"experts math 'relu2 ungated' not supported yet",
+    "gemma4_text": r"experts math 'gelu-tanh glu' not supported yet",
+    "qwen3_vl_moe": r"qwen3_vl_moe: vision-language model \(Qwen3VLMoeForConditionalGeneration, loaded with "
+                    r"AutoModelForImageTextToText\) not supported yet",
+    "qwen3_omni_moe": r"qwen3_omni_moe: omni \(audio / speech\) model .* not supported yet",
 }
-_SMALL = dict(vocab_size=VOCAB, hidden_size=48, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
 
 
 @pytest.mark.parametrize("family", sorted(REFUSED))
 def test_refused_family_says_what_is_missing(family, tmp_path):
     """config.json alone (no weight file): the load fails in its plan, naming the missing variant or model kind,
     and so do LLaMA-Factory's checks (checkpoint_family)."""
-    from transformers import AutoConfig
-
     from kt_sft.loader import checkpoint_family
 
-    kwargs, message = REFUSED[family]
-    AutoConfig.for_model(family, **(dict(_SMALL, **kwargs) if kwargs else {})).save_pretrained(tmp_path)
-    with pytest.raises(registry.UnsupportedModelError, match=message):
+    refused_config(family).save_pretrained(tmp_path)
+    with pytest.raises(registry.UnsupportedModelError, match=REFUSED[family]):
         _ours(tmp_path)
-    with pytest.raises(registry.UnsupportedModelError, match=message):
+    with pytest.raises(registry.UnsupportedModelError, match=REFUSED[family]):
         checkpoint_family(tmp_path)
 
 

@@ -119,6 +119,22 @@ QUIRKY_KWARGS = {
     "solar_open": dict(n_routed_experts=Q_EXPERTS, n_shared_experts=1),
 }
 ALL_FAMILIES = tuple(sorted((*FAMILIES, *QUIRKY_KWARGS)))
+# Families kt-sft refuses (other experts math; vision-language / omni models, whose default configs serve), kept
+# small on _REFUSED_SIZES: their loads fail from config.json alone.
+_REFUSED_SIZES = dict(vocab_size=VOCAB, hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2)
+REFUSED_KWARGS = {
+    "gpt_oss": dict(_REFUSED_SIZES, num_local_experts=4, intermediate_size=20, head_dim=12,
+                    layer_types=["sliding_attention", "full_attention"]),
+    "nemotron_h": dict(_REFUSED_SIZES, layers_block_type=["mamba", "moe"], n_routed_experts=4, moe_intermediate_size=20,
+                       moe_shared_expert_intermediate_size=20, intermediate_size=40, mamba_num_heads=4,
+                       mamba_head_dim=12, n_groups=1, ssm_state_size=8, head_dim=12),
+    "gemma4_text": dict(_REFUSED_SIZES, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=20,
+                        intermediate_size=40, head_dim=12, global_head_dim=12, hidden_size_per_layer_input=8,
+                        vocab_size_per_layer_input=VOCAB, layer_types=["sliding_attention", "full_attention"]),
+    "qwen3_vl_moe": {},
+    "qwen3_omni_moe": {},
+}
 # Families whose config names no activation (their model code fixes one): built without _COMMON's hidden_act.
 NO_HIDDEN_ACT = ("lfm2_moe",)
 # What the configs above must produce: MoE layer indices and the shared-expert submodule of the MoE block.
@@ -141,6 +157,10 @@ def tiny_config(model_type: str, **overrides):
         raise ValueError(f"no tiny config for {model_type!r}; have {ALL_FAMILIES}")
     common = {k: v for k, v in base.items() if not (k == "hidden_act" and model_type in NO_HIDDEN_ACT)}
     return AutoConfig.for_model(model_type, **{**common, **extra, **overrides})
+
+
+def refused_config(model_type: str):
+    return AutoConfig.for_model(model_type, **REFUSED_KWARGS[model_type])
 
 
 def derived_family(model_type: str):
