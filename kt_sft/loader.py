@@ -1,9 +1,10 @@
 """`load_model`: a stock transformers MoE model whose routed experts live in the CPU engine.
 
 Options come as one `LoadOptions` (kt_sft/load_options.py). Loading runs in named steps:
-  plan      config.json (read once), the model family (resolved once, or handed in), the checkpoint's source format
-            (bf16, or block FP8 / FP8 per channel / INT4 pack-quantized: kt_sft/checkpoint_formats.py), the expert
-            format (asked for, or the default rule), the model built on the meta device (`plan_load`, `LoadPlan`)
+  plan      config.json (read once), the model built on the meta device with the class LLaMA-Factory uses, the
+            model family (derived from that model, or a rule file, or handed in; its experts math probed), the
+            checkpoint's source format (bf16, or block FP8 / FP8 per channel / INT4 pack-quantized:
+            kt_sft/checkpoint_formats.py), the expert format (asked for, or the default rule) (`plan_load`, `LoadPlan`)
   scan      every shard's header (kt_sft/checkpoint_files.py): quantized weights checked against their format
             (scales present, of the right shape) and the host RAM each expert format would need checked against
             what is free, before any weight is read
@@ -118,7 +119,8 @@ def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *
     built from config.json. It is not modified (a quantized checkpoint's model is built from a copy without
     quantization_config).
     family: the checkpoint's MoEFamily when the caller has resolved it already (KTSettings.family); default:
-    resolved here from the model_type and `options.rule`.
+    `options.rule`'s rule file, else derived from the model (kt_sft.models.derive). Its experts math is probed either
+    way.
     The checkpoint may be bf16/fp16/fp32 or quantized (block FP8, FP8 per channel, INT4 pack-quantized).
     Returns a stock transformers model whose experts modules run on the engine; `model.kt_summary` says where
     everything went.
