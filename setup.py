@@ -119,7 +119,7 @@ setup(
     version="0.1.0",
     description="LoRA fine-tuning of large MoE models with routed experts on a CPU engine (AMX/AVX512/AVX2)",
     packages=find_packages(include=["kt_sft", "kt_sft.*"]),
-    package_data={"kt_sft.models": ["families/*.yaml"]},  # the registry: regular (non-editable) installs need it
+    package_data={"kt_sft.models": ["families/*.yaml"]},  # built-in rule overrides: regular installs need them
     ext_modules=[engine],
     cmdclass={"build_ext": BuildEngine, "build_py": BuildPyWithHook, "editable_wheel": EditableWheelWithHook},
     python_requires=">=3.9",

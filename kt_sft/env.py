@@ -1,6 +1,8 @@
 """`python -m kt_sft env [MODEL_DIR]`: what a bug report needs — versions, CPU, the flags the kernels use, ISA,
 threads, the NUMA layout, the checkpoint formats kt-sft reads and, given a model directory, what that checkpoint is
-(family, stored format, host RAM of its experts per expert format, the default expert format, its experts' nodes)."""
+(family, stored format, host RAM of its experts per expert format, the default expert format, its experts' nodes).
+Also the entry point of the other subcommands: `python -m kt_sft families` (every transformers MoE family and its
+status, kt_sft.models.catalog) and `python -m kt_sft eval` (kt_sft.llamafactory.evaluate)."""
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -85,14 +87,31 @@ def report(checkpoint: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def families(readme: str | None = None) -> int:
+    """`python -m kt_sft families`: the table of every transformers MoE family with fused experts and its status;
+    `... families README.md` rewrites that file's family table instead."""
+    from . import readme_tables
+    from .models import catalog
+
+    text = catalog.table()
+    if readme is None:
+        sys.stdout.write(text)
+    else:
+        readme_tables.rewrite(readme, catalog.HEADING, text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["eval"]:
         from .llamafactory.evaluate import main as run_eval
 
         return run_eval(argv[1:])
+    if argv[:1] == ["families"] and len(argv) <= 2:
+        return families(*argv[1:])
     if argv[:1] != ["env"] or len(argv) > 2:
-        print("usage: python -m kt_sft env [MODEL_DIR] | python -m kt_sft eval config.yaml", file=sys.stderr)
+        print("usage: python -m kt_sft env [MODEL_DIR] | python -m kt_sft eval config.yaml | "
+              "python -m kt_sft families [README.md]", file=sys.stderr)
         return 2
     print(report(*argv[1:]))
     return 0

@@ -28,15 +28,16 @@ class LoadOptions:
     format: the experts' format (kt_sft.engine.formats: an ExpertFormat, its name or a kt_backend name; default:
     fp32 when dtype is float32, exact from any checkpoint; else for a quantized checkpoint the smallest format at
     least as wide as its weights, its own element type first (fp8 from FP8, int4 from INT4, codes and scales kept
-    as stored), never silently bf16; else the family file's defaults.format, bf16); "int8" stores the experts as
+    as stored), never silently bf16; else a rule file's defaults.format, bf16 without one); "int8" stores the experts as
     int8 with per-channel scales, quantized while loading (half the RAM of bf16), "int8-gemm" also runs the GEMMs
     in int8 (fast on AMX).
     int4_group: weights per scale along the input dimension when int4 / int4-gemm experts are quantized while
     loading (from bf16 or FP8 weights; symmetric, the last group of a row partial when it does not divide the
     size). None: the int4 row's own groups of 32, or an INT4 checkpoint's own groups, which are kept exactly (any
     other value is refused for such a checkpoint, as is a value with a format that is not int4).
-    rule: a family YAML (or built-in family name) overriding the registry entry (kt_optimize_rule).
-    threads: engine worker threads (0 = the family file's defaults.threads, whose 'auto' means KT_SFT_THREADS or
+    rule: a family rule YAML (configs/*.yaml format) replacing the rule derived from the model, or the
+    checkpoint's own model_type (kt_optimize_rule).
+    threads: engine worker threads (0 = a rule file's defaults.threads, else 'auto': KT_SFT_THREADS or
     the physical cores).
     max_saved: forwards each layer keeps for backward at once (kt_max_cache_depth).
     check_memory: refuse to load when host RAM (packed experts + 10 % + one shard) or GPU memory (non-expert

@@ -1,9 +1,10 @@
 """`load_model`: a stock transformers MoE model whose routed experts live in the CPU engine.
 
 Options come as one `LoadOptions` (kt_sft/load_options.py). Loading runs in named steps:
-  plan      config.json (read once), the model family (resolved once, or handed in), the checkpoint's source format
-            (bf16, or block FP8 / FP8 per channel / INT4 pack-quantized: kt_sft/checkpoint_formats.py), the expert
-            format (asked for, or the default rule), the model built on the meta device (`plan_load`, `LoadPlan`)
+  plan      config.json (read once), the model built on the meta device with the class LLaMA-Factory uses, the
+            model family (derived from that model, or a rule file, or handed in; its experts math probed), the
+            checkpoint's source format (bf16, or block FP8 / FP8 per channel / INT4 pack-quantized:
+            kt_sft/checkpoint_formats.py), the expert format (asked for, or the default rule) (`plan_load`, `LoadPlan`)
   scan      every shard's header (kt_sft/checkpoint_files.py): quantized weights checked against their format
             (scales present, of the right shape) and the host RAM each expert format would need checked against
             what is free, before any weight is read
@@ -13,7 +14,8 @@ Options come as one `LoadOptions` (kt_sft/load_options.py). Loading runs in name
             and scales), which decodes it itself where the format does not keep it; any other quantized tensor is
             decoded to fp32 as it is read. Host RAM peaks near the packed experts plus one shard, never a layer
             of bf16.
-Which tensors are experts is the model registry's business (kt_sft/models).
+Which modules and tensors are experts is the family rule's business (kt_sft/models: derived from the model, or a
+rule file).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedConfig
+from transformers import GenerationConfig, PreTrainedConfig
 from transformers.core_model_loading import WeightRenaming, rename_source_key
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -40,8 +42,9 @@ from .checkpoint_formats import SourceFormat, check_stored, decode, encoded, is_
 from .engine.formats import FORMATS, ExpertFormat, FormatLike, for_model_dtype, get_format
 from .load_options import LoadOptions, resolve_options
 from .models.chunked_loss import install_chunked_loss
+from .models.derive import build_meta, resolve_family
 from .models.experts import ExpertCallPolicy, attach_engine, use_engine
-from .models.registry import MoEFamily, get_family
+from .models.registry import TESTED, MoEFamily, UnsupportedModelError, get_override
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +90,10 @@ def plan_load(path: str | os.PathLike, options: Optional[LoadOptions] = None, *,
 
 
 def _plan(path: Path, opts: LoadOptions, config, family: Optional[MoEFamily]) -> LoadPlan:
-    config, family, source = _resolve_model(path, config, family, opts.rule)
+    config, given, source = _resolve_model(path, config, family, opts.rule)
+    model = build_meta(config, opts.dtype)
+    family = resolve_family(model, config.model_type, given)
+    modules = _experts_modules(model, family)
     fmt, reason = (opts.format, "asked for") if opts.format is not None else \
         _default_format(family, source, opts.dtype)
     if opts.int4_group is not None and fmt.weight_dtype != torch.int4:
@@ -101,7 +107,6 @@ def _plan(path: Path, opts: LoadOptions, config, family: Optional[MoEFamily]) ->
         logger.warning("kt-sft: %s experts need %s to be fast; this CPU runs them on the %s path in plain loops "
                        "(correct, slow). kt_backend: INT8 keeps the int8 weights and computes in bf16, fast here.",
                        fmt.label, "/".join(fmt.fast_isas), engine.current_isa())
-    model, modules = _build_meta_model(config, family, opts.dtype)
     return LoadPlan(path, config, family, source, fmt, reason, _threads(family, opts), model, modules)
 
 
@@ -115,7 +120,8 @@ def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *
     built from config.json. It is not modified (a quantized checkpoint's model is built from a copy without
     quantization_config).
     family: the checkpoint's MoEFamily when the caller has resolved it already (KTSettings.family); default:
-    resolved here from the model_type and `options.rule`.
+    `options.rule`'s rule file, else derived from the model (kt_sft.models.derive). Its experts math is probed either
+    way.
     The checkpoint may be bf16/fp16/fp32 or quantized (block FP8, FP8 per channel, INT4 pack-quantized).
     Returns a stock transformers model whose experts modules run on the engine; `model.kt_summary` says where
     everything went.
@@ -128,14 +134,14 @@ def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *
     if plan.threads:
         engine.set_num_threads(plan.threads)
     files = scan(plan.path, opts.expert_path)
-    router = _KeyRouter(plan.family, files.headers)
+    model, placer = plan.model, _Placer(plan.model, opts.device, opts.dtype)
+    router = _KeyRouter(plan.family, files.headers, placer.renamings)
     _check_stored(plan.source, files)
     if opts.check_memory:
         _check_memory({f: plan.expert_bytes(f) for f in _formats_for(plan)}, plan.dense_bytes,
                       files.largest_shard, opts.device, plan.format, plan.path.name)
     layers = {idx: engine.ExpertLayer(E, H, I, plan.format, max_saved=opts.max_saved)
               for idx, (E, H, I) in plan.expert_shapes.items()}
-    model, placer = plan.model, _Placer(plan.model, opts.device, opts.dtype)
     _stream_shards(files, layers, router, placer, plan.source, opts.progress)
     _check_experts_loaded(layers, plan, files, router.prefix)
     policies = {idx: _call_policy(layer, opts) for idx, layer in layers.items()}
@@ -151,9 +157,11 @@ def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *
     return model
 
 
-def _resolve_model(path: Path, config, family: Optional[MoEFamily], rule) -> tuple[object, MoEFamily, SourceFormat]:
-    """The checkpoint's config (from one read of config.json, unless given), its MoE family (from the registry,
-    unless given) and its source format, checked against each other before any weight is read."""
+def _resolve_model(path: Path, config, family: Optional[MoEFamily], rule) -> tuple[object, Optional[MoEFamily],
+                                                                                   SourceFormat]:
+    """The checkpoint's config (from one read of config.json, unless given), the family rule given or read from a
+    rule file (None: derive it from the model, kt_sft.models.derive) and its source format, checked against each
+    other before any weight is read."""
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json here; model_name_or_path must be a local Hugging Face "
                                 "model directory (config.json + *.safetensors)")
@@ -166,22 +174,26 @@ def _resolve_model(path: Path, config, family: Optional[MoEFamily], rule) -> tup
         model_type = config_dict.get("model_type")
     else:
         model_type = getattr(config, "model_type", None)
-    if family is None:
-        family = get_family(model_type, rule)  # before transformers, whose error would not list what we support
-    elif family.model_type != model_type:
+    if family is not None and family.model_type != model_type:
         raise ValueError(f"family {family.source or family.model_type} is for model_type {family.model_type!r}, "
                          f"but the config of {path} says {model_type!r}")
+    given = family or get_override(model_type, rule)
     if config is None:
         if model_type not in CONFIG_MAPPING:
-            raise ValueError(f"{path / 'config.json'}: transformers has no model_type {model_type!r} "
-                             f"(rule {family.source}); kt-sft runs transformers' own MoE model classes")
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} ({path / 'config.json'}) is not supported by kt-sft: transformers has no "
+                f"such model; kt-sft runs transformers' own MoE model classes (tested: {', '.join(TESTED)}; every "
+                f"family: python -m kt_sft families)")
         config = CONFIG_MAPPING[model_type].from_dict(config_dict, **config_kwargs)
     config, source = _without_quantization(path, config)
-    hidden_act = next((getattr(config, a) for a in ("hidden_act", "hidden_activation", "activation_function")
-                       if getattr(config, a, None) is not None), None)
-    if not family.accepts_activation(hidden_act):
-        raise ValueError(f"{path}: hidden_act={hidden_act!r}, but the engine runs {family.activation}-gated experts")
-    return config, family, source
+    return config, given, source
+
+
+def checkpoint_family(path: str | os.PathLike, rule=None) -> MoEFamily:
+    """The MoE family of the checkpoint at `path` (its rule file, or derived from the model built on meta), its
+    experts' math checked, from config.json alone: what LLaMA-Factory's checks resolve before anything loads."""
+    config, given, _ = _resolve_model(Path(path), None, None, rule)
+    return resolve_family(build_meta(config, buffers=False), config.model_type, given)
 
 
 def _without_quantization(path: Path, config) -> tuple[object, SourceFormat]:
@@ -197,7 +209,7 @@ def _without_quantization(path: Path, config) -> tuple[object, SourceFormat]:
 
 def _default_format(family: MoEFamily, source: SourceFormat, dtype: torch.dtype) -> tuple[ExpertFormat, str]:
     """(expert format, why) when the caller names none: an fp32 model gets exact fp32 experts (from the exactly
-    decoded weights of a quantized checkpoint); otherwise an unquantized checkpoint gets the family file's
+    decoded weights of a quantized checkpoint); otherwise an unquantized checkpoint gets a rule file's
     defaults.format, a quantized one the smallest format that holds its weights (`_smallest_holding`)."""
     if dtype == torch.float32:
         return for_model_dtype(dtype), "fp32 model: exact fp32 experts" + \
@@ -211,7 +223,7 @@ def _default_format(family: MoEFamily, source: SourceFormat, dtype: torch.dtype)
         fmt = get_format(str(family.defaults.get("format", "bf16")))
     except ValueError as err:
         raise ValueError(f"{family.source}: defaults.format: {err}") from None
-    return fmt, f"defaults.format of {family.source or family.model_type}"
+    return fmt, (f"defaults.format of {family.source}" if family.defaults.get("format") else "the default")
 
 
 def _smallest_holding(source: SourceFormat) -> ExpertFormat:
@@ -258,20 +270,13 @@ def _int4_groups(fmt: ExpertFormat, source: SourceFormat, group: Optional[int]) 
 
 
 def _threads(family: MoEFamily, opts: LoadOptions) -> int:
-    """Engine threads: the option, else the family file's defaults.threads (0 = KT_SFT_THREADS or the cores)."""
+    """Engine threads: the option, else a rule file's defaults.threads (0 = KT_SFT_THREADS or the cores)."""
     if opts.threads:
         return opts.threads
     value = family.defaults.get("threads", "auto")
     if value != "auto" and not (isinstance(value, int) and value > 0):
         raise ValueError(f"{family.source}: defaults.threads must be 'auto' or a positive integer, got {value!r}")
     return 0 if value == "auto" else value
-
-
-def _build_meta_model(config, family: MoEFamily, dtype: torch.dtype):
-    """(the model with every tensor on the meta device, its experts modules by layer index)."""
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model, _experts_modules(model, family)
 
 
 def _experts_modules(model: torch.nn.Module, family: MoEFamily) -> dict[int, torch.nn.Module]:
@@ -391,10 +396,13 @@ class _KeyRouter:
     """Where each checkpoint key goes, by its logical name: INT4's `X.weight_packed` as `X.weight`, without the
     prefix the checkpoint puts before the model's names (Kimi-K2.5: `language_model.`). That prefix is found once,
     from the first key that matches a routed-expert template once a prefix is cut, and then cut from every key
-    that has it, experts and the rest alike (the rest then resolve through transformers' rename_source_key)."""
+    that has it, experts and the rest alike (the rest then resolve through transformers' rename_source_key). An
+    expert key that matches no template as stored is tried once more under transformers' renamings of the model
+    (`renamings`, e.g. Qwen3.5's PrefixChange that drops `language_model.`), as transformers' own loading reads it."""
 
-    def __init__(self, family: MoEFamily, keys: Iterable[str]):
+    def __init__(self, family: MoEFamily, keys: Iterable[str], renamings=()):
         self.expert_re, self.fused_re = family.expert_key_regexes(), family.fused_key_regexes()
+        self.renamings = list(renamings)
         self.prefix = self._find_prefix(keys)
 
     def logical(self, key: str) -> str:
@@ -404,6 +412,13 @@ class _KeyRouter:
     def expert(self, key: str) -> Optional[tuple[str, int, Optional[int]]]:
         """(projection, layer, expert) of a routed-expert key (expert None: a fused tensor of all experts)."""
         name = self.logical(key)
+        route = self._match(name)
+        if route is None and self.renamings:
+            renamed, _ = rename_source_key(name, self.renamings, [])
+            route = self._match(renamed) if renamed != name else None
+        return route
+
+    def _match(self, name: str) -> Optional[tuple[str, int, Optional[int]]]:
         for proj, regex in self.expert_re.items():
             m = regex.match(name)
             if m:
@@ -503,7 +518,7 @@ def _check_experts_loaded(layers: dict, plan: LoadPlan, files: CheckpointFiles, 
         missing = layer.missing_weights()
         if missing:
             expert, proj = missing[0].split()[1:]
-            key = prefix + plan.family.checkpoint[proj].format(layer=idx, expert=expert)
+            key = prefix + plan.family.expected_key(proj, idx, int(expert))
             stored = [key, key + "_packed"] if plan.source.name == "int4-group" else [key]
             listed = next((files.index[k] for k in stored if k in files.index), None)
             where = f"the index maps it to {listed}, which lacks it" if listed else "no shard contains it"

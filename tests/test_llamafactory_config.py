@@ -121,6 +121,7 @@ BAD = [
     ({"use_unsloth": True}, "use_unsloth with use_kt"),
     ({"model_name_or_path": "Qwen/Qwen3-30B-A3B"}, "does not download models"),
     ({"kt_optimize_rule": "mixtral"}, "built-in family for model_type 'mixtral'"),
+    ({"kt_optimize_rule": "no_such_family"}, "rule 'no_such_family': no such rule file"),
 ]
 
 
@@ -166,6 +167,19 @@ def test_unsupported_model_type_lists_supported(get_train_args, tmp_path):
     (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ktc.KTConfigError, match=r"'llama' is not supported by kt-sft \(supported: .*qwen3_moe"):
         get_train_args(_args(tmp_path, model_name_or_path=str(model)))
+
+
+def test_families_derive_without_a_rule_and_refusals_name_what_is_missing(get_train_args, tmp_path, tiny_checkpoint):
+    """A family with no rule file anywhere (olmoe) passes the checks with its derived rule; one whose experts math the
+    engine lacks fails there, before anything loads, naming the variant."""
+    from tiny_models import refused_config
+
+    model_args, *_ = get_train_args(_args(tmp_path, model_name_or_path=str(tiny_checkpoint("olmoe"))))
+    family = model_args.kt_sft_settings.family
+    assert (family.model_type, family.source) == ("olmoe", "derived from OlmoeForCausalLM")
+    refused_config("nemotron_h").save_pretrained(tmp_path / "nemotron_h")
+    with pytest.raises(ktc.KTConfigError, match="experts math 'relu2 ungated' not supported yet"):
+        get_train_args(_args(tmp_path, model_name_or_path=str(tmp_path / "nemotron_h")))
 
 
 def test_hook_file_is_installed_and_only_active_with_use_kt():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kt_sft
-from tiny_models import make_tiny_checkpoint
+from tiny_models import CONFIGS, make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +89,9 @@ def test_quantized_checkpoint_names_its_format(qwen3_ckpt, tmp_path):
 
 def test_rule_file_defaults_apply_and_explicit_arguments_win(qwen3_ckpt, tmp_path):
     import kt_sft.engine as ke
-    from kt_sft.models.registry import FAMILY_DIR
 
     rule = tmp_path / "my_qwen3.yaml"
-    text = (FAMILY_DIR / "qwen3_moe.yaml").read_text()
+    text = (CONFIGS / "qwen3_moe.yaml").read_text()
     rule.write_text(text.replace("format: bf16", "format: fp32").replace("threads: auto", "threads: 1"))
     before = ke.num_threads()
     try:
@@ -207,14 +206,15 @@ def test_options_and_a_resolved_family(qwen3_ckpt, monkeypatch):
     a family the caller resolved already (LLaMA-Factory's checks) is used as given, not looked up again."""
     import kt_sft.loader as loader
     from kt_sft.load_options import LoadOptions
-    from kt_sft.models.registry import get_family
+    from kt_sft.models import derive
+    from kt_sft.models.registry import load_family_file
 
     with pytest.raises(TypeError, match="max_cached"):
         kt_sft.load_model(qwen3_ckpt, max_cached=3)
     with pytest.raises(ValueError, match="max_saved: expected an integer >= 1"):
         LoadOptions(max_saved=0)
-    qwen3, mixtral = get_family("qwen3_moe"), get_family("mixtral")
-    monkeypatch.setattr(loader, "get_family", lambda *a: pytest.fail("the family was resolved again"))
+    qwen3, mixtral = loader.checkpoint_family(qwen3_ckpt), load_family_file(CONFIGS / "mixtral.yaml")
+    monkeypatch.setattr(derive, "derive_family", lambda *a: pytest.fail("the family was derived again"))
     model = kt_sft.load_model(qwen3_ckpt, LoadOptions(device="cpu", progress=False), family=qwen3,
                               dtype=torch.float32, max_saved=6)
     assert {m.kt_layer.max_saved for m in model.modules() if hasattr(m, "kt_layer")} == {6}

@@ -31,9 +31,8 @@ from kt_sft.engine import FORMATS
 from lora_train import lora_run, make_batches
 from moe_reference import rel_err
 from kt_sft.models import expert_lora
-from kt_sft.models.registry import get_family
-from tiny_models import (FAMILIES, MOE_LAYERS, NO_HIDDEN_ACT, ROUTER_BIASES, SHARED_EXPERT, experts_module_names,
-                         expert_keys_on_disk)
+from tiny_models import (FAMILIES, MOE_LAYERS, NO_HIDDEN_ACT, ROUTER_BIASES, SHARED_EXPERT, derived_family,
+                         experts_module_names, expert_keys_on_disk)
 
 FP32_RTOL = 1e-5          # logits, fp32 engine vs stock fp32 (measured 2e-7..4e-7)
 FP32_LOSS_RTOL = 1e-4     # every step's loss over 20 LoRA steps, fp32 engine (measured <= 2e-7)
@@ -117,10 +116,10 @@ def stock_run(path: str, family: str):
 
 # ------------------------------------------------------------------ the checkpoints themselves (stock only)
 def test_tiny_checkpoint_is_meaningful(family, ckpt):
-    """MoE layers / shared experts as configured, the experts modules where the registry entry says; experts span
-    >1 shard with the entry's per-expert keys and the fused layout transformers expects; hidden_act only where the
+    """MoE layers / shared experts as configured, the experts modules where the derived rule says; experts span
+    >1 shard with the rule's per-expert keys and the fused layout transformers expects; hidden_act only where the
     family's config has one; logits are not flat; zeroing the experts (and a sigmoid router's bias) changes them."""
-    entry = get_family(family)
+    entry = derived_family(family)
     disk = expert_keys_on_disk(ckpt)
     assert len(set(disk.values())) > 1
     model = stock(ckpt)

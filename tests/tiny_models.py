@@ -1,23 +1,31 @@
-"""Tiny random MoE checkpoints written by stock transformers, one per supported family: the tests' family table.
+"""Tiny random MoE checkpoints written by stock transformers, one per family: the tests' family table.
 
-`make_tiny_checkpoint(model_type, path)` builds a 3–4 layer model (hidden 64, 8 routed experts of width 16,
-top-2, vocab 128) with `AutoConfig.for_model` + `AutoModelForCausalLM.from_config`, re-initialises every
-tensor from a seeded generator so that logits are far from uniform and the routed experts matter, and saves
-it with `save_pretrained(max_shard_size=...)`, i.e. with the per-expert keys transformers 5.6 writes on disk
-(the family's registry `checkpoint` templates: `...mlp.experts.0.gate_proj.weight`; mixtral
-`...block_sparse_moe.experts.0.w1.weight`; lfm2_moe `...feed_forward.experts.0.w1.weight`) spread over several
-shard files. Each fp32 checkpoint is 0.45–0.56 MB in 10–16 shards (max_shard_size="40KB"). Tests get them from
-the session fixtures of conftest.py (`family`, `tiny_checkpoint`), written once per session.
+`make_tiny_checkpoint(model_type, path)` builds a 3–4 layer model with `AutoConfig.for_model` and the class
+LLaMA-Factory loads it with (`kt_sft.models.derive.model_class`), re-initialises every tensor from a seeded
+generator so that logits are far from uniform and the routed experts matter, and saves it with
+`save_pretrained(max_shard_size=...)`, i.e. with the on-disk keys transformers 5.6 writes: per-expert
+(`...mlp.experts.0.gate_proj.weight`; mixtral / minimax / phimoe `...block_sparse_moe.experts.0.w1.weight`; lfm2_moe
+and jamba `...feed_forward.experts.0.w1.weight` / `gate_proj`) where transformers' conversion mapping splits the
+fused experts, else the fused tensors themselves (mistral4, qwen3_5_moe_text), spread over several shard files.
+Tests get them from the session fixtures of conftest.py (`family`, `tiny_checkpoint`), written once per session.
 
-Per family (transformers 5.6 names):
+Two tables:
+  FAMILIES       the 7 families of the full parity suite (test_offload_parity.py, test_expert_lora_peft.py,
+                 test_generate_parity.py, ...): hidden 64, 8 routed experts of width 16, top-2, vocab 128
+  ALL_FAMILIES   every transformers 5.6 family whose fused experts the engine computes (silu glu), each checked by
+                 test_families.py (logits, LoRA steps with expert LoRA, greedy generation against stock); the
+                 families beyond FAMILIES use quirky sizes: hidden 48, head_dim 12, 6 routed experts of width 20,
+                 top-3 (top-2 where the router needs groups), vocab 128, a dense first layer where the family has one
+
+Per family of FAMILIES (transformers 5.6 names):
   dense first layer:  qwen2_moe mlp_only_layers=[0]; qwen3_moe decoder_sparse_step=2 (MoE at layers 1, 3);
                       deepseek_v2/v3, glm4_moe first_k_dense_replace=1; lfm2_moe num_dense_layers=1; mixtral has
                       none (every layer MoE)
   shared experts:     qwen2_moe shared_expert (+ sigmoid shared_expert_gate); deepseek/glm n_shared_experts=1
-  experts module:     model.layers.{i}.mlp.experts, lfm2_moe: model.layers.{i}.feed_forward.experts (its registry
-                      entry's experts_module; `experts_path`)
+  experts module:     model.layers.{i}.mlp.experts, lfm2_moe: model.layers.{i}.feed_forward.experts (the derived
+                      family's experts_module; `experts_path`)
   lfm2_moe:           short-convolution and attention layers mixed, sigmoid router with an expert bias, and a config
-                      without hidden_act (the model code fixes SiLU; the registry's `activation` stands)
+                      without hidden_act (the model code fixes SiLU; the math probe finds it)
 """
 from __future__ import annotations
 
@@ -26,10 +34,11 @@ import math
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
-from kt_sft.models.registry import get_family
+from kt_sft.models.derive import build_meta, derive_family, model_class
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # example rule files, one per family of FAMILIES
 FAMILIES = ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "mixtral", "glm4_moe", "lfm2_moe")
 
 HIDDEN, EXPERTS, MOE_INTER, TOP_K, VOCAB = 64, 8, 16, 2, 128
@@ -39,8 +48,14 @@ _COMMON = dict(
     num_experts_per_tok=TOP_K, hidden_act="silu", max_position_embeddings=64, tie_word_embeddings=False,
     bos_token_id=1, eos_token_id=2, pad_token_id=0,
 )
+# The quirky sizes of the families beyond FAMILIES (see the module doc).
+_QUIRKY = dict(_COMMON, hidden_size=48, head_dim=12, intermediate_size=40, moe_intermediate_size=20,
+               num_experts_per_tok=3)
+Q_EXPERTS = 6
 # deepseek MLA, kept tiny: q (rank q_lora_rank or plain q_proj) -> heads x (nope 8 + rope 8); kv rank 16.
 _MLA = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
+_QUIRKY_MLA = dict(_MLA, head_dim=8)  # these configs take head_dim as the rotary part (qk_rope_head_dim)
+_DENSE_FIRST = ["dense", "sparse", "sparse"]
 
 FAMILY_KWARGS = {
     "qwen2_moe": dict(num_experts=EXPERTS, moe_intermediate_size=MOE_INTER, intermediate_size=48,
@@ -65,6 +80,61 @@ FAMILY_KWARGS = {
     "lfm2_moe": dict(num_experts=EXPERTS, moe_intermediate_size=MOE_INTER, intermediate_size=48, num_dense_layers=1,
                      layer_types=["conv", "full_attention", "conv"]),
 }
+# The families beyond FAMILIES, on _QUIRKY sizes: what each config needs besides them.
+QUIRKY_KWARGS = {
+    # sliding + full attention, 1 dense layer, a shared expert, mup scaling off
+    "afmoe": dict(num_experts=Q_EXPERTS, num_shared_experts=1, num_dense_layers=1, global_attn_every_n_layers=2,
+                  sliding_window=8),
+    "dots1": dict(n_routed_experts=Q_EXPERTS, n_shared_experts=1, first_k_dense_replace=1),
+    # moe layers 1..2, two shared experts
+    "ernie4_5_moe": dict(moe_num_experts=Q_EXPERTS, moe_k=3, moe_num_shared_experts=2, moe_layer_start_index=1,
+                         moe_layer_end_index=2),
+    "exaone_moe": dict(num_experts=Q_EXPERTS, num_shared_experts=1, first_k_dense_replace=1,
+                       mlp_layer_types=_DENSE_FIRST, sliding_window=8, sliding_window_pattern=2),
+    # the experts' width is `intermediate_size`; every layer MoE
+    "flex_olmo": dict(num_experts=Q_EXPERTS, intermediate_size=20),
+    "glm4_moe_lite": dict(_QUIRKY_MLA, n_routed_experts=Q_EXPERTS, n_shared_experts=1, q_lora_rank=24, n_group=2,
+                          topk_group=1, num_experts_per_tok=2, mlp_layer_types=_DENSE_FIRST),
+    "glm_moe_dsa": dict(_QUIRKY_MLA, n_routed_experts=Q_EXPERTS, n_shared_experts=1, q_lora_rank=24,
+                        mlp_layer_types=_DENSE_FIRST, index_topk=4, index_head_dim=8, index_n_heads=2),
+    "hunyuan_v1_moe": dict(num_experts=Q_EXPERTS, moe_topk=3),
+    "hy_v3": dict(num_experts=Q_EXPERTS, num_shared_experts=1, mlp_layer_types=_DENSE_FIRST),
+    # mamba + attention layers, experts every other layer from layer 1; the torch (no-kernel) mamba path
+    "jamba": dict(num_experts=Q_EXPERTS, intermediate_size=20, expert_layer_period=2, expert_layer_offset=1,
+                  attn_layer_period=2, attn_layer_offset=0, use_mamba_kernels=False, mamba_d_state=4,
+                  num_hidden_layers=4),
+    # lightning (linear) attention and full attention layers
+    "minimax": dict(num_local_experts=Q_EXPERTS, intermediate_size=20, block_size=4,
+                    layer_types=["linear_attention", "full_attention", "linear_attention"]),
+    "minimax_m2": dict(num_local_experts=Q_EXPERTS, intermediate_size=20),
+    "mistral4": dict(_MLA, head_dim=16, n_routed_experts=Q_EXPERTS, n_shared_experts=1, q_lora_rank=24, first_k_dense_replace=1),
+    "olmoe": dict(num_experts=Q_EXPERTS, intermediate_size=20),
+    "phimoe": dict(num_local_experts=Q_EXPERTS, intermediate_size=20, num_experts_per_tok=2),
+    "qwen3_5_moe_text": dict(num_experts=Q_EXPERTS, shared_expert_intermediate_size=24, linear_key_head_dim=8,
+                             linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                             layer_types=["linear_attention", "full_attention", "linear_attention"]),
+    "qwen3_next": dict(num_experts=Q_EXPERTS, shared_expert_intermediate_size=24, linear_key_head_dim=8,
+                       linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, mlp_only_layers=[0],
+                       layer_types=["linear_attention", "full_attention", "linear_attention"]),
+    "solar_open": dict(n_routed_experts=Q_EXPERTS, n_shared_experts=1),
+}
+ALL_FAMILIES = tuple(sorted((*FAMILIES, *QUIRKY_KWARGS)))
+# Families kt-sft refuses (other experts math; vision-language / omni models, whose default configs serve), kept
+# small on _REFUSED_SIZES: their loads fail from config.json alone.
+_REFUSED_SIZES = dict(vocab_size=VOCAB, hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2)
+REFUSED_KWARGS = {
+    "gpt_oss": dict(_REFUSED_SIZES, num_local_experts=4, intermediate_size=20, head_dim=12,
+                    layer_types=["sliding_attention", "full_attention"]),
+    "nemotron_h": dict(_REFUSED_SIZES, layers_block_type=["mamba", "moe"], n_routed_experts=4, moe_intermediate_size=20,
+                       moe_shared_expert_intermediate_size=20, intermediate_size=40, mamba_num_heads=4,
+                       mamba_head_dim=12, n_groups=1, ssm_state_size=8, head_dim=12),
+    "gemma4_text": dict(_REFUSED_SIZES, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=20,
+                        intermediate_size=40, head_dim=12, global_head_dim=12, hidden_size_per_layer_input=8,
+                        vocab_size_per_layer_input=VOCAB, layer_types=["sliding_attention", "full_attention"]),
+    "qwen3_vl_moe": {},
+    "qwen3_omni_moe": {},
+}
 # Families whose config names no activation (their model code fixes one): built without _COMMON's hidden_act.
 NO_HIDDEN_ACT = ("lfm2_moe",)
 # What the configs above must produce: MoE layer indices and the shared-expert submodule of the MoE block.
@@ -79,22 +149,35 @@ ROUTER_BIASES = ("e_score_correction_bias", "expert_bias")
 
 
 def tiny_config(model_type: str, **overrides):
-    if model_type not in FAMILY_KWARGS:
-        raise ValueError(f"no tiny config for {model_type!r}; have {FAMILIES}")
-    common = {k: v for k, v in _COMMON.items() if not (k == "hidden_act" and model_type in NO_HIDDEN_ACT)}
-    return AutoConfig.for_model(model_type, **{**common, **FAMILY_KWARGS[model_type], **overrides})
+    if model_type in FAMILY_KWARGS:
+        base, extra = _COMMON, FAMILY_KWARGS[model_type]
+    elif model_type in QUIRKY_KWARGS:
+        base, extra = _QUIRKY, QUIRKY_KWARGS[model_type]
+    else:
+        raise ValueError(f"no tiny config for {model_type!r}; have {ALL_FAMILIES}")
+    common = {k: v for k, v in base.items() if not (k == "hidden_act" and model_type in NO_HIDDEN_ACT)}
+    return AutoConfig.for_model(model_type, **{**common, **extra, **overrides})
+
+
+def refused_config(model_type: str):
+    return AutoConfig.for_model(model_type, **REFUSED_KWARGS[model_type])
+
+
+def derived_family(model_type: str):
+    """The family rule kt-sft derives for the tiny model of `model_type` (kt_sft.models.derive)."""
+    return derive_family(build_meta(tiny_config(model_type), buffers=False), model_type)
 
 
 def experts_module_names(model_type: str) -> list[str]:
-    """The experts modules of the family's tiny model, from its registry entry (experts_module per MoE layer)."""
-    template = get_family(model_type).experts_module
+    """The experts modules of the family's tiny model, from its derived rule (experts_module per MoE layer)."""
+    template = derived_family(model_type).experts_module
     return [template.format(layer=i) for i in MOE_LAYERS[model_type]]
 
 
 def experts_path(model_type: str) -> str:
     """The experts module's path inside a decoder layer (mlp.experts, feed_forward.experts): what PEFT's
     target_parameters name, e.g. f"{experts_path(family)}.gate_up_proj"."""
-    return get_family(model_type).experts_module.split("{layer}.", 1)[1]
+    return derived_family(model_type).experts_module.split("{layer}.", 1)[1]
 
 
 @torch.no_grad()
@@ -118,7 +201,7 @@ def _reinit(model: torch.nn.Module, seed: int) -> None:
             v = 0.02 * r
         elif "embed_tokens" in name:
             v = r
-        elif name.endswith(".gate.weight"):  # the routers (mlp.gate)
+        elif name.endswith((".gate.weight", ".router.weight")):  # the routers (mlp.gate, phimoe's mlp.router)
             v = r * 2.0 / math.sqrt(t.shape[-1])
         else:
             v = r / math.sqrt(t.shape[-1])
@@ -128,7 +211,7 @@ def _reinit(model: torch.nn.Module, seed: int) -> None:
 def make_tiny_model(model_type: str, *, dtype=torch.float32, seed: int = 0, **overrides):
     config = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = model_class(config).from_config(config, dtype=torch.float32)
     _reinit(model, seed)
     return model.to(dtype).eval()
 
@@ -141,7 +224,7 @@ def shard_files(path) -> list[str]:
 
 
 def expert_keys_on_disk(path) -> dict[str, str]:
-    """{per-expert key: shard file} from the checkpoint's index."""
+    """{expert key (per-expert or fused): shard file} from the checkpoint's index."""
     weight_map = json.loads((Path(path) / "model.safetensors.index.json").read_text())["weight_map"]
     return {k: f for k, f in weight_map.items() if ".experts." in k}
 

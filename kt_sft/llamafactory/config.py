@@ -21,10 +21,11 @@ import re
 import sys
 from typing import Any, Callable, Optional
 
+from .. import readme_tables
 from ..checkpoint_formats import source_format
 from ..engine.formats import FORMATS, ExpertFormat, backend_names, get_format
 from ..engine.runtime import numa_setting
-from ..models.registry import MoEFamily, UnsupportedModelError, get_family
+from ..models.registry import MoEFamily, UnsupportedModelError
 
 SUPPORTED_STAGES = ("sft", "pt")
 # Who parses a key (KeySpec.source).
@@ -146,15 +147,16 @@ def _backend_help() -> str:
     formats = "; ".join(f"{' / '.join(f.backends)}: {f.doc}" for f in FORMATS.values())
     return (f"Expert weight format and GEMMs. {formats}. Unset: fp32 experts for an fp32 model; for a quantized "
             "checkpoint the smallest format at least as wide as its weights, its own element type first (FP8 from "
-            "FP8, INT4 from INT4: the checkpoint's codes and scales kept exactly); else the family file's "
-            "defaults.format (bf16).")
+            "FP8, INT4 from INT4: the checkpoint's codes and scales kept exactly); else a rule file's "
+            "defaults.format, bf16 without one.")
 
 
 KEY_SPECS: tuple[KeySpec, ...] = (
     KeySpec("use_kt", "Turn the CPU expert engine on (the hook also needs USE_KT=1 in the environment).",
             LLAMAFACTORY),
-    KeySpec("kt_optimize_rule", "Model family rule: a family name (e.g. qwen3_moe) or a family YAML "
-            "(kt_sft/models/families format). Unset: picked from config.json's model_type.",
+    KeySpec("kt_optimize_rule", "Model family rule file (the format of configs/*.yaml) replacing the rule kt-sft "
+            "derives from the model, or a family name (the checkpoint's model_type, e.g. qwen3_moe). Unset: "
+            "derived from the model (python -m kt_sft families lists every family).",
             setting="rule", parse=_text),
     KeySpec("kt_backend", _backend_help(), setting="format", parse=_expert_format),
     KeySpec("kt_int4_group_size", "Weights per scale along the input dimension when INT4 / AMXINT4 experts are "
@@ -163,7 +165,7 @@ KEY_SPECS: tuple[KeySpec, ...] = (
             "An INT4 checkpoint's experts keep their own groups (another size is refused), and experts in any "
             "other format refuse the key.",
             setting="int4_group", parse=_integer(1)),
-    KeySpec("kt_num_threads", "CPU engine threads. 0: the family file's defaults.threads (auto: KT_SFT_THREADS, "
+    KeySpec("kt_num_threads", "CPU engine threads. 0: a rule file's defaults.threads, else auto (KT_SFT_THREADS, "
             "else the physical cores of the CPU set). `cpu_infer` is its KTransformers name.",
             setting="threads", parse=_integer(0), default=0, aliases=("cpu_infer",)),
     KeySpec("kt_numa", "NUMA nodes of the CPU engine: auto (the nodes this process's cpus span: one on a one-socket "
@@ -361,7 +363,9 @@ def _check_model(model_args, settings: KTSettings) -> None:
     except ValueError as err:
         raise KTConfigError(f"{config_file} is not valid JSON: {err}") from err
     try:
-        settings.family = get_family(config.get("model_type"), settings.rule)
+        from ..loader import checkpoint_family  # transformers' model code: only once a config names use_kt
+
+        settings.family = checkpoint_family(path, settings.rule)
         # Before LLaMA-Factory's own quantization set-up, which would ask for gptqmodel, autoawq, ... instead.
         source_format(config.get("quantization_config"), config_file)
     except (UnsupportedModelError, FileNotFoundError, ValueError) as err:
@@ -401,30 +405,20 @@ def readme_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def _table_span(readme: str) -> tuple[int, int]:
-    """Where the key table sits in README.md: the first table after the "### Config keys" heading."""
-    section = readme.index("### Config keys\n")
-    start = readme.index("\n|", section) + 1
-    end = re.compile(r"^(?!\|)", re.M).search(readme, start).start()
-    return start, end
+KEYS_HEADING = "### Config keys"
 
 
 def readme_key_table(readme: str) -> str:
-    start, end = _table_span(readme)
-    return readme[start:end]
+    return readme_tables.table_in(readme, KEYS_HEADING)
 
 
 def with_readme_table(readme: str) -> str:
-    start, end = _table_span(readme)
-    return readme[:start] + readme_table() + readme[end:]
+    return readme_tables.with_table(readme, KEYS_HEADING, readme_table())
 
 
 if __name__ == "__main__":
     # `python -m kt_sft.llamafactory.config`: print the table; `... README.md`: rewrite the table in that file.
     if len(sys.argv) > 1:
-        with open(sys.argv[1]) as f:
-            text = f.read()
-        with open(sys.argv[1], "w") as f:
-            f.write(with_readme_table(text))
+        readme_tables.rewrite(sys.argv[1], KEYS_HEADING, readme_table())
     else:
         sys.stdout.write(readme_table())

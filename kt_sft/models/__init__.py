@@ -1,4 +1,5 @@
-"""Model registry (one YAML per MoE family) and the `kt` experts implementation for transformers."""
-from .registry import MoEFamily, UnsupportedModelError, get_family, load_family_file, supported_model_types
+"""Model registry (each MoE family's rule, derived from the model or read from a YAML override) and the `kt`
+experts implementation for transformers."""
+from .registry import MoEFamily, UnsupportedModelError, get_override, load_family_file
 
-__all__ = ["MoEFamily", "UnsupportedModelError", "get_family", "load_family_file", "supported_model_types"]
+__all__ = ["MoEFamily", "UnsupportedModelError", "get_override", "load_family_file"]

@@ -1,13 +1,20 @@
-"""The model registry: one YAML file per MoE family says where its routed experts are, on disk and in memory.
+"""The model registry: a MoE family's rule says where its routed experts are, in memory and on disk, and what they
+compute.
 
-Adding a family = one file in `kt_sft/models/families/` (or any YAML passed as `rule=` / `kt_optimize_rule`)
-+ one tiny-config parity test. Fields (see `families/qwen3_moe.yaml` for a commented example):
+The rule (`MoEFamily`) is derived from the model itself (kt_sft.models.derive: the experts modules transformers'
+@use_experts_implementation marks, and transformers' own checkpoint conversion mapping). A YAML file with the
+fields below overrides it, for models whose derivation fails (undecorated or exotic experts): passed as `rule=` /
+`kt_optimize_rule`, or dropped into `kt_sft/models/families/` to apply to its model_type by default. `configs/*.yaml`
+are examples of the format, each equal to what kt-sft derives for its family (tests/test_families.py compares).
 
     model_type       config.json's model_type
     experts_module   the transformers experts module, e.g. model.layers.{layer}.mlp.experts
     checkpoint       per-expert tensor names on disk: gate / up / down, with {layer} and {expert}
-    fused_checkpoint optional fused names on disk: gate_up [E, 2I, H] (gate rows first) / down [E, H, I]
-    activation       the gated activation (config.hidden_act, where the config has one, must be one of its aliases)
+    fused_checkpoint fused names on disk: gate_up [E, 2I, H] (gate rows first) / down [E, H, I]; at least one of
+                     checkpoint / fused_checkpoint names every projection
+    activation       with `gated`: the experts' math (kt_sft.models.experts_math: silu, gelu_tanh, relu2, ...); a
+                     probe of the model's own experts modules must agree
+    bias, transposed the experts modules' has_bias / is_transposed
     on_device        informational: what stays stock on the GPU (attention, router, shared experts, dense MLPs)
     defaults         format (a kt_sft.engine.formats name: bf16, int8, ...) and threads (auto or n) used when the
                      caller sets none
@@ -21,11 +28,16 @@ from typing import Optional
 
 import yaml
 
+from . import experts_math
+
 FAMILY_DIR = Path(__file__).parent / "families"
-ADD_A_MODEL_DOC = "README.md, section 'Add a model'"
-PROJECTIONS = ("gate", "up", "down")
-ACTIVATION_ALIASES = {"silu": ("silu", "swish")}
 DEFAULTS_KEYS = ("format", "threads")
+# The model types whose tiny random model tests/test_families.py compares with stock transformers + PEFT (logits,
+# LoRA steps with expert LoRA, greedy generation); a test keeps this list equal to that table.
+TESTED = ("afmoe", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe",
+          "glm4_moe_lite", "glm_moe_dsa", "hunyuan_v1_moe", "hy_v3", "jamba", "lfm2_moe", "minimax", "minimax_m2",
+          "mistral4", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next",
+          "solar_open")
 
 
 class UnsupportedModelError(ValueError):
@@ -37,11 +49,20 @@ def _template_regex(template: str) -> re.Pattern:
     return re.compile(f"^{pattern}$")
 
 
+def projections(gated: bool) -> tuple[str, ...]:
+    """The per-expert projections (`checkpoint` keys) and the fused ones (`fused_checkpoint` keys)."""
+    return ("gate", "up", "down") if gated else ("up", "down")
+
+
+def fused_projections(gated: bool) -> tuple[str, ...]:
+    return ("gate_up", "down") if gated else ("up", "down")
+
+
 @dataclass(frozen=True)
 class MoEFamily:
     model_type: str
     experts_module: str
-    checkpoint: dict
+    checkpoint: dict = field(default_factory=dict)
     fused_checkpoint: dict = field(default_factory=dict)
     activation: str = "silu"
     gated: bool = True
@@ -53,13 +74,17 @@ class MoEFamily:
 
     def __post_init__(self) -> None:
         where = self.source or self.model_type
-        missing = [p for p in PROJECTIONS if p not in self.checkpoint]
-        if missing:
-            raise ValueError(f"{where}: checkpoint must name {', '.join(PROJECTIONS)} (missing {', '.join(missing)})")
-        if self.activation not in ACTIVATION_ALIASES or not self.gated or self.bias or self.transposed:
-            raise ValueError(f"{where}: only gated SiLU experts without bias, not transposed, run on the engine today "
-                             f"(got activation={self.activation}, gated={self.gated}, bias={self.bias}, "
-                             f"transposed={self.transposed})")
+        try:
+            self.math
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        for name, names, allowed in (("checkpoint", self.checkpoint, projections(self.gated)),
+                                     ("fused_checkpoint", self.fused_checkpoint, fused_projections(self.gated))):
+            if set(names) - set(allowed) or (names and set(names) != set(allowed)):
+                raise ValueError(f"{where}: {name} must name {', '.join(allowed)} (got {', '.join(names) or 'none'})")
+        if not self.checkpoint and not self.fused_checkpoint:
+            raise ValueError(f"{where}: checkpoint (per-expert names) or fused_checkpoint must name the experts' "
+                             "tensors on disk")
         if "{layer}" not in self.experts_module:
             raise ValueError(f"{where}: experts_module must contain {{layer}}, got {self.experts_module!r}")
         unknown = sorted(set(self.defaults) - set(DEFAULTS_KEYS))
@@ -68,9 +93,17 @@ class MoEFamily:
                 if "engine_dtype" in unknown else ""
             raise ValueError(f"{where}: unknown defaults {', '.join(unknown)}; allowed: {', '.join(DEFAULTS_KEYS)}{hint}")
 
+    @property
+    def math(self) -> experts_math.ExpertsMath:
+        return experts_math.variant(self.activation, self.gated)
+
+    def engine_gap(self) -> Optional[str]:
+        """Why the CPU engine cannot run this family's experts (None: it can)."""
+        return experts_math.engine_gap(self.math, self.bias, self.transposed)
+
     def expert_key_regexes(self) -> dict[str, re.Pattern]:
         """projection -> regex with groups layer/expert, for per-expert keys on disk."""
-        return {p: _template_regex(self.checkpoint[p]) for p in PROJECTIONS}
+        return {p: _template_regex(t) for p, t in self.checkpoint.items()}
 
     def fused_key_regexes(self) -> dict[str, re.Pattern]:
         return {p: _template_regex(t) for p, t in self.fused_checkpoint.items()}
@@ -78,9 +111,13 @@ class MoEFamily:
     def experts_module_regex(self) -> re.Pattern:
         return _template_regex(self.experts_module)
 
-    def accepts_activation(self, hidden_act: Optional[str]) -> bool:
-        # None: the config names no activation (its model code fixes one), so the rule's `activation` stands.
-        return hidden_act is None or hidden_act in ACTIVATION_ALIASES[self.activation]
+    def expected_key(self, proj: str, layer: int, expert: int) -> str:
+        """The on-disk name expert `expert`'s projection `proj` of MoE layer `layer` is looked up by (error
+        messages): its per-expert name, else the fused tensor holding it."""
+        if proj in self.checkpoint:
+            return self.checkpoint[proj].format(layer=layer, expert=expert)
+        fused = "gate_up" if proj in ("gate", "up") and self.gated else proj
+        return self.fused_checkpoint[fused].format(layer=layer)
 
 
 def load_family_file(path: str | Path) -> MoEFamily:
@@ -90,9 +127,9 @@ def load_family_file(path: str | Path) -> MoEFamily:
     except (OSError, yaml.YAMLError) as err:
         raise ValueError(f"cannot read the model rule file {path}: {err}") from err
     if isinstance(data, list) and any(isinstance(e, dict) and "match" in e for e in data):
-        raise ValueError(f"{path} is a KTransformers injection rule (match/replace entries); kt-sft places experts "
-                         "from its own family files instead: remove kt_optimize_rule (the family is picked from "
-                         "model_type) or point it to a file in the format of kt_sft/models/families/*.yaml")
+        raise ValueError(f"{path} is a KTransformers injection rule (match/replace entries); kt-sft derives where the "
+                         "experts are from the model itself: remove kt_optimize_rule, or point it to a file in the "
+                         "format of configs/*.yaml")
     if not isinstance(data, dict) or "model_type" not in data:
         raise ValueError(f"{path}: expected a mapping with at least model_type, experts_module and checkpoint")
     known = set(MoEFamily.__dataclass_fields__) - {"source"}
@@ -103,7 +140,8 @@ def load_family_file(path: str | Path) -> MoEFamily:
     return MoEFamily(source=str(path), **data)
 
 
-def builtin_families() -> dict[str, MoEFamily]:
+def builtin_overrides() -> dict[str, MoEFamily]:
+    """The family files shipped in kt_sft/models/families/ (each overrides the derived rule of its model_type)."""
     families = {}
     for path in sorted(FAMILY_DIR.glob("*.yaml")):
         fam = load_family_file(path)
@@ -111,28 +149,27 @@ def builtin_families() -> dict[str, MoEFamily]:
     return families
 
 
-def supported_model_types() -> list[str]:
-    return sorted(builtin_families())
+def _is_name(rule) -> bool:
+    text = str(rule)
+    return not Path(text).exists() and "/" not in text and not text.endswith((".yaml", ".yml"))
 
 
-def get_family(model_type: str, rule: str | Path | None = None) -> MoEFamily:
-    """The registry entry for `model_type`, or the one `rule` names (a family YAML path or a built-in name)."""
-    if rule and not Path(rule).exists() and str(rule) in builtin_families():
-        fam = builtin_families()[str(rule)]
-        if fam.model_type != model_type:
-            raise UnsupportedModelError(f"rule {rule!r} is the built-in family for model_type {fam.model_type!r}, "
-                                        f"but the checkpoint's config.json says {model_type!r}")
-        return fam
+def get_override(model_type: str, rule: str | Path | None = None) -> Optional[MoEFamily]:
+    """The rule file that replaces the derived rule for `model_type`: `rule` (a family YAML, or a family name,
+    which must be `model_type`'s own), else a built-in override file; None: derive the rule from the model."""
+    if rule and _is_name(rule):
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if str(rule) not in CONFIG_MAPPING_NAMES and str(rule) not in builtin_overrides():
+            raise ValueError(f"rule {rule!r}: no such rule file, and no model_type of that name")
+        if str(rule) != model_type:
+            raise UnsupportedModelError(f"rule {rule!r} is the built-in family for model_type {rule!r}, but the "
+                                        f"checkpoint's config.json says {model_type!r}")
+        return builtin_overrides().get(model_type)
     if rule:
         fam = load_family_file(rule)
         if fam.model_type != model_type:
             raise UnsupportedModelError(f"rule file {rule} is for model_type {fam.model_type!r}, "
                                         f"but the checkpoint's config.json says {model_type!r}")
         return fam
-    families = builtin_families()
-    if model_type not in families:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported by kt-sft (supported: {', '.join(sorted(families))}). "
-            f"To add a family, write a rule YAML (copy one from configs/) and pass it as kt_optimize_rule; "
-            f"see {ADD_A_MODEL_DOC}.")
-    return families[model_type]
+    return builtin_overrides().get(model_type)

@@ -1,0 +1,227 @@
+"""A MoE family's rule derived from the model itself: no rule file for any transformers family with fused experts.
+
+  class      the auto class LLaMA-Factory 0.9.5 loads the config with (`model_class`: image-text-to-text first, then
+             seq2seq, text-to-waveform, else causal LM); vision-language and omni models are refused for now
+  where      the experts modules are the modules transformers' `@use_experts_implementation` marks with has_gate /
+             has_bias / is_transposed; their names give the `experts_module` template (the first index in the name
+             is the layer) and so the MoE layers; several templates (text + vision experts) are refused for now
+  on disk    transformers' own checkpoint conversion mapping (`get_model_conversion_mapping`): the WeightConverter
+             that builds a fused parameter from per-expert tensors is read as an index map (MergeModulelist(dim=0):
+             `*` is the expert index; Concatenate(dim=1): source j is block j of [gate | up]), its source patterns
+             with the model's renamings undone give the per-expert names on disk, and transformers'
+             `rename_source_key` must map each back to the fused parameter (checked here). So experts stream one
+             tensor at a time, as before. The in-memory names are the fused names on disk.
+  math       the probe of kt_sft.models.experts_math on the module's own gate; the engine runs `silu glu` today
+A YAML override (kt_sft.models.registry) replaces the derivation; its math is probed against the model all the same.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import experts_math
+from .registry import TESTED, MoEFamily, UnsupportedModelError, fused_projections, projections
+
+EXPERTS_FLAGS = ("has_gate", "has_bias", "is_transposed")  # set on every @use_experts_implementation module
+_SENTINEL_LAYER = "987654321"  # stands for {layer} while names go through transformers' regex renamings
+_LOADING_CLASSES = ("AutoModelForImageTextToText", "AutoModelForSeq2SeqLM", "AutoModelForTextToWaveform")
+
+
+def model_class(config):
+    """The auto class LLaMA-Factory 0.9.5 (model/loader.py) builds this config with."""
+    import transformers
+
+    for name in _LOADING_CLASSES:
+        auto = getattr(transformers, name)
+        if type(config) in auto._model_mapping.keys():
+            return auto
+    return transformers.AutoModelForCausalLM
+
+
+def model_kind_gap(config) -> Optional[str]:
+    """Why kt-sft cannot load this config's model class yet (vision-language, omni), or None."""
+    auto = model_class(config)
+    if auto.__name__ == "AutoModelForCausalLM":
+        return None
+    cls = auto._model_mapping[type(config)]
+    if auto.__name__ == "AutoModelForImageTextToText" and cls.__name__.endswith("ForCausalLM"):
+        return None  # a text model LLaMA-Factory reaches through the image-text mapping (mistral4)
+    kind = "vision-language" if auto.__name__ == "AutoModelForImageTextToText" else "omni (audio / speech)"
+    return f"{config.model_type}: {kind} model ({cls.__name__}, loaded with {auto.__name__}) not supported yet"
+
+
+def build_meta(config, dtype: torch.dtype = torch.bfloat16, *, buffers: bool = True, any_kind: bool = False):
+    """The model LLaMA-Factory would build from `config`, every parameter on the meta device (and the buffers too
+    when `buffers` is False: for derivation only, nothing allocated). A model kind kt-sft cannot load yet
+    (`model_kind_gap`) is refused unless `any_kind` (the families table describes those too)."""
+    from accelerate import init_empty_weights
+
+    gap = None if any_kind else model_kind_gap(config)
+    if gap:
+        raise UnsupportedModelError(gap)
+    auto = model_class(config)
+    if buffers:
+        with init_empty_weights():
+            return auto.from_config(config, dtype=dtype)
+    with torch.device("meta"):
+        return auto.from_config(config, dtype=dtype)
+
+
+def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module transformers' @use_experts_implementation decorated, by name."""
+    return {n: m for n, m in model.named_modules() if all(hasattr(m, f) for f in EXPERTS_FLAGS)}
+
+
+def experts_templates(names) -> list[str]:
+    """The distinct `experts_module` templates of these module names: the first index in a name is the layer."""
+    templates = []
+    for name in names:
+        template, count = re.subn(r"(?<=\.)\d+(?=\.|$)", "{layer}", name, count=1)
+        if not count:
+            raise UnsupportedModelError(f"experts module {name} sits in no indexed layer list; kt-sft places one "
+                                        "experts module per decoder layer")
+        if template not in templates:
+            templates.append(template)
+    return templates
+
+
+def is_experts_class(cls) -> bool:
+    """A class decorated by @use_experts_implementation (it gives the class `_apply_gate` and wraps `forward`)."""
+    return isinstance(cls, type) and hasattr(cls, "_apply_gate") and hasattr(getattr(cls, "forward", None),
+                                                                            "__wrapped__")
+
+
+def _no_experts(model: nn.Module, model_type: str) -> str:
+    """Why `model` has no experts module: a MoE family configured all dense, or no fused-experts family at all."""
+    import sys
+
+    name = type(model).__name__
+    if any(is_experts_class(c) for c in vars(sys.modules[type(model).__module__]).values()):
+        return (f"this {name} has no routed-expert (MoE) layers: every layer of its config is dense (e.g. "
+                "first_k_dense_replace, mlp_only_layers or decoder_sparse_step cover all layers), so there is "
+                "nothing to offload; load it without kt-sft (unset USE_KT)")
+    return (f"model_type {model_type!r} is not supported by kt-sft (supported: transformers' MoE families with fused "
+            f"experts; tested: {', '.join(TESTED)}; all: python -m kt_sft families): {name} has no experts module "
+            "marked by transformers' @use_experts_implementation (a dense model, or an undecorated MoE: write a rule "
+            "file, configs/*.yaml)")
+
+
+def derive_family(model: nn.Module, model_type: str) -> MoEFamily:
+    """The rule of `model` (built on meta, e.g. by build_meta): experts template, math, on-disk names. Raises
+    UnsupportedModelError when the model has no decorated experts or they cannot be described (several
+    templates, an unknown conversion op); an engine that cannot run the math is checked by `engine_gap`."""
+    modules = experts_modules(model)
+    if not modules:
+        raise UnsupportedModelError(_no_experts(model, model_type))
+    templates = experts_templates(modules)
+    if len(templates) > 1:
+        raise UnsupportedModelError(f"{type(model).__name__} has experts modules at several places "
+                                    f"({', '.join(templates)}): not supported yet")
+    first = next(iter(modules.values()))
+    flags = {f: bool(getattr(first, f)) for f in EXPERTS_FLAGS}
+    if any({f: bool(getattr(m, f)) for f in EXPERTS_FLAGS} != flags for m in modules.values()):
+        raise UnsupportedModelError(f"{type(model).__name__}: its experts modules differ in {', '.join(EXPERTS_FLAGS)}")
+    math = experts_math.probe(first)
+    if not isinstance(math, experts_math.ExpertsMath):  # nothing a rule file could name either
+        raise UnsupportedModelError(f"{model_type}: {experts_math.engine_gap(math, flags['has_bias'], False)}")
+    template, gated = templates[0], flags["has_gate"]
+    return MoEFamily(
+        model_type=model_type, experts_module=template, checkpoint=disk_names(model, template, gated),
+        fused_checkpoint={p: f"{template}.{p}_proj" for p in fused_projections(gated)},
+        activation=math.activation, gated=gated, bias=flags["has_bias"], transposed=flags["is_transposed"],
+        source=f"derived from {type(model).__name__}")
+
+
+def _split_conversions(model: nn.Module):
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    conversions = get_model_conversion_mapping(model)
+    return ([c for c in conversions if isinstance(c, WeightRenaming)],
+            [c for c in conversions if isinstance(c, WeightConverter)])
+
+
+def _converter_for(name: str, converters):
+    """(converter, target pattern) of the WeightConverter that builds the parameter `name`, or (None, None)."""
+    for converter in converters:
+        for target in converter.target_patterns:
+            if target.strip("^$") in name and any("*" in s for s in converter.source_patterns):
+                return converter, target.strip("^$")
+    return None, None
+
+
+def _index_blocks(converter, fused: str) -> list[str]:
+    """The projection each source pattern of `converter` fills (ops read as index maps), in source order."""
+    ops = [type(op).__name__ for op in converter.operations]
+    sources = len(converter.source_patterns)
+    merged = ops[:1] == ["MergeModulelist"] and converter.operations[0].dim == 0
+    concat = ops[1:] == ["Concatenate"] and converter.operations[1].dim == 1
+    if merged and len(ops) == 1 and sources == 1 and fused in ("down", "up"):
+        return [fused]
+    if merged and concat and fused == "gate_up" and sources == 2:
+        return ["gate", "up"]  # Concatenate(dim=1) of [E, I, H] stacks: source 0 = rows [0, I) = gate (probed order)
+    raise UnsupportedModelError(f"the checkpoint conversion {converter} ({' -> '.join(ops)}) of the fused {fused} "
+                                "weights is not a per-expert stack kt-sft can stream: not supported yet")
+
+
+def _undo_renamings(name: str, renamings) -> str:
+    from transformers.core_model_loading import PrefixChange
+
+    for renaming in reversed(renamings):
+        if not isinstance(renaming, PrefixChange):  # prefixes: both spellings load (loader._KeyRouter)
+            name, _ = renaming.reverse_transform().rename_source_key(name)
+    return name
+
+
+def disk_names(model: nn.Module, template: str, gated: bool) -> dict[str, str]:
+    """Per-expert on-disk templates {projection: name with {layer} / {expert}} from transformers' conversion
+    mapping; {} when the checkpoint stores the fused tensors (no converter builds them)."""
+    from transformers.core_model_loading import rename_source_key
+
+    renamings, converters = _split_conversions(model)
+    out = {}
+    for fused in fused_projections(gated):
+        param = f"{template.replace('{layer}', _SENTINEL_LAYER)}.{fused}_proj"
+        converter, target = _converter_for(param, converters)
+        if converter is None:
+            continue
+        for source, proj in zip(converter.source_patterns, _index_blocks(converter, fused)):
+            disk = _undo_renamings(param.replace(target, source.strip("^$"), 1), renamings)
+            back, matched = rename_source_key(disk.replace("*", "3"), renamings, converters)
+            if back != param or matched is None:
+                raise UnsupportedModelError(f"{disk}: transformers' conversion mapping does not map it back to "
+                                            f"{param} (got {back}); the derivation cannot name this family's "
+                                            "experts on disk, write a rule file (configs/*.yaml)")
+            out[proj] = disk.replace(_SENTINEL_LAYER, "{layer}").replace("*", "{expert}")
+    if out and set(out) != set(projections(gated)):
+        raise UnsupportedModelError(f"transformers' conversion mapping names only {', '.join(out)} of the "
+                                    f"per-expert projections of {template}")
+    return out
+
+
+def check_math(family: MoEFamily, modules: dict[str, nn.Module]) -> None:
+    """Each experts module computes the family's math (probed), and the engine runs it; else a clear error naming
+    what is missing, e.g. "experts math 'relu2 ungated' not supported yet"."""
+    for name, module in modules.items():
+        found = experts_math.probe(module)
+        gap = experts_math.engine_gap(found, bool(getattr(module, "has_bias", family.bias)),
+                                      bool(getattr(module, "is_transposed", family.transposed)))
+        if gap:
+            raise UnsupportedModelError(f"{family.model_type} ({name}): {gap}")
+        if found != family.math:
+            raise UnsupportedModelError(f"{name} computes '{experts_math.label(found)}' but the rule "
+                                        f"{family.source or family.model_type} says '{family.math.label}'")
+    gap = family.engine_gap()
+    if gap:
+        raise UnsupportedModelError(f"{family.model_type} ({family.source}): {gap}")
+
+
+def resolve_family(model: nn.Module, model_type: str, override: Optional[MoEFamily] = None) -> MoEFamily:
+    """The family of `model`: `override` (a rule file) or the derived rule, its math checked on the model."""
+    family = override or derive_family(model, model_type)
+    pattern = family.experts_module_regex()
+    check_math(family, {n: m for n, m in experts_modules(model).items() if pattern.match(n)})
+    return family

@@ -1,0 +1,198 @@
+"""Every transformers family whose fused experts the engine computes, against stock transformers + PEFT, from a rule
+derived from the model itself (kt_sft/models/derive.py), and every other family's clear refusal.
+
+  * ALL_FAMILIES (tiny_models.py): a tiny random model with quirky sizes, written by stock save_pretrained: fp32
+    logits on a left-padded batch, 8 LoRA steps (attention / dense linears + the routed experts through PEFT
+    target_parameters), then greedy generation with the trained adapters, all equal to stock (<= 1e-4 relative)
+  * the 7 rule files of configs/ equal what kt-sft derives for their families; registry.TESTED is this table
+  * refused families (other experts math, vision-language / omni models) fail before any weight is read, naming
+    what is missing; the math probe tells every variant of experts_math.VARIANTS apart
+  * README.md's family table is `python -m kt_sft families`
+~1-2 s per family on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from peft import LoraConfig
+from peft import get_peft_model as stock_get_peft_model
+from safetensors.torch import load_file, save_file
+
+import kt_sft
+from kt_sft import readme_tables
+from kt_sft.models import catalog, experts_math, registry
+from kt_sft.models.derive import model_class
+from kt_sft.models.expert_lora import get_peft_model
+from kt_sft.models.registry import load_family_file
+from lora_train import make_batches
+from moe_reference import rel_err
+from tiny_models import ALL_FAMILIES, CONFIGS, FAMILIES, VOCAB, derived_family, experts_path, refused_config
+
+RTOL = 1e-4          # logits and every step's loss, fp32 (measured <= 5e-7)
+STEPS = 8
+NEW_TOKENS = 8
+REPO = CONFIGS.parent
+
+
+def _stock(path):
+    """Stock transformers, through the auto class LLaMA-Factory uses (mistral4: AutoModelForImageTextToText)."""
+    from transformers import AutoConfig
+
+    return model_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=torch.float32)
+
+
+def _ours(path):
+    return kt_sft.load_model(path, device="cpu", dtype=torch.float32, progress=False)
+
+
+def _probe_batch():
+    """Batch 2 x 11, row 1 left-padded by 4 tokens."""
+    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _lora(model, family, wrap):
+    experts = experts_path(family)
+    torch.manual_seed(5)
+    # every linear but the routers (phimoe's router is an nn.Linear subclass returning a tuple, which stock PEFT
+    # cannot wrap; the others read their weight directly, so LoRA there would be bypassed anyway)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                        exclude_modules=r".*\.(gate|router)$",
+                        target_parameters=[f"{experts}.gate_up_proj", f"{experts}.down_proj"])
+    return wrap(model, config)
+
+
+def _train(model) -> list[float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=5e-3)
+    model.train()
+    torch.manual_seed(11)  # phimoe's router samples its top-k in training: the same draws on both sides
+    losses = []
+    for ids, mask, labels in make_batches(STEPS, seq=10):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@torch.no_grad()
+def _generate(model):
+    ids, mask = _probe_batch()
+    out = model.eval().generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                pad_token_id=0, eos_token_id=None)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_family_matches_stock(family, tiny_checkpoint):
+    path = tiny_checkpoint(family)
+    stock, ours = _stock(path), _ours(path)
+    assert ours.kt_summary.startswith("kt-sft: ") and not ours.kt_summary.startswith("kt-sft: 0 ")
+    ids, mask = _probe_batch()
+    with torch.no_grad():
+        ref = stock.eval()(input_ids=ids, attention_mask=mask).logits
+        got = ours.eval()(input_ids=ids, attention_mask=mask).logits
+    assert rel_err(got, ref) <= RTOL, f"{family} logits: {rel_err(got, ref):.2e}"
+
+    stock, ours = _lora(stock, family, stock_get_peft_model), _lora(ours, family, get_peft_model)
+    stock_losses, our_losses = _train(stock), _train(ours)
+    dev = max(abs(a - b) / abs(b) for a, b in zip(our_losses, stock_losses))
+    print(f"[families] {family}: logits rel {rel_err(got, ref):.1e}, {STEPS} LoRA steps max rel {dev:.1e}, "
+          f"loss {stock_losses[0]:.3f} -> {stock_losses[-1]:.3f}")
+    assert dev <= RTOL and our_losses[4] < our_losses[0]  # make_batches cycles over 4 batches: step 5 = step 1's
+    expert_b = [p for n, p in ours.named_parameters() if ".experts." in n and "lora_B" in n]
+    assert expert_b and all(p.abs().max() > 0 for p in expert_b), "the expert LoRA must have trained"
+    assert torch.equal(_generate(ours), _generate(stock))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_derived_rule_equals_the_config_file(family):
+    """configs/<family>.yaml (the rule files the registry held before derivation) is exactly what kt-sft derives."""
+    written, derived = load_family_file(CONFIGS / f"{family}.yaml"), derived_family(family)
+    for field in ("model_type", "experts_module", "checkpoint", "fused_checkpoint", "activation", "gated", "bias",
+                  "transposed"):
+        assert getattr(derived, field) == getattr(written, field), field
+    assert written.defaults == {"format": "bf16", "threads": "auto"} and not derived.defaults  # = the defaults
+
+
+def test_tested_list_is_this_table():
+    assert tuple(sorted(registry.TESTED)) == ALL_FAMILIES
+
+
+def test_prefixed_fused_checkpoint_loads_like_stock(tiny_checkpoint, tmp_path):
+    """Qwen3.5-MoE checkpoints keep the language model under `model.language_model.`; transformers' PrefixChange
+    drops it, and so do kt-sft's expert keys (fused tensors on disk)."""
+    src = tiny_checkpoint("qwen3_5_moe_text")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    renamed = {k: re.sub(r"^model\.", "model.language_model.", k) for k in index["weight_map"]}
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(src / shard)
+        save_file({renamed[k]: t for k, t in tensors.items()}, tmp_path / shard, metadata={"format": "pt"})
+    index["weight_map"] = {renamed[k]: f for k, f in index["weight_map"].items()}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    assert any(k.startswith("model.language_model.layers.") and k.endswith("experts.gate_up_proj") for k in renamed.values())
+    ids, _ = _probe_batch()
+    with torch.no_grad():
+        ref, got = _stock(tmp_path).eval()(input_ids=ids).logits, _ours(tmp_path).eval()(input_ids=ids).logits
+    assert rel_err(got, ref) <= RTOL
+
+
+# ------------------------------------------------------------------ refused families
+# What each refused family's load says (configs: tiny_models.REFUSED_KWARGS).
+REFUSED = {
+    "gpt_oss": r"experts math 'gpt-oss clamped swiglu .*', expert biases, transposed expert weights .*not supported yet",
+    "nemotron_h": r"experts math 'relu2 ungated' not supported yet",
+    "gemma4_text": r"experts math 'gelu-tanh glu' not supported yet",
+    "qwen3_vl_moe": r"qwen3_vl_moe: vision-language model \(Qwen3VLMoeForConditionalGeneration, loaded with "
+                    r"AutoModelForImageTextToText\) not supported yet",
+    "qwen3_omni_moe": r"qwen3_omni_moe: omni \(audio / speech\) model .* not supported yet",
+}
+
+
+@pytest.mark.parametrize("family", sorted(REFUSED))
+def test_refused_family_says_what_is_missing(family, tmp_path):
+    """config.json alone (no weight file): the load fails in its plan, naming the missing variant or model kind,
+    and so do LLaMA-Factory's checks (checkpoint_family)."""
+    from kt_sft.loader import checkpoint_family
+
+    refused_config(family).save_pretrained(tmp_path)
+    with pytest.raises(registry.UnsupportedModelError, match=REFUSED[family]):
+        _ours(tmp_path)
+    with pytest.raises(registry.UnsupportedModelError, match=REFUSED[family]):
+        checkpoint_family(tmp_path)
+
+
+@pytest.mark.parametrize("row", experts_math.VARIANTS, ids=lambda r: r.label.split(" (")[0].replace(" ", "-"))
+def test_math_probe_tells_every_variant_apart(row):
+    module = torch.nn.Module()
+    module.has_gate = row.gated
+    if row.gated:
+        module._apply_gate = row.fn
+    else:
+        module.act_fn = row.fn
+    assert experts_math.probe(module) is row
+    gap = experts_math.engine_gap(row, bias=False, transposed=False)
+    assert (gap is None) == row.engine and (gap is None or f"experts math '{row.label}' not supported yet" in gap)
+
+
+def test_readme_family_table_is_generated(capsys, monkeypatch):
+    text = catalog.table()
+    rows = {line.split(" | ")[0].strip("| `"): line for line in text.splitlines()[2:]}
+    assert all(rows[f].endswith("| tested |") for f in ALL_FAMILIES)
+    assert "| refused: experts math 'relu2 ungated' not supported yet" in rows["nemotron_h"]
+    readme = (REPO / "README.md").read_text()
+    assert readme_tables.table_in(readme, catalog.HEADING) == text, (
+        "README.md's family table differs from `python -m kt_sft families`; regenerate it with "
+        "`python -m kt_sft families README.md`")
+    from kt_sft.env import main
+
+    monkeypatch.setattr(catalog, "table", lambda: text)
+    assert main(["families"]) == 0 and capsys.readouterr().out == text
