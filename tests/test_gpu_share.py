@@ -206,6 +206,18 @@ def test_plan_split(counts, engine, stream, gpu, nbytes, backward, lead, want):
     assert plan_split(counts, engine, stream, gpu, nbytes, backward=backward, lead=lead) == want
 
 
+def test_plan_split_weighs_the_engine_call():
+    """A fixed cost per direction whenever the engine gets rows (outside the max): one direction, counts as in
+    PLANS, 100 rows/s, 1 s per streamed expert. n=0 2 + c, n=1 max(1, 1) + c, n=2 max(.5, 2) + c, every expert
+    with rows (n=4) 4 s and no engine call: c = 1.5 keeps the split (2.5 s), c = 3.5 streams all four."""
+    counts = [100, 50, 10, 0, 40]
+    assert plan_split(counts, (100, 100), 1.0, (1e9, 1e9), 1, backward=False, engine_call_s=1.5) == [0]
+    assert plan_split(counts, (100, 100), 1.0, (1e9, 1e9), 1, backward=False, engine_call_s=3.5) == [0, 1, 4, 2]
+    # both directions pay it: n=1 2 x (1 + 1.5) = 5 < 8 = 2 x 4 (split kept); 2 x (1 + 3.5) = 9 > 8 (all streamed)
+    assert plan_split(counts, (100, 100), 1.0, (1e9, 1e9), 1, engine_call_s=1.5) == [0]
+    assert plan_split(counts, (100, 100), 1.0, (1e9, 1e9), 1, engine_call_s=3.5) == [0, 1, 4, 2]
+
+
 def test_plan_split_balances_v2_lite_like_rates():
     """V2-Lite-like numbers (4096 tokens x 6 of 64 experts; engine 465k rows/s each direction, 16 MB per expert over
     53 GB/s, GPU compute 20M rows/s): the chosen split leaves neither side more than one expert's cost idle, and

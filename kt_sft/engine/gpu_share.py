@@ -262,7 +262,7 @@ class GpuShare:
         else:
             r, streamed = self.book.rates, 3 * self.expert_bytes + sum(self.scale_bytes)  # bytes per expert
             experts = tuple(plan_split(counts, r.engine, r.stream, r.gpu, streamed, backward,
-                                       lead=self._prefetched_experts()))
+                                       lead=self._prefetched_experts(), engine_call_s=r.engine_call))
         self.book.split(len(experts), sum(counts[e] for e in experts), sum(counts), self.E, log=self.fixed is None)
         if experts:
             self._last = experts

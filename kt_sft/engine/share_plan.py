@@ -5,7 +5,10 @@ Cost model, per direction d (forward; backward, which streams the same experts a
 routed rows over its rate, rows_cpu / engine[d]; the share's is bounded by its host->device stream and by its GPU
 compute, which overlap (copy stream and compute stream): max(n x expert_bytes / stream, rows_gpu / gpu[d]). Both
 directions use the split the forward chose (the engine saved that forward), so `plan_split` minimizes the sum over
-directions of max(CPU, GPU). A streamed expert costs the same bytes whatever its rows, while the engine's cost is
+directions of max(CPU, GPU), plus a fixed cost per direction whenever the engine gets rows (ENGINE_CALL_S: what
+involving the engine costs the step outside the overlap, measured on the device). On the device's H200 with PCIe
+Gen5 that cost makes V2-Lite's calls stream every expert; slower links, or experts with more work per byte
+(DeepSeek-V3), leave the engine its share. A streamed expert costs the same bytes whatever its rows, while the engine's cost is
 per row: the experts with the most rows are the cheapest to stream per row, so the candidates are taken in order
 of decreasing count (experts with no row are never streamed), after any `lead` experts (those whose copies a
 prefetch already started), and the best prefix length wins.
@@ -38,15 +41,24 @@ LOG_INTERVAL_S = 60.0
 ENGINE_FLOPS_PER_THREAD = {"amx": 0.5e12, "avx512": 0.1e12, "avx2": 0.04e12, "scalar": 0.005e12}
 INT8_GEMM_SPEEDUP = 1.9  # int8-gemm / int4-gemm on AMX against bf16 (same device runs)
 GPU_FLOPS, STREAM_BYTES_PER_S = 100e12, 20e9
+# What an engine call costs the step outside its overlap with the share, per direction: the host waits for the
+# engine instead of queueing the next GPU work (after it the GPU starts from an empty queue), the backward stages
+# dy to the host (a wait for the GPU an all-GPU call does not have), y / dx cross back and are added. Measured on
+# the device (b2446da, 14 V2-Lite layers, 2 x 2048 tokens): auto's splits saved 32 ms per step inside the calls
+# against all experts streamed, and the step still took 114 ms (bf16) / 78 ms (int8 GEMMs) longer, over 26 calls:
+# 5.6 / 3.0 ms a call. With this cost a split must beat streaming everything by more than it.
+ENGINE_CALL_S = 4e-3
 
 
 @dataclasses.dataclass
 class Rates:
-    """engine, gpu: (forward, backward) routed rows per second; stream: host->device bytes per second."""
+    """engine, gpu: (forward, backward) routed rows per second; stream: host->device bytes per second;
+    engine_call: plan_split's engine_call_s."""
 
     engine: list
     gpu: list
     stream: float
+    engine_call: float = ENGINE_CALL_S  # seconds per direction an engine call costs beyond the overlap
 
 
 def prior_rates(hidden: int, intermediate: int, isa: str, threads: int, int8_gemm: bool) -> Rates:
@@ -60,13 +72,15 @@ def prior_rates(hidden: int, intermediate: int, isa: str, threads: int, int8_gem
 
 
 def plan_split(counts: Sequence[int], engine_rate: Sequence[float], stream_rate: float, gpu_rate: Sequence[float],
-               expert_bytes: int, backward: bool = True, lead: Sequence[int] = ()) -> list[int]:
+               expert_bytes: int, backward: bool = True, lead: Sequence[int] = (),
+               engine_call_s: float = 0.0) -> list[int]:
     """The experts (ids, in streaming order) whose rows the GPU share computes for a call with counts[e] routed
     rows per expert; the rest stay on the CPU engine. engine_rate, gpu_rate: (forward, backward) rows per second;
     stream_rate: host->device bytes per second; expert_bytes: what one expert streams per pass; backward: a
     backward will follow (its costs count too); lead: experts to take first when any are taken (their copies are
-    under way), as far as each has rows. Minimizes sum over directions of max(CPU time, GPU time); ties go to
-    fewer streamed experts."""
+    under way), as far as each has rows; engine_call_s: what a direction costs the step beyond max(CPU, GPU) when
+    the engine gets rows at all (ENGINE_CALL_S). Minimizes sum over directions of max(CPU time, GPU time), plus
+    engine_call_s per direction with engine rows; ties go to fewer streamed experts."""
     lead = list(lead)
     for i, e in enumerate(lead):
         if counts[e] <= 0:
@@ -81,8 +95,9 @@ def plan_split(counts: Sequence[int], engine_rate: Sequence[float], stream_rate:
     for n in range(len(order) + 1):
         if n:
             on_gpu += counts[order[n - 1]]
-        stream_s = n * expert_bytes / stream_rate
-        cost = sum(max((total - on_gpu) / engine_rate[d], max(stream_s, on_gpu / gpu_rate[d])) for d in directions)
+        stream_s, cpu_rows = n * expert_bytes / stream_rate, total - on_gpu
+        cost = sum(max(cpu_rows / engine_rate[d], max(stream_s, on_gpu / gpu_rate[d])) for d in directions)
+        cost += len(directions) * engine_call_s if cpu_rows else 0.0
         if best_cost is None or cost < best_cost * (1 - 1e-9):
             best_n, best_cost = n, cost
     return order[:best_n]
