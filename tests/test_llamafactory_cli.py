@@ -162,3 +162,25 @@ def test_lora_target_can_name_the_routed_experts(runs):
         ours = load_adapter(kt_sft.load_model(base_path, device="cpu", dtype=torch.float32, progress=False), out)
         got = ours.eval()(input_ids=ids).logits
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_family_loaded_through_the_image_text_class_trains_like_stock(tmp_path):
+    """mistral4, a family with no rule file anywhere, which LLaMA-Factory loads with AutoModelForImageTextToText (its
+    causal LM sits in that mapping): with USE_KT=1 the engine holds its experts (summary line) and every step's loss
+    is stock LLaMA-Factory's."""
+    import shutil
+
+    from tiny_models import make_tiny_model
+
+    demo, model_dir = REPO / "examples" / "demo" / "model", tmp_path / "mistral4"
+    make_tiny_model("mistral4", vocab_size=1024).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(demo / name, model_dir / name)
+    steps = dict(model_name_or_path=str(model_dir), max_steps=4, save_steps=4)
+    log = _train(_config(tmp_path / "kt", **steps), tmp_path)
+    _train(_config(tmp_path / "stock", use_kt=False, **steps), tmp_path, use_kt=False)
+    assert SUMMARY.search(log), log[-3000:]
+    ours, stock = _history(tmp_path / "kt"), _history(tmp_path / "stock")
+    assert sorted(ours) == sorted(stock) == [1, 2, 3, 4]
+    for step in ours:
+        assert ours[step]["loss"] == pytest.approx(stock[step]["loss"], abs=2e-4), step

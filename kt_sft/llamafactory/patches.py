@@ -17,8 +17,11 @@ LLaMA-Factory's own code. The changes:
   interpreter exits (see `patch_hf_engine`).
 - `llamafactory.model.loader`:
   * `load_model` marks the load as a kt-sft one (a context variable) when `use_kt` is on, and
-  * `AutoModelForCausalLM`, as that module sees it, builds the model with `kt_sft.loader.load_model` while the
-    mark is set (LLaMA-Factory's patch_config / patch_model / init_adapter run around it unchanged).
+  * the auto classes it picks from (`AutoModelForCausalLM`, and `AutoModelForImageTextToText` /
+    `AutoModelForSeq2SeqLM` / `AutoModelForTextToWaveform`, which it tries first: mistral4's text model is reached
+    through the image-text one), as that module sees them, build the model with `kt_sft.loader.load_model` while
+    the mark is set (LLaMA-Factory's patch_config / patch_model / init_adapter run around it unchanged); the loader
+    refuses a model kind it cannot offload (vision-language, omni) by name.
 """
 from __future__ import annotations
 
@@ -78,8 +81,8 @@ def _settings_for(model_args):
     return settings if settings is not None else resolve({}, model_args)
 
 
-class _AutoModelForCausalLM:
-    """Stands in for transformers' AutoModelForCausalLM inside llamafactory.model.loader only."""
+class _KtAutoClass:
+    """Stands in for a transformers auto class (AutoModelForCausalLM, ...) inside llamafactory.model.loader only."""
 
     def __init__(self, auto_class) -> None:
         self._auto = auto_class
@@ -113,7 +116,10 @@ def patch_loader(loader_module) -> None:
 
     load_model._kt_sft = True
     loader_module.load_model = load_model
-    loader_module.AutoModelForCausalLM = _AutoModelForCausalLM(loader_module.AutoModelForCausalLM)
+    from ..models.derive import AUTO_CLASSES
+
+    for name in AUTO_CLASSES:
+        setattr(loader_module, name, _KtAutoClass(getattr(loader_module, name)))
 
 
 def patch_sft_workflow(workflow_module) -> None:

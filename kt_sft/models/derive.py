@@ -27,18 +27,21 @@ from .registry import TESTED, MoEFamily, UnsupportedModelError, fused_projection
 
 EXPERTS_FLAGS = ("has_gate", "has_bias", "is_transposed")  # set on every @use_experts_implementation module
 _SENTINEL_LAYER = "987654321"  # stands for {layer} while names go through transformers' regex renamings
-_LOADING_CLASSES = ("AutoModelForImageTextToText", "AutoModelForSeq2SeqLM", "AutoModelForTextToWaveform")
+# The auto classes LLaMA-Factory 0.9.5's model/loader.py picks from, in its order: the first whose mapping holds the
+# config's class, else the last.
+AUTO_CLASSES = ("AutoModelForImageTextToText", "AutoModelForSeq2SeqLM", "AutoModelForTextToWaveform",
+                "AutoModelForCausalLM")
 
 
 def model_class(config):
     """The auto class LLaMA-Factory 0.9.5 (model/loader.py) builds this config with."""
     import transformers
 
-    for name in _LOADING_CLASSES:
+    for name in AUTO_CLASSES[:-1]:
         auto = getattr(transformers, name)
         if type(config) in auto._model_mapping.keys():
             return auto
-    return transformers.AutoModelForCausalLM
+    return getattr(transformers, AUTO_CLASSES[-1])
 
 
 def model_kind_gap(config) -> Optional[str]:
