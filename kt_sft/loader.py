@@ -240,8 +240,8 @@ def _smallest_holding(source: SourceFormat) -> ExpertFormat:
 def _fit_to_source(fmt: ExpertFormat, source: SourceFormat, int4_group: Optional[int] = None) -> ExpertFormat:
     """`fmt` with the scale grid it takes for this checkpoint. A format that keeps a checkpoint's own tensors (fp8
     from block / per-channel FP8, int4 from INT4) takes the checkpoint's grid, so its experts load exactly as stored
-    (`ExpertLayer.set_projection` with scale and block keeps them); an int4 format quantizing at load (from bf16 or FP8) takes groups of `int4_group`
-    along K (None: its own); any other keeps its grid. FP8 cannot hold INT4 checkpoints' weights."""
+    (`ExpertLayer.set_projection` with scale and block keeps them); an int4 format quantizing at load (from bf16
+    or FP8) takes groups of `int4_group` along K (None: its own); any other keeps its grid. FP8 cannot hold INT4 checkpoints' weights."""
     if fmt.weight_dtype == torch.int4:
         return _int4_groups(fmt, source, int4_group)
     if fmt.stored_dtype is None or not source.quantized:
