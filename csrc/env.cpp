@@ -1,5 +1,6 @@
 #include "env.h"
 
+#include <cctype>
 #include <cerrno>
 #include <cstdlib>
 #include <stdexcept>
@@ -10,6 +11,7 @@
 namespace kt_sft {
 
 const char* const kThreadsRule = "an integer from 1 to 4096";
+const char* const kThreadsEnvRule = "0 (the physical cores of this process's CPU set, as kt_num_threads: 0) or an integer from 1 to 4096";
 const char* const kKChunkRule = "0 (each task chooses) or a positive multiple of 32 up to 1048576";
 const char* const kSpinUsRule = "an integer from 0 to 10000000 microseconds";
 const char* const kNumaRule =
@@ -37,17 +39,26 @@ int parse_int(const char* name, const char* text, bool (*ok)(long), const char* 
   return int(v);
 }
 
+// `text` in lower case: the ISA and NUMA words are case-insensitive (KT_SFT_ISA=AMX is amx, as kt_backend: amxbf16
+// is AMXBF16).
+std::string lower(const char* text) {
+  std::string s(text);
+  for (char& c : s) c = char(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
 std::string parse_isa(const char* text) {
+  const std::string want = lower(text);
   for (const char* name : kIsaNames)
-    if (std::string(text) == name) return text;
+    if (want == name) return want;
   throw std::invalid_argument(std::string("KT_SFT_ISA='") + text + "': unknown ISA '" + text +
                               "'; expected one of scalar, avx2, avx512, amx (unset or empty: the best path this "
                               "CPU runs)");
 }
 
 int parse_numa(const char* text) {
-  if (std::string(text) == "auto") return kNumaAuto;
-  if (std::string(text) == "off") return kNumaOff;
+  if (lower(text) == "auto") return kNumaAuto;
+  if (lower(text) == "off") return kNumaOff;
   if (*text >= '0' && *text <= '9') {  // digits only: "-1" and "+2" are refused like "abc"
     char* end = nullptr;
     errno = 0;
@@ -62,8 +73,8 @@ EnvSettings parse_env() {
   EnvSettings s;
   if (const char* v = value_of("KT_SFT_ISA")) s.isa = parse_isa(v);
   if (const char* v = value_of("KT_SFT_THREADS"))
-    s.threads =
-        parse_int("KT_SFT_THREADS", v, threads_ok, kThreadsRule, "the physical cores of this process's CPU set");
+    s.threads = parse_int("KT_SFT_THREADS", v, threads_env_ok, kThreadsEnvRule,
+                          "the physical cores of this process's CPU set");
   if (const char* v = value_of("KT_SFT_KCHUNK"))
     s.kchunk = parse_int("KT_SFT_KCHUNK", v, kchunk_ok, kKChunkRule, "each task chooses");
   if (const char* v = value_of("KT_SFT_SPIN_US"))

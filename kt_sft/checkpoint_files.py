@@ -30,8 +30,18 @@ def shard_files(path: Path) -> tuple[list[Path], dict[str, str]]:
     """Shard files and, when an index exists, its key -> file map."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{index} is not a safetensors index (no valid weight_map: {err!r}); restore it from "
+                             "the original checkpoint") from None
         files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if not files or missing:
+            lack = f"{len(missing)} of the {len(files)} shards it lists are missing (first: {missing[0]})" if \
+                missing else "it lists no shards"
+            raise FileNotFoundError(f"{index}: {lack}; copy the complete checkpoint (every shard the index lists) "
+                                    f"into {path}")
         return files, weight_map
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -39,13 +49,23 @@ def shard_files(path: Path) -> tuple[list[Path], dict[str, str]]:
     return files, {}
 
 
+TRUNCATED_ADVICE = "a copy or save was cut short (killed, or the disk was full)"
+
+
+def open_safetensors(file: Path, what: str, advice: str):
+    """safe_open of `file`, whose header safetensors checks against the file's size (a truncated file fails here,
+    before any tensor is read); its own error (not a ValueError, and without the path) becomes a ValueError naming
+    `what` and the file, then `advice`."""
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as err:  # SafetensorError: truncated or corrupt header / data
+        raise ValueError(f"{what} {file} is truncated or corrupt ({err}): {TRUNCATED_ADVICE}; {advice}") from None
+
+
 def open_shard(shard: Path):
     if not shard.is_file():
         raise FileNotFoundError(f"checkpoint shard {shard} listed in the index does not exist")
-    try:
-        return safe_open(str(shard), framework="pt", device="cpu")
-    except Exception as err:  # safetensors raises its own error type for truncated/corrupt headers
-        raise ValueError(f"checkpoint shard {shard} is unreadable (truncated or corrupt?): {err}") from err
+    return open_safetensors(shard, "checkpoint shard", "copy that file again from the original checkpoint")
 
 
 @dataclass

@@ -192,8 +192,15 @@ def _resolve_model(path: Path, config, family: Optional[MoEFamily], rule) -> tup
 def checkpoint_family(path: str | os.PathLike, rule=None) -> MoEFamily:
     """The MoE family of the checkpoint at `path` (its rule file, or derived from the model built on meta), its
     experts' math checked, from config.json alone: what LLaMA-Factory's checks resolve before anything loads."""
+    return checkpoint_model(path, rule)[0]
+
+
+def checkpoint_model(path: str | os.PathLike, rule=None) -> tuple[MoEFamily, torch.nn.Module]:
+    """`checkpoint_family` and the model it was derived from (every tensor on meta): what the hook's checks hold
+    adapters and lora_target against before anything loads."""
     config, given, _ = _resolve_model(Path(path), None, None, rule)
-    return resolve_family(build_meta(config, buffers=False), config.model_type, given)
+    model = build_meta(config, buffers=False)
+    return resolve_family(model, config.model_type, given), model
 
 
 def _without_quantization(path: Path, config) -> tuple[object, SourceFormat]:
@@ -270,13 +277,18 @@ def _int4_groups(fmt: ExpertFormat, source: SourceFormat, group: Optional[int]) 
 
 
 def _threads(family: MoEFamily, opts: LoadOptions) -> int:
-    """Engine threads: the option, else a rule file's defaults.threads (0 = KT_SFT_THREADS or the cores)."""
+    """Engine threads: the option, else a rule file's defaults.threads, else KT_SFT_THREADS when it asks for more
+    than this process's CPUs (0: the engine's own choice, KT_SFT_THREADS or the cores); never more than the CPUs
+    (engine.threads_for_cpus: clamped with a warning)."""
     if opts.threads:
-        return opts.threads
+        return engine.threads_for_cpus(opts.threads, "threads (kt_num_threads)")
     value = family.defaults.get("threads", "auto")
     if value != "auto" and not (isinstance(value, int) and value > 0):
         raise ValueError(f"{family.source}: defaults.threads must be 'auto' or a positive integer, got {value!r}")
-    return 0 if value == "auto" else value
+    if value != "auto":
+        return engine.threads_for_cpus(value, f"{family.source}: defaults.threads")
+    env = int(os.environ.get("KT_SFT_THREADS", "").strip() or 0)  # the engine parsed it at import
+    return 0 if env <= engine.usable_cpus() else engine.threads_for_cpus(env, "KT_SFT_THREADS")
 
 
 def _experts_modules(model: torch.nn.Module, family: MoEFamily) -> dict[int, torch.nn.Module]:

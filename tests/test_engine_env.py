@@ -23,11 +23,17 @@ def _import_engine(**env):
 
 @pytest.mark.parametrize("name, value, expected", [
     ("KT_SFT_ISA", "avx9", "expected one of scalar, avx2, avx512, amx"),
-    ("KT_SFT_THREADS", "0", "expected an integer from 1 to 4096"),
-    ("KT_SFT_THREADS", "abc", "expected an integer from 1 to 4096"),
+    ("KT_SFT_THREADS", "-1", "expected 0 (the physical cores of this process's CPU set, as kt_num_threads: 0) or "
+                             "an integer from 1 to 4096"),
+    ("KT_SFT_THREADS", "abc", "or an integer from 1 to 4096"),
+    ("KT_SFT_THREADS", "99999999999999999999", "or an integer from 1 to 4096"),  # strtol's ERANGE, not atoi's wrap
+    ("KT_SFT_THREADS", "4097", "or an integer from 1 to 4096"),
     ("KT_SFT_KCHUNK", "33", "expected 0 (each task chooses) or a positive multiple of 32"),
     ("KT_SFT_SPIN_US", "-1", "expected an integer from 0 to 10000000"),
     ("KT_SFT_SPIN_US", "abc", "expected an integer from 0 to 10000000"),
+    ("KT_SFT_SPIN_US", "99999999999", "expected an integer from 0 to 10000000"),  # atoi read 1,215,752,191 us
+    ("KT_SFT_SPIN_US", "5 ", "expected an integer from 0 to 10000000"),
+    ("KT_SFT_NUMA", "-1", "expected auto (the host's nodes), off, or a number of nodes"),
 ])
 def test_bad_value_fails_at_import_naming_the_variable(name, value, expected):
     proc = _import_engine(**{name: value})
@@ -41,6 +47,14 @@ def test_good_values_work():
     proc = _import_engine(KT_SFT_ISA="scalar", KT_SFT_THREADS="3", KT_SFT_KCHUNK="64", KT_SFT_SPIN_US="0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "threads 3 kchunk 64 spin 0" in proc.stdout
+
+
+def test_threads_zero_means_auto_and_words_ignore_case():
+    """KT_SFT_THREADS=0 is auto, as kt_num_threads: 0 is; KT_SFT_ISA / KT_SFT_NUMA words in any case."""
+    auto = _import_engine()
+    proc = _import_engine(KT_SFT_THREADS="0", KT_SFT_ISA="SCALAR", KT_SFT_NUMA="Off")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("kchunk")[0] == auto.stdout.split("kchunk")[0]
 
 
 def test_isa_this_cpu_cannot_run_fails_at_import():

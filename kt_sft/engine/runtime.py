@@ -8,6 +8,8 @@ accepts.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import re
 from typing import Iterator, Optional, Union
 
@@ -90,6 +92,28 @@ def set_num_threads(n: int = 0) -> None:
 
 def num_threads() -> int:
     return _engine.num_threads()
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity set: cpuset, taskset), SMT siblings included."""
+    return len(os.sched_getaffinity(0))
+
+
+def threads_for_cpus(threads: int, name: str) -> int:
+    """`threads` engine threads asked for by `name` (kt_num_threads, KT_SFT_THREADS, ...), at most `usable_cpus()`.
+
+    More threads than CPUs only time-share them, and a worker descheduled mid-phase holds up the phase's barrier for
+    all the others: 3 demo training steps on 2 CPUs took 9.2 s with 999 threads against 1.0 s with 2 (issue 23).
+    So a setting copied from a larger machine is clamped with a warning rather than refused: the run goes on at
+    this machine's best speed. (The engine's own setters, `set_num_threads`, still take any count, for tests.)"""
+    cpus = usable_cpus()
+    if threads <= cpus:
+        return threads
+    logging.getLogger("kt_sft").warning(
+        "kt-sft: %s=%d but this process may run on %d CPUs: the engine uses %d threads (more would only time-share "
+        "them, several times slower); set %s to %d or less, or 0 for auto, to silence this", name, threads, cpus,
+        cpus, name, cpus)
+    return cpus
 
 
 NumaSetting = Union[str, int]  # "auto", "off" or a number of nodes

@@ -130,7 +130,7 @@ def _numa(key: str, value: Any) -> Any:
 
 def _directory(key: str, value: Any) -> str:
     if not os.path.isdir(str(value)):
-        raise KTConfigError(f"{key}={value!r} is not a directory")
+        raise KTConfigError(f"{key}={value!r}{_relative_note(value)} is not a directory")
     return str(value)
 
 
@@ -345,35 +345,43 @@ def resolve(keys: dict[str, Any], model_args, finetuning_args=None, training_arg
         raise KTConfigError("mixture_of_depths with use_kt is not supported; remove it")
     if training_args is not None:
         _check_training(training_args)
-    _check_model(model_args, settings)
+    model = _check_model(model_args, settings)
+    from .preflight import check_run  # the checks of files and machine, on the model built on meta
+
+    check_run(model_args, settings, keys, model, finetuning_args, training_args)
     return settings
 
 
-def _check_model(model_args, settings: KTSettings) -> None:
+def _relative_note(path) -> str:
+    """For an error about a path that does not exist: where a relative one was looked for."""
+    return "" if not path or os.path.isabs(str(path)) else f" (relative to the working directory {os.getcwd()})"
+
+
+def _check_model(model_args, settings: KTSettings):
     """A local checkpoint of a supported family (kt-sft never downloads), checked before anything is loaded; its
-    registry entry goes into `settings.family` so the loader does not resolve it again."""
+    registry entry goes into `settings.family` so the loader does not resolve it again. Returns its model built on
+    the meta device (what the later checks hold adapters and lora_target against)."""
     path = getattr(model_args, "model_name_or_path", None)
     config_file = os.path.join(str(path), "config.json")
     if not path or not os.path.isfile(config_file):
-        raise KTConfigError(f"model_name_or_path={path!r}: use_kt needs a local Hugging Face checkpoint directory "
-                            "(config.json + *.safetensors); kt-sft does not download models")
+        where = _relative_note(path)
+        raise KTConfigError(f"model_name_or_path={path!r}{where}: no config.json there; use_kt needs a local Hugging "
+                            "Face checkpoint directory (config.json + *.safetensors); kt-sft does not download "
+                            f"models{': give an absolute path, or run from the directory it is relative to' if where else ''}")
     try:
         with open(config_file) as f:
             config = json.load(f)
     except ValueError as err:
         raise KTConfigError(f"{config_file} is not valid JSON: {err}") from err
     try:
-        from ..loader import checkpoint_family  # transformers' model code: only once a config names use_kt
+        from ..loader import checkpoint_model  # transformers' model code: only once a config names use_kt
 
-        settings.family = checkpoint_family(path, settings.rule)
+        settings.family, model = checkpoint_model(path, settings.rule)
         # Before LLaMA-Factory's own quantization set-up, which would ask for gptqmodel, autoawq, ... instead.
         source_format(config.get("quantization_config"), config_file)
     except (UnsupportedModelError, FileNotFoundError, ValueError) as err:
         raise KTConfigError(f"model_name_or_path={path!r}: {err}") from err
-    for adapter in getattr(model_args, "adapter_name_or_path", None) or []:
-        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-            raise KTConfigError(f"adapter_name_or_path={adapter!r}: no adapter_config.json there; give the output_dir "
-                                "(or a checkpoint-N directory) of a LoRA training run")
+    return model
 
 
 def _check_training(training_args) -> None:

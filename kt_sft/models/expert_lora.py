@@ -21,6 +21,7 @@ away; in CPU RAM they cost no transfer per step.
 from __future__ import annotations
 
 import contextlib
+import os
 import types
 from typing import Iterator, Optional
 
@@ -50,11 +51,12 @@ def _matches(full_name: str, target: str) -> bool:
     return full_name == target or full_name.endswith("." + target)
 
 
-def experts_paths(model: nn.Module) -> list[str]:
+def experts_paths(model: nn.Module, names=None) -> list[str]:
     """Each engine experts module's path below its layer index (`mlp.experts` for model.layers.3.mlp.experts),
-    the form adapters name them by; the whole name where it has no index."""
+    the form adapters name them by; the whole name where it has no index. `names`: other experts modules' names
+    (default: the engine ones)."""
     paths = []
-    for name in engine_experts_modules(model):
+    for name in engine_experts_modules(model) if names is None else names:
         parts = name.split(".")
         last_index = max((i for i, p in enumerate(parts) if p.isdigit()), default=-1)
         path = ".".join(parts[last_index + 1:]) or name
@@ -80,6 +82,25 @@ def names_routed_experts(model: nn.Module, target: str) -> bool:
     if any(_matches(full, target) for full in expert_parameter_names(model)):
         return True
     return target.rsplit(".", 1)[-1] in EXPERT_PARAMS or "experts." in target
+
+
+def check_lora_targets(model: nn.Module, targets, experts) -> None:
+    """Refuse a lora_target entry that names no module and no routed-expert parameter of `model` (`experts`: the
+    names of its routed-experts modules, engine ones or, before loading, those of the model built on meta), saying
+    how this model names its experts and linears. PEFT's own error ("Target modules ... not found") does not, and
+    e.g. `gate_proj` names nothing in a model whose only gate_proj were routed experts (transformers 5 fuses them
+    into one gate_up_proj)."""
+    modules = [name for name, _ in model.named_modules() if name]
+    params = [f"{name}.{p}" for name in experts for p in EXPERT_PARAMS]
+    for target in targets:
+        if target == "all" or target in EXPERT_ALIASES or any(_matches(n, target) for n in [*modules, *params]):
+            continue
+        linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(
+            f"lora_target {target!r} matches no module of this {type(model).__name__}. Its routed experts are the "
+            f"fused modules {' / '.join(experts_paths(model, experts))}, whose projections are gate_up_proj (gate and "
+            "up together) and down_proj: name them with experts (both), gate_up_proj or down_proj (e.g. lora_target: "
+            f"all,experts). Its linear layers: {', '.join(linears)}")
 
 
 def resolve_expert_targets(model: nn.Module, names) -> list[str]:
@@ -206,9 +227,14 @@ def get_peft_model(model: nn.Module, config, **kwargs):
 
 
 def load_adapter(model: nn.Module, adapter_path, **kwargs):
-    """peft.PeftModel.from_pretrained for a kt-sft model (expert LoRA in the adapter goes to the engine)."""
+    """peft.PeftModel.from_pretrained for a kt-sft model (expert LoRA in the adapter goes to the engine); a local
+    adapter is checked first (complete, fitting this model: kt_sft.models.adapter_check)."""
     from peft import PeftModel
 
+    from .adapter_check import check_adapter
+
+    if os.path.isdir(str(adapter_path)):
+        check_adapter(adapter_path, model, getattr(model, "name_or_path", None) or "this model")
     with expert_params_exposed(model):
         peft_model = PeftModel.from_pretrained(model, adapter_path, **kwargs)
     attach_expert_lora(peft_model)

@@ -1,0 +1,230 @@
+"""Issue 23: each mistake a user makes gets a clear error (or a warning with the effective value) from the hook's
+checks, which run inside LLaMA-Factory's argument parsing: before it tokenizes the dataset and before any weight is
+read (the CLI-level tests below check the call order on real runs); nothing half-written is resumed from.
+
+The table maps a bad input (made by a setup function in a fresh directory) to the fragments its message must hold:
+the culprit (key, variable, path) and what to do."""
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kt_sft.engine import usable_cpus
+from kt_sft.llamafactory import config as ktc
+from kt_sft.llamafactory.startup import activate
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_MODEL = REPO / "examples" / "demo" / "model"
+
+
+@pytest.fixture(scope="module")
+def get_train_args():
+    activate()
+    from llamafactory.hparams import get_train_args
+
+    return get_train_args
+
+
+def _args(tmp: Path, **extra) -> dict:
+    base = dict(model_name_or_path=str(DEMO_MODEL), stage="sft", do_train=True, finetuning_type="lora",
+                dataset="kt_demo", dataset_dir=str(REPO / "examples/demo/data"), template="qwen3_nothink",
+                output_dir=str(tmp / "out"), report_to="none", use_kt=True)
+    base.update(extra)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def _model_copy(tmp: Path) -> Path:
+    return Path(shutil.copytree(DEMO_MODEL, tmp / "model"))
+
+
+def _expert_adapter(path: Path, experts: int = 8, rank: int = 4) -> Path:
+    """A PEFT adapter with expert LoRA (target_parameters) trained on the demo's architecture with `experts`
+    routed experts (same hidden and intermediate sizes), saved by stock PEFT on stock transformers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(DEMO_MODEL)
+    config.num_experts = experts
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    lora = LoraConfig(r=rank, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"],
+                      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    get_peft_model(model, lora).save_pretrained(path)
+    return path
+
+
+def _truncate(file: Path, keep: float = 0.5) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: int(len(data) * keep)])
+
+
+def _checkpoint(out: Path, step: int, complete: bool) -> Path:
+    """A Trainer checkpoint-N as a save leaves it: complete, or cut short (adapter truncated, no trainer_state)."""
+    ckpt = out / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    src = _expert_adapter(out.parent / f"adapter-{step}")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(src / name, ckpt / name)
+    torch.save({"step": step}, ckpt / "optimizer.pt")
+    if complete:
+        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    else:
+        _truncate(ckpt / "adapter_model.safetensors")
+        _truncate(ckpt / "optimizer.pt", 0.8)
+    return ckpt
+
+
+# --- setups: tmp -> (argument overrides, environment overrides) ---------------------------------------------------
+
+def all_shards_missing(tmp):
+    from tiny_models import make_tiny_checkpoint
+
+    model = tmp / "sharded"
+    make_tiny_checkpoint("qwen3_moe", model)
+    shards = sorted(model.glob("*.safetensors"))
+    for shard in shards:
+        shard.unlink()
+    return {"model_name_or_path": str(model)}, {}
+
+
+def one_shard_truncated(tmp):
+    model = _model_copy(tmp)
+    _truncate(model / "model.safetensors")
+    return {"model_name_or_path": str(model)}, {}
+
+
+def adapter_other_expert_count(tmp):
+    return {"adapter_name_or_path": str(_expert_adapter(tmp / "adapter16", experts=16))}, {}
+
+
+def adapter_truncated(tmp):
+    adapter = _expert_adapter(tmp / "adapter")
+    _truncate(adapter / "adapter_model.safetensors")
+    return {"adapter_name_or_path": str(adapter)}, {}
+
+
+def two_adapters(tmp):
+    first, second = _expert_adapter(tmp / "a1"), tmp / "a2"
+    shutil.copytree(first, second)
+    return {"adapter_name_or_path": f"{first},{second}"}, {}
+
+
+def only_partial_checkpoints(tmp):
+    _checkpoint(tmp / "out", 4, complete=False)
+    return {"overwrite_output_dir": False}, {}
+
+
+def explicit_partial_checkpoint(tmp):
+    _checkpoint(tmp / "out", 2, complete=True)
+    partial = _checkpoint(tmp / "out", 4, complete=False)
+    return {"overwrite_output_dir": False, "resume_from_checkpoint": str(partial)}, {}
+
+
+def output_dir_below_a_file(tmp):
+    (tmp / "file").write_text("x")
+    return {"output_dir": str(tmp / "file" / "out")}, {}
+
+
+def relative_model_path(tmp):
+    os.chdir(tmp)  # the fixture restores the working directory
+    return {"model_name_or_path": "examples/demo/model"}, {}
+
+
+def lora_target_gate_proj(tmp):
+    return {"lora_target": "q_proj,gate_proj"}, {}
+
+
+BAD = [  # (setup, fragments of the message, in order)
+    (all_shards_missing, ["model_name_or_path", "model.safetensors.index.json", "of the", "shards it lists are "
+                          "missing", "copy the complete checkpoint"]),
+    (one_shard_truncated, ["model_name_or_path", "model.safetensors is truncated or corrupt", "cut short",
+                           "copy that file again"]),
+    (adapter_other_expert_count, ["adapter16 (trained on", "does not fit model_name_or_path", "has 8 experts",
+                                  "the rank dimension is 64 = r 4 x 16 experts, this model needs r x 8 = 32",
+                                  "another expert count"]),
+    (adapter_truncated, ["adapter file", "adapter_model.safetensors is truncated or corrupt", "re-save the adapter"]),
+    (two_adapters, ["adapter_name_or_path lists 2 adapters", "give one", "merge the others"]),
+    (only_partial_checkpoints, ["holds only incomplete checkpoints: checkpoint-4 (no trainer_state.json",
+                                "adapter_model.safetensors is truncated or corrupt",
+                                "optimizer.pt is truncated", "delete them to start over"]),
+    (explicit_partial_checkpoint, ["resume_from_checkpoint=", "checkpoint-4' is incomplete",
+                                   "resume from", "checkpoint-2 (the newest complete one), and delete it"]),
+    (output_dir_below_a_file, ["output_dir=", "is a file, not a directory; choose another output_dir"]),
+    (relative_model_path, ["model_name_or_path='examples/demo/model' (relative to the working directory",
+                           "no config.json there", "give an absolute path"]),
+    (lora_target_gate_proj, ["lora_target 'gate_proj' matches no module of this Qwen3MoeForCausalLM",
+                             "mlp.experts", "gate_up_proj (gate and up together) and down_proj",
+                             "lora_target: all,experts", "q_proj"]),
+]
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # restored afterwards (relative_model_path moves away from it)
+    return tmp_path
+
+
+@pytest.mark.parametrize("setup,fragments", BAD, ids=[setup.__name__ for setup, _ in BAD])
+def test_bad_input_fails_in_argument_parsing(get_train_args, in_tmp, monkeypatch, setup, fragments):
+    args, env = setup(in_tmp)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ktc.KTConfigError) as err:
+        get_train_args(_args(in_tmp, **args))
+    message, at = str(err.value), 0
+    for fragment in fragments:
+        found = message.find(fragment, at)
+        assert found >= 0, f"{fragment!r} missing (or out of order) in: {message}"
+        at = found + len(fragment)
+
+
+def test_newest_complete_checkpoint_is_resumed_and_partial_ones_named(get_train_args, in_tmp, caplog):
+    out = in_tmp / "out"
+    _checkpoint(out, 2, complete=True)
+    _checkpoint(out, 4, complete=False)
+    with caplog.at_level(logging.WARNING, logger="kt_sft"):
+        _, _, training_args, _, _ = get_train_args(_args(in_tmp, overwrite_output_dir=False))
+    assert training_args.resume_from_checkpoint == str(out / "checkpoint-2")
+    assert "skipping incomplete checkpoint(s)" in caplog.text and "checkpoint-4 (no trainer_state.json" in caplog.text
+    assert "resuming from checkpoint-2, the newest complete one" in caplog.text
+
+
+def test_output_dir_not_writable(get_train_args, in_tmp, monkeypatch):
+    """(As root, permissions never refuse; the check creates a probe file, so refusing that is the case.)"""
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    with pytest.raises(ktc.KTConfigError, match=r"output_dir='.*' is not writable \(.*: Permission denied\); "
+                                                r"choose a directory this user can write"):
+        get_train_args(_args(in_tmp))
+
+
+@pytest.mark.parametrize("how", ["kt_num_threads", "KT_SFT_THREADS"])
+def test_more_threads_than_cpus_are_clamped_with_a_warning(get_train_args, in_tmp, monkeypatch, caplog, how):
+    too_many = usable_cpus() + 997
+    extra = {"kt_num_threads": too_many} if how == "kt_num_threads" else {}
+    if how == "KT_SFT_THREADS":
+        monkeypatch.setenv("KT_SFT_THREADS", str(too_many))
+    with caplog.at_level(logging.WARNING, logger="kt_sft"):
+        model_args, *_ = get_train_args(_args(in_tmp, **extra))
+    assert model_args.kt_sft_settings.threads == usable_cpus()
+    assert f"{how}={too_many} but this process may run on {usable_cpus()} CPUs: the engine uses {usable_cpus()} " \
+           "threads" in caplog.text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is for machines without a CUDA device")
+def test_gpu_experts_without_gpu_warns(get_train_args, in_tmp, caplog):
+    with caplog.at_level(logging.WARNING, logger="kt_sft"):
+        get_train_args(_args(in_tmp, kt_gpu_experts=1.0))
+    assert "kt_gpu_experts=1.0 has no effect here: there is no CUDA device" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kt_sft"):
+        get_train_args(_args(in_tmp))  # the default (auto) says nothing
+    assert "kt_gpu_experts" not in caplog.text
