@@ -59,11 +59,13 @@ class BuildEngine(build_ext):
 
 
 # The LLaMA-Factory hook: a .pth at the site-packages root runs this line at every interpreter start (torchrun
-# children included). It costs one env lookup unless USE_KT is set; the name sorts after `__editable__*.pth`, so
-# an editable install's import finder is already in place when it runs.
+# children included). It costs one env lookup and one look at argv[0] unless USE_KT is set or the program is
+# llamafactory-cli / lmf (then startup.on_start: the hook, or without USE_KT only the "set USE_KT=1" hint); the
+# name sorts after `__editable__*.pth`, so an editable install's import finder is already in place when it runs.
 HOOK_PTH = "kt_sft-llamafactory-hook.pth"
-HOOK_LINE = ("import os; os.environ.get('USE_KT', '').strip().lower() in ('1', 'true', 'y', 'yes', 'on') "
-             "and __import__('kt_sft.llamafactory.startup').llamafactory.startup.activate()\n")
+HOOK_LINE = ("import os, sys; (os.environ.get('USE_KT', '').strip().lower() in ('1', 'true', 'y', 'yes', 'on') or "
+             "os.path.basename((getattr(sys, 'argv', None) or [''])[0]) in ('llamafactory-cli', 'lmf')) "
+             "and __import__('kt_sft.llamafactory.startup').llamafactory.startup.on_start()\n")
 
 
 class BuildPyWithHook(build_py):

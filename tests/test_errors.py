@@ -228,3 +228,51 @@ def test_gpu_experts_without_gpu_warns(get_train_args, in_tmp, caplog):
     with caplog.at_level(logging.WARNING, logger="kt_sft"):
         get_train_args(_args(in_tmp))  # the default (auto) says nothing
     assert "kt_gpu_experts" not in caplog.text
+
+
+def _hook_line() -> str:
+    """The line setup.py writes into the installed kt_sft-llamafactory-hook.pth."""
+    import ast
+
+    tree = ast.parse((REPO / "setup.py").read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "HOOK_LINE")
+    return ast.literal_eval(node.value)
+
+
+def _run_with_hook_line(argv0: str, body: str, tmp: Path, **env) -> str:
+    """A fresh interpreter (USE_KT unset unless given) that runs the .pth line as site.py would, with argv[0] set."""
+    import subprocess
+    import sys
+
+    code = f"import sys\nsys.argv = [{argv0!r}]\nexec({_hook_line()!r})\n{body}"
+    clean = {k: v for k, v in os.environ.items() if k != "USE_KT"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp,
+                          env={**clean, "PYTHONPATH": str(REPO), **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow  # LLaMA-Factory in a fresh interpreter: ~30 s on a loaded 2-core box
+def test_forgotten_use_kt_gets_the_hint(tmp_path):
+    """Without USE_KT=1 a llamafactory-cli process keeps stock parsing, but a config written for kt-sft fails with
+    "set USE_KT=1" instead of "pip install kt-kernel" / "keys not used: kt_backend"; other programs pay nothing."""
+    cases = [_args(tmp_path), {**_args(tmp_path), "kt_backend": "AMXBF16"},
+             {k: v for k, v in _args(tmp_path, kt_backend="AMXBF16").items() if k != "use_kt"}]
+    body = ("from llamafactory.hparams import get_train_args\n"
+            f"for args in {cases!r}:\n"
+            "    try:\n        get_train_args(args)\n    except Exception as err:\n        print('ERROR', err)\n"
+            "    else:\n        print('no error')\n")
+    lines = [l for l in _run_with_hook_line("/venv/bin/llamafactory-cli", body, tmp_path).splitlines()
+             if l.startswith(("ERROR", "no error"))]
+    assert len(lines) == 3, lines
+    assert "use_kt: true needs kt-kernel, but kt-sft's LLaMA-Factory hook is off: set USE_KT=1" in lines[0]
+    assert "do not pip install them" in lines[0]
+    for line in lines[1:]:
+        assert "kt_backend given (kt-sft keys), but kt-sft's LLaMA-Factory hook is off: set USE_KT=1" in line
+
+
+def test_hook_line_costs_other_programs_nothing(tmp_path):
+    """Without USE_KT, a program other than llamafactory-cli / lmf imports nothing of kt-sft at start."""
+    probe = "print('kt_sft' in sys.modules, any(type(f).__name__ == '_PostImportFinder' for f in sys.meta_path))"
+    assert _run_with_hook_line("/usr/bin/pip", probe, tmp_path).strip() == "False False"
+    assert _run_with_hook_line("/usr/bin/pip", probe, tmp_path, USE_KT="1").strip() == "True True"

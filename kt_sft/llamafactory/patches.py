@@ -15,6 +15,8 @@ LLaMA-Factory's own code. The changes:
   (`lora_target` may name the routed experts; see `patch_adapter`).
 - `llamafactory.chat.hf_engine`: the daemon thread that streams `generate` is stopped and joined when the
   interpreter exits (see `patch_hf_engine`).
+- Without USE_KT=1 the `.pth` installs only `patch_parser_hint` (in llamafactory-cli processes): a config
+  written for kt-sft then fails with "set USE_KT=1" instead of stock's advice to install kt-kernel.
 - `llamafactory.model.loader`:
   * `load_model` marks the load as a kt-sft one (a context variable) when `use_kt` is on, and
   * the auto classes it picks from (`AutoModelForCausalLM`, and `AutoModelForImageTextToText` /
@@ -70,6 +72,52 @@ def patch_parser(parser_module) -> None:
         return parsed
 
     _parse_args._kt_sft = True
+    parser_module.check_version = check_version
+    parser_module._parse_args = _parse_args
+
+
+USE_KT_HINT = ("{what}, but kt-sft's LLaMA-Factory hook is off: set USE_KT=1 in the environment (USE_KT=1 "
+               "llamafactory-cli train cfg.yaml) with use_kt: true in the config. kt-sft provides what use_kt asks for "
+               "(kt-kernel, transformers-kt, accelerate-kt): do not pip install them")
+KT_SFT_KEYS = ("kt_", "cpu_infer", "chunk_size")  # prefixes of the keys only kt-sft reads (config.KEY_SPECS)
+
+
+def _given_keys(args) -> list[str]:
+    """The keys of LLaMA-Factory's raw arguments (a dict from YAML, or an argv list)."""
+    if isinstance(args, dict):
+        return list(args)
+    return [str(a)[2:].split("=", 1)[0] for a in args or [] if str(a).startswith("--")]
+
+
+def patch_parser_hint(parser_module) -> None:
+    """Without USE_KT=1 (the hook off, in a llamafactory-cli process): parsing stays stock, but where stock fails
+    on a config written for kt-sft (use_kt: true -> "kt-kernel not found, run pip install kt-kernel"; a kt-sft key
+    -> "keys not used: kt_backend"), the error says to set USE_KT=1 instead. Imports nothing of kt-sft's engine."""
+    original_check = parser_module.check_version
+    original_parse = parser_module._parse_args
+    if getattr(original_parse, "_kt_sft_hint", False):
+        return
+
+    @functools.wraps(original_check)
+    def check_version(requirement: str, mandatory: bool = False) -> None:
+        try:
+            return original_check(requirement, mandatory)
+        except Exception as err:  # transformers' require_version: PackageNotFoundError / ImportError
+            if requirement.split("=")[0].split("<")[0].split(">")[0].strip() not in _KT_REQUIREMENTS:
+                raise
+            raise ImportError(USE_KT_HINT.format(what=f"use_kt: true needs {requirement}")) from err
+
+    @functools.wraps(original_parse)
+    def _parse_args(parser, args=None, allow_extra_keys: bool = False):
+        try:
+            return original_parse(parser, args, allow_extra_keys)
+        except ValueError as err:
+            ours = [k for k in _given_keys(parser_module.read_args(args)) if k.startswith(KT_SFT_KEYS) and k in str(err)]
+            if not ours:
+                raise
+            raise ValueError(USE_KT_HINT.format(what=f"{', '.join(ours)} given (kt-sft keys)")) from err
+
+    _parse_args._kt_sft_hint = True
     parser_module.check_version = check_version
     parser_module._parse_args = _parse_args
 
@@ -243,6 +291,7 @@ def patch_hf_engine(engine_module) -> None:
     atexit.register(_stop_generation_at_exit)
 
 
+HINT_PATCHES: dict[str, Callable] = {"llamafactory.hparams.parser": patch_parser_hint}  # USE_KT unset
 PATCHES: dict[str, Callable] = {
     "llamafactory.chat.hf_engine": patch_hf_engine,
     "llamafactory.hparams.parser": patch_parser,

@@ -1,4 +1,5 @@
-"""Interpreter-start activation of the LLaMA-Factory hook (run by the installed `.pth` when USE_KT is truthy).
+"""Interpreter-start activation of the LLaMA-Factory hook (the installed `.pth` calls `on_start` when USE_KT is
+truthy or the program is llamafactory-cli / lmf).
 
 Nothing heavy happens here: `activate()` only installs an import hook, so `pip`, `python -c ...` and every
 other program started with USE_KT=1 pay for one `sys.meta_path` entry. When LLaMA-Factory's modules are
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import os
 import sys
 import threading
 
@@ -53,6 +55,22 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
             return None
         spec.loader = _PatchAfterExec(spec.loader, patch)
         return spec
+
+
+def use_kt_env() -> bool:
+    return os.environ.get("USE_KT", "").strip().lower() in ("1", "true", "y", "yes", "on")
+
+
+def on_start() -> None:
+    """What the `.pth` runs: the hook when USE_KT is truthy; else (a llamafactory-cli process without it) only the
+    hint that a config asking for kt-sft needs USE_KT=1 (patches.patch_parser_hint)."""
+    if use_kt_env():
+        activate()
+        return
+    from .patches import HINT_PATCHES
+
+    with _lock:
+        sys.meta_path.insert(0, _PostImportFinder(HINT_PATCHES))
 
 
 def activate() -> None:
