@@ -276,3 +276,34 @@ def test_hook_line_costs_other_programs_nothing(tmp_path):
     probe = "print('kt_sft' in sys.modules, any(type(f).__name__ == '_PostImportFinder' for f in sys.meta_path))"
     assert _run_with_hook_line("/usr/bin/pip", probe, tmp_path).strip() == "False False"
     assert _run_with_hook_line("/usr/bin/pip", probe, tmp_path, USE_KT="1").strip() == "True True"
+
+
+def test_adapter_save_cut_short_leaves_the_previous_files(tmp_path, monkeypatch):
+    """An engine model's adapter saves go to a staging folder and are renamed into place: a save that fails midway
+    (here: the disk fills after half the file) leaves the previous adapter readable and no staging folder."""
+    import peft.peft_model
+    from peft import LoraConfig
+
+    import kt_sft
+    from kt_sft.models import expert_lora
+
+    model = kt_sft.load_model(DEMO_MODEL, device="cpu", dtype=torch.float32, progress=False)
+    peft_model = expert_lora.get_peft_model(model, LoraConfig(r=4, lora_dropout=0.0, target_modules=["q_proj"],
+                                                              target_parameters=["experts"]))
+    out = tmp_path / "adapter"
+    peft_model.save_pretrained(out)
+    before = (out / "adapter_model.safetensors").read_bytes()
+    real_save = peft.peft_model.safe_save_file
+
+    def disk_full(tensors, filename, *args, **kwargs):
+        real_save(tensors, filename, *args, **kwargs)
+        _truncate(Path(filename))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", disk_full)
+    with torch.no_grad():
+        next(p for n, p in peft_model.named_parameters() if "lora_B" in n).add_(1.0)
+    with pytest.raises(OSError, match="No space left"):
+        peft_model.save_pretrained(out)
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 import types
 from typing import Iterator, Optional
 
@@ -214,8 +216,32 @@ def attach_expert_lora(model: nn.Module) -> int:
     return attached
 
 
+def save_atomically(peft_model) -> None:
+    """Make this PeftModel's `save_pretrained` write into a staging folder inside the target directory and move
+    each finished file into place (os.replace: atomic within a filesystem). A save cut short (killed, disk full)
+    then leaves the previous files and a `.kt-sft-saving-*` folder, never a truncated adapter_model.safetensors in
+    the output_dir or a Trainer checkpoint-N. (The Trainer calls `self.model.save_pretrained`.)"""
+    original = peft_model.save_pretrained
+
+    def save_pretrained(save_directory, *args, **kwargs):
+        os.makedirs(save_directory, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".kt-sft-saving-", dir=save_directory)
+        try:
+            original(staging, *args, **kwargs)
+            for root, _, files in os.walk(staging):
+                for name in files:
+                    target = os.path.join(save_directory, os.path.relpath(os.path.join(root, name), staging))
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    os.replace(os.path.join(root, name), target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    peft_model.save_pretrained = save_pretrained
+
+
 def get_peft_model(model: nn.Module, config, **kwargs):
-    """peft.get_peft_model for a kt-sft model: `target_parameters` may name the routed experts."""
+    """peft.get_peft_model for a kt-sft model: `target_parameters` may name the routed experts; saves are atomic
+    per file (`save_atomically`)."""
     import peft
 
     if getattr(config, "target_parameters", None):
@@ -223,6 +249,7 @@ def get_peft_model(model: nn.Module, config, **kwargs):
     with expert_params_exposed(model):
         peft_model = peft.get_peft_model(model, config, **kwargs)
     attach_expert_lora(peft_model)
+    save_atomically(peft_model)
     return peft_model
 
 
@@ -238,4 +265,5 @@ def load_adapter(model: nn.Module, adapter_path, **kwargs):
     with expert_params_exposed(model):
         peft_model = PeftModel.from_pretrained(model, adapter_path, **kwargs)
     attach_expert_lora(peft_model)
+    save_atomically(peft_model)
     return peft_model
