@@ -101,17 +101,27 @@ def families(readme: str | None = None) -> int:
     return 0
 
 
+USAGE = """usage: python -m kt_sft env [MODEL_DIR]        versions, CPU, ISA paths, threads, NUMA; with MODEL_DIR,
+                                               what kt-sft makes of that checkpoint (family, formats, RAM)
+       python -m kt_sft families [README.md]   every transformers MoE family and its status (or rewrite
+                                               README.md's table)
+       python -m kt_sft eval config.yaml       LLaMA-Factory's MMLU-style evaluator with the hook
+                                               (example: examples/eval/demo_eval_kt.yaml)"""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["eval"]:
         from .llamafactory.evaluate import main as run_eval
 
         return run_eval(argv[1:])
+    if any(a in ("-h", "--help") for a in argv[:2]):
+        print(USAGE)
+        return 0
     if argv[:1] == ["families"] and len(argv) <= 2:
         return families(*argv[1:])
     if argv[:1] != ["env"] or len(argv) > 2:
-        print("usage: python -m kt_sft env [MODEL_DIR] | python -m kt_sft eval config.yaml | "
-              "python -m kt_sft families [README.md]", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     print(report(*argv[1:]))
     return 0

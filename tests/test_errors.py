@@ -307,3 +307,45 @@ def test_adapter_save_cut_short_leaves_the_previous_files(tmp_path, monkeypatch)
         peft_model.save_pretrained(out)
     assert (out / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+
+EVAL_BAD = [  # (overrides of examples/eval/demo_eval_kt.yaml's task keys, message fragments)
+    ({"task_dir": "no/such/tasks"}, ["task arith_test: no/such/tasks/arith/mapping.json (relative to the working "
+                                     "directory", "does not exist", "see examples/demo/tasks/arith"]),
+    ({"task": "arith"}, ["task='arith': expected <task>_<split>, e.g. arith_test"]),
+    ({"save_dir": "."}, ["save_dir='.' exists (an earlier run's results?)", "remove it or give another save_dir"]),
+]
+
+
+@pytest.mark.parametrize("overrides,fragments", EVAL_BAD, ids=["no_task_dir", "no_split", "save_dir_exists"])
+def test_eval_task_problems_fail_before_loading(overrides, fragments, monkeypatch):
+    import yaml
+
+    from kt_sft.llamafactory.evaluate import EvalConfigError, check_task
+
+    monkeypatch.chdir(REPO)
+    args = yaml.safe_load((REPO / "examples" / "eval" / "demo_eval_kt.yaml").read_text())
+    args.pop("save_dir")
+    check_task(args)  # the shipped example task passes
+    with pytest.raises(EvalConfigError) as err:
+        check_task({**args, **overrides})
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_eval_category_must_be_one_the_evaluator_sums(tmp_path):
+    from kt_sft.llamafactory.evaluate import EvalConfigError, check_task
+
+    task = Path(shutil.copytree(REPO / "examples" / "demo" / "tasks", tmp_path / "tasks")) / "arith"
+    (task / "mapping.json").write_text(json.dumps({"arith": {"name": "arithmetic", "category": "Maths"}}))
+    with pytest.raises(EvalConfigError, match="category 'Maths' is not one the evaluator sums \\(STEM, "):
+        check_task({"task": "arith_test", "task_dir": str(tmp_path / "tasks")})
+
+
+def test_help_exits_zero(capsys):
+    from kt_sft.env import main
+
+    for argv in (["env", "--help"], ["-h"], ["families", "--help"], ["eval", "--help"]):
+        assert main(argv) == 0, argv
+        assert "usage: python -m kt_sft" in capsys.readouterr().out
+    assert main(["bogus"]) == 2

@@ -244,32 +244,10 @@ def test_missing_adapter_path_is_named(tmp_path):
     assert f"adapter_name_or_path='{tmp_path / 'nowhere'}': no adapter_config.json there" in proc.stderr
 
 
-def _mmlu_style_task(root: Path) -> Path:
-    """A local task in LLaMA-Factory's eval layout: <task_dir>/<task>/mapping.json + one datasets config per subject."""
-    task = root / "arith"
-    task.mkdir(parents=True)
-    rows = []
-    for i in range(12):
-        a, b = i % 7, (3 * i) % 5
-        options = [a + b, a + b + 1, a + b + 2, a + b + 3]
-        shift = i % 4
-        options = options[shift:] + options[:shift]
-        rows.append({"question": f"What is {a} plus {b}?", **{c: str(o) for c, o in zip("ABCD", options)},
-                     "answer": "ABCD"[options.index(a + b)]})
-    configs = []
-    for split, part in (("train", rows[:4]), ("validation", rows[4:8]), ("test", rows[8:])):
-        (task / f"arith_{split}.json").write_text(json.dumps(part))
-        configs.append(f"  - split: {split}\n    path: arith_{split}.json")
-    (task / "mapping.json").write_text(json.dumps({"arith": {"name": "arithmetic", "category": "STEM"}}))
-    (task / "README.md").write_text("---\nconfigs:\n- config_name: arith\n  data_files:\n" + "\n".join(configs)
-                                    + "\n---\n")
-    return root
-
-
 def test_mmlu_style_eval_matches_stock_evaluator(adapter, tmp_path):
     """`python -m kt_sft eval` (llamafactory-cli eval is retired in 0.9.5) = LLaMA-Factory's own evaluator."""
 
-    task_dir = _mmlu_style_task(tmp_path / "tasks")
+    task_dir = REPO / "examples" / "demo" / "tasks"  # the shipped example task (examples/eval/demo_eval_kt.yaml)
     results = {}
     for ours in (True, False):
         save_dir = tmp_path / ("kt" if ours else "stock")
