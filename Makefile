@@ -13,7 +13,7 @@ EXT_SUFFIX   := $(shell python3 -c "import sysconfig; print(sysconfig.get_config
 ENGINE_SO    := kt_sft/_engine$(EXT_SUFFIX)
 ENGINE_SRCS  := $(wildcard setup.py) $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup build test test-fast demo bench clean distclean
+.PHONY: setup build test test-fast fuzz soak demo bench clean distclean
 
 setup: $(STAMP)
 
@@ -40,6 +40,17 @@ test: build
 # A quick subset for development: everything but the tests marked slow (subprocess-heavy); CI runs `make test`.
 test-fast: build
 	$(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
+
+# Not in CI's time budget (tests/test_fuzz.py runs short versions): 1000 random engine cases against the references
+# (a failure prints its seed: `python tests/fuzz_engine.py --seed N`), and 500 LoRA training steps with the memory
+# growth after warm-up printed. FUZZ_ARGS / SOAK_ARGS pass more (e.g. FUZZ_ARGS="--start 1000").
+FUZZ_ARGS ?=
+SOAK_ARGS ?=
+fuzz: build
+	$(PY) tests/fuzz_engine.py --cases 1000 $(FUZZ_ARGS)
+
+soak: build
+	$(PY) tests/soak_train.py --steps 500 $(SOAK_ARGS)
 
 DEMO_YAML := examples/train_lora/demo_lora_sft_kt.yaml
 DEMO_OUT  := $(shell sed -n 's/^output_dir: *//p' $(DEMO_YAML))

@@ -138,6 +138,10 @@ def lora_target_gate_proj(tmp):
     return {"lora_target": "q_proj,gate_proj"}, {}
 
 
+def expert_lora_with_dropout(tmp):
+    return {"lora_target": "all,experts", "lora_dropout": 0.05}, {}
+
+
 BAD = [  # (setup, fragments of the message, in order)
     (all_shards_missing, ["model_name_or_path", "model.safetensors.index.json", "of the", "shards it lists are "
                           "missing", "copy the complete checkpoint"]),
@@ -159,6 +163,8 @@ BAD = [  # (setup, fragments of the message, in order)
     (lora_target_gate_proj, ["lora_target 'gate_proj' matches no module of this Qwen3MoeForCausalLM",
                              "mlp.experts", "gate_up_proj (gate and up together) and down_proj",
                              "lora_target: all,experts", "q_proj"]),
+    (expert_lora_with_dropout, ["lora_dropout=0.05: LoRA on the routed experts (lora_target experts) needs "
+                                "lora_dropout: 0"]),
 ]
 
 

@@ -55,7 +55,8 @@ def check_run(model_args, settings, keys: dict, model, finetuning_args=None, tra
     _check_resume(training_args)
     if finetuning_args is not None and (not adapters or getattr(finetuning_args, "create_new_adapter", False)):
         experts = [name for name, module in model.named_modules() if expert_dims(module)]
-        _wrapped(check_lora_targets, model, finetuning_args.lora_target, experts)
+        _wrapped(check_lora_targets, model, finetuning_args.lora_target, experts,
+                 getattr(finetuning_args, "lora_dropout", 0.0))
 
 
 def _wrapped(check, *args, prefix: str = "") -> None:

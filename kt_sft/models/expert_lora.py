@@ -67,7 +67,7 @@ def experts_paths(model: nn.Module, names=None) -> list[str]:
     return paths
 
 
-def names_routed_experts(model: nn.Module, target: str) -> bool:
+def names_routed_experts(model: nn.Module, target: str, experts=None) -> bool:
     """Whether one `lora_target` entry names the routed experts (-> target_parameters) rather than modules.
 
     Stock PEFT's meaning comes first: a name that matches any other module of the model (a dense or shared-expert
@@ -75,21 +75,22 @@ def names_routed_experts(model: nn.Module, target: str) -> bool:
     experts are named by `experts`, by their module path (`mlp.experts`), or by a parameter suffix
     (`gate_up_proj`, `mlp.experts.down_proj`) that no module name matches. A name that matches nothing but looks
     like an expert parameter (`...experts.<x>`, `<x>.down_proj`) also lands here, so its error lists the real
-    expert parameter names."""
-    experts = engine_experts_modules(model)
+    expert parameter names. `experts`: the routed-experts modules' names (default: the engine ones)."""
+    experts = set(engine_experts_modules(model) if experts is None else experts)
     if target == "experts" or any(_matches(name, target) for name in experts):
         return True
     if any(_matches(name, target) for name, _ in model.named_modules() if name and name not in experts):
         return False
-    if any(_matches(full, target) for full in expert_parameter_names(model)):
+    if any(_matches(f"{name}.{p}", target) for name in experts for p in EXPERT_PARAMS):
         return True
     return target.rsplit(".", 1)[-1] in EXPERT_PARAMS or "experts." in target
 
 
-def check_lora_targets(model: nn.Module, targets, experts) -> None:
+def check_lora_targets(model: nn.Module, targets, experts, dropout: float = 0.0) -> None:
     """Refuse a lora_target entry that names no module and no routed-expert parameter of `model` (`experts`: the
     names of its routed-experts modules, engine ones or, before loading, those of the model built on meta), saying
-    how this model names its experts and linears. PEFT's own error ("Target modules ... not found") does not, and
+    how this model names its experts and linears; and LoRA on the experts with `dropout` (PEFT refuses it only once
+    the model is loaded). PEFT's own error ("Target modules ... not found") does not, and
     e.g. `gate_proj` names nothing in a model whose only gate_proj were routed experts (transformers 5 fuses them
     into one gate_up_proj)."""
     modules = [name for name, _ in model.named_modules() if name]
@@ -103,6 +104,11 @@ def check_lora_targets(model: nn.Module, targets, experts) -> None:
             f"fused modules {' / '.join(experts_paths(model, experts))}, whose projections are gate_up_proj (gate and "
             "up together) and down_proj: name them with experts (both), gate_up_proj or down_proj (e.g. lora_target: "
             f"all,experts). Its linear layers: {', '.join(linears)}")
+    on_experts = [t for t in targets if t != "all" and names_routed_experts(model, t, experts)]
+    if on_experts and dropout:
+        raise ValueError(f"lora_dropout={dropout}: LoRA on the routed experts (lora_target {', '.join(on_experts)}) "
+                         "needs lora_dropout: 0 (PEFT applies no dropout to target_parameters); set lora_dropout: 0 "
+                         "or leave the routed experts out of lora_target")
 
 
 def resolve_expert_targets(model: nn.Module, names) -> list[str]:
