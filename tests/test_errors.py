@@ -355,3 +355,68 @@ def test_help_exits_zero(capsys):
         assert main(argv) == 0, argv
         assert "usage: python -m kt_sft" in capsys.readouterr().out
     assert main(["bogus"]) == 2
+
+
+def _cli_train(cfg: dict, tmp: Path, name: str, **env):
+    """`llamafactory-cli train` with the hook (this checkout's kt_sft first on the path) -> (returncode, log)."""
+    import subprocess
+
+    import yaml
+    from llamafactory_run import llamafactory_cli
+
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KT_SFT_")}
+    env = {**clean, "USE_KT": "1", "KT_SFT_THREADS": "2", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p), **env}
+    proc = subprocess.run(llamafactory_cli("train", str(path)), env=env, capture_output=True, text=True, timeout=600,
+                          cwd=tmp)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+BEFORE_LOADING = ("Running tokenizer on dataset", "Converting format of dataset", "kt-sft: loading shards")
+
+
+@pytest.mark.slow  # the real CLI: ~20 s per case on a 2-core box
+@pytest.mark.parametrize("setup,fragments,env", [
+    (lora_target_gate_proj, ["lora_target 'gate_proj' matches no module"], {}),
+    (all_shards_missing, ["shards it lists are missing"], {}),
+    (lambda tmp: ({}, {}), ["KT_SFT_THREADS='abc': expected 0 (the physical cores", "or an integer from 1 to 4096"],
+     {"KT_SFT_THREADS": "abc"}),
+], ids=["lora_target", "shards", "env"])
+def test_cli_fails_before_tokenizing_or_loading(tmp_path, setup, fragments, env):
+    """Through the real CLI: the error reaches the user before LLaMA-Factory converts or tokenizes the dataset and
+    before a shard is read, names the culprit (a bad KT_SFT_* never a checkpoint tensor), and nothing is written."""
+    args, _ = setup(tmp_path)
+    rc, log = _cli_train(_args(tmp_path, **args), tmp_path, "bad", **env)
+    assert rc != 0
+    for fragment in fragments:
+        assert fragment in log, log[-3000:]
+    assert not any(marker in log for marker in BEFORE_LOADING), log[-3000:]
+    assert "model.layers" not in log.split("Error")[-1]  # no tensor named in the final error
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # two short trainings through the real CLI
+def test_cli_resume_skips_a_checkpoint_cut_short(tmp_path):
+    """A run saves checkpoint-2 and checkpoint-4; checkpoint-4 is then damaged as a kill mid-save leaves it (adapter
+    truncated, no trainer_state.json). Running again resumes from checkpoint-2 with a warning naming checkpoint-4,
+    trains to the end and leaves no staging folder of the atomic adapter saves."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "examples/train_lora/demo_lora_sft_kt.yaml").read_text())
+    cfg.update(model_name_or_path=str(DEMO_MODEL), dataset_dir=str(REPO / "examples/demo/data"),
+               output_dir=str(tmp_path / "out"), max_steps=4, save_steps=2, logging_steps=1, kt_backend="FP32",
+               plot_loss=False)
+    rc, log = _cli_train(cfg, tmp_path, "first")
+    assert rc == 0, log[-3000:]
+    damaged = tmp_path / "out" / "checkpoint-4"
+    (damaged / "trainer_state.json").unlink()
+    _truncate(damaged / "adapter_model.safetensors")
+    rc, log = _cli_train({**cfg, "overwrite_output_dir": False, "max_steps": 6}, tmp_path, "again")
+    assert rc == 0, log[-3000:]
+    assert "skipping incomplete checkpoint(s)" in log and "checkpoint-4 (no trainer_state.json" in log
+    assert "resuming from checkpoint-2, the newest complete one" in log
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    assert not list((tmp_path / "out").rglob(".kt-sft-saving-*"))
