@@ -469,7 +469,8 @@ def _stream_shards(files: CheckpointFiles, layers: dict, router: _KeyRouter, pla
         for key in files.keys[shard]:
             try:
                 _load_key(key, kinds, reader, router, layers, placer, source)
-            except (RuntimeError, ValueError) as err:
+            except (RuntimeError, ValueError) as err:  # about this tensor: reading, decoding, shape, packing (the
+                # engine's settings are parsed at import and set before streaming, so none of theirs lands here)
                 raise type(err)(f"{key} in {shard.name}: {err}") from err
 
 

@@ -8,7 +8,9 @@ LLaMA-Factory's own code. The changes:
     accelerate-kt; kt-sft provides that contract (checked: its engine imports), other requirements pass through.
   * `_parse_args`: takes our `kt_*` keys out of the arguments before LLaMA-Factory's strict parser sees them,
     then validates them with the parsed dataclasses (`config.resolve`) and attaches the resolved settings to
-    the ModelArguments as `kt_sft_settings`. Bad combinations fail here, before any weight is read.
+    the ModelArguments as `kt_sft_settings`. Bad combinations fail here, and so do the checks of files and machine
+    (`preflight.py`: shards, adapters, output_dir, lora_target, resume): before LLaMA-Factory tokenizes the dataset
+    and before any weight is read.
 - `llamafactory.train.sft.workflow`: lets `predict_with_generate` / `compute_accuracy` run (see
   `patch_sft_workflow`).
 - `llamafactory.model.adapter`: PEFT set-up on an engine model goes through kt_sft.models.expert_lora
