@@ -28,6 +28,8 @@ def _import_engine(**env):
     ("KT_SFT_KCHUNK", "33", "expected 0 (each task chooses) or a positive multiple of 32"),
     ("KT_SFT_SPIN_US", "-1", "expected an integer from 0 to 10000000"),
     ("KT_SFT_SPIN_US", "abc", "expected an integer from 0 to 10000000"),
+    ("KT_SFT_CPU_FLAGS_FOR_TESTS", "avx2,avx3", "unknown flag 'avx3'; expected none or a comma-separated list of"),
+    ("KT_SFT_CPU_FLAGS_FOR_TESTS", "avx2,", "unknown flag ''"),
 ])
 def test_bad_value_fails_at_import_naming_the_variable(name, value, expected):
     proc = _import_engine(**{name: value})
