@@ -37,11 +37,18 @@ py() { PATH="$NEW/bin" CC=/bin/false CXX=/bin/false PYTHONNOUSERSITE=1 PYTHONPAT
 py -c "import shutil; found = [t for t in ('cc', 'gcc', 'g++', 'c++', 'clang') if shutil.which(t)]
 assert not found, found"
 ! py -c "import kt_sft" 2>/dev/null || fail "kt_sft importable before the install"
-t0=$EPOCHREALTIME
-py -m pip install -q --no-index --no-deps --disable-pip-version-check "$WHEEL"
-us=$((${EPOCHREALTIME/./} - ${t0/./}))
-log "installed $(basename "$WHEEL") in $((us / 1000000)).$(printf %02d $((us / 10000 % 100))) s (no compiler on PATH)"
-[ "$us" -lt 10000000 ] || fail "the install took 10 s or more"
+# The acceptance bound (< 10 s) on the install's CPU time: its wall time on a shared box mostly measures the others.
+py - "$WHEEL" <<'EOF' || fail "pip install"
+import resource, subprocess, sys, time
+start = time.perf_counter()
+subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--disable-pip-version-check",
+                sys.argv[1]], check=True)
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+cpu = usage.ru_utime + usage.ru_stime
+print(f"[check_wheel] installed {sys.argv[1].rsplit('/', 1)[-1]} in {time.perf_counter() - start:.2f} s "
+      f"({cpu:.2f} s of CPU), no compiler on PATH")
+assert cpu < 10, "the install took 10 s of CPU or more"
+EOF
 [ -f "$SITE/kt_sft-llamafactory-hook.pth" ] || fail "hook .pth not at the site-packages root $SITE"
 for f in "$ROOT"/kt_sft/models/families/*.yaml; do  # the package data (none today: every family derives)
   [ ! -e "$f" ] || [ -f "$SITE/kt_sft/models/families/$(basename "$f")" ] || fail "family file $f not installed"
