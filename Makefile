@@ -13,7 +13,10 @@ EXT_SUFFIX   := $(shell python3 -c "import sysconfig; print(sysconfig.get_config
 ENGINE_SO    := kt_sft/_engine$(EXT_SUFFIX)
 ENGINE_SRCS  := $(wildcard setup.py) $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup build test test-fast fuzz soak demo bench clean distclean
+WHEEL_PYTHONS ?=
+WHEEL_CHECK  := dist/wheel-check
+
+.PHONY: setup build test test-fast fuzz soak demo bench wheel wheel-check clean distclean
 
 setup: $(STAMP)
 
@@ -60,6 +63,18 @@ demo: build
 	USE_KT=1 $(VENV)/bin/llamafactory-cli train $(DEMO_YAML)
 	@echo "kt-sft demo: LoRA adapter in $(DEMO_OUT)/ (adapter_config.json + adapter_model.safetensors), loss plot $(DEMO_OUT)/training_loss.png"
 	@$(PY) -c "import json; h=[e['loss'] for e in json.load(open('$(DEMO_OUT)/trainer_state.json'))['log_history'] if 'loss' in e]; print(f'kt-sft demo: loss {h[0]:.3f} (first log) -> {h[-1]:.3f} (last log)')"
+
+# manylinux wheels (every ISA unit, the hook .pth) into dist/, one per CPython: WHEEL_PYTHONS names the interpreters
+# (default: every CPython 3.10-3.13 found on PATH, in pyenv or /opt/python). scripts/build_wheel.sh says how.
+wheel: setup
+	VENV=$(VENV) KT_SFT_BUILD_JOBS=$(JOBS) scripts/build_wheel.sh $(WHEEL_PYTHONS)
+
+# CI: the venv's CPython wheel, installed without a compiler into a fresh venv with this torch: engine tests, the demo
+# through the hook against the source build's losses, clean uninstall (scripts/check_wheel.sh).
+wheel-check: build
+	rm -rf $(WHEEL_CHECK)
+	WHEEL_DIR=$(WHEEL_CHECK) VENV=$(VENV) KT_SFT_BUILD_JOBS=$(JOBS) scripts/build_wheel.sh $(PY)
+	VENV=$(VENV) scripts/check_wheel.sh $(WHEEL_CHECK)/kt_sft-*.whl $(WHEEL_CHECK)/work
 
 bench: build
 	$(PY) benchmarks/bench_moe.py $(BENCH_ARGS)

@@ -6,8 +6,10 @@
 
 #include <optional>
 
+#include "build_info.h"
 #include "cpu_features.h"
 #include "engine.h"
+#include "env.h"
 #include "moe_layer.h"
 
 namespace py = pybind11;
@@ -49,18 +51,7 @@ py::dict cpu_info() {
   d["vendor"] = f.vendor;
   d["model"] = f.model;
   py::dict flags;
-  flags["avx2"] = f.avx2;
-  flags["fma"] = f.fma;
-  flags["f16c"] = f.f16c;
-  flags["avx512f"] = f.avx512f;
-  flags["avx512bw"] = f.avx512bw;
-  flags["avx512vl"] = f.avx512vl;
-  flags["avx512dq"] = f.avx512dq;
-  flags["avx512_bf16"] = f.avx512_bf16;
-  flags["avx512vbmi"] = f.avx512vbmi;
-  flags["amx_tile"] = f.amx_tile;
-  flags["amx_bf16"] = f.amx_bf16;
-  flags["amx_int8"] = f.amx_int8;
+  for (const CpuFlag& flag : kCpuFlags) flags[flag.name] = f.*flag.member;
   d["flags"] = flags;
   py::dict os;
   os["ymm"] = f.os_ymm;
@@ -70,6 +61,8 @@ py::dict cpu_info() {
   d["os"] = os;
   d["amx_note"] = f.amx_note;
   d["physical_cores"] = physical_cores();
+  const EnvSettings& env = env_settings();  // cpu_features() parsed it already
+  d["flags_for_tests"] = env.cpu_flags_set ? py::cast(env.cpu_flags) : py::none();
   return d;
 }
 
@@ -134,6 +127,7 @@ py::dict layout_dict(const MoELayer& layer) {
 // Module functions: CPU features and the process-wide engine settings (engine.h).
 void bind_engine(py::module_& m) {
   m.def("cpu_info", &cpu_info, "CPUID / OS-state features relevant to the kernels");
+  m.def("build_info_json", &build_info_json, "how this binary was built (JSON; csrc/build_info.h)");
   m.def("supported_isas", &supported_isas, "ISA paths this CPU and OS can run, best last");
   m.def(
       "isa_supported",

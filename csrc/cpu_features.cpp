@@ -13,6 +13,8 @@
 #include <thread>
 #include <utility>
 
+#include "env.h"
+
 namespace kt_sft {
 namespace {
 
@@ -97,10 +99,25 @@ CpuFeatures detect() {
   return f;
 }
 
+// KT_SFT_CPU_FLAGS_FOR_TESTS: clear every flag of kCpuFlags not in `keep` (AMX is then unusable unless all of its
+// flags stay).
+CpuFeatures hide_flags(CpuFeatures f, const std::vector<std::string>& keep) {
+  for (const CpuFlag& flag : kCpuFlags)
+    if (std::find(keep.begin(), keep.end(), flag.name) == keep.end()) f.*flag.member = false;
+  if (f.amx_permitted && !(f.amx_tile && f.amx_bf16 && f.amx_int8)) {
+    f.amx_permitted = false;
+    f.amx_note = "KT_SFT_CPU_FLAGS_FOR_TESTS hides the AMX flags";
+  }
+  return f;
+}
+
 }  // namespace
 
 const CpuFeatures& cpu_features() {
-  static const CpuFeatures f = detect();
+  static const CpuFeatures f = [] {
+    const EnvSettings& env = env_settings();
+    return env.cpu_flags_set ? hide_flags(detect(), env.cpu_flags) : detect();
+  }();
   return f;
 }
 

@@ -2,6 +2,9 @@
 // Detection = CPUID feature bits + the OS state the kernel enabled in XCR0 (XGETBV) + for AMX the Linux
 // ARCH_REQ_XCOMP_PERM permission for XTILEDATA. Compiled with baseline flags only: this code runs before
 // any ISA is known to work.
+// Test double: KT_SFT_CPU_FLAGS_FOR_TESTS (env.h) names the only feature flags of kCpuFlags the engine may see
+// (e.g. "avx2,fma,f16c": a CPU without AVX512 or AMX). It can only hide flags the CPU has, never add one, so it
+// cannot lead to an instruction the CPU lacks; tests use it to check dispatch on hosts that have more.
 #pragma once
 #include <string>
 #include <vector>
@@ -21,7 +24,21 @@ struct CpuFeatures {
   std::string amx_note;                                // why AMX is unusable, if it is
 };
 
-const CpuFeatures& cpu_features();                       // detected once
+// The CPUID feature flags the kernel paths depend on, by name (cpu_info(), KT_SFT_CPU_FLAGS_FOR_TESTS).
+struct CpuFlag {
+  const char* name;
+  bool CpuFeatures::*member;
+};
+inline constexpr CpuFlag kCpuFlags[] = {
+    {"avx2", &CpuFeatures::avx2},           {"fma", &CpuFeatures::fma},
+    {"f16c", &CpuFeatures::f16c},           {"avx512f", &CpuFeatures::avx512f},
+    {"avx512bw", &CpuFeatures::avx512bw},   {"avx512vl", &CpuFeatures::avx512vl},
+    {"avx512dq", &CpuFeatures::avx512dq},   {"avx512_bf16", &CpuFeatures::avx512_bf16},
+    {"avx512vbmi", &CpuFeatures::avx512vbmi}, {"amx_tile", &CpuFeatures::amx_tile},
+    {"amx_bf16", &CpuFeatures::amx_bf16},   {"amx_int8", &CpuFeatures::amx_int8},
+};
+
+const CpuFeatures& cpu_features();                       // detected once (KT_SFT_CPU_FLAGS_FOR_TESTS applied)
 bool isa_supported(const std::string& isa, std::string* why);  // "scalar" | "avx2" | "avx512" | "amx"
 std::vector<std::string> supported_isas();               // best last
 int physical_cores();                                    // cores in this process's affinity mask

@@ -1,5 +1,6 @@
 #include "env.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <cstdlib>
@@ -69,6 +70,28 @@ int parse_numa(const char* text) {
                               " (unset or empty: auto)");
 }
 
+// KT_SFT_CPU_FLAGS_FOR_TESTS: "none" or flag names of kCpuFlags separated by commas.
+std::vector<std::string> parse_cpu_flags(const std::string& text) {
+  std::vector<std::string> names;
+  if (text == "none") return names;
+  for (size_t start = 0; start <= text.size();) {
+    const size_t comma = std::min(text.find(',', start), text.size());
+    const std::string name = text.substr(start, comma - start);
+    bool known = false;
+    for (const CpuFlag& flag : kCpuFlags) known = known || name == flag.name;
+    if (!known) {
+      std::string all;
+      for (const CpuFlag& flag : kCpuFlags) all += std::string(all.empty() ? "" : ", ") + flag.name;
+      throw std::invalid_argument("KT_SFT_CPU_FLAGS_FOR_TESTS='" + text + "': unknown flag '" + name +
+                                  "'; expected none or a comma-separated list of " + all +
+                                  " (unset or empty: the flags this CPU has)");
+    }
+    names.push_back(name);
+    start = comma + 1;
+  }
+  return names;
+}
+
 EnvSettings parse_env() {
   EnvSettings s;
   if (const char* v = value_of("KT_SFT_ISA")) s.isa = parse_isa(v);
@@ -81,6 +104,10 @@ EnvSettings parse_env() {
     s.spin_us = parse_int("KT_SFT_SPIN_US", v, spin_us_ok, kSpinUsRule,
                           "the engine sets it, 100 or 20000 while training on a GPU");
   if (const char* v = value_of("KT_SFT_NUMA")) s.numa = parse_numa(v);
+  if (const char* v = value_of("KT_SFT_CPU_FLAGS_FOR_TESTS")) {
+    s.cpu_flags = parse_cpu_flags(v);
+    s.cpu_flags_set = true;
+  }
   return s;
 }
 

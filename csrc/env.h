@@ -1,6 +1,7 @@
 // NOTE (kt-sft engine, the KT_SFT_* environment variables: one strict parser)
 // Layout:    EnvSettings holds every variable the engine reads: KT_SFT_ISA, KT_SFT_THREADS, KT_SFT_KCHUNK,
-//            KT_SFT_SPIN_US, KT_SFT_NUMA. Nothing else in csrc/ calls getenv.
+//            KT_SFT_SPIN_US, KT_SFT_NUMA and the test double KT_SFT_CPU_FLAGS_FOR_TESTS (cpu_features.h). Nothing
+//            else in csrc/ calls getenv.
 // Algorithm: env_settings() parses all of them the first time it is called (kt_sft/engine/runtime.py calls it at
 //            import, through start_engine) and keeps the result. An unset or empty variable means "not set";
 //            any other value must be exactly a valid one (no trailing characters, no out-of-range numbers; strtol
@@ -13,6 +14,7 @@
 //            functions).
 #pragma once
 #include <string>
+#include <vector>
 
 namespace kt_sft {
 
@@ -22,6 +24,9 @@ struct EnvSettings {
   int kchunk = -1;   // KT_SFT_KCHUNK: -1 unset, else kchunk_ok
   int spin_us = -1;  // KT_SFT_SPIN_US: -1 unset, else spin_us_ok
   int numa = -1;     // KT_SFT_NUMA: kNumaAuto (unset, "auto"), kNumaOff ("off") or a node count (numa.h)
+  // KT_SFT_CPU_FLAGS_FOR_TESTS: "none" or comma-separated names of kCpuFlags, the only flags the engine may see
+  bool cpu_flags_set = false;
+  std::vector<std::string> cpu_flags;
 };
 
 const EnvSettings& env_settings();

@@ -1,18 +1,20 @@
-"""`python -m kt_sft env [MODEL_DIR]`: what a bug report needs — versions, CPU, the flags the kernels use, ISA,
-threads, the NUMA layout, the checkpoint formats kt-sft reads and, given a model directory, what that checkpoint is
-(family, stored format, host RAM of its experts per expert format, the default expert format, its experts' nodes).
+"""`python -m kt_sft env [MODEL_DIR]`: what a bug report needs — versions, how the engine was built (commit,
+compiler, its ISA units and flags; compiled into the binary) and installed (wheel tag, editable, source tree), CPU,
+the flags the kernels use, ISA, threads, the NUMA layout, the checkpoint formats kt-sft reads and, given a model
+directory, what that checkpoint is (family, stored format, host RAM of its experts per expert format, the default
+expert format, its experts' nodes).
 Also the entry point of the other subcommands: `python -m kt_sft families` (every transformers MoE family and its
 status, kt_sft.models.catalog) and `python -m kt_sft eval` (kt_sft.llamafactory.evaluate)."""
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import platform
 import sys
+from pathlib import Path
 
 PACKAGES = ("kt-sft", "torch", "transformers", "peft", "accelerate", "datasets", "trl", "llamafactory",
             "deepspeed", "safetensors")
-FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512vbmi", "amx_tile",
-         "amx_bf16", "amx_int8")
 
 
 def _version(name: str) -> str:
@@ -31,6 +33,52 @@ def _cpu_list(cpus: list[int]) -> str:
         else:
             runs.append([cpu, cpu])
     return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
+def install_kind() -> str:
+    """How the kt_sft package in use got here: a wheel install (its tag), an editable install, or a source tree on
+    sys.path (also when a kt-sft installed elsewhere is shadowed by it)."""
+    package = Path(__file__).resolve().parent
+    try:
+        dist = md.distribution("kt-sft")
+    except md.PackageNotFoundError:
+        return f"source tree {package.parent}, kt-sft not installed"
+    url = json.loads(dist.read_text("direct_url.json") or "{}")
+    if url.get("dir_info", {}).get("editable"):
+        editable = url.get("url", "").removeprefix("file://")
+        where = "" if Path(editable).resolve() == package.parent else f", shadowing the editable install of {editable}"
+        return ("editable install" if not where else f"source tree {package.parent}") + where
+    if Path(dist.locate_file("kt_sft/__init__.py")).resolve() != package / "__init__.py":
+        return f"source tree {package.parent}, shadowing the kt-sft installed in {dist.locate_file('')}"
+    tags = [line.split(":", 1)[1].strip() for line in (dist.read_text("WHEEL") or "").splitlines()
+            if line.startswith("Tag:")]
+    return f"wheel {', '.join(tags) or '(no tag recorded)'}"
+
+
+def build_lines(runtime) -> list[str]:
+    """How the loaded engine binary was built (runtime.build_info(), compiled into it) and where it was loaded from."""
+    from . import _engine
+
+    info = runtime.build_info()
+    units = ", ".join(f"{isa} ({' '.join(flags) or 'baseline'})" for isa, flags in info["isa_units"].items())
+    return [f"kt-sft build: commit {info['commit']}, {info['compiler']}, {info['python']}, "
+            f"pybind11 {info['pybind11']}",
+            f"  engine: {_engine.__file__} ({install_kind()})",
+            f"  isa units: {units}",
+            f"  flags: {' '.join(info['base_flags'])}; link: {' '.join(info['link_flags'])}"]
+
+
+def cpu_lines(runtime) -> list[str]:
+    """CPU model, its feature flags (KT_SFT_CPU_FLAGS_FOR_TESTS may hide some) and the OS state for them."""
+    info = runtime.cpu_info()
+    lines = [f"cpu: {info['model'] or info['vendor']} ({info['physical_cores']} physical cores available)"]
+    shown = info["flags_for_tests"]
+    hidden = "" if shown is None else f" (KT_SFT_CPU_FLAGS_FOR_TESTS shows only: {','.join(shown) or 'none'})"
+    lines.append("cpu flags: " + " ".join(f"{f}={'yes' if v else 'no'}" for f, v in info["flags"].items()) + hidden)
+    lines.append("os state: " + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["os"].items()))
+    if info["amx_note"]:
+        lines.append(f"amx: unavailable ({info['amx_note']})")
+    return lines
 
 
 def numa_lines(runtime) -> list[str]:
@@ -65,13 +113,8 @@ def report(checkpoint: str | None = None) -> str:
     except (RuntimeError, ValueError) as err:  # a bad KT_SFT_* variable: the engine refuses to start
         lines.append(f"isa chosen: none ({err})")
         return "\n".join(lines)
-    info = runtime.cpu_info()
-    lines.append(f"cpu: {info['model'] or info['vendor']} ({info['physical_cores']} physical cores available)")
-    lines.append("cpu flags: " + " ".join(f"{f}={'yes' if info['flags'][f] else 'no'}" for f in FLAGS))
-    os_state = info["os"]
-    lines.append("os state: " + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in os_state.items()))
-    if info["amx_note"]:
-        lines.append(f"amx: unavailable ({info['amx_note']})")
+    lines += build_lines(runtime)
+    lines += cpu_lines(runtime)
     lines.append("isa paths available: " + ", ".join(runtime.available_isas()))
     try:
         lines.append(f"isa chosen: {runtime.current_isa()}  threads: {runtime.num_threads()}")

@@ -34,6 +34,8 @@ def _import_engine(**env):
     ("KT_SFT_SPIN_US", "99999999999", "expected an integer from 0 to 10000000"),  # atoi read 1,215,752,191 us
     ("KT_SFT_SPIN_US", "5 ", "expected an integer from 0 to 10000000"),
     ("KT_SFT_NUMA", "-1", "expected auto (the host's nodes), off, or a number of nodes"),
+    ("KT_SFT_CPU_FLAGS_FOR_TESTS", "avx2,avx3", "unknown flag 'avx3'; expected none or a comma-separated list of"),
+    ("KT_SFT_CPU_FLAGS_FOR_TESTS", "avx2,", "unknown flag ''"),
 ])
 def test_bad_value_fails_at_import_naming_the_variable(name, value, expected):
     proc = _import_engine(**{name: value})

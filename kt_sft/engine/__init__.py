@@ -12,15 +12,15 @@ from .gpu_share import GpuShare
 from .layer import ExpertLayer
 from .lora import ExpertLoRA, ExpertLoRAGrads
 from .panels import PackedPanels, ProjectionPanels
-from .runtime import (available_isas, cpu_info, current_isa, expert_nodes, isa_supported, kchunk, num_threads,
-                      numa_layout, phase_profile, select_isa, set_kchunk, set_num_threads, set_numa,
+from .runtime import (available_isas, build_info, cpu_info, current_isa, expert_nodes, isa_supported, kchunk,
+                      num_threads, numa_layout, phase_profile, select_isa, set_kchunk, set_num_threads, set_numa,
                       set_worker_spin_us, threads_for_cpus, usable_cpus, use_isa, use_kchunk, use_numa,
                       worker_spin_us)
 
 __all__ = [
     "FORMATS", "ExpertFormat", "ExpertLayer", "ExpertLoRA", "for_model_dtype", "get_format", "GpuShare",
     "ExpertLoRAGrads", "MoEExpertsFunction", "moe_experts", "PackedPanels", "ProjectionPanels", "available_isas",
-    "cpu_info", "current_isa", "expert_nodes", "isa_supported", "kchunk", "num_threads", "numa_layout",
-    "phase_profile", "select_isa", "set_kchunk", "set_num_threads", "set_numa", "set_worker_spin_us",
+    "build_info", "cpu_info", "current_isa", "expert_nodes", "isa_supported", "kchunk", "num_threads",
+    "numa_layout", "phase_profile", "select_isa", "set_kchunk", "set_num_threads", "set_numa", "set_worker_spin_us",
     "threads_for_cpus", "usable_cpus", "use_isa", "use_kchunk", "use_numa", "worker_spin_us",
 ]

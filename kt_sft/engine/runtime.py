@@ -8,6 +8,7 @@ accepts.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -23,6 +24,12 @@ _engine.start()
 def cpu_info() -> dict:
     """CPU model, the feature flags the kernels care about, and the OS state for them."""
     return _engine.cpu_info()
+
+
+def build_info() -> dict:
+    """How this binary was built (compiled into it by setup.py): commit, compiler, Python ABI, pybind11, base / link
+    flags and each ISA unit's target flags."""
+    return json.loads(_engine.build_info_json())
 
 
 def available_isas() -> list[str]:
