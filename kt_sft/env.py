@@ -2,7 +2,8 @@
 threads, the NUMA layout, the checkpoint formats kt-sft reads and, given a model directory, what that checkpoint is
 (family, stored format, host RAM of its experts per expert format, the default expert format, its experts' nodes).
 Also the entry point of the other subcommands: `python -m kt_sft families` (every transformers MoE family and its
-status, kt_sft.models.catalog) and `python -m kt_sft eval` (kt_sft.llamafactory.evaluate)."""
+status, kt_sft.models.catalog), `python -m kt_sft eval` (kt_sft.llamafactory.evaluate) and `python -m kt_sft export`
+(an adapter merged into its base checkpoint, kt_sft.export)."""
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -107,11 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         from .llamafactory.evaluate import main as run_eval
 
         return run_eval(argv[1:])
+    if argv[:1] == ["export"]:
+        from .export import main as run_export
+
+        return run_export(argv[1:])
     if argv[:1] == ["families"] and len(argv) <= 2:
         return families(*argv[1:])
     if argv[:1] != ["env"] or len(argv) > 2:
         print("usage: python -m kt_sft env [MODEL_DIR] | python -m kt_sft eval config.yaml | "
-              "python -m kt_sft families [README.md]", file=sys.stderr)
+              "python -m kt_sft families [README.md] | python -m kt_sft export --model DIR --adapter DIR --out DIR "
+              "[--shard-size 5GB] [--format bf16|fp8]", file=sys.stderr)
         return 2
     print(report(*argv[1:]))
     return 0

@@ -92,6 +92,11 @@ class ExportPlan:
     def total_bytes(self) -> int:
         return sum(item.nbytes for shard in self.shards for item in shard)
 
+    def summary(self) -> str:
+        base = f"a {self.source} base" if self.source.quantized else "an unquantized base"
+        return (f"kt-sft: merged {len(self.edits)} adapted tensors into {self.out} ({self.format} output from {base}): "
+                f"{len(self.shards)} shard(s), {self.total_bytes / 1e9:.2f} GB")
+
     def shard_name(self, i: int) -> str:
         n = len(self.shards)
         return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
@@ -456,6 +461,9 @@ def export_checkpoint(model, adapters, out, *, shard_size="5GB", format: str = "
     created = _make_parents(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".kt-sft-export", dir=out.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the checkpoint's mode
         weight_map = _write_shards(plan, tmp, progress)
         _finish_files(plan, tmp, weight_map)
         if finish is not None:
@@ -471,9 +479,7 @@ def export_checkpoint(model, adapters, out, *, shard_size="5GB", format: str = "
             raise OSError(err.errno, f"writing the merged checkpoint failed ({err}); {out} was not written (the "
                                      "partial output was removed)") from err
         raise
-    logger.info("kt-sft: merged %d adapted tensors of %s into %s: %d shard(s), %.2f GB", len(plan.edits),
-                ", ".join(str(a) for a in (adapters if isinstance(adapters, (list, tuple)) else [adapters])), out,
-                len(plan.shards), plan.total_bytes / 1e9)
+    logger.info(plan.summary())
     return plan
 
 
