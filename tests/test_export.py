@@ -1,0 +1,294 @@
+"""Merged checkpoints (kt_sft.export: `python -m kt_sft export`, `USE_KT=1 llamafactory-cli export`) against stock
+transformers + PEFT's `merge_and_unload` of the same adapters, on the tiny checkpoints of conftest.py.
+
+  * every family of tiny_models.ALL_FAMILIES (per-expert and fused experts on disk, key prefixes): a stock PEFT
+    adapter with LoRA on every linear and on the routed experts, exported in several shards, loads in stock
+    transformers with the logits of stock merge_and_unload (fp32, <= RTOL)
+  * PEFT's features: router LoRA (target_parameters on a 2-D weight), embedding LoRA, modules_to_save, rslora,
+    rank / alpha patterns, two adapters merged one after the other (LLaMA-Factory's order)
+  * a bf16 base stays bf16 (untouched tensors byte for byte); block-FP8 / FP8-channel / INT4 bases dequantized
+    (odd block [5, 7] and group 5 sizes); FP8 output requantized on the base's blocks as a plain-torch reference
+    quantizes, untouched FP8 weights byte for byte
+  * shards honour the size, the index is complete; bad input fails before anything is written, and a failure
+    mid-export (a full disk) leaves no directory behind
+  * peak RSS (slow): a multi-shard checkpoint exports within two shards' worth of memory
+  * LLaMA-Factory: the hook's export equals stock `llamafactory-cli export` file for file (in process; the real
+    CLI in a slow test)
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoConfig
+
+import kt_sft.export as kx
+from kt_sft.adapter_merge import AdapterError
+from kt_sft.models.derive import model_class
+from moe_reference import rel_err
+from quantized_checkpoints import dequantized_checkpoint, quantize_checkpoint
+from tiny_models import ALL_FAMILIES, VOCAB, experts_path, make_tiny_checkpoint, make_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_MODEL = REPO / "examples" / "demo" / "model"
+RTOL = 1e-5           # fp32 logits vs stock merge_and_unload (measured 0 on most families, <= 1e-6 on jamba)
+BF16_RTOL = 2e-2      # bf16 checkpoints: stock rounds W + bf16(delta) in bf16, the export fl(W + delta) once
+FP8_RTOL = 5e-2       # FP8 output vs the fp32 merge: e4m3's 3-bit mantissa on the merged weights
+BLOCK, GROUP = (5, 7), 5
+
+
+def _stock(path, dtype=torch.float32):
+    """Stock transformers, through the auto class LLaMA-Factory uses (mistral4: AutoModelForImageTextToText)."""
+    return model_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=dtype)
+
+
+@torch.no_grad()
+def _logits(model) -> torch.Tensor:
+    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    return model.eval()(input_ids=ids, attention_mask=mask).logits.float()
+
+
+def _lora_config(family: str, **overrides) -> LoraConfig:
+    experts = experts_path(family)
+    kwargs = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False,
+                  exclude_modules=r".*\.(gate|router)$",  # routers: stock PEFT cannot wrap phimoe's (see families)
+                  target_parameters=[f"{experts}.gate_up_proj", f"{experts}.down_proj"])
+    return LoraConfig(**{**kwargs, **overrides})
+
+
+def _adapter(base, family: str, out: Path, dtype=torch.float32, seed: int = 3, **overrides):
+    """A stock PEFT adapter on the stock model of `base` (non-zero B everywhere), saved to `out`."""
+    torch.manual_seed(seed)
+    peft = get_peft_model(_stock(base, dtype), _lora_config(family, **overrides))
+    peft.save_pretrained(out)
+    return peft
+
+
+def _export(base, adapters, out, **kwargs):
+    return kx.export_checkpoint(base, adapters, out, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_merged_checkpoint_equals_stock_merge(family, tiny_checkpoint, tmp_path):
+    base = tiny_checkpoint(family)
+    peft = _adapter(base, family, tmp_path / "adapter")
+    expected = _logits(peft.merge_and_unload())
+    plan = _export(base, tmp_path / "adapter", tmp_path / "out", shard_size="40KB")
+    assert len(plan.shards) > 1 and any(e.experts for e in plan.edits.values())
+    got = _logits(_stock(tmp_path / "out"))
+    assert rel_err(got, expected) <= RTOL
+    assert rel_err(_logits(_stock(base)), expected) > 1e-3  # the adapter matters
+
+
+def test_peft_features_and_several_adapters_in_order(tiny_checkpoint, tmp_path):
+    """Router LoRA (target_parameters on mlp.gate.weight), embedding LoRA, modules_to_save (lm_head, trained),
+    rslora, rank / alpha patterns; then a second adapter on the merged model: the export of both equals stock's
+    merge of the first, then of the second."""
+    base = tiny_checkpoint("qwen3_moe")
+    first = _adapter(base, "qwen3_moe", tmp_path / "a1", target_modules=["q_proj", "embed_tokens"],
+                     exclude_modules=None, target_parameters=["mlp.experts.down_proj", "mlp.gate.weight"],
+                     modules_to_save=["lm_head"], use_rslora=True, rank_pattern={"down_proj": 6},
+                     alpha_pattern={"q_proj": 3})
+    with torch.no_grad():
+        first.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+    first.save_pretrained(tmp_path / "a1")
+    torch.manual_seed(4)
+    second = get_peft_model(first.merge_and_unload(), LoraConfig(r=2, lora_alpha=5, target_modules=["o_proj",
+                                                                                                     "down_proj"],
+                                                                 init_lora_weights=False))
+    second.save_pretrained(tmp_path / "a2")
+    expected = _logits(second.merge_and_unload())
+    plan = _export(base, [tmp_path / "a1", tmp_path / "a2"], tmp_path / "out")
+    assert plan.edits["lm_head.weight"].replacement is not None
+    assert rel_err(_logits(_stock(tmp_path / "out")), expected) <= RTOL
+
+
+def test_bf16_base_stays_bf16(tmp_path):
+    base = tmp_path / "base"
+    make_tiny_checkpoint("deepseek_v3", base, dtype=torch.bfloat16)
+    peft = _adapter(base, "deepseek_v3", tmp_path / "adapter", dtype=torch.bfloat16)
+    expected = _logits(peft.merge_and_unload())
+    plan = _export(base, tmp_path / "adapter", tmp_path / "out", shard_size="1GB")
+    assert [[e.name for i in s for e in i.outputs] for s in plan.shards] and plan.shard_name(0) == "model.safetensors"
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in out.values() if t.is_floating_point()} == {torch.bfloat16}
+    untouched = [i.key for s in plan.shards for i in s if i.action == "copy"]
+    stored = _tensors(base)
+    assert untouched and all(torch.equal(out[k], stored[k]) for k in untouched)
+    assert rel_err(_logits(_stock(tmp_path / "out", torch.bfloat16)), expected) <= BF16_RTOL
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_checkpoint, tmp_path_factory):
+    """scheme -> (quantized tiny deepseek_v3, its dequantized fp32 copy), block [5, 7] / group 5."""
+    root, made = tmp_path_factory.mktemp("export_quantized"), {}
+
+    def get(scheme: str):
+        if scheme not in made:
+            q = quantize_checkpoint(tiny_checkpoint("deepseek_v3"), root / scheme, scheme, block=BLOCK, group=GROUP)
+            made[scheme] = q, dequantized_checkpoint(q, root / f"{scheme}-ref")
+        return made[scheme]
+
+    return get
+
+
+@pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel", "int4-group"])
+def test_quantized_base_is_dequantized(scheme, quantized, tmp_path):
+    base, ref = quantized(scheme)
+    expected = _logits(_adapter(ref, "deepseek_v3", tmp_path / "adapter").merge_and_unload())
+    _export(base, tmp_path / "adapter", tmp_path / "fp32", dtype=torch.float32)
+    assert rel_err(_logits(_stock(tmp_path / "fp32")), expected) <= RTOL
+    _export(base, tmp_path / "adapter", tmp_path / "bf16", shard_size="40KB")
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    with open(tmp_path / "bf16" / "model.safetensors.index.json") as f:
+        keys = json.load(f)["weight_map"]
+    assert not [k for k in keys if k.endswith(("_packed", "_scale", "_scale_inv", "_shape"))]
+    assert rel_err(_logits(_stock(tmp_path / "bf16")), expected) <= BF16_RTOL
+
+
+def _reference_fp8(w: torch.Tensor, block) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block FP8 of fp32 w, block by block: s = max |w| / 448, codes = e4m3(w / s) (s = 0: 0)."""
+    (n, k), (bn, bk) = w.shape, block
+    scale = torch.zeros(-(-n // bn), -(-k // bk))
+    codes = torch.zeros(n, k)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            part = w[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk]
+            scale[i, j] = part.abs().max() / 448
+            if scale[i, j] > 0:
+                codes[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk] = part / scale[i, j]
+    return codes.to(torch.float8_e4m3fn), scale
+
+
+def test_fp8_output_keeps_the_base_blocks(quantized, tmp_path):
+    """format fp8: untouched FP8 weights byte for byte, merged ones the reference quantization of the fp32 merge
+    (the fp32 export, equal to stock merge_and_unload above) on the base's [5, 7] blocks; quantization_config kept."""
+    base, ref = quantized("fp8-block")
+    peft = _adapter(ref, "deepseek_v3", tmp_path / "adapter", target_modules=["o_proj", "gate_proj"],
+                    target_parameters=["mlp.experts.gate_up_proj"])  # attention's other linears, experts' down kept
+    _export(base, tmp_path / "adapter", tmp_path / "fp32", dtype=torch.float32)
+    plan = _export(base, tmp_path / "adapter", tmp_path / "out", format="fp8")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["weight_block_size"] == list(BLOCK)
+    out, stored, merged = _tensors(tmp_path / "out"), _tensors(base), _tensors(tmp_path / "fp32")
+    actions = {i.key: i.action for s in plan.shards for i in s}
+    fp8 = [k for k, t in stored.items() if t.dtype == torch.float8_e4m3fn]
+    assert {actions[k] for k in fp8} == {"copy", "fp8"}
+    for key in fp8:
+        scale = key + "_scale_inv"
+        if actions[key] == "copy":
+            codes, s = stored[key], stored[scale]
+        else:
+            codes, s = _reference_fp8(merged[key], BLOCK)
+        assert torch.equal(out[key].view(torch.uint8), codes.view(torch.uint8)) and torch.equal(out[scale], s), key
+    dequantized_checkpoint(tmp_path / "out", tmp_path / "out-ref")
+    assert rel_err(_logits(_stock(tmp_path / "out-ref")), _logits(peft)) <= FP8_RTOL
+
+
+def _tensors(path: Path) -> dict:
+    out = {}
+    for shard in path.glob("*.safetensors"):
+        out.update(load_file(shard))
+    return out
+
+
+def test_shards_honour_the_size_and_the_index_is_complete(tiny_checkpoint, tmp_path):
+    base = tiny_checkpoint("mixtral")
+    _adapter(base, "mixtral", tmp_path / "adapter")
+    limit = 30_000
+    plan = _export(base, tmp_path / "adapter", tmp_path / "out", shard_size=limit)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    files = sorted({f for f in index["weight_map"].values()})
+    assert files == [plan.shard_name(i) for i in range(len(plan.shards))] and len(files) > 2
+    total, seen = 0, {}
+    for name in files:
+        with safe_open(str(tmp_path / "out" / name), "pt") as f:
+            sizes = [f.get_slice(k).get_shape() for k in f.keys()]
+            nbytes = sum(f.get_tensor(k).nbytes for k in f.keys())
+            seen.update({k: name for k in f.keys()})
+        assert nbytes <= limit or len(sizes) == 1
+        total += nbytes
+    assert seen == index["weight_map"] and index["metadata"]["total_size"] == total
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def _nothing_left(parent: Path, name: str = "out") -> bool:
+    return not (parent / name).exists() and not [p for p in parent.iterdir() if "kt-sft-export" in p.name]
+
+
+def test_bad_input_fails_before_writing(tiny_checkpoint, tmp_path):
+    base = tiny_checkpoint("qwen3_moe")
+    _adapter(base, "qwen3_moe", tmp_path / "adapter")
+    _adapter(tiny_checkpoint("mixtral"), "mixtral", tmp_path / "other")
+    with pytest.raises(ValueError, match="no adapter given"):
+        _export(base, [], tmp_path / "out")
+    with pytest.raises(AdapterError, match=r"adapter .*other \(trained on .*\) does not fit the base model .*: it "
+                                           r"has LoRA weights for model\.layers\.0\.mlp\.experts, which this model "
+                                           "does not have"):
+        _export(base, tmp_path / "other", tmp_path / "out")
+    with pytest.raises(ValueError, match="fp8.*stored as bf16; use bf16"):
+        _export(base, tmp_path / "adapter", tmp_path / "out", format="fp8")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        _export(base, tmp_path / "missing", tmp_path / "out")
+    with pytest.raises(ValueError, match="shard size"):
+        _export(base, tmp_path / "adapter", tmp_path / "out", shard_size="lots")
+    assert _nothing_left(tmp_path)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        _export(base, tmp_path / "adapter", tmp_path / "full")
+    assert os.listdir(tmp_path / "full") == ["x"]
+
+
+def test_adapter_of_another_size_names_both_sides(tiny_checkpoint, tmp_path):
+    base = tiny_checkpoint("qwen3_moe")
+    small = tmp_path / "small"
+    make_tiny_model("qwen3_moe", hidden_size=32).save_pretrained(small)
+    _adapter(small, "qwen3_moe", tmp_path / "adapter")
+    with pytest.raises(AdapterError, match=r"adapter .*adapter \(trained on .*small\) does not fit the base model "
+                                           r".*qwen3_moe: its LoRA factors of .* are A \[.*\], but the model's"):
+        _export(base, tmp_path / "adapter", tmp_path / "out")
+    assert _nothing_left(tmp_path)
+
+
+def test_full_disk_mid_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    base = tiny_checkpoint("qwen3_moe")
+    _adapter(base, "qwen3_moe", tmp_path / "adapter")
+    real_write, calls = kx.SafetensorsWriter.write, []
+
+    def write(self, name, pieces):
+        calls.append(name)
+        if len(calls) == 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, name, pieces)
+
+    monkeypatch.setattr(kx.SafetensorsWriter, "write", write)
+    with pytest.raises(OSError, match="No space left on device.*new/out was not written"):
+        _export(base, tmp_path / "adapter", tmp_path / "new" / "out", shard_size="40KB")
+    assert len(calls) == 20 and not (tmp_path / "new").exists()
+
+
+def test_command_line(tiny_checkpoint, tmp_path):
+    base = tiny_checkpoint("qwen2_moe")
+    peft = _adapter(base, "qwen2_moe", tmp_path / "adapter")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    cmd = [sys.executable, "-m", "kt_sft", "export", "--model", str(base), "--adapter", str(tmp_path / "adapter"),
+           "--out", str(tmp_path / "out"), "--shard-size", "50KB", "--quiet"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert rel_err(_logits(_stock(tmp_path / "out")), _logits(peft.merge_and_unload())) <= RTOL
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "kt-sft export: error: export directory" in again.stderr
