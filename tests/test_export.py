@@ -44,6 +44,7 @@ RTOL = 1e-5           # fp32 logits vs stock merge_and_unload (measured 0 on mos
 BF16_RTOL = 2e-2      # bf16 checkpoints: stock rounds W + bf16(delta) in bf16, the export fl(W + delta) once
 FP8_RTOL = 5e-2       # FP8 output vs the fp32 merge: e4m3's 3-bit mantissa on the merged weights
 BLOCK, GROUP = (5, 7), 5
+SLACK = 16 << 20     # peak memory test: allocator and Python overhead beyond two shards (measured: 24.5 MB growth with 16.8 MB shards, a 102 MB model)
 
 
 def _stock(path, dtype=torch.float32):
@@ -292,3 +293,115 @@ def test_command_line(tiny_checkpoint, tmp_path):
     assert rel_err(_logits(_stock(tmp_path / "out")), _logits(peft.merge_and_unload())) <= RTOL
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 1 and "kt-sft export: error: export directory" in again.stderr
+
+
+# ---------------------------------------------------------------------------------------------- peak memory
+
+_MEASURE = """
+import json, sys, torch
+from kt_sft.export import export_checkpoint, plan_export
+base, adapter, out = sys.argv[1:4]
+plan_export(base, adapter, out, shard_size="10MB")  # imports and the model on meta: not the export's memory
+def rss(field):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := the current RSS
+before = rss("VmRSS")
+export_checkpoint(base, adapter, out, shard_size="10MB", progress=False)
+print(json.dumps({"before": before, "peak": rss("VmHWM")}))
+"""
+
+
+@pytest.mark.slow
+def test_peak_memory_stays_within_two_shards(tmp_path):
+    """A 100 MB fp32 checkpoint in ~10 MB shards (32 experts of 256 x 256 per layer, every layer MoE), LoRA on every
+    linear and the routed experts: the export's peak RSS grows by at most two input shards + SLACK over the RSS
+    before it starts (the whole model would be 100 MB)."""
+    base = tmp_path / "base"
+    make_tiny_model("qwen3_moe", hidden_size=256, moe_intermediate_size=256, num_experts=32, num_hidden_layers=4,
+                    decoder_sparse_step=1).save_pretrained(base, max_shard_size="10MB")
+    _adapter(base, "qwen3_moe", tmp_path / "adapter")
+    shards = list(base.glob("*.safetensors"))
+    model_bytes, shard_bytes = sum(s.stat().st_size for s in shards), max(s.stat().st_size for s in shards)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run([sys.executable, "-c", _MEASURE, str(base), str(tmp_path / "adapter"), str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rss = json.loads(done.stdout.strip().splitlines()[-1])
+    grown = rss["peak"] - rss["before"]
+    print(f"model {model_bytes / 1e6:.0f} MB, largest shard {shard_bytes / 1e6:.1f} MB, peak RSS growth "
+          f"{grown / 1e6:.1f} MB")
+    assert model_bytes > 5 * shard_bytes and grown <= 2 * shard_bytes + SLACK
+
+
+# ---------------------------------------------------------------------------------------------- LLaMA-Factory
+
+def _demo_adapter(out: Path) -> Path:
+    """A stock PEFT adapter of the demo model with attention and routed-expert LoRA (what a kt-sft run saves)."""
+    torch.manual_seed(0)
+    peft = get_peft_model(_stock(DEMO_MODEL), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
+                                                         target_parameters=["mlp.experts.gate_up_proj",
+                                                                            "mlp.experts.down_proj"],
+                                                         init_lora_weights=False))
+    peft.save_pretrained(out)
+    return out
+
+
+def _export_args(adapter: Path, out: Path, use_kt: bool = True, **extra) -> dict:
+    return dict(model_name_or_path=str(DEMO_MODEL), adapter_name_or_path=str(adapter), template="qwen3_nothink",
+                finetuning_type="lora", export_dir=str(out), export_size=1, use_kt=use_kt, **extra)
+
+
+def _same_checkpoints(ours: Path, stock: Path) -> None:
+    assert sorted(os.listdir(ours)) == sorted(os.listdir(stock))
+    for name in os.listdir(stock):
+        if name.endswith(".safetensors"):
+            a, b = load_file(ours / name), load_file(stock / name)
+            assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b), name
+        elif name == "config.json":
+            assert json.loads((ours / name).read_text()) == json.loads((stock / name).read_text())
+        else:
+            assert (ours / name).read_bytes() == (stock / name).read_bytes(), name
+
+
+def test_llamafactory_export_equals_stock(tmp_path):
+    """In process: the hook's export (use_kt) writes what stock LLaMA-Factory's export writes for the same adapter
+    (weights, config, tokenizer, Modelfile), and its refusals come before anything is written."""
+    from kt_sft.llamafactory.config import KTConfigError
+    from kt_sft.llamafactory.startup import activate
+
+    activate()
+    from llamafactory.train.tuner import export_model
+
+    adapter = _demo_adapter(tmp_path / "adapter")
+    export_model(_export_args(adapter, tmp_path / "ours"))
+    export_model(_export_args(adapter, tmp_path / "stock", use_kt=False))
+    _same_checkpoints(tmp_path / "ours", tmp_path / "stock")
+    with pytest.raises(KTConfigError, match="export_hub_model_id with use_kt"):
+        export_model(_export_args(adapter, tmp_path / "x", export_hub_model_id="me/model"))
+    with pytest.raises(ValueError, match="fp8.*use bf16"):
+        export_model(_export_args(adapter, tmp_path / "x", kt_export_format="fp8"))
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        export_model(_export_args(adapter, tmp_path / "ours"))
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_llamafactory_cli_export(tmp_path):
+    """The real `USE_KT=1 llamafactory-cli export cfg.yaml` (subprocess) against stock `llamafactory-cli export`."""
+    import yaml
+
+    from llamafactory_run import llamafactory_cli
+
+    adapter = _demo_adapter(tmp_path / "adapter")
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    logs = {}
+    for use_kt, name in ((True, "ours"), (False, "stock")):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(yaml.safe_dump(_export_args(adapter, tmp_path / name, use_kt)))
+        env = {**os.environ, "USE_KT": "1" if use_kt else "0", "PYTHONPATH": path}
+        done = subprocess.run(llamafactory_cli("export", str(cfg)), env=env, capture_output=True, text=True,
+                              timeout=600)
+        logs[name] = done.stdout + done.stderr
+        assert done.returncode == 0, logs[name][-3000:]
+    _same_checkpoints(tmp_path / "ours", tmp_path / "stock")
+    assert "kt-sft: merged" in logs["ours"] and "kt-sft: merged" not in logs["stock"]
