@@ -119,12 +119,39 @@ def plan_export(model, adapters, out, *, shard_size="5GB", format: str = "bf16",
                 dtype: Optional[torch.dtype] = None, expert_path=None, tokenizer=None, rule=None,
                 family: Optional[MoEFamily] = None) -> ExportPlan:
     """Every check and decision of `export_checkpoint` (same arguments), from config.json, the shards' headers and
-    the adapters alone; nothing is written."""
+    the adapters alone; nothing is written. The model is built on the meta device as the loader builds it (its
+    plan steps: kt_sft.loader), so keys route to the same parameters as when kt-sft loads the checkpoint."""
     from .loader import _experts_modules, _KeyRouter, _Placer, _resolve_model
     from .models.derive import build_meta, resolve_family
 
     base, out = Path(model), Path(out)
     adapters = [Path(a) for a in ([adapters] if isinstance(adapters, (str, os.PathLike)) else adapters or [])]
+    max_bytes = _check_arguments(out, adapters, shard_size, format)
+    config, given, source = _resolve_model(base, None, family, rule)
+    if format == "fp8" and source.name != "fp8-block":
+        raise ValueError(f"export format fp8 (kt_export_format / --format) requantizes merged weights into the "
+                         f"base's block FP8, but {base} is stored as {source}; use bf16")
+    meta = build_meta(config, buffers=False)
+    family = resolve_family(meta, config.model_type, given)
+    edits = read_adapters(adapters, meta, str(base), _vocab_params(meta))
+    files = scan(base, expert_path)
+    reader = TensorReader(files)
+    check_stored(source, files.headers, reader.get, where=lambda key: f"in {files.shard_of(key)}")
+    placer = _Placer(meta, torch.device("cpu"), torch.float32)
+    context = _PlanContext(files, source, format, dtype, family, edits, set(_experts_modules(meta, family)),
+                           _KeyRouter(family, files.headers, placer.renamings), placer, reader)
+    items = context.items()
+    _check_all_applied(edits, context.applied, base)
+    generation = None if (base / "generation_config.json").is_file() else _generation_config(config)
+    plan = ExportPlan(base, out, source, format, family, files, _output_config(base, edits, source, format, dtype,
+                                                                               meta), generation,
+                      _into_shards(items, max_bytes), edits, (Path(tokenizer),) if tokenizer else ())
+    _check_space(out, plan.total_bytes)
+    return plan
+
+
+def _check_arguments(out: Path, adapters: list, shard_size, format: str) -> int:
+    """The arguments that need no file read; returns the shard size in bytes."""
     _check_out(out)
     max_bytes = parse_size(shard_size)
     if format not in FORMATS:
@@ -132,28 +159,7 @@ def plan_export(model, adapters, out, *, shard_size="5GB", format: str = "bf16",
     if not adapters:
         raise ValueError("no adapter given (adapter_name_or_path / --adapter): the export merges a LoRA adapter "
                          "into its base, and without one the base already is the standalone checkpoint")
-    config, given, source = _resolve_model(base, None, family, rule)
-    if format == "fp8" and source.name != "fp8-block":
-        raise ValueError(f"export format fp8 (kt_export_format / --format) requantizes merged weights into the "
-                         f"base's block FP8, but {base} is stored as {source}; use bf16")
-    meta = build_meta(config, buffers=False)
-    family = resolve_family(meta, config.model_type, given)
-    moe_layers = set(_experts_modules(meta, family))
-    edits = read_adapters(adapters, meta, str(base), _vocab_params(meta))
-    files = scan(base, expert_path)
-    reader = TensorReader(files)
-    check_stored(source, files.headers, reader.get, where=lambda key: f"in {files.shard_of(key)}")
-    placer = _Placer(meta, torch.device("cpu"), torch.float32)
-    context = _PlanContext(files, source, format, dtype, family, edits, moe_layers,
-                           _KeyRouter(family, files.headers, placer.renamings), placer, reader)
-    items = context.items()
-    _check_all_applied(edits, context.applied, base)
-    plan = ExportPlan(base, out, source, format, family, files, _output_config(base, edits, source, format, dtype,
-                                                                               meta),
-                      None if (base / "generation_config.json").is_file() else _generation_config(config),
-                      _into_shards(items, max_bytes), edits, tuple(Path(t) for t in ([tokenizer] if tokenizer else [])))
-    _check_space(out, plan.total_bytes)
-    return plan
+    return max_bytes
 
 
 @dataclass
