@@ -12,7 +12,9 @@ path, adapter name stripped). Each key is read as one of:
     <m>.lora_embedding_A / _B                LoRA on an nn.Embedding
     any other key                            a whole tensor that replaces the base's: `modules_to_save`
                                              (`<m>.weight`), `save_embedding_layers` (`<m>.base_layer.weight`: a
-                                             resized vocabulary), trained biases (`bias: all / lora_only`)
+                                             resized vocabulary; PEFT then also saves `<m>.modules_to_save.weight`,
+                                             the same tensor, and `<m>.original_module.weight`, the base's own,
+                                             which merging does not use), trained biases (`bias: all / lora_only`)
 
 and the delta is PEFT's `get_delta_weight`: `transpose(B @ A, fan_in_fan_out) * scaling` (embeddings
 `(B @ A).T * scaling`; fused experts per expert e `A_e.T @ B_e.T * scaling` with A_e = rows [e r, (e+1) r) of A
@@ -211,6 +213,8 @@ def read_adapters(paths, model: nn.Module, base: str, vocab_params=()) -> dict[s
         tensors = load_file(str(Path(path) / ADAPTER_WEIGHTS))
         pairs: dict[str, dict] = {}
         for key, tensor in tensors.items():
+            if ".original_module." in key:
+                continue
             module, factor = _split_key(key)
             if factor is not None:
                 pairs.setdefault(module, {})[factor] = tensor

@@ -300,11 +300,9 @@ def _output_config(base: Path, edits: dict, source: SourceFormat, format: str, d
     if out_dtype is not None:
         config["dtype"] = str(out_dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)
-    embed = meta.get_input_embeddings()
-    for name, edit in edits.items():
-        if edit.replacement is not None and embed is not None and edit.shape[0] != embed.weight.shape[0] \
-                and name in _vocab_params(meta) and "vocab_size" in config:
-            config["vocab_size"] = edit.shape[0]
+    resized = [edits[n].shape[0] for n in _vocab_params(meta) if n in edits and edits[n].replacement is not None]
+    if resized and "vocab_size" in config:
+        config["vocab_size"] = max(resized)
     return config
 
 

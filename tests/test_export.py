@@ -117,6 +117,23 @@ def test_peft_features_and_several_adapters_in_order(tiny_checkpoint, tmp_path):
     assert rel_err(_logits(_stock(tmp_path / "out")), expected) <= RTOL
 
 
+def test_resized_vocabulary(tiny_checkpoint, tmp_path):
+    """New tokens: embeddings resized and saved whole (modules_to_save), config.json's vocab_size follows."""
+    base = tiny_checkpoint("mixtral")
+    model = _stock(base)
+    model.resize_token_embeddings(VOCAB + 3)
+    torch.manual_seed(5)
+    peft = get_peft_model(model, _lora_config("mixtral", modules_to_save=["embed_tokens", "lm_head"]))
+    with torch.no_grad():
+        peft.base_model.model.lm_head.modules_to_save["default"].weight[VOCAB:].normal_()
+    peft.save_pretrained(tmp_path / "adapter")
+    expected = _logits(peft.merge_and_unload())
+    _export(base, tmp_path / "adapter", tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == VOCAB + 3
+    got = _logits(_stock(tmp_path / "out"))
+    assert got.shape[-1] == VOCAB + 3 and rel_err(got, expected) <= RTOL
+
+
 def test_bf16_base_stays_bf16(tmp_path):
     base = tmp_path / "base"
     make_tiny_checkpoint("deepseek_v3", base, dtype=torch.bfloat16)
@@ -224,6 +241,27 @@ def test_shards_honour_the_size_and_the_index_is_complete(tiny_checkpoint, tmp_p
         assert nbytes <= limit or len(sizes) == 1
         total += nbytes
     assert seen == index["weight_map"] and index["metadata"]["total_size"] == total
+
+
+def test_experts_from_a_separate_directory(tiny_checkpoint, tmp_path):
+    """expert_path (kt_expert_checkpoint_path): routed experts read only from there, the rest only from the base
+    (whose stale expert copies are ignored); the output is the export of the whole checkpoint."""
+    from safetensors.torch import save_file
+
+    whole = tiny_checkpoint("qwen3_moe")
+    _adapter(whole, "qwen3_moe", tmp_path / "adapter")
+    dense, experts = tmp_path / "dense", tmp_path / "experts"
+    dense.mkdir()
+    experts.mkdir()
+    (dense / "config.json").write_bytes((whole / "config.json").read_bytes())
+    tensors = _tensors(whole)
+    stale = {k: (torch.zeros_like(v) if ".experts." in k else v) for k, v in tensors.items()}
+    save_file(stale, dense / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if ".experts." in k}, experts / "experts.safetensors")
+    _export(whole, tmp_path / "adapter", tmp_path / "a")
+    _export(dense, tmp_path / "adapter", tmp_path / "b", expert_path=experts)
+    a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
