@@ -127,10 +127,17 @@ class TensorReader:
         self._handle(shard)
 
     def get(self, key: str) -> torch.Tensor:
+        return self._handle(self._shard_of(key)).get_tensor(key)
+
+    def get_slice(self, key: str):
+        """safetensors' lazy slice of `key` (`[e]` reads one row of the leading dimension, e.g. one expert)."""
+        return self._handle(self._shard_of(key)).get_slice(key)
+
+    def _shard_of(self, key: str) -> Path:
         shard = self.current if key in self._current_keys else self.files.where.get(key)
         if shard is None:
             raise CheckpointFormatError(f"{key} is missing: no shard holds it")
-        return self._handle(shard).get_tensor(key)
+        return shard
 
     def _handle(self, shard: Path):
         if shard not in self._open:

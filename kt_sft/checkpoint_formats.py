@@ -214,6 +214,12 @@ def stored_parts(fmt: SourceFormat, key: str, dtype: torch.dtype, shape: tuple,
                                 "quantization_config)")
 
 
+def logical_shape(key: str, shape: tuple, read: Callable[[str], torch.Tensor]) -> tuple:
+    """The shape of the weight stored under `key` (file shape `shape`): INT4's [out, in] from its `weight_shape`
+    (read with `read`), anything else's as stored."""
+    return _int4_shape(stored_linear(key) + ".weight_shape", read) if key.endswith(".weight_packed") else tuple(shape)
+
+
 def _int4_shape(shape_key: str, read) -> tuple[int, int]:
     shape = read(shape_key)
     if shape.numel() != 2 or shape.is_floating_point():

@@ -4,7 +4,8 @@ the flags the kernels use, ISA, threads, the NUMA layout, the checkpoint formats
 directory, what that checkpoint is (family, stored format, host RAM of its experts per expert format, the default
 expert format, its experts' nodes).
 Also the entry point of the other subcommands: `python -m kt_sft families` (every transformers MoE family and its
-status, kt_sft.models.catalog) and `python -m kt_sft eval` (kt_sft.llamafactory.evaluate)."""
+status, kt_sft.models.catalog), `python -m kt_sft eval` (kt_sft.llamafactory.evaluate) and `python -m kt_sft export`
+(an adapter merged into its base checkpoint, kt_sft.export)."""
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -149,7 +150,9 @@ USAGE = """usage: python -m kt_sft env [MODEL_DIR]        versions, CPU, ISA pat
        python -m kt_sft families [README.md]   every transformers MoE family and its status (or rewrite
                                                README.md's table)
        python -m kt_sft eval config.yaml       LLaMA-Factory's MMLU-style evaluator with the hook
-                                               (example: examples/eval/demo_eval_kt.yaml)"""
+                                               (example: examples/eval/demo_eval_kt.yaml)
+       python -m kt_sft export --model DIR --adapter DIR --out DIR [--shard-size 5GB] [--format bf16|fp8]
+                                               the adapter merged into its base checkpoint, streamed"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         from .llamafactory.evaluate import main as run_eval
 
         return run_eval(argv[1:])
+    if argv[:1] == ["export"]:
+        from .export import main as run_export
+
+        return run_export(argv[1:])
     if any(a in ("-h", "--help") for a in argv[:2]):
         print(USAGE)
         return 0

@@ -356,7 +356,7 @@ def test_every_setting_is_a_load_option(get_train_args, tmp_path):
     from kt_sft.load_options import LoadOptions
 
     options = {f.name for f in dataclasses.fields(LoadOptions)}
-    assert {s.setting for s in ktc.KEY_SPECS if s.setting} <= options
+    assert {s.setting for s in ktc.KEY_SPECS if s.setting and s.use == ktc.LOAD} <= options
     model_args, *_ = get_train_args(_args(tmp_path, kt_check_memory=False, kt_max_cache_depth=3))
     fields = ktc.load_fields(model_args.kt_sft_settings)
     assert fields["check_memory"] is False and fields["max_saved"] == 3

@@ -32,6 +32,9 @@ SUPPORTED_STAGES = ("sft", "pt")
 OURS = "kt-sft"                 # the hook takes it out of LLaMA-Factory's arguments and parses it
 LLAMAFACTORY = "LLaMA-Factory"  # a field of LLaMA-Factory's ModelArguments: parsed there, checked here
 RETIRED = "KTransformers"       # a KTransformers key with no kt-sft meaning: refused, its help is the advice
+# What a setting configures (KeySpec.use).
+LOAD = "load"                   # kt_sft.load_model: the setting is the LoadOptions field of its name
+EXPORT = "export"               # `llamafactory-cli export`: an export_checkpoint argument (kt_sft/llamafactory/exporting.py)
 
 
 class KTConfigError(ValueError):
@@ -52,6 +55,7 @@ class KeySpec:
     parse: Optional[Parser] = None  # None: nothing to parse (use_kt, RETIRED keys)
     default: Any = None             # the key's value when unset, as a YAML gives it; None: auto (see help)
     aliases: tuple = ()             # other names for the same key; several given must parse to equal values
+    use: str = LOAD                 # what the setting configures: LOAD or EXPORT
 
     @property
     def names(self) -> tuple:
@@ -194,6 +198,12 @@ KEY_SPECS: tuple[KeySpec, ...] = (
     KeySpec("kt_check_memory", "Before loading, check that host RAM holds the packed experts (+ 10 % + one shard) "
             "and the GPU the non-expert weights, and refuse early when they do not; false skips the check.",
             setting="check_memory", parse=_boolean, default="true"),
+    KeySpec("kt_export_format", "`llamafactory-cli export` only: the format of the merged checkpoint. bf16: every "
+            "weight in bf16 (an FP8 / INT4 base's quantized weights dequantized; weights stored as other floats keep "
+            "their dtype; infer_dtype casts them all). fp8 (a block-FP8 base only): every weight the base stores in "
+            "block FP8 stays so, the merged ones (LoRA targets, routed experts with expert LoRA) requantized on the "
+            "base's own block grid, and config.json keeps the quantization_config.", setting="export_format",
+            parse=_choice({"bf16": "bf16", "fp8": "fp8"}), default="bf16", use=EXPORT),
     KeySpec("kt_expert_checkpoint_path", "Directory whose safetensors hold the routed-expert tensors when they are "
             "not in model_name_or_path (same key names). Unset: model_name_or_path.", LLAMAFACTORY,
             setting="expert_path", parse=_directory),
@@ -231,9 +241,9 @@ KTSettings = dataclasses.make_dataclass("KTSettings", [
 
 
 def load_fields(settings) -> dict:
-    """The `kt_sft.load_options.LoadOptions` fields the settings give (each KeySpec.setting is a LoadOptions field
-    name), loss_chunk_tokens when the run's loss decided it; the rest (device, dtype, ...) is LLaMA-Factory's."""
-    fields = {s.setting: getattr(settings, s.setting) for s in KEY_SPECS if s.setting}
+    """The `kt_sft.load_options.LoadOptions` fields the settings give (each LOAD KeySpec.setting is a LoadOptions
+    field name), loss_chunk_tokens when the run's loss decided it; the rest (device, dtype, ...) is LLaMA-Factory's."""
+    fields = {s.setting: getattr(settings, s.setting) for s in KEY_SPECS if s.setting and s.use == LOAD}
     if settings.loss_chunk_tokens is not None:
         fields["loss_chunk_tokens"] = settings.loss_chunk_tokens
     return fields

@@ -15,6 +15,9 @@ LLaMA-Factory's own code. The changes:
   `patch_sft_workflow`).
 - `llamafactory.model.adapter`: PEFT set-up on an engine model goes through kt_sft.models.expert_lora
   (`lora_target` may name the routed experts; see `patch_adapter`).
+- `llamafactory.train.tuner`: `export_model` with `use_kt` merges the adapters into the base checkpoint streamed
+  shard by shard (kt_sft/llamafactory/exporting.py; stock export would build the whole model and refuses a use_kt
+  one); without `use_kt` it is stock.
 - `llamafactory.chat.hf_engine`: the daemon thread that streams `generate` is stopped and joined when the
   interpreter exits (see `patch_hf_engine`).
 - Without USE_KT=1 the `.pth` installs only `patch_parser_hint` (in llamafactory-cli processes): a config
@@ -248,6 +251,28 @@ def patch_adapter(adapter_module) -> None:
     adapter_module.PeftModel = PeftModel
 
 
+def patch_tuner(tuner_module) -> None:
+    """`llamafactory-cli export` (the launcher imports tuner.export_model when it runs): use_kt arguments go to
+    kt-sft's streaming export, any others to stock export_model."""
+    original_export = tuner_module.export_model
+    if getattr(original_export, "_kt_sft", False):
+        return
+
+    @functools.wraps(original_export)
+    def export_model(args=None) -> None:
+        from llamafactory.hparams import get_infer_args
+
+        model_args, data_args, _, _ = get_infer_args(args)
+        if not getattr(model_args, "use_kt", False):
+            return original_export(args)
+        from .exporting import export_for_llamafactory
+
+        export_for_llamafactory(model_args, data_args)
+
+    export_model._kt_sft = True
+    tuner_module.export_model = export_model
+
+
 _exiting = threading.Event()
 _generate_threads: weakref.WeakSet = weakref.WeakSet()
 
@@ -300,4 +325,5 @@ PATCHES: dict[str, Callable] = {
     "llamafactory.model.loader": patch_loader,
     "llamafactory.train.sft.workflow": patch_sft_workflow,
     "llamafactory.model.adapter": patch_adapter,
+    "llamafactory.train.tuner": patch_tuner,
 }
