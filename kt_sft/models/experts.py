@@ -40,8 +40,8 @@ class ExpertCallPolicy:
     """How an experts module calls its engine layer, set once by the loader (kt_sft.loader.LoadOptions).
 
     chunk_size: most tokens per engine call (longer inputs are split; 0 = no limit).
-    retain: in a checkpoint's first pass (training mode under no_grad) keep the forward for the recompute pass;
-    False runs the CPU experts again instead.
+    retain: in a checkpoint's first pass (training mode, no_grad, inside a checkpoint entered with grad: the NOTE
+    above) keep the forward for the recompute pass; False runs the CPU experts again instead.
     share: the GPU share of this module's layer (kt_sft.engine.GpuShare), or None (every expert on the engine).
     """
 
