@@ -69,12 +69,24 @@ def _dpo_step(policy, ids):
     return saved
 
 
-def test_reference_forward_saves_nothing_under_reentrant_checkpointing(tiny_checkpoint):
+def _enable_checkpointing(model, by: str) -> None:
+    """Reentrant gradient checkpointing as transformers enables it, or as LLaMA-Factory does (its own
+    checkpoint function, which checkpoints only layers with trainable parameters)."""
+    model.enable_input_require_grads()
+    if by == "transformers":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        return
+    from llamafactory.model.model_utils.checkpointing import _gradient_checkpointing_enable
+
+    _gradient_checkpointing_enable(model.get_base_model(), {"use_reentrant": True})
+
+
+@pytest.mark.parametrize("by", ["transformers", "llamafactory"])
+def test_reference_forward_saves_nothing_under_reentrant_checkpointing(tiny_checkpoint, by):
     """Reentrant checkpointing (LLaMA-Factory's default): the policy's first pass keeps one forward per layer for
     the recompute; the reference and KL forwards, also no_grad in training mode, keep nothing."""
     policy = _policy(tiny_checkpoint(FAMILY))
-    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    policy.enable_input_require_grads()
+    _enable_checkpointing(policy, by)
     saved = _dpo_step(policy.train(), _ids())
     moe_layers = len(_layers(policy))
     assert saved == {"policy": [1] * moe_layers, "reference": [1] * moe_layers, "retained": [1] * moe_layers,
