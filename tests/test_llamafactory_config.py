@@ -242,8 +242,14 @@ def test_cli_error_reaches_the_user(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written
 
 
-EXAMPLE_FAMILIES = {"qwen3_30b_a3b": "qwen3_moe", "deepseek_v2_lite": "deepseek_v2", "deepseek_v3": "deepseek_v3",
-                    "mixtral_8x7b": "mixtral", "glm4_5_air": "glm4_moe", "demo": "qwen3_moe"}
+EXAMPLE_FAMILIES = {"qwen3_30b_a3b_lora_sft_kt": "qwen3_moe", "deepseek_v2_lite_lora_sft_kt": "deepseek_v2",
+                    "deepseek_v3_lora_sft_kt": "deepseek_v3", "mixtral_8x7b_lora_sft_kt": "mixtral",
+                    "glm4_5_air_lora_sft_kt": "glm4_moe", "demo_lora_sft_kt": "qwen3_moe",
+                    "demo_lora_dpo_kt": "qwen3_moe"}
+
+
+def test_every_example_config_is_checked():
+    assert {p.stem for p in (REPO / "examples" / "train_lora").glob("*.yaml")} == set(EXAMPLE_FAMILIES)
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLE_FAMILIES))
@@ -251,7 +257,7 @@ def test_example_configs_parse(get_train_args, tmp_path, name):
     """Every shipped example parses with the hook (its checkpoint path swapped for a stand-in of its family)."""
     import yaml
 
-    path = REPO / "examples" / "train_lora" / f"{name}_lora_sft_kt.yaml"
+    path = REPO / "examples" / "train_lora" / f"{name}.yaml"
     text = path.read_text()
     assert text.startswith("# ") and f"USE_KT=1 llamafactory-cli train examples/train_lora/{path.name}" in text
     assert "RAM" in text and "GPU" in text  # says what memory it needs
