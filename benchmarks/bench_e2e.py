@@ -26,6 +26,13 @@ retries with checkpointing and says so). The figures mean something on the devic
 same LoRA init, a row each (bash benchmarks/device_hybrid.sh). --sweep 2x2048 4x2048 8x4096: each batch x seq in
 turn, then one table (tokens/s, step, peak GPU, CPU experts, GPU share, idle) of all.
 
+--loss dpo: each step is LLaMA-Factory's DPO step (pref_loss sigmoid, beta 0.1) instead of the causal-LM loss: the
+batch's first half are the chosen sequences, the second half the rejected ones, both in one policy forward, then
+the reference forward (the same model under PEFT's disable_adapter, no_grad) and the loss from the full logits'
+log-probabilities; tokens/s counts batch x seq per step as for SFT (the reference forward is part of the step).
+Rows carry the variant "... DPO". On the device: bash benchmarks/device_e2e.sh OUTDIR --loss dpo (ours vs stock
+all-GPU DPO in one run, GPU peak of each).
+
 --json prints one JSON row per side on stdout (the report goes to stderr); --record appends them to
 benchmarks/results/bench_e2e.csv (or --results-dir), the rows BENCHMARKS.md's tables are generated from.
 
@@ -297,6 +304,22 @@ def engine_phases(on: bool):
     return ke.phase_profile()
 
 
+def _sequence_logps(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Sum of each row's next-token log-probabilities in fp32, as LLaMA-Factory's get_batch_logps."""
+    logps = logits[:, :-1].float().log_softmax(-1)
+    return logps.gather(-1, ids[:, 1:, None]).squeeze(-1).sum(-1)
+
+
+def dpo_loss(model, ids: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """LLaMA-Factory's DPO sigmoid loss on `ids` = chosen rows then rejected rows (its concatenated_forward): one
+    policy forward for both halves, the reference forward under disable_adapter and no_grad."""
+    policy = _sequence_logps(model(input_ids=ids, use_cache=False).logits, ids)
+    with torch.no_grad(), model.disable_adapter():
+        reference = _sequence_logps(model(input_ids=ids, use_cache=False).logits, ids)
+    chosen, rejected = (policy - reference).chunk(2)
+    return -torch.nn.functional.logsigmoid(beta * (chosen - rejected)).mean()
+
+
 def train(model, args, device: torch.device, checkpointing: bool, timer: EngineTimer | None,
           layers: LayerTimer | None = None) -> dict:
     if checkpointing:  # non-reentrant: kt-sft's retained forwards spare the experts the recompute
@@ -306,7 +329,7 @@ def train(model, args, device: torch.device, checkpointing: bool, timer: EngineT
     batches = token_batches(args, model.config.vocab_size, args.warmup + args.steps + 1, device)
 
     def step(ids):
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss = dpo_loss(model, ids) if args.loss == "dpo" else model(input_ids=ids, labels=ids, use_cache=False).loss
         with layers.backward() if layers else contextlib.nullcontext():
             loss.backward()
         opt.step()
@@ -497,7 +520,8 @@ def _label(side: str, r: dict, args) -> str:
     value = r.get("gpu_experts")
     share = f", GPU share {_share_name(value)}" if value else ""
     dtype = "" if args.format == "bf16" else f", {args.format}"
-    return f"kt-sft (ours{dtype}{share}{ckpt})" if side == "ours" else f"stock (all on {args.device}{ckpt})"
+    dpo = ", DPO" if args.loss == "dpo" else ""
+    return f"kt-sft (ours{dtype}{share}{ckpt}{dpo})" if side == "ours" else f"stock (all on {args.device}{ckpt}{dpo})"
 
 
 def report(runs: list[tuple[str, dict]], args) -> None:
@@ -567,11 +591,12 @@ def _report_targets(r: dict, args) -> None:
 
 
 def variant(side: str, args) -> str:
-    """The side's name in the results: "ours <format>[ + expert LoRA]" or "stock" (the GPU share is the row's
-    gpu_experts setting)."""
+    """The side's name in the results: "ours <format>[ + expert LoRA]" or "stock", " DPO" after either with --loss
+    dpo (the GPU share is the row's gpu_experts setting)."""
+    dpo = " DPO" if args.loss == "dpo" else ""
     if side == "stock":
-        return "stock"
-    return f"ours {args.format}{' + expert LoRA' if args.expert_lora else ''}"
+        return f"stock{dpo}"
+    return f"ours {args.format}{' + expert LoRA' if args.expert_lora else ''}{dpo}"
 
 
 def result_rows(runs: list[tuple[str, dict]], args, provenance: dict | None = None) -> list[dict]:
@@ -774,6 +799,9 @@ def parse_args():
     p.add_argument("--lora-target", nargs="+", default=None,
                    help=f"default {' '.join(DEFAULT_TARGETS)} (deepseek_v3: {' '.join(V3_TARGETS)})")
     p.add_argument("--expert-lora", action="store_true", help="also LoRA on the routed experts (target_parameters)")
+    p.add_argument("--loss", choices=("sft", "dpo"), default="sft",
+                   help="sft: the causal-LM loss (default); dpo: LLaMA-Factory's DPO step (chosen + rejected halves of "
+                        "the batch in one forward, the reference = the model with its adapter disabled)")
     p.add_argument("--format", choices=list(FORMATS), default=None,
                    help="ours: the experts' format (kt_sft.engine.formats: bf16 (default), int8 = kt_backend INT8, "
                         "int8-gemm = AMXINT8, ...); deepseek_v3 takes --formats")
@@ -812,6 +840,8 @@ def parse_args():
         p.error("--formats and --fp8-block are for --family deepseek_v3")
     if v3 and (args.sweep or len(args.gpu_experts or ()) > 1):
         p.error("--sweep and several --gpu-experts values are for the V2-Lite run")
+    if args.loss == "dpo" and (v3 or any(b % 2 for b in [args.batch or 2] + [b for b, _ in args.sweep or []])):
+        p.error("--loss dpo: the V2-Lite run with an even --batch (chosen and rejected halves)")
     return _resolve_defaults(args)
 
 

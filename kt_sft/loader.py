@@ -43,7 +43,7 @@ from .engine.formats import FORMATS, ExpertFormat, FormatLike, for_model_dtype, 
 from .load_options import LoadOptions, resolve_options
 from .models.chunked_loss import install_chunked_loss
 from .models.derive import build_meta, resolve_family
-from .models.experts import ExpertCallPolicy, attach_engine, use_engine
+from .models.experts import ExpertCallPolicy, attach_engine, install_checkpoint_marking, use_engine
 from .models.registry import TESTED, MoEFamily, UnsupportedModelError, get_override
 
 logger = logging.getLogger(__name__)
@@ -152,6 +152,7 @@ def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *
     _read_generation_config(model, plan.path)
     use_engine(model.config)
     install_chunked_loss(model, opts.loss_chunk_tokens)
+    install_checkpoint_marking(model)
     model.kt_summary = _summary(layers, plan, opts.device)
     logger.info(model.kt_summary)
     return model

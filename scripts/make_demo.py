@@ -9,6 +9,10 @@ on a CPU-only box in well under two minutes, with no access to a model hub.  Eve
   letters, repeating a phrase; 3-4 phrasings each), so that even a random model's LoRA loss falls visibly
   within ~100 steps.  Train examples are distinct and no eval example occurs in train (the facts are shared,
   the phrasing/combination is new).  dataset_info.json registers them as `kt_demo` / `kt_demo_eval`.
+* examples/demo/data/kt_demo_pref.json (pairwise: the right answer chosen, another train example's answer
+  rejected; `kt_demo_pref`, for `stage: dpo`) and kt_demo_kto.json (the same prompts, each with the right or
+  a wrong answer and a true/false label; `kt_demo_kto`, for `stage: kto`), from the first N_PREF train
+  examples with their own seed: the tokenizer and model do not depend on them.
 * examples/demo/model/: a byte-level BPE tokenizer trained on that text (every string is encodable; special
   tokens <|endoftext|> = pad, <|im_start|>, <|im_end|> = eos, a ChatML chat template), and a random qwen3_moe
   checkpoint (float32 safetensors, ~3 MB) written by transformers' save_pretrained.  Use LLaMA-Factory's
@@ -41,8 +45,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3MoeConfig
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_SEED, EVAL_SEED, WEIGHT_SEED = 1234, 4321, 0
-N_TRAIN, N_EVAL = 320, 32
+TRAIN_SEED, EVAL_SEED, WEIGHT_SEED, PREF_SEED = 1234, 4321, 0, 2468
+N_TRAIN, N_EVAL, N_PREF = 320, 32, 96
 VOCAB_SIZE = 1024  # the model's embedding rows; the BPE may use fewer
 PAD, BOS_CHAT, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 CHAT_TEMPLATE = (
@@ -152,16 +156,36 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def preference_examples(train: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(pairwise, kto) examples from the first n train examples: the right answer against another example's
+    (a different answer, drawn from one seeded RNG); KTO alternates a right answer (label true) and a wrong one."""
+    rng = random.Random(seed)
+    pairs, kto = [], []
+    for i, ex in enumerate(train[:n]):
+        wrong = rng.choice([other["output"] for other in train if other["output"] != ex["output"]])
+        prompt = {"instruction": ex["instruction"], "input": ex["input"]}
+        pairs.append({**prompt, "chosen": ex["output"], "rejected": wrong})
+        kto.append({**prompt, "output": ex["output"] if i % 2 == 0 else wrong, "label": i % 2 == 0})
+    return pairs, kto
+
+
 def write_dataset(data_dir: Path) -> list[dict]:
     data_dir.mkdir(parents=True)
     train = make_examples(N_TRAIN, TRAIN_SEED)
     held_out = make_examples(N_EVAL, EVAL_SEED, exclude=train)  # no example is also in train
+    pairs, kto = preference_examples(train, N_PREF, PREF_SEED)
     write_json(data_dir / "kt_demo.json", train)
     write_json(data_dir / "kt_demo_eval.json", held_out)
+    write_json(data_dir / "kt_demo_pref.json", pairs)
+    write_json(data_dir / "kt_demo_kto.json", kto)
     columns = {"prompt": "instruction", "query": "input", "response": "output"}
     write_json(data_dir / "dataset_info.json", {
         "kt_demo": {"file_name": "kt_demo.json", "columns": columns},
         "kt_demo_eval": {"file_name": "kt_demo_eval.json", "columns": columns},
+        "kt_demo_pref": {"file_name": "kt_demo_pref.json", "ranking": True,
+                         "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen",
+                                     "rejected": "rejected"}},
+        "kt_demo_kto": {"file_name": "kt_demo_kto.json", "columns": {**columns, "kto_tag": "label"}},
     })
     return train
 

@@ -216,6 +216,18 @@ def test_bench_e2e_smoke_mode_trains(tmp_path, fmt):
 
 
 @pytest.mark.slow
+def test_bench_e2e_dpo_smoke_mode_trains(tmp_path):
+    """--loss dpo: LLaMA-Factory's DPO step (chosen + rejected halves in one forward, the reference under
+    disable_adapter) with expert LoRA; step 1 is ln 2 (the reference is the policy with a zero adapter)."""
+    proc = _run("benchmarks/bench_e2e.py", "--tiny", "--dir", str(tmp_path / "ckpt"), "--loss", "dpo",
+                "--expert-lora", "--json")
+    [row] = _json_rows(proc.stdout, "bench_e2e")
+    assert row["variant"] == "ours bf16 + expert LoRA DPO"
+    assert abs(row["loss_first"] - math.log(2)) < 1e-3 and math.isfinite(row["loss_last"])
+    assert row["cpu_experts_ms"] > 0
+
+
+@pytest.mark.slow
 def test_bench_e2e_deepseek_v3_tiny_trains_each_format_from_block_fp8(tmp_path):
     """--family deepseek_v3 --tiny: the block-FP8 writer's checkpoint (stock key names, e4m3 codes that are never
     NaN, fp32 scales on the 40 x 40 block grid, the rest bf16) trains in each default format, one child each; the

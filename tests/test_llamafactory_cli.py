@@ -6,7 +6,6 @@
 - a run killed after a checkpoint save resumes with the losses of the uninterrupted run.
 """
 import json
-import os
 import re
 import signal
 import subprocess
@@ -15,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import kt_sft
-from llamafactory_run import llamafactory_cli
+from llamafactory_run import example_config, history, launch, train
 
 pytestmark = pytest.mark.slow  # every test trains through the real CLI in subprocesses
 
@@ -30,37 +28,10 @@ STEPS = 8
 
 
 def _config(out: Path, use_kt: bool = True, **overrides) -> dict:
-    cfg = yaml.safe_load(DEMO_YAML.read_text())
-    for key in ("model_name_or_path", "dataset_dir"):
-        cfg[key] = str(REPO / cfg[key])
-    cfg.update(output_dir=str(out), max_steps=STEPS, logging_steps=1, save_steps=STEPS, kt_backend="FP32",
-               num_train_epochs=1, overwrite_output_dir=True)
-    cfg.update(overrides)
-    if not use_kt:  # stock LLaMA-Factory: none of our keys
-        cfg = {k: v for k, v in cfg.items() if not (k.startswith("kt_") or k in ("use_kt", "cpu_infer", "chunk_size"))}
-    return cfg
+    return example_config(DEMO_YAML, out, use_kt, steps=STEPS, **overrides)
 
 
-def _launch(cfg: dict, tmp: Path, use_kt: bool = True) -> subprocess.Popen:
-    path = tmp / f"{Path(cfg['output_dir']).name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "USE_KT": "1" if use_kt else "0", "KT_SFT_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
-    log = open(tmp / f"{Path(cfg['output_dir']).name}.log", "w")
-    return subprocess.Popen(llamafactory_cli("train", str(path)), env=env, stdout=log, stderr=subprocess.STDOUT,
-                            text=True)
-
-
-def _train(cfg: dict, tmp: Path, use_kt: bool = True) -> str:
-    proc = _launch(cfg, tmp, use_kt)
-    proc.wait(timeout=600)
-    log = (tmp / f"{Path(cfg['output_dir']).name}.log").read_text()
-    assert proc.returncode == 0, log[-4000:]
-    return log
-
-
-def _history(out: Path) -> dict[int, dict]:
-    state = json.loads((out / "trainer_state.json").read_text())
-    return {e["step"]: e for e in state["log_history"] if "loss" in e}
+_launch, _train, _history = launch, train, history
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,12 @@ BAD = [
     ({"kt_bogus": 1}, "unknown kt-sft key(s) kt_bogus"),
     ({"finetuning_type": "full"}, "finetuning_type='full'"),
     ({"finetuning_type": "freeze"}, "trains LoRA adapters only"),
-    ({"stage": "dpo"}, "supported stages are sft, pt"),
+    ({"stage": "rm"}, "supported stages are sft, pt, dpo, kto"),
+    ({"stage": "dpo", "finetuning_type": "full"}, "reference model is the same model with the adapter disabled"),
+    ({"stage": "dpo", "ref_model": "/some/other/model"}, "ref_model='/some/other/model': with use_kt the reference"),
+    ({"stage": "kto", "ref_model": str(DEMO_MODEL), "ref_model_adapters": "/an/adapter"},
+     "ref_model_adapters='/an/adapter': with use_kt the reference model is model_name_or_path with the LoRA"),
+    ({"stage": "dpo", "ref_model_quantization_bit": 4}, "ref_model_quantization_bit=4: with use_kt"),
     ({"kt_backend": "Q4"}, "'Q4' is not one of"),
     ({"cpu_infer": 2, "kt_num_threads": 3}, "kt_num_threads=3 and cpu_infer=2 disagree"),
     ({"kt_num_threads": -1}, "kt_num_threads: expected an integer >= 0"),
@@ -132,6 +137,27 @@ def test_bad_config_fails_before_loading(get_train_args, tmp_path, extra, messag
     with pytest.raises(ktc.KTConfigError, match=None) as err:
         get_train_args(_args(tmp_path, **extra))
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("stage,extra", [("dpo", {"pref_loss": loss}) for loss in
+                                         ("sigmoid", "ipo", "hinge", "orpo", "simpo")] + [("kto", {})])
+def test_preference_stages_are_accepted(get_train_args, tmp_path, stage, extra):
+    """DPO / KTO with LoRA; a ref_model naming the base checkpoint (here by another spelling) is accepted: it is the
+    policy with its adapter disabled, which the workflow reuses (patches.patch_preference_workflow)."""
+    dataset = {"dpo": "kt_demo_pref", "kto": "kt_demo_kto"}[stage]
+    model_args, _, _, finetuning_args, _ = get_train_args(_args(tmp_path, stage=stage, dataset=dataset, **extra))
+    assert model_args.kt_sft_settings is not None and finetuning_args.stage == stage
+    get_train_args(_args(tmp_path, stage=stage, dataset=dataset, ref_model=str(DEMO_MODEL) + "/.", **extra))
+
+
+def test_preference_workflows_reuse_the_policy_as_reference():
+    from llamafactory.train.dpo import workflow as dpo_workflow
+    from llamafactory.train.kto import workflow as kto_workflow
+
+    activate()
+    model_args, finetuning_args = SimpleNamespace(use_kt=True), SimpleNamespace(ref_model=str(DEMO_MODEL))
+    for workflow in (dpo_workflow, kto_workflow):
+        assert workflow.create_ref_model(model_args, finetuning_args) is None  # never a second load
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed here")
@@ -218,8 +244,14 @@ def test_cli_error_reaches_the_user(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written
 
 
-EXAMPLE_FAMILIES = {"qwen3_30b_a3b": "qwen3_moe", "deepseek_v2_lite": "deepseek_v2", "deepseek_v3": "deepseek_v3",
-                    "mixtral_8x7b": "mixtral", "glm4_5_air": "glm4_moe", "demo": "qwen3_moe"}
+EXAMPLE_FAMILIES = {"qwen3_30b_a3b_lora_sft_kt": "qwen3_moe", "deepseek_v2_lite_lora_sft_kt": "deepseek_v2",
+                    "deepseek_v3_lora_sft_kt": "deepseek_v3", "mixtral_8x7b_lora_sft_kt": "mixtral",
+                    "glm4_5_air_lora_sft_kt": "glm4_moe", "demo_lora_sft_kt": "qwen3_moe",
+                    "demo_lora_dpo_kt": "qwen3_moe"}
+
+
+def test_every_example_config_is_checked():
+    assert {p.stem for p in (REPO / "examples" / "train_lora").glob("*.yaml")} == set(EXAMPLE_FAMILIES)
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLE_FAMILIES))
@@ -227,7 +259,7 @@ def test_example_configs_parse(get_train_args, tmp_path, name):
     """Every shipped example parses with the hook (its checkpoint path swapped for a stand-in of its family)."""
     import yaml
 
-    path = REPO / "examples" / "train_lora" / f"{name}_lora_sft_kt.yaml"
+    path = REPO / "examples" / "train_lora" / f"{name}.yaml"
     text = path.read_text()
     assert text.startswith("# ") and f"USE_KT=1 llamafactory-cli train examples/train_lora/{path.name}" in text
     assert "RAM" in text and "GPU" in text  # says what memory it needs

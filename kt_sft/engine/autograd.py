@@ -370,8 +370,9 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     """Differentiable routed-experts call: x [T, H], topk_ids [T, k], topk_weights [T, k] -> y [T, H].
 
     Activations are saved when a gradient can flow to x, topk_weights or a LoRA factor, or when `retain` asks
-    for it: a training-mode forward under no_grad is the first pass of reentrant gradient checkpointing, and
-    keeping its result lets the recompute pass skip the CPU experts (`layer.retained`, kt_sft.engine.retained).
+    for it: the experts module asks in the first pass of reentrant gradient checkpointing (no_grad inside a
+    checkpoint entered with grad, kt_sft.models.experts), and keeping its result lets the recompute pass skip the
+    CPU experts (`layer.retained`, kt_sft.engine.retained). Any other no_grad call saves nothing.
 
     `lora`: per-expert LoRA on the routed experts (`ExpertLoRA`, PEFT's flat layout, one rank per projection).
     The factors may be parameters on any device (GPU ones are copied to the host for each call, their gradients

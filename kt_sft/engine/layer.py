@@ -89,6 +89,7 @@ class ExpertLayer:
                                        self.format.scale_block, activation, int(max_saved))
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.retained = RetainedForwards(self._layer)
+        self._issued: list[int] = []  # handles of saving forwards, pruned of dead ones (saved_forwards)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -269,6 +270,10 @@ class ExpertLayer:
         y = out if out is not None else _host_output((T, self.hidden_size), self.dtype)
         handle = self._layer.forward(T, k, x.data_ptr(), topk_ids.data_ptr(), topk_weights.data_ptr(), y.data_ptr(),
                                      bool(save_for_backward), **largs)
+        if handle:
+            self._issued.append(int(handle))
+            if len(self._issued) > 2 * self.max_saved:
+                self._prune_issued()
         return y, handle
 
     def backward(self, handle: int, dy: torch.Tensor, lora: Optional[ExpertLoRA] = None):
@@ -300,6 +305,23 @@ class ExpertLayer:
         """Keep at least `n` saved forwards from now on (engine slots and the retained-forward cache alike)."""
         if n > self.max_saved:
             self._layer.grow_saved(int(n))
+
+    def _live(self, handle: int) -> bool:
+        try:
+            self._layer.saved_shape(handle)
+            return True
+        except RuntimeError:  # consumed by its backward, released, or its slot reused by a later forward
+            return False
+
+    def _prune_issued(self) -> None:
+        self._issued = [h for h in self._issued if self._live(h)]
+
+    @property
+    def saved_forwards(self) -> int:
+        """How many forwards' activations the engine holds for a backward that has not run yet (0 after every
+        backward, and after forwards that saved nothing: inference, a DPO reference forward)."""
+        self._prune_issued()
+        return len(self._issued)
 
     @property
     def max_saved(self) -> int:

@@ -27,7 +27,10 @@ from ..engine.formats import FORMATS, ExpertFormat, backend_names, get_format
 from ..engine.runtime import numa_setting
 from ..models.registry import MoEFamily, UnsupportedModelError
 
-SUPPORTED_STAGES = ("sft", "pt")
+SUPPORTED_STAGES = ("sft", "pt", "dpo", "kto")
+# Stages whose loss compares the policy with a reference model: with use_kt the reference is the policy with its
+# adapter disabled (PEFT's disable_adapter), never a second copy of the routed experts (_check_reference).
+PREFERENCE_STAGES = ("dpo", "kto")
 # Who parses a key (KeySpec.source).
 OURS = "kt-sft"                 # the hook takes it out of LLaMA-Factory's arguments and parses it
 LLAMAFACTORY = "LLaMA-Factory"  # a field of LLaMA-Factory's ModelArguments: parsed there, checked here
@@ -332,14 +335,18 @@ def resolve(keys: dict[str, Any], model_args, finetuning_args=None, training_arg
     settings = _settings_from_keys(keys, model_args)
     if finetuning_args is not None:
         if finetuning_args.finetuning_type != "lora":
+            reference = (" and its reference model is the same model with the adapter disabled"
+                         if finetuning_args.stage in PREFERENCE_STAGES else "")
             raise KTConfigError(f"finetuning_type={finetuning_args.finetuning_type!r} with use_kt: kt-sft trains "
-                                "LoRA adapters only (the routed experts are frozen); set finetuning_type: lora")
+                                f"LoRA adapters only (the routed experts are frozen{reference}); set "
+                                "finetuning_type: lora")
         if training_args is not None and getattr(training_args, "do_train", False) \
                 and finetuning_args.stage not in SUPPORTED_STAGES:
             raise KTConfigError(f"stage={finetuning_args.stage!r} with use_kt: supported stages are "
                                 f"{', '.join(SUPPORTED_STAGES)}")
         if getattr(finetuning_args, "use_asft_loss", False):
             settings.loss_chunk_tokens = 0  # ASFT reads the training forward's logits (labels passed along)
+        _check_reference(model_args, finetuning_args)
     if getattr(model_args, "quantization_bit", None) is not None:
         raise KTConfigError("quantization_bit with use_kt: the routed experts are already in CPU RAM; remove "
                             "quantization_bit (for int8 experts use kt_backend: AMXINT8)")
@@ -365,6 +372,31 @@ def resolve(keys: dict[str, Any], model_args, finetuning_args=None, training_arg
 def _relative_note(path) -> str:
     """For an error about a path that does not exist: where a relative one was looked for."""
     return "" if not path or os.path.isabs(str(path)) else f" (relative to the working directory {os.getcwd()})"
+
+
+def same_checkpoint(a, b) -> bool:
+    """Whether two model paths name the same directory (a symlink or another spelling of it counts)."""
+    try:
+        return os.path.samefile(str(a), str(b))
+    except OSError:
+        return False
+
+
+def _check_reference(model_args, finetuning_args) -> None:
+    """DPO / KTO with use_kt: the reference model is the policy with its adapter disabled, so the routed experts stay
+    in RAM once. A `ref_model` naming the base checkpoint itself is that model and is reused (patches.
+    patch_preference_workflow); any other reference would load a second copy of the experts and is refused."""
+    if finetuning_args.stage not in PREFERENCE_STAGES:
+        return
+    ref = getattr(finetuning_args, "ref_model", None)
+    how = ("with use_kt the reference model is model_name_or_path with the LoRA adapter disabled (no second copy "
+           "of the routed experts)")
+    if ref is not None and not same_checkpoint(ref, model_args.model_name_or_path):
+        raise KTConfigError(f"ref_model={ref!r}: {how}, so a different reference model cannot be used; remove "
+                            "ref_model or set it to model_name_or_path")
+    for key in ("ref_model_adapters", "ref_model_quantization_bit"):
+        if getattr(finetuning_args, key, None) is not None:
+            raise KTConfigError(f"{key}={getattr(finetuning_args, key)!r}: {how}; remove {key}")
 
 
 def _check_model(model_args, settings: KTSettings):

@@ -13,6 +13,8 @@ LLaMA-Factory's own code. The changes:
     and before any weight is read.
 - `llamafactory.train.sft.workflow`: lets `predict_with_generate` / `compute_accuracy` run (see
   `patch_sft_workflow`).
+- `llamafactory.train.dpo.workflow`, `llamafactory.train.kto.workflow`: a `ref_model` naming the base checkpoint
+  is the policy with its adapter disabled, not a second load (see `patch_preference_workflow`).
 - `llamafactory.model.adapter`: PEFT set-up on an engine model goes through kt_sft.models.expert_lora
   (`lora_target` may name the routed experts; see `patch_adapter`).
 - `llamafactory.train.tuner`: `export_model` with `use_kt` merges the adapters into the base checkpoint streamed
@@ -195,6 +197,27 @@ def patch_sft_workflow(workflow_module) -> None:
     workflow_module.load_model = load_model
 
 
+def patch_preference_workflow(workflow_module) -> None:
+    """DPO / KTO (LLaMA-Factory's run_dpo / run_kto). Their reference forward is LLaMA-Factory's own: with LoRA and
+    no ref_model the trainer runs the policy under `disable_adapter()` and no_grad (PEFT's context switches off the
+    engine's expert LoRA terms too, and such a forward saves nothing in the engine: kt_sft.models.experts). A
+    `ref_model` reaches `create_ref_model` only when config._check_reference accepted it, i.e. when it is the base
+    checkpoint itself: that model is the policy with its adapter disabled, so no second model (and no second copy
+    of the experts) is loaded; the trainer then takes the disable_adapter path."""
+    original_create = workflow_module.create_ref_model
+    if getattr(original_create, "_kt_sft", False):
+        return
+
+    @functools.wraps(original_create)
+    def create_ref_model(model_args, finetuning_args, add_valuehead: bool = False):
+        if getattr(model_args, "use_kt", False):
+            return None
+        return original_create(model_args, finetuning_args, add_valuehead)
+
+    create_ref_model._kt_sft = True
+    workflow_module.create_ref_model = create_ref_model
+
+
 def split_lora_targets(model, target_modules) -> tuple[list[str], list[str]]:
     """LLaMA-Factory's lora_target list -> (target_modules, expert target_parameters) for an engine model.
 
@@ -324,6 +347,8 @@ PATCHES: dict[str, Callable] = {
     "llamafactory.hparams.parser": patch_parser,
     "llamafactory.model.loader": patch_loader,
     "llamafactory.train.sft.workflow": patch_sft_workflow,
+    "llamafactory.train.dpo.workflow": patch_preference_workflow,
+    "llamafactory.train.kto.workflow": patch_preference_workflow,
     "llamafactory.model.adapter": patch_adapter,
     "llamafactory.train.tuner": patch_tuner,
 }
