@@ -134,6 +134,7 @@ class EngineTimer:
 
         self.seconds = {"forward": 0.0, "backward": 0.0, "staging": 0.0}
         self.calls = 0
+        self.intervals: list | None = None  # (start, end) perf_counter seconds of each engine call, when a list
         for name in ("forward", "backward"):
             setattr(ExpertLayer, name, self._timed(getattr(ExpertLayer, name), name, count=True))
         for name in ("_to_engine", "_from_engine"):  # looked up as module globals at call time
@@ -145,8 +146,11 @@ class EngineTimer:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds[bucket] += time.perf_counter() - start
+                end = time.perf_counter()
+                self.seconds[bucket] += end - start
                 self.calls += count
+                if count and self.intervals is not None:
+                    self.intervals.append((start, end))
 
         return timed
 
@@ -209,29 +213,70 @@ class LayerTimer:
         return out
 
 
-def _merged_ms(intervals: list[tuple[float, float]]) -> float:
-    """Length of the union of [start, end) intervals (us in, ms out): concurrent streams count once."""
-    total, end = 0.0, float("-inf")
+def _merge(intervals) -> list[tuple[float, float]]:
+    """The union of [start, end) intervals as disjoint sorted ones."""
+    out: list[list[float]] = []
     for start, stop in sorted(intervals):
-        if stop > end:
-            total += stop - max(start, end)
-            end = stop
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], stop)
+        elif stop > start:
+            out.append([start, stop])
+    return [(a, b) for a, b in out]
+
+
+def _merged_ms(intervals) -> float:
+    """Length of the union of [start, end) intervals (us in, ms out): concurrent streams count once."""
+    return sum(b - a for a, b in _merge(intervals)) / 1e3
+
+
+def _both_ms(first, second) -> float:
+    """Length of the intersection of two unions of intervals (us in, ms out): the time both are busy."""
+    a, b, total, i, j = _merge(first), _merge(second), 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
     return total / 1e3
 
 
-def profile_gpu(step, device: torch.device) -> dict:
-    """GPU busy time of one step from a CUDA-activity trace; without CUDA every figure is n/a (None)."""
+def busy_breakdown(kernels, copies, engine, wall_ms: float) -> dict:
+    """Where a step's time goes (intervals in us on one clock, ms out): the GPU's kernels and copies apart and
+    together (a step bound by the link shows copies alone, one bound by compute kernels alone), idle (neither),
+    and the CPU engine's calls against the GPU: both busy, the engine alone (the GPU waits for it)."""
+    gpu = kernels + copies
+    both = _both_ms(kernels, copies)
+    gpu_ms, engine_ms, with_gpu = _merged_ms(gpu), _merged_ms(engine), _both_ms(engine, gpu)
+    return {"kernels_only_ms": _merged_ms(kernels) - both, "copies_only_ms": _merged_ms(copies) - both,
+            "kernels_and_copies_ms": both, "gpu_idle_ms": max(0.0, wall_ms - gpu_ms),
+            "engine_busy_ms": engine_ms, "engine_and_gpu_ms": with_gpu, "engine_alone_ms": engine_ms - with_gpu,
+            "neither_ms": max(0.0, wall_ms - _merged_ms(gpu + engine))}
+
+
+def profile_gpu(step, device: torch.device, timer: "EngineTimer | None" = None) -> dict:
+    """GPU busy time of one step from a CUDA-activity trace, and with `timer` its busy_breakdown against the
+    engine's calls (host clock mapped onto the trace's by a marker kernel launched on an idle GPU right at the
+    start: the trace's first kernel, off by its launch latency, ~10 us); without CUDA every figure is n/a (None)."""
+    none = {"gpu_kernel_ms": None, "gpu_copy_ms": None, "gpu_busy_ms": None, "profiled_step_ms": None}
     if device.type != "cuda":
         step()
-        return {"gpu_kernel_ms": None, "gpu_copy_ms": None, "gpu_busy_ms": None, "profiled_step_ms": None}
+        return none
     from torch.profiler import ProfilerActivity, profile
 
+    marker = torch.zeros(1, device=device)
+    if timer is not None:
+        timer.intervals = []
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         torch.cuda.synchronize()
         start = time.perf_counter()
+        marker.fill_(1.0)
         step()
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1e3
+    engine = [] if timer is None else timer.intervals
+    if timer is not None:
+        timer.intervals = None
     with tempfile.TemporaryDirectory() as tmp:  # the chrome trace names the device categories explicitly
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
@@ -243,9 +288,12 @@ def profile_gpu(step, device: torch.device) -> dict:
             spans[kind].append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
     if not spans["kernel"]:  # CUPTI unavailable (e.g. no profiling permission): n/a, not a 100% idle GPU
         log("profiler recorded no CUDA kernels; GPU compute / copies / idle are n/a")
-        return {"gpu_kernel_ms": None, "gpu_copy_ms": None, "gpu_busy_ms": None, "profiled_step_ms": wall_ms}
+        return {**none, "profiled_step_ms": wall_ms}
+    origin = min(a for a, _ in spans["kernel"])  # the marker's start, i.e. `start` on the host clock
+    engine = [((a - start) * 1e6 + origin, (b - start) * 1e6 + origin) for a, b in engine]
     return {"gpu_kernel_ms": _merged_ms(spans["kernel"]), "gpu_copy_ms": _merged_ms(spans["copy"]),
-            "gpu_busy_ms": _merged_ms(spans["kernel"] + spans["copy"]), "profiled_step_ms": wall_ms}
+            "gpu_busy_ms": _merged_ms(spans["kernel"] + spans["copy"]), "profiled_step_ms": wall_ms,
+            "busy": busy_breakdown(spans["kernel"], spans["copy"], engine, wall_ms)}
 
 
 def lora_config(args):
@@ -340,7 +388,7 @@ def train(model, args, device: torch.device, checkpointing: bool, timer: EngineT
                 shares.append(share_plan.take_totals())
             if layers:
                 per_layer.append(layers.take())
-    res = profile_gpu(lambda: step(batches[-1]), device)
+    res = profile_gpu(lambda: step(batches[-1]), device, timer)
     step_s = statistics.median(walls)
     res.update(results.spread(args.batch * args.seq, walls))
     res.update(step_ms=step_s * 1e3, losses=losses, gradient_checkpointing=checkpointing)
@@ -546,6 +594,19 @@ def _report_details(side: str, r: dict, args) -> None:
         print(f"  engine phases per step (ms, all layers): {inside}")
     if r.get("gpu_share_ms") is not None:
         print(f"  {_share_breakdown(r)}")
+    if r.get("busy"):
+        print(f"  {_busy_line(r)}")
+
+
+def _busy_line(r: dict) -> str:
+    """The profiled step's busy_breakdown (also in the results row's note)."""
+    b = r["busy"]
+    line = (f"profiled step {r['profiled_step_ms']:.0f} ms: GPU kernels alone {b['kernels_only_ms']:.0f}, copies "
+            f"alone {b['copies_only_ms']:.0f}, both {b['kernels_and_copies_ms']:.0f}, idle {b['gpu_idle_ms']:.0f}")
+    if b["engine_busy_ms"]:
+        line += (f"; CPU engine busy {b['engine_busy_ms']:.0f} ms, {b['engine_and_gpu_ms']:.0f} of it with the GPU "
+                 f"busy too, {b['engine_alone_ms']:.0f} alone; neither busy {b['neither_ms']:.0f}")
+    return line
 
 
 def _share_breakdown(r: dict) -> str:
@@ -588,7 +649,8 @@ def result_rows(runs: list[tuple[str, dict]], args, provenance: dict | None = No
     rows = []
     for side, r in runs:
         losses = r.get("losses") or [None]
-        notes = [n for n in (r.get("note"), _share_breakdown(r) if r.get("gpu_share_ms") is not None else None) if n]
+        notes = [n for n in (r.get("note"), _share_breakdown(r) if r.get("gpu_share_ms") is not None else None,
+                             _busy_line(r) if r.get("busy") else None) if n]
         row = {**run_info, "gpu_experts": _share_name(r.get("gpu_experts") or 0) if side == "ours" else 0,
                "threads": r.get("threads", run_info["threads"]), "variant": variant(side, args),
                "tokens_per_s": r["tokens_per_s"], "tokens_per_s_min": r["tokens_per_s_min"],
