@@ -204,6 +204,37 @@ def test_ring_keeps_a_calls_unread_chunks(monkeypatch):
         assert len(got) == 5 and all(issued <= min(5, a + 3) for issued, a in got), got
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["per_expert", "grouped_mm"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_backward_without_lora_is_autograds_own_result(fmt, grouped, monkeypatch):
+    """The share's backward without LoRA computes the chunk's gradients by hand (no graph): bit for bit what
+    autograd computes through the forward's own ops, per expert or through grouped_mm (run on the CPU here)."""
+    import kt_sft.engine.gpu_share as gs
+
+    gen = torch.Generator().manual_seed(10)
+    T, E, H, I, k = 40, 6, 64, 48, 3
+    layer, _ = _layer(E, H, I, fmt, gen)
+    share = GpuShare(layer, (4, 1, 2), "cpu", min_tokens=1, chunk=2)
+    if grouped:
+        monkeypatch.setattr(GpuShare, "_mm", lambda self, x, w, counts, offs, transposed=True:
+                            gs._expert_mm(x, w.contiguous(), counts, offs, transposed))
+    ids, w = make_routing(T, E, k, "skewed", gen)
+    x, dy = torch.randn(T, H, generator=gen).bfloat16(), torch.randn(T, H, generator=gen)
+    _, plan = share.split(ids)
+    dx, dw, grads = share.backward(x, w, dy, plan)
+    assert grads is None
+    want_dx, want_dw = torch.zeros(T, H), torch.zeros(T * k)
+    for a, c, gate, up, down in share._chunks(plan, 1):
+        lo, hi = share._chunk_rows(plan, a, c)
+        tok, pos = plan["tok"][lo:hi], plan["pos"][lo:hi]
+        xs, ws = x[tok].requires_grad_(), w.flatten()[pos].float().requires_grad_()
+        with torch.enable_grad():
+            torch.autograd.backward(share._rows(xs, ws, a, plan, gate, up, down, None), dy[tok].float())
+        want_dx.index_add_(0, tok, xs.grad.float())
+        want_dw[pos] = ws.grad
+    assert torch.equal(dx, want_dx) and torch.equal(dw.flatten(), want_dw)
+
+
 def test_small_calls_stay_on_the_engine():
     gen = torch.Generator().manual_seed(4)
     layer, _ = _layer(4, 32, 32, torch.float32, gen)
