@@ -7,6 +7,9 @@
 #      GPU idle, peak GPU, the share's breakdown (CPU waits for GPU / GPU waits for the engine, experts per call)
 #      and the profiled step's busy breakdown (GPU kernels alone / copies alone / both / idle; the engine's calls
 #      with the GPU busy or alone) and the targets (int8 >= 8,000 tokens/s, bf16 >= 6,000, GPU idle < 20 %).
+#   SWEEP=1 instead: per format the tokens-per-step sweep (SHAPES, default 2x2048 4x2048 8x4096, gradient
+#      checkpointing) with `auto` only: tokens/s, peak GPU and idle per size, how the stream's fixed cost amortizes
+#      (~2 min per format: each size loads once; 8 x 4096 steps take a few seconds each).
 #   2. with OVERLAP=1 first: bench_overlap.py, one layer's engine part of a 0.7 split alone and under each
 #      interference (DMA, a launching thread, a torch op, the real split call) (~30 s; measured 2026-12-05).
 # Budget from a fresh machine: build ~1.5 min, writing the 16 GB random checkpoint ~1 min (reused while
@@ -27,6 +30,16 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ "${OVERLAP:-0}" = 1 ]; then
   python3 benchmarks/bench_overlap.py --formats ${OVERLAP_FORMATS:-int8-gemm} 2>&1 | grep --line-buffered -v Warning \
     | tee "$out/bench_overlap.log"
+fi
+if [ "${SWEEP:-0}" = 1 ]; then
+  for fmt in $FORMATS; do
+    echo "=== $fmt experts: sweep ${SHAPES:-2x2048 4x2048 8x4096}, gpu_experts auto ==="
+    python3 benchmarks/bench_e2e.py --dir /tmp/v2lite-rand --layers "$LAYERS" --format "$fmt" --gpu-experts auto \
+        --sweep ${SHAPES:-2x2048 4x2048 8x4096} --steps "$STEPS" --warmup 1 --no-baseline --record \
+        --results-dir "$out/results" 2>&1 | grep --line-buffered -v Warning | tee "$out/bench_e2e_sweep_$fmt.log" \
+      | grep --line-buffered -E "^(  profiled step|sweep| *batch x seq| +[0-9]+ x [0-9]+|target tokens|wrote|reusing)"
+  done
+  exit 0
 fi
 for fmt in $FORMATS; do
   echo "=== $fmt experts: gpu_experts $VARIANTS, staging rings $RINGS MiB ==="
