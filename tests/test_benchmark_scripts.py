@@ -382,3 +382,16 @@ def test_bench_overlap_tiny_runs():
     proc = _run("benchmarks/bench_overlap.py", "--tiny", "--formats", "bf16")
     rows = re.findall(r"^  (alone|after torch op)\s+([\d.]+) ms\s+([\d.]+)x alone", proc.stdout, re.M)
     assert [r[0] for r in rows] == ["alone", "after torch op"] and float(rows[0][2]) == 1.0, proc.stdout
+
+
+def test_busy_breakdown_splits_a_step_into_gpu_and_engine_time():
+    """bench_e2e's profiled-step breakdown on hand-made intervals (us): kernels 0-10 and 20-30, a copy 5-25, the
+    engine 8-40, a 50 us step: kernels alone 10, copies alone 10, both 10, GPU idle 20; the engine 32 busy, 22 of
+    it with the GPU busy, 10 alone; neither busy 10 (40-50)."""
+    from bench_e2e import busy_breakdown
+
+    got = busy_breakdown([(0, 10), (20, 30)], [(5, 25)], [(8, 40)], 0.05)
+    want = dict(kernels_only_ms=0.01, copies_only_ms=0.01, kernels_and_copies_ms=0.01, gpu_idle_ms=0.02,
+                engine_busy_ms=0.032, engine_and_gpu_ms=0.022, engine_alone_ms=0.01, neither_ms=0.01)
+    assert got.keys() == want.keys() and all(math.isclose(got[k], v, abs_tol=1e-12) for k, v in want.items()), got
+    assert busy_breakdown([(0, 10)], [], [], 0.01)["engine_busy_ms"] == 0

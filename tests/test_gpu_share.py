@@ -124,6 +124,117 @@ def test_prefetched_chunks_serve_their_own_share_only():
     assert rel_err(ya.cpu(), y_ref) < TOLERANCE["bf16"].y
 
 
+def _ring_of(monkeypatch, slots: int, *layers_and_chunk):
+    """Shares on the CPU device over a fresh ring of `slots` chunk slots (the ring's bookkeeping is the same on
+    CUDA, with events and a copy stream), each counting the chunks it issues."""
+    import kt_sft.engine.gpu_share as gs
+
+    monkeypatch.setattr(gs, "_rings", {})
+    shares = []
+    for layer, chunk in layers_and_chunk:
+        share = GpuShare(layer, layer.num_experts, "cpu", min_tokens=1, chunk=chunk)
+        share.issued = []
+        issue = share._issue
+        share._issue = lambda j, experts, _i=issue, _s=share: _s.issued.append(j) or _i(j, experts)
+        shares.append(share)
+    monkeypatch.setattr(gs, "RING_BYTES", 3 * max(s.slot_bytes for s in shares) * slots)
+    return shares
+
+
+def test_ring_prefetch_serves_the_next_call_until_its_slots_are_refilled(monkeypatch):
+    """prefetch() copies as many of the share's chunks as the ring holds; its next call reads them without copying
+    again and copies the rest; a call of another share in between that refills their slots (FIFO) makes the
+    first share copy its chunks again, never read the other layer's weights. Results stay those of a plain call."""
+    gen = torch.Generator().manual_seed(8)
+    T, E, H, I = 24, 6, 64, 32
+    (la, wa), (lb, _) = _layer(E, H, I, torch.bfloat16, gen), _layer(E, H, I, torch.bfloat16, gen)
+    ids, w = make_routing(T, E, 2, "uniform", gen)
+    x = torch.randn(T, H, generator=gen).bfloat16()
+    for slots, issued_after_prefetch in ((4, []), (2, [2])):  # 3 chunks per call: all fit, or the last one not
+        sa, sb = _ring_of(monkeypatch, slots, (la, 2), (lb, 2))
+        assert sa.ring.size == 0 and sa.ring_experts == 2 * slots
+        ya_plain, yb_plain = sa.forward(x, w, sa.split(ids)[1]), sb.forward(x, w, sb.split(ids)[1])
+        assert sa.ring.size == slots
+        sa.issued.clear()
+        sa.prefetch()
+        assert sa.issued == [0, 1, 2][:slots] and sa._prefetched_experts() == sa._last[:2 * min(slots, 3)]
+        sa.issued.clear()
+        assert torch.equal(sa.forward(x, w, sa.split(ids)[1]), ya_plain)
+        assert sa.issued == issued_after_prefetch and sa.ring.prefetched is None
+        sa.prefetch()
+        assert torch.equal(sb.forward(x, w, sb.split(ids)[1]), yb_plain)  # refills the slots of sa's chunk 0
+        assert sa._prefetched_experts() == ()
+        sa.issued.clear()
+        assert torch.equal(sa.forward(x, w, sa.split(ids)[1]), ya_plain) and sa.issued == [0, 1, 2]
+    y_ref = reference_with_grads(x, ids, w, *wa, None, torch.zeros(T, H)).y
+    assert rel_err(ya_plain, y_ref) < TOLERANCE["bf16"].y
+
+
+def test_ring_keeps_a_calls_unread_chunks(monkeypatch):
+    """A call never refills a slot that holds one of its own chunks not read yet: with 2 slots and 5 chunks it
+    copies chunk j + 2 only once chunk j is read, in forward and backward, whatever another share left in the
+    ring; gradients match the plain reference."""
+    gen = torch.Generator().manual_seed(9)
+    T, E, H, I = 30, 5, 40, 24
+    layer, weights = _layer(E, H, I, torch.float32, gen)
+    other, _ = _layer(E, H, I, torch.float32, gen)
+    ids, w = make_routing(T, E, 2, "skewed", gen)
+    x, dy = torch.randn(T, H, generator=gen), torch.randn(T, H, generator=gen)
+    share, rival = _ring_of(monkeypatch, 2, (layer, 1), (other, 1))
+    rival.forward(x, w, rival.split(ids)[1])
+    rival.prefetch()  # two chunks of the other layer wait in the ring
+    reads = []
+    unpack = GpuShare._chunks
+
+    def chunks(self, plan, direction):
+        for item in unpack(self, plan, direction):
+            reads.append((len(self.issued), item[0]))
+            yield item
+
+    monkeypatch.setattr(GpuShare, "_chunks", chunks)
+    _, plan = share.split(ids)
+    y = share.forward(x, w, plan)
+    forward_reads, reads[:] = list(reads), []
+    share.issued.clear()
+    dx, dw, _ = share.backward(x, w, dy, plan)
+    ref = reference_with_grads(x, ids, w, *weights, None, dy)
+    assert rel_err(y, ref.y) < 1e-5 and rel_err(dx, ref.dx) < 1e-5 and rel_err(dw, ref.dw) < 1e-5
+    # chunk j is handed out once read and its slot refilled: chunks up to j + 2 issued, never more (2 slots)
+    for got in (forward_reads, reads):
+        assert len(got) == 5 and all(issued <= min(5, a + 3) for issued, a in got), got
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["per_expert", "grouped_mm"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_backward_without_lora_is_autograds_own_result(fmt, grouped, monkeypatch):
+    """The share's backward without LoRA computes the chunk's gradients by hand (no graph): bit for bit what
+    autograd computes through the forward's own ops, per expert or through grouped_mm (run on the CPU here)."""
+    import kt_sft.engine.gpu_share as gs
+
+    gen = torch.Generator().manual_seed(10)
+    T, E, H, I, k = 40, 6, 64, 48, 3
+    layer, _ = _layer(E, H, I, fmt, gen)
+    share = GpuShare(layer, (4, 1, 2), "cpu", min_tokens=1, chunk=2)
+    if grouped:
+        monkeypatch.setattr(GpuShare, "_mm", lambda self, x, w, counts, offs, transposed=True:
+                            gs._expert_mm(x, w.contiguous(), counts, offs, transposed))
+    ids, w = make_routing(T, E, k, "skewed", gen)
+    x, dy = torch.randn(T, H, generator=gen).bfloat16(), torch.randn(T, H, generator=gen)
+    _, plan = share.split(ids)
+    dx, dw, grads = share.backward(x, w, dy, plan)
+    assert grads is None
+    want_dx, want_dw = torch.zeros(T, H), torch.zeros(T * k)
+    for a, c, gate, up, down in share._chunks(plan, 1):
+        lo, hi = share._chunk_rows(plan, a, c)
+        tok, pos = plan["tok"][lo:hi], plan["pos"][lo:hi]
+        xs, ws = x[tok].requires_grad_(), w.flatten()[pos].float().requires_grad_()
+        with torch.enable_grad():
+            torch.autograd.backward(share._rows(xs, ws, a, plan, gate, up, down, None), dy[tok].float())
+        want_dx.index_add_(0, tok, xs.grad.float())
+        want_dw[pos] = ws.grad
+    assert torch.equal(dx, want_dx) and torch.equal(dw.flatten(), want_dw)
+
+
 def test_small_calls_stay_on_the_engine():
     gen = torch.Generator().manual_seed(4)
     layer, _ = _layer(4, 32, 32, torch.float32, gen)
@@ -204,6 +315,28 @@ PLANS = [
 @pytest.mark.parametrize("counts,engine,stream,gpu,nbytes,backward,lead,want", PLANS)
 def test_plan_split(counts, engine, stream, gpu, nbytes, backward, lead, want):
     assert plan_split(counts, engine, stream, gpu, nbytes, backward=backward, lead=lead) == want
+
+
+def test_plan_split_counts_the_copies_ahead_of_the_call():
+    """Copies that ran before the call (prefetched chunks while the GPU did the work before it) do not count in
+    the call. One direction, counts as in PLANS, 100 rows/s, 1 s per streamed expert, lead (0, 1) prefetched with
+    1.5 s of link before the call: n=1 max(1, 1 - 1) = 1; n=2 max(.5, 2 - 1.5) = .5; n=3 max(.1, 3 - 1.5) = 1.5:
+    two experts (without the overlap one: n=2 costs 2)."""
+    counts = [100, 50, 10, 0, 40]
+    assert plan_split(counts, (100, 100), 1.0, (1e9, 1e9), 1, backward=False, lead=(0, 1)) == [0]
+    assert plan_split(counts, (100, 100), 1.0, (1e9, 1e9), 1, backward=False, lead=(0, 1),
+                      hidden_s=(1.5, 0.0)) == [0, 1]
+    # no lead: nothing was prefetched for the forward, whatever the link had time for
+    assert plan_split(counts, (100, 100), 1.0, (1e9, 1e9), 1, backward=False, hidden_s=(1.5, 0.0)) == [0]
+    # backward: the recompute prefetches the first ring_experts of this split. Two experts of 100 rows, 1 s each,
+    # engine call 0.5 s: n=1 max(1, 1) + max(1, 0) + 2 x .5 = 3; n=2 2 + max(0, 2 - 2) = 2 with a 2-expert ring
+    # and 5 s of link before the backward; 2 + 1 = 3 with a 1-expert ring (a tie: fewer streamed); without the
+    # overlap n=2 costs 4.
+    two = [100, 100]
+    kw = dict(engine_call_s=0.5, hidden_s=(0.0, 5.0))
+    assert plan_split(two, (100, 100), 1.0, (1e9, 1e9), 1, engine_call_s=0.5) == [0]
+    assert plan_split(two, (100, 100), 1.0, (1e9, 1e9), 1, ring_experts=2, **kw) == [0, 1]
+    assert plan_split(two, (100, 100), 1.0, (1e9, 1e9), 1, ring_experts=1, **kw) == [0]
 
 
 def test_plan_split_weighs_the_engine_call():

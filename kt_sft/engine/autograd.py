@@ -132,6 +132,25 @@ def _to_engine(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).contiguous()
 
 
+def _to_engine_later(name: str, t: torch.Tensor, dtype: torch.dtype):
+    """(host tensor, the event after which it holds t, None off CUDA): the copy queued, nobody waiting yet. For
+    the engine's helper thread to wait on, so that the caller's stream does not drain before the share's launches
+    (a host wait leaves the GPU idle until the host queues its next work)."""
+    if t.device.type != "cuda":
+        return t.to(dtype).contiguous(), None
+    host = _staging_buffers().to_host(name, t, dtype, sync=False)
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(t.device))
+    return host, ready
+
+
+def _timed_after(ready, fn, *args, **kwargs):
+    """_timed(fn, ...) once the event `ready` (None: at once) completed; the wait is not timed."""
+    if ready is not None:
+        ready.synchronize()
+    return _timed(fn, *args, **kwargs)
+
+
 def _inputs_to_engine(layer: ExpertLayer, x, topk_ids, topk_weights, keep_x: bool):
     """(x, topk_ids, topk_weights) on the host for the engine, with one wait for the GPU. keep_x: x may be kept
     by `layer.retained` as it is (a fresh pinned tensor, or a copy of a host x); else it is a reused buffer or
@@ -349,11 +368,11 @@ def _experts_backward(ctx, layer: ExpertLayer, dy, factors):
     seconds = 0.0
     if ctx.handle > 0:  # handle < 0: every expert ran on the GPU share
         _set_spin(dy.device.type == "cuda")
-        dy_host = _to_engine("dy", dy, layer.dtype)
         if share is None:
-            res, seconds = _timed(layer.backward, ctx.handle, dy_host, lora=lora)
-        else:
-            job = _engine_worker().submit(_timed, layer.backward, ctx.handle, dy_host, lora=lora)
+            res, seconds = _timed(layer.backward, ctx.handle, _to_engine("dy", dy, layer.dtype), lora=lora)
+        else:  # the helper thread waits for dy's copy; this one goes on to queue the share's work
+            dy_host, ready = _to_engine_later("dy", dy, layer.dtype)
+            job = _engine_worker().submit(_timed_after, ready, layer.backward, ctx.handle, dy_host, lora=lora)
     s_out = (None, None, None)
     if share is not None:
         s_out = share.backward(*ctx.share_inputs, dy, ctx.share_plan, _share_lora(share, factors, ctx.lora_scales))

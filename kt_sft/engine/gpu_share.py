@@ -13,8 +13,10 @@ experts to the GPU beats computing them on the CPU, and both sides run at the sa
 
 Layout: nothing is copied in RAM (the engine's panels, `ExpertLayer.panels()`, are read in place and page-locked
 at the first copy, `ExpertLayer.pin_panels()`) and nothing stays on the GPU between calls: a call's experts travel in
-chunks of `chunk` experts (one copy per run of consecutive ids) through a ring of two staging slots on a copy stream
-(one ring per GPU, shared by all layers), are
+chunks of `chunk` experts (one copy per run of consecutive ids) through a ring of staging slots on a copy stream
+(one ring per GPU, shared by all layers, filled in FIFO order; RING_BYTES of slots), and the glue's prefetch
+before each call copies as many of its chunks as the ring holds while the GPU still runs the work before the
+call (the link's overlap with attention and the checkpoint recompute; plan_split counts it). They are
 unpacked from the panel layout (csrc/common.h) into [N][K] matrices, int8 ones dequantized to bf16(q * s) exactly
 as the CPU kernels do, and computed on a compute stream. The autograd glue (`moe_experts(..., share=...)`) calls
 the CPU engine with those slots' ids set to -1 (csrc/moe_layer.h, kNotHere) from a helper thread (it releases the
@@ -55,12 +57,23 @@ def panels_to_matrix(raw: torch.Tensor, experts: int, layout: dict, fmt: ExpertF
     `panel_group` along k ("f32" panel[k][n], "pairs" panel[k/2][n][k%2], "quads" panel[k/4][n][k%4]) of
     `elem_bits` each (4: two per byte, the even k in the low nibble) and the scale grid. A quantized format gives
     bf16(fl32(value * s)) with `scales` [experts][grid rows][grid cols], the engine's own dequantization (value: the
-    int8 or e4m3 number, or an int4 code - 8; the GPU computes such a layer with bf16 activations)."""
+    int8 or e4m3 number, or an int4 code - 8; the GPU computes such a layer with bf16 activations).
+
+    Always a new tensor (the caller refills the panels' ring slot once this is queued). The quantized case is one
+    multiply that reads the panels in place through the permuted view, computes in fp32 and rounds on the store:
+    against float() / * s / to(bf16) after a permuting copy, 1 kernel instead of 4 and ~1/7 of the memory traffic
+    per int8 chunk (V2-Lite: 0.2 instead of 1.4 GB per 8-expert chunk)."""
     Np, Kp, g, width = layout["padded_rows"], layout["padded_cols"], layout["panel_group"], layout["panel_width"]
-    p = _panel_values(raw, fmt, layout).view(experts, Np // width, Kp // g, width, g)
-    w = p.permute(0, 1, 3, 2, 4).reshape(experts, Np, Kp)
-    if scales is not None:
-        w = (w.float() * _scale_grid_to_matrix(scales, layout)).to(fmt.compute_dtype)
+    p = _panel_values(raw, fmt, layout).view(experts, Np // width, Kp // g, width, g).permute(0, 1, 3, 2, 4)
+    if scales is None:
+        w = p.reshape(experts, Np, Kp)  # a copy, except for degenerate panel shapes where it is a view
+        return w.clone() if w.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr() else w
+    if p.dtype.itemsize == 1 and p.is_floating_point():  # fp8: torch does not promote it; exact in bf16
+        p = p.to(torch.bfloat16)
+    w = torch.empty(experts, Np, Kp, dtype=fmt.compute_dtype, device=raw.device)
+    grid = _scale_grid_to_matrix(scales, layout)  # [experts][Np][Kp or 1], shaped like p below
+    grid = grid.reshape(experts, Np // width, width, *((Kp // g, g) if grid.shape[2] > 1 else (1, 1)))
+    torch.mul(p, grid, out=w.view(experts, Np // width, width, Kp // g, g))
     return w
 
 
@@ -83,15 +96,17 @@ def _scale_grid_to_matrix(scales: torch.Tensor, layout: dict) -> torch.Tensor:
     return scales
 
 
-def _expert_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: Optional[torch.Tensor]) -> torch.Tensor:
-    """Rows of x grouped by expert (counts[e] rows each, in order) times w[e]^T: [rows][N] from w [e][N][K]."""
+def _expert_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: Optional[torch.Tensor],
+               transposed: bool = True) -> torch.Tensor:
+    """Rows of x grouped by expert (counts[e] rows each, in order) times w[e]^T ([rows][N] from w [e][N][K]), or
+    with transposed=False times w[e] ([rows][K] from w [e][N][K]: the backward's)."""
     if offs is not None:
-        return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+        return torch._grouped_mm(x, w.transpose(1, 2) if transposed else w, offs=offs)
     parts, start = [], 0
     for e, c in enumerate(counts):
-        parts.append(x[start:start + c] @ w[e].t())
+        parts.append(x[start:start + c] @ (w[e].t() if transposed else w[e]))
         start += c
-    return torch.cat(parts) if parts else x.new_zeros(0, w.shape[1])
+    return torch.cat(parts) if parts else x.new_zeros(0, w.shape[1] if transposed else w.shape[2])
 
 
 def _lora_rows(x: torch.Tensor, counts: list[int], experts: Sequence[int], A, B, E: int, scale: float) -> torch.Tensor:
@@ -113,30 +128,92 @@ RESIDENT_SCALES_BYTES = 16 << 20
 
 # Unpacked weight bytes per streamed chunk (~8 DeepSeek-V2-Lite experts in bf16). Each chunk costs ~20 kernel
 # launches and, in backward, as many autograd nodes: with 4 such experts per chunk the host's launches left the
-# GPU idle 36 % of a V2-Lite step, with 8 18 % (BENCHMARKS.md, GPU share). The ring holds two chunks.
+# GPU idle 36 % of a V2-Lite step, with 8 18 % (BENCHMARKS.md, GPU share).
 CHUNK_BYTES = 140_000_000
+# Staging ring per GPU: as many chunk slots as fit (at least 2, at most RING_SLOTS_MAX). The copy engine streams a
+# layer's first chunks into them while the GPU still runs the work before its call (the previous layer's share,
+# attention, in backward the attention backward and the next checkpoint recompute): with 2 slots (280 MB, ~5 ms of
+# PCIe Gen5) the link idled 231 of a 764 ms V2-Lite step with every expert streamed (14 layers, bf16: copies 533
+# ms; BENCHMARKS.md, GPU share), ~10-12 ms of GPU work per backward layer against 5 ms of prefetch. 560 MB: 4
+# bf16 / 8 int8 V2-Lite chunks, ~10 ms of the link.
+RING_BYTES = 560 << 20
+RING_SLOTS_MAX = 16
+
+
+def ring_slots(slot_bytes: int) -> int:
+    """How many chunk slots of slot_bytes (per projection; a slot holds 3) the ring gets."""
+    return max(2, min(RING_SLOTS_MAX, RING_BYTES // max(1, 3 * slot_bytes)))
+
+
+@dataclasses.dataclass
+class _Chunk:
+    """One chunk in a ring slot: its experts, [gate, up, down] raw bytes, their scales [c][grid] or None, the
+    copy's event (None off CUDA) and the slot it is in with the issue number of its contents there."""
+
+    ids: tuple
+    raw: list
+    scales: Optional[list]
+    copied: Optional["torch.cuda.Event"]
+    slot: int
+    gen: int
 
 
 class _Ring:
-    """Per device: the copy and compute streams and two staging slots, shared by every layer's share (layers run
-    one after another), each slot with the event after which its last reader is done."""
+    """Per device: the chunk slots every layer's share copies its weights into, filled in FIFO order (layers run
+    one after another), each slot with the event after which its last reader is done and the issue number of
+    what it holds (a chunk is still there while they match); on CUDA the copy and compute streams. Off CUDA the
+    same bookkeeping with plain copies (the tests' path)."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.copy_stream = torch.cuda.Stream(device)
-        self.compute_stream = torch.cuda.Stream(device)
-        self.slots: Optional[torch.Tensor] = None
-        self.freed: list[Optional[torch.cuda.Event]] = [None, None]
-        self.prefetched = None  # (share, its first chunks as _issue returned them) until that share's next call
+        self.device, self.cuda = device, device.type == "cuda"
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(device)
+            self.compute_stream = torch.cuda.Stream(device)
+        self.slots: Optional[torch.Tensor] = None  # [slots][3][bytes per projection]
+        self.freed: list = []  # per slot: the event after its last reader (CUDA), or None
+        self.gen: list[int] = []  # per slot: the issue number of its contents
+        self.issued = 0  # chunks issued so far; the next goes to slot issued % slots
+        self.prefetched = None  # (share, its chunks, the copy stream's mark before them) until its next call
 
-    def slot(self, j: int, nbytes: int) -> torch.Tensor:
-        if self.slots is None or self.slots.shape[2] < nbytes:
-            for ev in self.freed:  # the old slots may still be read
-                if ev is not None:
-                    ev.synchronize()
-            self.slots = None
-            self.slots = torch.empty(2, 3, nbytes, dtype=torch.uint8, device=self.device)
-        return self.slots[j % 2]
+    @property
+    def size(self) -> int:
+        return len(self.gen)
+
+    def reserve(self, nbytes: int) -> None:
+        """Slots of at least nbytes per projection (a bigger layer's first call reallocates them: every chunk in the
+        old slots is dropped)."""
+        if self.slots is not None and self.slots.shape[2] >= nbytes:
+            return
+        for ev in self.freed:  # the old slots may still be read
+            if ev is not None:
+                ev.synchronize()
+        if self.cuda:
+            self.copy_stream.synchronize()
+        count = ring_slots(nbytes)
+        self.slots = None
+        self.slots = torch.empty(count, 3, nbytes, dtype=torch.uint8, device=self.device)
+        self.freed, self.gen, self.prefetched = [None] * count, [-1] * count, None
+
+    def take(self) -> tuple[int, int]:
+        """The next slot in FIFO order and the issue number its new contents get."""
+        slot, gen = self.issued % self.size, self.issued
+        self.gen[slot], self.issued = gen, self.issued + 1
+        return slot, gen
+
+    def holds(self, chunk: _Chunk) -> bool:
+        return self.gen[chunk.slot] == chunk.gen
+
+    def next_is_one_of(self, chunks) -> bool:
+        """The next slot to fill holds one of these chunks (not read yet: filling it would overwrite it)."""
+        nxt = self.issued % self.size
+        return any(c.slot == nxt and self.holds(c) for c in chunks)
+
+    def release(self, chunk: _Chunk) -> None:
+        """Its reader is queued (on CUDA: the current stream): the slot may be refilled after it."""
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self.freed[chunk.slot] = ev
 
 
 _rings: dict[torch.device, _Ring] = {}
@@ -220,8 +297,8 @@ class GpuShare:
         self._stream_scales(layer)
         self.cuda = self.device.type == "cuda"
         self._pinned = False
-        if self.cuda:
-            self.ring = _ring(self.device)
+        self.ring = _ring(self.device)
+        self._prefetch_mark = None  # the copy stream's mark before the prefetch the current call uses, if any
         self.book = _rate_book(layer, self.format, self.device)
         self._last = self.fixed or ()  # the experts of the previous call, in order: what prefetch() copies
         self._span: Optional[tuple] = None  # the last forward / backward's (start, end) on the GPU
@@ -262,7 +339,8 @@ class GpuShare:
         else:
             r, streamed = self.book.rates, 3 * self.expert_bytes + sum(self.scale_bytes)  # bytes per expert
             experts = tuple(plan_split(counts, r.engine, r.stream, r.gpu, streamed, backward,
-                                       lead=self._prefetched_experts(), engine_call_s=r.engine_call))
+                                       lead=self._prefetched_experts(), engine_call_s=r.engine_call,
+                                       hidden_s=r.hidden, ring_experts=self.ring_experts))
         self.book.split(len(experts), sum(counts[e] for e in experts), sum(counts), self.E, log=self.fixed is None)
         if experts:
             self._last = experts
@@ -319,42 +397,49 @@ class GpuShare:
         return t.pin_memory().to(self.device, non_blocking=True)
 
     # ---------------------------------------------------------------- streaming
-    def _issue(self, j: int, experts: tuple):
-        """Queue chunk j of `experts` into ring slot j % 2 on the copy stream (one copy per run of consecutive
-        experts and projection): (its experts, [gate, up, down] raw bytes, their scales [c][grid] or None, the
-        copy's event; None off CUDA, where the panels are read in place or gathered)."""
+    @property
+    def slot_bytes(self) -> int:
+        """Ring slot bytes per projection for one chunk: its panels, then (streamed scales) their scale bytes."""
+        return self.chunk * (self.expert_bytes + max(self.scale_bytes))
+
+    @property
+    def ring_experts(self) -> int:
+        """Experts the ring holds at once at this share's chunk size (what a prefetch can copy ahead)."""
+        ring = self.ring
+        slots = ring.size if ring.slots is not None and ring.slots.shape[2] >= self.slot_bytes else \
+            ring_slots(self.slot_bytes)
+        return slots * self.chunk
+
+    def _issue(self, j: int, experts: tuple) -> _Chunk:
+        """Queue chunk j of `experts` into the ring's next slot (on CUDA on the copy stream, after that slot's last
+        reader): one copy per run of consecutive experts and projection, the panels then their scale bytes."""
         eb, sb = self.expert_bytes, self.scale_bytes
         a, c = self._span_of(j, len(experts))
         ids = tuple(experts[a:a + c])
-        runs = _runs(ids)
-        if not self.cuda:  # the runs' bytes gathered (one run: read in place)
-            def gather(src: torch.Tensor, n: int) -> torch.Tensor:
-                parts = [src[e * n:(e + m) * n] for e, m in runs]
-                return parts[0] if len(parts) == 1 else torch.cat(parts)
-            scales = None if not any(sb) else [self._scales_of(gather(self.scale_raw[w], sb[w]), c, w)
-                                                for w in range(3)]
-            return ids, [gather(p, eb) for p in self.panels], scales, None
-        self._pin()
         ring = self.ring
-        ring.prefetched = None  # the slots are being refilled: an earlier prefetch is gone
-        slot, base = ring.slot(j, self.chunk * (eb + max(sb))), self.chunk * eb  # panels, then scales from `base`
-        with torch.cuda.stream(ring.copy_stream):
-            if ring.freed[j % 2] is not None:
-                ring.copy_stream.wait_event(ring.freed[j % 2])  # its last reader (any layer) is done
-            start = _timed_event(ring.copy_stream)
+        ring.reserve(self.slot_bytes)
+        slot, gen = ring.take()
+        dst, base = ring.slots[slot], self.chunk * eb  # panels, then scales from `base`
+        with torch.cuda.stream(ring.copy_stream) if self.cuda else contextlib.nullcontext():
+            if self.cuda:
+                self._pin()
+                if ring.freed[slot] is not None:
+                    ring.copy_stream.wait_event(ring.freed[slot])  # its last reader (any layer) is done
+                start = _timed_event(ring.copy_stream)
             for w in range(3):
                 at = 0
-                for e, m in runs:
-                    slot[w, at * eb:(at + m) * eb].copy_(self.panels[w][e * eb:(e + m) * eb], non_blocking=True)
+                for e, m in _runs(ids):
+                    dst[w, at * eb:(at + m) * eb].copy_(self.panels[w][e * eb:(e + m) * eb], non_blocking=True)
                     n = sb[w]
                     if n:
-                        slot[w, base + at * n:base + (at + m) * n].copy_(self.scale_raw[w][e * n:(e + m) * n],
-                                                                         non_blocking=True)
+                        dst[w, base + at * n:base + (at + m) * n].copy_(self.scale_raw[w][e * n:(e + m) * n],
+                                                                        non_blocking=True)
                     at += m
-            done = _timed_event(ring.copy_stream)
-        self.book.later("copy", 0, start, done, c * (3 * eb + sum(sb)))
-        scales = None if not any(sb) else [self._scales_of(slot[w, base:base + c * sb[w]], c, w) for w in range(3)]
-        return ids, [slot[w, :c * eb] for w in range(3)], scales, done
+            done = _timed_event(ring.copy_stream) if self.cuda else None
+        if self.cuda:
+            self.book.later("copy", 0, start, done, c * (3 * eb + sum(sb)))
+        scales = None if not any(sb) else [self._scales_of(dst[w, base:base + c * sb[w]], c, w) for w in range(3)]
+        return _Chunk(ids, [dst[w, :c * eb] for w in range(3)], scales, done, slot, gen)
 
     def _scales_of(self, raw: torch.Tensor, c: int, w: int) -> torch.Tensor:
         """c experts' scale bytes (stored by grid column) as [c][grid rows][grid cols]."""
@@ -370,56 +455,79 @@ class GpuShare:
                               "pageable-copy speed", stacklevel=3)
 
     def prefetch(self) -> None:
-        """Start copying the first two chunks of the experts of this share's previous call (a fixed share's every
-        call) now, before the call (the autograd glue calls this before it waits for the router's output), so the
-        copy engine works while the host waits and prepares the call. The next call uses the chunks it can ("auto"
-        puts these experts first while they have rows); any other share's copies replace them."""
-        if self.cuda and self._last and (self.ring.prefetched is None or self.ring.prefetched[0] is not self):
-            first = [self._issue(j, self._last) for j in range(min(2, -(-len(self._last) // self.chunk)))]
-            self.ring.prefetched = (self, first)
+        """Start copying the experts of this share's previous call (a fixed share's every call), as many chunks as
+        the ring holds, now, before the call: the autograd glue calls this before it waits for the router's
+        output, so the copy engine works while the GPU finishes what comes before the call (and in backward, the
+        checkpoint recompute's call prefetches for the backward right after it). The next call uses the chunks
+        still in the ring ("auto" puts these experts first while they have rows); the copy stream's mark before
+        them times how long the link had for them before the call (the rates' `hidden`)."""
+        if not self._last or self._prefetched_experts():
+            return
+        ring = self.ring
+        ring.reserve(self.slot_bytes)
+        mark = _timed_event(ring.copy_stream) if self.cuda else None
+        count = min(ring.size, -(-len(self._last) // self.chunk))
+        ring.prefetched = (self, [self._issue(j, self._last) for j in range(count)], mark)
 
     def _prefetched_experts(self) -> tuple:
-        pre = self.ring.prefetched if self.cuda else None
-        return () if pre is None or pre[0] is not self else tuple(e for chunk in pre[1] for e in chunk[0])
-
-    def _take_prefetched(self, experts: tuple) -> list:
-        """The prefetched chunks that hold this call's first chunks (a prefix of them), as _issue returns them."""
-        pre = self.ring.prefetched if self.cuda else None
+        """The experts of this share's prefetched chunks still in the ring, in order (a prefix of the prefetch)."""
+        pre = self.ring.prefetched
         if pre is None or pre[0] is not self:
-            return []
+            return ()
+        out = []
+        for chunk in pre[1]:
+            if not self.ring.holds(chunk):
+                break
+            out.extend(chunk.ids)
+        return tuple(out)
+
+    def _take_prefetched(self, experts: tuple) -> tuple[list, object]:
+        """The prefetched chunks that hold this call's first chunks (a prefix of them, still in the ring), as
+        _issue returns them, and the prefetch's mark (None when none is used)."""
+        pre = self.ring.prefetched
+        if pre is None or pre[0] is not self:
+            return [], None
         self.ring.prefetched = None
         usable, eb = [], self.expert_bytes
-        for j, (ids, raw, scales, done) in enumerate(pre[1]):
+        for j, chunk in enumerate(pre[1]):
             a, c = self._span_of(j, len(experts))
-            if c <= 0 or tuple(experts[a:a + c]) != ids[:c]:
+            if c <= 0 or not self.ring.holds(chunk) or tuple(experts[a:a + c]) != chunk.ids[:c]:
                 break
-            usable.append((ids[:c], [r[:c * eb] for r in raw], None if scales is None else [g[:c] for g in scales],
-                           done))
-        return usable
+            usable.append(dataclasses.replace(
+                chunk, ids=chunk.ids[:c], raw=[r[:c * eb] for r in chunk.raw],
+                scales=None if chunk.scales is None else [g[:c] for g in chunk.scales]))
+        return usable, (pre[2] if usable else None)
 
     def _chunks(self, plan, direction: int):
         """Yields (first position of the chunk in the call's experts, experts, gate, up, down matrices [c][N][K]);
-        times each chunk's compute (from its unpacking to the consumer's next request) for the GPU rate."""
-        experts, n = plan["experts"], len(plan["experts"])
-        pending = self._take_prefetched(experts)
-        while len(pending) < min(2, plan["chunks"]):
-            pending.append(self._issue(len(pending), experts))
-        for j in range(plan["chunks"]):
+        times each chunk's compute (from its unpacking to the consumer's next request) for the GPU rate. Keeps the
+        ring full: a chunk is issued whenever the next slot holds none of this call's unread chunks."""
+        experts, n, total = plan["experts"], len(plan["experts"]), plan["chunks"]
+        self.ring.reserve(self.slot_bytes)
+        pending, mark = self._take_prefetched(experts)
+        self._prefetch_mark = mark
+        issued = len(pending)
+
+        def fill():
+            nonlocal issued
+            while issued < total and not self.ring.next_is_one_of(pending):
+                pending.append(self._issue(issued, experts))
+                issued += 1
+
+        fill()
+        for j in range(total):
             a, c = self._span_of(j, n)
-            _, raw, scales, copied = pending[j]
+            chunk = pending.pop(0)
             if self.cuda:
-                torch.cuda.current_stream(self.device).wait_event(copied)
+                torch.cuda.current_stream(self.device).wait_event(chunk.copied)
             start = self._mark()
+            scales = chunk.scales
             if self.resident is not None:
                 scales = [g[plan["ids"][a:a + c]] for g in self.resident]
-            mats = [panels_to_matrix(raw[w], c, self.layout[w], self.format, None if scales is None else scales[w])
-                    for w in range(3)]
-            if self.cuda:  # unpacking copied the slot out: it may be refilled
-                freed = torch.cuda.Event()
-                freed.record(torch.cuda.current_stream(self.device))
-                self.ring.freed[j % 2] = freed
-            if j + 2 < plan["chunks"]:
-                pending.append(self._issue(j + 2, experts))
+            mats = [panels_to_matrix(chunk.raw[w], c, self.layout[w], self.format,
+                                     None if scales is None else scales[w]) for w in range(3)]
+            self.ring.release(chunk)  # unpacking copied the slot out: it may be refilled
+            fill()
             gate, up, down = mats
             yield a, c, gate[:, :self.I, :self.H], up[:, :self.I, :self.H], down[:, :self.H, :self.I]
             self._sample("compute", direction, start, plan["bounds"][a + c] - plan["bounds"][a])
@@ -436,6 +544,13 @@ class GpuShare:
         else:
             self.book.gpu(direction, amount, end - start)
 
+    def _sample_hidden(self, direction: int, start) -> None:
+        """How long the link had for this call's prefetched chunks before the call's GPU work began (the copy
+        stream's mark before them to the call's start; CUDA only, read once complete)."""
+        if self.cuda and self._prefetch_mark is not None:
+            self.book.later("hidden", direction, self._prefetch_mark, start, 0)
+        self._prefetch_mark = None
+
     def record(self, direction: str, engine_rows: int, engine_seconds: float, shared: bool) -> None:
         """A finished call ("forward" / "backward"): the engine's rows and seconds (its rate), and with `shared`,
         the GPU span of the share's forward / backward against them (the benchmarks' totals)."""
@@ -450,17 +565,17 @@ class GpuShare:
         self._span = None
 
     # ---------------------------------------------------------------- compute
-    def _mm(self, x, w, counts, offs):
+    def _mm(self, x, w, counts, offs, transposed: bool = True):
         """_expert_mm through grouped_mm on a GPU (offs: the chunk's row ends, on the device); one GEMM per expert
         where grouped_mm is missing or refuses this GPU (sm90+ in some builds)."""
         if self.grouped and x.is_cuda:
             try:
-                return _expert_mm(x, w.contiguous(), counts, offs)
+                return _expert_mm(x, w.contiguous(), counts, offs, transposed)
             except RuntimeError as err:  # said once: the fallback is several times slower
                 warnings.warn(f"kt-sft gpu share: torch._grouped_mm failed ({str(err).splitlines()[0]}); "
                               "computing one GEMM per expert instead", stacklevel=2)
                 self.grouped = False
-        return _expert_mm(x, w.contiguous(), counts, None)
+        return _expert_mm(x, w.contiguous(), counts, None, transposed)
 
     def _rows(self, xs, ws, a, plan, gate, up, down, lora: Optional[ExpertLoRA]):
         """Routing-weighted outputs [rows][H] (fp32) of one chunk's rows (grouped by expert, in order)."""
@@ -476,6 +591,23 @@ class GpuShare:
         if lora is not None and lora.A_d is not None:
             o = o + _lora_rows(h, counts, experts, lora.A_d, lora.B_d, self.E, lora.scale_d)
         return o * ws[:, None]
+
+    def _rows_grads(self, xs, ws, dyr, a, plan, gate, up, down):
+        """(d xs [rows][H] in xs's dtype, d ws [rows] fp32) of one chunk's rows of _rows without LoRA, given the
+        gradient dyr [rows][H] (fp32) of its outputs: what autograd computes through _rows, op for op (bf16 GEMM
+        outputs, fp32 elementwise), without building the graph: ~40 instead of ~90 dispatched ops per chunk, the
+        host's launches being what bounds a chunk whose copy is short (int8: 1.3 ms per V2-Lite chunk)."""
+        c = gate.shape[0]
+        counts, offs = plan["counts"][a:a + c], plan["offs"][a // self.chunk, :c]
+        gate, up, down = gate.contiguous(), up.contiguous(), down.contiguous()
+        gf, uf = self._mm(xs, gate, counts, offs).float(), self._mm(xs, up, counts, offs).float()
+        sg = F.silu(gf)
+        h = (sg * uf).to(xs.dtype)
+        dws = (self._mm(h, down, counts, offs).float() * dyr).sum(1)
+        dh = self._mm((dyr * ws[:, None]).to(xs.dtype), down, counts, offs, transposed=False).float()
+        dg, du = torch.ops.aten.silu_backward(dh * uf, gf).to(xs.dtype), (dh * sg).to(xs.dtype)
+        return self._mm(dg, gate, counts, offs, transposed=False) + \
+            self._mm(du, up, counts, offs, transposed=False), dws
 
     @staticmethod
     def _chunk_rows(plan, a, c):
@@ -496,6 +628,7 @@ class GpuShare:
                         o = self._rows(xs_all[lo:hi], ws_all[lo:hi], a, plan, gate, up, down, lora)
                         y.index_add_(0, plan["tok"][lo:hi], o)
             self._span = (start, self._mark())
+            self._sample_hidden(FORWARD, start)
         return y
 
     def backward(self, x, w, dy, plan, lora: Optional[ExpertLoRA] = None):
@@ -514,14 +647,19 @@ class GpuShare:
                 if hi == lo:
                     continue
                 tok, pos = plan["tok"][lo:hi], plan["pos"][lo:hi]
-                xs = x.detach()[tok].to(self.layer.dtype).requires_grad_()
-                ws = w.detach().flatten()[pos].float().requires_grad_()
-                o = self._rows(xs, ws, a, plan, gate, up, down, lora)
-                torch.autograd.backward(o, dy[tok].float())
-                dx.index_add_(0, tok, xs.grad.float())
-                dw[pos] = ws.grad
+                xs = x.detach()[tok].to(self.layer.dtype)
+                ws = w.detach().flatten()[pos].float()
+                if lora is None:
+                    dxs, dws = self._rows_grads(xs, ws, dy[tok].float(), a, plan, gate, up, down)
+                else:  # the factors' gradients too: through autograd
+                    xs, ws = xs.requires_grad_(), ws.requires_grad_()
+                    torch.autograd.backward(self._rows(xs, ws, a, plan, gate, up, down, lora), dy[tok].float())
+                    dxs, dws = xs.grad, ws.grad
+                dx.index_add_(0, tok, dxs.float())
+                dw[pos] = dws
             grads = None if factors is None else [None if f is None else f.grad for f in factors]
             self._span = (start, self._mark())
+            self._sample_hidden(BACKWARD, start)
         return dx, dw.view(T, k), grads
 
     @contextlib.contextmanager

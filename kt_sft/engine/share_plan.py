@@ -8,17 +8,27 @@ directions use the split the forward chose (the engine saved that forward), so `
 directions of max(CPU, GPU), plus a fixed cost per direction whenever the engine gets rows (ENGINE_CALL_S: what
 involving the engine costs the step outside the overlap, measured on the device). On the device's H200 with PCIe
 Gen5 that cost makes V2-Lite's calls stream every expert; slower links, or experts with more work per byte
-(DeepSeek-V3), leave the engine its share. A streamed expert costs the same bytes whatever its rows, while the engine's cost is
-per row: the experts with the most rows are the cheapest to stream per row, so the candidates are taken in order
+(DeepSeek-V3), leave the engine its share. A streamed expert costs the same bytes whatever its rows, while the
+engine's cost is per row: the experts with the most rows are the cheapest to stream per row, so the candidates are taken in order
 of decreasing count (experts with no row are never streamed), after any `lead` experts (those whose copies a
 prefetch already started), and the best prefix length wins.
+
+Overlap with the work around the call: the glue's prefetch copies a call's first chunks into the staging ring while
+the GPU still runs what comes before the call (the previous layer's share, attention; in backward the attention
+backward and the checkpoint recompute, whose call prefetches this split for the backward), so those bytes do not
+count in the call: as many of the first experts as the ring holds (forward: the prefetched `lead`), up to what the
+link moves in the measured `hidden` seconds. What that leaves of the stream is the call's GPU side. Where the
+streaming hides this way, little is left for the engine to hide behind: the engine is worth its fixed cost only
+where the call's remaining stream (or the share's compute) outlasts it, e.g. slower links or bigger experts.
 
 Rates (`RateBook`, one per layer shape, format and device, shared by the layers of that shape): exponential moving
 averages of what the calls measure: the engine's rows per wall second of each call (from its helper thread), the
 GPU's rows per second of compute (CUDA events around each chunk's compute, read once complete: no host wait) and
-the host->device bytes per second of each chunk's copy (events on the copy stream). Until the first samples arrive
-the priors below stand in (they only have to be within a few times of the truth: every split call measures both
-sides). A log line says the split and the rates, at most once a minute and only when the mean split moved.
+the host->device bytes per second of each chunk's copy (events on the copy stream), and the hidden link time
+(the prefetch's mark on the copy stream to the call's first GPU work). Until the first samples arrive the priors
+below stand in (they only have to be within a few times of the truth: every split call measures both sides; the
+hidden time starts at 0, the model without overlap). A log line says the split and the rates, at most once a
+minute and only when the mean split moved.
 """
 from __future__ import annotations
 
@@ -53,12 +63,14 @@ ENGINE_CALL_S = 4e-3
 @dataclasses.dataclass
 class Rates:
     """engine, gpu: (forward, backward) routed rows per second; stream: host->device bytes per second;
-    engine_call: plan_split's engine_call_s."""
+    engine_call: plan_split's engine_call_s; hidden: (forward, backward) seconds the link had for a call's
+    prefetched chunks before the call's GPU work began (plan_split's hidden_s; 0 until measured)."""
 
     engine: list
     gpu: list
     stream: float
     engine_call: float = ENGINE_CALL_S  # seconds per direction an engine call costs beyond the overlap
+    hidden: list = dataclasses.field(default_factory=lambda: [0.0, 0.0])
 
 
 def prior_rates(hidden: int, intermediate: int, isa: str, threads: int, int8_gemm: bool) -> Rates:
@@ -73,14 +85,20 @@ def prior_rates(hidden: int, intermediate: int, isa: str, threads: int, int8_gem
 
 def plan_split(counts: Sequence[int], engine_rate: Sequence[float], stream_rate: float, gpu_rate: Sequence[float],
                expert_bytes: int, backward: bool = True, lead: Sequence[int] = (),
-               engine_call_s: float = 0.0) -> list[int]:
+               engine_call_s: float = 0.0, hidden_s: Sequence[float] = (0.0, 0.0),
+               ring_experts: int = 0) -> list[int]:
     """The experts (ids, in streaming order) whose rows the GPU share computes for a call with counts[e] routed
     rows per expert; the rest stay on the CPU engine. engine_rate, gpu_rate: (forward, backward) rows per second;
     stream_rate: host->device bytes per second; expert_bytes: what one expert streams per pass; backward: a
     backward will follow (its costs count too); lead: experts to take first when any are taken (their copies are
     under way), as far as each has rows; engine_call_s: what a direction costs the step beyond max(CPU, GPU) when
     the engine gets rows at all (ENGINE_CALL_S). Minimizes sum over directions of max(CPU time, GPU time), plus
-    engine_call_s per direction with engine rows; ties go to fewer streamed experts."""
+    engine_call_s per direction with engine rows; ties go to fewer streamed experts.
+
+    The overlap with the work before the call: the first experts of the order were copied ahead, into the ring,
+    while the GPU ran what comes before the call (forward: the lead, the prefetch of the previous call's experts;
+    backward: the first ring_experts, which the checkpoint recompute prefetches from this call's split), as much
+    of them as the link moves in hidden_s[direction] seconds; only the rest of the stream counts in the call."""
     lead = list(lead)
     for i, e in enumerate(lead):
         if counts[e] <= 0:
@@ -91,12 +109,16 @@ def plan_split(counts: Sequence[int], engine_rate: Sequence[float], stream_rate:
     order = lead + rest
     total = sum(counts[e] for e in order)
     directions = (FORWARD, BACKWARD) if backward else (FORWARD,)
+    ahead_cap = {FORWARD: len(lead), BACKWARD: ring_experts}
     best_n, best_cost, on_gpu = 0, None, 0
     for n in range(len(order) + 1):
         if n:
             on_gpu += counts[order[n - 1]]
-        stream_s, cpu_rows = n * expert_bytes / stream_rate, total - on_gpu
-        cost = sum(max(cpu_rows / engine_rate[d], max(stream_s, on_gpu / gpu_rate[d])) for d in directions)
+        cpu_rows, cost = total - on_gpu, 0.0
+        for d in directions:
+            early = min(min(n, ahead_cap[d]) * expert_bytes, hidden_s[d] * stream_rate)  # bytes in before the call
+            stream_s = (n * expert_bytes - early) / stream_rate
+            cost += max(cpu_rows / engine_rate[d], max(stream_s, on_gpu / gpu_rate[d]))
         cost += len(directions) * engine_call_s if cpu_rows else 0.0
         if best_cost is None or cost < best_cost * (1 - 1e-9):
             best_n, best_cost = n, cost
@@ -145,6 +167,8 @@ class RateBook:
                 self.stream(amount, seconds)
             elif kind == "compute":
                 self.gpu(direction, amount, seconds)
+            elif kind == "hidden":
+                self.rates.hidden[direction] = _ema(self.rates.hidden[direction], max(0.0, seconds), CALL_EMA)
             else:  # "span": one call's share on the GPU, amount = the engine's seconds of that call
                 self.span(seconds, amount)
             done += 1
@@ -179,8 +203,9 @@ class RateBook:
         r = self.rates
         logger.info("kt-sft gpu share auto (%s): %.1f of %d experts on the GPU (%.0f %% of the rows) over the last "
                     "%d calls; engine %.0f / %.0f k rows/s (forward / backward), stream %.1f GB/s, GPU %.0f / %.0f k "
-                    "rows/s", self.label, mean, num_experts, 100.0 * gpu_rows / max(1, rows), calls,
-                    r.engine[0] / 1e3, r.engine[1] / 1e3, r.stream / 1e9, r.gpu[0] / 1e3, r.gpu[1] / 1e3)
+                    "rows/s, link ahead of the calls %.1f / %.1f ms", self.label, mean, num_experts,
+                    100.0 * gpu_rows / max(1, rows), calls, r.engine[0] / 1e3, r.engine[1] / 1e3, r.stream / 1e9,
+                    r.gpu[0] / 1e3, r.gpu[1] / 1e3, r.hidden[0] * 1e3, r.hidden[1] * 1e3)
 
     def take_totals(self) -> dict:
         self.harvest()

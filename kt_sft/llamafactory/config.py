@@ -193,7 +193,8 @@ KEY_SPECS: tuple[KeySpec, ...] = (
             "by the rates measured on the calls so far (a log line says the split when it moves; the engine keeps "
             "one core fewer for the GPU's launches unless kt_num_threads is set); a fraction F: the last F x E "
             "experts of each layer; 0: all on the CPU. Without a CUDA device everything runs on the CPU. Costs GPU "
-            "memory for a few experts at a time (a two-chunk staging ring, ~280 MB for DeepSeek-V2-Lite).",
+            "memory for a few experts at a time (a staging ring of 560 MiB that the copy engine fills ahead of "
+            "each call).",
             setting="gpu_experts", parse=_gpu_experts, default="auto"),
     KeySpec("kt_max_cache_depth", "Forward results each MoE layer keeps for backward; raise it if an error says a "
             "saved forward was evicted. A `chunk_size` split raises it, per layer, to the number of calls a batch "
