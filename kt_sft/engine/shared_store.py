@@ -84,6 +84,11 @@ class SharedExpertStore:
         """A new store at `path` sized for `layers`, which from now on pack into it (before any weight is loaded)."""
         places, total = offsets(layers)
         remove_stale(Path(path).parent)
+        free = free_bytes(Path(path).parent)
+        if total > free:
+            raise MemoryError(f"the host's shared expert store needs {total / 1e9:.2f} GB in {Path(path).parent}, "
+                              f"which has {free / 1e9:.2f} GB free: enlarge it (Docker: --shm-size; mount -o "
+                              "remount,size=... /dev/shm) or point KT_SFT_SHM_DIR at a larger memory file system")
         segment = _engine.SharedSegment(str(path), total, True)
         try:
             for layer, at in zip(layers, places):

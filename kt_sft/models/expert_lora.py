@@ -193,6 +193,28 @@ def attach_expert_lora(model: nn.Module) -> int:
     return attached
 
 
+def expert_lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The factors (lora_A / lora_B weights of every adapter) of the PEFT wrappers on engine experts modules."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    params = []
+    for wrapper in (m for m in model.modules() if isinstance(m, ParamWrapper)):
+        if getattr(_wrapper_chain(wrapper)[1], "kt_layer", None) is None:
+            continue
+        for adapter in wrapper.lora_A:
+            params += [wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight]
+    return list({id(p): p for p in params}.values())
+
+
+def _ready(peft_model):
+    """The expert factors on the engine, and under data parallel their gradients averaged over the ranks."""
+    from .. import distributed
+
+    attach_expert_lora(peft_model)
+    distributed.share_expert_grads(peft_model, expert_lora_parameters(peft_model))
+    return peft_model
+
+
 def get_peft_model(model: nn.Module, config, **kwargs):
     """peft.get_peft_model for a kt-sft model: `target_parameters` may name the routed experts."""
     import peft
@@ -201,8 +223,7 @@ def get_peft_model(model: nn.Module, config, **kwargs):
         config.target_parameters = resolve_expert_targets(model, list(config.target_parameters))
     with expert_params_exposed(model):
         peft_model = peft.get_peft_model(model, config, **kwargs)
-    attach_expert_lora(peft_model)
-    return peft_model
+    return _ready(peft_model)
 
 
 def load_adapter(model: nn.Module, adapter_path, **kwargs):
@@ -211,5 +232,4 @@ def load_adapter(model: nn.Module, adapter_path, **kwargs):
 
     with expert_params_exposed(model):
         peft_model = PeftModel.from_pretrained(model, adapter_path, **kwargs)
-    attach_expert_lora(peft_model)
-    return peft_model
+    return _ready(peft_model)
