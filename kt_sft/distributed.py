@@ -149,7 +149,7 @@ def _check_same(host: HostGroup, settings: Sequence[dict]) -> None:
         if any(v != values[0] for v in values):
             shown = "; ".join(f"rank {r} ({host.ranks[r].host}): {v!r}" for r, v in enumerate(values))
             raise ValueError(f"kt-sft: the ranks disagree on {name} ({shown}); every rank must load the model with "
-                             "the same kt_* settings (give every node the same YAML and KT_SFT_* variables)")
+                             "the same kt_* settings (give every node the same YAML and checkpoint)")
 
 
 def threads_per_rank(cores: int, host: HostGroup) -> int:

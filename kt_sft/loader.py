@@ -282,7 +282,8 @@ def _rank_settings(path: Path, opts: LoadOptions) -> dict:
     """What every rank of a distributed run must load alike (compared by kt_sft.distributed.join): the options
     (the kt_* keys) but the device and the progress bar, and the checkpoint's config. KT_SFT_* variables may differ
     between hosts (threads, ISA of another CPU)."""
-    settings = {f"load option {f.name}": repr(getattr(opts, f.name)) for f in dataclasses.fields(opts)
+    shown = lambda v: f"{v.label} (scale blocks {v.scale_block})" if isinstance(v, ExpertFormat) else repr(v)
+    settings = {f"load option {f.name}": shown(getattr(opts, f.name)) for f in dataclasses.fields(opts)
                 if f.name not in ("device", "progress")}
     config_file = path / "config.json"
     if config_file.is_file():
