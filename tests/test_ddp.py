@@ -35,7 +35,9 @@ def _free_port() -> int:
 
 def _env(**extra) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           # LLaMA-Factory's launcher runs `torchrun` by name: this interpreter's environment first
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     env.pop("KT_SFT_THREADS", None)  # the ranks split the cores themselves
     env.update(extra)
     return env
