@@ -13,7 +13,9 @@ Options come as one `LoadOptions` (kt_sft/load_options.py). Loading runs in name
             one, else CPU) in the model dtype. A quantized expert projection goes to the engine as stored (codes
             and scales), which decodes it itself where the format does not keep it; any other quantized tensor is
             decoded to fp32 as it is read. Host RAM peaks near the packed experts plus one shard, never a layer
-            of bf16.
+            of bf16. Under data parallel (several torchrun ranks: kt_sft/distributed.py) the settings are compared
+            across ranks first, and only the host's lowest rank streams the experts, into a shared store the
+            host's other ranks then map read-only (they stream the dense tensors meanwhile).
 Which modules and tensors are experts is the family rule's business (kt_sft/models: derived from the model, or a
 rule file).
 """
