@@ -370,3 +370,20 @@ def test_bench_overlap_tiny_runs():
     proc = _run("benchmarks/bench_overlap.py", "--tiny", "--formats", "bf16")
     rows = re.findall(r"^  (alone|after torch op)\s+([\d.]+) ms\s+([\d.]+)x alone", proc.stdout, re.M)
     assert [r[0] for r in rows] == ["alone", "after torch op"] and float(rows[0][2]) == 1.0, proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_ddp_tiny_two_ranks_share_the_store(tmp_path):
+    """bench_ddp.py under torchrun (2 ranks, toy V2-Lite shape on the CPU): one row with both ranks' memory."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                "benchmarks/bench_ddp.py", "--tiny", "--dir", str(tmp_path / "ckpt"), "--json",
+                env={"KT_SFT_THREADS": "1", "OMP_NUM_THREADS": "1"})
+    [row] = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert row["bench"] == "bench_ddp" and row["ranks"] == 2 and row["tokens_per_s"] > 0
+    assert "experts shared by 2 rank(s) of this host" in row["summary"]
+    assert all(r["store_pss_gb"] > 0 for r in row["per_rank"])
