@@ -40,10 +40,11 @@ LINK_FLAGS = ["-pthread", "-static-libstdc++", "-Wl,--exclude-libs,ALL"]
 BASE_SOURCES = ["csrc/bindings.cpp", "csrc/env.cpp", "csrc/engine.cpp", "csrc/packing.cpp", "csrc/routing.cpp",
                 "csrc/schedule.cpp", "csrc/lora_pack.cpp", "csrc/moe_layer.cpp", "csrc/forward.cpp",
                 "csrc/backward.cpp", "csrc/cpu_features.cpp", "csrc/thread_pool.cpp", "csrc/numa.cpp",
-                "csrc/glibc_compat.cpp"]
+                "csrc/glibc_compat.cpp", "csrc/shared_segment.cpp"]
 HEADERS = ["csrc/common.h", "csrc/kernel_api.h", "csrc/buffer.h", "csrc/env.h", "csrc/engine.h", "csrc/formats.h",
            "csrc/packing.h", "csrc/routing.h", "csrc/schedule.h", "csrc/lora_pack.h", "csrc/moe_layer.h",
            "csrc/cpu_features.h", "csrc/thread_pool.h", "csrc/numa.h", "csrc/build_info.h",
+           "csrc/shared_segment.h",
            "csrc/kernels/moe_kernels.inc", "csrc/kernels/moe_common.inc", "csrc/kernels/moe_lora.inc",
            "csrc/kernels/moe_float.inc", "csrc/kernels/moe_int8.inc", "csrc/kernels/moe_int8_gemm.inc", "csrc/kernels/moe_decoded.inc", "csrc/kernels/moe_fp8.inc",
            "csrc/kernels/moe_int4.inc", "csrc/kernels/moe_int4_gemm.inc",

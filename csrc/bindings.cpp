@@ -201,6 +201,18 @@ void set_weights(MoELayer& self, int which, int e0, int n, uintptr_t src, const 
 
 using PyLayer = py::class_<MoELayer>;
 
+// A host's shared expert store (shared_segment.h): layers that adopt a piece of it keep it mapped.
+void bind_segment(py::module_& m) {
+  py::class_<SharedSegment, std::shared_ptr<SharedSegment>>(m, "SharedSegment", py::module_local())
+      .def(py::init<const std::string&, size_t, bool>(), py::arg("path"), py::arg("bytes"), py::arg("create"),
+           "create: a new file of `bytes` mapped read-write; else the existing one (of `bytes`) mapped read-only")
+      .def_property_readonly("path", &SharedSegment::path)
+      .def_property_readonly("bytes", &SharedSegment::bytes)
+      .def_property_readonly("writable", &SharedSegment::writable)
+      .def_property_readonly("address", [](const SharedSegment& s) { return reinterpret_cast<uintptr_t>(s.data()); })
+      .def("unlink", &SharedSegment::unlink, "remove the file's name (mappings stay); True when this call did");
+}
+
 // MoELayer's compute calls: forward and backward release the GIL.
 void bind_compute(PyLayer& c) {
   c.def(
@@ -295,6 +307,12 @@ void bind_layer(py::module_& m) {
       .def_property_readonly(
           "expert_nodes", [](const MoELayer& l) { return node_ranges(l.expert_nodes()); },
           "[(first expert, end, memory node or -1)] per NUMA node, in node order")
+      .def_property_readonly("storage_bytes", &MoELayer::storage_bytes,
+                             "bytes of the layer's piece of a shared segment (use_storage)")
+      .def("use_storage", &MoELayer::use_storage, py::arg("segment"), py::arg("offset"), py::arg("packed"),
+           "hold the packed experts in segment[offset:offset + storage_bytes] (before any set_weights); packed: "
+           "another process packed them there")
+      .def_property_readonly("shared", &MoELayer::shared)
       .def_property_readonly("packed_bytes", &MoELayer::packed_bytes)
       .def_property_readonly("saved_bytes", &MoELayer::saved_bytes);
   bind_compute(c);
@@ -305,5 +323,6 @@ void bind_layer(py::module_& m) {
 PYBIND11_MODULE(_engine, m) {
   m.doc() = "kt-sft CPU MoE engine (no torch inside: raw pointers, checked by kt_sft.engine)";
   bind_engine(m);
+  bind_segment(m);
   bind_layer(m);
 }

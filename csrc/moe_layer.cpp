@@ -1,5 +1,8 @@
 #include "moe_layer.h"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <mutex>
 #include <stdexcept>
 
@@ -56,6 +59,9 @@ void MoELayer::set_weights(int which, int e0, int n, const WeightSource& src, bo
   if (e0 < 0 || n < 1 || e0 + n > E_)
     throw std::invalid_argument("experts [" + std::to_string(e0) + ", " + std::to_string(e0 + n) +
                                 ") outside [0, " + std::to_string(E_) + ")");
+  if (segment_ && !segment_->writable())
+    throw std::logic_error(std::string("set_weights: this layer's experts were packed by another process (") +
+                           segment_->path() + ", mapped read-only)");
   Engine& eng = engine();
   std::lock_guard<std::mutex> lock(eng.mu);  // the pool and the decode buffers are the engine's
   ensure_ready(eng);
@@ -64,6 +70,24 @@ void MoELayer::set_weights(int which, int e0, int n, const WeightSource& src, bo
     throw std::invalid_argument(std::string("non-finite value (NaN/Inf) in the ") + proj_name(p) +
                                 " weights of expert " + std::to_string(bad));
   for (int e = e0; e < e0 + n; ++e) loaded_[size_t(which) * E_ + e] = 1;
+}
+
+void MoELayer::use_storage(std::shared_ptr<SharedSegment> segment, size_t offset, bool packed) {
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);
+  if (!segment) throw std::invalid_argument("use_storage: no segment");
+  for (uint8_t done : loaded_)
+    if (done) throw std::logic_error("use_storage: weights were packed into this layer already");
+  const size_t page = size_t(sysconf(_SC_PAGESIZE)), bytes = storage_bytes();
+  if (offset % page || offset > segment->bytes() || segment->bytes() - offset < bytes)
+    throw std::invalid_argument("use_storage: [" + std::to_string(offset) + ", +" + std::to_string(bytes) +
+                                ") is not a page-aligned range of " + segment->path() + " (" +
+                                std::to_string(segment->bytes()) + " bytes)");
+  if (!packed && !segment->writable())
+    throw std::invalid_argument("use_storage: " + segment->path() + " is mapped read-only; packing needs it writable");
+  weights_.use_storage(segment->data() + offset, nodes_, !packed);
+  segment_ = std::move(segment);
+  if (packed) std::fill(loaded_.begin(), loaded_.end(), uint8_t(1));
 }
 
 std::vector<std::string> MoELayer::missing_weights() const {

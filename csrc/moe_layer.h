@@ -7,7 +7,9 @@
 //            backward replays the saved routing plan with dy. Both read as a list of named phases (forward.cpp,
 //            backward.cpp). With several NUMA nodes (numa.h) the layer's experts are cut into one contiguous range
 //            per node when it is made: each range's panels sit in its node's memory and its GEMM tasks run on its
-//            node's workers first (schedule.h).
+//            node's workers first (schedule.h). use_storage puts the packed experts into a piece of a host's
+//            shared expert store (shared_segment.h) instead of private memory: the process that packs writes
+//            them there, the host's other processes adopt them as packed (read-only), so the host holds one copy.
 // Invariants: what forward keeps for backward lives in a bounded set of slots (max_saved per layer, reused
 //            buffers, LRU); a stale handle is an error, never silently wrong math. Scratch buffers are shared by
 //            all layers of the process and guarded by the engine's mutex, so calls are serialised and may run
@@ -20,6 +22,7 @@
 //            factor gradients in PEFT's layouts.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -29,6 +32,7 @@
 #include "lora_pack.h"
 #include "packing.h"
 #include "routing.h"
+#include "shared_segment.h"
 
 namespace kt_sft {
 
@@ -87,6 +91,13 @@ class MoELayer {
   WeightFormat format() const { return fmt_.format; }
   const ExpertNodes& expert_nodes() const { return nodes_; }
   std::vector<std::string> missing_weights() const;  // "expert 3 down", ...
+  // Bytes of this layer's packed experts as one range of whole pages (use_storage's piece of a segment).
+  size_t storage_bytes() const { return weights_.storage_bytes(); }
+  // Holds the packed experts in `segment` from `offset` (page-aligned; storage_bytes long) instead of private
+  // memory; before any set_weights. packed: another process packed them there already (every expert counts as
+  // loaded); else the segment must be writable and set_weights packs into it.
+  void use_storage(std::shared_ptr<SharedSegment> segment, size_t offset, bool packed);
+  bool shared() const { return segment_ != nullptr; }
 
  private:
   friend class ForwardPass;
@@ -102,6 +113,7 @@ class MoELayer {
   FormatInfo fmt_;  // the format's row with this layer's scale grid
   ExpertNodes nodes_;  // where the experts live and run (the engine's layout when the layer was made)
   PackedWeights weights_;
+  std::shared_ptr<SharedSegment> segment_;  // where weights_ lives when shared (kept mapped while the layer lives)
   std::vector<uint8_t> loaded_;  // [3][E]
   std::vector<SavedSlot> slots_;
   uint64_t next_handle_ = 1;

@@ -13,6 +13,7 @@
 #include <map>
 #include <mutex>
 #include <new>
+#include <stdexcept>
 
 #include "cpu_features.h"
 
@@ -204,11 +205,12 @@ std::string placement_failure() {
 }
 
 PlacedMemory::~PlacedMemory() {
-  if (ptr_) munmap(ptr_, bytes_);
+  if (ptr_ && owned_) munmap(ptr_, bytes_);
 }
 
 void* PlacedMemory::reserve(size_t bytes) {
   if (bytes <= bytes_) return ptr_;
+  if (!owned_) throw std::logic_error("PlacedMemory: adopted memory cannot grow");
   if (ptr_) munmap(ptr_, bytes_);
   ptr_ = nullptr;
   bytes_ = 0;
@@ -218,6 +220,13 @@ void* PlacedMemory::reserve(size_t bytes) {
   ptr_ = p;
   bytes_ = mapped;
   return ptr_;
+}
+
+void PlacedMemory::adopt(void* ptr, size_t bytes) {
+  if (ptr_ && owned_) munmap(ptr_, bytes_);
+  ptr_ = ptr;
+  bytes_ = bytes;
+  owned_ = false;
 }
 
 void PlacedMemory::place(size_t unit, const ExpertNodes& nodes) {

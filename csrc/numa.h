@@ -4,7 +4,8 @@
 //            bound). ExpertNodes: one layer's experts cut into contiguous ranges, expert e on node e * N / E (every
 //            expert of a layer weighs the same, so equal counts are equal bytes). PlacedMemory: page-aligned
 //            anonymous memory that nothing touches before packing writes it, so the policy set on a range decides
-//            where its pages land.
+//            where its pages land; or a caller's memory adopted in its place (a host's shared expert store,
+//            shared_segment.h), which it then neither owns nor unmaps.
 // Algorithm: detect_numa reads /sys/devices/system/node (online nodes, each node's cpulist, has_memory; no libnuma)
 //            and this process's CPU set. The setting (KT_SFT_NUMA, env.h; set_numa): auto uses the host's nodes when
 //            the CPU set spans more than one; off (or 1) one node; N > 1 on a host (or CPU set) of one node splits
@@ -58,7 +59,7 @@ bool bind_range(void* addr, size_t bytes, int node, std::string* why);
 // The first failure of a binding since the process started ("" when none).
 std::string placement_failure();
 
-// Page-aligned memory from mmap, untouched until first written (the interface of Buffer, buffer.h).
+// Page-aligned memory from mmap, untouched until first written (the interface of Buffer, buffer.h), or adopted.
 class PlacedMemory {
  public:
   PlacedMemory() = default;
@@ -66,6 +67,9 @@ class PlacedMemory {
   PlacedMemory(const PlacedMemory&) = delete;
   PlacedMemory& operator=(const PlacedMemory&) = delete;
   void* reserve(size_t bytes);  // contents are not kept when it grows
+  // Uses [ptr, ptr + bytes) (page-aligned, owned by the caller and outliving this object) from now on; its own
+  // mapping, if any, is given back. reserve() on adopted memory refuses to grow it.
+  void adopt(void* ptr, size_t bytes);
   void* get() const { return ptr_; }
   size_t bytes() const { return bytes_; }
   // Binds each node's experts ([first[n], first[n + 1]) x unit bytes from the start) to its memory node; a page
@@ -75,6 +79,7 @@ class PlacedMemory {
  private:
   void* ptr_ = nullptr;
   size_t bytes_ = 0;  // mapped length (whole pages)
+  bool owned_ = true;  // false: adopted, never unmapped here
 };
 
 }  // namespace kt_sft

@@ -1,5 +1,7 @@
 #include "packing.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -371,14 +373,38 @@ bool set_grid_row(const ProjectionLayout& l, float qmax, const int32_t* amax, in
 PackedWeights::PackedWeights(int experts, int hidden, int intermediate, const FormatInfo& format,
                              const ExpertNodes& nodes)
     : E_(experts), format_(format.format) {
-  for (int p = 0; p < kNumProj; ++p) {
-    layout_[p] = make_layout(Proj(p), hidden, intermediate, format);
-    panels_[p].reserve(size_t(E_) * layout_[p].expert_bytes);
-    panels_[p].place(layout_[p].expert_bytes, nodes);
-    if (format.scales != ScaleKind::kNone)
-      scales_[p].reserve(size_t(E_) * layout_[p].scale_rows * layout_[p].scale_cols * sizeof(float));
-    if (format.channel_scales) channel_[p].reserve(size_t(E_) * layout_[p].Np * sizeof(float));
+  for (int p = 0; p < kNumProj; ++p) layout_[p] = make_layout(Proj(p), hidden, intermediate, format);
+  for (int i = 0; i < kPieces; ++i)
+    if (piece_bytes(i)) piece(i).reserve(piece_bytes(i));
+  for (int p = 0; p < kNumProj; ++p) panels_[p].place(layout_[p].expert_bytes, nodes);
+}
+
+size_t PackedWeights::piece_bytes(int i) const {
+  const ProjectionLayout& l = layout_[i / 3];
+  switch (i % 3) {
+    case 0: return size_t(E_) * l.expert_bytes;
+    case 1: return l.scales == ScaleKind::kNone ? 0 : size_t(E_) * l.scale_rows * l.scale_cols * sizeof(float);
+    default: return l.channel ? size_t(E_) * l.Np * sizeof(float) : 0;
   }
+}
+
+size_t PackedWeights::storage_bytes() const {
+  const size_t page = size_t(sysconf(_SC_PAGESIZE));
+  size_t b = 0;
+  for (int i = 0; i < kPieces; ++i) b += (piece_bytes(i) + page - 1) / page * page;
+  return b;
+}
+
+void PackedWeights::use_storage(char* base, const ExpertNodes& nodes, bool place) {
+  const size_t page = size_t(sysconf(_SC_PAGESIZE));
+  for (int i = 0; i < kPieces; ++i) {
+    const size_t bytes = piece_bytes(i);
+    if (!bytes) continue;
+    piece(i).adopt(base, bytes);
+    base += (bytes + page - 1) / page * page;
+  }
+  if (place)
+    for (int p = 0; p < kNumProj; ++p) panels_[p].place(layout_[p].expert_bytes, nodes);
 }
 
 void PackedWeights::derive_channel_scales(ThreadPool& pool, Proj p, int e0, int n) {
@@ -546,9 +572,7 @@ std::pair<const void*, size_t> PackedWeights::scale_storage(Proj p) const {
 
 size_t PackedWeights::bytes() const {
   size_t b = 0;
-  for (int p = 0; p < kNumProj; ++p)
-    b += panel_storage(Proj(p)).second + scale_storage(Proj(p)).second +
-         (layout_[p].channel ? size_t(E_) * layout_[p].Np * sizeof(float) : 0);
+  for (int i = 0; i < kPieces; ++i) b += piece_bytes(i);
   return b;
 }
 

@@ -23,8 +23,10 @@
 //            nibble pairs) when the format stores that element type on the same grid. A format with derived
 //            channel scales (INT4 GEMMs) then computes them from each packed expert's grid. Padding rows/columns
 //            are written as zero weights (code 0; int4: nibble 8), padding-only grid cells as scale 0.
-//            The panels live in PlacedMemory (numa.h): each node's experts are bound to its memory node when the
-//            storage is made, before packing first touches it.
+//            The panels, scales and channel scales live in PlacedMemory (numa.h): each node's experts are bound to
+//            its memory node when the storage is made, before packing first touches it. use_storage moves all of
+//            them into one caller-given range (a host's shared expert store, shared_segment.h), one page-aligned
+//            piece after another (storage_bytes), before anything is packed.
 // Invariants: every byte of an expert's panels (and scales) is written by one pack() of it; NaN/Inf in the source
 //            (a NaN code or a non-finite scale of an encoded one) is reported (the first such expert), never
 //            packed silently; pack() runs under the engine's mutex (its decode buffers are the engine's).
@@ -87,6 +89,13 @@ class PackedWeights {
   // std::invalid_argument for a source the layer cannot take (naming why) before writing anything.
   int pack(ThreadPool& pool, std::vector<Buffer>& scratch, Proj p, int e0, int n, const WeightSource& src,
            bool keep_codes);
+  // Bytes of one range holding every piece of this layer's storage (panels, scales, channel scales of each
+  // projection), each piece starting on a page.
+  size_t storage_bytes() const;
+  // Moves every piece into [base, base + storage_bytes()) (page-aligned, owned by the caller, outliving this
+  // object); what was packed before is not kept. place: bind each node's experts to its memory (the process that
+  // packs; one that maps pages packed elsewhere finds them placed).
+  void use_storage(char* base, const ExpertNodes& nodes, bool place);
   WeightView view(Proj p) const;
   std::pair<const void*, size_t> panel_storage(Proj p) const;  // all experts' panels
   std::pair<const void*, size_t> scale_storage(Proj p) const;  // all experts' scales; (null, 0) without
@@ -103,12 +112,15 @@ class PackedWeights {
   float* expert_scales(Proj p, int e) const;
   char* expert_panels(Proj p, int e) const;
   void derive_channel_scales(ThreadPool& pool, Proj p, int e0, int n);  // INT4 GEMMs' S of experts [e0, e0 + n)
+  // The storage pieces, in storage order: panels, scales, channel scales of each projection (0 bytes: none).
+  static constexpr int kPieces = 3 * kNumProj;
+  PlacedMemory& piece(int i) { return i % 3 == 0 ? panels_[i / 3] : i % 3 == 1 ? scales_[i / 3] : channel_[i / 3]; }
+  size_t piece_bytes(int i) const;
 
   int E_;
   WeightFormat format_;
   ProjectionLayout layout_[kNumProj];
-  PlacedMemory panels_[kNumProj];
-  Buffer scales_[kNumProj], channel_[kNumProj];
+  PlacedMemory panels_[kNumProj], scales_[kNumProj], channel_[kNumProj];
 };
 
 }  // namespace kt_sft

@@ -13,13 +13,18 @@ Options come as one `LoadOptions` (kt_sft/load_options.py). Loading runs in name
             one, else CPU) in the model dtype. A quantized expert projection goes to the engine as stored (codes
             and scales), which decodes it itself where the format does not keep it; any other quantized tensor is
             decoded to fp32 as it is read. Host RAM peaks near the packed experts plus one shard, never a layer
-            of bf16.
+            of bf16. Under data parallel (several torchrun ranks: kt_sft/distributed.py) the settings are compared
+            across ranks first, and only the host's lowest rank streams the experts, into a shared store the
+            host's other ranks then map read-only (they stream the dense tensors meanwhile).
 Which modules and tensors are experts is the family rule's business (kt_sft/models: derived from the model, or a
 rule file).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
+import hashlib
 import logging
 import os
 import re
@@ -36,7 +41,7 @@ from transformers.core_model_loading import WeightRenaming, rename_source_key
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from . import engine
+from . import distributed, engine
 from .checkpoint_files import CheckpointFiles, TensorReader, scan
 from .checkpoint_formats import SourceFormat, check_stored, decode, encoded, is_companion, is_quantized, source_format
 from .engine.formats import FORMATS, ExpertFormat, FormatLike, for_model_dtype, get_format
@@ -127,22 +132,28 @@ def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *
     everything went.
     """
     opts = resolve_options(options, fields)
+    host = distributed.join(_rank_settings(Path(path), opts))  # None unless several ranks run (torchrun)
     plan = _plan(Path(path), opts, config, family)
     logger.info("kt-sft: %s checkpoint, experts as %s (%s)", plan.source, plan.format.label, plan.format_reason)
     if opts.numa is not None:
         engine.set_numa(opts.numa)
-    if plan.threads:
-        engine.set_num_threads(plan.threads)
+    _set_threads(plan.threads, host)
     files = scan(plan.path, opts.expert_path)
     model, placer = plan.model, _Placer(plan.model, opts.device, opts.dtype)
     router = _KeyRouter(plan.family, files.headers, placer.renamings)
     _check_stored(plan.source, files)
-    if opts.check_memory:
-        _check_memory({f: plan.expert_bytes(f) for f in _formats_for(plan)}, plan.dense_bytes,
-                      files.largest_shard, opts.device, plan.format, plan.path.name)
+    if opts.check_memory:  # the experts count once per host: on the rank that packs them
+        packs = host is None or host.packs
+        check = functools.partial(_check_memory, {f: plan.expert_bytes(f) if packs else 0 for f in _formats_for(plan)},
+                                  plan.dense_bytes, files.largest_shard, opts.device, plan.format, plan.path.name)
+        if host is None:
+            check()
+        else:
+            host.together(check, "the memory check")
     layers = {idx: engine.ExpertLayer(E, H, I, plan.format, max_saved=opts.max_saved)
               for idx, (E, H, I) in plan.expert_shapes.items()}
-    _stream_shards(files, layers, router, placer, plan.source, opts.progress)
+    with distributed.shared_experts(host, [layers[i] for i in sorted(layers)]) as packs:
+        _stream_shards(files, layers, router, placer, plan.source, opts.progress, experts=packs)
     _check_experts_loaded(layers, plan, files, router.prefix)
     policies = {idx: _call_policy(layer, opts) for idx, layer in layers.items()}
     for idx, layer in sorted(layers.items()):
@@ -153,7 +164,7 @@ def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *
     use_engine(model.config)
     install_chunked_loss(model, opts.loss_chunk_tokens)
     install_checkpoint_marking(model)
-    model.kt_summary = _summary(layers, plan, opts.device)
+    model.kt_summary = _summary(layers, plan, opts.device) + distributed.store_summary(host, list(layers.values()))
     logger.info(model.kt_summary)
     return model
 
@@ -275,6 +286,29 @@ def _int4_groups(fmt: ExpertFormat, source: SourceFormat, group: Optional[int]) 
                          f"groups of {source.group}, which {fmt.backends[-1]} experts keep exactly as stored; "
                          f"regrouping them would quantize them twice. Remove the setting (or give {source.group})")
     return fmt.with_scales(group=source.group)
+
+
+def _rank_settings(path: Path, opts: LoadOptions) -> dict:
+    """What every rank of a distributed run must load alike (compared by kt_sft.distributed.join): the options
+    (the kt_* keys) but the device and the progress bar, and the checkpoint's config. KT_SFT_* variables may differ
+    between hosts (threads, ISA of another CPU)."""
+    shown = lambda v: f"{v.label} (scale blocks {v.scale_block})" if isinstance(v, ExpertFormat) else repr(v)
+    settings = {f"load option {f.name}": shown(getattr(opts, f.name)) for f in dataclasses.fields(opts)
+                if f.name not in ("device", "progress")}
+    config_file = path / "config.json"
+    if config_file.is_file():
+        settings["the checkpoint's config.json"] = hashlib.sha256(config_file.read_bytes()).hexdigest()[:16]
+    return settings
+
+
+def _set_threads(threads: int, host) -> None:
+    """The engine's threads: `threads` (0: auto); auto with several ranks on this host splits the cores among them
+    (kt_sft.distributed.threads_per_rank) unless KT_SFT_THREADS sets them."""
+    if threads:
+        engine.set_num_threads(threads)
+    elif host is not None and not os.environ.get("KT_SFT_THREADS"):
+        engine.set_num_threads(0)
+        engine.set_num_threads(distributed.threads_per_rank(engine.num_threads(), host))
 
 
 def _threads(family: MoEFamily, opts: LoadOptions) -> int:
@@ -463,9 +497,14 @@ def _check_stored(source: SourceFormat, files: CheckpointFiles) -> None:
 
 
 def _stream_shards(files: CheckpointFiles, layers: dict, router: _KeyRouter, placer: "_Placer",
-                   source: SourceFormat, progress: bool) -> None:
+                   source: SourceFormat, progress: bool, experts: bool = True) -> None:
+    """Every tensor of every shard to its place; `experts` False: the dense tensors only (a rank whose host's
+    experts another rank packs)."""
     reader = TensorReader(files)
     for shard, kinds in tqdm(files.sources.items(), desc="kt-sft: loading shards", disable=not progress):
+        kinds = kinds if experts else "dense" if kinds == "all" else kinds
+        if kinds == "experts" and not experts:
+            continue
         reader.use(shard)
         for key in files.keys[shard]:
             try:

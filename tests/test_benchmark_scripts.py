@@ -395,3 +395,20 @@ def test_busy_breakdown_splits_a_step_into_gpu_and_engine_time():
                 engine_busy_ms=0.032, engine_and_gpu_ms=0.022, engine_alone_ms=0.01, neither_ms=0.01)
     assert got.keys() == want.keys() and all(math.isclose(got[k], v, abs_tol=1e-12) for k, v in want.items()), got
     assert busy_breakdown([(0, 10)], [], [], 0.01)["engine_busy_ms"] == 0
+
+
+@pytest.mark.slow
+def test_bench_ddp_tiny_two_ranks_share_the_store(tmp_path):
+    """bench_ddp.py under torchrun (2 ranks, toy V2-Lite shape on the CPU): one row with both ranks' memory."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                "benchmarks/bench_ddp.py", "--tiny", "--dir", str(tmp_path / "ckpt"), "--json",
+                env={"KT_SFT_THREADS": "1", "OMP_NUM_THREADS": "1"})
+    [row] = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert row["bench"] == "bench_ddp" and row["ranks"] == 2 and row["tokens_per_s"] > 0
+    assert "experts shared by 2 rank(s) of this host" in row["summary"]
+    assert all(r["store_pss_gb"] > 0 for r in row["per_rank"])

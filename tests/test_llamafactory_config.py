@@ -182,6 +182,19 @@ def test_zero3_is_refused(get_train_args, tmp_path):
         unset_hf_deepspeed_config()  # process-global in transformers; later tests must not see ZeRO-3
 
 
+def test_fsdp_is_refused_with_the_reason_and_several_processes_are_data_parallel(monkeypatch):
+    from kt_sft import distributed
+
+    training = SimpleNamespace(deepspeed=None, fsdp="full_shard", world_size=2, n_gpu=1, ddp_timeout=77)
+    with pytest.raises(ktc.KTConfigError, match="FSDP with use_kt is not supported yet: .* use data parallel"):
+        ktc._check_training(training)
+    monkeypatch.setattr(distributed, "_timeout", distributed._timeout)  # restored after the test
+    ktc._check_training(SimpleNamespace(**{**vars(training), "fsdp": ""}))  # torchrun ranks: accepted
+    assert distributed._timeout.total_seconds() == 77  # kt-sft's collectives take the run's ddp_timeout
+    with pytest.raises(ktc.KTConfigError, match="2 GPUs are visible"):
+        ktc._check_training(SimpleNamespace(**{**vars(training), "fsdp": "", "n_gpu": 2}))
+
+
 def test_upstream_injection_rule_gets_a_pointer(get_train_args, tmp_path):
     rule = tmp_path / "DeepSeek-V2-Lite-Chat-sft-amx.yaml"
     rule.write_text("- match:\n    name: '^model\\.layers\\..*\\.mlp\\.experts$'\n  replace:\n    class: x\n")

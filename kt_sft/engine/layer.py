@@ -18,6 +18,7 @@ from .panels import PROJECTIONS, PackedPanels, packed_panels
 from .retained import RetainedForwards
 
 
+CUDA_HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly (CUDA >= 11.1)
 # Encoded checkpoint tensors the engine decodes (set_projection with scale=): e4m3 bytes, int32 words of 8 int4 nibbles.
 ENCODED_DTYPES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.int32: "int32"}
 _GRID_ADVICE = (": the checkpoint's grid differs from the layer's; build the layer with get_format({name!r}, "
@@ -84,6 +85,7 @@ class ExpertLayer:
     ) -> None:
         self._pinned: Optional[list[int]] = None  # first: __del__ reads it even when the rest of __init__ failed
         self._all_pinned = False
+        self._segment = None  # the shared store this layer's experts live in (use_storage), if any
         self.format = get_format(format)
         self._layer = _engine.MoELayer(int(num_experts), int(hidden_size), int(intermediate_size), self.format.code,
                                        self.format.scale_block, activation, int(max_saved))
@@ -205,6 +207,25 @@ class ExpertLayer:
         layer.load_fused(gate_up_proj, down_proj)
         return layer
 
+    # ------------------------------------------------------------------ shared storage
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes of this layer's piece of a shared store: its packed experts as whole pages (use_storage)."""
+        return self._layer.storage_bytes
+
+    def use_storage(self, segment, offset: int, packed: bool) -> None:
+        """Hold the packed experts in `segment` (an `_engine.SharedSegment`, kt_sft.engine.shared_store) at
+        [offset, offset + storage_bytes) instead of this process's own memory; before any weight is loaded.
+        packed: another process packed them there already (the layer is complete; loading into it is refused);
+        else the segment is writable and loading packs into it."""
+        self._layer.use_storage(segment, int(offset), bool(packed))
+        self._segment = segment
+
+    @property
+    def shared_store(self) -> Optional[str]:
+        """The path of the shared store holding this layer's experts (None: they are in this process's memory)."""
+        return None if self._segment is None else self._segment.path
+
     # ------------------------------------------------------------------ packed panels
     def panels(self) -> PackedPanels:
         """A read-only view of the packed experts in the engine's memory (no copy; valid while this layer lives)."""
@@ -217,13 +238,16 @@ class ExpertLayer:
         the engine frees the memory, which malloc may hand out again."""
         if self._pinned is None:
             cudart, self._pinned, self._all_pinned = torch.cuda.cudart(), [], True
+            # A shared store another process packed is mapped read-only here: CUDA registers such pages only
+            # with cudaHostRegisterReadOnly.
+            flags = CUDA_HOST_REGISTER_READ_ONLY if self._segment is not None and not self._segment.writable else 0
             for which in PROJECTIONS.values():
                 scales = self._layer.scale_storage(which)
                 # Small scale grids (per channel, FP8 blocks) may share a heap page with another registered range,
                 # which CUDA refuses; they copy fast enough pageable. Large ones (int4 groups) get their own pages.
                 ranges = (self._layer.panel_storage(which),) + ((scales,) if scales[1] >= 1 << 20 else ())
                 for address, nbytes in ranges:
-                    if nbytes and int(cudart.cudaHostRegister(address, nbytes, 0)) == 0:
+                    if nbytes and int(cudart.cudaHostRegister(address, nbytes, flags)) == 0:
                         self._pinned.append(address)
                     elif nbytes:
                         self._all_pinned = False

@@ -433,11 +433,15 @@ def _check_training(training_args) -> None:
     if getattr(training_args, "deepspeed", None) and is_deepspeed_zero3_enabled():
         raise KTConfigError("DeepSpeed ZeRO-3 with use_kt: ZeRO-3 shards parameters across GPUs but the routed "
                             "experts live in CPU RAM outside it; use ZeRO-2 / no DeepSpeed")
-    if getattr(training_args, "fsdp", None):
-        raise KTConfigError("FSDP with use_kt is not supported; remove the fsdp keys")
+    if getattr(training_args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise KTConfigError("FSDP with use_kt is not supported yet: it would shard the parameters it wraps across "
+                            "GPUs, and the routed experts' CPU engine and expert-LoRA factors live outside it; "
+                            "use data parallel (torchrun without fsdp keys: the dense part replicated on each GPU, "
+                            "one expert store per host; README.md, 'Several GPUs and hosts')")
     if getattr(training_args, "world_size", 1) > 1:
-        raise KTConfigError(f"use_kt runs one training process per machine, but world_size="
-                            f"{training_args.world_size}: launch without torchrun / FORCE_TORCHRUN")
+        from .. import distributed
+
+        distributed.set_timeout(getattr(training_args, "ddp_timeout", None) or 1800)
     if getattr(training_args, "n_gpu", 1) > 1:
         raise KTConfigError(f"{training_args.n_gpu} GPUs are visible and the Trainer would replicate the model "
                             "over them (DataParallel); kt-sft uses one GPU: set CUDA_VISIBLE_DEVICES=0")

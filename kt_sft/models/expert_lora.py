@@ -245,6 +245,29 @@ def save_atomically(peft_model) -> None:
     peft_model.save_pretrained = save_pretrained
 
 
+def expert_lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The factors (lora_A / lora_B weights of every adapter) of the PEFT wrappers on engine experts modules."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    params = []
+    for wrapper in (m for m in model.modules() if isinstance(m, ParamWrapper)):
+        if getattr(_wrapper_chain(wrapper)[1], "kt_layer", None) is None:
+            continue
+        for adapter in wrapper.lora_A:
+            params += [wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight]
+    return list({id(p): p for p in params}.values())
+
+
+def _ready(peft_model):
+    """The expert factors on the engine, and under data parallel their gradients averaged over the ranks."""
+    from .. import distributed
+
+    attach_expert_lora(peft_model)
+    save_atomically(peft_model)
+    distributed.share_expert_grads(peft_model, expert_lora_parameters(peft_model))
+    return peft_model
+
+
 def get_peft_model(model: nn.Module, config, **kwargs):
     """peft.get_peft_model for a kt-sft model: `target_parameters` may name the routed experts; saves are atomic
     per file (`save_atomically`)."""
@@ -254,9 +277,7 @@ def get_peft_model(model: nn.Module, config, **kwargs):
         config.target_parameters = resolve_expert_targets(model, list(config.target_parameters))
     with expert_params_exposed(model):
         peft_model = peft.get_peft_model(model, config, **kwargs)
-    attach_expert_lora(peft_model)
-    save_atomically(peft_model)
-    return peft_model
+    return _ready(peft_model)
 
 
 def load_adapter(model: nn.Module, adapter_path, **kwargs):
@@ -270,6 +291,4 @@ def load_adapter(model: nn.Module, adapter_path, **kwargs):
         check_adapter(adapter_path, model, getattr(model, "name_or_path", None) or "this model")
     with expert_params_exposed(model):
         peft_model = PeftModel.from_pretrained(model, adapter_path, **kwargs)
-    attach_expert_lora(peft_model)
-    save_atomically(peft_model)
-    return peft_model
+    return _ready(peft_model)

@@ -1,0 +1,38 @@
+"""Test shims for the 2-rank CLI runs of tests/test_ddp.py (on PYTHONPATH only there, both sides):
+
+- With KT_TEST_TARGET_PARAMETERS set (comma-separated PEFT target_parameters), `peft.get_peft_model` adds them to
+  every LoraConfig it gets, so stock LLaMA-Factory (whose lora_target fills target_modules only) trains PEFT LoRA on
+  the routed experts of the stock transformers model: the reference for kt-sft's `lora_target: all,experts`.
+- CPU-only multi-process runs: the Trainer resumes the optimizer with `torch.load(map_location=args.device)`, which
+  is `cpu:0` there, a location torch cannot restore ("don't know how to restore data location ... cpu:0"; stock
+  LLaMA-Factory fails the same way). Locations `cpu:N` restore to the CPU. (On GPUs the device is `cuda:N`.)
+"""
+import os
+import re
+
+import torch.serialization
+
+
+def _cpu_index(obj):
+    return None
+
+
+def _restore_cpu_n(obj, location):
+    return obj if re.fullmatch(r"cpu:\d+", str(location)) else None
+
+
+torch.serialization.register_package(25, _cpu_index, _restore_cpu_n)
+
+if os.environ.get("KT_TEST_TARGET_PARAMETERS"):
+    import functools
+
+    import peft
+
+    _original = peft.get_peft_model
+
+    @functools.wraps(_original)
+    def get_peft_model(model, config, *args, **kwargs):
+        config.target_parameters = os.environ["KT_TEST_TARGET_PARAMETERS"].split(",")
+        return _original(model, config, *args, **kwargs)
+
+    peft.get_peft_model = get_peft_model

@@ -1,0 +1,240 @@
+"""Data parallel (kt_sft/distributed.py, issue 22) on CPU with gloo.
+
+Worker runs (tests/ddp_worker.py, two plain processes with the torch.distributed variables, as torchrun sets them):
+one shared expert store per host, mapped by both ranks and gone from the file system once mapped, the experts'
+memory counted once (the ranks' Pss of the store add up to one copy), identical adapters after steps on different
+data; mismatched settings, a packer that fails and a rank that dies stop every rank with a clear error.
+Through the real CLI (slow): `FORCE_TORCHRUN=1 NPROC_PER_NODE=2 USE_KT=1 llamafactory-cli train` gives stock
+LLaMA-Factory's 2-rank losses (fp32) on tiny models of several families, with and without expert LoRA; a resumed
+2-rank run is exact; two "hosts" on this machine (NNODES=2) keep one store each and train like one host.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llamafactory_run import llamafactory_cli
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+WORKER = TESTS / "ddp_worker.py"
+SHIMS = TESTS / "ddp_shims"  # sitecustomize: stock PEFT target_parameters, CPU-only resume (see there)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           # LLaMA-Factory's launcher runs `torchrun` by name: this interpreter's environment first
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    env.pop("KT_SFT_THREADS", None)  # the ranks split the cores themselves
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny qwen3_moe with 12.6 MB of fp32 experts (2 MoE layers x 32 experts of width 256)."""
+    from tiny_models import make_tiny_model
+
+    path = tmp_path_factory.mktemp("ddp") / "model"
+    make_tiny_model("qwen3_moe", num_experts=32, moe_intermediate_size=256).save_pretrained(path)
+    return path
+
+
+def _run_ranks(mode: str, model: Path, out: Path, world: int = 2, timeout: float = 300, **env) -> list[dict]:
+    """The worker as `world` ranks of one host; each rank's report (a rank that wrote none: {})."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(WORKER), mode, str(model), str(out)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(r), LOCAL_RANK=str(r),
+                                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", **env))
+             for r in range(world)]
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    reports = []
+    for r in range(world):
+        path = out / f"rank{r}.json"
+        reports.append(json.loads(path.read_text()) if path.exists() else {"log": logs[r][-3000:]})
+    return reports
+
+
+def _store_files() -> list[str]:
+    return sorted(p.name for p in Path("/dev/shm").glob("kt-sft-experts-*"))
+
+
+def test_two_ranks_share_one_store_and_keep_identical_adapters(model_dir, tmp_path):
+    before = _store_files()
+    a, b = _run_ranks("train", model_dir, tmp_path)
+    assert "error" not in a and "error" not in b, (a.get("traceback"), b.get("traceback"))
+    assert a["stores"] == b["stores"] and len(a["stores"]) == 1  # one store, both ranks in it
+    store = a["stores"][0]
+    assert a["inside"] == b["inside"] == [True, True]  # every layer's panels lie in the shared mapping
+    assert a["store_files"] == b["store_files"] == [] or _store_files() == before  # unlinked once mapped
+    assert a["mappings"][store]["deleted"] and b["mappings"][store]["deleted"]
+    size = a["mappings"][store]["size"]
+    assert a["packed"] <= size < a["packed"] + 64 * 4096
+    after = [r["mappings_after"][store] for r in (a, b)]
+    assert all(m["rss"] > 0 for m in after)  # both ranks computed from it
+    assert sum(m["pss"] for m in after) <= size  # the experts' memory counted once on this host
+    assert a["threads"] == b["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
+    assert "experts shared by 2 rank(s) of this host (1 host(s), 2 ranks)" in a["summary"]
+    assert a["ignored_by_ddp"] == 8  # 2 layers x 2 expert parameters x (lora_A, lora_B)
+    assert a["losses"] != b["losses"]  # each rank trained on its own data...
+    assert a["param_sums"] == b["param_sums"]  # ...and both hold the same adapter
+    assert _store_files() == before
+
+
+@pytest.mark.slow
+def test_mismatched_settings_stop_every_rank(model_dir, tmp_path):
+    reports = _run_ranks("mismatch", model_dir, tmp_path)
+    for report in reports:
+        assert "the ranks disagree on load option format" in report["error"], report
+        assert "fp32" in report["error"] and "bf16" in report["error"]
+
+
+@pytest.mark.slow
+def test_a_failing_packer_stops_every_rank_with_its_error(model_dir, tmp_path):
+    a, b = _run_ranks("badstore", model_dir, tmp_path, KT_SFT_SHM_DIR=str(tmp_path / "missing"))
+    assert "missing" in a["error"]
+    assert b["error"].startswith("RuntimeError: kt-sft: loading the model failed on rank 0") and "missing" in b["error"]
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_stops_the_others_with_a_clear_error(model_dir, tmp_path):
+    start = time.time()
+    a, b = _run_ranks("die", model_dir, tmp_path, timeout=200)
+    assert "another rank stopped answering" in a["error"], a
+    assert b == {"log": b["log"]}  # rank 1 exited without a report
+    assert time.time() - start < 150  # no hang until a long timeout
+
+
+def test_store_space_is_checked_before_packing(tmp_path, monkeypatch):
+    import kt_sft.engine as ke
+    from kt_sft.engine import shared_store
+
+    monkeypatch.setenv("KT_SFT_SHM_DIR", str(tmp_path))
+    monkeypatch.setattr(shared_store, "free_bytes", lambda directory: 4096)
+    with pytest.raises(MemoryError, match="shared expert store needs .* --shm-size"):
+        shared_store.SharedExpertStore.create(shared_store.store_path("t"), [ke.ExpertLayer(8, 64, 32, "bf16")])
+    assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- through LLaMA-Factory's CLI
+
+
+def _config(tmp: Path, name: str, model: Path, use_kt: bool, **overrides) -> Path:
+    cfg = dict(model_name_or_path=str(model), stage="sft", do_train=True, finetuning_type="lora", lora_target="all",
+               lora_rank=8, lora_alpha=16, dataset="kt_demo", dataset_dir=str(REPO / "examples" / "demo" / "data"),
+               template="qwen3_nothink", cutoff_len=128, overwrite_cache=True, preprocessing_num_workers=1,
+               output_dir=str(tmp / name), logging_steps=1, save_steps=4, max_steps=4, overwrite_output_dir=True,
+               report_to="none", per_device_train_batch_size=2, learning_rate=1e-2, num_train_epochs=1, seed=42)
+    if use_kt:
+        cfg.update(use_kt=True, kt_backend="FP32")
+    cfg.update(overrides)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _launch(cfg: Path, use_kt: bool, nodes: int = 1, node: int = 0, port: int = 0, **env) -> subprocess.Popen:
+    extra = dict(USE_KT="1" if use_kt else "0", FORCE_TORCHRUN="1", NPROC_PER_NODE=str(2 // nodes),
+                 MASTER_PORT=str(port or _free_port()), PYTHONPATH=os.pathsep.join([str(REPO), str(SHIMS)]), **env)
+    if nodes > 1:
+        extra.update(NNODES=str(nodes), NODE_RANK=str(node), MASTER_ADDR="127.0.0.1")
+    log = open(cfg.with_suffix(f".node{node}.log"), "w")
+    return subprocess.Popen(llamafactory_cli("train", str(cfg)), env=_env(**extra), stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def _train(cfg: Path, use_kt: bool, **env) -> str:
+    proc = _launch(cfg, use_kt, **env)
+    proc.wait(timeout=900)
+    log = cfg.with_suffix(".node0.log").read_text()
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
+def _losses(out: Path) -> dict[int, float]:
+    state = json.loads((out / "trainer_state.json").read_text())
+    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+
+def _with_tokenizer(model: Path) -> Path:
+    demo = REPO / "examples" / "demo" / "model"
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(demo / name, model / name)
+    return model
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory):
+    from tiny_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("families")
+    models = {"qwen3_moe": REPO / "examples" / "demo" / "model"}
+    for family in ("deepseek_v3", "mixtral"):
+        make_tiny_model(family, vocab_size=1024).save_pretrained(root / family)
+        models[family] = _with_tokenizer(root / family)
+    return models
+
+
+EXPERT_TARGETS = "mlp.experts.gate_up_proj,mlp.experts.down_proj"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,experts", [("qwen3_moe", False), ("qwen3_moe", True), ("deepseek_v3", True),
+                                            ("mixtral", True)])
+def test_two_ranks_train_like_stock_llamafactory(family_models, tmp_path, family, experts):
+    model = family_models[family]
+    ours = _config(tmp_path, "kt", model, True, lora_target="all,experts" if experts else "all")
+    stock = _config(tmp_path, "stock", model, False)
+    log = _train(ours, True)
+    _train(stock, False, **(dict(KT_TEST_TARGET_PARAMETERS=EXPERT_TARGETS) if experts else {}))
+    assert "experts shared by 2 rank(s) of this host (1 host(s), 2 ranks)" in log
+    got, want = _losses(tmp_path / "kt"), _losses(tmp_path / "stock")
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for step in got:
+        assert got[step] == pytest.approx(want[step], abs=1e-4), (step, got, want)
+
+
+@pytest.mark.slow
+def test_resumed_two_rank_run_is_exact(family_models, tmp_path):
+    model = family_models["qwen3_moe"]
+    _train(_config(tmp_path, "full", model, True, lora_target="all,experts", save_steps=2), True)
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    _train(_config(tmp_path, "resumed", model, True, lora_target="all,experts", save_steps=2,
+                   resume_from_checkpoint=str(checkpoint), overwrite_output_dir=False), True)
+    full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert {3, 4} <= set(resumed)
+    assert [resumed[s] for s in (3, 4)] == [full[s] for s in (3, 4)]
+
+
+@pytest.mark.slow
+def test_two_hosts_keep_one_store_each_and_train_like_one_host(family_models, tmp_path):
+    """NNODES=2 on this machine: two torchrun launches of one rank each, node ranks 0 and 1: each "host" packs its
+    own store; the global ranks and their data are those of one host with 2 ranks, so the losses are too."""
+    model = family_models["qwen3_moe"]
+    port = _free_port()
+    cfg = _config(tmp_path, "nodes", model, True, lora_target="all,experts")
+    procs = [_launch(cfg, True, nodes=2, node=n, port=port) for n in (0, 1)]
+    for proc in procs:
+        proc.wait(timeout=900)
+    logs = [cfg.with_suffix(f".node{n}.log").read_text() for n in (0, 1)]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "experts shared by 1 rank(s) of this host (2 host(s), 2 ranks)" in logs[0]
+    _train(_config(tmp_path, "one", model, True, lora_target="all,experts"), True)
+    got, want = _losses(tmp_path / "nodes"), _losses(tmp_path / "one")
+    assert got == pytest.approx(want, abs=1e-6)
