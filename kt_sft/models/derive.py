@@ -10,7 +10,8 @@
              `*` is the expert index; Concatenate(dim=1): source j is block j of [gate | up]), its source patterns
              with the model's renamings undone give the per-expert names on disk, and transformers'
              `rename_source_key` must map each back to the fused parameter (checked here). So experts stream one
-             tensor at a time, as before. The in-memory names are the fused names on disk.
+             tensor at a time, as before. The in-memory names are the fused names on disk; a Transpose(1, 2)
+             converter on them (Qwen3-VL-MoE) means they may be stored transposed (`disk_transposed`).
   math       the probe of kt_sft.models.experts_math on the module's own gate; the engine runs `silu glu` today
 A YAML override (kt_sft.models.registry) replaces the derivation; its math is probed against the model all the same.
 """
@@ -135,7 +136,7 @@ def derive_family(model: nn.Module, model_type: str) -> MoEFamily:
         model_type=model_type, experts_module=template, checkpoint=disk_names(model, template, gated),
         fused_checkpoint={p: f"{template}.{p}_proj" for p in fused_projections(gated)},
         activation=math.activation, gated=gated, bias=flags["has_bias"], transposed=flags["is_transposed"],
-        source=f"derived from {type(model).__name__}")
+        disk_transposed=disk_transposed(model, template, gated), source=f"derived from {type(model).__name__}")
 
 
 def _split_conversions(model: nn.Module):
@@ -203,6 +204,25 @@ def disk_names(model: nn.Module, template: str, gated: bool) -> dict[str, str]:
         raise UnsupportedModelError(f"transformers' conversion mapping names only {', '.join(out)} of the "
                                     f"per-expert projections of {template}")
     return out
+
+
+def disk_transposed(model: nn.Module, template: str, gated: bool) -> bool:
+    """Whether transformers' conversion mapping transposes the fused experts tensors on load (a one-to-one
+    converter whose only op is Transpose of dims 1 and 2, e.g. Qwen3-VL-MoE's [E, H, 2I] gate_up_proj on disk): the
+    loader then takes either orientation, by shape, as transformers' Transpose(check_dims=True) does."""
+    _, converters = _split_conversions(model)
+    found = []
+    for fused in fused_projections(gated):
+        param = f"{template.replace('{layer}', _SENTINEL_LAYER)}.{fused}_proj"
+        for converter in converters:
+            ops = converter.operations
+            if (any(t.strip("^$") in param for t in converter.target_patterns) and len(ops) == 1
+                    and type(ops[0]).__name__ == "Transpose" and {ops[0].dim0, ops[0].dim1} == {1, 2}):
+                found.append(fused)
+    if found and len(found) != len(fused_projections(gated)):
+        raise UnsupportedModelError(f"transformers' conversion mapping transposes only {', '.join(found)} of the "
+                                    f"fused experts tensors of {template}: not supported yet")
+    return bool(found)
 
 
 def check_math(family: MoEFamily, modules: dict[str, nn.Module]) -> None:

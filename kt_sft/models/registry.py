@@ -15,6 +15,9 @@ are examples of the format, each equal to what kt-sft derives for its family (te
     activation       with `gated`: the experts' math (kt_sft.models.experts_math: silu, gelu_tanh, relu2, ...); a
                      probe of the model's own experts modules must agree
     bias, transposed the experts modules' has_bias / is_transposed
+    disk_transposed  the fused tensors on disk may be the transpose of the parameters ([E, H, 2I] for gate_up_proj
+                     [E, 2I, H]: Qwen3-VL-MoE); told apart by shape as transformers' Transpose(check_dims) converter
+                     does (a shape equal to the parameter's loads as it is)
     on_device        informational: what stays stock on the GPU (attention, router, shared experts, dense MLPs)
     defaults         format (a kt_sft.engine.formats name: bf16, int8, ...) and threads (auto or n) used when the
                      caller sets none
@@ -68,6 +71,7 @@ class MoEFamily:
     gated: bool = True
     bias: bool = False
     transposed: bool = False
+    disk_transposed: bool = False
     on_device: tuple = ()
     defaults: dict = field(default_factory=dict)
     source: str = ""
