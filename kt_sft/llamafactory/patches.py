@@ -21,7 +21,7 @@ LLaMA-Factory's own code. The changes:
     `AutoModelForSeq2SeqLM` / `AutoModelForTextToWaveform`, which it tries first: mistral4's text model is reached
     through the image-text one), as that module sees them, build the model with `kt_sft.loader.load_model` while
     the mark is set (LLaMA-Factory's patch_config / patch_model / init_adapter run around it unchanged); the loader
-    refuses a model kind it cannot offload (vision-language, omni) by name.
+    refuses a model kind it cannot offload (omni) by name.
 """
 from __future__ import annotations
 

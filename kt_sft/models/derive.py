@@ -1,7 +1,7 @@
 """A MoE family's rule derived from the model itself: no rule file for any transformers family with fused experts.
 
   class      the auto class LLaMA-Factory 0.9.5 loads the config with (`model_class`: image-text-to-text first, then
-             seq2seq, text-to-waveform, else causal LM); vision-language and omni models are refused for now
+             seq2seq, text-to-waveform, else causal LM); omni models (text-to-waveform) are refused for now
   where      the experts modules are the modules transformers' `@use_experts_implementation` marks with has_gate /
              has_bias / is_transposed; their names give the `experts_module` template (the first index in the name
              is the layer) and so the MoE layers; several templates (text + vision experts) are refused for now
@@ -46,15 +46,15 @@ def model_class(config):
 
 
 def model_kind_gap(config) -> Optional[str]:
-    """Why kt-sft cannot load this config's model class yet (vision-language, omni), or None."""
+    """Why kt-sft cannot load this config's model class yet (omni: audio / speech out), or None. Causal LMs and
+    vision-language models (AutoModelForImageTextToText: the vision tower and projector are dense modules on the
+    device, the language model's routed experts go to the engine) load."""
     auto = model_class(config)
-    if auto.__name__ == "AutoModelForCausalLM":
+    if auto.__name__ in ("AutoModelForCausalLM", "AutoModelForImageTextToText"):
         return None
     cls = auto._model_mapping[type(config)]
-    if auto.__name__ == "AutoModelForImageTextToText" and cls.__name__.endswith("ForCausalLM"):
-        return None  # a text model LLaMA-Factory reaches through the image-text mapping (mistral4)
-    kind = "vision-language" if auto.__name__ == "AutoModelForImageTextToText" else "omni (audio / speech)"
-    return f"{config.model_type}: {kind} model ({cls.__name__}, loaded with {auto.__name__}) not supported yet"
+    return f"{config.model_type}: omni (audio / speech) model ({cls.__name__}, loaded with {auto.__name__}) not " \
+        "supported yet"
 
 
 def build_meta(config, dtype: torch.dtype = torch.bfloat16, *, buffers: bool = True, any_kind: bool = False):

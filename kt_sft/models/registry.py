@@ -35,12 +35,13 @@ from . import experts_math
 
 FAMILY_DIR = Path(__file__).parent / "families"
 DEFAULTS_KEYS = ("format", "threads")
-# The model types whose tiny random model tests/test_families.py compares with stock transformers + PEFT (logits,
-# LoRA steps with expert LoRA, greedy generation); a test keeps this list equal to that table.
+# The model types whose tiny random model tests/test_families.py (text) and tests/test_vlm.py (vision-language, with
+# images) compare with stock transformers + PEFT (logits, LoRA steps with expert LoRA, greedy generation); a test
+# keeps this list equal to those tables.
 TESTED = ("afmoe", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe",
-          "glm4_moe_lite", "glm_moe_dsa", "hunyuan_v1_moe", "hy_v3", "jamba", "lfm2_moe", "minimax", "minimax_m2",
-          "mistral4", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next",
-          "solar_open")
+          "glm4_moe_lite", "glm4v_moe", "glm_moe_dsa", "hunyuan_v1_moe", "hy_v3", "jamba", "lfm2_moe", "minimax",
+          "minimax_m2", "mistral4", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe", "qwen3_5_moe_text",
+          "qwen3_moe", "qwen3_next", "qwen3_vl_moe", "solar_open")
 
 
 class UnsupportedModelError(ValueError):
