@@ -119,3 +119,28 @@ def test_vision_language_family_matches_stock(family, tiny_checkpoint):
     vision_b = [p for n, p in ours.named_parameters() if "visual" in n and "lora_B" in n]
     assert vision_b and all(p.abs().max() > 0 for p in vision_b), "the vision tower's LoRA must have trained"
     assert torch.equal(_generate(ours), _generate(stock))
+
+
+def test_llamafactory_lora_targets_of_a_vision_language_model(tiny_checkpoint):
+    """LLaMA-Factory turns a VLM's lora_target into full module names outside the frozen vision tower (substring
+    matches); with the hook, the routed experts skip that (no `act_fn` child as a module target) and `all` next
+    to them expands to every language-model linear first, as `all` alone does."""
+    import types
+
+    import peft
+    from llamafactory.hparams import FinetuningArguments
+    from llamafactory.model.model_utils.misc import find_all_linear_modules
+    from llamafactory.model.model_utils.visual import patch_target_modules
+
+    from kt_sft.llamafactory.patches import patch_adapter
+
+    model = _ours(tiny_checkpoint("qwen3_vl_moe"))
+    adapter = types.SimpleNamespace(get_peft_model=peft.get_peft_model, PeftModel=peft.PeftModel,
+                                    patch_target_modules=patch_target_modules)
+    patch_adapter(adapter)
+    args = FinetuningArguments(finetuning_type="lora")
+    alone = patch_target_modules(model, args, find_all_linear_modules(model, args.freeze_vision_tower))
+    assert alone and not any("visual" in n or "experts" in n for n in alone)
+    assert adapter.patch_target_modules(model, args, ["all", "experts"]) == [*alone, "experts"]
+    assert adapter.patch_target_modules(model, args, ["q_proj", "mlp.experts"]) == \
+        [n for n in alone if n.endswith("q_proj")] + ["mlp.experts"]
