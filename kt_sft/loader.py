@@ -217,9 +217,9 @@ def _default_format(family: MoEFamily, source: SourceFormat, dtype: torch.dtype)
             (f", decoded exactly from {source.name}" if source.quantized else "")
     if source.quantized:
         fmt = _smallest_holding(source)
+        bf16 = "" if fmt.name == "bf16" else f", bf16 would take {FORMATS['bf16'].weight_bytes}"
         return fmt, (f"the smallest expert format that holds {source.name}'s weights without rounding them again: "
-                     f"{fmt.weight_bytes:g} byte(s) per weight, bf16 would take {FORMATS['bf16'].weight_bytes}; "
-                     "kt_backend / format= picks another")
+                     f"{fmt.weight_bytes:g} byte(s) per weight{bf16}; kt_backend / format= picks another")
     try:
         fmt = get_format(str(family.defaults.get("format", "bf16")))
     except ValueError as err:

@@ -159,20 +159,21 @@ def _stock_gpt_oss(path):
 
 def test_gpt_oss_engine_weights_equal_stock_dequantization(mxfp4, monkeypatch):
     """The engine holds exactly the experts stock transformers dequantizes from the same MXFP4 checkpoint (its
-    [E, H, 2I] transposes undone, gate / up rows interleaved), biases beside them as stock's; weights level, with
+    [E, H, 2I] transposes undone, gate / up rows interleaved), biases beside them as stock's, and so it does from a
+    plain checkpoint of those values (transposed experts modules' fused tensors); weights level, with
     the engine's math check lifted (gpt-oss's clamped SwiGLU + biases come with the mathvar branch)."""
-    q, _, _ = mxfp4("gpt_oss")
-    stock = _stock_gpt_oss(q)
+    q, ref_path, _ = mxfp4("gpt_oss")
+    stock = dict(_stock_gpt_oss(q).named_modules())
     monkeypatch.setattr(experts_math, "engine_gap", lambda *args: None)
-    ours = _load(q, dtype=torch.bfloat16)
-    stock_experts = dict(stock.named_modules())
-    for name, layer in _engine_layers(ours).items():
-        ref = stock_experts[name]
-        gate_up, down = ref.gate_up_proj.transpose(1, 2), ref.down_proj.transpose(1, 2)
-        for got, want in zip(_panels(layer), (gate_up[:, 0::2], gate_up[:, 1::2], down)):
-            assert torch.equal(got.float(), want), name
-        module = dict(ours.named_modules())[name]
-        assert torch.equal(module.gate_up_proj_bias, ref.gate_up_proj_bias.bfloat16())
+    for path in (q, ref_path):  # MXFP4, and the fp32 checkpoint of its values ([E, H, 2I] as stock saves them)
+        ours = _load(path, dtype=torch.bfloat16)
+        for name, layer in _engine_layers(ours).items():
+            ref = stock[name]
+            gate_up, down = ref.gate_up_proj.transpose(1, 2), ref.down_proj.transpose(1, 2)
+            for got, want in zip(_panels(layer), (gate_up[:, 0::2], gate_up[:, 1::2], down)):
+                assert torch.equal(got.float(), want), (path.name, name)
+            module = dict(ours.named_modules())[name]
+            assert torch.equal(module.gate_up_proj_bias, ref.gate_up_proj_bias.bfloat16())
 
 
 def test_gpt_oss_from_mxfp4_matches_stock(mxfp4):
