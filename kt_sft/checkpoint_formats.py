@@ -12,14 +12,22 @@ A checkpoint's format comes from config.json's `quantization_config` (`source_fo
     int4-group     compressed-tensors pack-quantized, 4-bit symmetric groups (Kimi-K2-Thinking, K2.5): `X.weight_packed`
                    int32 [N, ceil(K/8)] (nibble i of each int32 at bits 4i, lowest first along K, stored q + 8),
                    `X.weight_scale` [N, ceil(K/G)], `X.weight_shape` [N, K]; W = (nibble - 8) * scale
+    mxfp4          quant_method mxfp4 (gpt-oss): routed experts only, each fused experts parameter X (gate_up_proj,
+                   down_proj) stored as `X_blocks` uint8 [E, N, ceil(K/32), 16] (two E2M1 values a byte, the low
+                   nibble the even element along K) and `X_scales` uint8 [E, N, ceil(K/32)] (E8M0: 2^(s - 127)), N the
+                   output and K the input dimension whatever the parameter's own orientation (transformers transposes
+                   gpt-oss's after decoding); W = e2m1 * 2^(s - 127), exact in bf16 (`decode_mxfp4`); a last group
+                   past K is cut off
 
 Tensors a quantized checkpoint leaves unquantized (embeddings, norms, routers, lm_head, compressed-tensors'
-`ignore` list) are plain `X.weight`s, told apart by their dtype (`is_quantized`). `stored_parts` states each
-layout once (which tensors a weight is stored as, with their dtypes and shapes): `check_stored` checks a whole
-checkpoint's file headers against it before anything is read, and `encoded` the tensors it reads. Routed experts go
-to the engine as `encoded` gives them (codes, scales, block), which decodes them itself (csrc/packing.h); `decode`
-gives any other quantized weight in fp32. Both compute W exactly as fl32(stored value * scale), the value every
-engine format then starts from (bf16 rounds it once, int8 quantizes it per channel, fp32 keeps it).
+`ignore` list, MXFP4's `modules_to_not_convert`) are plain `X.weight`s, told apart by their dtype (`is_quantized`).
+`stored_parts` states each layout once (which tensors a weight is stored as, with their dtypes and shapes):
+`check_stored` checks a whole checkpoint's file headers against it before anything is read, and `encoded` the
+tensors it reads. Routed experts go to the engine as `encoded` gives them (codes, scales, block), which decodes them
+itself (csrc/packing.h); `decode` gives any other quantized weight in fp32. Both compute W exactly as fl32(stored
+value * scale), the value every engine format then starts from (bf16 rounds it once, int8 quantizes it per channel,
+fp32 keeps it). MXFP4 experts are decoded to bf16 in torch a few experts at a time (`decode_mxfp4`, a 256-entry
+table of byte -> two values) and packed from there (kt_sft.loader).
 """
 from __future__ import annotations
 
@@ -41,9 +49,9 @@ class CheckpointFormatError(ValueError):
 class SourceFormat:
     """How the quantized linears of one checkpoint are stored (see the module docstring)."""
 
-    name: str                        # bf16, fp8-block, fp8-channel, int4-group
+    name: str                        # bf16, fp8-block, fp8-channel, int4-group, mxfp4
     block: tuple = ()                # fp8-block: (Bn, Bk) rows x columns per scale
-    group: int = 0                   # int4-group: weights per scale along K
+    group: int = 0                   # int4-group, mxfp4: weights per scale along K
 
     @property
     def quantized(self) -> bool:
@@ -56,19 +64,29 @@ class SourceFormat:
             return 1 + 4 / (self.block[0] * self.block[1])
         if self.name == "int4-group":
             return 0.5 + 2 / self.group
+        if self.name == "mxfp4":
+            return 0.5 + 1 / self.group
         return 1.0 if self.name == "fp8-channel" else 2.0
 
     @property
     def element_dtype(self) -> Optional[torch.dtype]:
         """The element type of a quantized weight (None: unquantized, stored as bf16 / fp16 / fp32)."""
         return {"fp8-block": torch.float8_e4m3fn, "fp8-channel": torch.float8_e4m3fn,
-                "int4-group": torch.int4}.get(self.name)
+                "int4-group": torch.int4, "mxfp4": torch.float4_e2m1fn_x2}.get(self.name)
 
     @property
     def element_bytes(self) -> float:
-        """Bytes of one stored weight element, scales aside: what an engine format must hold per weight to keep
-        the checkpoint's precision (the default format rule in kt_sft.loader compares it with the format rows)."""
-        return {"fp8-block": 1.0, "fp8-channel": 1.0, "int4-group": 0.5}.get(self.name, 2.0)
+        """Bytes of one stored weight element, scales aside."""
+        return {"fp8-block": 1.0, "fp8-channel": 1.0, "int4-group": 0.5, "mxfp4": 0.5}.get(self.name, 2.0)
+
+    @property
+    def holding_bytes(self) -> float:
+        """Bytes per weight an engine format needs to hold this checkpoint's weights without rounding them again (the
+        default format rule in kt_sft.loader compares it with the format rows): the element's own width, except
+        MXFP4's, whose E2M1 values under a power-of-two scale per 32 weights fit no int8 / int4 grid of the engine
+        (8 and 12 times a group's scale are no int4 codes; the groups' scales differ by powers of two along a row):
+        bf16 holds them exactly."""
+        return 2.0 if self.name == "mxfp4" else self.element_bytes
 
     def __str__(self) -> str:
         if self.name == "fp8-block":
@@ -76,18 +94,30 @@ class SourceFormat:
         return f"int4-group (groups of {self.group})" if self.name == "int4-group" else self.name
 
 
+# MXFP4's stored tensors: X_blocks with X_scales beside it (X: a fused experts parameter).
+MXFP4_BLOCKS, MXFP4_SCALES, MXFP4_GROUP = "_blocks", "_scales", 32
+
 # What each source format is, for `python -m kt_sft env` and the refusal of other formats.
 SOURCE_FORMATS = {
     "bf16": "no quantization_config: bf16 / fp16 / fp32 weights",
     "fp8-block": "quant_method fp8, fmt e4m3, any weight_block_size: DeepSeek-V3/R1, Kimi-K2, Qwen3-FP8, MiniMax-M2",
     "fp8-channel": "compressed-tensors float-quantized, 8-bit per output channel: GLM-4.5/4.7-FP8",
     "int4-group": "compressed-tensors pack-quantized, 4-bit symmetric groups, any group size: Kimi-K2-Thinking, K2.5",
+    "mxfp4": "quant_method mxfp4, E2M1 routed experts with an E8M0 scale per 32 weights: gpt-oss",
 }
 
 
-def is_companion(key: str) -> bool:
-    """A scale / shape tensor that belongs to a quantized weight (read with it, never placed on its own)."""
-    return key.endswith(COMPANION_SUFFIXES)
+def is_companion(key: str, fmt: Optional[SourceFormat] = None) -> bool:
+    """A scale / shape tensor that belongs to a quantized weight (read with it, never placed on its own); in an MXFP4
+    checkpoint (`fmt`) also the `X_scales` beside `X_blocks`."""
+    return key.endswith(COMPANION_SUFFIXES) or (fmt is not None and fmt.name == "mxfp4" and key.endswith(MXFP4_SCALES))
+
+
+def logical_key(key: str) -> str:
+    """The name a stored tensor stands for: INT4's `X.weight_packed` is `X.weight`, MXFP4's `X_blocks` is `X`."""
+    if key.endswith(".weight_packed"):
+        return key[: -len("_packed")]
+    return key[: -len(MXFP4_BLOCKS)] if key.endswith(MXFP4_BLOCKS) else key
 
 
 # ---------------------------------------------------------------------------------------------- config.json
@@ -103,10 +133,12 @@ def source_format(quant: Optional[dict], where: str = "config.json") -> SourceFo
         return _fp8_block_format(quant, where)
     if method == "compressed-tensors":
         return _compressed_tensors_format(quant, where)
+    if method == "mxfp4":
+        return SourceFormat("mxfp4", group=MXFP4_GROUP)
     detail = f" ({quant['fmt']})" if quant.get("fmt") else ""
     raise CheckpointFormatError(
         f"{where}: quantization_config.quant_method={method}{detail} is not a format kt-sft reads (it reads bf16/fp16/"
-        "fp32, block-FP8 (quant_method fp8) and compressed-tensors FP8 per channel / INT4 pack-quantized); "
+        "fp32, block-FP8 (quant_method fp8), compressed-tensors FP8 per channel / INT4 pack-quantized and MXFP4); "
         "convert the checkpoint to one of these")
 
 
@@ -177,9 +209,9 @@ def stored_linear(key: str) -> Optional[str]:
 
 
 def is_quantized(key: str, dtype: torch.dtype) -> bool:
-    """Whether the tensor stored under `key` with `dtype` is a quantized weight (read through `decode`); the rest of
-    a checkpoint (and all of an unquantized one) is read as stored."""
-    return key.endswith(".weight_packed") or dtype in FLOAT8
+    """Whether the tensor stored under `key` with `dtype` is a quantized weight (read through `decode`, or for MXFP4
+    `decode_mxfp4`); the rest of a checkpoint (and all of an unquantized one) is read as stored."""
+    return key.endswith(".weight_packed") or dtype in FLOAT8 or (key.endswith(MXFP4_BLOCKS) and dtype == torch.uint8)
 
 
 def stored_parts(fmt: SourceFormat, key: str, dtype: torch.dtype, shape: tuple,
@@ -188,6 +220,8 @@ def stored_parts(fmt: SourceFormat, key: str, dtype: torch.dtype, shape: tuple,
     the dtypes and shape the format requires; () for a weight stored unquantized. `read(key)` gives a tensor's
     value: only INT4's `weight_shape` (two integers, the logical [out, in]) is read. The one statement of each
     layout: `decode` checks the tensors it reads against it, `check_stored` the file headers before loading."""
+    if key.endswith(MXFP4_BLOCKS) and dtype == torch.uint8:
+        return _mxfp4_parts(fmt, key, shape)
     if key.endswith(".weight_packed"):
         if fmt.name != "int4-group":
             raise CheckpointFormatError(f"{key}: a packed INT4 weight in a {fmt.name} checkpoint")
@@ -220,6 +254,17 @@ def logical_shape(key: str, shape: tuple, read: Callable[[str], torch.Tensor]) -
     return _int4_shape(stored_linear(key) + ".weight_shape", read) if key.endswith(".weight_packed") else tuple(shape)
 
 
+def _mxfp4_parts(fmt: SourceFormat, key: str, shape: tuple) -> tuple[StoredPart, ...]:
+    if fmt.name != "mxfp4":
+        raise CheckpointFormatError(f"{key}: an MXFP4 block tensor in a {fmt.name} checkpoint (config.json declares "
+                                    "no quant_method mxfp4)")
+    if len(shape) != 4 or shape[-1] != MXFP4_GROUP // 2:
+        raise CheckpointFormatError(f"{key}: expected MXFP4 blocks [experts, out, in / {MXFP4_GROUP}, "
+                                    f"{MXFP4_GROUP // 2}] (uint8), got {list(shape)}")
+    return (StoredPart(key, (torch.uint8,), tuple(shape)),
+            StoredPart(key[: -len(MXFP4_BLOCKS)] + MXFP4_SCALES, (torch.uint8,), tuple(shape[:-1])))
+
+
 def _int4_shape(shape_key: str, read) -> tuple[int, int]:
     shape = read(shape_key)
     if shape.numel() != 2 or shape.is_floating_point():
@@ -238,7 +283,7 @@ def check_stored(fmt: SourceFormat, headers: Mapping[str, tuple], read: Callable
     quantized weights there are."""
     count = 0
     for key, (dtype, shape) in headers.items():
-        if is_companion(key) or not is_quantized(key, dtype):
+        if is_companion(key, fmt) or not is_quantized(key, dtype):
             continue
         count += 1
         try:
@@ -289,6 +334,9 @@ def encoded(fmt: SourceFormat, key: str, get: Callable[[str], torch.Tensor],
     parts = stored_parts(fmt, key, w.dtype, tuple(w.shape), get)
     if not parts:
         return None
+    if fmt.name == "mxfp4":
+        raise CheckpointFormatError(f"{key}: MXFP4 blocks are read as a routed experts' fused weight (decode_mxfp4); "
+                                    "kt-sft reads MXFP4 routed experts only")
     stored = {key: w}
     for part in parts:
         t = stored[part.key] if part.key in stored else get(part.key)
@@ -383,3 +431,47 @@ def _int4_codes(packed: torch.Tensor, k: int) -> torch.Tensor:
     halves = packed.contiguous().view(torch.uint8).bitwise_xor(0x88).view(torch.int8)
     low = halves.bitwise_left_shift(4).bitwise_right_shift_(4)
     return torch.stack((low, halves.bitwise_right_shift(4)), -1).view(n, -1)[:, :k]
+
+
+# ---------------------------------------------------------------------------------------------- MXFP4
+
+# E2M1 codes 0-15: sign bit 3, then exponent 2 bits (bias 1) and mantissa 1 bit (OCP MX spec).
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+# Bytes of MXFP4 blocks decoded per step (at least one expert): a step's int32 indices and bf16 values take 8x its
+# blocks (a gpt-oss-120b expert's gate_up: 8.3 MB of blocks, 66 MB while decoded). One thread decodes ~0.12-0.27 G
+# weights/s, 7.7x transformers' _convert_moe_packed_tensors in the same process (one core, 5760 x 2880 experts).
+_MXFP4_STEP_BYTES = 1 << 21
+
+
+def _mxfp4_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """(byte -> its two bf16 values, low nibble first, as one int32 [256]; E8M0 byte -> 2^(s - 127) in bf16 [256])."""
+    values = torch.tensor(E2M1_VALUES, dtype=torch.bfloat16)
+    codes = torch.arange(256)
+    pairs = torch.stack((values[codes & 15], values[codes >> 4]), dim=-1).contiguous()
+    powers = torch.ldexp(torch.ones(256, dtype=torch.float64), codes - 127).to(torch.bfloat16)
+    return pairs.view(torch.int32).view(256), powers
+
+
+_MXFP4_PAIRS, _E8M0 = _mxfp4_tables()
+
+
+def mxfp4_experts_per_step(blocks: torch.Tensor) -> int:
+    """Experts of `blocks` [E, N, G, 16] that `decode_mxfp4` callers decode at once (at least one)."""
+    return max(1, _MXFP4_STEP_BYTES // max(1, blocks[0].numel()))
+
+
+def decode_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, cols: int) -> torch.Tensor:
+    """W [..., N, cols] in bf16 of MXFP4 `blocks` uint8 [..., N, G, 16] and `scales` uint8 [..., N, G] (G =
+    ceil(cols / 32); the last group's values past `cols` are dropped): each byte's two E2M1 values (low nibble the
+    even element) times 2^(s - 127), exact in bf16 (at most two significant bits times a power of two; 2^-127 is a
+    bf16 subnormal, s = 255, E8M0's NaN, gives non-finite values). Vectorized table lookups: one of 256 entries per
+    byte, one per group for the scale."""
+    *lead, n, groups, half = blocks.shape
+    if half != MXFP4_GROUP // 2 or tuple(scales.shape) != (*lead, n, groups) or -(-cols // MXFP4_GROUP) != groups:
+        raise CheckpointFormatError(f"MXFP4 blocks {list(blocks.shape)} / scales {list(scales.shape)} do not hold "
+                                    f"[..., {n}, {cols}] weights (groups of {MXFP4_GROUP} along the last dimension)")
+    pairs = _MXFP4_PAIRS.index_select(0, blocks.reshape(-1).to(torch.int32))
+    values = pairs.view(torch.bfloat16).view(*lead, n, groups, MXFP4_GROUP)
+    values.mul_(_E8M0.index_select(0, scales.reshape(-1).to(torch.int32)).view(*lead, n, groups, 1))
+    values = values.view(*lead, n, groups * MXFP4_GROUP)
+    return values if cols == groups * MXFP4_GROUP else values[..., :cols]

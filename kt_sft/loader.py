@@ -43,7 +43,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from . import distributed, engine
 from .checkpoint_files import CheckpointFiles, TensorReader, scan
-from .checkpoint_formats import SourceFormat, check_stored, decode, encoded, is_companion, is_quantized, source_format
+from .checkpoint_formats import (MXFP4_BLOCKS, MXFP4_SCALES, SourceFormat, check_stored, decode, decode_mxfp4, encoded,
+                                 is_companion, is_quantized, logical_key, mxfp4_experts_per_step, source_format)
 from .engine.formats import FORMATS, ExpertFormat, FormatLike, for_model_dtype, get_format
 from .load_options import LoadOptions, resolve_options
 from .models.chunked_loss import install_chunked_loss
@@ -141,7 +142,7 @@ def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *
     files = scan(plan.path, opts.expert_path)
     model, placer = plan.model, _Placer(plan.model, opts.device, opts.dtype)
     router = _KeyRouter(plan.family, files.headers, placer.renamings)
-    _check_stored(plan.source, files)
+    _check_stored(plan.source, files, router)
     if opts.check_memory:  # the experts count once per host: on the rank that packs them
         packs = host is None or host.packs
         check = functools.partial(_check_memory, {f: plan.expert_bytes(f) if packs else 0 for f in _formats_for(plan)},
@@ -235,9 +236,9 @@ def _default_format(family: MoEFamily, source: SourceFormat, dtype: torch.dtype)
             (f", decoded exactly from {source.name}" if source.quantized else "")
     if source.quantized:
         fmt = _smallest_holding(source)
-        return fmt, (f"the smallest expert format at least as wide as {source.name}'s {8 * source.element_bytes:g}"
-                     f"-bit weights: {fmt.weight_bytes} byte(s) per weight, bf16 would take "
-                     f"{FORMATS['bf16'].weight_bytes}; kt_backend / format= picks another")
+        bf16 = "" if fmt.name == "bf16" else f", bf16 would take {FORMATS['bf16'].weight_bytes}"
+        return fmt, (f"the smallest expert format that holds {source.name}'s weights without rounding them again: "
+                     f"{fmt.weight_bytes:g} byte(s) per weight{bf16}; kt_backend / format= picks another")
     try:
         fmt = get_format(str(family.defaults.get("format", "bf16")))
     except ValueError as err:
@@ -247,12 +248,13 @@ def _default_format(family: MoEFamily, source: SourceFormat, dtype: torch.dtype)
 
 def _smallest_holding(source: SourceFormat) -> ExpertFormat:
     """The default expert format of a quantized checkpoint, a rule over the format table: the rows whose weights are
-    at least as wide as the source's (no silent loss of precision), the fewest bytes per weight first (no silent
-    doubling of RAM), among equals a row that stores the source's own element type (exact, e.g. a native FP8 row
-    for FP8 checkpoints), then table order (exact formats are listed before their activation-quantized siblings).
-    Today: fp8 for FP8 (1 byte, like int8, and its own element type) and int4 for INT4."""
+    at least as wide as the source needs to keep its weights (`holding_bytes`: no silent loss of precision), the
+    fewest bytes per weight first (no silent doubling of RAM), among equals a row that stores the source's own
+    element type (exact, e.g. a native FP8 row for FP8 checkpoints), then table order (exact formats are listed
+    before their activation-quantized siblings). Today: fp8 for FP8 (1 byte, like int8, and its own element type),
+    int4 for INT4, bf16 for MXFP4."""
     rows = list(FORMATS.values())
-    holding = [f for f in rows if f.weight_bytes >= source.element_bytes]
+    holding = [f for f in rows if f.weight_bytes >= source.holding_bytes]
     return min(holding, key=lambda f: (f.weight_bytes, f.weight_dtype != source.element_dtype, rows.index(f)))
 
 
@@ -440,20 +442,22 @@ class _Placer:
 
 
 class _KeyRouter:
-    """Where each checkpoint key goes, by its logical name: INT4's `X.weight_packed` as `X.weight`, without the
-    prefix the checkpoint puts before the model's names (Kimi-K2.5: `language_model.`). That prefix is found once,
-    from the first key that matches a routed-expert template once a prefix is cut, and then cut from every key
-    that has it, experts and the rest alike (the rest then resolve through transformers' rename_source_key). An
+    """Where each checkpoint key goes, by its logical name (`logical_key`: INT4's `X.weight_packed` as `X.weight`,
+    MXFP4's `X_blocks` as `X`), without the prefix the checkpoint puts before the model's names (Kimi-K2.5:
+    `language_model.`). That prefix is found once, from the first key that matches a routed-expert template once a
+    prefix is cut, and then cut from every key that has it, experts and the rest alike (the rest then resolve
+    through transformers' rename_source_key). An
     expert key that matches no template as stored is tried once more under transformers' renamings of the model
     (`renamings`, e.g. Qwen3.5's PrefixChange that drops `language_model.`), as transformers' own loading reads it."""
 
     def __init__(self, family: MoEFamily, keys: Iterable[str], renamings=()):
+        self.family = family
         self.expert_re, self.fused_re = family.expert_key_regexes(), family.fused_key_regexes()
         self.renamings = list(renamings)
         self.prefix = self._find_prefix(keys)
 
     def logical(self, key: str) -> str:
-        key = key[: -len("_packed")] if key.endswith(".weight_packed") else key
+        key = logical_key(key)
         return key[len(self.prefix):] if self.prefix and key.startswith(self.prefix) else key
 
     def expert(self, key: str) -> Optional[tuple[str, int, Optional[int]]]:
@@ -479,18 +483,24 @@ class _KeyRouter:
     def _find_prefix(self, keys: Iterable[str]) -> str:
         patterns = [*self.expert_re.values(), *self.fused_re.values()]
         for key in keys:
-            parts = (key[: -len("_packed")] if key.endswith(".weight_packed") else key).split(".")
+            parts = logical_key(key).split(".")
             for cut in range(len(parts)):
                 if any(p.match(".".join(parts[cut:])) for p in patterns):
                     return "".join(f"{part}." for part in parts[:cut])
         return ""
 
 
-def _check_stored(source: SourceFormat, files: CheckpointFiles) -> None:
-    """Every quantized weight's scales present and of the right shape (from the headers), before any weight is
-    read; a checkpoint whose config declares a quantization but that stores no quantized tensor loads as it is."""
+def _check_stored(source: SourceFormat, files: CheckpointFiles, router: "_KeyRouter") -> None:
+    """Every quantized weight's scales present and of the right shape (from the headers), MXFP4 blocks only where
+    they stand for a routed experts' fused weight, before any weight is read; a checkpoint whose config declares a
+    quantization but that stores no quantized tensor loads as it is."""
     reader = TensorReader(files)
     count = check_stored(source, files.headers, reader.get, where=lambda key: f"in {files.shard_of(key)}")
+    for key, (dtype, _) in files.headers.items():
+        route = router.expert(key) if key.endswith(MXFP4_BLOCKS) and is_quantized(key, dtype) else ("", 0, None)
+        if route is None or route[2] is not None:
+            raise ValueError(f"{key} ({files.shard_of(key)}): MXFP4 blocks of a tensor that is not a routed experts' "
+                             "fused weight; kt-sft reads MXFP4 routed experts (gate_up_proj / down_proj) only")
     if source.quantized and not count:
         logger.warning("kt-sft: config.json declares %s, but no tensor is stored quantized; loading the tensors as "
                        "they are", source)
@@ -518,17 +528,20 @@ def _load_key(key: str, kinds: str, reader: TensorReader, router: _KeyRouter, la
               source: SourceFormat) -> None:
     """Route one checkpoint tensor: into an engine layer, onto the model, or (kinds says) not from this shard.
     Companions (scales, shapes) are read with their weight, never on their own."""
-    if is_companion(key):
+    if is_companion(key, source):
         return
     route = router.expert(key)
     if route is not None and route[1] in layers:
         proj, layer, expert = route
         if kinds == "dense":
             return
-        if expert is None and proj == "gate_up":
-            layers[layer].load_gate_up(_read(key, reader, source))
+        if expert is None and key.endswith(MXFP4_BLOCKS):
+            _load_mxfp4(layers[layer], proj, key, reader, router.family)
+        elif expert is None:
+            _load_fused(layers[layer], proj, _fused_rows(reader.get(key), layers[layer], proj, router.family), 0,
+                        router.family)
         else:
-            _load_projection(layers[layer], proj, expert or 0, key, reader, source)
+            _load_projection(layers[layer], proj, expert, key, reader, source)
         return
     if kinds == "experts":
         return
@@ -548,8 +561,58 @@ def _read(key: str, reader: TensorReader, source: SourceFormat) -> torch.Tensor:
     return decode(source, key, lambda k: tensor if k == key else reader.get(k))
 
 
+def _fused_shape(layer, proj: str) -> tuple[int, int, int]:
+    """[E, rows, cols] of a fused projection in the engine's orientation: gate_up [E, 2I, H], down [E, H, I]."""
+    rows, cols = layer.projection_shape("down" if proj == "down" else "gate")
+    return layer.num_experts, rows * (2 if proj == "gate_up" else 1), cols
+
+
+def _fused_rows(stored: torch.Tensor, layer, proj: str, family: MoEFamily) -> torch.Tensor:
+    """A fused experts tensor as stored -> [E, out, in] (a view): stored as the model's parameter ([E, in, out] for
+    transposed experts modules, gpt-oss), or, where transformers' conversion mapping transposes it on load
+    (`family.disk_transposed`: Qwen3-VL-MoE), as the parameter's transpose, told apart by shape as transformers does
+    (a shape equal to the parameter's is taken as it is)."""
+    E, rows, cols = _fused_shape(layer, proj)
+    param = (E, cols, rows) if family.transposed else (E, rows, cols)
+    if tuple(stored.shape) == param:
+        tensor = stored
+    elif family.disk_transposed and tuple(stored.shape) == (E, param[2], param[1]):
+        tensor = stored.transpose(1, 2)
+    else:
+        raise ValueError(f"the stored tensor is {list(stored.shape)}, but the model's fused {proj}_proj is "
+                         f"{list(param)}{' (or its transpose)' if family.disk_transposed else ''}")
+    return tensor.transpose(1, 2) if family.transposed else tensor
+
+
+def _load_fused(layer, proj: str, rows: torch.Tensor, expert_begin: int, family: MoEFamily) -> None:
+    """Experts expert_begin.. of a fused projection, [n, out, in] (`_fused_rows`), into the layer: gate_up's gate
+    and up rows as [gate | up] halves, or alternating where the experts math says so (gpt-oss), as strided views."""
+    if proj == "gate_up":
+        layer.load_gate_up(rows, expert_begin, interleaved=family.math.interleaved)
+    else:
+        layer.set_projection(proj, rows, expert_begin)
+
+
+def _load_mxfp4(layer, proj: str, key: str, reader: TensorReader, family: MoEFamily) -> None:
+    """A fused projection stored as MXFP4 (`X_blocks` + `X_scales`, [E, out, in/32, 16] whatever the parameter's
+    orientation) into the layer: a few experts at a time decoded to bf16 in torch (exact) and packed from there
+    into the layer's format (bf16 keeps them, int8 / int4 quantize them as from any bf16 weights). Host memory
+    beyond the mmap-ed shard: one step's indices and bf16 values (`mxfp4_experts_per_step`: one gpt-oss-120b
+    expert's gate_up, 66 MB)."""
+    blocks, scales = reader.get(key), reader.get(key[: -len(MXFP4_BLOCKS)] + MXFP4_SCALES)
+    E, rows, cols = _fused_shape(layer, proj)
+    groups = -(-cols // 32)
+    if tuple(blocks.shape) != (E, rows, groups, 16) or tuple(scales.shape) != (E, rows, groups):
+        raise ValueError(f"MXFP4 blocks {list(blocks.shape)} / scales {list(scales.shape)}, but the model's fused "
+                         f"{proj}_proj [{E}, {rows}, {cols}] (experts, out, in) needs [{E}, {rows}, {groups}, 16] / "
+                         f"[{E}, {rows}, {groups}]")
+    step = mxfp4_experts_per_step(blocks)
+    for e0 in range(0, E, step):
+        _load_fused(layer, proj, decode_mxfp4(blocks[e0: e0 + step], scales[e0: e0 + step], cols), e0, family)
+
+
 def _load_projection(layer, proj: str, expert: int, key: str, reader: TensorReader, source: SourceFormat) -> None:
-    """One expert projection into its layer, as the checkpoint stores it: a plain weight as it is, a quantized one as
+    """One expert's projection into its layer, as the checkpoint stores it: a plain weight as it is, a quantized one as
     its codes and scales (`encoded`), which the engine keeps as they are when the layer's format stores their element
     type (the plan gave that format the checkpoint's scale grid, `_fit_to_source`) and otherwise decodes itself,
     exactly as `decode` would, and packs into the format: no fp32 copy of the weight, no torch threads beside the
@@ -572,7 +635,8 @@ def _check_experts_loaded(layers: dict, plan: LoadPlan, files: CheckpointFiles, 
         if missing:
             expert, proj = missing[0].split()[1:]
             key = prefix + plan.family.expected_key(proj, idx, int(expert))
-            stored = [key, key + "_packed"] if plan.source.name == "int4-group" else [key]
+            suffix = {"int4-group": "_packed", "mxfp4": MXFP4_BLOCKS}.get(plan.source.name)
+            stored = [key, key + suffix] if suffix else [key]
             listed = next((files.index[k] for k in stored if k in files.index), None)
             where = f"the index maps it to {listed}, which lacks it" if listed else "no shard contains it"
             raise KeyError(f"expert tensor {' / '.join(stored)} is missing ({where}); {len(missing)} expert "

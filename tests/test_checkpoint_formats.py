@@ -62,11 +62,13 @@ def test_source_formats_from_config():
     assert source_format(INT4) == SourceFormat("int4-group", group=5)
     assert source_format(INT4).weight_bytes == 0.5 + 2 / 5
     assert [source_format(q).element_bytes for q in (None, FP8_BLOCK, FP8_CHANNEL, INT4)] == [2, 1, 1, 0.5]
+    assert source_format({"quant_method": "mxfp4"}) == SourceFormat("mxfp4", group=32)
+    assert [source_format(q).holding_bytes for q in (None, FP8_BLOCK, INT4, {"quant_method": "mxfp4"})] == [2, 1, .5, 2]
     assert [str(source_format(q)) for q in (FP8_BLOCK, INT4)] == ["fp8-block (5x7 blocks)", "int4-group (groups of 5)"]
 
 
 @pytest.mark.parametrize("quant, match", [
-    ({"quant_method": "mxfp4"}, "quant_method=mxfp4 is not a format kt-sft reads"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method=bitsandbytes is not a format kt-sft reads"),
     ({"quant_method": "awq", "bits": 4}, "quant_method=awq"),
     ({"quant_method": "gptq", "bits": 4}, "quant_method=gptq"),
     ({"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]}, "only e4m3"),

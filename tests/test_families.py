@@ -5,8 +5,8 @@ derived from the model itself (kt_sft/models/derive.py), and every other family'
     logits on a left-padded batch, 8 LoRA steps (attention / dense linears + the routed experts through PEFT
     target_parameters), then greedy generation with the trained adapters, all equal to stock (<= 1e-4 relative)
   * the 7 rule files of configs/ equal what kt-sft derives for their families; registry.TESTED is this table
-  * refused families (other experts math, vision-language / omni models) fail before any weight is read, naming
-    what is missing; the math probe tells every variant of experts_math.VARIANTS apart
+  * refused families (other experts math, experts at several places, omni models) fail before any weight is read,
+    naming what is missing; the math probe tells every variant of experts_math.VARIANTS apart
   * README.md's family table is `python -m kt_sft families`
 ~1-2 s per family on 2 cores.
 """
@@ -29,7 +29,8 @@ from kt_sft.models.expert_lora import get_peft_model
 from kt_sft.models.registry import load_family_file
 from lora_train import make_batches
 from moe_reference import rel_err
-from tiny_models import ALL_FAMILIES, CONFIGS, FAMILIES, VOCAB, derived_family, experts_path, refused_config
+from tiny_models import (ALL_FAMILIES, CONFIGS, FAMILIES, VL_FAMILIES, VOCAB, derived_family, experts_path,
+                         refused_config)
 
 RTOL = 1e-4          # logits and every step's loss, fp32 (measured <= 5e-7)
 STEPS = 8
@@ -123,7 +124,8 @@ def test_derived_rule_equals_the_config_file(family):
 
 
 def test_tested_list_is_this_table():
-    assert tuple(sorted(registry.TESTED)) == ALL_FAMILIES
+    """The text families here, the vision-language ones in test_vlm.py."""
+    assert tuple(sorted(registry.TESTED)) == tuple(sorted(ALL_FAMILIES + VL_FAMILIES))
 
 
 def test_prefixed_fused_checkpoint_loads_like_stock(tiny_checkpoint, tmp_path):
@@ -151,8 +153,8 @@ REFUSED = {
     "gpt_oss": r"experts math 'gpt-oss clamped swiglu .*', expert biases, transposed expert weights .*not supported yet",
     "nemotron_h": r"experts math 'relu2 ungated' not supported yet",
     "gemma4_text": r"experts math 'gelu-tanh glu' not supported yet",
-    "qwen3_vl_moe": r"qwen3_vl_moe: vision-language model \(Qwen3VLMoeForConditionalGeneration, loaded with "
-                    r"AutoModelForImageTextToText\) not supported yet",
+    "ernie4_5_vl_moe": r"experts modules at several places \(model.language_model.layers.{layer}.mlp.text_moe.experts, "
+                       r".*vision_moe.experts\): not supported yet",
     "qwen3_omni_moe": r"qwen3_omni_moe: omni \(audio / speech\) model .* not supported yet",
 }
 
@@ -186,7 +188,7 @@ def test_math_probe_tells_every_variant_apart(row):
 def test_readme_family_table_is_generated(capsys, monkeypatch):
     text = catalog.table()
     rows = {line.split(" | ")[0].strip("| `"): line for line in text.splitlines()[2:]}
-    assert all(rows[f].endswith("| tested |") for f in ALL_FAMILIES)
+    assert all(rows[f].endswith("| tested |") for f in ALL_FAMILIES + VL_FAMILIES)
     assert "| refused: experts math 'relu2 ungated' not supported yet" in rows["nemotron_h"]
     readme = (REPO / "README.md").read_text()
     assert readme_tables.table_in(readme, catalog.HEADING) == text, (

@@ -378,7 +378,10 @@ def test_lora_all_wraps_the_same_modules_as_stock(dsv2_with_dense_mlps):
     from kt_sft.llamafactory.patches import patch_adapter
 
     path, model = dsv2_with_dense_mlps
-    adapter = types.SimpleNamespace(get_peft_model=peft.get_peft_model, PeftModel=peft.PeftModel)
+    from llamafactory.model.model_utils.visual import patch_target_modules
+
+    adapter = types.SimpleNamespace(get_peft_model=peft.get_peft_model, PeftModel=peft.PeftModel,
+                                    patch_target_modules=patch_target_modules)
     patch_adapter(adapter)
     stock = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 

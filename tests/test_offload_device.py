@@ -81,9 +81,9 @@ def test_quantized_checkpoint_names_its_format(qwen3_ckpt, tmp_path):
     path = tmp_path / "fp8"
     shutil.copytree(qwen3_ckpt, path)
     cfg = json.loads((path / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "mxfp4"}  # FP8 / INT4 load: tests/test_quantized_loading.py
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes"}  # FP8 / INT4 / MXFP4 load: test_*_loading.py
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="quant_method=mxfp4 is not a format kt-sft reads"):
+    with pytest.raises(ValueError, match="quant_method=bitsandbytes is not a format kt-sft reads"):
         kt_sft.load_model(path, device="cpu", dtype=torch.float32, progress=False)
 
 

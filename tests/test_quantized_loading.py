@@ -401,7 +401,7 @@ BAD_INPUTS = {  # case: (family, scheme, damage, the error it gives)
     "weight_shape_disagrees": ("deepseek_v3", "int4-group",
                                _store(f"{E}.gate_proj.weight_shape", torch.tensor([16, 72], dtype=torch.int32)),
                                rf"{E}.gate_proj.weight_packed: expected int32 \[16, 9\], got int32 \[16, 8\]"),
-    "mxfp4": ("qwen3_moe", "int4-group", _config(quant_method="mxfp4"), "quant_method=mxfp4 is not"),
+    "bitsandbytes": ("qwen3_moe", "int4-group", _config(quant_method="bitsandbytes"), "quant_method=bitsandbytes is"),
     "awq": ("qwen3_moe", "int4-group", _config(quant_method="awq"), "quant_method=awq is not"),
     "gptq": ("qwen3_moe", "int4-group", _config(quant_method="gptq"), "quant_method=gptq is not"),
     "e5m2": ("qwen3_moe", "fp8-block", _config(fmt="e5m2"), "fmt='e5m2': only e4m3"),
@@ -423,8 +423,8 @@ def test_env_names_the_checkpoint_formats(quantized, capsys):
     from kt_sft.env import main
 
     assert main(["env"]) == 0
-    assert re.search(r"checkpoint formats read:\n  bf16 .*\n  fp8-block .*\n  fp8-channel .*\n  int4-group ",
-                     capsys.readouterr().out)
+    assert re.search(r"checkpoint formats read:\n  bf16 .*\n  fp8-block .*\n  fp8-channel .*\n  int4-group .*\n"
+                     r"  mxfp4 ", capsys.readouterr().out)
     q, _ = quantized("deepseek_v3", "fp8-block")
     assert main(["env", str(q)]) == 0
     out = capsys.readouterr().out

@@ -119,7 +119,37 @@ QUIRKY_KWARGS = {
     "solar_open": dict(n_routed_experts=Q_EXPERTS, n_shared_experts=1),
 }
 ALL_FAMILIES = tuple(sorted((*FAMILIES, *QUIRKY_KWARGS)))
-# Families kt-sft refuses (other experts math; vision-language / omni models, whose default configs serve), kept
+
+# Vision-language MoE families (AutoModelForImageTextToText): the _QUIRKY language model (its routed experts on the
+# engine) behind a 2-block vision tower of 8x8 patches merged 2x2, so a 32x32 image (grid 1 x 4 x 4 patches) is
+# IMAGE_TOKENS tokens; token ids of the image markers inside the tiny vocabulary (VL_TOKENS).
+VL_TOKENS = dict(image=120, video=121, start=122, end=123)
+IMAGE_GRID, IMAGE_TOKENS, PATCH = (1, 4, 4), 4, 8
+_VL_TEXT = {k: v for k, v in _QUIRKY.items() if k not in ("bos_token_id", "eos_token_id", "pad_token_id")}
+_VISION = dict(depth=2, hidden_size=32, intermediate_size=40, num_heads=2, patch_size=PATCH, spatial_merge_size=2,
+               temporal_patch_size=2, out_hidden_size=_QUIRKY["hidden_size"])
+_QWEN_VL_IDS = dict(image_token_id=VL_TOKENS["image"], video_token_id=VL_TOKENS["video"],
+                    vision_start_token_id=VL_TOKENS["start"], vision_end_token_id=VL_TOKENS["end"])
+VL_KWARGS = {
+    # experts fused on disk, stored transposed by the Hub checkpoints (tests write them so); a dense first layer
+    "qwen3_vl_moe": dict(_QWEN_VL_IDS, text_config=dict(_VL_TEXT, num_experts=Q_EXPERTS, mlp_only_layers=[0]),
+                         vision_config=dict(_VISION, deepstack_visual_indexes=[0], num_position_embeddings=16)),
+    # linear + full attention, a shared expert; experts fused on disk
+    "qwen3_5_moe": dict(_QWEN_VL_IDS, vision_config=dict(_VISION, num_position_embeddings=16), text_config=dict(
+        _VL_TEXT, num_experts=Q_EXPERTS, shared_expert_intermediate_size=24, linear_key_head_dim=8,
+        linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+        layer_types=["linear_attention", "full_attention", "linear_attention"])),
+    # per-expert keys on disk, a dense first layer and a shared expert; partial M-RoPE over 3 frequencies
+    "glm4v_moe": dict(image_token_id=VL_TOKENS["image"], video_token_id=VL_TOKENS["video"],
+                      image_start_token_id=VL_TOKENS["start"], image_end_token_id=VL_TOKENS["end"],
+                      video_start_token_id=124, video_end_token_id=125, vision_config=dict(_VISION, image_size=32),
+                      text_config=dict(_VL_TEXT, n_routed_experts=Q_EXPERTS, n_shared_experts=1,
+                                       first_k_dense_replace=1, rope_parameters=dict(
+                                           rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 1],
+                                           partial_rotary_factor=0.5))),
+}
+VL_FAMILIES = tuple(sorted(VL_KWARGS))
+# Families kt-sft refuses (other experts math; omni models, whose default configs serve), kept
 # small on _REFUSED_SIZES: their loads fail from config.json alone.
 _REFUSED_SIZES = dict(vocab_size=VOCAB, hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
                       num_hidden_layers=2)
@@ -132,7 +162,7 @@ REFUSED_KWARGS = {
     "gemma4_text": dict(_REFUSED_SIZES, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=20,
                         intermediate_size=40, head_dim=12, global_head_dim=12, hidden_size_per_layer_input=8,
                         vocab_size_per_layer_input=VOCAB, layer_types=["sliding_attention", "full_attention"]),
-    "qwen3_vl_moe": {},
+    "ernie4_5_vl_moe": {},
     "qwen3_omni_moe": {},
 }
 # Families whose config names no activation (their model code fixes one): built without _COMMON's hidden_act.
@@ -149,12 +179,14 @@ ROUTER_BIASES = ("e_score_correction_bias", "expert_bias")
 
 
 def tiny_config(model_type: str, **overrides):
+    if model_type in VL_KWARGS:
+        return AutoConfig.for_model(model_type, **{**VL_KWARGS[model_type], **overrides})
     if model_type in FAMILY_KWARGS:
         base, extra = _COMMON, FAMILY_KWARGS[model_type]
     elif model_type in QUIRKY_KWARGS:
         base, extra = _QUIRKY, QUIRKY_KWARGS[model_type]
     else:
-        raise ValueError(f"no tiny config for {model_type!r}; have {ALL_FAMILIES}")
+        raise ValueError(f"no tiny config for {model_type!r}; have {ALL_FAMILIES + VL_FAMILIES}")
     common = {k: v for k, v in base.items() if not (k == "hidden_act" and model_type in NO_HIDDEN_ACT)}
     return AutoConfig.for_model(model_type, **{**common, **extra, **overrides})
 
@@ -235,6 +267,24 @@ def make_tiny_checkpoint(model_type: str, path, *, dtype=torch.float32, seed: in
     path = Path(path)
     model = make_tiny_model(model_type, dtype=dtype, seed=seed)
     model.save_pretrained(path, max_shard_size=max_shard_size)
+    if derive_family(model, model_type).disk_transposed:
+        transpose_fused_experts(path)
     experts = expert_keys_on_disk(path)
     assert len(set(experts.values())) > 1, f"{model_type}: routed experts fit in one shard; lower max_shard_size"
     return model.config
+
+
+def transpose_fused_experts(path) -> None:
+    """Store the fused experts tensors of checkpoint `path` transposed ([E, H, 2I] / [E, I, H]), as Qwen3-VL-MoE's
+    Hub checkpoints do (transformers' Transpose converter takes either layout; save_pretrained writes its own)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for shard in shard_files(path):
+        with safe_open(str(Path(path) / shard), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        fused = [k for k in tensors if k.endswith((".experts.gate_up_proj", ".experts.down_proj"))]
+        for key in fused:
+            tensors[key] = tensors[key].transpose(1, 2).contiguous()
+        if fused:
+            save_file(tensors, str(Path(path) / shard), metadata={"format": "pt"})

@@ -186,13 +186,16 @@ class ExpertLayer:
         for which, w in (("gate", gate), ("up", up), ("down", down)):
             self.set_projection(which, w, expert)
 
-    def load_gate_up(self, gate_up_proj: torch.Tensor, expert_begin: int = 0) -> None:
-        """transformers 5 fused layout gate_up_proj [n, 2I, H]: gate rows first, then up."""
+    def load_gate_up(self, gate_up_proj: torch.Tensor, expert_begin: int = 0, interleaved: bool = False) -> None:
+        """transformers 5 fused layout gate_up_proj [n, 2I, H]: gate rows first, then up; `interleaved`: gate and
+        up rows alternate, gate first (gpt-oss). Strided views, no copy."""
         I = self.intermediate_size
         check_tensor("gate_up_proj", gate_up_proj, dtype=tuple(SOURCE_DTYPES), shape=(None, 2 * I, self.hidden_size),
                      contiguous=False)
-        self.set_projection("gate", gate_up_proj[:, :I], expert_begin)
-        self.set_projection("up", gate_up_proj[:, I:], expert_begin)
+        gate, up = (gate_up_proj[:, 0::2], gate_up_proj[:, 1::2]) if interleaved else \
+            (gate_up_proj[:, :I], gate_up_proj[:, I:])
+        self.set_projection("gate", gate, expert_begin)
+        self.set_projection("up", up, expert_begin)
 
     def load_fused(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, expert_begin: int = 0) -> None:
         """transformers 5 layout: gate_up_proj [n, 2I, H] (gate rows first, then up), down_proj [n, H, I]."""

@@ -16,7 +16,8 @@ LLaMA-Factory's own code. The changes:
 - `llamafactory.train.dpo.workflow`, `llamafactory.train.kto.workflow`: a `ref_model` naming the base checkpoint
   is the policy with its adapter disabled, not a second load (see `patch_preference_workflow`).
 - `llamafactory.model.adapter`: PEFT set-up on an engine model goes through kt_sft.models.expert_lora
-  (`lora_target` may name the routed experts; see `patch_adapter`).
+  (`lora_target` may name the routed experts, also of vision-language models, whose targets LLaMA-Factory turns
+  into full module names first; see `patch_adapter`).
 - `llamafactory.train.tuner`: `export_model` with `use_kt` merges the adapters into the base checkpoint streamed
   shard by shard (kt_sft/llamafactory/exporting.py; stock export would build the whole model and refuses a use_kt
   one); without `use_kt` it is stock.
@@ -30,7 +31,7 @@ LLaMA-Factory's own code. The changes:
     `AutoModelForSeq2SeqLM` / `AutoModelForTextToWaveform`, which it tries first: mistral4's text model is reached
     through the image-text one), as that module sees them, build the model with `kt_sft.loader.load_model` while
     the mark is set (LLaMA-Factory's patch_config / patch_model / init_adapter run around it unchanged); the loader
-    refuses a model kind it cannot offload (vision-language, omni) by name.
+    refuses a model kind it cannot offload (omni) by name.
 """
 from __future__ import annotations
 
@@ -218,6 +219,15 @@ def patch_preference_workflow(workflow_module) -> None:
     workflow_module.create_ref_model = create_ref_model
 
 
+def _expand_all(model, names: list[str], freeze_vision_tower: bool = True) -> list[str]:
+    """`all` next to other names: LLaMA-Factory's "every linear" list (what it means when it stands alone)."""
+    from llamafactory.model.model_utils.misc import find_all_linear_modules
+
+    if "all" not in names:
+        return names
+    return [n for n in names if n != "all"] + find_all_linear_modules(model, freeze_vision_tower=freeze_vision_tower)
+
+
 def split_lora_targets(model, target_modules) -> tuple[list[str], list[str]]:
     """LLaMA-Factory's lora_target list -> (target_modules, expert target_parameters) for an engine model.
 
@@ -226,15 +236,11 @@ def split_lora_targets(model, target_modules) -> tuple[list[str], list[str]]:
     without kt-sft); `experts`, `mlp.experts`, and `gate_up_proj` / `down_proj` / `mlp.experts.<param>` where no
     module has that name, name the routed experts (expert_lora.names_routed_experts). `all` next to other names
     expands to LLaMA-Factory's "every linear" list (what it means when it stands alone)."""
-    from llamafactory.model.model_utils.misc import find_all_linear_modules
-
     from ..models.expert_lora import names_routed_experts
 
     names = [target_modules] if isinstance(target_modules, str) else list(target_modules or [])
     experts = [n for n in names if n != "all" and names_routed_experts(model, n)]
-    modules = [n for n in names if n not in experts]
-    if "all" in modules:
-        modules = [n for n in modules if n != "all"] + find_all_linear_modules(model, freeze_vision_tower=True)
+    modules = _expand_all(model, [n for n in names if n not in experts])
     return sorted(set(modules)), experts
 
 
@@ -272,6 +278,29 @@ def patch_adapter(adapter_module) -> None:
     get_peft_model._kt_sft = True
     adapter_module.get_peft_model = get_peft_model
     adapter_module.PeftModel = PeftModel
+    _patch_target_modules(adapter_module)
+
+
+def _patch_target_modules(adapter_module) -> None:
+    from ..models import expert_lora
+
+    original_patch_targets = adapter_module.patch_target_modules
+
+    @functools.wraps(original_patch_targets)
+    def patch_target_modules(model, finetuning_args, target_modules):
+        """For vision-language models LLaMA-Factory turns each lora_target into the full names of the modules whose
+        name contains it, outside the frozen vision tower; names of the routed experts skip that (they become
+        target_parameters in get_peft_model, not their modules' children such as `act_fn`) and `all` next to them
+        expands first, as for text models."""
+        if not expert_lora.engine_experts_modules(model) or isinstance(target_modules, str):
+            return original_patch_targets(model, finetuning_args, target_modules)
+        experts = [n for n in target_modules if n != "all" and expert_lora.names_routed_experts(model, n)]
+        modules = [n for n in target_modules if n not in experts]
+        if experts:
+            modules = _expand_all(model, modules, finetuning_args.freeze_vision_tower)
+        return list(original_patch_targets(model, finetuning_args, modules)) + experts
+
+    adapter_module.patch_target_modules = patch_target_modules
 
 
 def patch_tuner(tuner_module) -> None:

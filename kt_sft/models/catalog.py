@@ -9,7 +9,7 @@ the meta device, the derived rule (experts path, math probe) and why the engine 
   tested            derived, the engine runs its math, and tests/test_families.py compares a tiny random model
                     with stock transformers + PEFT (registry.TESTED)
   derived-untested  derived and runnable, no tiny-model test yet
-  refused           the error a load gives, before anything is read (math variant, vision-language model, ...)
+  refused           the error a load gives, before anything is read (math variant, omni model, ...)
 """
 from __future__ import annotations
 

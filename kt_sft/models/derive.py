@@ -1,7 +1,7 @@
 """A MoE family's rule derived from the model itself: no rule file for any transformers family with fused experts.
 
   class      the auto class LLaMA-Factory 0.9.5 loads the config with (`model_class`: image-text-to-text first, then
-             seq2seq, text-to-waveform, else causal LM); vision-language and omni models are refused for now
+             seq2seq, text-to-waveform, else causal LM); omni models (text-to-waveform) are refused for now
   where      the experts modules are the modules transformers' `@use_experts_implementation` marks with has_gate /
              has_bias / is_transposed; their names give the `experts_module` template (the first index in the name
              is the layer) and so the MoE layers; several templates (text + vision experts) are refused for now
@@ -10,7 +10,8 @@
              `*` is the expert index; Concatenate(dim=1): source j is block j of [gate | up]), its source patterns
              with the model's renamings undone give the per-expert names on disk, and transformers'
              `rename_source_key` must map each back to the fused parameter (checked here). So experts stream one
-             tensor at a time, as before. The in-memory names are the fused names on disk.
+             tensor at a time, as before. The in-memory names are the fused names on disk; a Transpose(1, 2)
+             converter on them (Qwen3-VL-MoE) means they may be stored transposed (`disk_transposed`).
   math       the probe of kt_sft.models.experts_math on the module's own gate; the engine runs `silu glu` today
 A YAML override (kt_sft.models.registry) replaces the derivation; its math is probed against the model all the same.
 """
@@ -45,15 +46,15 @@ def model_class(config):
 
 
 def model_kind_gap(config) -> Optional[str]:
-    """Why kt-sft cannot load this config's model class yet (vision-language, omni), or None."""
+    """Why kt-sft cannot load this config's model class yet (omni: audio / speech out), or None. Causal LMs and
+    vision-language models (AutoModelForImageTextToText: the vision tower and projector are dense modules on the
+    device, the language model's routed experts go to the engine) load."""
     auto = model_class(config)
-    if auto.__name__ == "AutoModelForCausalLM":
+    if auto.__name__ in ("AutoModelForCausalLM", "AutoModelForImageTextToText"):
         return None
     cls = auto._model_mapping[type(config)]
-    if auto.__name__ == "AutoModelForImageTextToText" and cls.__name__.endswith("ForCausalLM"):
-        return None  # a text model LLaMA-Factory reaches through the image-text mapping (mistral4)
-    kind = "vision-language" if auto.__name__ == "AutoModelForImageTextToText" else "omni (audio / speech)"
-    return f"{config.model_type}: {kind} model ({cls.__name__}, loaded with {auto.__name__}) not supported yet"
+    return f"{config.model_type}: omni (audio / speech) model ({cls.__name__}, loaded with {auto.__name__}) not " \
+        "supported yet"
 
 
 def build_meta(config, dtype: torch.dtype = torch.bfloat16, *, buffers: bool = True, any_kind: bool = False):
@@ -135,7 +136,7 @@ def derive_family(model: nn.Module, model_type: str) -> MoEFamily:
         model_type=model_type, experts_module=template, checkpoint=disk_names(model, template, gated),
         fused_checkpoint={p: f"{template}.{p}_proj" for p in fused_projections(gated)},
         activation=math.activation, gated=gated, bias=flags["has_bias"], transposed=flags["is_transposed"],
-        source=f"derived from {type(model).__name__}")
+        disk_transposed=disk_transposed(model, template, gated), source=f"derived from {type(model).__name__}")
 
 
 def _split_conversions(model: nn.Module):
@@ -203,6 +204,25 @@ def disk_names(model: nn.Module, template: str, gated: bool) -> dict[str, str]:
         raise UnsupportedModelError(f"transformers' conversion mapping names only {', '.join(out)} of the "
                                     f"per-expert projections of {template}")
     return out
+
+
+def disk_transposed(model: nn.Module, template: str, gated: bool) -> bool:
+    """Whether transformers' conversion mapping transposes the fused experts tensors on load (a one-to-one
+    converter whose only op is Transpose of dims 1 and 2, e.g. Qwen3-VL-MoE's [E, H, 2I] gate_up_proj on disk): the
+    loader then takes either orientation, by shape, as transformers' Transpose(check_dims=True) does."""
+    _, converters = _split_conversions(model)
+    found = []
+    for fused in fused_projections(gated):
+        param = f"{template.replace('{layer}', _SENTINEL_LAYER)}.{fused}_proj"
+        for converter in converters:
+            ops = converter.operations
+            if (any(t.strip("^$") in param for t in converter.target_patterns) and len(ops) == 1
+                    and type(ops[0]).__name__ == "Transpose" and {ops[0].dim0, ops[0].dim1} == {1, 2}):
+                found.append(fused)
+    if found and len(found) != len(fused_projections(gated)):
+        raise UnsupportedModelError(f"transformers' conversion mapping transposes only {', '.join(found)} of the "
+                                    f"fused experts tensors of {template}: not supported yet")
+    return bool(found)
 
 
 def check_math(family: MoEFamily, modules: dict[str, nn.Module]) -> None:

@@ -39,6 +39,7 @@ class ExpertsMath:
     label: str                      # how errors and the families table name it
     engine: bool                    # the CPU engine computes it today
     fn: Callable[[torch.Tensor], torch.Tensor]  # gate_up_out [T, 2I] -> [T, I] (gated); up_out -> [T, I] (ungated)
+    interleaved: bool = False       # gate / up rows of gate_up_proj alternate (gpt-oss) instead of [gate | up] halves
 
 
 def _relu2(x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,7 @@ VARIANTS: tuple[ExpertsMath, ...] = (
     ExpertsMath("gelu", True, "gelu glu", False, _halves(F.gelu)),
     ExpertsMath("relu", True, "relu glu", False, _halves(F.relu)),
     ExpertsMath("gpt_oss_swiglu", True, "gpt-oss clamped swiglu (interleaved gate/up, limit 7, alpha 1.702, up + 1)",
-                False, _gpt_oss_swiglu),
+                False, _gpt_oss_swiglu, interleaved=True),
     ExpertsMath("relu2", False, "relu2 ungated", False, _relu2),
     ExpertsMath("silu", False, "silu ungated", False, F.silu),
     ExpertsMath("gelu", False, "gelu ungated", False, F.gelu),

@@ -15,6 +15,9 @@ are examples of the format, each equal to what kt-sft derives for its family (te
     activation       with `gated`: the experts' math (kt_sft.models.experts_math: silu, gelu_tanh, relu2, ...); a
                      probe of the model's own experts modules must agree
     bias, transposed the experts modules' has_bias / is_transposed
+    disk_transposed  the fused tensors on disk may be the transpose of the parameters ([E, H, 2I] for gate_up_proj
+                     [E, 2I, H]: Qwen3-VL-MoE); told apart by shape as transformers' Transpose(check_dims) converter
+                     does (a shape equal to the parameter's loads as it is)
     on_device        informational: what stays stock on the GPU (attention, router, shared experts, dense MLPs)
     defaults         format (a kt_sft.engine.formats name: bf16, int8, ...) and threads (auto or n) used when the
                      caller sets none
@@ -32,12 +35,13 @@ from . import experts_math
 
 FAMILY_DIR = Path(__file__).parent / "families"
 DEFAULTS_KEYS = ("format", "threads")
-# The model types whose tiny random model tests/test_families.py compares with stock transformers + PEFT (logits,
-# LoRA steps with expert LoRA, greedy generation); a test keeps this list equal to that table.
+# The model types whose tiny random model tests/test_families.py (text) and tests/test_vlm.py (vision-language, with
+# images) compare with stock transformers + PEFT (logits, LoRA steps with expert LoRA, greedy generation); a test
+# keeps this list equal to those tables.
 TESTED = ("afmoe", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe",
-          "glm4_moe_lite", "glm_moe_dsa", "hunyuan_v1_moe", "hy_v3", "jamba", "lfm2_moe", "minimax", "minimax_m2",
-          "mistral4", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next",
-          "solar_open")
+          "glm4_moe_lite", "glm4v_moe", "glm_moe_dsa", "hunyuan_v1_moe", "hy_v3", "jamba", "lfm2_moe", "minimax",
+          "minimax_m2", "mistral4", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe", "qwen3_5_moe_text",
+          "qwen3_moe", "qwen3_next", "qwen3_vl_moe", "solar_open")
 
 
 class UnsupportedModelError(ValueError):
@@ -68,6 +72,7 @@ class MoEFamily:
     gated: bool = True
     bias: bool = False
     transposed: bool = False
+    disk_transposed: bool = False
     on_device: tuple = ()
     defaults: dict = field(default_factory=dict)
     source: str = ""
