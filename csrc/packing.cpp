@@ -369,10 +369,12 @@ bool set_grid_row(const ProjectionLayout& l, float qmax, const int32_t* amax, in
 }  // namespace
 
 PackedWeights::PackedWeights(int experts, int hidden, int intermediate, const FormatInfo& format,
-                             const ExpertNodes& nodes)
+                             const ExpertNodes& nodes, bool gated)
     : E_(experts), format_(format.format) {
   for (int p = 0; p < kNumProj; ++p) {
     layout_[p] = make_layout(Proj(p), hidden, intermediate, format);
+    layout_[p].stored = gated || Proj(p) != Proj::kGate;
+    if (!layout_[p].stored) continue;
     panels_[p].reserve(size_t(E_) * layout_[p].expert_bytes);
     panels_[p].place(layout_[p].expert_bytes, nodes);
     if (format.scales != ScaleKind::kNone)
@@ -535,12 +537,13 @@ WeightView PackedWeights::view(Proj p) const {
 }
 
 std::pair<const void*, size_t> PackedWeights::panel_storage(Proj p) const {
+  if (!layout_[int(p)].stored) return {nullptr, 0};
   return {panels_[int(p)].get(), size_t(E_) * layout_[int(p)].expert_bytes};
 }
 
 std::pair<const void*, size_t> PackedWeights::scale_storage(Proj p) const {
   const ProjectionLayout& l = layout_[int(p)];
-  if (l.scales == ScaleKind::kNone) return {nullptr, 0};
+  if (l.scales == ScaleKind::kNone || !l.stored) return {nullptr, 0};
   return {scales_[int(p)].get(), size_t(E_) * l.scale_rows * l.scale_cols * sizeof(float)};
 }
 
@@ -548,7 +551,7 @@ size_t PackedWeights::bytes() const {
   size_t b = 0;
   for (int p = 0; p < kNumProj; ++p)
     b += panel_storage(Proj(p)).second + scale_storage(Proj(p)).second +
-         (layout_[p].channel ? size_t(E_) * layout_[p].Np * sizeof(float) : 0);
+         (layout_[p].channel && layout_[p].stored ? size_t(E_) * layout_[p].Np * sizeof(float) : 0);
   return b;
 }
 

@@ -35,7 +35,6 @@ import warnings
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import share_plan
 from .formats import ExpertFormat
@@ -214,9 +213,13 @@ class GpuShare:
             chunk = max(1, round(CHUNK_BYTES / unpacked))
         self.min_tokens, self.chunk = int(min_tokens), int(chunk)
         self.format = panels.format
-        self.expert_bytes = self.layout[0]["expert_bytes"]  # the same for gate, up and down
+        self.activation = layer.activation  # what the experts compute between the projections (activations.py)
+        self.stored = [w for w in range(3) if self.layout[w]["stored"]]  # the projections the layer has
+        self.expert_bytes = self.layout[2]["expert_bytes"]  # the same for gate, up and down
         self.panels = [p.raw for p in panels.projections]
         self.scales = None if not self.format.quantized else [p.scales for p in panels.projections]
+        biases = layer.biases()  # small ([E][2I + H] fp32): on the device whole
+        self.biases = None if biases is None else [None if b is None else b.to(device) for b in biases.values()]
         self._stream_scales(layer)
         self.cuda = self.device.type == "cuda"
         self._pinned = False
@@ -237,11 +240,12 @@ class GpuShare:
         self.resident, self.scale_bytes, self.scale_raw = None, [0, 0, 0], None
         if self.scales is None:
             return
-        if sum(g.numel() * 4 for g in self.scales) <= RESIDENT_SCALES_BYTES:
-            self.resident = [g.to(self.device) for g in self.scales]
+        if sum(g.numel() * 4 for g in self.scales if g is not None) <= RESIDENT_SCALES_BYTES:
+            self.resident = [None if g is None else g.to(self.device) for g in self.scales]
             return
-        self.scale_bytes = [g[0].numel() * 4 for g in self.scales]
-        self.scale_raw = [g.transpose(1, 2).reshape(-1).view(torch.uint8) for g in self.scales]  # [E][cols][rows]
+        self.scale_bytes = [0 if g is None else g[0].numel() * 4 for g in self.scales]
+        self.scale_raw = [None if g is None else g.transpose(1, 2).reshape(-1).view(torch.uint8)  # [E][cols][rows]
+                          for g in self.scales]
 
     def applies(self, x: torch.Tensor) -> bool:
         return x.device == self.device and x.shape[0] >= self.min_tokens
@@ -260,7 +264,7 @@ class GpuShare:
         if self.fixed is not None:
             experts = self.fixed
         else:
-            r, streamed = self.book.rates, 3 * self.expert_bytes + sum(self.scale_bytes)  # bytes per expert
+            r, streamed = self.book.rates, len(self.stored) * self.expert_bytes + sum(self.scale_bytes)  # per expert
             experts = tuple(plan_split(counts, r.engine, r.stream, r.gpu, streamed, backward,
                                        lead=self._prefetched_experts(), engine_call_s=r.engine_call))
         self.book.split(len(experts), sum(counts[e] for e in experts), sum(counts), self.E, log=self.fixed is None)
@@ -287,6 +291,7 @@ class GpuShare:
         flat = ids.to(self.device, non_blocking=True).flatten()
         key = self._upload(rank_of)[torch.where((flat < 0) | (flat >= self.E), self.E, flat)]
         pos = torch.argsort(key, stable=True)[:sum(share_counts)]
+        rank = key[pos]  # each sorted row's position in `experts`
         # bounds[j]: first row of share expert j in the expert-sorted rows
         bounds = [0] + list(itertools.accumulate(share_counts))
         # grouped_mm's offsets of every chunk (row ends of its experts, relative to the chunk) and the expert ids
@@ -297,7 +302,7 @@ class GpuShare:
             a, c = self._span_of(j, n)
             offs[j, :c] = torch.tensor(list(itertools.accumulate(share_counts[a:a + c])), dtype=torch.int32)
         return dict(experts=tuple(experts), ids=self._upload(torch.tensor(experts, dtype=torch.int64)),
-                    pos=pos, tok=pos // k, offs=self._upload(offs), counts=share_counts, bounds=bounds, k=k,
+                    pos=pos, tok=pos // k, rank=rank, offs=self._upload(offs), counts=share_counts, bounds=bounds, k=k,
                     chunks=chunks, engine_rows=sum(counts) - bounds[-1])
 
     def split(self, ids: torch.Tensor, backward: bool = True):
@@ -332,8 +337,8 @@ class GpuShare:
                 parts = [src[e * n:(e + m) * n] for e, m in runs]
                 return parts[0] if len(parts) == 1 else torch.cat(parts)
             scales = None if not any(sb) else [self._scales_of(gather(self.scale_raw[w], sb[w]), c, w)
-                                                for w in range(3)]
-            return ids, [gather(p, eb) for p in self.panels], scales, None
+                                                if sb[w] else None for w in range(3)]
+            return ids, [gather(p, eb) if w in self.stored else None for w, p in enumerate(self.panels)], scales, None
         self._pin()
         ring = self.ring
         ring.prefetched = None  # the slots are being refilled: an earlier prefetch is gone
@@ -342,7 +347,7 @@ class GpuShare:
             if ring.freed[j % 2] is not None:
                 ring.copy_stream.wait_event(ring.freed[j % 2])  # its last reader (any layer) is done
             start = _timed_event(ring.copy_stream)
-            for w in range(3):
+            for w in self.stored:
                 at = 0
                 for e, m in runs:
                     slot[w, at * eb:(at + m) * eb].copy_(self.panels[w][e * eb:(e + m) * eb], non_blocking=True)
@@ -352,9 +357,10 @@ class GpuShare:
                                                                          non_blocking=True)
                     at += m
             done = _timed_event(ring.copy_stream)
-        self.book.later("copy", 0, start, done, c * (3 * eb + sum(sb)))
-        scales = None if not any(sb) else [self._scales_of(slot[w, base:base + c * sb[w]], c, w) for w in range(3)]
-        return ids, [slot[w, :c * eb] for w in range(3)], scales, done
+        self.book.later("copy", 0, start, done, c * (len(self.stored) * eb + sum(sb)))
+        scales = None if not any(sb) else [self._scales_of(slot[w, base:base + c * sb[w]], c, w) if sb[w] else None
+                                            for w in range(3)]
+        return ids, [slot[w, :c * eb] if w in self.stored else None for w in range(3)], scales, done
 
     def _scales_of(self, raw: torch.Tensor, c: int, w: int) -> torch.Tensor:
         """c experts' scale bytes (stored by grid column) as [c][grid rows][grid cols]."""
@@ -393,8 +399,8 @@ class GpuShare:
             a, c = self._span_of(j, len(experts))
             if c <= 0 or tuple(experts[a:a + c]) != ids[:c]:
                 break
-            usable.append((ids[:c], [r[:c * eb] for r in raw], None if scales is None else [g[:c] for g in scales],
-                           done))
+            usable.append((ids[:c], [None if r is None else r[:c * eb] for r in raw],
+                           None if scales is None else [None if g is None else g[:c] for g in scales], done))
         return usable
 
     def _chunks(self, plan, direction: int):
@@ -411,9 +417,9 @@ class GpuShare:
                 torch.cuda.current_stream(self.device).wait_event(copied)
             start = self._mark()
             if self.resident is not None:
-                scales = [g[plan["ids"][a:a + c]] for g in self.resident]
+                scales = [None if g is None else g[plan["ids"][a:a + c]] for g in self.resident]
             mats = [panels_to_matrix(raw[w], c, self.layout[w], self.format, None if scales is None else scales[w])
-                    for w in range(3)]
+                    if w in self.stored else None for w in range(3)]
             if self.cuda:  # unpacking copied the slot out: it may be refilled
                 freed = torch.cuda.Event()
                 freed.record(torch.cuda.current_stream(self.device))
@@ -421,7 +427,8 @@ class GpuShare:
             if j + 2 < plan["chunks"]:
                 pending.append(self._issue(j + 2, experts))
             gate, up, down = mats
-            yield a, c, gate[:, :self.I, :self.H], up[:, :self.I, :self.H], down[:, :self.H, :self.I]
+            yield (a, c, None if gate is None else gate[:, :self.I, :self.H], up[:, :self.I, :self.H],
+                   down[:, :self.H, :self.I])
             self._sample("compute", direction, start, plan["bounds"][a + c] - plan["bounds"][a])
 
     def _mark(self):
@@ -462,20 +469,32 @@ class GpuShare:
                 self.grouped = False
         return _expert_mm(x, w.contiguous(), counts, None)
 
-    def _rows(self, xs, ws, a, plan, gate, up, down, lora: Optional[ExpertLoRA]):
-        """Routing-weighted outputs [rows][H] (fp32) of one chunk's rows (grouped by expert, in order)."""
-        c = gate.shape[0]
+    def _rows(self, xs, ws, a, plan, gate, up, down, lora: Optional[ExpertLoRA], row_experts):
+        """Routing-weighted outputs [rows][H] (fp32) of one chunk's rows (grouped by expert, in order; row_experts:
+        each row's expert id, on the device, for the biases)."""
+        c = up.shape[0]
         counts, offs = plan["counts"][a:a + c], plan["offs"][a // self.chunk, :c]
-        g, u = self._mm(xs, gate, counts, offs), self._mm(xs, up, counts, offs)
+        g = None if gate is None else self._mm(xs, gate, counts, offs).float()
+        u = self._mm(xs, up, counts, offs).float()
         experts = plan["experts"][a:a + c]
         if lora is not None and lora.A_gu is not None:
             d = _lora_rows(xs, counts, experts, lora.A_gu, lora.B_gu, self.E, lora.scale_gu)
-            g, u = g.float() + d[:, :self.I], u.float() + d[:, self.I:]
-        h = (F.silu(g.float()) * u.float()).to(xs.dtype)
+            g, u = (None, u + d) if g is None else (g + d[:, :self.I], u + d[:, self.I:])
+        if self.biases is not None:
+            b_gate, b_up, _ = self.biases
+            g, u = None if g is None else g + b_gate[row_experts], u + b_up[row_experts]
+        h = self.activation(g, u).to(xs.dtype)
         o = self._mm(h, down, counts, offs).float()
         if lora is not None and lora.A_d is not None:
             o = o + _lora_rows(h, counts, experts, lora.A_d, lora.B_d, self.E, lora.scale_d)
+        if self.biases is not None:
+            o = o + self.biases[2][row_experts]
         return o * ws[:, None]
+
+    @staticmethod
+    def _row_experts(plan, lo: int, hi: int):
+        """The expert id of each of the share's sorted rows [lo, hi) (on its device)."""
+        return plan["ids"][plan["rank"][lo:hi]]
 
     @staticmethod
     def _chunk_rows(plan, a, c):
@@ -493,7 +512,8 @@ class GpuShare:
                 for a, c, gate, up, down in self._chunks(plan, FORWARD):
                     lo, hi = self._chunk_rows(plan, a, c)
                     if hi > lo:
-                        o = self._rows(xs_all[lo:hi], ws_all[lo:hi], a, plan, gate, up, down, lora)
+                        o = self._rows(xs_all[lo:hi], ws_all[lo:hi], a, plan, gate, up, down, lora,
+                                       self._row_experts(plan, lo, hi))
                         y.index_add_(0, plan["tok"][lo:hi], o)
             self._span = (start, self._mark())
         return y
@@ -516,7 +536,7 @@ class GpuShare:
                 tok, pos = plan["tok"][lo:hi], plan["pos"][lo:hi]
                 xs = x.detach()[tok].to(self.layer.dtype).requires_grad_()
                 ws = w.detach().flatten()[pos].float().requires_grad_()
-                o = self._rows(xs, ws, a, plan, gate, up, down, lora)
+                o = self._rows(xs, ws, a, plan, gate, up, down, lora, self._row_experts(plan, lo, hi))
                 torch.autograd.backward(o, dy[tok].float())
                 dx.index_add_(0, tok, xs.grad.float())
                 dw[pos] = ws.grad
