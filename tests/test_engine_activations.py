@@ -200,3 +200,28 @@ def test_bad_activation_arguments():
     with pytest.raises(ValueError, match=r"non-finite value \(NaN/Inf\) in the up bias of expert 2"):
         layer.set_bias("up", torch.tensor([[0.0] * 16, [float("nan")] * 16]), expert_begin=1)
     assert "expert 0 gate bias" in layer.missing_weights()
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+@pytest.mark.parametrize("name", ["relu2-bias", "gpt_oss_swiglu-limit-bias"])
+def test_block_formats(name, fmt, isa):
+    """fp8 and int4 compute bf16 GEMMs on their decoded weights (engine_cases.py): the same reference on those."""
+    v, ex, layer, x, ids, w, lora, dy = make_case(name, fmt, SHAPES[1])
+    y, handle = layer.forward(x, ids, w, save_for_backward=True, lora=lora)
+    dx, dw, grads = layer.backward(handle, dy, lora=lora)
+    want = reference(v, ex, fmt, x, ids, w, lora, dy)
+    assert_close((y, dx, dw, tuple(grads)), want, TOLERANCE[fmt], f"{name} {fmt} {isa}")
+
+
+@pytest.mark.parametrize("fmt", ["int8-gemm", "int4-gemm"])
+@pytest.mark.parametrize("name", ["relu2-bias", "gelu_tanh_glu"])
+def test_int8_gemm_formats_near_the_unquantized_reference(name, fmt, isa):
+    """The int8-GEMM formats (their exact spec is engine_cases.py's W8A8 reference, for silu glu): within what their
+    quantization costs of the unquantized fp32 model, an ungated layer's dz scale fold included. (Not with clamps:
+    quantization moves pre-activations across a limit, and each such element is a whole gradient off.)"""
+    v, ex, layer, x, ids, w, lora, dy = make_case(name, fmt, SHAPES[1])
+    y, handle = layer.forward(x, ids, w, save_for_backward=True, lora=lora)
+    dx, dw, grads = layer.backward(handle, dy, lora=lora)
+    want = reference(v, ex, "fp32", x, ids, w, lora, dy)
+    bound = TOLERANCE[fmt].unquantized
+    assert_close((y, dx, dw, tuple(grads)), want, type(TOLERANCE[fmt])(*[bound] * 5), f"{name} {fmt} {isa}")
