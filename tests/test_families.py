@@ -26,7 +26,7 @@ from kt_sft import readme_tables
 from kt_sft.models import catalog, experts_math, registry
 from kt_sft.models.derive import model_class
 from kt_sft.models.expert_lora import get_peft_model
-from kt_sft.models.registry import load_family_file
+from kt_sft.models.registry import fused_projections, load_family_file
 from lora_train import make_batches
 from moe_reference import rel_err
 from tiny_models import ALL_FAMILIES, CONFIGS, FAMILIES, VOCAB, derived_family, experts_path, refused_config
@@ -60,10 +60,11 @@ def _lora(model, family, wrap):
     experts = experts_path(family)
     torch.manual_seed(5)
     # every linear but the routers (phimoe's router is an nn.Linear subclass returning a tuple, which stock PEFT
-    # cannot wrap; the others read their weight directly, so LoRA there would be bypassed anyway)
+    # cannot wrap; the others read their weight directly, so LoRA there would be bypassed anyway; gemma4's router
+    # projection is router.proj)
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                        exclude_modules=r".*\.(gate|router)$",
-                        target_parameters=[f"{experts}.gate_up_proj", f"{experts}.down_proj"])
+                        exclude_modules=r".*\.(gate|router|router\.proj)$",
+                        target_parameters=[f"{experts}.{p}_proj" for p in fused_projections(derived_family(family).gated)])
     return wrap(model, config)
 
 
@@ -148,9 +149,6 @@ def test_prefixed_fused_checkpoint_loads_like_stock(tiny_checkpoint, tmp_path):
 # ------------------------------------------------------------------ refused families
 # What each refused family's load says (configs: tiny_models.REFUSED_KWARGS).
 REFUSED = {
-    "gpt_oss": r"experts math 'gpt-oss clamped swiglu .*', expert biases, transposed expert weights .*not supported yet",
-    "nemotron_h": r"experts math 'relu2 ungated' not supported yet",
-    "gemma4_text": r"experts math 'gelu-tanh glu' not supported yet",
     "qwen3_vl_moe": r"qwen3_vl_moe: vision-language model \(Qwen3VLMoeForConditionalGeneration, loaded with "
                     r"AutoModelForImageTextToText\) not supported yet",
     "qwen3_omni_moe": r"qwen3_omni_moe: omni \(audio / speech\) model .* not supported yet",
@@ -175,19 +173,31 @@ def test_math_probe_tells_every_variant_apart(row):
     module = torch.nn.Module()
     module.has_gate = row.gated
     if row.gated:
-        module._apply_gate = row.fn
+        module._apply_gate = row
     else:
-        module.act_fn = row.fn
+        module.act_fn = row
     assert experts_math.probe(module) is row
-    gap = experts_math.engine_gap(row, bias=False, transposed=False)
-    assert (gap is None) == row.engine and (gap is None or f"experts math '{row.label}' not supported yet" in gap)
+    gap = experts_math.engine_gap(row)
+    assert (gap is None) == bool(row.engine) and (gap is None or f"experts math '{row.label}' not supported yet" in gap)
+
+
+def test_math_probe_reads_the_module_limit():
+    """A clamped variant takes the module's own `limit` (DeepSeek-V4's swiglu_limit), probed past it."""
+    row = experts_math.variant("silu_clamped", True).with_limit(3.5)
+    module = torch.nn.Module()
+    module.has_gate, module.limit, module._apply_gate = True, 3.5, row
+    found = experts_math.probe(module)
+    assert found == row and found.limit == 3.5 and found.label == "clamped silu glu (limit 3.5)"
+    assert experts_math.engine_activation(found).limit == 3.5
+    module.limit = 12.0  # says 12, clamps at 3.5: no row matches
+    assert isinstance(experts_math.probe(module), str)
 
 
 def test_readme_family_table_is_generated(capsys, monkeypatch):
     text = catalog.table()
     rows = {line.split(" | ")[0].strip("| `"): line for line in text.splitlines()[2:]}
     assert all(rows[f].endswith("| tested |") for f in ALL_FAMILIES)
-    assert "| refused: experts math 'relu2 ungated' not supported yet" in rows["nemotron_h"]
+    assert rows["gpt_oss"].endswith("| tested |") and "gpt-oss clamped swiglu" in rows["gpt_oss"]
     readme = (REPO / "README.md").read_text()
     assert readme_tables.table_in(readme, catalog.HEADING) == text, (
         "README.md's family table differs from `python -m kt_sft families`; regenerate it with "
