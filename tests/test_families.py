@@ -93,7 +93,10 @@ def _generate(model):
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_family_matches_stock(family, tiny_checkpoint):
-    path = tiny_checkpoint(family)
+    _matches_stock(family, tiny_checkpoint(family))
+
+
+def _matches_stock(family, path):
     stock, ours = _stock(path), _ours(path)
     assert ours.kt_summary.startswith("kt-sft: ") and not ours.kt_summary.startswith("kt-sft: 0 ")
     ids, mask = _probe_batch()
@@ -111,6 +114,46 @@ def test_family_matches_stock(family, tiny_checkpoint):
     expert_b = [p for n, p in ours.named_parameters() if ".experts." in n and "lora_B" in n]
     assert expert_b and all(p.abs().max() > 0 for p in expert_b), "the expert LoRA must have trained"
     assert torch.equal(_generate(ours), _generate(stock))
+
+
+def test_clamped_swiglu_experts_match_stock(tiny_checkpoint, monkeypatch):
+    """DeepSeek-V4 / GLM-5 style clamped SwiGLU (transformers' DeepseekV4Experts, newer than 5.6: `self.limit =
+    config.swiglu_limit`, gate clamped above, up both ways, then act_fn(gate) * up): qwen3_moe's experts patched so,
+    with a limit that clamps a good part of the tiny model's pre-activations, derive to the engine's silu_glu_clamped
+    with the module's limit and equal stock."""
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as qwen3
+
+    def clamped_gate(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act_fn(gate.clamp(max=self.limit)) * up.clamp(min=-self.limit, max=self.limit)
+
+    monkeypatch.setattr(qwen3.Qwen3MoeExperts, "_apply_gate", clamped_gate)
+    monkeypatch.setattr(qwen3.Qwen3MoeExperts, "limit", 0.5, raising=False)
+    family = derived_family("qwen3_moe")
+    assert (family.activation, family.limit, family.math.label) == ("silu_clamped", 0.5, "clamped silu glu (limit 0.5)")
+    _matches_stock("qwen3_moe", tiny_checkpoint("qwen3_moe"))
+
+
+def test_expert_ids_past_the_experts_add_nothing(tiny_checkpoint):
+    """Router ids >= num_experts (zero / skip experts, expert-parallel sentinels) contribute nothing and get no weight
+    gradient, as in transformers' own batched_mm / grouped_mm experts implementations."""
+    path = tiny_checkpoint("qwen3_moe")
+    stock, ours = _stock(path), _ours(path)
+    stock.config._experts_implementation = "batched_mm"
+    name = "model.layers.1.mlp.experts"
+    ref_mod, our_mod = stock.get_submodule(name), ours.get_submodule(name)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, stock.config.hidden_size, generator=gen)
+    ids = torch.randint(0, ref_mod.num_experts, (7, 2), generator=gen)
+    ids[::2, 1] = ref_mod.num_experts  # every other token's second slot: past the experts
+    out = []
+    for module in (ref_mod, our_mod):
+        w = torch.rand(7, 2, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+        y = module(x, ids, w)
+        y.square().sum().backward()
+        out.append((y.detach(), w.grad))
+    assert rel_err(out[1][0], out[0][0]) <= RTOL and rel_err(out[1][1], out[0][1]) <= RTOL
+    assert not out[1][1][::2, 1].any()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
