@@ -5,10 +5,14 @@
 // Compute:   kernel-shaped loops with every operand in L1 (the instruction mix of the engine's inner loop, minus
 //            its cache misses; benchmarks/amx_gemm_probe.cpp's ceil_L1 variants): AMX bf16 = the 2x2-tile block
 //            (C tiles 0-3, A tiles 4-5, B tiles 6-7) reloading its 4 operand tiles each 32-k step before 4
-//            tdpbf16ps; AMX int8 = the same with tdpbssd (64 k per step); avx512 = the 12-row x 32-column
+//            tdpbf16ps, the A rows at the engine's padded stride (K + 32 elements: an odd number of cache lines);
+//            AMX int8 = the same with tdpbssd (64 k per step); avx512 = the 12-row x 32-column
 //            vdpbf16ps register block of csrc/kernels/avx512_microkernels.h (A pairs broadcast, 2 B rows per k
 //            pair); avx2 = the 4-row x 16-column fp32 FMA block of isa_avx2.cpp (its bf16 widening left out).
 //            FLOPs count 2 per multiply-add (int8: ops alike). Each thread runs its own block on its own data.
+//            Operands hold random non-zero values, as the engine's do: on the device (2026-12-05) the AMX loop
+//            on zeroed tiles (and A rows 64 bytes apart) ran 53-61 TF/s bf16, several times the 8-11 TF/s of
+//            amx_gemm_probe's ceil_L1 on data, which made every layer look like < 20 % of its ceiling.
 // Bandwidth: every thread reads its slice of one buffer (first touched by that thread) with 4 independent
 //            accumulators; a pass lasts from the barrier to the last thread's end; best pass of several.
 // ISA guard: each probe checks CPUID and the OS state (XCR0; AMX also the arch_prctl permission Linux hands
@@ -130,13 +134,26 @@ double best_pass(int threads, int passes, const std::function<void(int)>& init,
   return best;
 }
 
+// Fills an operand block with random small values: every 16-bit half is a bf16 in +-[2^-4, 2^-3) and every
+// byte an int8 in [-64, 63] (the same bits read either way), so no sum overflows or goes denormal.
+template <typename Ops>
+Ops* fill_random(Ops* o) {
+  uint16_t* h = reinterpret_cast<uint16_t*>(o);
+  uint32_t x = 0x9e3779b9u;
+  for (size_t i = 0; i < sizeof(Ops) / 2; ++i) {
+    x = x * 1664525u + 1013904223u;                                   // LCG: cheap and deterministic
+    h[i] = uint16_t(0x3d80u | ((x >> 16) & 0x7fu) | ((x >> 8) & 0x8000u));  // sign, exponent 2^-4, mantissa
+  }
+  return o;
+}
+
 // Operations per second of `kernel` (`ops_per_call` operations a call) on all threads, each thread on its own
-// zeroed, 64-byte aligned Ops (heap, not thread_local: a dlopen'ed library's TLS need not honour the alignment)
+// randomly filled, 64-byte aligned Ops (heap, not thread_local: a dlopen'ed library's TLS need not honour the alignment)
 // after `setup` ran on that thread; the call count is sized from one timed call so a pass lasts about `seconds`.
 template <typename Ops>
 double rate(int threads, double seconds, double ops_per_call, void (*setup)(), void (*kernel)(Ops*)) {
   std::vector<Ops*> ops(threads);
-  for (Ops*& o : ops) o = static_cast<Ops*>(std::memset(std::aligned_alloc(64, sizeof(Ops)), 0, sizeof(Ops)));
+  for (Ops*& o : ops) o = fill_random(static_cast<Ops*>(std::aligned_alloc(64, sizeof(Ops))));
   setup();
   kernel(ops[0]);
   const auto t0 = Clock::now();
@@ -170,8 +187,12 @@ __attribute__((target("amx-tile"))) void amx_config() {
   _tile_loadconfig(&cfg);
 }
 
+// A rows kAmxRowBytes apart as the engine's gathered rows (common.h padded_row_stride: K + 32 bf16, 65 lines for
+// K = 2048); only each row's first 64 bytes are read (the ceiling: every tile load hits L1).
+constexpr int kAmxRowBytes = (kAmxK + 32) * 2;
+
 struct alignas(64) AmxOperands {
-  uint8_t a[32 * 64], b0[16 * 64], b1[16 * 64];  // one k step: 32 A rows, 2 B tiles (64 bytes a row); zeros
+  uint8_t a[32 * kAmxRowBytes], b0[16 * 64], b1[16 * 64];  // one k step: 32 A rows, 2 B tiles (64 bytes a row)
   float c[32 * 32];
 };
 
@@ -179,7 +200,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_bf16_block(AmxOperands* op
   AmxOperands& o = *op;
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
   for (int k = 0; k < kAmxK; k += 32) {
-    _tile_loadd(4, o.a, 64); _tile_loadd(5, o.a + 16 * 64, 64);
+    _tile_loadd(4, o.a, kAmxRowBytes); _tile_loadd(5, o.a + 16 * kAmxRowBytes, kAmxRowBytes);
     _tile_loadd(6, o.b0, 64); _tile_loadd(7, o.b1, 64);
     _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
   }
@@ -191,7 +212,7 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_int8_block(AmxOperands* op
   AmxOperands& o = *op;
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
   for (int k = 0; k < kAmxK; k += 64) {
-    _tile_loadd(4, o.a, 64); _tile_loadd(5, o.a + 16 * 64, 64);
+    _tile_loadd(4, o.a, kAmxRowBytes); _tile_loadd(5, o.a + 16 * kAmxRowBytes, kAmxRowBytes);
     _tile_loadd(6, o.b0, 64); _tile_loadd(7, o.b1, 64);
     _tile_dpbssd(0, 4, 6); _tile_dpbssd(1, 4, 7); _tile_dpbssd(2, 5, 6); _tile_dpbssd(3, 5, 7);
   }
