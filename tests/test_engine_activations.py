@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import kt_sft.engine as ke
-from engine_cases import TOLERANCE, computed_weights, make_lora
+from engine_cases import SHARE_DEVICES, TOLERANCE, computed_weights, make_lora
 from expert_lora_reference import split_peft_lora
 from moe_reference import make_routing, rel_err
 
@@ -161,18 +161,19 @@ def test_activation_matches_reference(name, fmt, shape, isa):
     assert rel_err(y0, ref0[0]) < TOLERANCE[fmt].y
 
 
+@pytest.mark.parametrize("device", SHARE_DEVICES)
 @pytest.mark.parametrize("name", ["gpt_oss_swiglu-limit-bias", "relu2-bias", "gelu_tanh_glu"])
-def test_gpu_share_computes_the_activation(name):
-    """Half the experts on the GPU share (the CPU device here; CUDA where the lead runs it): the same references."""
+def test_gpu_share_computes_the_activation(name, device):
+    """Half the experts on the GPU share (the CPU device, and CUDA where present): the same references."""
     shape = SHAPES[1]
     v, ex, layer, x, ids, w, lora, dy = make_case(name, "fp32", shape)
-    share = ke.GpuShare(layer, shape[0] // 2, "cpu", min_tokens=1, chunk=2)
-    xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    share = ke.GpuShare(layer, shape[0] // 2, device, min_tokens=1, chunk=2)
+    xs, ws = (t.to(device, copy=True).requires_grad_(True) for t in (x, w))
     params = ke.ExpertLoRA(*(t.clone().requires_grad_(True) for t in lora.factors()), lora.scale_gu, lora.scale_d)
-    y = ke.moe_experts(xs, ids, ws, layer, lora=params, share=share)
-    y.backward(dy)
+    y = ke.moe_experts(xs, ids.to(device), ws, layer, lora=params, share=share)
+    y.backward(dy.to(device))
     want = reference(v, ex, "fp32", x, ids, w, lora, dy)
-    got = (y.detach(), xs.grad, ws.grad, tuple(t.grad for t in params.factors()))
+    got = (y.detach().cpu(), xs.grad.cpu(), ws.grad.cpu(), tuple(t.grad for t in params.factors()))
     assert_close(got, want, TOLERANCE["fp32"], f"{name} with a share")
 
 
