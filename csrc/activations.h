@@ -66,8 +66,8 @@ constexpr bool activation_rows_valid() {
 static_assert(activation_rows_valid(), "kActivations: Activation order");
 
 // The row of activation a as one layer uses it: limit < 0 keeps the row's, else the layer's clamp limit (rows with
-// takes_limit only; one without a limit of its own needs one). Throws std::invalid_argument naming the problem. (Driver only; static: an ISA
-// unit that includes this header never shares a copy.)
+// takes_limit only; one without a limit of its own needs one). Throws std::invalid_argument naming the problem.
+// (Driver only; static: an ISA unit that includes this header never shares a copy.)
 static inline ActivationInfo activation_with_limit(Activation a, float limit) {
   if (int(a) < 0 || int(a) >= kNumActivations)
     throw std::invalid_argument("unknown activation " + std::to_string(int(a)));

@@ -5,7 +5,7 @@ derived from the model itself (kt_sft/models/derive.py), and every other family'
     logits on a left-padded batch, 8 LoRA steps (attention / dense linears + the routed experts through PEFT
     target_parameters), then greedy generation with the trained adapters, all equal to stock (<= 1e-4 relative)
   * the 7 rule files of configs/ equal what kt-sft derives for their families; registry.TESTED is this table
-  * refused families (other experts math, vision-language / omni models) fail before any weight is read, naming
+  * refused families (vision-language / omni models) fail before any weight is read, naming
     what is missing; the math probe tells every variant of experts_math.VARIANTS apart
   * README.md's family table is `python -m kt_sft families`
 ~1-2 s per family on 2 cores.
@@ -64,7 +64,8 @@ def _lora(model, family, wrap):
     # projection is router.proj)
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
                         exclude_modules=r".*\.(gate|router|router\.proj)$",
-                        target_parameters=[f"{experts}.{p}_proj" for p in fused_projections(derived_family(family).gated)])
+                        target_parameters=[f"{experts}.{p}_proj"
+                                           for p in fused_projections(derived_family(family).gated)])
     return wrap(model, config)
 
 

@@ -12,7 +12,8 @@ Tests get them from the session fixtures of conftest.py (`family`, `tiny_checkpo
 Two tables:
   FAMILIES       the 7 families of the full parity suite (test_offload_parity.py, test_expert_lora_peft.py,
                  test_generate_parity.py, ...): hidden 64, 8 routed experts of width 16, top-2, vocab 128
-  ALL_FAMILIES   every transformers 5.6 family whose fused experts the engine computes (silu glu), each checked by
+  ALL_FAMILIES   every transformers 5.6 family whose fused experts the engine computes (silu, gpt-oss swiglu with
+                 biases, GELU-tanh, ungated relu^2), each checked by
                  test_families.py (logits, LoRA steps with expert LoRA, greedy generation against stock); the
                  families beyond FAMILIES use quirky sizes: hidden 48, head_dim 12, 6 routed experts of width 20,
                  top-3 (top-2 where the router needs groups), vocab 128, a dense first layer where the family has one
@@ -196,7 +197,8 @@ def _reinit(model: torch.nn.Module, seed: int, expert_scale: float = 1.0) -> Non
     """Every tensor from one seeded generator, scaled so activations stay O(1) and logits are far from flat.
 
     Matrices ~ N(0, 1/fan_in) (the fused experts per expert: fan_in = last dim), embeddings ~ N(0, 1),
-    norms and ONE_CENTERED scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.02^2), routers ~ N(0, 4/H) (spread-out router logits), the
+    norms and ONE_CENTERED scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.02^2), routers ~ N(0, 4/H) (spread-out router
+    logits), the experts' matrices times expert_scale (EXPERT_SCALE), the
     ROUTER_BIASES of sigmoid routers ~ N(0, 0.05^2) (so a loader that drops one changes the routing).
     """
     gen = torch.Generator().manual_seed(seed)

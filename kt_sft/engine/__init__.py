@@ -18,7 +18,8 @@ from .runtime import (available_isas, cpu_info, current_isa, expert_nodes, isa_s
                       set_worker_spin_us, use_isa, use_kchunk, use_numa, worker_spin_us)
 
 __all__ = [
-    "ACTIVATIONS", "ExpertActivation", "get_activation", "FORMATS", "ExpertFormat", "ExpertLayer", "ExpertLoRA", "for_model_dtype", "get_format", "GpuShare",
+    "ACTIVATIONS", "ExpertActivation", "get_activation",
+    "FORMATS", "ExpertFormat", "ExpertLayer", "ExpertLoRA", "for_model_dtype", "get_format", "GpuShare",
     "ExpertLoRAGrads", "MoEExpertsFunction", "moe_experts", "PackedPanels", "ProjectionPanels", "available_isas",
     "cpu_info", "current_isa", "expert_nodes", "isa_supported", "kchunk", "num_threads", "numa_layout",
     "phase_profile", "select_isa", "set_kchunk", "set_num_threads", "set_numa", "set_worker_spin_us", "use_isa",
