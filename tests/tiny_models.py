@@ -137,7 +137,7 @@ QUIRKY_KWARGS = {
 # Families whose experts' weights _reinit scales up, so their pre-activations reach the clamp limit of their math.
 EXPERT_SCALE = {"gpt_oss": 4.0}
 ALL_FAMILIES = tuple(sorted((*FAMILIES, *QUIRKY_KWARGS)))
-# Families kt-sft refuses (other experts math; vision-language / omni models, whose default configs serve), kept
+# Families kt-sft refuses (vision-language / omni models, whose default configs serve), kept
 # small on _REFUSED_SIZES: their loads fail from config.json alone.
 _REFUSED_SIZES = dict(vocab_size=VOCAB, hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
                       num_hidden_layers=2)
