@@ -41,7 +41,7 @@ BASE_SOURCES = ["csrc/bindings.cpp", "csrc/env.cpp", "csrc/engine.cpp", "csrc/pa
                 "csrc/schedule.cpp", "csrc/lora_pack.cpp", "csrc/moe_layer.cpp", "csrc/forward.cpp",
                 "csrc/backward.cpp", "csrc/cpu_features.cpp", "csrc/thread_pool.cpp", "csrc/numa.cpp",
                 "csrc/glibc_compat.cpp", "csrc/shared_segment.cpp"]
-HEADERS = ["csrc/common.h", "csrc/kernel_api.h", "csrc/buffer.h", "csrc/env.h", "csrc/engine.h", "csrc/formats.h",
+HEADERS = ["csrc/common.h", "csrc/activations.h", "csrc/kernel_api.h", "csrc/buffer.h", "csrc/env.h", "csrc/engine.h", "csrc/formats.h",
            "csrc/packing.h", "csrc/routing.h", "csrc/schedule.h", "csrc/lora_pack.h", "csrc/moe_layer.h",
            "csrc/cpu_features.h", "csrc/thread_pool.h", "csrc/numa.h", "csrc/build_info.h",
            "csrc/shared_segment.h",

@@ -27,6 +27,7 @@ class BackwardPass {
   void sum(void* dx, float* dw);
 
  private:
+  float slot_dw(int t, int j) const;
   MoELayer& ly_;
   Engine& eng_;
   const FormatInfo& f_;
@@ -54,7 +55,7 @@ void BackwardPass::gather() {
   bb_.row_weight = plan_.row_weight.data();
   const bool gather_rows_too = !f_.quantized_gemm || lora_;  // as in forward
   bb_.dyg = gather_rows_too ? eng_.xg.reserve(rows * L_.ldx * es) : nullptr;
-  bb_.gate_in = slot_.gate.get();
+  bb_.gate_in = ly_.act_.gated ? slot_.gate.get() : nullptr;
   bb_.up_in = slot_.up.get();
   bb_.dw_part = static_cast<float*>(eng_.dw_part.reserve(rows * (ly_.Ip_ / kBlock) * sizeof(float)));
   bb_.dgu = eng_.act.reserve(rows * L_.ld_dgu * es);
@@ -67,7 +68,7 @@ void BackwardPass::gather() {
 void BackwardPass::lora_prepare() {
   if (!lora_) return;
   const size_t rows = size_t(plan_.rows);
-  lv_ = repack_lora(pool_, eng_.lora, *lora_, ly_.E_, ly_.H_, ly_.I_, ly_.Hp_, ly_.Ip_);
+  lv_ = repack_lora(pool_, eng_.lora, *lora_, ly_.E_, ly_.H_, ly_.I_, ly_.Hp_, ly_.Ip_, ly_.act_.gated);
   bb_.lora = &lv_;
   bb_.count = plan_.count.data();
   bb_.row_token = plan_.row_token.data();
@@ -94,7 +95,7 @@ void BackwardPass::lora_prepare() {
   clock_.mark("backward: LoRA dy.A_d");
 }
 
-// dz = d(gate) | d(up) from dy.W_down (with LoRA's term) and the SiLU-GLU derivative; dw's partial sums.
+// dz = d(gate) | d(up) from dy.W_down (with LoRA's term) and the activation's derivative; dw's partial sums.
 void BackwardPass::act_phase() {
   const std::vector<Task> tasks =
       make_tasks(plan_, ly_.Ip_ / kBlock, bb_.fuse_grads ? kWholeSegment : kRowChunkBwd, kActBlocksPerTask);
@@ -110,15 +111,16 @@ void BackwardPass::act_phase() {
 // LoRA on gate_up: the rows of t = dz.A_gu^T.
 void BackwardPass::lora_dz_proj() {
   if (rg() == 0) return;
-  run_proj(pool_, kt_, L_, plan_, bb_.dgu, L_.ld_dgu, 2 * ly_.Ip_, rg(), lv_.At_gu, const_cast<float*>(bb_.t_gu),
-           nullptr);
+  run_proj(pool_, kt_, L_, plan_, bb_.dgu, L_.ld_dgu, gate_up_count(L_) * ly_.Ip_, rg(), lv_.At_gu,
+           const_cast<float*>(bb_.t_gu), nullptr);
   clock_.mark("backward: LoRA dz.A_gu");
 }
 
 // The per-row input gradients dz.W_gu (with LoRA's term).
 void BackwardPass::input_phase() {
   const std::vector<Task> tasks = make_tasks(plan_, ly_.Hp_ / kBlock, kRowChunkBwd, f_.dx_blocks);
-  const QuantSource qdz{bb_.dgu, L_.ld_dgu, 2 * ly_.Ip_, ScaleFold::kGateUp, nullptr};  // gate's, up's scales into dz
+  // gate's, up's scales into dz
+  const QuantSource qdz{bb_.dgu, L_.ld_dgu, gate_up_count(L_) * ly_.Ip_, ScaleFold::kGateUp, nullptr};
   run_gemm_phase(eng_, kt_, L_, plan_, ly_.nodes_, tasks, [&](const Task& t, int wk) {
     Scratch s = scratch_of(eng_, wk);
     kt_->bwd_input(L_, bb_, t, s);
@@ -135,7 +137,7 @@ void BackwardPass::lora_grads() {
   for (int e = 0; e < E; ++e) order[size_t(e)] = e;
   std::stable_sort(order.begin(), order.end(),
                    [&](int a, int b) { return plan_.count[size_t(a)] > plan_.count[size_t(b)]; });
-  int nb[kNumGradKinds] = {2 * ly_.Ip_ / kBlock, ly_.Hp_ / kBlock, ly_.Hp_ / kBlock, ly_.Ip_ / kBlock};
+  int nb[kNumGradKinds] = {gate_up_count(L_) * ly_.Ip_ / kBlock, ly_.Hp_ / kBlock, ly_.Hp_ / kBlock, ly_.Ip_ / kBlock};
   for (int& n : nb) n = (n + kGradBlocks - 1) / kGradBlocks;  // tasks cover kGradBlocks column blocks
   std::vector<GradTask> gt;
   for (int e : order)
@@ -152,26 +154,36 @@ void BackwardPass::lora_grads() {
   clock_.mark("backward: LoRA factor gradients");
 }
 
-// dx[t] = the sum of token t's k rows (slot order); dw[t][j] = its row's partial sums (+ LoRA's part).
+// dw of token t's slot j: its row's partial sums (+ LoRA's part, + <dy_t, b_down> with biases).
+float BackwardPass::slot_dw(int t, int j) const {
+  const int row = plan_.row_of[size_t(t) * plan_.k + j];
+  if (row < 0) return 0.f;  // slot computed elsewhere: no gradient from here
+  const int ipb = ly_.Ip_ / kBlock, r_d = rd();
+  const float* part = bb_.dw_part + size_t(row) * ipb;
+  float s = 0.f;
+  for (int b = 0; b < ipb; ++b) s += part[b];
+  if (r_d > 0) {  // <dy, s_d * q.A_d> = s_d * q . (dy.A_d^T)
+    float l = 0.f;
+    for (int rho = 0; rho < r_d; ++rho) l += bb_.q_d[size_t(row) * r_d + rho] * bb_.dyA[size_t(row) * r_d + rho];
+    s += lora_->s_d * l;
+  }
+  if (L_.bias_d) {  // the expert's output includes its down bias: <dy_t, b_down[e]>, in h order
+    const float* b = L_.bias_d + size_t(row_expert(plan_, row)) * ly_.Hp_;
+    float d = 0.f;
+    for (int h = 0; h < ly_.H_; ++h) d += load_as_f32(dy_, size_t(t) * ly_.H_ + h, f_.act_dtype) * b[h];
+    s += d;
+  }
+  return s;
+}
+
+// dx[t] = the sum of token t's k rows (slot order); dw[t][j] = slot_dw, tokens in chunks on the pool.
 void BackwardPass::sum(void* dx, float* dw) {
   sum_rows(pool_, plan_, bb_.dx_rows, dx, ly_.H_, ly_.Hp_, f_.act_dtype, ly_.row_out_bytes() == 2);
-  const int ipb = ly_.Ip_ / kBlock, r_d = rd();
-  for (size_t i = 0; i < size_t(plan_.T) * plan_.k; ++i) {
-    if (plan_.row_of[i] < 0) {  // slot computed elsewhere: no gradient from here
-      dw[i] = 0.f;
-      continue;
-    }
-    const size_t row = size_t(plan_.row_of[i]);
-    const float* part = bb_.dw_part + row * ipb;
-    float s = 0.f;
-    for (int b = 0; b < ipb; ++b) s += part[b];
-    if (r_d > 0) {  // <dy, s_d * q.A_d> = s_d * q . (dy.A_d^T)
-      float l = 0.f;
-      for (int rho = 0; rho < r_d; ++rho) l += bb_.q_d[row * r_d + rho] * bb_.dyA[row * r_d + rho];
-      s += lora_->s_d * l;
-    }
-    dw[i] = s;
-  }
+  const int T = plan_.T, k = plan_.k, chunks = (T + kTokenChunk - 1) / kTokenChunk;
+  pool_.run(chunks, [&](int c, int) {
+    for (int t = c * kTokenChunk; t < std::min(T, (c + 1) * kTokenChunk); ++t)
+      for (int j = 0; j < k; ++j) dw[size_t(t) * k + j] = slot_dw(t, j);
+  });
   clock_.mark("backward: sum rows + dw");
 }
 
@@ -201,7 +213,7 @@ void MoELayer::backward(uint64_t handle, int T, int k, const void* dy, void* dx,
   check_backward_args(slot, T, k, lora, grads);
   slot.handle = 0;  // consumed; buffers stay for the next forward
   if (slot.plan.T == 0) {
-    if (lora && lora->on()) zero_lora_grads(*lora, *grads, E_, H_, I_);
+    if (lora && lora->on()) zero_lora_grads(*lora, *grads, E_, H_, I_, act_.gated);
     return;
   }
   BackwardPass pass(*this, eng, slot, dy, lora, grads);

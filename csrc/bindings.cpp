@@ -119,6 +119,7 @@ py::dict layout_dict(const MoELayer& layer) {
     d["scale_block"] = py::make_tuple(l.scale_block_n, l.scale_block_k);
     d["scale_grid"] = py::make_tuple(l.scale_rows, l.scale_cols);  // one expert's scales, stored by column
     d["channel_scales"] = l.channel;  // also [Np] derived channel scales per expert (INT4 GEMMs; engine-only)
+    d["stored"] = l.stored;  // false: the layer has no such projection (an ungated layer's gate), nothing stored
     out[proj_name(Proj(p))] = d;
   }
   return out;
@@ -261,18 +262,22 @@ void bind_compute(PyLayer& c) {
 void bind_layer(py::module_& m) {
   py::enum_<WeightFormat> formats(m, "WeightFormat", py::module_local());
   for (const FormatInfo& f : kFormats) formats.value(f.name, f.format);
+  py::enum_<Activation> activations(m, "Activation", py::module_local());
+  for (const ActivationInfo& a : kActivations) activations.value(a.name, a.activation);
   PyLayer c(m, "MoELayer", py::module_local());
   c.def(py::init([](int E, int H, int I, WeightFormat format, std::optional<std::pair<int, int>> scale_block,
-                    const std::string& activation, int max_saved) {
-         if (activation != "silu")
-           throw std::invalid_argument("activation '" + activation + "' is not implemented (expected 'silu')");
+                    Activation activation, std::optional<double> limit, bool bias, int max_saved) {
          const FormatInfo& row = format_info(format);
          const std::pair<int, int> block = scale_block.value_or(std::make_pair(row.scale_block_n, row.scale_block_k));
-         return new MoELayer(E, H, I, format, block.first, block.second, kSiluGLU, max_saved);
+         return new MoELayer(E, H, I, format, block.first, block.second, activation, float(limit.value_or(-1.0)),
+                             bias, max_saved);
        }),
        py::arg("experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("format"),
-       py::arg("scale_block") = py::none(), py::arg("activation") = "silu", py::arg("max_saved") = 4,
-       "scale_block: (rows, columns) of weights per scale, 0 = the whole dimension (None: the format's own)")
+       py::arg("scale_block") = py::none(), py::arg("activation") = Activation::kSiluGLU,
+       py::arg("limit") = py::none(), py::arg("bias") = false, py::arg("max_saved") = 4,
+       "scale_block: (rows, columns) of weights per scale, 0 = the whole dimension (None: the format's own); "
+       "activation: an Activation (csrc/activations.h), limit: its clamp limit where the row takes one; bias: "
+       "gate_up and down biases (set_bias)")
       .def("set_weights", &set_weights, py::arg("which"), py::arg("expert_begin"), py::arg("n_experts"),
            py::arg("src"), py::arg("src_dtype"), py::arg("strides"), py::arg("scales") = 0,
            py::arg("scale_dtype") = "float32", py::arg("scale_strides") = std::vector<int64_t>{},
@@ -282,6 +287,19 @@ void bind_layer(py::module_& m) {
            "with scales [n][ceil(rows/bn)][ceil(cols/bk)] of scale_block (bn, bk), decoded by the engine; element "
            "strides (expert, row, col) for both. keep_codes: codes and scales kept as they are (fp8 / int4 formats, "
            "on the layer's grid)")
+      .def("set_bias", [](MoELayer& self, int which, int e0, int n, uintptr_t src, int64_t ld) {
+             self.set_bias(which, e0, n, ptr<const float>(src), ld);
+           }, py::arg("which"), py::arg("expert_begin"), py::arg("n_experts"), py::arg("src"), py::arg("ld"),
+           "src: fp32 [n][len] (len: I for gate / up, H for down) with row stride ld elements")
+      .def_property_readonly("activation", [](const MoELayer& l) { return l.activation().activation; })
+      .def_property_readonly("limit", [](const MoELayer& l) { return l.activation().limit; })
+      .def_property_readonly("has_bias", &MoELayer::has_bias)
+      .def("bias_storage", [](const MoELayer& l, bool down) {
+             auto s = l.bias_storage(down);
+             return std::make_pair(reinterpret_cast<uintptr_t>(s.first), s.second);
+           }, py::arg("down"),
+           "(address, bytes) of the fp32 biases: gate_up [E][gate_up columns: gate Ip | up Ip, ungated: up Ip] or "
+           "down [E][Hp] ((0, 0) without biases)")
       .def("missing_weights", &MoELayer::missing_weights)
       // (address, bytes) of a projection's packed panels / int8 scales ((0, 0) without): read-only storage that
       // lives as long as the layer; kt_sft/engine/gpu_share.py wraps it without a copy.

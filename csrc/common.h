@@ -57,6 +57,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "activations.h"
+
 namespace kt_sft {
 
 constexpr int kPanel = 16;     // output columns per panel
@@ -76,7 +78,6 @@ enum class WeightFormat : int {
   kInt4Gemm = 6,  // the same int4 panels + derived channel scales, GEMMs in int8 (INT4 GEMMs)
 };
 constexpr int kNumFormats = 7;
-enum Activation : int { kSiluGLU = 0 };
 
 // The three projections of an expert: gate and up are [I][H], down is [H][I] (out x reduce).
 enum class Proj : int { kGate = 0, kUp = 1, kDown = 2 };

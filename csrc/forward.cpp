@@ -65,8 +65,8 @@ void ForwardPass::gather() {
   fb_.xg = gather_rows_too ? eng_.xg.reserve(rows * L_.ldx * es) : nullptr;
   fb_.act = eng_.act.reserve(rows * L_.ld_dgu * es);  // the backward's dgu reuses this buffer
   fb_.out_rows = static_cast<float*>(eng_.rows_out.reserve(rows * ly_.Hp_ * ly_.row_out_bytes()));
-  if (slot_) {
-    fb_.gate_out = slot_->gate.reserve(rows * ly_.Ip_ * es);
+  if (slot_) {  // an ungated layer has no gate to save
+    fb_.gate_out = ly_.act_.gated ? slot_->gate.reserve(rows * ly_.Ip_ * es) : nullptr;
     fb_.up_out = slot_->up.reserve(rows * ly_.Ip_ * es);
   }
   if (gather_rows_too) gather_rows(pool_, *plan_, x_, const_cast<void*>(fb_.xg), ly_.H_, ly_.Hp_, L_.ldx, es);
@@ -77,7 +77,7 @@ void ForwardPass::gather() {
 void ForwardPass::lora_prepare() {
   if (!lora_) return;
   const size_t es = size_t(dtype_size(f_.act_dtype)), rows = size_t(plan_->rows);
-  lv_ = repack_lora(pool_, eng_.lora, *lora_, ly_.E_, ly_.H_, ly_.I_, ly_.Hp_, ly_.Ip_);
+  lv_ = repack_lora(pool_, eng_.lora, *lora_, ly_.E_, ly_.H_, ly_.I_, ly_.Hp_, ly_.Ip_, ly_.act_.gated);
   fb_.lora = &lv_;
   const size_t ub = std::max<size_t>(1, rows * lora_->r_gu * sizeof(float));
   const size_t qb = std::max<size_t>(1, rows * lora_->r_d * sizeof(float));
@@ -92,7 +92,8 @@ void ForwardPass::lora_prepare() {
   clock_.mark("forward: LoRA x.B_gu");
 }
 
-// act = silu(x.W_gate^T) * (x.W_up^T) (with LoRA's terms), and the pre-activations when saved.
+// act = act(x.W_gate^T + b_gate) * (x.W_up^T + b_up) (with LoRA's terms; activations.h), and the pre-activations
+// when saved. (The phase names keep "SiLU-GLU" for every activation: benchmark records compare them.)
 void ForwardPass::gate_up_phase() {
   const std::vector<Task> tasks = make_tasks(*plan_, ly_.Ip_ / kBlock, f_.fwd_row_chunk, f_.gate_up_blocks);
   const QuantSource qx{x_, ly_.H_, ly_.H_, ScaleFold::kNone, plan_->row_token.data()};

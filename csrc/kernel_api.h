@@ -28,7 +28,11 @@ struct WeightView {
 
 struct LayerView {
   int E, H, I, Hp, Ip;
-  WeightView w[kNumProj];  // indexed by Proj: gate, up [Ip][Hp]; down [Hp][Ip] (panels, common.h)
+  WeightView w[kNumProj];  // indexed by Proj: gate, up [Ip][Hp]; down [Hp][Ip] (panels, common.h); an ungated
+                           // layer has no gate panels (activations.h)
+  ActivationInfo act;      // the layer's activation row (activations.h), with its limit
+  const float* bias_gu;    // [E][gate_up_count * Ip] gate_up biases in the gate_up columns (zero padded), or null
+  const float* bias_d;     // [E][Hp] down biases, or null
   size_t expert_elems;     // Ip*Hp: elements of one expert's gate (= up = down) panels
   int kchunk;              // K chunk of the task GEMMs (0: each task chooses; moe_tasks.inc, plan_k)
   // Row strides (elements) of the gathered GEMM inputs: xg and dyg (K = Hp), act (Ip), dgu (2*Ip). See
@@ -36,18 +40,24 @@ struct LayerView {
   int ldx, ld_act, ld_dgu;
 };
 
+// The gate_up columns of a layer (activations.h): gated [gate | up] of Ip each, ungated [up]: how many projections,
+// the first, and where up starts.
+static inline int gate_up_count(const LayerView& L) { return L.act.gated ? 2 : 1; }
+static inline Proj gate_up_first(const LayerView& L) { return L.act.gated ? Proj::kGate : Proj::kUp; }
+static inline int up_column(const LayerView& L) { return L.act.gated ? L.Ip : 0; }
+
 // Rows [row0, row0+rows) of the expert's segment x column blocks [block, block+nblk). Tasks of several blocks
 // walk each 32-row block of A across all of them, so A comes from L2 once per nblk GEMMs instead of once each.
 constexpr int kMaxTaskBlocks = 8;  // int8-GEMM layers take up to 8 (their A rows are half the bytes)
 struct Task { int expert, block, row0, rows, nblk = 1; };
 
 // Per-expert LoRA factors for one call, repacked by the driver (see the LoRA note in common.h). Row rho of
-// At_gu[e] is A_gu,e[rho] with gate columns at [0, I) and up columns at [Ip, Ip+I); Bt_*[e][rho] is column
-// rho of B_*,e (the input-side factor) laid along the reduction dimension. Padding is zero.
+// At_gu[e] is A_gu,e[rho] in the gate_up columns (gate at [0, I), up at [Ip, Ip+I); ungated: up at [0, I));
+// Bt_*[e][rho] is column rho of B_*,e (the input-side factor) laid along the reduction dimension. Padding is zero.
 struct LoraView {
   int r_gu, r_d;
   float s_gu, s_d;
-  const float* At_gu;  // [E][r_gu][2*Ip]
+  const float* At_gu;  // [E][r_gu][gate_up_count * Ip]
   const float* Bt_gu;  // [E][r_gu][Hp]
   const float* At_d;   // [E][r_d][Hp]
   const float* Bt_d;   // [E][r_d][Ip]
@@ -95,8 +105,8 @@ struct ForwardBuffers {
   const int* seg_start;      // [E] first row of each expert's segment in the gathered buffers
   const float* row_weight;   // [rows] routing weight of each gathered row
   const void* xg;            // [rows][ldx] gathered input (activation dtype), K = Hp
-  void* act;                 // [rows][ld_act] silu(gate)*up (activation dtype), input of the down GEMM
-  void* gate_out;            // [rows][Ip] saved gate pre-activation or null
+  void* act;                 // [rows][ld_act] h = act(gate) * up (activation dtype), input of the down GEMM
+  void* gate_out;            // [rows][Ip] saved gate pre-activation or null (not saved, or ungated)
   void* up_out;              // [rows][Ip] saved up pre-activation or null
   float* out_rows;           // [rows][Hp] routing-weighted expert outputs (f32; bf16 with int8 GEMMs)
   const LoraView* lora;      // null: frozen experts only
@@ -110,10 +120,10 @@ struct BackwardBuffers {
   const int* seg_start;
   const float* row_weight;
   const void* dyg;           // [rows][ldx] gathered output gradient, unweighted
-  const void* gate_in;       // [rows][Ip] saved gate pre-activation
+  const void* gate_in;       // [rows][Ip] saved gate pre-activation (null: ungated)
   const void* up_in;         // [rows][Ip] saved up pre-activation
   float* dw_part;            // [rows][Ip/32] partial <dy, expert_out> per output block
-  void* dgu;                 // [rows][ld_dgu] (d gate | d up), 2*Ip used
+  void* dgu;                 // [rows][ld_dgu] (d gate | d up), the gate_up columns (gate_up_count * Ip) used
   float* dx_rows;            // [rows][Hp] input gradient per gathered row (f32; bf16 with int8 GEMMs)
   // LoRA only (lora == null otherwise):
   const LoraView* lora;
@@ -129,7 +139,7 @@ struct BackwardBuffers {
                              // when fuse_grads (bwd_act then uses it in place)
   bool fuse_grads;           // bwd_act also writes dA_gu and dB_d of its expert x column blocks: set when each
                              // bwd_act task holds all rows of its expert and K is not chunked
-  float* gA_gu;              // [r_gu*E][2I]  PEFT layouts, every element written
+  float* gA_gu;              // [r_gu*E][2I] (ungated: [I])  PEFT layouts, every element written
   float* gB_gu;              // [H][r_gu*E]
   float* gA_d;               // [r_d*E][H]
   float* gB_d;               // [I][r_d*E]

@@ -41,8 +41,8 @@ const float* pad_a_gate_up(ThreadPool& pool, Buffer& buf, const float* A, int E,
   return at;
 }
 
-// At_d [E][r][Hp]: rows of H columns, zero padded.
-const float* pad_a_down(ThreadPool& pool, Buffer& buf, const float* A, int E, int r, int H, int Hp) {
+// At_d [E][r][Hp]: rows of H columns, zero padded (an ungated layer's At_gu: rows of I columns, to Ip).
+const float* pad_a_rows(ThreadPool& pool, Buffer& buf, const float* A, int E, int r, int H, int Hp) {
   if (H == Hp) return A;
   const size_t f = sizeof(float), rd = size_t(r);
   float* at = static_cast<float*>(buf.reserve(size_t(E) * rd * Hp * f));
@@ -77,27 +77,28 @@ void check_lora_grads(const LoraArgs& a, const LoraGrads* g) {
 }
 
 LoraView repack_lora(ThreadPool& pool, LoraRepackBuffers& buf, const LoraArgs& a, int E, int H, int I, int Hp,
-                     int Ip) {
+                     int Ip, bool gated) {
   LoraView v{};
   v.r_gu = a.r_gu;
   v.r_d = a.r_d;
   v.s_gu = a.s_gu;
   v.s_d = a.s_d;
   if (a.r_gu > 0) {
-    v.At_gu = pad_a_gate_up(pool, buf.at_gu, a.A_gu, E, a.r_gu, I, Ip);
+    v.At_gu = gated ? pad_a_gate_up(pool, buf.at_gu, a.A_gu, E, a.r_gu, I, Ip)
+                    : pad_a_rows(pool, buf.at_gu, a.A_gu, E, a.r_gu, I, Ip);
     v.Bt_gu = transpose_b(pool, buf.bt_gu, a.B_gu, E, a.r_gu, H, Hp);
   }
   if (a.r_d > 0) {
-    v.At_d = pad_a_down(pool, buf.at_d, a.A_d, E, a.r_d, H, Hp);
+    v.At_d = pad_a_rows(pool, buf.at_d, a.A_d, E, a.r_d, H, Hp);
     v.Bt_d = transpose_b(pool, buf.bt_d, a.B_d, E, a.r_d, I, Ip);
   }
   return v;
 }
 
-void zero_lora_grads(const LoraArgs& a, const LoraGrads& g, int E, int H, int I) {
+void zero_lora_grads(const LoraArgs& a, const LoraGrads& g, int E, int H, int I, bool gated) {
   const size_t f = sizeof(float);
   if (a.r_gu > 0) {
-    std::memset(g.A_gu, 0, size_t(a.r_gu) * E * 2 * I * f);
+    std::memset(g.A_gu, 0, size_t(a.r_gu) * E * (gated ? 2 : 1) * I * f);
     std::memset(g.B_gu, 0, size_t(a.r_gu) * E * H * f);
   }
   if (a.r_d > 0) {

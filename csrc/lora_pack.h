@@ -1,6 +1,7 @@
 // NOTE (kt-sft engine, expert LoRA arguments and their per-call repack)
 // Layout:    LoraArgs: the caller's factors in PEFT's flat layouts, fp32, contiguous:
-//              A_gu [r_gu*E][2I], B_gu [H][r_gu*E], A_d [r_d*E][H], B_d [I][r_d*E];  s_* = lora_alpha / r
+//              A_gu [r_gu*E][2I] (ungated: [I], activations.h), B_gu [H][r_gu*E], A_d [r_d*E][H], B_d [I][r_d*E];
+//              s_* = lora_alpha / r
 //            (r = 0: that projection has no LoRA); LoraGrads: their gradients, same layouts. repack_lora turns
 //            them into LoraView (kernel_api.h): per-expert, zero-padded, row-major.
 // Algorithm: the A factors are already [E][r][...] rows: used in place when no padding is needed (I and H
@@ -43,8 +44,10 @@ struct LoraRepackBuffers {
 void check_lora_args(const LoraArgs& a);
 // Throws unless every factor with rank > 0 has a gradient buffer.
 void check_lora_grads(const LoraArgs& a, const LoraGrads* g);
-LoraView repack_lora(ThreadPool& pool, LoraRepackBuffers& buf, const LoraArgs& a, int E, int H, int I, int Hp, int Ip);
+// gated: A_gu holds gate and up columns (else up's alone).
+LoraView repack_lora(ThreadPool& pool, LoraRepackBuffers& buf, const LoraArgs& a, int E, int H, int I, int Hp, int Ip,
+                     bool gated);
 // All four gradients zero (a backward without routed rows).
-void zero_lora_grads(const LoraArgs& a, const LoraGrads& g, int E, int H, int I);
+void zero_lora_grads(const LoraArgs& a, const LoraGrads& g, int E, int H, int I, bool gated);
 
 }  // namespace kt_sft

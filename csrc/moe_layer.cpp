@@ -3,6 +3,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <mutex>
 #include <stdexcept>
 
@@ -12,11 +14,10 @@ namespace kt_sft {
 namespace {
 
 // The constructor's arguments, checked before anything is allocated; returns experts.
-int checked_experts(int experts, int hidden, int intermediate, WeightFormat format, int activation, int max_saved) {
+int checked_experts(int experts, int hidden, int intermediate, WeightFormat format, int max_saved) {
   if (experts < 1 || hidden < 1 || intermediate < 1)
     throw std::invalid_argument("experts, hidden and intermediate must be >= 1");
   format_info(format);  // throws for a value outside WeightFormat
-  if (activation != kSiluGLU) throw std::invalid_argument("only the SiLU-gated (silu_glu) expert is implemented");
   if (max_saved < 1) throw std::invalid_argument("max_saved must be >= 1");
   return experts;
 }
@@ -29,12 +30,21 @@ Proj checked_proj(int which) {
 }  // namespace
 
 MoELayer::MoELayer(int experts, int hidden, int intermediate, WeightFormat format, int scale_block_n,
-                   int scale_block_k, int activation, int max_saved)
-    : E_(checked_experts(experts, hidden, intermediate, format, activation, max_saved)), H_(hidden), I_(intermediate),
-      Hp_(round_up(hidden, kBlock)), Ip_(round_up(intermediate, kBlock)), activation_(activation),
-      fmt_(format_with_scale_block(format, scale_block_n, scale_block_k)), nodes_(layer_nodes(experts)),
-      weights_(experts, hidden, intermediate, fmt_, nodes_) {
+                   int scale_block_k, Activation activation, float limit, bool bias, int max_saved)
+    : E_(checked_experts(experts, hidden, intermediate, format, max_saved)), H_(hidden), I_(intermediate),
+      Hp_(round_up(hidden, kBlock)), Ip_(round_up(intermediate, kBlock)),
+      fmt_(format_with_scale_block(format, scale_block_n, scale_block_k)),
+      act_(activation_with_limit(activation, limit)), nodes_(layer_nodes(experts)),
+      weights_(experts, hidden, intermediate, fmt_, nodes_, act_.gated) {
   loaded_.assign(kNumProj * size_t(E_), 0);
+  if (!act_.gated)
+    for (int e = 0; e < E_; ++e) loaded_[e] = 1;  // no gate projection to load
+  if (bias) {
+    const size_t gu = size_t(E_) * (act_.gated ? 2 : 1) * Ip_, d = size_t(E_) * Hp_;
+    std::memset(bias_gu_.reserve(gu * sizeof(float)), 0, gu * sizeof(float));  // the padding stays zero
+    std::memset(bias_d_.reserve(d * sizeof(float)), 0, d * sizeof(float));
+    bias_loaded_.assign(loaded_.begin(), loaded_.end());
+  }
   slots_.resize(size_t(max_saved));
 }
 
@@ -47,6 +57,9 @@ LayerView MoELayer::view(int kchunk) const {
   L.Ip = Ip_;
   for (int p = 0; p < kNumProj; ++p) L.w[p] = weights_.view(Proj(p));
   L.expert_elems = weights_.expert_elems();
+  L.act = act_;
+  L.bias_gu = static_cast<const float*>(bias_gu_.get());
+  L.bias_d = static_cast<const float*>(bias_d_.get());
   L.kchunk = kchunk;
   L.ldx = padded_row_stride(Hp_);
   L.ld_act = padded_row_stride(Ip_);
@@ -54,11 +67,19 @@ LayerView MoELayer::view(int kchunk) const {
   return L;
 }
 
-void MoELayer::set_weights(int which, int e0, int n, const WeightSource& src, bool keep_codes) {
+// Experts [e0, e0 + n) inside the layer and projection `which` one it has; throws naming the problem.
+static Proj checked_range(int which, int e0, int n, int E, const ActivationInfo& act) {
   const Proj p = checked_proj(which);
-  if (e0 < 0 || n < 1 || e0 + n > E_)
+  if (e0 < 0 || n < 1 || e0 + n > E)
     throw std::invalid_argument("experts [" + std::to_string(e0) + ", " + std::to_string(e0 + n) +
-                                ") outside [0, " + std::to_string(E_) + ")");
+                                ") outside [0, " + std::to_string(E) + ")");
+  if (p == Proj::kGate && !act.gated)
+    throw std::invalid_argument(std::string("the ") + act.name + " experts have no gate projection (ungated)");
+  return p;
+}
+
+void MoELayer::set_weights(int which, int e0, int n, const WeightSource& src, bool keep_codes) {
+  const Proj p = checked_range(which, e0, n, E_, act_);
   if (segment_ && !segment_->writable())
     throw std::logic_error(std::string("set_weights: this layer's experts were packed by another process (") +
                            segment_->path() + ", mapped read-only)");
@@ -90,11 +111,36 @@ void MoELayer::use_storage(std::shared_ptr<SharedSegment> segment, size_t offset
   if (packed) std::fill(loaded_.begin(), loaded_.end(), uint8_t(1));
 }
 
+void MoELayer::set_bias(int which, int e0, int n, const float* src, int64_t ld) {
+  const Proj p = checked_range(which, e0, n, E_, act_);
+  if (!has_bias()) throw std::invalid_argument("this layer was made without expert biases (bias=False)");
+  const int len = p == Proj::kDown ? H_ : I_;
+  for (int i = 0; i < n; ++i)
+    for (int c = 0; c < len; ++c)
+      if (!std::isfinite(src[i * ld + c]))
+        throw std::invalid_argument(std::string("non-finite value (NaN/Inf) in the ") + proj_name(p) +
+                                    " bias of expert " + std::to_string(e0 + i));
+  Engine& eng = engine();
+  std::lock_guard<std::mutex> lock(eng.mu);  // a call may be reading them
+  const size_t gu = size_t(act_.gated ? 2 : 1) * Ip_;
+  for (int i = 0; i < n; ++i) {
+    float* dst = p == Proj::kDown ? static_cast<float*>(bias_d_.get()) + size_t(e0 + i) * Hp_
+                                  : static_cast<float*>(bias_gu_.get()) + size_t(e0 + i) * gu +
+                                        (p == Proj::kUp && act_.gated ? Ip_ : 0);
+    std::memcpy(dst, src + i * ld, size_t(len) * sizeof(float));
+    bias_loaded_[size_t(which) * E_ + e0 + i] = 1;
+  }
+}
+
 std::vector<std::string> MoELayer::missing_weights() const {
   std::vector<std::string> out;
   for (int w = 0; w < kNumProj; ++w)
     for (int e = 0; e < E_; ++e)
       if (!loaded_[size_t(w) * E_ + e]) out.push_back("expert " + std::to_string(e) + " " + proj_name(Proj(w)));
+  for (int w = 0; w < kNumProj && has_bias(); ++w)
+    for (int e = 0; e < E_; ++e)
+      if (!bias_loaded_[size_t(w) * E_ + e])
+        out.push_back("expert " + std::to_string(e) + " " + proj_name(Proj(w)) + " bias");
   return out;
 }
 

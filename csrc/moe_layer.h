@@ -48,15 +48,20 @@ struct SavedSlot {
 class MoELayer {
  public:
   // format: how the experts are stored and multiplied (common.h, WeightFormat; formats.h), with a scale grid of
-  // scale_block_n x scale_block_k weights (formats.h, format_with_scale_block).
+  // scale_block_n x scale_block_k weights (formats.h, format_with_scale_block). activation: what they compute between
+  // the projections (activations.h), limit < 0: the row's own clamp (activation_with_limit). bias: the experts
+  // have gate_up and down biases (set_bias), which forward adds before the activation and the routing weight.
   MoELayer(int experts, int hidden, int intermediate, WeightFormat format, int scale_block_n, int scale_block_k,
-           int activation, int max_saved);
+           Activation activation, float limit, bool bias, int max_saved);
 
   // Packs projection `which` (0 gate [I][H], 1 up [I][H], 2 down [H][I]) of experts [e0, e0+n) from src (packing.h,
   // WeightSource: floats, or a checkpoint's e4m3 / int4 codes with their scales, decoded by the engine), converted
   // or quantized into the layer's format; keep_codes keeps encoded codes and scales as they are (fp8 from e4m3, int4
   // formats from int4, on the layer's grid). Throws on NaN/Inf, or a source the layer cannot take.
   void set_weights(int which, int e0, int n, const WeightSource& src, bool keep_codes);
+  // The biases of projection `which` (0 gate [I], 1 up [I], 2 down [H]) of experts [e0, e0+n) from fp32 src
+  // [n][len] with row stride ld (elements). Throws for a layer without biases, an ungated layer's gate, NaN/Inf.
+  void set_bias(int which, int e0, int n, const float* src, int64_t ld);
   // y[T][H] = sum_j w[t][j] * expert_{ids[t][j]}(x[t]) over slots with ids != kNotHere; returns a handle for
   // backward when save is set.
   // lora: optional per-expert LoRA on gate_up / down (null or all ranks 0 = frozen experts only).
@@ -89,8 +94,15 @@ class MoELayer {
   int padded_hidden() const { return Hp_; }
   int padded_intermediate() const { return Ip_; }
   WeightFormat format() const { return fmt_.format; }
+  const ActivationInfo& activation() const { return act_; }
+  bool has_bias() const { return !bias_loaded_.empty(); }
+  // The biases as stored (fp32, zero padded; (null, 0) without): gate_up [E][gate_up columns], down [E][Hp].
+  std::pair<const void*, size_t> bias_storage(bool down) const {
+    const Buffer& b = down ? bias_d_ : bias_gu_;
+    return {b.get(), has_bias() ? size_t(E_) * (down ? Hp_ : (act_.gated ? 2 : 1) * Ip_) * sizeof(float) : 0};
+  }
   const ExpertNodes& expert_nodes() const { return nodes_; }
-  std::vector<std::string> missing_weights() const;  // "expert 3 down", ...
+  std::vector<std::string> missing_weights() const;  // "expert 3 down", "expert 0 up bias", ...
   // Bytes of this layer's packed experts as one range of whole pages (use_storage's piece of a segment).
   size_t storage_bytes() const { return weights_.storage_bytes(); }
   // Holds the packed experts in `segment` from `offset` (page-aligned; storage_bytes long) instead of private
@@ -109,12 +121,15 @@ class MoELayer {
   // Bytes per element of the per-row outputs (out_rows, dx_rows): bf16 with int8 GEMMs (common.h), else f32.
   size_t row_out_bytes() const { return fmt_.quantized_gemm ? 2 : sizeof(float); }
 
-  int E_, H_, I_, Hp_, Ip_, activation_;
+  int E_, H_, I_, Hp_, Ip_;
   FormatInfo fmt_;  // the format's row with this layer's scale grid
+  ActivationInfo act_;  // the activation's row with this layer's limit
   ExpertNodes nodes_;  // where the experts live and run (the engine's layout when the layer was made)
   PackedWeights weights_;
   std::shared_ptr<SharedSegment> segment_;  // where weights_ lives when shared (kept mapped while the layer lives)
   std::vector<uint8_t> loaded_;  // [3][E]
+  Buffer bias_gu_, bias_d_;           // [E][gate_up columns], [E][Hp] fp32, zero padded (bias layers only)
+  std::vector<uint8_t> bias_loaded_;  // [3][E]; empty: no biases
   std::vector<SavedSlot> slots_;
   uint64_t next_handle_ = 1;
 };

@@ -371,16 +371,21 @@ bool set_grid_row(const ProjectionLayout& l, float qmax, const int32_t* amax, in
 }  // namespace
 
 PackedWeights::PackedWeights(int experts, int hidden, int intermediate, const FormatInfo& format,
-                             const ExpertNodes& nodes)
+                             const ExpertNodes& nodes, bool gated)
     : E_(experts), format_(format.format) {
-  for (int p = 0; p < kNumProj; ++p) layout_[p] = make_layout(Proj(p), hidden, intermediate, format);
+  for (int p = 0; p < kNumProj; ++p) {
+    layout_[p] = make_layout(Proj(p), hidden, intermediate, format);
+    layout_[p].stored = gated || Proj(p) != Proj::kGate;
+  }
   for (int i = 0; i < kPieces; ++i)
     if (piece_bytes(i)) piece(i).reserve(piece_bytes(i));
-  for (int p = 0; p < kNumProj; ++p) panels_[p].place(layout_[p].expert_bytes, nodes);
+  for (int p = 0; p < kNumProj; ++p)
+    if (layout_[p].stored) panels_[p].place(layout_[p].expert_bytes, nodes);
 }
 
 size_t PackedWeights::piece_bytes(int i) const {
   const ProjectionLayout& l = layout_[i / 3];
+  if (!l.stored) return 0;
   switch (i % 3) {
     case 0: return size_t(E_) * l.expert_bytes;
     case 1: return l.scales == ScaleKind::kNone ? 0 : size_t(E_) * l.scale_rows * l.scale_cols * sizeof(float);
@@ -404,7 +409,8 @@ void PackedWeights::use_storage(char* base, const ExpertNodes& nodes, bool place
     base += (bytes + page - 1) / page * page;
   }
   if (place)
-    for (int p = 0; p < kNumProj; ++p) panels_[p].place(layout_[p].expert_bytes, nodes);
+    for (int p = 0; p < kNumProj; ++p)
+      if (layout_[p].stored) panels_[p].place(layout_[p].expert_bytes, nodes);
 }
 
 void PackedWeights::derive_channel_scales(ThreadPool& pool, Proj p, int e0, int n) {
@@ -561,12 +567,13 @@ WeightView PackedWeights::view(Proj p) const {
 }
 
 std::pair<const void*, size_t> PackedWeights::panel_storage(Proj p) const {
+  if (!layout_[int(p)].stored) return {nullptr, 0};
   return {panels_[int(p)].get(), size_t(E_) * layout_[int(p)].expert_bytes};
 }
 
 std::pair<const void*, size_t> PackedWeights::scale_storage(Proj p) const {
   const ProjectionLayout& l = layout_[int(p)];
-  if (l.scales == ScaleKind::kNone) return {nullptr, 0};
+  if (l.scales == ScaleKind::kNone || !l.stored) return {nullptr, 0};
   return {scales_[int(p)].get(), size_t(E_) * l.scale_rows * l.scale_cols * sizeof(float)};
 }
 

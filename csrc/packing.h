@@ -57,6 +57,7 @@ struct ProjectionLayout {
   int scale_rows;       // one expert's scale grid: ceil(Np / block_n) x ceil(Kp / block_k), stored by column
   int scale_cols;       // (common.h: scale (n, k) at [(k / block_k) * scale_rows + n / block_n])
   bool channel;         // kBlock formats: also [Np] channel scales per expert derived from the grid (INT4 GEMMs)
+  bool stored;          // false: the layer has no such projection (an ungated layer's gate, activations.h), no bytes
 };
 
 // Where one projection's weights come from (experts e0.., element strides): plain floats, or a checkpoint's encoded
@@ -79,8 +80,9 @@ struct WeightSource {
 
 class PackedWeights {
  public:
-  // nodes: where each expert's panels are placed (expert_nodes, numa.h).
-  PackedWeights(int experts, int hidden, int intermediate, const FormatInfo& format, const ExpertNodes& nodes);
+  // nodes: where each expert's panels are placed (expert_nodes, numa.h); gated false: no gate projection is stored.
+  PackedWeights(int experts, int hidden, int intermediate, const FormatInfo& format, const ExpertNodes& nodes,
+                bool gated);
   const ProjectionLayout& layout(Proj p) const { return layout_[int(p)]; }
   // Packs experts [e0, e0 + n) of projection p from src, on the pool with one decode buffer per worker in
   // `scratch` (grown as needed). keep_codes: an encoded source's codes and scales are kept as they are (fp8 from

@@ -46,6 +46,11 @@ void build_plan(int E, int T, int k, const int64_t* ids, const float* w, Routing
   }
 }
 
+int row_expert(const RoutingPlan& plan, int row) {
+  // the last segment starting at or before row: empty segments before it start at the same row
+  return int(std::upper_bound(plan.seg_start.begin(), plan.seg_start.end(), row) - plan.seg_start.begin()) - 1;
+}
+
 void gather_rows(ThreadPool& pool, const RoutingPlan& plan, const void* src, void* dst, int H, int Hp, int ld,
                  size_t es) {
   const int chunks = (plan.T + kTokenChunk - 1) / kTokenChunk;

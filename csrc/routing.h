@@ -32,6 +32,8 @@ constexpr int kTokenChunk = 32;  // tokens per gather / reduce task
 // plan = the routing of ids/w [T][k] over E experts; throws std::invalid_argument for an id outside [0, E) other
 // than kNotHere.
 void build_plan(int E, int T, int k, const int64_t* ids, const float* w, RoutingPlan& plan);
+// The expert whose segment holds gathered row `row` (a routed row).
+int row_expert(const RoutingPlan& plan, int row);
 // Copies token rows (H elements of es bytes) into their k gathered rows (ld elements apart), zeroing the K padding
 // up to Hp (the stride padding past Hp is never read).
 void gather_rows(ThreadPool& pool, const RoutingPlan& plan, const void* src, void* dst, int H, int Hp, int ld,

@@ -48,9 +48,10 @@ from .checkpoint_formats import (MXFP4_BLOCKS, MXFP4_SCALES, SourceFormat, check
 from .engine.formats import FORMATS, ExpertFormat, FormatLike, for_model_dtype, get_format
 from .load_options import LoadOptions, resolve_options
 from .models.chunked_loss import install_chunked_loss
+from .models import experts_math
 from .models.derive import build_meta, resolve_family
 from .models.experts import ExpertCallPolicy, attach_engine, install_checkpoint_marking, use_engine
-from .models.registry import TESTED, MoEFamily, UnsupportedModelError, get_override
+from .models.registry import TESTED, MoEFamily, UnsupportedModelError, fused_projections, get_override
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +72,11 @@ class LoadPlan:
 
     @property
     def expert_shapes(self) -> dict[int, tuple[int, int, int]]:
-        """(experts, hidden, intermediate) of each MoE layer, from its fused gate_up_proj [E, 2I, H]."""
-        return {idx: (m.gate_up_proj.shape[0], m.gate_up_proj.shape[2], m.gate_up_proj.shape[1] // 2)
-                for idx, m in sorted(self.experts_modules.items())}
+        """(experts, hidden, intermediate) of each MoE layer, from its fused down_proj [E, H, I] (transposed:
+        [E, I, H])."""
+        def dims(down):
+            return (down.shape[0], down.shape[2], down.shape[1]) if self.family.transposed else tuple(down.shape)
+        return {idx: dims(m.down_proj) for idx, m in sorted(self.experts_modules.items())}
 
     def expert_bytes(self, fmt: Optional[FormatLike] = None) -> int:
         """Host bytes of every MoE layer's packed experts in `fmt` (default: the planned format), without
@@ -151,12 +154,13 @@ def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *
             check()
         else:
             host.together(check, "the memory check")
-    layers = {idx: engine.ExpertLayer(E, H, I, plan.format, max_saved=opts.max_saved)
+    activation = experts_math.engine_activation(plan.family.math)
+    layers = {idx: engine.ExpertLayer(E, H, I, plan.format, activation, opts.max_saved, bias=plan.family.bias)
               for idx, (E, H, I) in plan.expert_shapes.items()}
     with distributed.shared_experts(host, [layers[i] for i in sorted(layers)]) as packs:
         _stream_shards(files, layers, router, placer, plan.source, opts.progress, experts=packs)
     _check_experts_loaded(layers, plan, files, router.prefix)
-    policies = {idx: _call_policy(layer, opts) for idx, layer in layers.items()}
+    policies = {idx: _call_policy(layer, opts, plan.family) for idx, layer in layers.items()}
     for idx, layer in sorted(layers.items()):
         attach_engine(plan.experts_modules[idx], layer, policies[idx])
     reserve_launch_cores(plan.threads, any(p.share is not None for p in policies.values()))
@@ -330,10 +334,11 @@ def _threads(family: MoEFamily, opts: LoadOptions) -> int:
 
 def _experts_modules(model: torch.nn.Module, family: MoEFamily) -> dict[int, torch.nn.Module]:
     pattern = family.experts_module_regex()
+    params = [f"{p}_proj" for p in fused_projections(family.gated)]
     found, elsewhere, unfused = {}, [], []
     for name, module in model.named_modules():
         m = pattern.match(name)
-        if not ("gate_up_proj" in module._parameters and "down_proj" in module._parameters):
+        if not all(p in module._parameters for p in params):
             if m:
                 unfused.append(name)
             continue
@@ -346,8 +351,8 @@ def _experts_modules(model: torch.nn.Module, family: MoEFamily) -> dict[int, tor
                          f"(rule {family.source}), whose experts modules are at {', '.join(elsewhere[:2])}"
                          f"{', ...' if len(elsewhere) > 2 else ''}; check experts_module in the rule file")
     if not found and unfused:
-        raise ValueError(f"{unfused[0]} ({type(model).__name__}, rule {family.source}) holds no fused gate_up_proj / "
-                         "down_proj expert parameters: kt-sft runs transformers 5's fused experts modules "
+        raise ValueError(f"{unfused[0]} ({type(model).__name__}, rule {family.source}) holds no fused "
+                         f"{' / '.join(params)} expert parameters: kt-sft runs transformers 5's fused experts modules "
                          "(@use_experts_implementation); check experts_module in the rule file")
     if not found:
         raise ValueError(f"this {type(model).__name__} has no routed-expert (MoE) layers: every layer of its config "
@@ -453,6 +458,7 @@ class _KeyRouter:
     def __init__(self, family: MoEFamily, keys: Iterable[str], renamings=()):
         self.family = family
         self.expert_re, self.fused_re = family.expert_key_regexes(), family.fused_key_regexes()
+        self.bias_re = {f"{p}_bias": r for p, r in family.bias_key_regexes().items()}
         self.renamings = list(renamings)
         self.prefix = self._find_prefix(keys)
 
@@ -461,7 +467,8 @@ class _KeyRouter:
         return key[len(self.prefix):] if self.prefix and key.startswith(self.prefix) else key
 
     def expert(self, key: str) -> Optional[tuple[str, int, Optional[int]]]:
-        """(projection, layer, expert) of a routed-expert key (expert None: a fused tensor of all experts)."""
+        """(projection, layer, expert) of a routed-expert key (expert None: a fused tensor of all experts; projection
+        `<p>_bias`: its biases)."""
         name = self.logical(key)
         route = self._match(name)
         if route is None and self.renamings:
@@ -474,10 +481,10 @@ class _KeyRouter:
             m = regex.match(name)
             if m:
                 return proj, int(m["layer"]), int(m["expert"])
-        for proj, regex in self.fused_re.items():
+        for proj, regex in (*self.fused_re.items(), *self.bias_re.items()):
             m = regex.match(name)
             if m:
-                return proj, int(m["layer"]), None
+                return proj, int(m["layer"]), int(m["expert"]) if "expert" in regex.groupindex else None
         return None
 
     def _find_prefix(self, keys: Iterable[str]) -> str:
@@ -508,13 +515,13 @@ def _check_stored(source: SourceFormat, files: CheckpointFiles, router: "_KeyRou
 
 def _stream_shards(files: CheckpointFiles, layers: dict, router: _KeyRouter, placer: "_Placer",
                    source: SourceFormat, progress: bool, experts: bool = True) -> None:
-    """Every tensor of every shard to its place; `experts` False: the dense tensors only (a rank whose host's
-    experts another rank packs)."""
+    """Every tensor of every shard to its place; `experts` False: the dense tensors and the experts' biases only (a
+    rank whose host's experts another rank packs: the shared store holds the packed weights, each rank its own
+    small fp32 biases)."""
     reader = TensorReader(files)
     for shard, kinds in tqdm(files.sources.items(), desc="kt-sft: loading shards", disable=not progress):
-        kinds = kinds if experts else "dense" if kinds == "all" else kinds
-        if kinds == "experts" and not experts:
-            continue
+        if not experts:
+            kinds = {"all": "dense+biases", "experts": "biases"}.get(kinds, kinds)
         reader.use(shard)
         for key in files.keys[shard]:
             try:
@@ -533,23 +540,35 @@ def _load_key(key: str, kinds: str, reader: TensorReader, router: _KeyRouter, la
     route = router.expert(key)
     if route is not None and route[1] in layers:
         proj, layer, expert = route
-        if kinds == "dense":
+        if kinds == "dense" or (kinds in ("biases", "dense+biases") and not proj.endswith("_bias")):
             return
-        if expert is None and key.endswith(MXFP4_BLOCKS):
-            _load_mxfp4(layers[layer], proj, key, reader, router.family)
+        family = router.family
+        if proj.endswith("_bias"):
+            _load_bias(layers[layer], proj[: -len("_bias")], expert, _read(key, reader, source), family)
+        elif expert is None and key.endswith(MXFP4_BLOCKS):
+            _load_mxfp4(layers[layer], proj, key, reader, family)
         elif expert is None:
-            _load_fused(layers[layer], proj, _fused_rows(reader.get(key), layers[layer], proj, router.family), 0,
-                        router.family)
+            _load_fused(layers[layer], proj, _fused_rows(_read(key, reader, source), layers[layer], proj, family), 0,
+                        family)
         else:
             _load_projection(layers[layer], proj, expert, key, reader, source)
         return
-    if kinds == "experts":
+    if kinds in ("experts", "biases"):
         return
     name = placer.name_of(router.logical(key))
     if name is None:
         placer.unexpected.append(key)  # e.g. DeepSeek-V3's MTP layer; stock transformers skips these too
         return
     placer.place(name, _read(key, reader, source))
+
+
+def _load_bias(layer, proj: str, expert: Optional[int], tensor: torch.Tensor, family: MoEFamily) -> None:
+    """Experts' biases into their layer: fused [E, 2I] gate_up (halves, or interleaved as the math says), [E, H]
+    down, [E, I] up; or one expert's [I] / [H]."""
+    if proj == "gate_up":
+        layer.load_gate_up_bias(tensor, interleaved=family.math.interleaved)
+    else:
+        layer.set_bias(proj, tensor, expert or 0)
 
 
 def _read(key: str, reader: TensorReader, source: SourceFormat) -> torch.Tensor:
@@ -633,9 +652,9 @@ def _check_experts_loaded(layers: dict, plan: LoadPlan, files: CheckpointFiles, 
     for idx, layer in sorted(layers.items()):
         missing = layer.missing_weights()
         if missing:
-            expert, proj = missing[0].split()[1:]
-            key = prefix + plan.family.expected_key(proj, idx, int(expert))
-            suffix = {"int4-group": "_packed", "mxfp4": MXFP4_BLOCKS}.get(plan.source.name)
+            expert, proj, *bias = missing[0].split()[1:]
+            key = prefix + plan.family.expected_key(proj, idx, int(expert), bias=bool(bias))
+            suffix = None if bias else {"int4-group": "_packed", "mxfp4": MXFP4_BLOCKS}.get(plan.source.name)
             stored = [key, key + suffix] if suffix else [key]
             listed = next((files.index[k] for k in stored if k in files.index), None)
             where = f"the index maps it to {listed}, which lacks it" if listed else "no shard contains it"
@@ -650,12 +669,13 @@ def _read_generation_config(model, path: Path) -> None:
         model.generation_config = GenerationConfig.from_pretrained(path)
 
 
-def _call_policy(layer, opts: LoadOptions) -> ExpertCallPolicy:
+def _call_policy(layer, opts: LoadOptions, family: MoEFamily) -> ExpertCallPolicy:
     share = None
     if opts.gpu_experts and opts.device.type == "cuda":
         experts = "auto" if opts.gpu_experts == "auto" else max(1, round(opts.gpu_experts * layer.num_experts))
         share = engine.GpuShare(layer, experts, opts.device)
-    return ExpertCallPolicy(chunk_size=opts.chunk_size, retain=opts.retain_activations, share=share)
+    return ExpertCallPolicy(chunk_size=opts.chunk_size, retain=opts.retain_activations, share=share,
+                            transposed=family.transposed, interleaved=family.math.interleaved)
 
 
 # Cores left to the thread that launches the GPU share's work while the engine computes (forward: the caller's;

@@ -5,8 +5,8 @@ derived from the model itself (kt_sft/models/derive.py), and every other family'
     logits on a left-padded batch, 8 LoRA steps (attention / dense linears + the routed experts through PEFT
     target_parameters), then greedy generation with the trained adapters, all equal to stock (<= 1e-4 relative)
   * the 7 rule files of configs/ equal what kt-sft derives for their families; registry.TESTED is this table
-  * refused families (other experts math, experts at several places, omni models) fail before any weight is read,
-    naming what is missing; the math probe tells every variant of experts_math.VARIANTS apart
+  * refused families (experts at several places, omni models) fail before any weight is read, naming what is
+    missing; the math probe tells every variant of experts_math.VARIANTS apart
   * README.md's family table is `python -m kt_sft families`
 ~1-2 s per family on 2 cores.
 """
@@ -26,7 +26,7 @@ from kt_sft import readme_tables
 from kt_sft.models import catalog, experts_math, registry
 from kt_sft.models.derive import model_class
 from kt_sft.models.expert_lora import get_peft_model
-from kt_sft.models.registry import load_family_file
+from kt_sft.models.registry import fused_projections, load_family_file
 from lora_train import make_batches
 from moe_reference import rel_err
 from tiny_models import (ALL_FAMILIES, CONFIGS, FAMILIES, VL_FAMILIES, VOCAB, derived_family, experts_path,
@@ -61,10 +61,12 @@ def _lora(model, family, wrap):
     experts = experts_path(family)
     torch.manual_seed(5)
     # every linear but the routers (phimoe's router is an nn.Linear subclass returning a tuple, which stock PEFT
-    # cannot wrap; the others read their weight directly, so LoRA there would be bypassed anyway)
+    # cannot wrap; the others read their weight directly, so LoRA there would be bypassed anyway; gemma4's router
+    # projection is router.proj)
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                        exclude_modules=r".*\.(gate|router)$",
-                        target_parameters=[f"{experts}.gate_up_proj", f"{experts}.down_proj"])
+                        exclude_modules=r".*\.(gate|router|router\.proj)$",
+                        target_parameters=[f"{experts}.{p}_proj"
+                                           for p in fused_projections(derived_family(family).gated)])
     return wrap(model, config)
 
 
@@ -93,7 +95,10 @@ def _generate(model):
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_family_matches_stock(family, tiny_checkpoint):
-    path = tiny_checkpoint(family)
+    _matches_stock(family, tiny_checkpoint(family))
+
+
+def _matches_stock(family, path):
     stock, ours = _stock(path), _ours(path)
     assert ours.kt_summary.startswith("kt-sft: ") and not ours.kt_summary.startswith("kt-sft: 0 ")
     ids, mask = _probe_batch()
@@ -111,6 +116,46 @@ def test_family_matches_stock(family, tiny_checkpoint):
     expert_b = [p for n, p in ours.named_parameters() if ".experts." in n and "lora_B" in n]
     assert expert_b and all(p.abs().max() > 0 for p in expert_b), "the expert LoRA must have trained"
     assert torch.equal(_generate(ours), _generate(stock))
+
+
+def test_clamped_swiglu_experts_match_stock(tiny_checkpoint, monkeypatch):
+    """DeepSeek-V4 / GLM-5 style clamped SwiGLU (transformers' DeepseekV4Experts, newer than 5.6: `self.limit =
+    config.swiglu_limit`, gate clamped above, up both ways, then act_fn(gate) * up): qwen3_moe's experts patched so,
+    with a limit that clamps a good part of the tiny model's pre-activations, derive to the engine's silu_glu_clamped
+    with the module's limit and equal stock."""
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as qwen3
+
+    def clamped_gate(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act_fn(gate.clamp(max=self.limit)) * up.clamp(min=-self.limit, max=self.limit)
+
+    monkeypatch.setattr(qwen3.Qwen3MoeExperts, "_apply_gate", clamped_gate)
+    monkeypatch.setattr(qwen3.Qwen3MoeExperts, "limit", 0.5, raising=False)
+    family = derived_family("qwen3_moe")
+    assert (family.activation, family.limit, family.math.label) == ("silu_clamped", 0.5, "clamped silu glu (limit 0.5)")
+    _matches_stock("qwen3_moe", tiny_checkpoint("qwen3_moe"))
+
+
+def test_expert_ids_past_the_experts_add_nothing(tiny_checkpoint):
+    """Router ids >= num_experts (zero / skip experts, expert-parallel sentinels) contribute nothing and get no weight
+    gradient, as in transformers' own batched_mm / grouped_mm experts implementations."""
+    path = tiny_checkpoint("qwen3_moe")
+    stock, ours = _stock(path), _ours(path)
+    stock.config._experts_implementation = "batched_mm"
+    name = "model.layers.1.mlp.experts"
+    ref_mod, our_mod = stock.get_submodule(name), ours.get_submodule(name)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, stock.config.hidden_size, generator=gen)
+    ids = torch.randint(0, ref_mod.num_experts, (7, 2), generator=gen)
+    ids[::2, 1] = ref_mod.num_experts  # every other token's second slot: past the experts
+    out = []
+    for module in (ref_mod, our_mod):
+        w = torch.rand(7, 2, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+        y = module(x, ids, w)
+        y.square().sum().backward()
+        out.append((y.detach(), w.grad))
+    assert rel_err(out[1][0], out[0][0]) <= RTOL and rel_err(out[1][1], out[0][1]) <= RTOL
+    assert not out[1][1][::2, 1].any()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -150,9 +195,6 @@ def test_prefixed_fused_checkpoint_loads_like_stock(tiny_checkpoint, tmp_path):
 # ------------------------------------------------------------------ refused families
 # What each refused family's load says (configs: tiny_models.REFUSED_KWARGS).
 REFUSED = {
-    "gpt_oss": r"experts math 'gpt-oss clamped swiglu .*', expert biases, transposed expert weights .*not supported yet",
-    "nemotron_h": r"experts math 'relu2 ungated' not supported yet",
-    "gemma4_text": r"experts math 'gelu-tanh glu' not supported yet",
     "ernie4_5_vl_moe": r"experts modules at several places \(model.language_model.layers.{layer}.mlp.text_moe.experts, "
                        r".*vision_moe.experts\): not supported yet",
     "qwen3_omni_moe": r"qwen3_omni_moe: omni \(audio / speech\) model .* not supported yet",
@@ -177,19 +219,31 @@ def test_math_probe_tells_every_variant_apart(row):
     module = torch.nn.Module()
     module.has_gate = row.gated
     if row.gated:
-        module._apply_gate = row.fn
+        module._apply_gate = row
     else:
-        module.act_fn = row.fn
+        module.act_fn = row
     assert experts_math.probe(module) is row
-    gap = experts_math.engine_gap(row, bias=False, transposed=False)
-    assert (gap is None) == row.engine and (gap is None or f"experts math '{row.label}' not supported yet" in gap)
+    gap = experts_math.engine_gap(row)
+    assert (gap is None) == bool(row.engine) and (gap is None or f"experts math '{row.label}' not supported yet" in gap)
+
+
+def test_math_probe_reads_the_module_limit():
+    """A clamped variant takes the module's own `limit` (DeepSeek-V4's swiglu_limit), probed past it."""
+    row = experts_math.variant("silu_clamped", True).with_limit(3.5)
+    module = torch.nn.Module()
+    module.has_gate, module.limit, module._apply_gate = True, 3.5, row
+    found = experts_math.probe(module)
+    assert found == row and found.limit == 3.5 and found.label == "clamped silu glu (limit 3.5)"
+    assert experts_math.engine_activation(found).limit == 3.5
+    module.limit = 12.0  # says 12, clamps at 3.5: no row matches
+    assert isinstance(experts_math.probe(module), str)
 
 
 def test_readme_family_table_is_generated(capsys, monkeypatch):
     text = catalog.table()
     rows = {line.split(" | ")[0].strip("| `"): line for line in text.splitlines()[2:]}
     assert all(rows[f].endswith("| tested |") for f in ALL_FAMILIES + VL_FAMILIES)
-    assert "| refused: experts math 'relu2 ungated' not supported yet" in rows["nemotron_h"]
+    assert rows["gpt_oss"].endswith("| tested |") and "gpt-oss clamped swiglu" in rows["gpt_oss"]
     readme = (REPO / "README.md").read_text()
     assert readme_tables.table_in(readme, catalog.HEADING) == text, (
         "README.md's family table differs from `python -m kt_sft families`; regenerate it with "

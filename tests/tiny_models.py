@@ -12,7 +12,8 @@ Tests get them from the session fixtures of conftest.py (`family`, `tiny_checkpo
 Two tables:
   FAMILIES       the 7 families of the full parity suite (test_offload_parity.py, test_expert_lora_peft.py,
                  test_generate_parity.py, ...): hidden 64, 8 routed experts of width 16, top-2, vocab 128
-  ALL_FAMILIES   every transformers 5.6 family whose fused experts the engine computes (silu glu), each checked by
+  ALL_FAMILIES   every transformers 5.6 family whose fused experts the engine computes (silu, gpt-oss swiglu with
+                 biases, GELU-tanh, ungated relu^2), each checked by
                  test_families.py (logits, LoRA steps with expert LoRA, greedy generation against stock); the
                  families beyond FAMILIES use quirky sizes: hidden 48, head_dim 12, 6 routed experts of width 20,
                  top-3 (top-2 where the router needs groups), vocab 128, a dense first layer where the family has one
@@ -117,7 +118,24 @@ QUIRKY_KWARGS = {
                        linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, mlp_only_layers=[0],
                        layer_types=["linear_attention", "full_attention", "linear_attention"]),
     "solar_open": dict(n_routed_experts=Q_EXPERTS, n_shared_experts=1),
+    # gpt-oss: transposed [E, H, 2I] experts with interleaved gate / up, biases, clamped swiglu (limit 7: the
+    # routed pre-activations reach it with _reinit's scales only sometimes, so the experts' weights are scaled up,
+    # EXPERT_SCALE); sliding + full attention with sinks
+    "gpt_oss": dict(num_local_experts=Q_EXPERTS, intermediate_size=20, layer_types=["sliding_attention",
+                    "full_attention", "sliding_attention"], sliding_window=8),
+    # gemma4 text: GELU-tanh experts beside a dense MLP in every layer, per-expert output scale in the router
+    "gemma4_text": dict(enable_moe_block=True, num_experts=Q_EXPERTS, top_k_experts=3, moe_intermediate_size=20,
+                        intermediate_size=40, global_head_dim=12, hidden_size_per_layer_input=8,
+                        vocab_size_per_layer_input=VOCAB, layer_types=["sliding_attention", "sliding_attention",
+                        "full_attention"], sliding_window=8, hidden_activation="gelu_pytorch_tanh"),
+    # nemotron_h: mamba, moe (ungated relu^2 experts + a shared expert) and attention layers
+    "nemotron_h": dict(layers_block_type=["mamba", "moe", "attention", "moe"], n_routed_experts=Q_EXPERTS,
+                       moe_intermediate_size=20, moe_shared_expert_intermediate_size=20, intermediate_size=40,
+                       mamba_num_heads=4, mamba_head_dim=12, n_groups=1, ssm_state_size=8, num_hidden_layers=4,
+                       use_mamba_kernels=False),
 }
+# Families whose experts' weights _reinit scales up, so their pre-activations reach the clamp limit of their math.
+EXPERT_SCALE = {"gpt_oss": 4.0}
 ALL_FAMILIES = tuple(sorted((*FAMILIES, *QUIRKY_KWARGS)))
 
 # Vision-language MoE families (AutoModelForImageTextToText): the _QUIRKY language model (its routed experts on the
@@ -149,19 +167,11 @@ VL_KWARGS = {
                                            partial_rotary_factor=0.5))),
 }
 VL_FAMILIES = tuple(sorted(VL_KWARGS))
-# Families kt-sft refuses (other experts math; omni models, whose default configs serve), kept
+# Families kt-sft refuses (experts at several places; omni models, whose default configs serve), kept
 # small on _REFUSED_SIZES: their loads fail from config.json alone.
 _REFUSED_SIZES = dict(vocab_size=VOCAB, hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
                       num_hidden_layers=2)
 REFUSED_KWARGS = {
-    "gpt_oss": dict(_REFUSED_SIZES, num_local_experts=4, intermediate_size=20, head_dim=12,
-                    layer_types=["sliding_attention", "full_attention"]),
-    "nemotron_h": dict(_REFUSED_SIZES, layers_block_type=["mamba", "moe"], n_routed_experts=4, moe_intermediate_size=20,
-                       moe_shared_expert_intermediate_size=20, intermediate_size=40, mamba_num_heads=4,
-                       mamba_head_dim=12, n_groups=1, ssm_state_size=8, head_dim=12),
-    "gemma4_text": dict(_REFUSED_SIZES, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=20,
-                        intermediate_size=40, head_dim=12, global_head_dim=12, hidden_size_per_layer_input=8,
-                        vocab_size_per_layer_input=VOCAB, layer_types=["sliding_attention", "full_attention"]),
     "ernie4_5_vl_moe": {},
     "qwen3_omni_moe": {},
 }
@@ -176,6 +186,8 @@ SHARED_EXPERT = {"qwen2_moe": "shared_expert", "deepseek_v2": "shared_experts", 
 
 # Router biases that only shift which experts are chosen (sigmoid routers): a loader that drops one changes routing.
 ROUTER_BIASES = ("e_score_correction_bias", "expert_bias")
+# 1-D scales that multiply (gemma4's router input scale and per-expert output scale): ~1 like the norms.
+ONE_CENTERED = ("router.scale", "per_expert_scale")
 
 
 def tiny_config(model_type: str, **overrides):
@@ -213,11 +225,12 @@ def experts_path(model_type: str) -> str:
 
 
 @torch.no_grad()
-def _reinit(model: torch.nn.Module, seed: int) -> None:
+def _reinit(model: torch.nn.Module, seed: int, expert_scale: float = 1.0) -> None:
     """Every tensor from one seeded generator, scaled so activations stay O(1) and logits are far from flat.
 
     Matrices ~ N(0, 1/fan_in) (the fused experts per expert: fan_in = last dim), embeddings ~ N(0, 1),
-    norms ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.02^2), routers ~ N(0, 4/H) (spread-out router logits), the
+    norms and ONE_CENTERED scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.02^2), routers ~ N(0, 4/H) (spread-out router
+    logits), the experts' matrices times expert_scale (EXPERT_SCALE), the
     ROUTER_BIASES of sigmoid routers ~ N(0, 0.05^2) (so a loader that drops one changes the routing).
     """
     gen = torch.Generator().manual_seed(seed)
@@ -227,7 +240,7 @@ def _reinit(model: torch.nn.Module, seed: int) -> None:
         r = torch.randn(t.shape, generator=gen, dtype=torch.float32)
         if name.endswith(ROUTER_BIASES):
             v = 0.05 * r
-        elif "norm" in name and t.dim() == 1:
+        elif ("norm" in name or name.endswith(ONE_CENTERED)) and t.dim() == 1:
             v = 1.0 + 0.1 * r
         elif t.dim() == 1:
             v = 0.02 * r
@@ -236,7 +249,7 @@ def _reinit(model: torch.nn.Module, seed: int) -> None:
         elif name.endswith((".gate.weight", ".router.weight")):  # the routers (mlp.gate, phimoe's mlp.router)
             v = r * 2.0 / math.sqrt(t.shape[-1])
         else:
-            v = r / math.sqrt(t.shape[-1])
+            v = r / math.sqrt(t.shape[-1]) * (expert_scale if ".experts." in name else 1.0)
         t.copy_(v.to(t.dtype))
 
 
@@ -244,7 +257,7 @@ def make_tiny_model(model_type: str, *, dtype=torch.float32, seed: int = 0, **ov
     config = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
     model = model_class(config).from_config(config, dtype=torch.float32)
-    _reinit(model, seed)
+    _reinit(model, seed, EXPERT_SCALE.get(model_type, 1.0))
     return model.to(dtype).eval()
 
 

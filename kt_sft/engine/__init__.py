@@ -6,6 +6,7 @@ of the core: the core never imports it) computes part of a layer's experts on a 
 ISA selection: `KT_SFT_ISA=scalar|avx2|avx512|amx` (default: best this CPU runs), threads: `KT_SFT_THREADS`, NUMA
 nodes: `KT_SFT_NUMA` / `set_numa`.
 """
+from .activations import ACTIVATIONS, ExpertActivation, get_activation
 from .autograd import MoEExpertsFunction, moe_experts
 from .formats import FORMATS, ExpertFormat, for_model_dtype, get_format
 from .gpu_share import GpuShare
@@ -18,6 +19,7 @@ from .runtime import (available_isas, build_info, cpu_info, current_isa, expert_
                       worker_spin_us)
 
 __all__ = [
+    "ACTIVATIONS", "ExpertActivation", "get_activation",
     "FORMATS", "ExpertFormat", "ExpertLayer", "ExpertLoRA", "for_model_dtype", "get_format", "GpuShare",
     "ExpertLoRAGrads", "MoEExpertsFunction", "moe_experts", "PackedPanels", "ProjectionPanels", "available_isas",
     "build_info", "cpu_info", "current_isa", "expert_nodes", "isa_supported", "kchunk", "num_threads",

@@ -42,19 +42,19 @@ def check_tensor(
 _LORA_FIELDS = (("A_gu", "B_gu", "scale_gu", "gate_up"), ("A_d", "B_d", "scale_d", "down"))
 
 
-def check_lora(lora: object, num_experts: int, hidden: int, intermediate: int) -> tuple[int, int]:
+def check_lora(lora: object, num_experts: int, hidden: int, intermediate: int, gated: bool = True) -> tuple[int, int]:
     """Validate an `ExpertLoRA` for a layer of (E, H, I); returns the ranks (r_gu, r_d).
 
-    Each factor must be a contiguous fp32 CPU tensor in PEFT's flat layout: A_gu [r_gu*E, 2I], B_gu [H, r_gu*E],
-    A_d [r_d*E, H], B_d [I, r_d*E]; the two projections may have different ranks, and a projection may be left
-    out (both of its factors None), but not both.
+    Each factor must be a contiguous fp32 CPU tensor in PEFT's flat layout: A_gu [r_gu*E, 2I] (ungated experts:
+    [r_gu*E, I], on up_proj), B_gu [H, r_gu*E], A_d [r_d*E, H], B_d [I, r_d*E]; the two projections may have
+    different ranks, and a projection may be left out (both of its factors None), but not both.
     """
     from .lora import ExpertLoRA
 
     if not isinstance(lora, ExpertLoRA):
         raise TypeError(f"lora: expected kt_sft.engine.ExpertLoRA, got {type(lora).__name__}")
     E, H, I = num_experts, hidden, intermediate
-    dims = {"gate_up": (2 * I, H), "down": (H, I)}  # (A columns = output dim, B rows = input dim)
+    dims = {"gate_up": ((2 if gated else 1) * I, H), "down": (H, I)}  # (A columns = output dim, B rows = input dim)
     ranks = []
     for a_name, b_name, s_name, proj in _LORA_FIELDS:
         A, B = getattr(lora, a_name), getattr(lora, b_name)

@@ -37,7 +37,6 @@ import warnings
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import share_plan
 from .formats import ExpertFormat
@@ -291,9 +290,15 @@ class GpuShare:
             chunk = max(1, round(CHUNK_BYTES / unpacked))
         self.min_tokens, self.chunk = int(min_tokens), int(chunk)
         self.format = panels.format
-        self.expert_bytes = self.layout[0]["expert_bytes"]  # the same for gate, up and down
+        self.activation = layer.activation  # what the experts compute between the projections (activations.py)
+        self.stored = [w for w in range(3) if self.layout[w]["stored"]]  # the projections the layer has
+        self.expert_bytes = self.layout[2]["expert_bytes"]  # the same for gate, up and down
         self.panels = [p.raw for p in panels.projections]
         self.scales = None if not self.format.quantized else [p.scales for p in panels.projections]
+        biases = layer.biases()  # small ([E][2I + H] fp32): on the device whole
+        self.biases = None if biases is None else [None if b is None else b.to(device) for b in biases.values()]
+        # backward's hand-written gradients (_rows_grads) are those of the plain SiLU GLU without biases
+        self.plain_silu_glu = self.activation.name == "silu_glu" and self.biases is None
         self._stream_scales(layer)
         self.cuda = self.device.type == "cuda"
         self._pinned = False
@@ -314,11 +319,12 @@ class GpuShare:
         self.resident, self.scale_bytes, self.scale_raw = None, [0, 0, 0], None
         if self.scales is None:
             return
-        if sum(g.numel() * 4 for g in self.scales) <= RESIDENT_SCALES_BYTES:
-            self.resident = [g.to(self.device) for g in self.scales]
+        if sum(g.numel() * 4 for g in self.scales if g is not None) <= RESIDENT_SCALES_BYTES:
+            self.resident = [None if g is None else g.to(self.device) for g in self.scales]
             return
-        self.scale_bytes = [g[0].numel() * 4 for g in self.scales]
-        self.scale_raw = [g.transpose(1, 2).reshape(-1).view(torch.uint8) for g in self.scales]  # [E][cols][rows]
+        self.scale_bytes = [0 if g is None else g[0].numel() * 4 for g in self.scales]
+        self.scale_raw = [None if g is None else g.transpose(1, 2).reshape(-1).view(torch.uint8)  # [E][cols][rows]
+                          for g in self.scales]
 
     def applies(self, x: torch.Tensor) -> bool:
         return x.device == self.device and x.shape[0] >= self.min_tokens
@@ -337,7 +343,7 @@ class GpuShare:
         if self.fixed is not None:
             experts = self.fixed
         else:
-            r, streamed = self.book.rates, 3 * self.expert_bytes + sum(self.scale_bytes)  # bytes per expert
+            r, streamed = self.book.rates, len(self.stored) * self.expert_bytes + sum(self.scale_bytes)  # per expert
             experts = tuple(plan_split(counts, r.engine, r.stream, r.gpu, streamed, backward,
                                        lead=self._prefetched_experts(), engine_call_s=r.engine_call,
                                        hidden_s=r.hidden, ring_experts=self.ring_experts))
@@ -365,6 +371,7 @@ class GpuShare:
         flat = ids.to(self.device, non_blocking=True).flatten()
         key = self._upload(rank_of)[torch.where((flat < 0) | (flat >= self.E), self.E, flat)]
         pos = torch.argsort(key, stable=True)[:sum(share_counts)]
+        rank = key[pos]  # each sorted row's position in `experts`
         # bounds[j]: first row of share expert j in the expert-sorted rows
         bounds = [0] + list(itertools.accumulate(share_counts))
         # grouped_mm's offsets of every chunk (row ends of its experts, relative to the chunk) and the expert ids
@@ -375,7 +382,7 @@ class GpuShare:
             a, c = self._span_of(j, n)
             offs[j, :c] = torch.tensor(list(itertools.accumulate(share_counts[a:a + c])), dtype=torch.int32)
         return dict(experts=tuple(experts), ids=self._upload(torch.tensor(experts, dtype=torch.int64)),
-                    pos=pos, tok=pos // k, offs=self._upload(offs), counts=share_counts, bounds=bounds, k=k,
+                    pos=pos, tok=pos // k, rank=rank, offs=self._upload(offs), counts=share_counts, bounds=bounds, k=k,
                     chunks=chunks, engine_rows=sum(counts) - bounds[-1])
 
     def split(self, ids: torch.Tensor, backward: bool = True):
@@ -426,7 +433,7 @@ class GpuShare:
                 if ring.freed[slot] is not None:
                     ring.copy_stream.wait_event(ring.freed[slot])  # its last reader (any layer) is done
                 start = _timed_event(ring.copy_stream)
-            for w in range(3):
+            for w in self.stored:
                 at = 0
                 for e, m in _runs(ids):
                     dst[w, at * eb:(at + m) * eb].copy_(self.panels[w][e * eb:(e + m) * eb], non_blocking=True)
@@ -437,9 +444,10 @@ class GpuShare:
                     at += m
             done = _timed_event(ring.copy_stream) if self.cuda else None
         if self.cuda:
-            self.book.later("copy", 0, start, done, c * (3 * eb + sum(sb)))
-        scales = None if not any(sb) else [self._scales_of(dst[w, base:base + c * sb[w]], c, w) for w in range(3)]
-        return _Chunk(ids, [dst[w, :c * eb] for w in range(3)], scales, done, slot, gen)
+            self.book.later("copy", 0, start, done, c * (len(self.stored) * eb + sum(sb)))
+        scales = None if not any(sb) else [self._scales_of(dst[w, base:base + c * sb[w]], c, w) if sb[w] else None
+                                            for w in range(3)]
+        return _Chunk(ids, [dst[w, :c * eb] if w in self.stored else None for w in range(3)], scales, done, slot, gen)
 
     def _scales_of(self, raw: torch.Tensor, c: int, w: int) -> torch.Tensor:
         """c experts' scale bytes (stored by grid column) as [c][grid rows][grid cols]."""
@@ -494,8 +502,8 @@ class GpuShare:
             if c <= 0 or not self.ring.holds(chunk) or tuple(experts[a:a + c]) != chunk.ids[:c]:
                 break
             usable.append(dataclasses.replace(
-                chunk, ids=chunk.ids[:c], raw=[r[:c * eb] for r in chunk.raw],
-                scales=None if chunk.scales is None else [g[:c] for g in chunk.scales]))
+                chunk, ids=chunk.ids[:c], raw=[None if r is None else r[:c * eb] for r in chunk.raw],
+                scales=None if chunk.scales is None else [None if g is None else g[:c] for g in chunk.scales]))
         return usable, (pre[2] if usable else None)
 
     def _chunks(self, plan, direction: int):
@@ -523,13 +531,15 @@ class GpuShare:
             start = self._mark()
             scales = chunk.scales
             if self.resident is not None:
-                scales = [g[plan["ids"][a:a + c]] for g in self.resident]
+                scales = [None if g is None else g[plan["ids"][a:a + c]] for g in self.resident]
             mats = [panels_to_matrix(chunk.raw[w], c, self.layout[w], self.format,
-                                     None if scales is None else scales[w]) for w in range(3)]
+                                     None if scales is None else scales[w]) if w in self.stored else None
+                    for w in range(3)]
             self.ring.release(chunk)  # unpacking copied the slot out: it may be refilled
             fill()
             gate, up, down = mats
-            yield a, c, gate[:, :self.I, :self.H], up[:, :self.I, :self.H], down[:, :self.H, :self.I]
+            yield (a, c, None if gate is None else gate[:, :self.I, :self.H], up[:, :self.I, :self.H],
+                   down[:, :self.H, :self.I])
             self._sample("compute", direction, start, plan["bounds"][a + c] - plan["bounds"][a])
 
     def _mark(self):
@@ -577,26 +587,34 @@ class GpuShare:
                 self.grouped = False
         return _expert_mm(x, w.contiguous(), counts, None, transposed)
 
-    def _rows(self, xs, ws, a, plan, gate, up, down, lora: Optional[ExpertLoRA]):
-        """Routing-weighted outputs [rows][H] (fp32) of one chunk's rows (grouped by expert, in order)."""
-        c = gate.shape[0]
+    def _rows(self, xs, ws, a, plan, gate, up, down, lora: Optional[ExpertLoRA], row_experts):
+        """Routing-weighted outputs [rows][H] (fp32) of one chunk's rows (grouped by expert, in order; row_experts:
+        each row's expert id, on the device, for the biases)."""
+        c = up.shape[0]
         counts, offs = plan["counts"][a:a + c], plan["offs"][a // self.chunk, :c]
-        g, u = self._mm(xs, gate, counts, offs), self._mm(xs, up, counts, offs)
+        g = None if gate is None else self._mm(xs, gate, counts, offs).float()
+        u = self._mm(xs, up, counts, offs).float()
         experts = plan["experts"][a:a + c]
         if lora is not None and lora.A_gu is not None:
             d = _lora_rows(xs, counts, experts, lora.A_gu, lora.B_gu, self.E, lora.scale_gu)
-            g, u = g.float() + d[:, :self.I], u.float() + d[:, self.I:]
-        h = (F.silu(g.float()) * u.float()).to(xs.dtype)
+            g, u = (None, u + d) if g is None else (g + d[:, :self.I], u + d[:, self.I:])
+        if self.biases is not None:
+            b_gate, b_up, _ = self.biases
+            g, u = None if g is None else g + b_gate[row_experts], u + b_up[row_experts]
+        h = self.activation(g, u).to(xs.dtype)
         o = self._mm(h, down, counts, offs).float()
         if lora is not None and lora.A_d is not None:
             o = o + _lora_rows(h, counts, experts, lora.A_d, lora.B_d, self.E, lora.scale_d)
+        if self.biases is not None:
+            o = o + self.biases[2][row_experts]
         return o * ws[:, None]
 
     def _rows_grads(self, xs, ws, dyr, a, plan, gate, up, down):
         """(d xs [rows][H] in xs's dtype, d ws [rows] fp32) of one chunk's rows of _rows without LoRA, given the
         gradient dyr [rows][H] (fp32) of its outputs: what autograd computes through _rows, op for op (bf16 GEMM
         outputs, fp32 elementwise), without building the graph: ~40 instead of ~90 dispatched ops per chunk, the
-        host's launches being what bounds a chunk whose copy is short (int8: 1.3 ms per V2-Lite chunk)."""
+        host's launches being what bounds a chunk whose copy is short (int8: 1.3 ms per V2-Lite chunk). Only for
+        the plain SiLU GLU without biases (`plain_silu_glu`)."""
         c = gate.shape[0]
         counts, offs = plan["counts"][a:a + c], plan["offs"][a // self.chunk, :c]
         gate, up, down = gate.contiguous(), up.contiguous(), down.contiguous()
@@ -608,6 +626,11 @@ class GpuShare:
         dg, du = torch.ops.aten.silu_backward(dh * uf, gf).to(xs.dtype), (dh * sg).to(xs.dtype)
         return self._mm(dg, gate, counts, offs, transposed=False) + \
             self._mm(du, up, counts, offs, transposed=False), dws
+
+    @staticmethod
+    def _row_experts(plan, lo: int, hi: int):
+        """The expert id of each of the share's sorted rows [lo, hi) (on its device)."""
+        return plan["ids"][plan["rank"][lo:hi]]
 
     @staticmethod
     def _chunk_rows(plan, a, c):
@@ -625,7 +648,8 @@ class GpuShare:
                 for a, c, gate, up, down in self._chunks(plan, FORWARD):
                     lo, hi = self._chunk_rows(plan, a, c)
                     if hi > lo:
-                        o = self._rows(xs_all[lo:hi], ws_all[lo:hi], a, plan, gate, up, down, lora)
+                        o = self._rows(xs_all[lo:hi], ws_all[lo:hi], a, plan, gate, up, down, lora,
+                                       self._row_experts(plan, lo, hi))
                         y.index_add_(0, plan["tok"][lo:hi], o)
             self._span = (start, self._mark())
             self._sample_hidden(FORWARD, start)
@@ -649,11 +673,12 @@ class GpuShare:
                 tok, pos = plan["tok"][lo:hi], plan["pos"][lo:hi]
                 xs = x.detach()[tok].to(self.layer.dtype)
                 ws = w.detach().flatten()[pos].float()
-                if lora is None:
+                if lora is None and self.plain_silu_glu:
                     dxs, dws = self._rows_grads(xs, ws, dy[tok].float(), a, plan, gate, up, down)
-                else:  # the factors' gradients too: through autograd
+                else:  # LoRA factors' gradients, other activations, biases: through autograd
                     xs, ws = xs.requires_grad_(), ws.requires_grad_()
-                    torch.autograd.backward(self._rows(xs, ws, a, plan, gate, up, down, lora), dy[tok].float())
+                    o = self._rows(xs, ws, a, plan, gate, up, down, lora, self._row_experts(plan, lo, hi))
+                    torch.autograd.backward(o, dy[tok].float())
                     dxs, dws = xs.grad, ws.grad
                 dx.index_add_(0, tok, dxs.float())
                 dw[pos] = dws

@@ -11,10 +11,11 @@ from typing import Optional
 import torch
 
 from .. import _engine
+from .activations import ActivationLike, get_activation
 from .checks import SOURCE_DTYPES, check_lora, check_tensor
 from .formats import FORMATS, FormatLike, get_format
 from .lora import ExpertLoRA, ExpertLoRAGrads
-from .panels import PROJECTIONS, PackedPanels, packed_panels
+from .panels import PROJECTIONS, PackedPanels, bias_views, packed_panels
 from .retained import RetainedForwards
 
 
@@ -58,7 +59,12 @@ def _host_output(shape, dtype: torch.dtype) -> torch.Tensor:
 
 
 class ExpertLayer:
-    """SiLU-gated experts: y_t = sum_j w_tj * down_e(silu(gate_e x_t) * up_e x_t), e = topk_ids[t, j].
+    """Routed experts: y_t = sum_j w_tj * (down_e h + b_down,e), e = topk_ids[t, j], with h = act(gate_e x_t +
+    b_gate,e) * (up_e x_t + b_up,e) (gated) or act(up_e x_t + b_up,e) (ungated).
+
+    `activation` (an ExpertActivation of kt_sft.engine.activations, or its name; default silu_glu, with `limit` its
+    clamp where the row takes one) says what `act` is: silu / GELU-tanh / gpt-oss's clamped swiglu (gated) or relu^2
+    (ungated: no gate projection). `bias`: the experts have gate / up / down biases (`set_bias`; none: all zero).
 
     `format` (an ExpertFormat of kt_sft.engine.formats, or its name) says how the frozen weights are stored and
     multiplied; its `compute_dtype` is the dtype of x, y, dx and dy (bfloat16 for training; fp32 is the
@@ -80,15 +86,21 @@ class ExpertLayer:
         hidden_size: int,
         intermediate_size: int,
         format: FormatLike = "bf16",
-        activation: str = "silu",
+        activation: ActivationLike = "silu_glu",
         max_saved: int = 4,
+        *,
+        limit: Optional[float] = None,
+        bias: bool = False,
     ) -> None:
         self._pinned: Optional[list[int]] = None  # first: __del__ reads it even when the rest of __init__ failed
         self._all_pinned = False
         self._segment = None  # the shared store this layer's experts live in (use_storage), if any
         self.format = get_format(format)
+        self.activation = get_activation(activation, limit)
+        self.bias = bool(bias)
         self._layer = _engine.MoELayer(int(num_experts), int(hidden_size), int(intermediate_size), self.format.code,
-                                       self.format.scale_block, activation, int(max_saved))
+                                       self.format.scale_block, self.activation.code, self.activation.limit,
+                                       self.bias, int(max_saved))
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.retained = RetainedForwards(self._layer)
         self._issued: list[int] = []  # handles of saving forwards, pruned of dead ones (saved_forwards)
@@ -125,12 +137,30 @@ class ExpertLayer:
             self._layer.set_weights(PROJECTIONS[which], int(expert_begin), int(w.shape[0]), w.data_ptr(),
                                     SOURCE_DTYPES[w.dtype], list(w.stride()))
 
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """The projections this layer's experts have: gate, up, down (ungated: up, down)."""
+        return tuple(p for p in PROJECTIONS if self.activation.gated or p != "gate")
+
     def projection_shape(self, which: str) -> tuple[int, int]:
         """(rows, cols) of projection `which`: gate/up [I, H], down [H, I]."""
-        if which not in PROJECTIONS:
-            raise ValueError(f"which={which!r}: expected one of {', '.join(PROJECTIONS)}")
+        if which not in self.projections:
+            raise ValueError(f"which={which!r}: expected one of {', '.join(self.projections)}"
+                             + (f" ({self.activation.label} experts have no gate)" if which == "gate" else ""))
         return ((self.hidden_size, self.intermediate_size) if which == "down"
                 else (self.intermediate_size, self.hidden_size))
+
+    def set_bias(self, which: str, bias: torch.Tensor, expert_begin: int = 0) -> None:
+        """Biases of projection `which` (gate / up [n, I], down [n, H]; 1-D: one expert) of experts
+        expert_begin..+n, any float dtype and strides (held in fp32). The layer must have been made with bias=True."""
+        if not self.bias:
+            raise ValueError("set_bias: this layer was made without expert biases (ExpertLayer(..., bias=True))")
+        length = self.projection_shape(which)[0]
+        bias = bias.unsqueeze(0) if isinstance(bias, torch.Tensor) and bias.dim() == 1 else bias
+        b = check_tensor(f"{which} bias", bias, dtype=tuple(SOURCE_DTYPES), shape=(None, length), contiguous=False)
+        b = b.float().contiguous()
+        if self._experts_range(expert_begin, b.shape[0]):
+            self._layer.set_bias(PROJECTIONS[which], int(expert_begin), int(b.shape[0]), b.data_ptr(), length)
 
     def _experts_range(self, expert_begin: int, n: int) -> bool:
         """Whether there is anything to pack for experts [expert_begin, expert_begin + n); raises outside the layer."""
@@ -181,21 +211,32 @@ class ExpertLayer:
         check_tensor(f"{which} codes", codes, dtype=fmt.stored_dtype, shape=(None, None, None), contiguous=False)
         self._set_encoded(which, codes, scale, expert_begin, None, True)
 
-    def load_expert(self, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
-        """One expert from Hub-style per-expert tensors gate/up [I, H] and down [H, I]."""
+    def load_expert(self, expert: int, gate: Optional[torch.Tensor], up: torch.Tensor, down: torch.Tensor) -> None:
+        """One expert from Hub-style per-expert tensors gate/up [I, H] and down [H, I] (gate None: ungated)."""
         for which, w in (("gate", gate), ("up", up), ("down", down)):
-            self.set_projection(which, w, expert)
+            if w is not None or which != "gate":
+                self.set_projection(which, w, expert)
 
-    def load_gate_up(self, gate_up_proj: torch.Tensor, expert_begin: int = 0, interleaved: bool = False) -> None:
-        """transformers 5 fused layout gate_up_proj [n, 2I, H]: gate rows first, then up; `interleaved`: gate and
-        up rows alternate, gate first (gpt-oss). Strided views, no copy."""
-        I = self.intermediate_size
-        check_tensor("gate_up_proj", gate_up_proj, dtype=tuple(SOURCE_DTYPES), shape=(None, 2 * I, self.hidden_size),
-                     contiguous=False)
-        gate, up = (gate_up_proj[:, 0::2], gate_up_proj[:, 1::2]) if interleaved else \
-            (gate_up_proj[:, :I], gate_up_proj[:, I:])
+    def load_gate_up(self, gate_up_proj: torch.Tensor, expert_begin: int = 0, *, transposed: bool = False,
+                     interleaved: bool = False) -> None:
+        """transformers 5 fused layout gate_up_proj [n, 2I, H]: gate rows first, then up (`interleaved`: gate rows
+        even, up odd, as gpt-oss; `transposed`: [n, H, 2I], gpt-oss's x @ W layout). Read as strided views: no
+        copy."""
+        I, H = self.intermediate_size, self.hidden_size
+        check_tensor("gate_up_proj", gate_up_proj, dtype=tuple(SOURCE_DTYPES),
+                     shape=(None, H, 2 * I) if transposed else (None, 2 * I, H), contiguous=False)
+        w = gate_up_proj.transpose(1, 2) if transposed else gate_up_proj
+        gate, up = (w[:, 0::2], w[:, 1::2]) if interleaved else (w[:, :I], w[:, I:])
         self.set_projection("gate", gate, expert_begin)
         self.set_projection("up", up, expert_begin)
+
+    def load_gate_up_bias(self, bias: torch.Tensor, expert_begin: int = 0, *, interleaved: bool = False) -> None:
+        """The fused gate_up biases [n, 2I] (gate first, then up; `interleaved`: gate even, up odd)."""
+        I = self.intermediate_size
+        check_tensor("gate_up_proj_bias", bias, dtype=tuple(SOURCE_DTYPES), shape=(None, 2 * I), contiguous=False)
+        gate, up = (bias[:, 0::2], bias[:, 1::2]) if interleaved else (bias[:, :I], bias[:, I:])
+        self.set_bias("gate", gate, expert_begin)
+        self.set_bias("up", up, expert_begin)
 
     def load_fused(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, expert_begin: int = 0) -> None:
         """transformers 5 layout: gate_up_proj [n, 2I, H] (gate rows first, then up), down_proj [n, H, I]."""
@@ -233,6 +274,11 @@ class ExpertLayer:
     def panels(self) -> PackedPanels:
         """A read-only view of the packed experts in the engine's memory (no copy; valid while this layer lives)."""
         return packed_panels(self._layer, self.format, self.num_experts)
+
+    def biases(self) -> Optional[dict]:
+        """{gate, up, down: fp32 [experts, I or H]} read-only views of the biases in the engine's memory (gate None
+        for ungated experts; valid while this layer lives), or None for a layer without biases."""
+        return bias_views(self._layer, self.num_experts, self.hidden_size, self.intermediate_size)
 
     def pin_panels(self) -> bool:
         """Page-lock the packed panels and their scales in place, so copies to a GPU run at full PCIe speed (the GPU
@@ -275,7 +321,7 @@ class ExpertLayer:
     def _lora_args(self, lora: Optional[ExpertLoRA]) -> dict:
         if lora is None:
             return {}
-        ranks = check_lora(lora, self.num_experts, self.hidden_size, self.intermediate_size)
+        ranks = check_lora(lora, self.num_experts, self.hidden_size, self.intermediate_size, self.activation.gated)
         ptrs = [0 if t is None else t.data_ptr() for t in lora.factors()]
         return dict(lora_ranks=list(ranks), lora_scales=[float(lora.scale_gu), float(lora.scale_d)],
                     lora_factors=ptrs)
@@ -378,4 +424,5 @@ class ExpertLayer:
     def __repr__(self) -> str:
         return (f"ExpertLayer(experts={self.num_experts}, hidden={self.hidden_size}, "
                 f"intermediate={self.intermediate_size}, format={self.format.name}, "
+                f"activation={self.activation.label}{', biases' if self.bias else ''}, "
                 f"packed={self.packed_bytes / 2**20:.1f} MiB)")

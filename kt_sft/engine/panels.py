@@ -33,7 +33,8 @@ class ProjectionPanels:
     """One projection of every expert: expert e's panels are bytes [e * n, (e + 1) * n) of `raw`, n =
     layout["expert_bytes"] (padded rows x padded columns x the format's bytes per weight)."""
 
-    raw: torch.Tensor               # uint8, the engine's storage itself (no copy)
+    raw: torch.Tensor               # uint8, the engine's storage itself (no copy); empty for a projection the layer
+                                    # does not have (layout["stored"] False: an ungated layer's gate)
     scales: Optional[torch.Tensor]  # fp32 [experts][grid rows][grid cols] of a quantized format, else None (a view
                                     # of the engine's grid, which it stores column by column)
     layout: dict                    # the engine's description of both (MoELayer.layout(), csrc/packing.h): sizes,
@@ -51,12 +52,24 @@ class PackedPanels:
     projections: tuple[ProjectionPanels, ProjectionPanels, ProjectionPanels]  # gate, up, down
 
 
+def bias_views(engine_layer, num_experts: int, hidden: int, intermediate: int) -> Optional[dict]:
+    """{gate, up, down: fp32 [experts, I or H]} views of a layer's biases in the engine's memory (gate None for an
+    ungated layer), or None without biases."""
+    if not engine_layer.has_bias:
+        return None
+    gate_up = _host_bytes(*engine_layer.bias_storage(False)).view(torch.float32).view(num_experts, -1)
+    down = _host_bytes(*engine_layer.bias_storage(True)).view(torch.float32).view(num_experts, -1)
+    ip = gate_up.shape[1] // 2 if engine_layer.layout()["gate"]["stored"] else 0  # where up starts
+    return {"gate": gate_up[:, :intermediate] if ip else None, "up": gate_up[:, ip:ip + intermediate],
+            "down": down[:, :hidden]}
+
+
 def packed_panels(engine_layer, fmt: ExpertFormat, num_experts: int) -> PackedPanels:
     """The view of an `_engine.MoELayer` holding `num_experts` experts in format `fmt`."""
     layouts, projections = engine_layer.layout(), []
     for name, which in PROJECTIONS.items():
         layout, scales = layouts[name], None
-        if layout["scales"] != "none":  # stored by grid column (csrc/common.h): viewed as [experts][rows][cols]
+        if layout["scales"] != "none" and layout["stored"]:  # stored by grid column (common.h): [experts][rows][cols]
             rows, cols = layout["scale_grid"]
             scales = (_host_bytes(*engine_layer.scale_storage(which)).view(torch.float32)
                       .view(num_experts, cols, rows).transpose(1, 2))

@@ -12,7 +12,9 @@
              `rename_source_key` must map each back to the fused parameter (checked here). So experts stream one
              tensor at a time, as before. The in-memory names are the fused names on disk; a Transpose(1, 2)
              converter on them (Qwen3-VL-MoE) means they may be stored transposed (`disk_transposed`).
-  math       the probe of kt_sft.models.experts_math on the module's own gate; the engine runs `silu glu` today
+  math       the probe of kt_sft.models.experts_math on the module's own gate (and its clamp `limit`), mapped to
+             the engine's activation rows (silu / clamped silu / gpt-oss swiglu / GELU-tanh glu, relu^2 ungated);
+             biases and transposed / interleaved fused layouts load as they are
 A YAML override (kt_sft.models.registry) replaces the derivation; its math is probed against the model all the same.
 """
 from __future__ import annotations
@@ -130,13 +132,14 @@ def derive_family(model: nn.Module, model_type: str) -> MoEFamily:
         raise UnsupportedModelError(f"{type(model).__name__}: its experts modules differ in {', '.join(EXPERTS_FLAGS)}")
     math = experts_math.probe(first)
     if not isinstance(math, experts_math.ExpertsMath):  # nothing a rule file could name either
-        raise UnsupportedModelError(f"{model_type}: {experts_math.engine_gap(math, flags['has_bias'], False)}")
+        raise UnsupportedModelError(f"{model_type}: {experts_math.engine_gap(math)}")
     template, gated = templates[0], flags["has_gate"]
     return MoEFamily(
         model_type=model_type, experts_module=template, checkpoint=disk_names(model, template, gated),
         fused_checkpoint={p: f"{template}.{p}_proj" for p in fused_projections(gated)},
-        activation=math.activation, gated=gated, bias=flags["has_bias"], transposed=flags["is_transposed"],
-        disk_transposed=disk_transposed(model, template, gated), source=f"derived from {type(model).__name__}")
+        activation=math.activation, gated=gated, limit=math.limit, bias=flags["has_bias"],
+        transposed=flags["is_transposed"], disk_transposed=disk_transposed(model, template, gated),
+        source=f"derived from {type(model).__name__}")
 
 
 def _split_conversions(model: nn.Module):
@@ -230,13 +233,16 @@ def check_math(family: MoEFamily, modules: dict[str, nn.Module]) -> None:
     what is missing, e.g. "experts math 'relu2 ungated' not supported yet"."""
     for name, module in modules.items():
         found = experts_math.probe(module)
-        gap = experts_math.engine_gap(found, bool(getattr(module, "has_bias", family.bias)),
-                                      bool(getattr(module, "is_transposed", family.transposed)))
+        gap = experts_math.engine_gap(found)
         if gap:
             raise UnsupportedModelError(f"{family.model_type} ({name}): {gap}")
         if found != family.math:
             raise UnsupportedModelError(f"{name} computes '{experts_math.label(found)}' but the rule "
                                         f"{family.source or family.model_type} says '{family.math.label}'")
+        for flag, value in (("has_bias", family.bias), ("is_transposed", family.transposed)):
+            if bool(getattr(module, flag, value)) != value:
+                raise UnsupportedModelError(f"{name} has {flag}={not value} but the rule "
+                                            f"{family.source or family.model_type} says {value}")
     gap = family.engine_gap()
     if gap:
         raise UnsupportedModelError(f"{family.model_type} ({family.source}): {gap}")

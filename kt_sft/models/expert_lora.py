@@ -33,19 +33,26 @@ from torch import nn
 from ..engine import ExpertLoRA
 from .experts import kt_experts_forward
 
-EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # gated experts' fused parameters; ungated ones: up_proj, down_proj
+ALL_EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
 # Names `lora_target` / target_parameters may use for the routed experts (besides "<module path>.<param>"); they
-# resolve against each family's own experts module (mlp.experts, feed_forward.experts, ...).
-EXPERT_ALIASES = {"experts": EXPERT_PARAMS, "gate_up_proj": ("gate_up_proj",), "down_proj": ("down_proj",)}
+# resolve against each family's own experts module (mlp.experts, feed_forward.experts, ...); "experts": all of its.
+EXPERT_ALIASES = {"experts": ALL_EXPERT_PARAMS, **{p: (p,) for p in ALL_EXPERT_PARAMS}}
 
 
 def engine_experts_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if getattr(m, "kt_layer", None) is not None}
 
 
+def expert_params(module: nn.Module) -> tuple[str, ...]:
+    """The fused parameters of an engine experts module, in registration order: gate_up_proj, down_proj (ungated
+    experts: up_proj, down_proj)."""
+    return EXPERT_PARAMS if module.kt_layer.activation.gated else ("up_proj", "down_proj")
+
+
 def expert_parameter_names(model: nn.Module) -> list[str]:
     """Full names of the routed-expert parameters targets can name, e.g. model.layers.1.mlp.experts.down_proj."""
-    return [f"{name}.{p}" for name in engine_experts_modules(model) for p in EXPERT_PARAMS]
+    return [f"{name}.{p}" for name, m in engine_experts_modules(model).items() for p in expert_params(m)]
 
 
 def _matches(full_name: str, target: str) -> bool:
@@ -83,7 +90,7 @@ def names_routed_experts(model: nn.Module, target: str, experts=None) -> bool:
         return False
     if any(_matches(f"{name}.{p}", target) for name in experts for p in EXPERT_PARAMS):
         return True
-    return target.rsplit(".", 1)[-1] in EXPERT_PARAMS or "experts." in target
+    return target.rsplit(".", 1)[-1] in ALL_EXPERT_PARAMS or "experts." in target
 
 
 def check_lora_targets(model: nn.Module, targets, experts, dropout: float = 0.0) -> None:
@@ -120,16 +127,17 @@ def resolve_expert_targets(model: nn.Module, names) -> list[str]:
     for name in names:
         if name in EXPERT_ALIASES:
             suffixes = [f"{path}.{p}" for path in experts_paths(model) for p in EXPERT_ALIASES[name]]
+            suffixes = [x for x in suffixes if any(_matches(f, x) for f in full)] or suffixes[:1]
         elif any(_matches(module, name) for module in experts):
-            suffixes = [f"{name}.{p}" for p in EXPERT_PARAMS]
+            suffixes = [f"{name}.{p}" for p in ALL_EXPERT_PARAMS if any(_matches(f, f"{name}.{p}") for f in full)]
         else:
             suffixes = [name]
         for suffix in suffixes or [name]:
             if not any(_matches(f, suffix) for f in full):
                 shown = ", ".join(full[:4]) + (", ..." if len(full) > 4 else "")
                 raise ValueError(f"target {name!r} matches no routed-expert parameter of this model; its expert "
-                                 f"parameters are {shown} (use 'experts', 'gate_up_proj', 'down_proj' or a suffix "
-                                 "of those names)")
+                                 f"parameters are {shown} (use 'experts', 'gate_up_proj' (ungated experts: "
+                                 "'up_proj'), 'down_proj' or a suffix of those names)")
             if suffix not in out:
                 out.append(suffix)
     return out
@@ -139,12 +147,11 @@ def resolve_expert_targets(model: nn.Module, names) -> list[str]:
 def expert_params_exposed(model: nn.Module) -> Iterator[None]:
     exposed = []
     for module in engine_experts_modules(model).values():
-        if any(name in module._parameters for name in EXPERT_PARAMS):
+        params = expert_params(module)
+        if any(name in module._parameters for name in params):
             continue
-        layer = module.kt_layer
-        E, H, I = layer.num_experts, layer.hidden_size, layer.intermediate_size
-        for name, shape in (("gate_up_proj", (E, 2 * I, H)), ("down_proj", (E, H, I))):
-            module.__dict__.pop(name, None)
+        for name in params:  # the shapes of the module's own (meta) parameters, transposed layouts included
+            shape = tuple(module.__dict__.pop(name).shape)
             stand_in = torch.zeros((), dtype=torch.float32).expand(shape)
             module.register_parameter(name, nn.Parameter(stand_in, requires_grad=False))
         exposed.append(module)
@@ -152,7 +159,7 @@ def expert_params_exposed(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         for module in exposed:
-            for name in EXPERT_PARAMS:
+            for name in expert_params(module):
                 param = module._parameters.pop(name, None)
                 if param is not None:
                     object.__setattr__(module, name, param.detach())
@@ -168,7 +175,23 @@ def _wrapper_chain(module: nn.Module) -> tuple[list[nn.Module], nn.Module]:
     return chain, module
 
 
-def _active_factors(chain) -> Optional[ExpertLoRA]:
+def engine_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, experts: int, transposed: bool,
+                   interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's factors of one fused parameter -> the engine's (A [r*E, out] rows e*r + rho, B [in, r*E] columns
+    rho*E + e; kt_sft.engine.lora), differentiably (gradients reach PEFT's). A parameter of [E, out, in] (transformers'
+    usual layout) has them already; a transposed one [E, in, out] (gpt-oss) has lora_A on the input side and lora_B on
+    the output side, so they trade places; interleaved gate / up output columns (gpt-oss) become [gate | up] halves."""
+    A, B = lora_A, lora_B
+    if transposed:
+        r = lora_A.shape[0] // experts
+        A = lora_B.t().reshape(r, experts, -1).transpose(0, 1).reshape(experts * r, -1)
+        B = lora_A.reshape(experts, r, -1).transpose(0, 1).reshape(r * experts, -1).t()
+    if interleaved:
+        A = torch.cat([A[:, 0::2], A[:, 1::2]], dim=1)
+    return A, B
+
+
+def _active_factors(chain, experts: nn.Module) -> Optional[ExpertLoRA]:
     factors = {}
     for wrapper in chain:
         if wrapper.disable_adapters or wrapper.merged:
@@ -180,14 +203,20 @@ def _active_factors(chain) -> Optional[ExpertLoRA]:
                 break
     if not factors:
         return None
-    gu, d = factors.get("gate_up_proj"), factors.get("down_proj")
+    policy = experts.kt_policy
+    if policy.transposed or policy.interleaved:
+        E = experts.kt_layer.num_experts
+        factors = {p: (*engine_factors(A, B, E, policy.transposed, policy.interleaved and p == "gate_up_proj"), sc)
+                   for p, (A, B, sc) in factors.items()}
+    gu, d = factors.get("gate_up_proj", factors.get("up_proj")), factors.get("down_proj")
     return ExpertLoRA(A_gu=gu[0] if gu else None, B_gu=gu[1] if gu else None, A_d=d[0] if d else None,
                       B_d=d[1] if d else None, scale_gu=gu[2] if gu else 1.0, scale_d=d[2] if d else 1.0)
 
 
 def _engine_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
     chain, experts = _wrapper_chain(self)
-    return kt_experts_forward(experts, hidden_states, top_k_index, top_k_weights, lora=_active_factors(chain))
+    return kt_experts_forward(experts, hidden_states, top_k_index, top_k_weights,
+                              lora=_active_factors(chain, experts))
 
 
 def _refuse_merge(self, *args, **kwargs):

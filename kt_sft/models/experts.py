@@ -43,11 +43,16 @@ class ExpertCallPolicy:
     retain: in a checkpoint's first pass (training mode, no_grad, inside a checkpoint entered with grad: the NOTE
     above) keep the forward for the recompute pass; False runs the CPU experts again instead.
     share: the GPU share of this module's layer (kt_sft.engine.GpuShare), or None (every expert on the engine).
+    transposed, interleaved: the module's fused parameters are [E, in, out] / its gate_up columns alternate gate and
+    up (gpt-oss), as the engine's loading undid: PEFT's expert LoRA factors on them are mapped likewise
+    (expert_lora.engine_factors).
     """
 
     chunk_size: int = 0
     retain: bool = True
     share: Optional[GpuShare] = None
+    transposed: bool = False
+    interleaved: bool = False
 
 
 def kt_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -62,6 +67,9 @@ def kt_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
     x = hidden_states.reshape(-1, shape[-1])
     k = top_k_index.shape[-1]
     ids, weights = top_k_index.reshape(-1, k), top_k_weights.reshape(-1, k)
+    # ids past the routed experts (a router's zero / skip experts, expert-parallel sentinels) add nothing and get no
+    # weight gradient, as in transformers' own experts implementations: the engine's "not here" slot (-1)
+    ids = ids.masked_fill(ids >= layer.num_experts, -1)
     # The first pass of reentrant checkpointing (training, no_grad, inside a checkpoint entered with grad; see the
     # module's NOTE): retain for the recompute pass.
     retain = self.training and not torch.is_grad_enabled() and policy.retain and _checkpoint_with_grad.get()

@@ -12,9 +12,11 @@ are examples of the format, each equal to what kt-sft derives for its family (te
     checkpoint       per-expert tensor names on disk: gate / up / down, with {layer} and {expert}
     fused_checkpoint fused names on disk: gate_up [E, 2I, H] (gate rows first) / down [E, H, I]; at least one of
                      checkpoint / fused_checkpoint names every projection
-    activation       with `gated`: the experts' math (kt_sft.models.experts_math: silu, gelu_tanh, relu2, ...); a
-                     probe of the model's own experts modules must agree
-    bias, transposed the experts modules' has_bias / is_transposed
+    activation       with `gated` (and `limit`, a clamped variant's): the experts' math (kt_sft.models.experts_math:
+                     silu, silu_clamped, gpt_oss_swiglu, gelu_tanh, relu2, ...); a probe of the model's own experts
+                     modules must agree
+    bias, transposed the experts modules' has_bias / is_transposed: biases load from `<fused name>_bias` (per-expert
+                     names: `.bias` for `.weight`); transposed fused tensors are [E, H, 2I] / [E, I, H]
     disk_transposed  the fused tensors on disk may be the transpose of the parameters ([E, H, 2I] for gate_up_proj
                      [E, 2I, H]: Qwen3-VL-MoE); told apart by shape as transformers' Transpose(check_dims) converter
                      does (a shape equal to the parameter's loads as it is)
@@ -38,10 +40,10 @@ DEFAULTS_KEYS = ("format", "threads")
 # The model types whose tiny random model tests/test_families.py (text) and tests/test_vlm.py (vision-language, with
 # images) compare with stock transformers + PEFT (logits, LoRA steps with expert LoRA, greedy generation); a test
 # keeps this list equal to those tables.
-TESTED = ("afmoe", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe",
-          "glm4_moe_lite", "glm4v_moe", "glm_moe_dsa", "hunyuan_v1_moe", "hy_v3", "jamba", "lfm2_moe", "minimax",
-          "minimax_m2", "mistral4", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe", "qwen3_5_moe_text",
-          "qwen3_moe", "qwen3_next", "qwen3_vl_moe", "solar_open")
+TESTED = ("afmoe", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "gemma4_text",
+          "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm_moe_dsa", "gpt_oss", "hunyuan_v1_moe", "hy_v3", "jamba",
+          "lfm2_moe", "minimax", "minimax_m2", "mistral4", "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe",
+          "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "qwen3_vl_moe", "solar_open")
 
 
 class UnsupportedModelError(ValueError):
@@ -70,6 +72,7 @@ class MoEFamily:
     fused_checkpoint: dict = field(default_factory=dict)
     activation: str = "silu"
     gated: bool = True
+    limit: Optional[float] = None
     bias: bool = False
     transposed: bool = False
     disk_transposed: bool = False
@@ -100,11 +103,23 @@ class MoEFamily:
 
     @property
     def math(self) -> experts_math.ExpertsMath:
-        return experts_math.variant(self.activation, self.gated)
+        return experts_math.variant(self.activation, self.gated, self.limit)
 
     def engine_gap(self) -> Optional[str]:
         """Why the CPU engine cannot run this family's experts (None: it can)."""
-        return experts_math.engine_gap(self.math, self.bias, self.transposed)
+        return experts_math.engine_gap(self.math)
+
+    def bias_names(self) -> dict[str, str]:
+        """Where the experts' biases are on disk ({} without biases): `<fused name>_bias` per fused projection
+        (gate_up / down / up), else the per-expert names with `.bias` for `.weight`."""
+        if not self.bias:
+            return {}
+        if self.fused_checkpoint:
+            return {p: f"{name}_bias" for p, name in self.fused_checkpoint.items()}
+        return {p: re.sub(r"\.weight$", ".bias", name) for p, name in self.checkpoint.items()}
+
+    def bias_key_regexes(self) -> dict[str, re.Pattern]:
+        return {p: _template_regex(t) for p, t in self.bias_names().items()}
 
     def expert_key_regexes(self) -> dict[str, re.Pattern]:
         """projection -> regex with groups layer/expert, for per-expert keys on disk."""
@@ -116,13 +131,18 @@ class MoEFamily:
     def experts_module_regex(self) -> re.Pattern:
         return _template_regex(self.experts_module)
 
-    def expected_key(self, proj: str, layer: int, expert: int) -> str:
-        """The on-disk name expert `expert`'s projection `proj` of MoE layer `layer` is looked up by (error
-        messages): its per-expert name, else the fused tensor holding it."""
-        if proj in self.checkpoint:
-            return self.checkpoint[proj].format(layer=layer, expert=expert)
+    def expected_key(self, proj: str, layer: int, expert: int, bias: bool = False) -> str:
+        """The on-disk name expert `expert`'s projection `proj` (its bias: `bias`) of MoE layer `layer` is looked up
+        by (error messages): its per-expert name, else the fused tensor holding it."""
+        if bias:
+            names, per_expert = self.bias_names(), not self.fused_checkpoint
+        else:
+            per_expert = proj in self.checkpoint
+            names = self.checkpoint if per_expert else self.fused_checkpoint
+        if per_expert:
+            return names[proj].format(layer=layer, expert=expert)
         fused = "gate_up" if proj in ("gate", "up") and self.gated else proj
-        return self.fused_checkpoint[fused].format(layer=layer)
+        return names[fused].format(layer=layer)
 
 
 def load_family_file(path: str | Path) -> MoEFamily:
