@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
-from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedConfig

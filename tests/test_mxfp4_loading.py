@@ -26,7 +26,6 @@ from kt_sft import loader
 from kt_sft.checkpoint_formats import CheckpointFormatError, decode_mxfp4
 from kt_sft.engine import ExpertLayer
 from kt_sft.engine.gpu_share import panels_to_matrix
-from kt_sft.models.registry import UnsupportedModelError
 from moe_reference import rel_err
 from mxfp4_checkpoints import dequantize_mxfp4, quantize_mxfp4, write_mxfp4
 from tiny_models import VOCAB, make_tiny_model
