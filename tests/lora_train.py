@@ -85,3 +85,18 @@ def lora_run(model, family: str, batches, *, lr: float = 1e-3, seed: int = 0,
     for h in hooks:
         h.remove()
     return Run(losses, lora_init, grad_step1, [n for n, _ in named], calls_step1)
+
+
+def adamw_losses(model, batches, lr: float) -> list[float]:
+    """AdamW steps of `model` (training mode) on its trainable parameters, one per batch (model kwargs, labels
+    included): the loss of each step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for batch in batches:
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses

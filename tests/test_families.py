@@ -27,7 +27,7 @@ from kt_sft.models import catalog, experts_math, registry
 from kt_sft.models.derive import model_class
 from kt_sft.models.expert_lora import get_peft_model
 from kt_sft.models.registry import fused_projections, load_family_file
-from lora_train import make_batches
+from lora_train import adamw_losses, make_batches
 from moe_reference import rel_err
 from tiny_models import (ALL_FAMILIES, CONFIGS, FAMILIES, VL_FAMILIES, VOCAB, derived_family, experts_path,
                          refused_config)
@@ -71,18 +71,9 @@ def _lora(model, family, wrap):
 
 
 def _train(model) -> list[float]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=5e-3)
-    model.train()
     torch.manual_seed(11)  # phimoe's router samples its top-k in training: the same draws on both sides
-    losses = []
-    for ids, mask, labels in make_batches(STEPS, seq=10):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    batches = [dict(input_ids=i, attention_mask=m, labels=y) for i, m, y in make_batches(STEPS, seq=10)]
+    return adamw_losses(model, batches, lr=5e-3)
 
 
 @torch.no_grad()

@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from llamafactory_run import llamafactory_cli

@@ -18,6 +18,7 @@ from transformers import AutoModelForImageTextToText
 
 import kt_sft
 from kt_sft.models.expert_lora import get_peft_model
+from lora_train import adamw_losses
 from moe_reference import rel_err
 from tiny_models import IMAGE_GRID, IMAGE_TOKENS, PATCH, VL_FAMILIES, VL_TOKENS, experts_path
 
@@ -76,17 +77,7 @@ def _lora(model, family, wrap):
 
 
 def _train(model) -> list[float]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-3)
-    model.train()
-    losses = []
-    for step in range(STEPS):
-        loss = model(**vl_batch(100 + step % 4)).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    return adamw_losses(model, (vl_batch(100 + step % 4) for step in range(STEPS)), lr=2e-3)
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ import warnings
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from . import share_plan
 from .formats import ExpertFormat
