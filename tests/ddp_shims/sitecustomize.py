@@ -21,7 +21,9 @@ def _restore_cpu_n(obj, location):
     return obj if re.fullmatch(r"cpu:\d+", str(location)) else None
 
 
-torch.serialization.register_package(25, _cpu_index, _restore_cpu_n)
+# After torch's own backends (priorities 10-26 in torch 2.x; an equal priority makes the registry's sort compare
+# functions and fail).
+torch.serialization.register_package(100, _cpu_index, _restore_cpu_n)
 
 if os.environ.get("KT_TEST_TARGET_PARAMETERS"):
     import functools
