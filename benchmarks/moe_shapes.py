@@ -38,6 +38,10 @@ SHAPES = {s.name: s for s in (
     Shape("Mixtral-8x7B", 8, 2, 4096, 14336, "transformers 5.6 MixtralConfig defaults (mistralai/Mixtral-8x7B-v0.1)"),
     Shape("Mixtral-8x22B", 8, 2, 6144, 16384, "mistral-community/Mixtral-8x22B-v0.1 (hidden 6144, intermediate "
           "16384, 8 experts, top-2) as Megatron-LM's Mixtral 8x22B settings give it"),
+    Shape("gpt-oss-120b", 128, 4, 2880, 2880, "transformers 5.6 GptOssConfig defaults (openai/gpt-oss-120b; timed with "
+          "the table's SiLU GLU: its clamped SwiGLU + biases cost the same GEMMs)"),
+    Shape("Qwen3-Next-80B-A3B", 512, 10, 2048, 512, "transformers 5.6 Qwen3NextConfig defaults "
+          "(Qwen/Qwen3-Next-80B-A3B)"),
 )}
 DECODE_MAX_TOKENS = 32  # calls of at most this many tokens are decode steps: timed forward only
 RAM_FRACTION = 0.75  # of MemAvailable at the start of a shape: room for the interpreter, torch and the page cache
