@@ -229,7 +229,8 @@ def test_backward_without_lora_is_autograds_own_result(fmt, grouped, monkeypatch
         tok, pos = plan["tok"][lo:hi], plan["pos"][lo:hi]
         xs, ws = x[tok].requires_grad_(), w.flatten()[pos].float().requires_grad_()
         with torch.enable_grad():
-            torch.autograd.backward(share._rows(xs, ws, a, plan, gate, up, down, None), dy[tok].float())
+            torch.autograd.backward(share._rows(xs, ws, a, plan, gate, up, down, None, share._row_experts(plan, lo, hi)),
+                                    dy[tok].float())
         want_dx.index_add_(0, tok, xs.grad.float())
         want_dw[pos] = ws.grad
     assert torch.equal(dx, want_dx) and torch.equal(dw.flatten(), want_dw)
