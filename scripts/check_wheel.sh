@@ -3,7 +3,8 @@
 # and LLaMA-Factory stack but no kt-sft, imports, passes the engine parity tests (run against the installed package,
 # not this source tree), trains the demo through the installed hook with the source build's losses, and uninstalls
 # cleanly (the hook .pth goes too).
-#   scripts/check_wheel.sh WHEEL [WORKDIR]      (VENV=.venv: the stack and the source build to compare with)
+#   scripts/check_wheel.sh WHEEL [WORKDIR]      (VENV=.venv: the stack and the source build to compare with;
+#                                               STACK_SITE=DIR: packages put before VENV's, e.g. the device prelude's)
 # The fresh venv: made from $VENV's python without pip; a .pth in it lists a folder of links to every entry of
 # $VENV's site-packages except kt-sft's (a --system-site-packages for a venv's packages: torch 2.13 CPU without a
 # 200 MB reinstall). Its own site-packages comes first on sys.path, .pth files of the linked folder are not run.
@@ -29,7 +30,8 @@ for entry in "$OLD_SITE"/*; do
   case "$(basename "$entry")" in kt_sft* | __editable__*kt_sft* | *.pth) continue ;; esac
   ln -s "$entry" "$WORK/shared/"
 done
-echo "$WORK/shared" > "$SITE/_check_wheel_stack.pth"
+# STACK_SITE (the device: the prelude's /tmp/site, LLaMA-Factory's pins over the image's newer packages) comes first.
+printf '%s\n' ${STACK_SITE:-} "$WORK/shared" > "$SITE/_check_wheel_stack.pth"
 cd "$WORK"  # no source tree on sys.path from here on
 
 # The new venv's python runs with no compiler: its bin alone on PATH, CC/CXX that fail.
@@ -92,7 +94,10 @@ demo_matches_source_build() {
     { tail -30 demo_wheel.log; fail "demo with the wheel"; }
   grep -q "kt-sft: .* on CPU engine" demo_wheel.log || fail "the hook did not load the model through kt-sft"
   cfg=$(demo_config "$WORK/demo_source")
-  USE_KT=1 KT_SFT_THREADS=2 TOKENIZERS_PARALLELISM=false PYTHONPATH="$ROOT" "$VENV/bin/llamafactory-cli" train "$cfg" \
+  # The hook activated by hand: the source tree is not pip-installed everywhere (the device), so no .pth runs it.
+  USE_KT=1 KT_SFT_THREADS=2 TOKENIZERS_PARALLELISM=false PYTHONPATH="$ROOT${STACK_SITE:+:$STACK_SITE}" \
+    "$VENV/bin/python" -c "import sys, kt_sft.llamafactory.startup as hook; hook.activate()
+from llamafactory.cli import main; sys.argv = ['llamafactory-cli', 'train', '$cfg']; main()" \
     > demo_source.log 2>&1 || { tail -30 demo_source.log; fail "demo with the source build"; }
   "$VENV/bin/python" - "$WORK" <<'EOF' || fail "demo losses differ"
 import json, sys
