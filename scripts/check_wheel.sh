@@ -110,7 +110,12 @@ dl = max(abs(a[1] - b[1]) for a, b in zip(wheel, source))
 dg = max(abs(a[2] - b[2]) / max(abs(b[2]), 1e-12) for a, b in zip(wheel, source))
 print(f"[check_wheel] demo losses, wheel vs source build: {[round(l, 4) for _, l, _ in wheel]} "
       f"(max |loss diff| {dl:.1e}, max grad-norm rel diff {dg:.1e})")
-assert dl <= 2e-4 and dg <= 1e-4, "losses logged rounded to 4 decimals; grad norms to 1e-4"
+# CPU: the same kernels compiled twice, so the same numbers (losses are logged rounded to 4 decimals). On a GPU the
+# dense part's bf16 backward (atomics) is not run-to-run deterministic: 1.1e-3 loss / 2.7e-4 grad-norm apart on an
+# H100 (2026-12-05); a wrong wheel is 1e-1 away or fails outright.
+import torch
+loss_tol, grad_tol = (1e-2, 1e-2) if torch.cuda.is_available() else (2e-4, 1e-4)
+assert dl <= loss_tol and dg <= grad_tol, f"losses differ by more than {loss_tol} / grad norms by {grad_tol}"
 EOF
   log "demo: the wheel trains with the source build's losses"
 }
