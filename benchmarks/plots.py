@@ -99,8 +99,9 @@ def plot_bench_e2e(rows: list[dict], path: Path) -> Path:
     """Every end-to-end run: ours (CPU engine, or with the GPU share F) and stock, log scale."""
     runs = main_shape(report.runs_of(rows), ("layers", "batch", "seq"))
     fig, ax = figure(figsize=(12, 5))
-    share = lambda r: r["variant"] + (f", GPU share {float(r['gpu_experts']):g}"  # noqa: E731
-                                      if r["variant"] != "stock" and num(r["gpu_experts"]) else "")
+    share = lambda r: r["variant"] + (f", GPU share {r['gpu_experts']}"  # noqa: E731  (a fraction or "auto")
+                                      if not r["variant"].startswith("stock") and r["gpu_experts"] not in ("", "0")
+                                      else "")
     plot_runs(ax, runs, share)
     ax.set_yscale("log")
     first = runs[0][0]
