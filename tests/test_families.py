@@ -5,7 +5,7 @@ derived from the model itself (kt_sft/models/derive.py), and every other family'
     logits on a left-padded batch, 8 LoRA steps (attention / dense linears + the routed experts through PEFT
     target_parameters), then greedy generation with the trained adapters, all equal to stock (<= 1e-4 relative)
   * the 7 rule files of configs/ equal what kt-sft derives for their families; registry.TESTED is this table
-  * refused families (experts at several places, omni models) fail before any weight is read, naming what is
+  * refused families (omni models) fail before any weight is read, naming what is
     missing; the math probe tells every variant of experts_math.VARIANTS apart
   * README.md's family table is `python -m kt_sft families`
 ~1-2 s per family on 2 cores.
@@ -186,8 +186,6 @@ def test_prefixed_fused_checkpoint_loads_like_stock(tiny_checkpoint, tmp_path):
 # ------------------------------------------------------------------ refused families
 # What each refused family's load says (configs: tiny_models.REFUSED_KWARGS).
 REFUSED = {
-    "ernie4_5_vl_moe": r"experts modules at several places \(model.language_model.layers.{layer}.mlp.text_moe.experts, "
-                       r".*vision_moe.experts\): not supported yet",
     "qwen3_omni_moe": r"qwen3_omni_moe: omni \(audio / speech\) model .* not supported yet",
 }
 
