@@ -23,7 +23,7 @@ import kt_sft
 from kt_sft.models.expert_lora import get_peft_model
 from lora_train import adamw_losses
 from moe_reference import rel_err
-from kt_sft.models.expert_lora import engine_experts_modules
+from kt_sft.models.expert_lora import engine_experts_modules, resolve_expert_targets
 from tiny_models import (IMAGE_GRID, IMAGE_TOKENS, PATCH, VL_FAMILIES, VL_MOE_TOKEN_TYPES, VL_PATCH_VALUES, VL_TOKENS,
                          experts_paths)
 
@@ -126,6 +126,8 @@ def test_vision_language_family_matches_stock(family, tiny_checkpoint):
     assert rel_err(text_ref, ref) > 1e-2  # the image matters
     tokens = _tokens_per_experts_module(ours, batch)
     assert len(tokens) == len(engine_experts_modules(ours)) and min(tokens.values()) > 0, tokens
+    targets = [f"{path}.{p}" for path in experts_paths(family) for p in ("gate_up_proj", "down_proj")]
+    assert resolve_expert_targets(ours, ["experts"]) == targets  # lora_target `experts`: every experts module
 
     stock, ours = _lora(stock, family, stock_get_peft_model), _lora(ours, family, get_peft_model)
     stock_losses, our_losses = _train(stock, family), _train(ours, family)
