@@ -20,40 +20,13 @@ from peft import get_peft_model as stock_get_peft_model
 from transformers import AutoModelForImageTextToText
 
 import kt_sft
-from kt_sft.models.expert_lora import get_peft_model
+from kt_sft.models.expert_lora import engine_experts_modules, get_peft_model, resolve_expert_targets
 from lora_train import adamw_losses
 from moe_reference import rel_err
-from kt_sft.models.expert_lora import engine_experts_modules, resolve_expert_targets
-from tiny_models import (IMAGE_GRID, IMAGE_TOKENS, PATCH, VL_FAMILIES, VL_MOE_TOKEN_TYPES, VL_PATCH_VALUES, VL_TOKENS,
-                         experts_paths)
+from tiny_models import VL_FAMILIES, experts_paths, vl_batch
 
 RTOL = 1e-4
 STEPS = 8
-SEQ = 14
-IMAGE_MARKERS = (VL_TOKENS["start"], VL_TOKENS["image"], VL_TOKENS["end"])
-
-
-def vl_batch(family: str, seed: int, rows: int = 2) -> dict:
-    """`rows` rows of SEQ tokens, each with one image (start, IMAGE_TOKENS image tokens, end) after two text tokens,
-    row 1 left-padded by 3; random pixels; labels = the text tokens (padding and image markers -100); the token
-    types the family's processor returns."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VL_TOKENS["image"], (rows, SEQ), generator=gen)
-    mask = torch.ones_like(ids)
-    image = [VL_TOKENS["start"], *[VL_TOKENS["image"]] * IMAGE_TOKENS, VL_TOKENS["end"]]
-    for r in range(rows):
-        pad = 3 if r == 1 else 0
-        mask[r, :pad] = 0
-        ids[r, :pad] = 0
-        ids[r, pad + 2: pad + 2 + len(image)] = torch.tensor(image)
-    patches = rows * IMAGE_GRID[0] * IMAGE_GRID[1] * IMAGE_GRID[2]
-    labels = ids.masked_fill((mask == 0) | (ids >= VL_TOKENS["image"]), -100)
-    pixels = torch.randn(patches, VL_PATCH_VALUES.get(family, 3 * 2 * PATCH * PATCH), generator=gen)
-    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels,
-                 image_grid_thw=torch.tensor([IMAGE_GRID] * rows), mm_token_type_ids=(ids == VL_TOKENS["image"]).long())
-    if family in VL_MOE_TOKEN_TYPES:  # the image tokens and their markers: ERNIE-4.5-VL's processor
-        batch["moe_mm_token_type_ids"] = torch.isin(ids, torch.tensor(list(IMAGE_MARKERS))).long()
-    return batch
 
 
 def test_qwen3_vl_moe_checkpoint_stores_its_experts_transposed(tiny_checkpoint):
@@ -165,3 +138,25 @@ def test_llamafactory_lora_targets_of_a_vision_language_model(tiny_checkpoint):
     assert adapter.patch_target_modules(model, args, ["all", "experts"]) == [*alone, "experts"]
     assert adapter.patch_target_modules(model, args, ["q_proj", "mlp.experts"]) == \
         [n for n in alone if n.endswith("q_proj")] + ["mlp.experts"]
+
+
+def test_rule_file_names_further_experts_modules_under_more(tiny_checkpoint, tmp_path):
+    """A rule file (kt_optimize_rule) describes ERNIE-4.5-VL's vision experts under `more`, numbered on disk from
+    expert_block x E: written from the derived rule, it loads a model with the derived rule's logits."""
+    import yaml
+
+    from kt_sft.models.registry import load_family_file
+    from tiny_models import derived_family
+
+    keys = ("experts_module", "checkpoint", "fused_checkpoint", "activation", "gated", "expert_block")
+    derived, path = derived_family("ernie4_5_vl_moe"), tiny_checkpoint("ernie4_5_vl_moe")
+    text, *more = [{k: getattr(rule, k) for k in keys} for rule in derived.experts_sets]
+    rule = tmp_path / "ernie.yaml"
+    rule.write_text(yaml.safe_dump({"model_type": "ernie4_5_vl_moe", **text, "more": more}))
+    assert [r.expert_block for r in load_family_file(rule).experts_sets] == [0, 1]
+    batch = vl_batch("ernie4_5_vl_moe", 3)
+    batch.pop("labels")
+    with torch.no_grad():
+        ref = _ours(path).eval()(**batch).logits
+        got = kt_sft.load_model(path, device="cpu", dtype=torch.float32, progress=False, rule=rule).eval()(**batch)
+    assert torch.equal(got.logits, ref)
