@@ -470,8 +470,8 @@ class _Placer:
         name) and converted by the converter's own ops once each source is in; a `*` source (a list) at `finish`."""
         renamed, pattern = rename_source_key(key, self.renamings, self.converters, self.model.base_model_prefix,
                                              self.meta_state)
-        if pattern is None:
-            return False
+        if pattern is None or renamed not in self.meta_state:  # e.g. DeepSeek-V3's MTP experts: no place here,
+            return False                                       # skipped unread as before
         converter = next(c for c in self.converters if pattern in c.source_patterns)
         group = self.pending.setdefault(renamed, copy.deepcopy(converter))
         group.add_tensor(renamed, key, pattern, read())

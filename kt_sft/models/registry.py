@@ -142,6 +142,7 @@ class MoEFamily:
     def disk_expert(self, expert: int, experts: int) -> int:
         """The on-disk index of expert `expert` of this experts module of `experts` experts (`expert_block`)."""
         return self.expert_block * experts + expert
+
     @property
     def math(self) -> experts_math.ExpertsMath:
         return experts_math.variant(self.activation, self.gated, self.limit)
