@@ -65,7 +65,8 @@ class Item:
     outputs: list                     # the Entry(s) written for it, in order
     action: str                       # copy (bytes as stored) | float (to outputs[0].dtype) | fp8 (requantized)
     edit: Optional[ParamEdit] = None  # what the adapters do to it
-    expert: Optional[tuple] = None    # a routed expert's (projection, expert index or None for a fused tensor)
+    expert: Optional[tuple] = None    # a routed expert's (projection, expert index or None for a fused tensor,
+    #                                   the rule of its experts module)
 
     @property
     def nbytes(self) -> int:
@@ -121,7 +122,7 @@ def plan_export(model, adapters, out, *, shard_size="5GB", format: str = "bf16",
     """Every check and decision of `export_checkpoint` (same arguments), from config.json, the shards' headers and
     the adapters alone; nothing is written. The model is built on the meta device as the loader builds it (its
     plan steps: kt_sft.loader), so keys route to the same parameters as when kt-sft loads the checkpoint."""
-    from .loader import _experts_modules, _KeyRouter, _Placer, _resolve_model
+    from .loader import _experts_modules, _KeyRouter, _Placer, _resolve_model, expert_counts
     from .models.derive import build_meta, resolve_family
 
     base, out = Path(model), Path(out)
@@ -138,8 +139,9 @@ def plan_export(model, adapters, out, *, shard_size="5GB", format: str = "bf16",
     reader = TensorReader(files)
     check_stored(source, files.headers, reader.get, where=lambda key: f"in {files.shard_of(key)}")
     placer = _Placer(meta, torch.device("cpu"), torch.float32)
-    context = _PlanContext(files, source, format, dtype, family, edits, set(_experts_modules(meta, family)),
-                           _KeyRouter(family, files.headers, placer.renamings), placer, reader)
+    modules = _experts_modules(meta, family)
+    context = _PlanContext(files, source, format, dtype, family, edits, set(modules),
+                           _KeyRouter(family, files.headers, placer.renamings, expert_counts(modules)), placer, reader)
     items = context.items()
     _check_all_applied(edits, context.applied, base)
     generation = None if (base / "generation_config.json").is_file() else _generation_config(config)
@@ -193,9 +195,10 @@ class _PlanContext:
 
     def edit_of(self, key: str, route) -> Optional[ParamEdit]:
         if route is not None:
-            proj, layer, _ = route
-            fused = "gate_up" if proj in ("gate", "up") and self.family.gated else proj
-            name = f"{self.family.experts_module.format(layer=layer)}.{fused}_proj"
+            proj, at, _ = route
+            rule = self.router.rule(at)
+            fused = "gate_up" if proj in ("gate", "up") and rule.gated else proj
+            name = f"{rule.experts_module.format(layer=at.layer)}.{fused}_proj"
         else:
             name = self.placer.name_of(self.router.logical(key))
         if name in self.edits:
@@ -206,7 +209,7 @@ class _PlanContext:
     def item(self, key: str, shard: Path, route) -> Item:
         dtype, shape = self.files.headers[key]
         edit = self.edit_of(key, route)
-        expert = None if route is None else (route[0], route[2])
+        expert = None if route is None else (route[0], route[2], self.router.rule(route[1]))
         if is_quantized(key, dtype):
             if self.format == "fp8":
                 companions = [Entry(c, *self.files.headers[c]) for c in _companions(key, self.files.headers)]
@@ -352,11 +355,11 @@ def quantize_fp8_blocks(w: torch.Tensor, block: tuple, scale_dtype: torch.dtype)
     return codes, scale
 
 
-def _expert_delta(item: Item, family: MoEFamily, e: int, whole: bool) -> Optional[torch.Tensor]:
+def _expert_delta(item: Item, e: int, whole: bool) -> Optional[torch.Tensor]:
     """The summed adapters' delta of expert e's tensor of `item`: the whole [d1, d2] slice of a fused tensor
     (`whole`), or a per-expert [out, in] weight (gate: the first half of gate_up's outputs, up: the second)."""
     edit, total = item.edit, None
-    proj = item.expert[0]
+    proj, _, family = item.expert
     outputs = edit.shape[2] if family.transposed else edit.shape[1]
     half = slice(0, outputs // 2) if proj == "gate" else slice(outputs // 2, None) \
         if proj == "up" and family.gated else None
@@ -381,7 +384,7 @@ def _merged(item: Item, reader: TensorReader, plan: ExportPlan) -> torch.Tensor:
     if edit is None or not edit.loras:
         return w
     if item.expert is not None:
-        return w.float() + _expert_delta(item, plan.family, item.expert[1], whole=False)
+        return w.float() + _expert_delta(item, item.expert[1], whole=False)
     return w.float() + sum(lora.delta() for lora in edit.loras)
 
 
@@ -391,7 +394,7 @@ def _fused_experts(item: Item, reader: TensorReader, plan: ExportPlan, dtype: to
     for e in range(item.outputs[0].shape[0]):
         w = stored[e]
         if item.edit is not None and item.edit.loras:
-            w = w.float() + _expert_delta(item, plan.family, e, whole=True)
+            w = w.float() + _expert_delta(item, e, whole=True)
         yield w.to(dtype)
 
 

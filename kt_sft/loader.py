@@ -36,7 +36,7 @@ import torch
 from accelerate.utils import set_module_tensor_to_device
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedConfig
-from transformers.core_model_loading import WeightRenaming, rename_source_key
+from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -50,7 +50,7 @@ from .models.chunked_loss import install_chunked_loss
 from .models import experts_math
 from .models.derive import build_meta, resolve_family
 from .models.experts import ExpertCallPolicy, attach_engine, install_checkpoint_marking, use_engine
-from .models.registry import TESTED, MoEFamily, UnsupportedModelError, fused_projections, get_override
+from .models.registry import TESTED, ExpertsAt, MoEFamily, UnsupportedModelError, fused_projections, get_override
 
 logger = logging.getLogger(__name__)
 
@@ -67,15 +67,16 @@ class LoadPlan:
     format_reason: str               # why that format (asked for, or which default rule)
     threads: int                     # engine threads (0: KT_SFT_THREADS or the physical cores)
     model: torch.nn.Module           # every tensor on the meta device
-    experts_modules: dict            # MoE layer index -> its experts module
+    experts_modules: dict            # ExpertsAt (MoE layer, experts set) -> its experts module
 
     @property
-    def expert_shapes(self) -> dict[int, tuple[int, int, int]]:
-        """(experts, hidden, intermediate) of each MoE layer, from its fused down_proj [E, H, I] (transposed:
+    def expert_shapes(self) -> dict[ExpertsAt, tuple[int, int, int]]:
+        """(experts, hidden, intermediate) of each experts module, from its fused down_proj [E, H, I] (transposed:
         [E, I, H])."""
-        def dims(down):
-            return (down.shape[0], down.shape[2], down.shape[1]) if self.family.transposed else tuple(down.shape)
-        return {idx: dims(m.down_proj) for idx, m in sorted(self.experts_modules.items())}
+        def dims(at, down):
+            transposed = self.family.experts_sets[at.set].transposed
+            return (down.shape[0], down.shape[2], down.shape[1]) if transposed else tuple(down.shape)
+        return {at: dims(at, m.down_proj) for at, m in sorted(self.experts_modules.items())}
 
     def expert_bytes(self, fmt: Optional[FormatLike] = None) -> int:
         """Host bytes of every MoE layer's packed experts in `fmt` (default: the planned format), without
@@ -143,7 +144,7 @@ def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *
     _set_threads(plan.threads, host)
     files = scan(plan.path, opts.expert_path)
     model, placer = plan.model, _Placer(plan.model, opts.device, opts.dtype)
-    router = _KeyRouter(plan.family, files.headers, placer.renamings)
+    router = _KeyRouter(plan.family, files.headers, placer.renamings, expert_counts(plan.experts_modules))
     _check_stored(plan.source, files, router)
     if opts.check_memory:  # the experts count once per host: on the rank that packs them
         packs = host is None or host.packs
@@ -153,15 +154,16 @@ def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *
             check()
         else:
             host.together(check, "the memory check")
-    activation = experts_math.engine_activation(plan.family.math)
-    layers = {idx: engine.ExpertLayer(E, H, I, plan.format, activation, opts.max_saved, bias=plan.family.bias)
-              for idx, (E, H, I) in plan.expert_shapes.items()}
-    with distributed.shared_experts(host, [layers[i] for i in sorted(layers)]) as packs:
+    sets = plan.family.experts_sets
+    layers = {at: engine.ExpertLayer(E, H, I, plan.format, experts_math.engine_activation(sets[at.set].math),
+                                     opts.max_saved, bias=sets[at.set].bias)
+              for at, (E, H, I) in plan.expert_shapes.items()}
+    with distributed.shared_experts(host, [layers[at] for at in sorted(layers)]) as packs:
         _stream_shards(files, layers, router, placer, plan.source, opts.progress, experts=packs)
     _check_experts_loaded(layers, plan, files, router.prefix)
-    policies = {idx: _call_policy(layer, opts, plan.family) for idx, layer in layers.items()}
-    for idx, layer in sorted(layers.items()):
-        attach_engine(plan.experts_modules[idx], layer, policies[idx])
+    policies = {at: _call_policy(layer, opts, sets[at.set]) for at, layer in layers.items()}
+    for at, layer in sorted(layers.items()):
+        attach_engine(plan.experts_modules[at], layer, policies[at])
     reserve_launch_cores(plan.threads, any(p.share is not None for p in policies.values()))
     _finish_dense(model, placer, opts.device)
     _read_generation_config(model, plan.path)
@@ -331,7 +333,21 @@ def _threads(family: MoEFamily, opts: LoadOptions) -> int:
     return 0 if env <= engine.usable_cpus() else engine.threads_for_cpus(env, "KT_SFT_THREADS")
 
 
-def _experts_modules(model: torch.nn.Module, family: MoEFamily) -> dict[int, torch.nn.Module]:
+def _experts_modules(model: torch.nn.Module, family: MoEFamily) -> dict[ExpertsAt, torch.nn.Module]:
+    """Every experts module of the rule's experts modules (`experts_sets`), by MoE layer and set."""
+    found = {}
+    for index, rule in enumerate(family.experts_sets):
+        found.update({ExpertsAt(layer, index): m for layer, m in _experts_modules_of(model, rule).items()})
+    return found
+
+
+def expert_counts(modules: dict) -> dict[ExpertsAt, int]:
+    """The expert count of each experts module (its fused down_proj's first dimension in either layout)."""
+    return {at: m.down_proj.shape[0] for at, m in modules.items()}
+
+
+def _experts_modules_of(model: torch.nn.Module, family: MoEFamily) -> dict[int, torch.nn.Module]:
+    """MoE layer index -> the experts module at `family.experts_module` (one experts set)."""
     pattern = family.experts_module_regex()
     params = [f"{p}_proj" for p in fused_projections(family.gated)]
     found, elsewhere, unfused = {}, [], []
@@ -422,12 +438,15 @@ def _check_memory(expert_bytes: dict[ExpertFormat, int], dense_bytes: int, large
 
 
 class _Placer:
-    """Puts non-expert checkpoint tensors into the meta model under their in-memory names."""
+    """Puts non-expert checkpoint tensors into the meta model under their in-memory names; those transformers'
+    conversion mapping builds from other tensors through its own ops (`convert`)."""
 
     def __init__(self, model, device: torch.device, dtype: torch.dtype):
         self.model, self.device, self.dtype = model, device, dtype
         conversions = get_model_conversion_mapping(model)
         self.renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+        self.converters = [c for c in conversions if isinstance(c, WeightConverter)]
+        self.pending: dict = {}  # first target name -> a copy of its converter, collecting its sources
         self.meta_state = model.state_dict()
         self.fp32 = set(getattr(model, "_keep_in_fp32_modules_strict", None) or []) | \
             set(getattr(model, "_keep_in_fp32_modules", None) or [])
@@ -444,6 +463,35 @@ class _Placer:
             dtype = torch.float32 if keep32 else self.dtype
         set_module_tensor_to_device(self.model, name, self.device, value=tensor, dtype=dtype)
 
+    def convert(self, key: str, read) -> bool:
+        """Whether a converter of transformers' conversion mapping takes the tensor of `key` (`read()` reads it),
+        e.g. ERNIE-4.5-VL's routers stored transposed and its two experts sets' score biases stacked in one tensor.
+        Collected per target as transformers' loading collects them (a copy of the converter per first target
+        name) and converted by the converter's own ops once each source is in; a `*` source (a list) at `finish`."""
+        renamed, pattern = rename_source_key(key, self.renamings, self.converters, self.model.base_model_prefix,
+                                             self.meta_state)
+        if pattern is None or renamed not in self.meta_state:  # e.g. DeepSeek-V3's MTP experts: no place here,
+            return False                                       # skipped unread as before
+        converter = next(c for c in self.converters if pattern in c.source_patterns)
+        group = self.pending.setdefault(renamed, copy.deepcopy(converter))
+        group.add_tensor(renamed, key, pattern, read())
+        if all(p in group.collected_tensors and "*" not in p for p in group.source_patterns):
+            self._convert(renamed)
+        return True
+
+    def finish(self) -> None:
+        """Convert what is still collecting (converters with a `*` source)."""
+        for renamed in list(self.pending):
+            self._convert(renamed)
+
+    def _convert(self, renamed: str) -> None:
+        group = self.pending.pop(renamed)
+        for name, tensor in group.convert(renamed, model=self.model, config=self.model.config).items():
+            if name in self.meta_state:
+                self.place(name, tensor)
+            else:
+                self.unexpected.append(name)
+
 
 class _KeyRouter:
     """Where each checkpoint key goes, by its logical name (`logical_key`: INT4's `X.weight_packed` as `X.weight`,
@@ -454,20 +502,27 @@ class _KeyRouter:
     expert key that matches no template as stored is tried once more under transformers' renamings of the model
     (`renamings`, e.g. Qwen3.5's PrefixChange that drops `language_model.`), as transformers' own loading reads it."""
 
-    def __init__(self, family: MoEFamily, keys: Iterable[str], renamings=()):
-        self.family = family
-        self.expert_re, self.fused_re = family.expert_key_regexes(), family.fused_key_regexes()
-        self.bias_re = {f"{p}_bias": r for p, r in family.bias_key_regexes().items()}
+    def __init__(self, family: MoEFamily, keys: Iterable[str], renamings=(), experts=None):
+        """`experts`: the expert count of each experts module (ExpertsAt -> E), to tell apart experts sets whose
+        per-expert names are the same and whose experts are blocks of one on-disk list (`MoEFamily.expert_block`)."""
+        self.family, self.sets = family, family.experts_sets
+        self.regexes = [[*r.expert_key_regexes().items(), *r.fused_key_regexes().items(),
+                         *((f"{p}_bias", x) for p, x in r.bias_key_regexes().items())] for r in self.sets]
+        self.experts = dict(experts or {})
         self.renamings = list(renamings)
         self.prefix = self._find_prefix(keys)
+
+    def rule(self, at: ExpertsAt) -> MoEFamily:
+        """The rule of the experts module at `at` (its own layout, math and biases)."""
+        return self.sets[at.set]
 
     def logical(self, key: str) -> str:
         key = logical_key(key)
         return key[len(self.prefix):] if self.prefix and key.startswith(self.prefix) else key
 
-    def expert(self, key: str) -> Optional[tuple[str, int, Optional[int]]]:
-        """(projection, layer, expert) of a routed-expert key (expert None: a fused tensor of all experts; projection
-        `<p>_bias`: its biases)."""
+    def expert(self, key: str) -> Optional[tuple[str, ExpertsAt, Optional[int]]]:
+        """(projection, experts module, expert) of a routed-expert key (expert None: a fused tensor of all experts;
+        projection `<p>_bias`: its biases)."""
         name = self.logical(key)
         route = self._match(name)
         if route is None and self.renamings:
@@ -475,19 +530,29 @@ class _KeyRouter:
             route = self._match(renamed) if renamed != name else None
         return route
 
-    def _match(self, name: str) -> Optional[tuple[str, int, Optional[int]]]:
-        for proj, regex in self.expert_re.items():
-            m = regex.match(name)
-            if m:
-                return proj, int(m["layer"]), int(m["expert"])
-        for proj, regex in (*self.fused_re.items(), *self.bias_re.items()):
-            m = regex.match(name)
-            if m:
-                return proj, int(m["layer"]), int(m["expert"]) if "expert" in regex.groupindex else None
-        return None
+    def _match(self, name: str) -> Optional[tuple[str, ExpertsAt, Optional[int]]]:
+        claims = []
+        for index, regexes in enumerate(self.regexes):
+            for proj, regex in regexes:
+                m = regex.match(name)
+                if m:
+                    expert = int(m["expert"]) if "expert" in regex.groupindex else None
+                    claims.append((proj, ExpertsAt(int(m["layer"]), index), expert))
+                    break
+        return self._claimed(claims)
+
+    def _claimed(self, claims: list) -> Optional[tuple[str, ExpertsAt, Optional[int]]]:
+        """The claim of the experts set whose block of the on-disk expert list holds the expert, its index made
+        the set's own; else the first claim as it is (an expert past the list fails where it is loaded, a layer
+        without experts module is no expert key)."""
+        for proj, at, expert in claims:
+            block, count = self.sets[at.set].expert_block, self.experts.get(at)
+            if expert is None or (count and expert // count == block):
+                return proj, at, expert if expert is None else expert - block * count
+        return claims[0] if claims else None
 
     def _find_prefix(self, keys: Iterable[str]) -> str:
-        patterns = [*self.expert_re.values(), *self.fused_re.values()]
+        patterns = [regex for regexes in self.regexes for proj, regex in regexes if not proj.endswith("_bias")]
         for key in keys:
             parts = logical_key(key).split(".")
             for cut in range(len(parts)):
@@ -528,6 +593,7 @@ def _stream_shards(files: CheckpointFiles, layers: dict, router: _KeyRouter, pla
             except (RuntimeError, ValueError) as err:  # about this tensor: reading, decoding, shape, packing (the
                 # engine's settings are parsed at import and set before streaming, so none of theirs lands here)
                 raise type(err)(f"{key} in {shard.name}: {err}") from err
+    placer.finish()
 
 
 def _load_key(key: str, kinds: str, reader: TensorReader, router: _KeyRouter, layers: dict, placer: "_Placer",
@@ -541,7 +607,7 @@ def _load_key(key: str, kinds: str, reader: TensorReader, router: _KeyRouter, la
         proj, layer, expert = route
         if kinds == "dense" or (kinds in ("biases", "dense+biases") and not proj.endswith("_bias")):
             return
-        family = router.family
+        family = router.rule(layer)
         if proj.endswith("_bias"):
             _load_bias(layers[layer], proj[: -len("_bias")], expert, _read(key, reader, source), family)
         elif expert is None and key.endswith(MXFP4_BLOCKS):
@@ -554,7 +620,10 @@ def _load_key(key: str, kinds: str, reader: TensorReader, router: _KeyRouter, la
         return
     if kinds in ("experts", "biases"):
         return
-    name = placer.name_of(router.logical(key))
+    logical = router.logical(key)
+    name = placer.name_of(logical)
+    if name is None and placer.convert(logical, lambda: _read(key, reader, source)):
+        return
     if name is None:
         placer.unexpected.append(key)  # e.g. DeepSeek-V3's MTP layer; stock transformers skips these too
         return
@@ -648,17 +717,20 @@ def _load_projection(layer, proj: str, expert: int, key: str, reader: TensorRead
 
 def _check_experts_loaded(layers: dict, plan: LoadPlan, files: CheckpointFiles, prefix: str) -> None:
     """Every expert projection of every layer came from some shard; else name the first missing tensor."""
-    for idx, layer in sorted(layers.items()):
+    for at, layer in sorted(layers.items()):
         missing = layer.missing_weights()
         if missing:
             expert, proj, *bias = missing[0].split()[1:]
-            key = prefix + plan.family.expected_key(proj, idx, int(expert), bias=bool(bias))
+            rule = plan.family.experts_sets[at.set]
+            key = prefix + rule.expected_key(proj, at.layer, rule.disk_expert(int(expert), layer.num_experts),
+                                             bias=bool(bias))
             suffix = None if bias else {"int4-group": "_packed", "mxfp4": MXFP4_BLOCKS}.get(plan.source.name)
             stored = [key, key + suffix] if suffix else [key]
             listed = next((files.index[k] for k in stored if k in files.index), None)
             where = f"the index maps it to {listed}, which lacks it" if listed else "no shard contains it"
+            module = rule.experts_module.format(layer=at.layer)
             raise KeyError(f"expert tensor {' / '.join(stored)} is missing ({where}); {len(missing)} expert "
-                           f"projections of layer {idx} were never loaded. Is the checkpoint complete?")
+                           f"projections of {module} were never loaded. Is the checkpoint complete?")
 
 
 def _read_generation_config(model, path: Path) -> None:
@@ -712,7 +784,9 @@ def _summary(layers: dict, plan: LoadPlan, device: torch.device) -> str:
     stored = plan.format.label + (f" from {plan.source.name}" if plan.source.quantized else "")
     nodes = len(engine.numa_layout()["nodes"])
     numa = f", {nodes} NUMA nodes" if nodes > 1 else ""
-    return (f"kt-sft: {len(layers)} MoE layers / {experts} experts ({_size(packed)} {stored}) on CPU engine "
+    sets = len(plan.family.experts_sets)
+    where = f"{len({at.layer for at in layers})} MoE layers" + (f" x {sets} experts modules" if sets > 1 else "")
+    return (f"kt-sft: {where} / {experts} experts ({_size(packed)} {stored}) on CPU engine "
             f"[{engine.current_isa()}, {engine.num_threads()} threads{numa}]; dense on {device}")
 
 
@@ -723,7 +797,10 @@ def describe(path: str | os.PathLike) -> list[str]:
     plan = plan_load(path, device="cpu", dtype=torch.bfloat16, progress=False)
     shapes = plan.expert_shapes
     experts = {E for E, _, _ in shapes.values()}
-    lines = [f"checkpoint {plan.path}: {plan.family.model_type}, {len(shapes)} MoE layers x "
+    sets = len(plan.family.experts_sets)
+    modules = f" x {sets} experts modules" if sets > 1 else ""
+    lines = [f"checkpoint {plan.path}: {plan.family.model_type}, {len({at.layer for at in shapes})} MoE layers"
+             f"{modules} x "
              f"{'/'.join(map(str, sorted(experts)))} experts, stored {plan.source}",
              "  experts in host RAM: " + ", ".join(f"{f.backends[-1]} {_size(plan.expert_bytes(f))}"
                                                    for f in _formats_for(plan)),

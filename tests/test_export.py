@@ -3,7 +3,7 @@ transformers + PEFT's `merge_and_unload` of the same adapters, on the tiny check
 
   * every family of tiny_models.ALL_FAMILIES (per-expert and fused experts on disk, key prefixes): a stock PEFT
     adapter with LoRA on every linear and on the routed experts, exported in several shards, loads in stock
-    transformers with the logits of stock merge_and_unload (fp32, <= RTOL)
+    transformers with the logits of stock merge_and_unload (fp32, <= RTOL); ERNIE-4.5-VL's two experts sets too
   * PEFT's features: router LoRA (target_parameters on a 2-D weight), embedding LoRA, modules_to_save, rslora,
     rank / alpha patterns, two adapters merged one after the other (LLaMA-Factory's order)
   * a bf16 base stays bf16 (untouched tensors byte for byte); block-FP8 / FP8-channel / INT4 bases dequantized
@@ -36,7 +36,8 @@ from kt_sft.adapter_merge import AdapterError
 from kt_sft.models.derive import model_class
 from moe_reference import rel_err
 from quantized_checkpoints import dequantized_checkpoint, quantize_checkpoint
-from tiny_models import ALL_FAMILIES, VOCAB, experts_path, make_tiny_checkpoint, make_tiny_model
+from tiny_models import (ALL_FAMILIES, VOCAB, experts_path, experts_paths, make_tiny_checkpoint, make_tiny_model,
+                         vl_batch)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "examples" / "demo" / "model"
@@ -92,6 +93,23 @@ def test_merged_checkpoint_equals_stock_merge(family, tiny_checkpoint, tmp_path)
     got = _logits(_stock(tmp_path / "out"))
     assert rel_err(got, expected) <= RTOL
     assert rel_err(_logits(_stock(base)), expected) > 1e-3  # the adapter matters
+
+
+def test_merged_checkpoint_of_two_experts_sets_equals_stock_merge(tiny_checkpoint, tmp_path):
+    """ERNIE-4.5-VL: LoRA on its text and on its vision experts, whose experts share one per-expert list on disk
+    (vision from E on), merged into their own keys; logits with an image (the vision experts take its tokens)."""
+    family, base = "ernie4_5_vl_moe", tiny_checkpoint("ernie4_5_vl_moe")
+    experts = [f"{path}.{p}" for path in experts_paths(family) for p in ("gate_up_proj", "down_proj")]
+    peft = _adapter(base, family, tmp_path / "adapter", target_parameters=experts)
+    batch = vl_batch(family, 3)
+    batch.pop("labels")
+    with torch.no_grad():
+        expected = peft.merge_and_unload().eval()(**batch).logits
+        plan = _export(base, tmp_path / "adapter", tmp_path / "out", shard_size="40KB")
+        got = _stock(tmp_path / "out").eval()(**batch).logits
+        unmerged = _stock(base).eval()(**batch).logits
+    assert sum(1 for e in plan.edits.values() if e.experts) == len(experts) * 2  # 2 MoE layers
+    assert rel_err(got, expected) <= RTOL and rel_err(unmerged, expected) > 1e-3
 
 
 def test_peft_features_and_several_adapters_in_order(tiny_checkpoint, tmp_path):

@@ -5,7 +5,7 @@ derived from the model itself (kt_sft/models/derive.py), and every other family'
     logits on a left-padded batch, 8 LoRA steps (attention / dense linears + the routed experts through PEFT
     target_parameters), then greedy generation with the trained adapters, all equal to stock (<= 1e-4 relative)
   * the 7 rule files of configs/ equal what kt-sft derives for their families; registry.TESTED is this table
-  * refused families (experts at several places, omni models) fail before any weight is read, naming what is
+  * refused families (omni models) fail before any weight is read, naming what is
     missing; the math probe tells every variant of experts_math.VARIANTS apart
   * README.md's family table is `python -m kt_sft families`
 ~1-2 s per family on 2 cores.
@@ -183,11 +183,29 @@ def test_prefixed_fused_checkpoint_loads_like_stock(tiny_checkpoint, tmp_path):
     assert rel_err(got, ref) <= RTOL
 
 
+def test_expert_tensors_of_a_layer_the_model_lacks_are_skipped_unread(tiny_checkpoint, tmp_path, caplog):
+    """DeepSeek-V3's checkpoints carry an MTP layer past num_hidden_layers, routed experts included: as in stock
+    transformers they load nowhere, each named as skipped, none read and held for a conversion of transformers'
+    mapping (its experts converter would gather the whole layer's experts to build a parameter the model lacks)."""
+    src = tiny_checkpoint("qwen3_moe")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    for shard in set(index["weight_map"].values()):
+        (tmp_path / shard).symlink_to(src / shard)
+    extra = {f"model.layers.9.mlp.experts.{e}.{p}_proj.weight": torch.zeros(16, 64)
+             for e in range(2) for p in ("gate", "up")}
+    save_file(extra, tmp_path / "mtp.safetensors", metadata={"format": "pt"})
+    index["weight_map"].update({k: "mtp.safetensors" for k in extra})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    with caplog.at_level("WARNING", logger="kt_sft.loader"):
+        _ours(tmp_path)
+    assert "4 checkpoint tensors have no place in the model and were skipped (first: model.layers.9.mlp.experts" \
+        in caplog.text
+
+
 # ------------------------------------------------------------------ refused families
 # What each refused family's load says (configs: tiny_models.REFUSED_KWARGS).
 REFUSED = {
-    "ernie4_5_vl_moe": r"experts modules at several places \(model.language_model.layers.{layer}.mlp.text_moe.experts, "
-                       r".*vision_moe.experts\): not supported yet",
     "qwen3_omni_moe": r"qwen3_omni_moe: omni \(audio / speech\) model .* not supported yet",
 }
 

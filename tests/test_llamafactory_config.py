@@ -212,15 +212,15 @@ def test_unsupported_model_type_lists_supported(get_train_args, tmp_path):
 
 def test_families_derive_without_a_rule_and_refusals_name_what_is_missing(get_train_args, tmp_path, tiny_checkpoint):
     """A family with no rule file anywhere (olmoe) passes the checks with its derived rule; one kt-sft refuses
-    (ernie4_5_vl_moe: experts modules at two places) fails there, before anything loads, naming what is missing."""
+    (qwen3_omni_moe: an omni model, audio / speech out) fails there, before anything loads, naming what is missing."""
     from tiny_models import refused_config
 
     model_args, *_ = get_train_args(_args(tmp_path, model_name_or_path=str(tiny_checkpoint("olmoe"))))
     family = model_args.kt_sft_settings.family
     assert (family.model_type, family.source) == ("olmoe", "derived from OlmoeForCausalLM")
-    refused_config("ernie4_5_vl_moe").save_pretrained(tmp_path / "ernie4_5_vl_moe")
-    with pytest.raises(ktc.KTConfigError, match=r"experts modules at several places .* not supported yet"):
-        get_train_args(_args(tmp_path, model_name_or_path=str(tmp_path / "ernie4_5_vl_moe")))
+    refused_config("qwen3_omni_moe").save_pretrained(tmp_path / "qwen3_omni_moe")
+    with pytest.raises(ktc.KTConfigError, match=r"qwen3_omni_moe: omni \(audio / speech\) model .* not supported yet"):
+        get_train_args(_args(tmp_path, model_name_or_path=str(tmp_path / "qwen3_omni_moe")))
 
 
 def test_hook_file_is_installed_and_only_active_with_use_kt():

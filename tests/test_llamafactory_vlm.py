@@ -1,11 +1,18 @@
-"""Multimodal SFT of a tiny Qwen3-VL-MoE through the real `llamafactory-cli` (subprocesses), with images:
+"""Multimodal SFT of a tiny Qwen3-VL-MoE and a tiny ERNIE-4.5-VL through the real `llamafactory-cli` (subprocesses),
+with images:
 
 - `USE_KT=1 llamafactory-cli train` on an image + text dataset logs stock LLaMA-Factory's per-step losses (fp32
-  experts on the engine, the vision tower and projector stock; experts stored transposed as on the Hub);
+  experts on the engine, the vision tower and projector stock; Qwen3-VL-MoE's experts stored transposed as on the
+  Hub; ERNIE-4.5-VL's text and vision experts in one per-expert list, each set an engine layer of its own);
 - `train` with do_predict + predict_with_generate on images (greedy, batched with left padding) writes the
-  generated_predictions.jsonl of stock LLaMA-Factory, with the adapter the stock run trained.
-The model directory is made here: tiny_models' qwen3_vl_moe config on the demo tokenizer plus Qwen-VL's image
-tokens, a Qwen3VLProcessor of 8x8 patches merged 2x2, and PNG images of a few sizes drawn by the test.
+  generated_predictions.jsonl of stock LLaMA-Factory, with the adapter the stock run trained (Qwen3-VL-MoE).
+The model directories are made here: tiny_models' configs on the demo tokenizer plus each family's image tokens, its
+processor of 8x8 patches merged 2x2 (ERNIE: the PIL image processor), and PNG images of a few sizes drawn by the test.
+
+ERNIE-4.5-VL in stock LLaMA-Factory 0.9.5 (template ernie_vl), which these runs share: its plugin passes no
+moe_mm_token_type_ids (only the image processor's outputs), so every token, image tokens included, goes to the text
+experts and the vision experts idle; and `lora_target: all` fails in stock PEFT (the resampler's linear is named
+`mlp`, which then also names every decoder MLP), so the runs name the linears.
 """
 import json
 import os
@@ -41,7 +48,22 @@ if importlib.util.find_spec("torchvision") is None:
     top = processing_utils.transformers_module
     top.BaseVideoProcessor, top.Qwen3VLVideoProcessor = BaseVideoProcessor, Qwen3VLVideoProcessor
     AutoVideoProcessor.register(Qwen3VLMoeConfig, Qwen3VLVideoProcessor, exist_ok=True)
+    # ERNIE-4.5-VL's video processor module imports torchvision: a stand-in of its name (images only here; `font`:
+    # its processor's save_pretrained copies the font file named there, if it exists)
+    from transformers import Ernie4_5_VLMoeConfig
+
+    class Ernie4_5_VLMoeVideoProcessor(BaseVideoProcessor):
+        font = ""
+
+    top.Ernie4_5_VLMoeVideoProcessor = Ernie4_5_VLMoeVideoProcessor
+    AutoVideoProcessor.register(Ernie4_5_VLMoeConfig, Ernie4_5_VLMoeVideoProcessor, exist_ok=True)
 """
+# ERNIE-4.5-VL's image / video markers (the names its processor reads from the tokenizer) and ernie_vl's stop word.
+ERNIE_TOKENS = {"image_token": "<|IMAGE_PLACEHOLDER|>", "image_start_token": "<|IMAGE_START|>",
+                "image_end_token": "<|IMAGE_END|>", "video_token": "<|VIDEO_PLACEHOLDER|>",
+                "video_start_token": "<|VIDEO_START|>", "video_end_token": "<|VIDEO_END|>"}
+ERNIE_STOP = "<|end_of_sentence|>"
+ERNIE_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 def _processor(tokenizer):
@@ -74,6 +96,33 @@ def make_vl_model_dir(path: Path) -> Path:
     model.save_pretrained(path, max_shard_size="200KB")
     transpose_fused_experts(path)
     _processor(tokenizer).save_pretrained(path)
+    return path
+
+
+def make_ernie_model_dir(path: Path) -> Path:
+    """tiny_models' ernie4_5_vl_moe on the demo tokenizer (+ ERNIE's image / video markers and stop word), saved
+    with an Ernie4_5_VLMoeProcessor of 8x8 patches merged 2x2."""
+    from transformers import AutoTokenizer, processing_utils
+    from transformers.models.ernie4_5_vl_moe.image_processing_pil_ernie4_5_vl_moe import \
+        Ernie4_5_VLMoeImageProcessorPil
+    from transformers.models.ernie4_5_vl_moe.processing_ernie4_5_vl_moe import Ernie4_5_VLMoeProcessor
+
+    from tiny_models import VL_KWARGS, make_tiny_model
+
+    exec(SITECUSTOMIZE, {})
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL, extra_special_tokens=ERNIE_TOKENS)
+    tokenizer.add_special_tokens({"additional_special_tokens": [ERNIE_STOP]})
+    ids = {f"{name}_id": tokenizer.convert_tokens_to_ids(token) for name, token in ERNIE_TOKENS.items()}
+    text = dict(vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    model = make_tiny_model("ernie4_5_vl_moe", text_config={**VL_KWARGS["ernie4_5_vl_moe"]["text_config"], **text},
+                            **ids)
+    model.save_pretrained(path, max_shard_size="200KB")
+    images = Ernie4_5_VLMoeImageProcessorPil(patch_size=8, merge_size=2,
+                                             size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+    video = processing_utils.transformers_module.Ernie4_5_VLMoeVideoProcessor()
+    Ernie4_5_VLMoeProcessor(image_processor=images, tokenizer=tokenizer, video_processor=video,
+                            chat_template=tokenizer.chat_template).save_pretrained(path)
     return path
 
 
@@ -118,9 +167,9 @@ def _cli(cfg: dict, tmp: Path, ours: bool) -> str:
     return log
 
 
-def _common(model: Path, data: Path, out: Path) -> dict:
+def _common(model: Path, data: Path, out: Path, template: str = "qwen3_vl_nothink") -> dict:
     return dict(model_name_or_path=str(model), stage="sft", finetuning_type="lora", dataset_dir=str(data),
-                template="qwen3_vl_nothink", cutoff_len=128, output_dir=str(out), overwrite_output_dir=True,
+                template=template, cutoff_len=128, output_dir=str(out), overwrite_output_dir=True,
                 report_to="none", preprocessing_num_workers=1, overwrite_cache=True, image_max_pixels=64 * 64,
                 image_min_pixels=16 * 16)
 
@@ -187,3 +236,25 @@ def test_generation_with_images_matches_stock_llamafactory(vl_runs):
         predictions[ours] = [json.loads(line) for line in (out / "generated_predictions.jsonl").read_text().splitlines()]
     assert len(predictions[True]) == 4 and predictions[True] == predictions[False]
     assert any(p["predict"].strip() for p in predictions[True])
+
+
+@pytest.fixture(scope="module")
+def ernie_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lf_ernie")
+    model, data = make_ernie_model_dir(tmp / "model"), make_image_dataset(tmp / "data")
+    logs = {ours: _cli({**_common(model, data, tmp / ("kt" if ours else "stock"), "ernie_vl"), **TRAIN,
+                        "lora_target": ERNIE_TARGETS}, tmp, ours)
+            for ours in (True, False)}
+    return tmp, logs
+
+
+def test_ernie_vl_multimodal_sft_matches_stock_llamafactory(ernie_runs):
+    """Both experts sets of each MoE layer on the engine (text and vision experts: 2 x 6 per layer)."""
+    tmp, logs = ernie_runs
+    assert "kt-sft: 2 MoE layers x 2 experts modules / 24 experts" in logs[True]
+    ours, stock = _history(tmp / "kt"), _history(tmp / "stock")
+    assert sorted(ours) == sorted(stock) == list(range(1, STEPS + 1))
+    for step in ours:
+        assert ours[step]["loss"] == pytest.approx(stock[step]["loss"], rel=1e-4, abs=2e-4), step
+        assert ours[step]["grad_norm"] == pytest.approx(stock[step]["grad_norm"], rel=1e-4), step
+    assert ours[STEPS]["loss"] < ours[1]["loss"]

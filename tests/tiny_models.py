@@ -165,14 +165,59 @@ VL_KWARGS = {
                                        first_k_dense_replace=1, rope_parameters=dict(
                                            rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 1],
                                            partial_rotary_factor=0.5))),
+    # two experts modules per MoE layer: text experts and vision experts of another width, the vision ones taking
+    # the image tokens and their markers (moe_mm_token_type_ids); per-expert keys on disk in one list (text 0..5,
+    # vision 6..11), routers stored transposed, both routers' score biases in one tensor; a dense first layer, a
+    # shared expert, M-RoPE over 3 sections; images as 8x8 patches without a temporal patch
+    "ernie4_5_vl_moe": dict(image_token_id=VL_TOKENS["image"], video_token_id=VL_TOKENS["video"],
+                            image_start_token_id=VL_TOKENS["start"], image_end_token_id=VL_TOKENS["end"],
+                            video_start_token_id=124, video_end_token_id=125,
+                            vision_config=dict(depth=2, hidden_size=32, intermediate_size=40, num_heads=2,
+                                               patch_size=PATCH, spatial_merge_size=2, temporal_merge_size=2),
+                            text_config=dict(_VL_TEXT, moe_num_experts=Q_EXPERTS, moe_k=3,
+                                             moe_intermediate_size=[20, 28], moe_num_shared_experts=1,
+                                             mlp_layer_types=_DENSE_FIRST,
+                                             rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                  mrope_section=[2, 2, 2]))),
 }
 VL_FAMILIES = tuple(sorted(VL_KWARGS))
-# Families kt-sft refuses (experts at several places; omni models, whose default configs serve), kept
-# small on _REFUSED_SIZES: their loads fail from config.json alone.
+# Values per patch row of pixel_values (3 x temporal patch x PATCH^2; ERNIE-4.5-VL patches one frame).
+VL_PATCH_VALUES = {"ernie4_5_vl_moe": 3 * PATCH * PATCH}
+# Families whose MoE layers route image tokens (with their start / end markers) to vision experts by
+# moe_mm_token_type_ids, which their processor returns.
+VL_MOE_TOKEN_TYPES = ("ernie4_5_vl_moe",)
+VL_SEQ = 14
+IMAGE_MARKERS = (VL_TOKENS["start"], VL_TOKENS["image"], VL_TOKENS["end"])
+
+
+def vl_batch(family: str, seed: int, rows: int = 2) -> dict:
+    """A batch of a VL_FAMILIES family: `rows` rows of VL_SEQ tokens, each with one image (start, IMAGE_TOKENS image
+    tokens, end) after two text tokens, row 1 left-padded by 3; random pixels; labels = the text tokens (padding and
+    image markers -100); the token types the family's processor returns."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VL_TOKENS["image"], (rows, VL_SEQ), generator=gen)
+    mask = torch.ones_like(ids)
+    image = [VL_TOKENS["start"], *[VL_TOKENS["image"]] * IMAGE_TOKENS, VL_TOKENS["end"]]
+    for r in range(rows):
+        pad = 3 if r == 1 else 0
+        mask[r, :pad] = 0
+        ids[r, :pad] = 0
+        ids[r, pad + 2: pad + 2 + len(image)] = torch.tensor(image)
+    patches = rows * IMAGE_GRID[0] * IMAGE_GRID[1] * IMAGE_GRID[2]
+    labels = ids.masked_fill((mask == 0) | (ids >= VL_TOKENS["image"]), -100)
+    pixels = torch.randn(patches, VL_PATCH_VALUES.get(family, 3 * 2 * PATCH * PATCH), generator=gen)
+    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels,
+                 image_grid_thw=torch.tensor([IMAGE_GRID] * rows), mm_token_type_ids=(ids == VL_TOKENS["image"]).long())
+    if family in VL_MOE_TOKEN_TYPES:  # the image tokens and their markers: ERNIE-4.5-VL's processor
+        batch["moe_mm_token_type_ids"] = torch.isin(ids, torch.tensor(list(IMAGE_MARKERS))).long()
+    return batch
+
+
+# Families kt-sft refuses (omni models, whose default configs serve), kept small on _REFUSED_SIZES: their loads
+# fail from config.json alone.
 _REFUSED_SIZES = dict(vocab_size=VOCAB, hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
                       num_hidden_layers=2)
 REFUSED_KWARGS = {
-    "ernie4_5_vl_moe": {},
     "qwen3_omni_moe": {},
 }
 # Families whose config names no activation (their model code fixes one): built without _COMMON's hidden_act.
@@ -221,7 +266,13 @@ def experts_module_names(model_type: str) -> list[str]:
 def experts_path(model_type: str) -> str:
     """The experts module's path inside a decoder layer (mlp.experts, feed_forward.experts): what PEFT's
     target_parameters name, e.g. f"{experts_path(family)}.gate_up_proj"."""
-    return derived_family(model_type).experts_module.split("{layer}.", 1)[1]
+    return experts_paths(model_type)[0]
+
+
+def experts_paths(model_type: str) -> list[str]:
+    """Every experts module's path inside a decoder layer (ERNIE-4.5-VL: mlp.text_moe.experts and
+    mlp.vision_moe.experts; other families one)."""
+    return [rule.experts_module.split("{layer}.", 1)[1] for rule in derived_family(model_type).experts_sets]
 
 
 @torch.no_grad()

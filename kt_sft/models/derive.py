@@ -4,13 +4,16 @@
              seq2seq, text-to-waveform, else causal LM); omni models (text-to-waveform) are refused for now
   where      the experts modules are the modules transformers' `@use_experts_implementation` marks with has_gate /
              has_bias / is_transposed; their names give the `experts_module` template (the first index in the name
-             is the layer) and so the MoE layers; several templates (text + vision experts) are refused for now
+             is the layer) and so the MoE layers; several templates (ERNIE-4.5-VL: text + vision experts in each
+             MoE layer) give one rule each (`MoEFamily.more`), each experts module an engine layer of its own
   on disk    transformers' own checkpoint conversion mapping (`get_model_conversion_mapping`): the WeightConverter
              that builds a fused parameter from per-expert tensors is read as an index map (MergeModulelist(dim=0):
              `*` is the expert index; Concatenate(dim=1): source j is block j of [gate | up]), its source patterns
              with the model's renamings undone give the per-expert names on disk, and transformers'
              `rename_source_key` must map each back to the fused parameter (checked here). So experts stream one
-             tensor at a time, as before. The in-memory names are the fused names on disk; a Transpose(1, 2)
+             tensor at a time, as before. ERNIE-4.5-VL's ErnieFuseAndSplitTextVisionExperts reads the same way
+             per target: target j (text, vision) stacks block j of the on-disk expert list (`expert_block`).
+             The in-memory names are the fused names on disk; a Transpose(1, 2)
              converter on them (Qwen3-VL-MoE) means they may be stored transposed (`disk_transposed`).
   math       the probe of kt_sft.models.experts_math on the module's own gate (and its clamp `limit`), mapped to
              the engine's activation rows (silu / clamped silu / gpt-oss swiglu / GELU-tanh glu, relu^2 ungated);
@@ -19,6 +22,7 @@ A YAML override (kt_sft.models.registry) replaces the derivation; its math is pr
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Optional
 
@@ -26,7 +30,8 @@ import torch
 from torch import nn
 
 from . import experts_math
-from .registry import TESTED, MoEFamily, UnsupportedModelError, fused_projections, projections
+from .registry import (TESTED, MoEFamily, UnsupportedModelError, fused_projections, projections,
+                       template_regex)
 
 EXPERTS_FLAGS = ("has_gate", "has_bias", "is_transposed")  # set on every @use_experts_implementation module
 _SENTINEL_LAYER = "987654321"  # stands for {layer} while names go through transformers' regex renamings
@@ -116,30 +121,38 @@ def _no_experts(model: nn.Module, model_type: str) -> str:
 
 
 def derive_family(model: nn.Module, model_type: str) -> MoEFamily:
-    """The rule of `model` (built on meta, e.g. by build_meta): experts template, math, on-disk names. Raises
-    UnsupportedModelError when the model has no decorated experts or they cannot be described (several
-    templates, an unknown conversion op); an engine that cannot run the math is checked by `engine_gap`."""
+    """The rule of `model` (built on meta, e.g. by build_meta): experts template(s), math, on-disk names. Several
+    experts modules per layer (ERNIE-4.5-VL's text and vision experts) give one rule each, the first with the
+    others as its `more`. Raises UnsupportedModelError when the model has no decorated experts or they cannot be
+    described (an unknown conversion op); an engine that cannot run the math is checked by `engine_gap`."""
     modules = experts_modules(model)
     if not modules:
         raise UnsupportedModelError(_no_experts(model, model_type))
-    templates = experts_templates(modules)
-    if len(templates) > 1:
-        raise UnsupportedModelError(f"{type(model).__name__} has experts modules at several places "
-                                    f"({', '.join(templates)}): not supported yet")
-    first = next(iter(modules.values()))
+    rules = []
+    for template in experts_templates(modules):
+        pattern = template_regex(template)
+        rules.append(_derive_set(model, model_type, template, [m for n, m in modules.items() if pattern.match(n)]))
+    return dataclasses.replace(rules[0], more=tuple(rules[1:])) if len(rules) > 1 else rules[0]
+
+
+def _derive_set(model: nn.Module, model_type: str, template: str, modules: list) -> MoEFamily:
+    """The rule of the experts modules at `template` (one per MoE layer)."""
+    first = modules[0]
     flags = {f: bool(getattr(first, f)) for f in EXPERTS_FLAGS}
-    if any({f: bool(getattr(m, f)) for f in EXPERTS_FLAGS} != flags for m in modules.values()):
-        raise UnsupportedModelError(f"{type(model).__name__}: its experts modules differ in {', '.join(EXPERTS_FLAGS)}")
+    if any({f: bool(getattr(m, f)) for f in EXPERTS_FLAGS} != flags for m in modules):
+        raise UnsupportedModelError(f"{type(model).__name__}: its experts modules {template} differ in "
+                                    f"{', '.join(EXPERTS_FLAGS)}")
     math = experts_math.probe(first)
     if not isinstance(math, experts_math.ExpertsMath):  # nothing a rule file could name either
         raise UnsupportedModelError(f"{model_type}: {experts_math.engine_gap(math)}")
-    template, gated = templates[0], flags["has_gate"]
+    gated = flags["has_gate"]
+    names, block = disk_names(model, template, gated)
     return MoEFamily(
-        model_type=model_type, experts_module=template, checkpoint=disk_names(model, template, gated),
+        model_type=model_type, experts_module=template, checkpoint=names,
         fused_checkpoint={p: f"{template}.{p}_proj" for p in fused_projections(gated)},
         activation=math.activation, gated=gated, limit=math.limit, bias=flags["has_bias"],
         transposed=flags["is_transposed"], disk_transposed=disk_transposed(model, template, gated),
-        source=f"derived from {type(model).__name__}")
+        expert_block=block, source=f"derived from {type(model).__name__}")
 
 
 def _split_conversions(model: nn.Module):
@@ -152,21 +165,32 @@ def _split_conversions(model: nn.Module):
 
 
 def _converter_for(name: str, converters):
-    """(converter, target pattern) of the WeightConverter that builds the parameter `name`, or (None, None)."""
+    """(converter, target pattern, its index among the converter's targets) of the WeightConverter that builds the
+    parameter `name`, or (None, None, 0)."""
     for converter in converters:
-        for target in converter.target_patterns:
+        for index, target in enumerate(converter.target_patterns):
             if target.strip("^$") in name and any("*" in s for s in converter.source_patterns):
-                return converter, target.strip("^$")
-    return None, None
+                return converter, target.strip("^$"), index
+    return None, None, 0
+
+
+def _splits_expert_list(converter) -> bool:
+    """transformers' ErnieFuseAndSplitTextVisionExperts(stack_dim=0, concat_dim=1): target j stacks the j-th equal
+    block of the on-disk expert list along dim 0 and concatenates the sources along dim 1 (MergeModulelist(0) +
+    Concatenate(1) per block)."""
+    ops = converter.operations
+    return (len(ops) == 1 and type(ops[0]).__name__ == "ErnieFuseAndSplitTextVisionExperts"
+            and ops[0].stack_dim == 0 and ops[0].concat_dim == 1)
 
 
 def _index_blocks(converter, fused: str) -> list[str]:
     """The projection each source pattern of `converter` fills (ops read as index maps), in source order."""
     ops = [type(op).__name__ for op in converter.operations]
     sources = len(converter.source_patterns)
-    merged = ops[:1] == ["MergeModulelist"] and converter.operations[0].dim == 0
-    concat = ops[1:] == ["Concatenate"] and converter.operations[1].dim == 1
-    if merged and len(ops) == 1 and sources == 1 and fused in ("down", "up"):
+    split = _splits_expert_list(converter)
+    merged = split or (ops[:1] == ["MergeModulelist"] and converter.operations[0].dim == 0)
+    concat = split or (ops[1:] == ["Concatenate"] and converter.operations[1].dim == 1)
+    if merged and (split or len(ops) == 1) and sources == 1 and fused in ("down", "up"):
         return [fused]
     if merged and concat and fused == "gate_up" and sources == 2:
         return ["gate", "up"]  # Concatenate(dim=1) of [E, I, H] stacks: source 0 = rows [0, I) = gate (probed order)
@@ -183,30 +207,37 @@ def _undo_renamings(name: str, renamings) -> str:
     return name
 
 
-def disk_names(model: nn.Module, template: str, gated: bool) -> dict[str, str]:
+def disk_names(model: nn.Module, template: str, gated: bool) -> tuple[dict[str, str], int]:
     """Per-expert on-disk templates {projection: name with {layer} / {expert}} from transformers' conversion
-    mapping; {} when the checkpoint stores the fused tensors (no converter builds them)."""
+    mapping ({} when the checkpoint stores the fused tensors: no converter builds them), and the block of the
+    on-disk expert list these experts are (`MoEFamily.expert_block`)."""
     from transformers.core_model_loading import rename_source_key
 
     renamings, converters = _split_conversions(model)
-    out = {}
+    out, blocks = {}, set()
     for fused in fused_projections(gated):
         param = f"{template.replace('{layer}', _SENTINEL_LAYER)}.{fused}_proj"
-        converter, target = _converter_for(param, converters)
+        converter, target, index = _converter_for(param, converters)
         if converter is None:
             continue
+        blocks.add(index if _splits_expert_list(converter) else 0)
+        # transformers renames a source of a one-to-many converter to its first target (the ops then split it)
+        expected = param.replace(target, converter.target_patterns[0].strip("^$"), 1)
         for source, proj in zip(converter.source_patterns, _index_blocks(converter, fused)):
             disk = _undo_renamings(param.replace(target, source.strip("^$"), 1), renamings)
             back, matched = rename_source_key(disk.replace("*", "3"), renamings, converters)
-            if back != param or matched is None:
+            if back != expected or matched is None:
                 raise UnsupportedModelError(f"{disk}: transformers' conversion mapping does not map it back to "
-                                            f"{param} (got {back}); the derivation cannot name this family's "
+                                            f"{expected} (got {back}); the derivation cannot name this family's "
                                             "experts on disk, write a rule file (configs/*.yaml)")
             out[proj] = disk.replace(_SENTINEL_LAYER, "{layer}").replace("*", "{expert}")
     if out and set(out) != set(projections(gated)):
         raise UnsupportedModelError(f"transformers' conversion mapping names only {', '.join(out)} of the "
                                     f"per-expert projections of {template}")
-    return out
+    if len(blocks) > 1:
+        raise UnsupportedModelError(f"transformers' conversion mapping puts the projections of {template} in "
+                                    "different blocks of the on-disk expert list: not supported yet")
+    return out, blocks.pop() if blocks else 0
 
 
 def disk_transposed(model: nn.Module, template: str, gated: bool) -> bool:
@@ -249,8 +280,11 @@ def check_math(family: MoEFamily, modules: dict[str, nn.Module]) -> None:
 
 
 def resolve_family(model: nn.Module, model_type: str, override: Optional[MoEFamily] = None) -> MoEFamily:
-    """The family of `model`: `override` (a rule file) or the derived rule, its math checked on the model."""
+    """The family of `model`: `override` (a rule file) or the derived rule, its math checked on the model (each
+    experts module against its own rule)."""
     family = override or derive_family(model, model_type)
-    pattern = family.experts_module_regex()
-    check_math(family, {n: m for n, m in experts_modules(model).items() if pattern.match(n)})
+    modules = experts_modules(model)
+    for rule in family.experts_sets:
+        pattern = rule.experts_module_regex()
+        check_math(rule, {n: m for n, m in modules.items() if pattern.match(n)})
     return family

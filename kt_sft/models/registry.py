@@ -20,16 +20,24 @@ are examples of the format, each equal to what kt-sft derives for its family (te
     disk_transposed  the fused tensors on disk may be the transpose of the parameters ([E, H, 2I] for gate_up_proj
                      [E, 2I, H]: Qwen3-VL-MoE); told apart by shape as transformers' Transpose(check_dims) converter
                      does (a shape equal to the parameter's loads as it is)
+    expert_block     the per-expert names on disk number this experts module's experts from expert_block x E (E: its
+                     expert count), as transformers' ErnieFuseAndSplitTextVisionExperts splits one on-disk expert list
+                     into equal blocks (ERNIE-4.5-VL: text experts 0..E-1, vision experts E..2E-1 under one
+                     `mlp.experts.{expert}`); 0 for every other family
+    more             further experts modules of each MoE layer (ERNIE-4.5-VL's vision experts beside its text
+                     experts), each a mapping of the fields above but model_type, on_device and defaults; every
+                     experts module is an engine layer of its own (`experts_sets`)
     on_device        informational: what stays stock on the GPU (attention, router, shared experts, dense MLPs)
     defaults         format (a kt_sft.engine.formats name: bf16, int8, ...) and threads (auto or n) used when the
                      caller sets none
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import yaml
 
@@ -40,17 +48,26 @@ DEFAULTS_KEYS = ("format", "threads")
 # The model types whose tiny random model tests/test_families.py (text) and tests/test_vlm.py (vision-language, with
 # images) compare with stock transformers + PEFT (logits, LoRA steps with expert LoRA, greedy generation); a test
 # keeps this list equal to those tables.
-TESTED = ("afmoe", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "gemma4_text",
-          "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm_moe_dsa", "gpt_oss", "hunyuan_v1_moe", "hy_v3", "jamba",
-          "lfm2_moe", "minimax", "minimax_m2", "mistral4", "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe",
-          "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "qwen3_vl_moe", "solar_open")
+TESTED = ("afmoe", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "ernie4_5_vl_moe", "exaone_moe",
+          "flex_olmo", "gemma4_text", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm_moe_dsa", "gpt_oss",
+          "hunyuan_v1_moe", "hy_v3", "jamba", "lfm2_moe", "minimax", "minimax_m2", "mistral4", "mixtral",
+          "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next",
+          "qwen3_vl_moe", "solar_open")
 
 
 class UnsupportedModelError(ValueError):
     pass
 
 
-def _template_regex(template: str) -> re.Pattern:
+class ExpertsAt(NamedTuple):
+    """Where one engine layer sits: the decoder layer and which of the rule's experts modules (`experts_sets`
+    index) in it. Sorts layer-major."""
+
+    layer: int
+    set: int = 0
+
+
+def template_regex(template: str) -> re.Pattern:
     pattern = re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{expert\}", r"(?P<expert>\d+)")
     return re.compile(f"^{pattern}$")
 
@@ -76,6 +93,8 @@ class MoEFamily:
     bias: bool = False
     transposed: bool = False
     disk_transposed: bool = False
+    expert_block: int = 0
+    more: tuple = ()
     on_device: tuple = ()
     defaults: dict = field(default_factory=dict)
     source: str = ""
@@ -100,14 +119,38 @@ class MoEFamily:
             hint = " (engine_dtype is now format: a kt_sft.engine.formats name, e.g. bf16)" \
                 if "engine_dtype" in unknown else ""
             raise ValueError(f"{where}: unknown defaults {', '.join(unknown)}; allowed: {', '.join(DEFAULTS_KEYS)}{hint}")
+        self._check_more(where)
+
+    def _check_more(self, where: str) -> None:
+        if not isinstance(self.expert_block, int) or self.expert_block < 0:
+            raise ValueError(f"{where}: expert_block must be a non-negative integer, got {self.expert_block!r}")
+        for rule in self.more:
+            if not isinstance(rule, MoEFamily) or rule.more or rule.model_type != self.model_type or rule.defaults:
+                raise ValueError(f"{where}: each entry of more describes one further experts module of "
+                                 f"{self.model_type} (no model_type, defaults or more of its own)")
+        templates = [r.experts_module for r in self.experts_sets]
+        if len(set(templates)) != len(templates):
+            raise ValueError(f"{where}: experts_module {templates} names one module twice")
+
+    @property
+    def experts_sets(self) -> tuple["MoEFamily", ...]:
+        """One rule per experts module of a MoE layer: this one (without `more`), then each of `more`."""
+        if not self.more:
+            return (self,)
+        return (dataclasses.replace(self, more=()), *self.more)
+
+    def disk_expert(self, expert: int, experts: int) -> int:
+        """The on-disk index of expert `expert` of this experts module of `experts` experts (`expert_block`)."""
+        return self.expert_block * experts + expert
 
     @property
     def math(self) -> experts_math.ExpertsMath:
         return experts_math.variant(self.activation, self.gated, self.limit)
 
     def engine_gap(self) -> Optional[str]:
-        """Why the CPU engine cannot run this family's experts (None: it can)."""
-        return experts_math.engine_gap(self.math)
+        """Why the CPU engine cannot run this family's experts, any of its experts modules (None: it can)."""
+        gaps = (experts_math.engine_gap(rule.math) for rule in (self, *self.more))
+        return next((gap for gap in gaps if gap), None)
 
     def bias_names(self) -> dict[str, str]:
         """Where the experts' biases are on disk ({} without biases): `<fused name>_bias` per fused projection
@@ -119,17 +162,17 @@ class MoEFamily:
         return {p: re.sub(r"\.weight$", ".bias", name) for p, name in self.checkpoint.items()}
 
     def bias_key_regexes(self) -> dict[str, re.Pattern]:
-        return {p: _template_regex(t) for p, t in self.bias_names().items()}
+        return {p: template_regex(t) for p, t in self.bias_names().items()}
 
     def expert_key_regexes(self) -> dict[str, re.Pattern]:
         """projection -> regex with groups layer/expert, for per-expert keys on disk."""
-        return {p: _template_regex(t) for p, t in self.checkpoint.items()}
+        return {p: template_regex(t) for p, t in self.checkpoint.items()}
 
     def fused_key_regexes(self) -> dict[str, re.Pattern]:
-        return {p: _template_regex(t) for p, t in self.fused_checkpoint.items()}
+        return {p: template_regex(t) for p, t in self.fused_checkpoint.items()}
 
     def experts_module_regex(self) -> re.Pattern:
-        return _template_regex(self.experts_module)
+        return template_regex(self.experts_module)
 
     def expected_key(self, proj: str, layer: int, expert: int, bias: bool = False) -> str:
         """The on-disk name expert `expert`'s projection `proj` (its bias: `bias`) of MoE layer `layer` is looked up
@@ -158,11 +201,26 @@ def load_family_file(path: str | Path) -> MoEFamily:
     if not isinstance(data, dict) or "model_type" not in data:
         raise ValueError(f"{path}: expected a mapping with at least model_type, experts_module and checkpoint")
     known = set(MoEFamily.__dataclass_fields__) - {"source"}
+    _refuse_unknown(data, known, str(path))
+    data["on_device"] = tuple(data.get("on_device") or ())
+    data["more"] = tuple(_more_entry(entry, data["model_type"], f"{path} (more[{i}])")
+                         for i, entry in enumerate(data.get("more") or ()))
+    return MoEFamily(source=str(path), **data)
+
+
+def _refuse_unknown(data: dict, known: set, where: str) -> None:
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown keys {', '.join(unknown)} (allowed: {', '.join(sorted(known))})")
-    data["on_device"] = tuple(data.get("on_device") or ())
-    return MoEFamily(source=str(path), **data)
+        raise ValueError(f"{where}: unknown keys {', '.join(unknown)} (allowed: {', '.join(sorted(known))})")
+
+
+def _more_entry(entry, model_type: str, where: str) -> MoEFamily:
+    """One further experts module of a rule file (`more`): the fields of one experts module, its model_type's."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected a mapping with experts_module and checkpoint / fused_checkpoint")
+    _refuse_unknown(entry, set(MoEFamily.__dataclass_fields__) - {"source", "model_type", "more", "on_device",
+                                                                  "defaults"}, where)
+    return MoEFamily(model_type=model_type, source=where, **entry)
 
 
 def builtin_overrides() -> dict[str, MoEFamily]:
