@@ -142,21 +142,29 @@ def derive_family(model: nn.Module, model_type: str) -> MoEFamily:
         source=f"derived from {type(model).__name__}")
 
 
-def _split_conversions(model: nn.Module):
+def _split_conversions(model: nn.Module, legacy: bool = True):
+    """(renamings, converters) of the model's conversion mapping; `legacy` False: without the renamings of old
+    checkpoint layouts, which transformers' saving leaves out too (it is the direction the disk names go)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming
 
-    conversions = get_model_conversion_mapping(model)
+    conversions = get_model_conversion_mapping(model, add_legacy=legacy)
     return ([c for c in conversions if isinstance(c, WeightRenaming)],
             [c for c in conversions if isinstance(c, WeightConverter)])
+
+
+def _literal(pattern: str) -> str:
+    """A converter's source pattern as the name it stands for: anchors dropped, regex escapes undone (transformers
+    newer than 5.6 write `\\.experts.*.w1.weight`); `*` stays, the expert index."""
+    return re.sub(r"\\(.)", r"\1", pattern.strip("^$"))
 
 
 def _converter_for(name: str, converters):
     """(converter, target pattern) of the WeightConverter that builds the parameter `name`, or (None, None)."""
     for converter in converters:
-        for target in converter.target_patterns:
-            if target.strip("^$") in name and any("*" in s for s in converter.source_patterns):
-                return converter, target.strip("^$")
+        for target in map(_literal, converter.target_patterns):
+            if target in name and any("*" in s for s in converter.source_patterns):
+                return converter, target
     return None, None
 
 
@@ -189,6 +197,7 @@ def disk_names(model: nn.Module, template: str, gated: bool) -> dict[str, str]:
     from transformers.core_model_loading import rename_source_key
 
     renamings, converters = _split_conversions(model)
+    saving, _ = _split_conversions(model, legacy=False)
     out = {}
     for fused in fused_projections(gated):
         param = f"{template.replace('{layer}', _SENTINEL_LAYER)}.{fused}_proj"
@@ -196,7 +205,7 @@ def disk_names(model: nn.Module, template: str, gated: bool) -> dict[str, str]:
         if converter is None:
             continue
         for source, proj in zip(converter.source_patterns, _index_blocks(converter, fused)):
-            disk = _undo_renamings(param.replace(target, source.strip("^$"), 1), renamings)
+            disk = _undo_renamings(param.replace(target, _literal(source), 1), saving)
             back, matched = rename_source_key(disk.replace("*", "3"), renamings, converters)
             if back != param or matched is None:
                 raise UnsupportedModelError(f"{disk}: transformers' conversion mapping does not map it back to "
