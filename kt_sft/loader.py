@@ -27,7 +27,9 @@ import functools
 import hashlib
 import logging
 import os
+import copy
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -36,7 +38,7 @@ import torch
 from accelerate.utils import set_module_tensor_to_device
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedConfig
-from transformers.core_model_loading import WeightRenaming, rename_source_key
+from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -144,6 +146,8 @@ def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *
     files = scan(plan.path, opts.expert_path)
     model, placer = plan.model, _Placer(plan.model, opts.device, opts.dtype)
     router = _KeyRouter(plan.family, files.headers, placer.renamings)
+    placer.expect(router.logical(k) for k in files.headers
+                  if router.expert(k) is None and not is_companion(k, plan.source))
     _check_stored(plan.source, files, router)
     if opts.check_memory:  # the experts count once per host: on the rank that packs them
         packs = host is None or host.packs
@@ -422,12 +426,18 @@ def _check_memory(expert_bytes: dict[ExpertFormat, int], dense_bytes: int, large
 
 
 class _Placer:
-    """Puts non-expert checkpoint tensors into the meta model under their in-memory names."""
+    """Puts non-expert checkpoint tensors into the meta model under their in-memory names: renamed as transformers'
+    conversion mapping renames them, and built as its converters build them where several stored tensors make one
+    parameter or one makes several (Kimi-Linear's q/k/v convolutions concatenated, a vision tower's fused qkv split):
+    such a converter's sources are kept until the last one is read (`expect` counts them), then its own `convert`
+    runs, as in transformers' loading."""
 
     def __init__(self, model, device: torch.device, dtype: torch.dtype):
         self.model, self.device, self.dtype = model, device, dtype
         conversions = get_model_conversion_mapping(model)
         self.renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+        self.converters = [c for c in conversions if isinstance(c, WeightConverter)]
+        self.pending: dict[str, list] = {}  # converter target -> [its converter with the sources read, sources left]
         self.meta_state = model.state_dict()
         self.fp32 = set(getattr(model, "_keep_in_fp32_modules_strict", None) or []) | \
             set(getattr(model, "_keep_in_fp32_modules", None) or [])
@@ -436,6 +446,43 @@ class _Placer:
     def name_of(self, key: str) -> Optional[str]:
         name, _ = rename_source_key(key, self.renamings, [], self.model.base_model_prefix, self.meta_state)
         return name if name in self.meta_state else None
+
+    def _route(self, key: str) -> tuple[str, Optional[str]]:
+        """(in-memory name, or a converter's first target; the converter's source pattern, None: a renaming)."""
+        return rename_source_key(key, self.renamings, self.converters, self.model.base_model_prefix, self.meta_state)
+
+    def expect(self, keys: Iterable[str]) -> None:
+        """Count, per converter target, the (logical, non-expert) checkpoint keys it is built from."""
+        counts = Counter(name for name, pattern in map(self._route, keys) if pattern is not None)
+        self.pending = {name: [None, count] for name, count in counts.items()}
+
+    def take(self, key: str, read) -> None:
+        """Place the tensor `read()` of checkpoint key `key`, or keep it for its converter."""
+        name, pattern = self._route(key)
+        if pattern is None:
+            if name in self.meta_state:
+                self.place(name, read())
+            else:
+                self.unexpected.append(key)  # e.g. DeepSeek-V3's MTP layer; stock transformers skips these too
+            return
+        entry = self.pending.get(name)
+        if entry is None:  # a converter's source the count left out: an expert of no MoE layer here (MTP layers)
+            self.unexpected.append(key)
+            return
+        if entry[0] is None:
+            entry[0] = copy.deepcopy(next(c for c in self.converters if pattern in c.source_patterns))
+        entry[0].add_tensor(name, key, pattern, read())
+        entry[1] -= 1
+        if not entry[1]:
+            del self.pending[name]
+            self._place_converted(key, entry[0].convert(name, model=self.model, config=self.model.config))
+
+    def _place_converted(self, key: str, tensors: dict) -> None:
+        for name, tensor in tensors.items():
+            if name not in self.meta_state:
+                raise ValueError(f"transformers' conversion mapping builds {name} from {key} and its companions, "
+                                 "but the model has no such parameter")
+            self.place(name, tensor[0] if isinstance(tensor, list) else tensor)
 
     def place(self, name: str, tensor: torch.Tensor) -> None:
         dtype = None
@@ -554,11 +601,7 @@ def _load_key(key: str, kinds: str, reader: TensorReader, router: _KeyRouter, la
         return
     if kinds in ("experts", "biases"):
         return
-    name = placer.name_of(router.logical(key))
-    if name is None:
-        placer.unexpected.append(key)  # e.g. DeepSeek-V3's MTP layer; stock transformers skips these too
-        return
-    placer.place(name, _read(key, reader, source))
+    placer.take(router.logical(key), lambda: _read(key, reader, source))
 
 
 def _load_bias(layer, proj: str, expert: Optional[int], tensor: torch.Tensor, family: MoEFamily) -> None:
