@@ -624,7 +624,7 @@ def _read(key: str, reader: TensorReader, source: SourceFormat) -> torch.Tensor:
 
 def _fused_shape(layer, proj: str) -> tuple[int, int, int]:
     """[E, rows, cols] of a fused projection in the engine's orientation: gate_up [E, 2I, H], down [E, H, I]."""
-    rows, cols = layer.projection_shape("down" if proj == "down" else "gate")
+    rows, cols = layer.projection_shape("down" if proj == "down" else "up")  # up: gate's shape, and ungated too
     return layer.num_experts, rows * (2 if proj == "gate_up" else 1), cols
 
 

@@ -29,6 +29,8 @@ from . import experts_math
 from .registry import TESTED, MoEFamily, UnsupportedModelError, fused_projections, projections
 
 EXPERTS_FLAGS = ("has_gate", "has_bias", "is_transposed")  # set on every @use_experts_implementation module
+# Flags of newer transformers' @use_experts_implementation for what the engine does not compute yet: what each means.
+ENGINE_LACKS = {"has_post_expert_norm": "a norm on each expert's output (has_post_expert_norm)"}
 _SENTINEL_LAYER = "987654321"  # stands for {layer} while names go through transformers' regex renamings
 # The auto classes LLaMA-Factory 0.9.5's model/loader.py picks from, in its order: the first whose mapping holds the
 # config's class, else the last.
@@ -130,6 +132,10 @@ def derive_family(model: nn.Module, model_type: str) -> MoEFamily:
     flags = {f: bool(getattr(first, f)) for f in EXPERTS_FLAGS}
     if any({f: bool(getattr(m, f)) for f in EXPERTS_FLAGS} != flags for m in modules.values()):
         raise UnsupportedModelError(f"{type(model).__name__}: its experts modules differ in {', '.join(EXPERTS_FLAGS)}")
+    lacks = [what for flag, what in ENGINE_LACKS.items() if getattr(first, flag, False)]
+    if lacks:
+        raise UnsupportedModelError(f"{model_type}: experts with {', '.join(lacks)} ({type(first).__name__}) not "
+                                    "supported yet")
     math = experts_math.probe(first)
     if not isinstance(math, experts_math.ExpertsMath):  # nothing a rule file could name either
         raise UnsupportedModelError(f"{model_type}: {experts_math.engine_gap(math)}")
@@ -160,11 +166,21 @@ def _literal(pattern: str) -> str:
 
 
 def _converter_for(name: str, converters):
-    """(converter, target pattern) of the WeightConverter that builds the parameter `name`, or (None, None)."""
+    """(converter, target pattern) of the WeightConverter that builds the fused parameter `name` from per-expert
+    tensors, or (None, None): stored fused, maybe transposed (`disk_transposed`). Any other converter of it (e.g.
+    Step-3.7's gate and up stored as two fused tensors, concatenated on load) is refused, naming it."""
     for converter in converters:
         for target in map(_literal, converter.target_patterns):
-            if target in name and any("*" in s for s in converter.source_patterns):
+            if target not in name:
+                continue
+            if any("*" in s for s in converter.source_patterns):
                 return converter, target
+            ops = [type(op).__name__ for op in converter.operations]
+            if ops != ["Transpose"]:
+                raise UnsupportedModelError(
+                    f"transformers' conversion mapping builds the experts' {name.rsplit('.', 1)[-1]} from "
+                    f"{' + '.join(map(_literal, converter.source_patterns))} ({' -> '.join(ops)}): experts stored "
+                    "as fused tensors that differ from the model's are not supported yet")
     return None, None
 
 
@@ -241,6 +257,10 @@ def check_math(family: MoEFamily, modules: dict[str, nn.Module]) -> None:
     """Each experts module computes the family's math (probed), and the engine runs it; else a clear error naming
     what is missing, e.g. "experts math 'relu2 ungated' not supported yet"."""
     for name, module in modules.items():
+        lacks = [what for flag, what in ENGINE_LACKS.items() if getattr(module, flag, False)]
+        if lacks:
+            raise UnsupportedModelError(f"{family.model_type} ({name}): experts with {', '.join(lacks)} not "
+                                        "supported yet")
         found = experts_math.probe(module)
         gap = experts_math.engine_gap(found)
         if gap:
