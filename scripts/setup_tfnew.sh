@@ -4,9 +4,9 @@
 #   scripts/setup_tfnew.sh          (VENV=.venv-tfnew: this venv; BASE=.venv: the set-up main venv it reuses)
 #   scripts/setup_tfnew.sh --lock   re-resolve requirements/tfnew.in into the lock requirements/tfnew.txt
 # What it holds: requirements/tfnew.txt (transformers, peft, accelerate and their dependencies, exact pins), installed
-# with --no-deps into its own site-packages; and, through a .pth, a folder of links to BASE's torch, numpy, pyyaml,
-# pytest and their dependencies (the closure read from BASE's metadata): torch 2.13 CPU without a 200 MB reinstall,
-# and nothing of LLaMA-Factory. pip runs while the .pth is away, so it can never see (nor uninstall through the links)
+# with --no-deps into its own site-packages; and, through a .pth, a folder of links to BASE's LINKED_ROOTS (torch,
+# numpy, pyyaml, pytest, scipy) and their dependencies (the closure read from BASE's metadata): torch 2.13 CPU without
+# a 200 MB reinstall, and nothing of LLaMA-Factory. pip runs while the .pth is away, so it can never see (nor uninstall through the links)
 # a package of BASE. Idempotent like setup_cpu.sh: the stamp is written last, after verification.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ VENV=${VENV:-.venv-tfnew}
 BASE=$(readlink -f "${BASE:-.venv}")
 IN=requirements/tfnew.in      # the top level: the transformers under test, the PEFT that goes with it
 LOCK=requirements/tfnew.txt   # its resolution, minus what comes from BASE
-LINKED_ROOTS="torch numpy pyyaml pytest"
+LINKED_ROOTS="torch numpy pyyaml pytest scipy"  # scipy: transformers' Inkling vision tower builds with it
 STAMP=$VENV/.kt-sft-tfnew-ok
 PTH=kt_sft_tfnew_base.pth
 start=$SECONDS

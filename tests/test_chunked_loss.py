@@ -260,6 +260,7 @@ def test_llamafactory_asft_loss_keeps_real_logits(tiny_checkpoint):
     with loss_chunk_tokens=0; other runs get load_model's default."""
     from types import SimpleNamespace
 
+    pytest.importorskip("llamafactory", reason="LLaMA-Factory is not installed (make test-tfnew's venv)")
     from kt_sft.llamafactory import config as ktc
     from kt_sft.llamafactory.loading import load_for_llamafactory
 

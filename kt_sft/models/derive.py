@@ -165,13 +165,19 @@ def _literal(pattern: str) -> str:
     return re.sub(r"\\(.)", r"\1", pattern.strip("^$"))
 
 
+def _names(target: str, name: str) -> bool:
+    """Whether a converter's (literal) target pattern names the parameter `name`: its last dotted parts (an inner
+    match such as `up_proj` in `experts.gate_up_proj` is another parameter)."""
+    return name == target or name.endswith(target if target.startswith(".") else "." + target)
+
+
 def _converter_for(name: str, converters):
     """(converter, target pattern) of the WeightConverter that builds the fused parameter `name` from per-expert
     tensors, or (None, None): stored fused, maybe transposed (`disk_transposed`). Any other converter of it (e.g.
     Step-3.7's gate and up stored as two fused tensors, concatenated on load) is refused, naming it."""
     for converter in converters:
         for target in map(_literal, converter.target_patterns):
-            if target not in name:
+            if not _names(target, name):
                 continue
             if any("*" in s for s in converter.source_patterns):
                 return converter, target
@@ -221,7 +227,7 @@ def disk_names(model: nn.Module, template: str, gated: bool) -> dict[str, str]:
         if converter is None:
             continue
         for source, proj in zip(converter.source_patterns, _index_blocks(converter, fused)):
-            disk = _undo_renamings(param.replace(target, _literal(source), 1), saving)
+            disk = _undo_renamings(param[: len(param) - len(target)] + _literal(source), saving)
             back, matched = rename_source_key(disk.replace("*", "3"), renamings, converters)
             if back != param or matched is None:
                 raise UnsupportedModelError(f"{disk}: transformers' conversion mapping does not map it back to "
@@ -244,7 +250,7 @@ def disk_transposed(model: nn.Module, template: str, gated: bool) -> bool:
         param = f"{template.replace('{layer}', _SENTINEL_LAYER)}.{fused}_proj"
         for converter in converters:
             ops = converter.operations
-            if (any(t.strip("^$") in param for t in converter.target_patterns) and len(ops) == 1
+            if (any(_names(_literal(t), param) for t in converter.target_patterns) and len(ops) == 1
                     and type(ops[0]).__name__ == "Transpose" and {ops[0].dim0, ops[0].dim1} == {1, 2}):
                 found.append(fused)
     if found and len(found) != len(fused_projections(gated)):

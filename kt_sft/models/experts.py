@@ -122,8 +122,10 @@ def install_checkpoint_marking(model) -> None:
     if getattr(original, "_kt_sft_marked", False):
         return
 
-    def set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint):
-        return original(enable=enable, gradient_checkpointing_func=_marked_checkpoint(gradient_checkpointing_func))
+    def set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, **kwargs):
+        # kwargs: what newer transformers pass besides (every_n_layers), handed on as they are
+        return original(enable=enable, gradient_checkpointing_func=_marked_checkpoint(gradient_checkpointing_func),
+                        **kwargs)
 
     set_gradient_checkpointing._kt_sft_marked = True
     model._set_gradient_checkpointing = types.MethodType(set_gradient_checkpointing, model)
