@@ -7,7 +7,8 @@ PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
 STAMP        := $(VENV)/.kt-sft-setup-ok
-SETUP_INPUTS := scripts/setup_cpu.sh scripts/make_stub_wheels.py $(filter-out requirements/tfnew.txt,$(wildcard requirements/*.txt))
+SETUP_INPUTS := scripts/setup_cpu.sh scripts/make_stub_wheels.py \
+                $(filter-out requirements/tfnew.txt,$(wildcard requirements/*.txt))
 # The venv is made from python3, so its extension suffix is python3's (PY may not exist yet).
 EXT_SUFFIX   := $(shell python3 -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 ENGINE_SO    := kt_sft/_engine$(EXT_SUFFIX)

@@ -6,8 +6,9 @@
 # What it holds: requirements/tfnew.txt (transformers, peft, accelerate and their dependencies, exact pins), installed
 # with --no-deps into its own site-packages; and, through a .pth, a folder of links to BASE's LINKED_ROOTS (torch,
 # numpy, pyyaml, pytest, scipy) and their dependencies (the closure read from BASE's metadata): torch 2.13 CPU without
-# a 200 MB reinstall, and nothing of LLaMA-Factory. pip runs while the .pth is away, so it can never see (nor uninstall through the links)
-# a package of BASE. Idempotent like setup_cpu.sh: the stamp is written last, after verification.
+# a 200 MB reinstall, and nothing of LLaMA-Factory. pip runs while the .pth is away, so it can never see (nor
+# uninstall through the links) a package of BASE. Idempotent like setup_cpu.sh: the stamp is written last, after
+# verification.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv-tfnew}
@@ -23,11 +24,17 @@ export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 log() { echo "[setup_tfnew +$((SECONDS - start))s] $*"; }
 # BASE's pip working on this venv (made without pip and setuptools: they would shadow BASE's newer setuptools);
 # drops the harmless per-package warnings of this machine's file:// indexes.
-pip() { "$BASE/bin/python" -m pip --python "$VENV/bin/python" "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
+pip() {
+  "$BASE/bin/python" -m pip --python "$VENV/bin/python" "$@" \
+    2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
+}
 
 [ -x "$BASE/bin/python" ] || { echo "[setup_tfnew] no $BASE: run make setup first" >&2; exit 1; }
 rm -f "$STAMP"
-[ -x "$VENV/bin/python" ] || { log "creating $VENV from $BASE's python"; "$BASE/bin/python" -m venv --without-pip "$VENV"; }
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV from $BASE's python"
+  "$BASE/bin/python" -m venv --without-pip "$VENV"
+fi
 SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 LINKS=$VENV/base-links
 rm -f "$SITE/$PTH"  # pip below must not see BASE's packages
@@ -47,7 +54,8 @@ while todo:
     reqs = [Requirement(r) for r in dist.requires or []]
     todo += [r.name for r in reqs if r.marker is None or r.marker.evaluate({"extra": ""})]
 for name, dist in sorted(seen.items()):
-    tops = sorted({f.parts[0] for f in dist.files if f.parts[0] not in ("..", "__pycache__") and not f.name.endswith(".pth")})
+    tops = sorted({f.parts[0] for f in dist.files
+                   if f.parts[0] not in ("..", "__pycache__") and not f.name.endswith(".pth")})
     print(name, dist.version, *tops)
 EOF
 }

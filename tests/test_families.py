@@ -4,10 +4,14 @@ derived from the model itself (kt_sft/models/derive.py), and every other family'
   * ALL_FAMILIES (tiny_models.py): a tiny random model with quirky sizes, written by stock save_pretrained: fp32
     logits on a left-padded batch, 8 LoRA steps (attention / dense linears + the routed experts through PEFT
     target_parameters), then greedy generation with the trained adapters, all equal to stock (<= 1e-4 relative)
+  * new_families() (tiny_models.py): every other family of the installed transformers (5.6's VLM gemma4 and
+    qwen3_omni_moe_thinker; under the newest transformers, `make test-tfnew`, its ~45 families beyond 5.6's) on a
+    tiny config shrunk from its default one: the same comparison, or its refusal from config.json alone, naming what
+    is missing, equal to the families table's
   * the 7 rule files of configs/ equal what kt-sft derives for their families; registry.TESTED is this table
   * refused families (experts at several places, omni models) fail before any weight is read, naming what is
     missing; the math probe tells every variant of experts_math.VARIANTS apart
-  * README.md's family table is `python -m kt_sft families`
+  * README.md's family table of the installed transformers is `python -m kt_sft families`'s
 ~1-2 s per family on 2 cores.
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ and jamba `...feed_forward.experts.0.w1.weight` / `gate_proj`) where transformer
 fused experts, else the fused tensors themselves (mistral4, qwen3_5_moe_text), spread over several shard files.
 Tests get them from the session fixtures of conftest.py (`family`, `tiny_checkpoint`), written once per session.
 
-Two tables:
+Two tables, and the families of the installed transformers beyond them (`new_families()`, on `generic_kwargs`):
   FAMILIES       the 7 families of the full parity suite (test_offload_parity.py, test_expert_lora_peft.py,
                  test_generate_parity.py, ...): hidden 64, 8 routed experts of width 16, top-2, vocab 128
   ALL_FAMILIES   every transformers 5.6 family whose fused experts the engine computes (silu, gpt-oss swiglu with
@@ -184,19 +184,22 @@ REFUSED_KWARGS = {
 # (the config or its text_config), _GENERIC_TOWER for the other sub-configs (vision / audio towers: built, not fed;
 # the family test's inputs are text), _GENERIC_FLAGS whatever their type; then NEW_KWARGS, what a family needs besides.
 _GENERIC = dict(
-    vocab_size=VOCAB, hidden_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
-    intermediate_size=40, moe_intermediate_size=20, shared_expert_intermediate_size=24,
-    moe_shared_expert_intermediate_size=24, num_experts=Q_EXPERTS, n_routed_experts=Q_EXPERTS,
-    num_local_experts=Q_EXPERTS, moe_num_experts=Q_EXPERTS, num_experts_per_tok=3, moe_topk=3, moe_k=3,
-    top_k_experts=3, n_group=1, topk_group=1, first_k_dense_replace=1, num_dense_layers=1, kv_lora_rank=16,
-    q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, linear_key_head_dim=8,
-    linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, mamba_d_state=4, ssm_state_size=8,
-    mamba_num_heads=4, mamba_head_dim=12, n_groups=1, sliding_window=8, index_topk=4, index_head_dim=8,
-    index_n_heads=2, index_num_heads=2, index_kpool=2, unpadded_vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-    eos_token_id=2, num_layers=4, ffn_hidden_size=40, expert_ffn_hidden_size=20, first_dense_intermediate_size=40,
-    shared_intermediate_size=24, share_expert_dim=24, shared_experts_intermediate_size=24, num_experts_per_token=3,
-    num_expert_group=1, linear_num_heads=4, linear_head_dim=12, indexer_n_heads=2, indexer_head_dim=12,
-    indexer_budget=8, indexer_compress_ratio=2)
+    vocab_size=VOCAB, hidden_size=48, num_hidden_layers=4, num_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=12, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, unpadded_vocab_size=VOCAB,
+    # widths: dense MLPs, routed experts, shared experts
+    intermediate_size=40, ffn_hidden_size=40, first_dense_intermediate_size=40, moe_intermediate_size=20,
+    expert_ffn_hidden_size=20, shared_expert_intermediate_size=24, moe_shared_expert_intermediate_size=24,
+    shared_intermediate_size=24, share_expert_dim=24, shared_experts_intermediate_size=24,
+    # routing: 6 experts, top-3, one group, a dense first layer
+    num_experts=Q_EXPERTS, n_routed_experts=Q_EXPERTS, num_local_experts=Q_EXPERTS, moe_num_experts=Q_EXPERTS,
+    num_experts_per_tok=3, num_experts_per_token=3, moe_topk=3, moe_k=3, top_k_experts=3, n_group=1, topk_group=1,
+    num_expert_group=1, first_k_dense_replace=1, num_dense_layers=1,
+    # MLA, linear attention, mamba, sparse-attention indexers
+    kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, linear_key_head_dim=8,
+    linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, linear_num_heads=4, linear_head_dim=12,
+    mamba_d_state=4, ssm_state_size=8, mamba_num_heads=4, mamba_head_dim=12, n_groups=1, sliding_window=8,
+    index_topk=4, index_head_dim=8, index_n_heads=2, index_num_heads=2, index_kpool=2, indexer_n_heads=2,
+    indexer_head_dim=12, indexer_budget=8, indexer_compress_ratio=2)
 _GENERIC_TOWER = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, depth=2, n_layers=2,
                       num_attention_heads=2, num_heads=2, out_hidden_size=48, text_hidden_size=48, projection_dim=48,
                       adapter_in_dim=32, adapter_input_size=32, adapter_out_dim=48, num_local_experts=Q_EXPERTS,
@@ -204,25 +207,25 @@ _GENERIC_TOWER = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2,
                       d_model=32, output_dim=48, downsample_hidden_size=16)
 _GENERIC_FLAGS = dict(use_mamba_kernels=False)
 NEW_KWARGS = {
-    # one head of keys and values per head of queries
-    "dots3_note_text": dict(head_dim=16),  # sliding-window layers: head_dim = nope + rope parts
+    # sliding-window layers: head_dim = nope + rope parts
+    "dots3_note_text": dict(head_dim=16),
     "dots3_note": dict(text_config=dict(head_dim=16)),
-    # a 4-stage audio tower: the tiny tower keeps its 4 stages
-    "muse_spark": dict(audio_config=dict(num_hidden_layers=4, hidden_sizes=[8, 16, 24, 32])),
-    "glm5_next": dict(text_config=dict(num_key_value_heads=4)),
-    # mamba heads dividing its inner width (2 x 48)
+    # the language model of gemma4_text's hand-written config (the defaults' wide per-layer inputs train chaotically)
+    "gemma4": dict(text_config=dict(QUIRKY_KWARGS["gemma4_text"], num_hidden_layers=3)),
+    "glm5_next": dict(text_config=dict(num_key_value_heads=4)),  # one head of keys and values per query head
+    # mamba heads dividing its inner width (2 x 48); attention layers besides (its default is all mamba)
     "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=24, mamba_d_state=8,
                              layer_types=["linear_attention", "attention", "linear_attention", "attention"]),
-    "longcat_flash": dict(zero_expert_num=2),  # identity experts beside the routed ones, few enough to route to both
     # M-RoPE sections summing to half the rotary width
     "hy_v4_vl": dict(text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                                            mrope_section=[2, 1, 1]))),
-    # the language model of gemma4_text's hand-written config (the defaults' wide per-layer inputs train chaotically)
-    "gemma4": dict(text_config=dict(QUIRKY_KWARGS["gemma4_text"], num_hidden_layers=3)),
-    "kolibri1_1": dict(head_dim=16),
+    "kolibri1_1": dict(head_dim=16),  # NVFP4 rounding of keys and values: head_dim a multiple of 16
+    "longcat_flash": dict(zero_expert_num=2),  # identity experts beside the routed ones, few enough to route to both
+    # a 4-stage audio tower: the tiny tower keeps its 4 stages
+    "muse_spark": dict(audio_config=dict(num_hidden_layers=4, hidden_sizes=[8, 16, 24, 32])),
     # its rope index reads the vision start token, which the thinker's config lacks (transformers sets it on the
     # omni config only): one inside the tiny vocabulary
-    "qwen3_omni_moe_thinker": dict(vision_start_token_id=VL_TOKENS["start"]),  # NVFP4 rounding of keys and values: head_dim a multiple of 16
+    "qwen3_omni_moe_thinker": dict(vision_start_token_id=VL_TOKENS["start"]),
     "zaya": dict(num_experts_per_tok=1),  # its only routing
 }
 # Families whose config names no activation (their model code fixes one): built without _COMMON's hidden_act.

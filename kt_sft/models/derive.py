@@ -11,10 +11,14 @@
              with the model's renamings undone give the per-expert names on disk, and transformers'
              `rename_source_key` must map each back to the fused parameter (checked here). So experts stream one
              tensor at a time, as before. The in-memory names are the fused names on disk; a Transpose(1, 2)
-             converter on them (Qwen3-VL-MoE) means they may be stored transposed (`disk_transposed`).
+             converter on them (Qwen3-VL-MoE) means they may be stored transposed (`disk_transposed`); any other
+             converter of them (separate gate / up stacks, interleaved rows) is refused, naming it. Patterns are read
+             as names (newer transformers escape them: `\\.experts`), the disk names through the saving direction
+             (no legacy renamings), as save_pretrained writes them.
   math       the probe of kt_sft.models.experts_math on the module's own gate (and its clamp `limit`), mapped to
              the engine's activation rows (silu / clamped silu / gpt-oss swiglu / GELU-tanh glu, relu^2 ungated);
-             biases and transposed / interleaved fused layouts load as they are
+             biases and transposed / interleaved fused layouts load as they are; experts the decorator marks with
+             what the engine lacks (ENGINE_LACKS: a norm on each expert's output) are refused
 A YAML override (kt_sft.models.registry) replaces the derivation; its math is probed against the model all the same.
 """
 from __future__ import annotations

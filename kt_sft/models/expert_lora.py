@@ -10,9 +10,9 @@ Our experts modules hold no real weights (they are in the engine), so:
    PEFT creates, initialises and places the factors from them (fp32, on the CPU); afterwards the stand-ins are
    taken out of the parameter set again, so `.to()`, optimizers and state_dict never see them.
 2. `attach_expert_lora(model)`: the outermost wrapper of each experts module runs the module's own forward, whose
-   engine call gets the factors of every wrapper in its chain (`ExpertLoRA`), so the engine computes the LoRA terms next to the frozen
-   GEMMs and returns their gradients; the factor modules ignore `.to()` (they stay fp32 in CPU RAM, where the
-   engine reads them without a copy, and the optimizer updates them there); merging is refused.
+   engine call gets the factors of every wrapper in its chain (`ExpertLoRA`), so the engine computes the LoRA terms
+   next to the frozen GEMMs and returns their gradients; the factor modules ignore `.to()` (they stay fp32 in CPU
+   RAM, where the engine reads them without a copy, and the optimizer updates them there); merging is refused.
 
 Why fp32 master factors in CPU RAM: the factors are small next to the experts (r=8 on V2-Lite: 0.27 GB for all
 26 layers), the engine computes the LoRA terms in fp32 anyway, and fp32 keeps AdamW's small updates from rounding
