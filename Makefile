@@ -7,7 +7,8 @@ PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
 STAMP        := $(VENV)/.kt-sft-setup-ok
-SETUP_INPUTS := scripts/setup_cpu.sh scripts/make_stub_wheels.py $(wildcard requirements/*.txt)
+SETUP_INPUTS := scripts/setup_cpu.sh scripts/make_stub_wheels.py \
+                $(filter-out requirements/tfnew.txt,$(wildcard requirements/*.txt))
 # The venv is made from python3, so its extension suffix is python3's (PY may not exist yet).
 EXT_SUFFIX   := $(shell python3 -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 ENGINE_SO    := kt_sft/_engine$(EXT_SUFFIX)
@@ -16,7 +17,15 @@ ENGINE_SRCS  := $(wildcard setup.py) $(shell find csrc -type f 2>/dev/null)
 WHEEL_PYTHONS ?=
 WHEEL_CHECK  := dist/wheel-check
 
-.PHONY: setup build test test-fast fuzz soak demo bench wheel wheel-check clean distclean
+# `make test-tfnew`: the family suite (kt-sft's Python API against stock transformers + PEFT, no LLaMA-Factory) under
+# the newest transformers on PyPI, in a second venv that reuses this one's torch (scripts/setup_tfnew.sh).
+TFNEW_VENV  ?= .venv-tfnew
+TFNEW_STAMP := $(TFNEW_VENV)/.kt-sft-tfnew-ok
+TFNEW_TESTS := tests/test_families.py tests/test_vlm.py tests/test_generate_parity.py tests/test_expert_lora_peft.py \
+               tests/test_chunked_loss.py tests/test_offload_parity.py
+TFNEW_LIMIT ?= 900
+
+.PHONY: setup build test test-fast test-tfnew fuzz soak demo bench wheel wheel-check clean distclean
 
 setup: $(STAMP)
 
@@ -39,6 +48,14 @@ endif
 
 test: build
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# About 3 min on 2 cores (CI runs it after `make test`); killed past TFNEW_LIMIT seconds. Tests that need
+# LLaMA-Factory skip there.
+test-tfnew: build $(TFNEW_STAMP)
+	timeout $(TFNEW_LIMIT) $(TFNEW_VENV)/bin/python -m pytest -q $(TFNEW_TESTS) $(PYTEST_ARGS)
+
+$(TFNEW_STAMP): scripts/setup_tfnew.sh requirements/tfnew.txt $(STAMP)
+	VENV=$(TFNEW_VENV) BASE=$(VENV) scripts/setup_tfnew.sh
 
 # A quick subset for development: everything but the tests marked slow (subprocess-heavy); CI runs `make test`.
 test-fast: build
@@ -81,7 +98,8 @@ bench: build
 
 clean:
 	rm -rf build/ dist/ *.egg-info .pytest_cache kt_sft/_engine*.so
-	find . -path ./$(VENV) -prune -o -path ./.git -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . -path ./$(VENV) -prune -o -path ./$(TFNEW_VENV) -prune -o -path ./.git -prune -o -name __pycache__ -type d \
+		-prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(TFNEW_VENV)

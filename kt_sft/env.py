@@ -132,23 +132,23 @@ def report(checkpoint: str | None = None) -> str:
 
 
 def families(readme: str | None = None) -> int:
-    """`python -m kt_sft families`: the table of every transformers MoE family with fused experts and its status;
-    `... families README.md` rewrites that file's family table instead."""
+    """`python -m kt_sft families`: the table of every transformers MoE family with fused experts, the transformers
+    it needs and its status; `... families README.md` rewrites that file's table of the installed transformers
+    instead (LLaMA-Factory's pin: every family; a newer one: its families beyond the pin's; catalog.readme_table)."""
     from . import readme_tables
     from .models import catalog
 
-    text = catalog.table()
     if readme is None:
-        sys.stdout.write(text)
+        sys.stdout.write(catalog.table())
     else:
-        readme_tables.rewrite(readme, catalog.HEADING, text)
+        readme_tables.rewrite(readme, *catalog.readme_table())
     return 0
 
 
 USAGE = """usage: python -m kt_sft env [MODEL_DIR]        versions, CPU, ISA paths, threads, NUMA; with MODEL_DIR,
                                                what kt-sft makes of that checkpoint (family, formats, RAM)
-       python -m kt_sft families [README.md]   every transformers MoE family and its status (or rewrite
-                                               README.md's table)
+       python -m kt_sft families [README.md]   every transformers MoE family, the transformers it needs and
+                                               its status (or rewrite README.md's table of this transformers)
        python -m kt_sft eval config.yaml       LLaMA-Factory's MMLU-style evaluator with the hook
                                                (example: examples/eval/demo_eval_kt.yaml)
        python -m kt_sft export --model DIR --adapter DIR --out DIR [--shard-size 5GB] [--format bf16|fp8]

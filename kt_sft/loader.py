@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -145,6 +146,8 @@ def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *
     files = scan(plan.path, opts.expert_path)
     model, placer = plan.model, _Placer(plan.model, opts.device, opts.dtype)
     router = _KeyRouter(plan.family, files.headers, placer.renamings, expert_counts(plan.experts_modules))
+    placer.expect(router.logical(k) for k in files.headers
+                  if router.expert(k) is None and not is_companion(k, plan.source))
     _check_stored(plan.source, files, router)
     if opts.check_memory:  # the experts count once per host: on the rank that packs them
         packs = host is None or host.packs
@@ -438,15 +441,19 @@ def _check_memory(expert_bytes: dict[ExpertFormat, int], dense_bytes: int, large
 
 
 class _Placer:
-    """Puts non-expert checkpoint tensors into the meta model under their in-memory names; those transformers'
-    conversion mapping builds from other tensors through its own ops (`convert`)."""
+    """Puts non-expert checkpoint tensors into the meta model under their in-memory names: renamed as transformers'
+    conversion mapping renames them, and built as its converters build them where several stored tensors make one
+    parameter or one makes several (Kimi-Linear's q/k/v convolutions concatenated, a vision tower's fused qkv split,
+    ERNIE-4.5-VL's routers stored transposed and its two experts sets' score biases stacked in one tensor): such a
+    converter's sources are kept until the last one is read (`expect` counts them), then its own `convert` runs, as
+    in transformers' loading."""
 
     def __init__(self, model, device: torch.device, dtype: torch.dtype):
         self.model, self.device, self.dtype = model, device, dtype
         conversions = get_model_conversion_mapping(model)
         self.renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
         self.converters = [c for c in conversions if isinstance(c, WeightConverter)]
-        self.pending: dict = {}  # first target name -> a copy of its converter, collecting its sources
+        self.pending: dict[str, list] = {}  # converter target -> [its converter with the sources read, sources left]
         self.meta_state = model.state_dict()
         self.fp32 = set(getattr(model, "_keep_in_fp32_modules_strict", None) or []) | \
             set(getattr(model, "_keep_in_fp32_modules", None) or [])
@@ -456,41 +463,49 @@ class _Placer:
         name, _ = rename_source_key(key, self.renamings, [], self.model.base_model_prefix, self.meta_state)
         return name if name in self.meta_state else None
 
+    def _route(self, key: str) -> tuple[str, Optional[str]]:
+        """(in-memory name, or a converter's first target; the converter's source pattern, None: a renaming)."""
+        return rename_source_key(key, self.renamings, self.converters, self.model.base_model_prefix, self.meta_state)
+
+    def expect(self, keys: Iterable[str]) -> None:
+        """Count, per converter target, the (logical, non-expert) checkpoint keys it is built from."""
+        counts = Counter(name for name, pattern in map(self._route, keys) if pattern is not None)
+        self.pending = {name: [None, count] for name, count in counts.items()}
+
+    def take(self, key: str, read) -> None:
+        """Place the tensor `read()` of checkpoint key `key`, or keep it for its converter."""
+        name, pattern = self._route(key)
+        if pattern is None:
+            if name in self.meta_state:
+                self.place(name, read())
+            else:
+                self.unexpected.append(key)  # e.g. DeepSeek-V3's MTP layer; stock transformers skips these too
+            return
+        entry = self.pending.get(name)
+        if entry is None:  # a converter's source the count left out: an expert of no MoE layer here (MTP layers)
+            self.unexpected.append(key)
+            return
+        if entry[0] is None:
+            entry[0] = copy.deepcopy(next(c for c in self.converters if pattern in c.source_patterns))
+        entry[0].add_tensor(name, key, pattern, read())
+        entry[1] -= 1
+        if not entry[1]:
+            del self.pending[name]
+            self._place_converted(key, entry[0].convert(name, model=self.model, config=self.model.config))
+
+    def _place_converted(self, key: str, tensors: dict) -> None:
+        for name, tensor in tensors.items():
+            if name not in self.meta_state:  # as stock transformers, which reports them as unexpected
+                self.unexpected.append(name)
+                continue
+            self.place(name, tensor[0] if isinstance(tensor, list) else tensor)
+
     def place(self, name: str, tensor: torch.Tensor) -> None:
         dtype = None
         if tensor.is_floating_point():
             keep32 = any(re.search(rf"(^|\.){re.escape(m)}(\.|$)", name) for m in self.fp32)
             dtype = torch.float32 if keep32 else self.dtype
         set_module_tensor_to_device(self.model, name, self.device, value=tensor, dtype=dtype)
-
-    def convert(self, key: str, read) -> bool:
-        """Whether a converter of transformers' conversion mapping takes the tensor of `key` (`read()` reads it),
-        e.g. ERNIE-4.5-VL's routers stored transposed and its two experts sets' score biases stacked in one tensor.
-        Collected per target as transformers' loading collects them (a copy of the converter per first target
-        name) and converted by the converter's own ops once each source is in; a `*` source (a list) at `finish`."""
-        renamed, pattern = rename_source_key(key, self.renamings, self.converters, self.model.base_model_prefix,
-                                             self.meta_state)
-        if pattern is None or renamed not in self.meta_state:  # e.g. DeepSeek-V3's MTP experts: no place here,
-            return False                                       # skipped unread as before
-        converter = next(c for c in self.converters if pattern in c.source_patterns)
-        group = self.pending.setdefault(renamed, copy.deepcopy(converter))
-        group.add_tensor(renamed, key, pattern, read())
-        if all(p in group.collected_tensors and "*" not in p for p in group.source_patterns):
-            self._convert(renamed)
-        return True
-
-    def finish(self) -> None:
-        """Convert what is still collecting (converters with a `*` source)."""
-        for renamed in list(self.pending):
-            self._convert(renamed)
-
-    def _convert(self, renamed: str) -> None:
-        group = self.pending.pop(renamed)
-        for name, tensor in group.convert(renamed, model=self.model, config=self.model.config).items():
-            if name in self.meta_state:
-                self.place(name, tensor)
-            else:
-                self.unexpected.append(name)
 
 
 class _KeyRouter:
@@ -593,7 +608,6 @@ def _stream_shards(files: CheckpointFiles, layers: dict, router: _KeyRouter, pla
             except (RuntimeError, ValueError) as err:  # about this tensor: reading, decoding, shape, packing (the
                 # engine's settings are parsed at import and set before streaming, so none of theirs lands here)
                 raise type(err)(f"{key} in {shard.name}: {err}") from err
-    placer.finish()
 
 
 def _load_key(key: str, kinds: str, reader: TensorReader, router: _KeyRouter, layers: dict, placer: "_Placer",
@@ -620,14 +634,7 @@ def _load_key(key: str, kinds: str, reader: TensorReader, router: _KeyRouter, la
         return
     if kinds in ("experts", "biases"):
         return
-    logical = router.logical(key)
-    name = placer.name_of(logical)
-    if name is None and placer.convert(logical, lambda: _read(key, reader, source)):
-        return
-    if name is None:
-        placer.unexpected.append(key)  # e.g. DeepSeek-V3's MTP layer; stock transformers skips these too
-        return
-    placer.place(name, _read(key, reader, source))
+    placer.take(router.logical(key), lambda: _read(key, reader, source))
 
 
 def _load_bias(layer, proj: str, expert: Optional[int], tensor: torch.Tensor, family: MoEFamily) -> None:
@@ -650,7 +657,7 @@ def _read(key: str, reader: TensorReader, source: SourceFormat) -> torch.Tensor:
 
 def _fused_shape(layer, proj: str) -> tuple[int, int, int]:
     """[E, rows, cols] of a fused projection in the engine's orientation: gate_up [E, 2I, H], down [E, H, I]."""
-    rows, cols = layer.projection_shape("down" if proj == "down" else "gate")
+    rows, cols = layer.projection_shape("down" if proj == "down" else "up")  # up: gate's shape, and ungated too
     return layer.num_experts, rows * (2 if proj == "gate_up" else 1), cols
 
 

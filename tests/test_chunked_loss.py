@@ -6,7 +6,8 @@ LoRA B random so every factor matters; the gradient reaching `inputs_embeds`) eq
 dividing them, mean reduction and gradient accumulation over two micro-batches with `num_items_in_batch`.
 Also: router aux loss, `shift_labels`, tied embeddings; eval / no-grad / label-less calls / generate are stock;
 no tensor of tokens x vocab elements is saved for backward and lm_head never sees more than one chunk (and the
-same check fails with the feature off); refusals and bad arguments.
+same check fails with the feature off); per-token steps between lm_head and the loss (scale, soft-cap, cast,
+vocabulary slice) replayed per chunk; refusals and bad arguments.
 """
 from __future__ import annotations
 
@@ -199,11 +200,12 @@ def test_bad_loss_chunk_tokens(bad, tiny_checkpoint):
 
 
 class _Toy(torch.nn.Module):
-    """A causal LM whose forward scales the logits before the loss (like soft-capping models)."""
+    """A causal LM whose forward applies `post` to the logits before the loss (soft-capping models and the like)."""
 
-    def __init__(self):
+    def __init__(self, post):
         super().__init__()
-        self.embed, self.lm_head = torch.nn.Embedding(VOCAB, 8), torch.nn.Linear(8, VOCAB)
+        torch.manual_seed(0)
+        self.embed, self.lm_head, self.post = torch.nn.Embedding(VOCAB, 8), torch.nn.Linear(8, VOCAB), post
 
     loss_function = property(lambda self: self.__dict__.get("_loss_function", ForCausalLMLoss))
 
@@ -211,17 +213,43 @@ class _Toy(torch.nn.Module):
         return self.lm_head
 
     def forward(self, input_ids, labels=None):
-        logits = self.lm_head(self.embed(input_ids)) * 2.0
-        return (None if labels is None else self.loss_function(logits, labels, VOCAB)), logits
+        logits = self.post(self.lm_head(self.embed(input_ids)))
+        return (None if labels is None else self.loss_function(logits, labels, logits.shape[-1])), logits
 
 
-def test_model_changing_logits_before_the_loss_is_refused():
-    toy = _Toy().train()
+# Per-token steps between lm_head and the loss that the chunked loss replays per chunk (Cohere's scale, Gemma's
+# soft-capping, a cast and per-vocabulary scale, Inkling's vocabulary slice, in-place forms).
+PER_TOKEN_STEPS = {
+    "scale": lambda t: t * 2.0,
+    "softcap": lambda t: torch.tanh(t / 3.0) * 3.0,
+    "cast-vocab-scale-slice": lambda t: (t.float() * torch.linspace(0.5, 1.5, VOCAB))[..., :VOCAB - 8],
+    "in-place": lambda t: t.div_(2.0).add_(0.5),
+}
+
+
+@pytest.mark.parametrize("post", PER_TOKEN_STEPS.values(), ids=PER_TOKEN_STEPS.keys())
+def test_per_token_steps_after_lm_head_are_replayed(post):
+    ids = torch.randint(0, VOCAB - 8, (2, 9), generator=torch.Generator().manual_seed(3))
+    results = []
+    for chunk in (0, CHUNK):
+        toy = _Toy(post).train()
+        install_chunked_loss(toy, chunk)
+        out = toy(ids, ids)  # (loss, logits); (loss,) when chunked: logits=None, dropped as any None
+        out[0].backward()
+        assert len(out) == (1 if chunk else 2)
+        results.append((out[0].detach(), toy.lm_head.weight.grad, toy.embed.weight.grad))
+    for ours, ref in zip(*results):
+        assert rel_err(ours, ref) <= RTOL
+
+
+@pytest.mark.parametrize("post, what", [(lambda t: t.cumsum(1), "applies cumsum"),
+                                        (lambda t: t - t.mean(1, keepdim=True), "applies mean")])
+def test_steps_mixing_tokens_after_lm_head_are_refused(post, what):
+    toy = _Toy(post).train()
     ids = torch.randint(0, VOCAB, (1, 6))
     stock_loss, logits = toy(ids, ids)
-    assert logits.shape == (1, 6, VOCAB)
     install_chunked_loss(toy, CHUNK)
-    with pytest.raises(RuntimeError, match="changes lm_head's output before the loss.*loss_chunk_tokens=0"):
+    with pytest.raises(RuntimeError, match=f"{what} to lm_head's output.*loss_chunk_tokens=0"):
         toy(ids, ids)
     assert toy.lm_head.__class__ is torch.nn.Linear and "_loss_function" not in toy.__dict__  # restored
     assert torch.equal(toy(ids)[1], logits)  # label-less: stock
@@ -232,6 +260,7 @@ def test_llamafactory_asft_loss_keeps_real_logits(tiny_checkpoint):
     with loss_chunk_tokens=0; other runs get load_model's default."""
     from types import SimpleNamespace
 
+    pytest.importorskip("llamafactory", reason="LLaMA-Factory is not installed (make test-tfnew's venv)")
     from kt_sft.llamafactory import config as ktc
     from kt_sft.llamafactory.loading import load_for_llamafactory
 

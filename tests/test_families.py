@@ -4,10 +4,14 @@ derived from the model itself (kt_sft/models/derive.py), and every other family'
   * ALL_FAMILIES (tiny_models.py): a tiny random model with quirky sizes, written by stock save_pretrained: fp32
     logits on a left-padded batch, 8 LoRA steps (attention / dense linears + the routed experts through PEFT
     target_parameters), then greedy generation with the trained adapters, all equal to stock (<= 1e-4 relative)
+  * new_families() (tiny_models.py): every other family of the installed transformers (5.6's VLM gemma4 and
+    qwen3_omni_moe_thinker; under the newest transformers, `make test-tfnew`, its ~45 families beyond 5.6's) on a
+    tiny config shrunk from its default one: the same comparison, or its refusal from config.json alone, naming what
+    is missing, equal to the families table's
   * the 7 rule files of configs/ equal what kt-sft derives for their families; registry.TESTED is this table
   * refused families (omni models) fail before any weight is read, naming what is
     missing; the math probe tells every variant of experts_math.VARIANTS apart
-  * README.md's family table is `python -m kt_sft families`
+  * README.md's family table of the installed transformers is `python -m kt_sft families`'s
 ~1-2 s per family on 2 cores.
 """
 from __future__ import annotations
@@ -30,7 +34,7 @@ from kt_sft.models.registry import fused_projections, load_family_file
 from lora_train import adamw_losses, make_batches
 from moe_reference import rel_err
 from tiny_models import (ALL_FAMILIES, CONFIGS, FAMILIES, VL_FAMILIES, VOCAB, derived_family, experts_path,
-                         refused_config)
+                         new_families, refusal, refused_config, tiny_config)
 
 RTOL = 1e-4          # logits and every step's loss, fp32 (measured <= 5e-7)
 STEPS = 8
@@ -62,9 +66,10 @@ def _lora(model, family, wrap):
     torch.manual_seed(5)
     # every linear but the routers (phimoe's router is an nn.Linear subclass returning a tuple, which stock PEFT
     # cannot wrap; the others read their weight directly, so LoRA there would be bypassed anyway; gemma4's router
-    # projection is router.proj)
+    # projection is router.proj) and DeepSeek-V4's grouped output projection (o_a_proj: an nn.Linear applied per
+    # group of heads, which stock PEFT's LoRA cannot wrap)
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                        exclude_modules=r".*\.(gate|router|router\.proj)$",
+                        exclude_modules=r".*\.(gate|router|router\.proj|o_a_proj)$",
                         target_parameters=[f"{experts}.{p}_proj"
                                            for p in fused_projections(derived_family(family).gated)])
     return wrap(model, config)
@@ -109,6 +114,24 @@ def _matches_stock(family, path):
     assert torch.equal(_generate(ours), _generate(stock))
 
 
+@pytest.mark.parametrize("family", new_families())
+def test_family_of_this_transformers_matches_stock_or_is_refused(family, tiny_checkpoint, tmp_path):
+    """Every other family of the installed transformers (those of a newer transformers than 5.6, and 5.6's gemma4 /
+    qwen3_omni_moe_thinker) on its generic tiny config (tiny_models.generic_kwargs): the same comparison as above,
+    or, where kt-sft refuses it, the load fails from config.json alone naming what is missing, as the families
+    table says."""
+    why = refusal(family)
+    if why is None:
+        _matches_stock(family, tiny_checkpoint(family))
+        return
+    tiny_config(family).save_pretrained(tmp_path)
+    with pytest.raises(registry.UnsupportedModelError) as err:
+        _ours(tmp_path)
+    assert str(err.value) == why
+    row = catalog.family_row(family)
+    assert (row.status, row.reason) == ("refused", why)
+
+
 def test_clamped_swiglu_experts_match_stock(tiny_checkpoint, monkeypatch):
     """DeepSeek-V4 / GLM-5 style clamped SwiGLU (transformers' DeepseekV4Experts, newer than 5.6: `self.limit =
     config.swiglu_limit`, gate clamped above, up both ways, then act_fn(gate) * up): qwen3_moe's experts patched so,
@@ -135,6 +158,8 @@ def test_expert_ids_past_the_experts_add_nothing(tiny_checkpoint):
     stock.config._experts_implementation = "batched_mm"
     name = "model.layers.1.mlp.experts"
     ref_mod, our_mod = stock.get_submodule(name), ours.get_submodule(name)
+    if hasattr(ref_mod, "_is_expert_parallel"):  # transformers after 5.6 drops such ids under expert parallelism only
+        ref_mod._is_expert_parallel = True
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(7, stock.config.hidden_size, generator=gen)
     ids = torch.randint(0, ref_mod.num_experts, (7, 2), generator=gen)
@@ -160,23 +185,32 @@ def test_derived_rule_equals_the_config_file(family):
 
 
 def test_tested_list_is_this_table():
-    """The text families here, the vision-language ones in test_vlm.py."""
-    assert tuple(sorted(registry.TESTED)) == tuple(sorted(ALL_FAMILIES + VL_FAMILIES))
+    """The text families here (hand-written and generic configs), the vision-language ones in test_vlm.py: of
+    registry.TESTED (the families of 5.6 and of the newest transformers), those the installed one has."""
+    passing = {f for f in new_families() if refusal(f) is None}
+    installed = set(catalog.family_model_types())
+    assert set(registry.TESTED) & installed == {*ALL_FAMILIES, *VL_FAMILIES, *passing}
+
+
+def test_pinned_families_are_the_pinned_transformers():
+    """catalog.PINNED_FAMILIES (the rows that need no newer transformers) is what LLaMA-Factory's pin has."""
+    import transformers
+
+    if transformers.__version__ != catalog.PINNED:
+        pytest.skip(f"transformers {transformers.__version__}: the families of {catalog.PINNED} are checked there")
+    assert tuple(catalog.family_model_types()) == catalog.PINNED_FAMILIES
 
 
 def test_prefixed_fused_checkpoint_loads_like_stock(tiny_checkpoint, tmp_path):
-    """Qwen3.5-MoE checkpoints keep the language model under `model.language_model.`; transformers' PrefixChange
-    drops it, and so do kt-sft's expert keys (fused tensors on disk)."""
-    src = tiny_checkpoint("qwen3_5_moe_text")
-    index = json.loads((src / "model.safetensors.index.json").read_text())
-    renamed = {k: re.sub(r"^model\.", "model.language_model.", k) for k in index["weight_map"]}
-    for shard in sorted(set(index["weight_map"].values())):
-        tensors = load_file(src / shard)
-        save_file({renamed[k]: t for k, t in tensors.items()}, tmp_path / shard, metadata={"format": "pt"})
-    index["weight_map"] = {renamed[k]: f for k, f in index["weight_map"].items()}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    (tmp_path / "config.json").write_text((src / "config.json").read_text())
-    assert any(k.startswith("model.language_model.layers.") and k.endswith("experts.gate_up_proj") for k in renamed.values())
+    """Qwen3.5-MoE checkpoints keep the language model under `model.language_model.` and its experts fused;
+    transformers' PrefixChange drops the prefix, and so do kt-sft's expert keys. Written from the model's state
+    dict (newer transformers save these experts per expert)."""
+    state = _stock(tiny_checkpoint("qwen3_5_moe_text")).state_dict()
+    save_file({re.sub(r"^model\.", "model.language_model.", k): t.contiguous() for k, t in state.items()},
+              tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text((tiny_checkpoint("qwen3_5_moe_text") / "config.json").read_text())
+    assert any(k.startswith("model.language_model.layers.") and k.endswith("experts.gate_up_proj")
+               for k in load_file(tmp_path / "model.safetensors"))
     ids, _ = _probe_batch()
     with torch.no_grad():
         ref, got = _stock(tmp_path).eval()(input_ids=ids).logits, _ours(tmp_path).eval()(input_ids=ids).logits
@@ -249,14 +283,22 @@ def test_math_probe_reads_the_module_limit():
 
 
 def test_readme_family_table_is_generated(capsys, monkeypatch):
-    text = catalog.table()
-    rows = {line.split(" | ")[0].strip("| `"): line for line in text.splitlines()[2:]}
-    assert all(rows[f].endswith("| tested |") for f in ALL_FAMILIES + VL_FAMILIES)
+    """README.md's table of the installed transformers (LLaMA-Factory's pin: every family; a newer one: its
+    families beyond the pin's) is `python -m kt_sft families README.md`'s; under a newer transformers, the pin's
+    families keep the status the pin's table gives them."""
+    heading, text = catalog.readme_table()
+    rows = {line.split(" | ")[0].strip("| `"): line for line in catalog.table().splitlines()[2:]}
+    tested = {*ALL_FAMILIES, *VL_FAMILIES, *(f for f in new_families() if refusal(f) is None)}
+    assert all(rows[f].endswith("| tested |") for f in tested)
     assert rows["gpt_oss"].endswith("| tested |") and "gpt-oss clamped swiglu" in rows["gpt_oss"]
     readme = (REPO / "README.md").read_text()
-    assert readme_tables.table_in(readme, catalog.HEADING) == text, (
-        "README.md's family table differs from `python -m kt_sft families`; regenerate it with "
-        "`python -m kt_sft families README.md`")
+    assert readme_tables.table_in(readme, heading) == text, (
+        f"README.md's table under {heading!r} differs from `python -m kt_sft families`; regenerate it with "
+        "`python -m kt_sft families README.md` (in .venv for transformers 5.6, in .venv-tfnew for the newest)")
+    pinned = {line.split(" | ")[0].strip("| `"): line.rsplit(" | ", 1)[-1]
+              for line in readme_tables.table_in(readme, catalog.HEADING).splitlines()[2:]}
+    assert {f: rows[f].rsplit(" | ", 1)[-1] for f in catalog.PINNED_FAMILIES if f in rows} == \
+        {f: pinned[f] for f in catalog.PINNED_FAMILIES if f in rows}
     from kt_sft.env import main
 
     monkeypatch.setattr(catalog, "table", lambda: text)

@@ -122,6 +122,7 @@ def test_llamafactory_lora_targets_of_a_vision_language_model(tiny_checkpoint):
     import types
 
     import peft
+    pytest.importorskip("llamafactory", reason="LLaMA-Factory is not installed (make test-tfnew's venv)")
     from llamafactory.hparams import FinetuningArguments
     from llamafactory.model.model_utils.misc import find_all_linear_modules
     from llamafactory.model.model_utils.visual import patch_target_modules

@@ -9,7 +9,7 @@ and jamba `...feed_forward.experts.0.w1.weight` / `gate_proj`) where transformer
 fused experts, else the fused tensors themselves (mistral4, qwen3_5_moe_text), spread over several shard files.
 Tests get them from the session fixtures of conftest.py (`family`, `tiny_checkpoint`), written once per session.
 
-Two tables:
+Two tables, and the families of the installed transformers beyond them (`new_families()`, on `generic_kwargs`):
   FAMILIES       the 7 families of the full parity suite (test_offload_parity.py, test_expert_lora_peft.py,
                  test_generate_parity.py, ...): hidden 64, 8 routed experts of width 16, top-2, vocab 128
   ALL_FAMILIES   every transformers 5.6 family whose fused experts the engine computes (silu, gpt-oss swiglu with
@@ -30,13 +30,16 @@ Per family of FAMILIES (transformers 5.6 names):
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 from transformers import AutoConfig
 
+from kt_sft.models import catalog
 from kt_sft.models.derive import build_meta, derive_family, model_class
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # example rule files, one per family of FAMILIES
@@ -220,6 +223,56 @@ _REFUSED_SIZES = dict(vocab_size=VOCAB, hidden_size=48, num_attention_heads=4, n
 REFUSED_KWARGS = {
     "qwen3_omni_moe": {},
 }
+# Every other family of the installed transformers (new_families(): those of a transformers newer than 5.6, and 5.6's
+# gemma4 / qwen3_omni_moe_thinker): its default config (with catalog.PROBE_KWARGS) shrunk to the quirky sizes by
+# attribute name, for the int attributes it has (its own activation and layout kept): _GENERIC for the language model
+# (the config or its text_config), _GENERIC_TOWER for the other sub-configs (vision / audio towers: built, not fed;
+# the family test's inputs are text), _GENERIC_FLAGS whatever their type; then NEW_KWARGS, what a family needs besides.
+_GENERIC = dict(
+    vocab_size=VOCAB, hidden_size=48, num_hidden_layers=4, num_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=12, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, unpadded_vocab_size=VOCAB,
+    # widths: dense MLPs, routed experts, shared experts
+    intermediate_size=40, ffn_hidden_size=40, first_dense_intermediate_size=40, moe_intermediate_size=20,
+    expert_ffn_hidden_size=20, shared_expert_intermediate_size=24, moe_shared_expert_intermediate_size=24,
+    shared_intermediate_size=24, share_expert_dim=24, shared_experts_intermediate_size=24,
+    # routing: 6 experts, top-3, one group, a dense first layer
+    num_experts=Q_EXPERTS, n_routed_experts=Q_EXPERTS, num_local_experts=Q_EXPERTS, moe_num_experts=Q_EXPERTS,
+    num_experts_per_tok=3, num_experts_per_token=3, moe_topk=3, moe_k=3, top_k_experts=3, n_group=1, topk_group=1,
+    num_expert_group=1, first_k_dense_replace=1, num_dense_layers=1,
+    # MLA, linear attention, mamba, sparse-attention indexers
+    kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, linear_key_head_dim=8,
+    linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, linear_num_heads=4, linear_head_dim=12,
+    mamba_d_state=4, ssm_state_size=8, mamba_num_heads=4, mamba_head_dim=12, n_groups=1, sliding_window=8,
+    index_topk=4, index_head_dim=8, index_n_heads=2, index_num_heads=2, index_kpool=2, indexer_n_heads=2,
+    indexer_head_dim=12, indexer_budget=8, indexer_compress_ratio=2)
+_GENERIC_TOWER = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, depth=2, n_layers=2,
+                      num_attention_heads=2, num_heads=2, out_hidden_size=48, text_hidden_size=48, projection_dim=48,
+                      adapter_in_dim=32, adapter_input_size=32, adapter_out_dim=48, num_local_experts=Q_EXPERTS,
+                      moe_intermediate_size=20, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=40,
+                      d_model=32, output_dim=48, downsample_hidden_size=16)
+_GENERIC_FLAGS = dict(use_mamba_kernels=False)
+NEW_KWARGS = {
+    # sliding-window layers: head_dim = nope + rope parts
+    "dots3_note_text": dict(head_dim=16),
+    "dots3_note": dict(text_config=dict(head_dim=16)),
+    # the language model of gemma4_text's hand-written config (the defaults' wide per-layer inputs train chaotically)
+    "gemma4": dict(text_config=dict(QUIRKY_KWARGS["gemma4_text"], num_hidden_layers=3)),
+    "glm5_next": dict(text_config=dict(num_key_value_heads=4)),  # one head of keys and values per query head
+    # mamba heads dividing its inner width (2 x 48); attention layers besides (its default is all mamba)
+    "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=24, mamba_d_state=8,
+                             layer_types=["linear_attention", "attention", "linear_attention", "attention"]),
+    # M-RoPE sections summing to half the rotary width
+    "hy_v4_vl": dict(text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                           mrope_section=[2, 1, 1]))),
+    "kolibri1_1": dict(head_dim=16),  # NVFP4 rounding of keys and values: head_dim a multiple of 16
+    "longcat_flash": dict(zero_expert_num=2),  # identity experts beside the routed ones, few enough to route to both
+    # a 4-stage audio tower: the tiny tower keeps its 4 stages
+    "muse_spark": dict(audio_config=dict(num_hidden_layers=4, hidden_sizes=[8, 16, 24, 32])),
+    # its rope index reads the vision start token, which the thinker's config lacks (transformers sets it on the
+    # omni config only): one inside the tiny vocabulary
+    "qwen3_omni_moe_thinker": dict(vision_start_token_id=VL_TOKENS["start"]),
+    "zaya": dict(num_experts_per_tok=1),  # its only routing
+}
 # Families whose config names no activation (their model code fixes one): built without _COMMON's hidden_act.
 NO_HIDDEN_ACT = ("lfm2_moe",)
 # What the configs above must produce: MoE layer indices and the shared-expert submodule of the MoE block.
@@ -231,6 +284,12 @@ SHARED_EXPERT = {"qwen2_moe": "shared_expert", "deepseek_v2": "shared_experts", 
 
 # Router biases that only shift which experts are chosen (sigmoid routers): a loader that drops one changes routing.
 ROUTER_BIASES = ("e_score_correction_bias", "expert_bias")
+# Keys the tiny checkpoints store as the family's Hub checkpoints do, where save_pretrained's name does not load
+# back: DeepSeek-V4's final norm (`norm.weight`; transformers 5.25 writes `model.norm.weight`, which its own
+# `.norm.` -> `.kv_norm.` renaming then misreads).
+STORED_AS = {"deepseek_v4": {"model.norm.weight": "norm.weight"}}
+# Buffers the model's own init sets again after loading (zaya's bias against its skip expert, [-1] = -1): as built.
+KEEP_INIT = ("balancing_biases",)
 # 1-D scales that multiply (gemma4's router input scale and per-expert output scale): ~1 like the norms.
 ONE_CENTERED = ("router.scale", "per_expert_scale")
 
@@ -243,9 +302,65 @@ def tiny_config(model_type: str, **overrides):
     elif model_type in QUIRKY_KWARGS:
         base, extra = _QUIRKY, QUIRKY_KWARGS[model_type]
     else:
-        raise ValueError(f"no tiny config for {model_type!r}; have {ALL_FAMILIES + VL_FAMILIES}")
+        return AutoConfig.for_model(model_type, **_merged(generic_kwargs(model_type), overrides))
     common = {k: v for k, v in base.items() if not (k == "hidden_act" and model_type in NO_HIDDEN_ACT)}
     return AutoConfig.for_model(model_type, **{**common, **extra, **overrides})
+
+
+@functools.cache
+def new_families() -> tuple[str, ...]:
+    """The families of the installed transformers without a hand-written config (built by generic_kwargs); a
+    function, not a table: the catalog's scan of transformers' model files costs ~1.5 s, paid by the tests that ask."""
+    return tuple(t for t in catalog.family_model_types()
+                 if t not in (*FAMILY_KWARGS, *QUIRKY_KWARGS, *VL_KWARGS, *REFUSED_KWARGS))
+
+
+def _merged(base: dict, extra: dict) -> dict:
+    """`base` updated by `extra`, sub-config dicts merged key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
+
+
+def _shrunk(defaults: dict, table: dict) -> dict:
+    """The attributes of a config's `defaults` (to_dict) that `table` resizes (int-valued ones), its per-layer lists
+    and its sub-configs'."""
+    out = {}
+    layers = table.get("num_hidden_layers")
+    for key, value in defaults.items():
+        if isinstance(value, dict) and "model_type" in value:
+            out[key] = _shrunk(value, _GENERIC if key == "text_config" else _GENERIC_TOWER)
+        elif key in _GENERIC_FLAGS:
+            out[key] = _GENERIC_FLAGS[key]
+        elif key in table and type(value) is int and value:  # 0 means "none" (no RoPE part, no dense layer)
+            out[key] = table[key]
+        elif key.endswith("layer_types") and isinstance(value, list) and layers and "num_hidden_layers" in defaults:
+            out[key] = _every_kind(value, layers)
+        elif key == "per_layer_config" and isinstance(value, dict) and layers:  # per-layer overrides, shrunk too
+            out[key] = {k: _shrunk(v, table) for k, v in value.items() if not k.isdigit() or int(k) < layers}
+    if "kv_lora_rank" in defaults:  # MLA: the keys and values have every head; head_dim is the rotary part
+        mla = dict(num_key_value_heads=table["num_attention_heads"], head_dim=_QUIRKY_MLA["head_dim"])
+        out.update({k: v for k, v in mla.items() if k in defaults})
+    return out
+
+
+def _every_kind(kinds: list, n: int) -> list:
+    """A per-layer list (layer_types, mlp_layer_types) of `n` layers with every kind in it: the first layer's, then
+    the others in turn (a hybrid's full attention every 6th layer, MoE layers after dense ones); its first `n` when
+    they have every kind already."""
+    if set(kinds[:n]) == set(kinds):
+        return kinds[:n]
+    others = list(dict.fromkeys(kinds))[1:] or kinds[:1]
+    return kinds[:1] + [others[i % len(others)] for i in range(n - 1)]
+
+
+def generic_kwargs(model_type: str) -> dict:
+    """The tiny config of a family without a hand-written one (new_families()): see _GENERIC."""
+    probe = catalog.PROBE_KWARGS.get(model_type, {})
+    defaults = AutoConfig.for_model(model_type, **probe).to_dict()
+    return _merged(_merged(probe, _shrunk(defaults, _GENERIC)), NEW_KWARGS.get(model_type, {}))
 
 
 def refused_config(model_type: str):
@@ -255,6 +370,18 @@ def refused_config(model_type: str):
 def derived_family(model_type: str):
     """The family rule kt-sft derives for the tiny model of `model_type` (kt_sft.models.derive)."""
     return derive_family(build_meta(tiny_config(model_type), buffers=False), model_type)
+
+
+def refusal(model_type: str) -> Optional[str]:
+    """Why kt-sft refuses the family's tiny model (what its load says, from the model built on meta), or None."""
+    from kt_sft.models.derive import resolve_family
+    from kt_sft.models.registry import UnsupportedModelError
+
+    try:
+        resolve_family(build_meta(tiny_config(model_type), buffers=False), model_type)
+    except UnsupportedModelError as err:
+        return str(err)
+    return None
 
 
 def experts_module_names(model_type: str) -> list[str]:
@@ -286,7 +413,7 @@ def _reinit(model: torch.nn.Module, seed: int, expert_scale: float = 1.0) -> Non
     """
     gen = torch.Generator().manual_seed(seed)
     for name, t in sorted(model.state_dict().items()):
-        if not t.is_floating_point():
+        if not t.is_floating_point() or name.endswith(KEEP_INIT):
             continue
         r = torch.randn(t.shape, generator=gen, dtype=torch.float32)
         if name.endswith(ROUTER_BIASES):
@@ -319,10 +446,20 @@ def shard_files(path) -> list[str]:
     return sorted(set(json.loads(index.read_text())["weight_map"].values()))
 
 
-def expert_keys_on_disk(path) -> dict[str, str]:
-    """{expert key (per-expert or fused): shard file} from the checkpoint's index."""
+def expert_keys_on_disk(path, model=None, model_type: str = "") -> dict[str, str]:
+    """{expert key (per-expert or fused): shard file} from the checkpoint's index: the keys with `.experts.`, or with
+    `model`, those its derived rule routes to the engine (Granite's `input_linear` too)."""
     weight_map = json.loads((Path(path) / "model.safetensors.index.json").read_text())["weight_map"]
-    return {k: f for k, f in weight_map.items() if ".experts." in k}
+    if model is None:
+        return {k: f for k, f in weight_map.items() if ".experts." in k}
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    from kt_sft.loader import _KeyRouter
+
+    renamings = [c for c in get_model_conversion_mapping(model) if isinstance(c, WeightRenaming)]
+    router = _KeyRouter(derive_family(model, model_type), weight_map, renamings)
+    return {k: f for k, f in weight_map.items() if router.expert(k) is not None}
 
 
 def make_tiny_checkpoint(model_type: str, path, *, dtype=torch.float32, seed: int = 0,
@@ -333,9 +470,26 @@ def make_tiny_checkpoint(model_type: str, path, *, dtype=torch.float32, seed: in
     model.save_pretrained(path, max_shard_size=max_shard_size)
     if derive_family(model, model_type).disk_transposed:
         transpose_fused_experts(path)
-    experts = expert_keys_on_disk(path)
+    if model_type in STORED_AS:
+        rename_stored(path, STORED_AS[model_type])
+    experts = expert_keys_on_disk(path, model, model_type)
     assert len(set(experts.values())) > 1, f"{model_type}: routed experts fit in one shard; lower max_shard_size"
     return model.config
+
+
+def rename_stored(path, renames: dict) -> None:
+    """Store the tensors `renames` names under their new keys (shards and index rewritten)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    index_path = Path(path) / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for shard in sorted({index["weight_map"][k] for k in renames}):
+        with safe_open(str(Path(path) / shard), "pt") as f:
+            tensors = {renames.get(k, k): f.get_tensor(k) for k in f.keys()}
+        save_file(tensors, str(Path(path) / shard), metadata={"format": "pt"})
+    index["weight_map"] = {renames.get(k, k): f for k, f in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
 
 
 def transpose_fused_experts(path) -> None:

@@ -10,6 +10,10 @@ the meta device, the derived rule (experts path, math probe) and why the engine 
                     with stock transformers + PEFT (registry.TESTED)
   derived-untested  derived and runnable, no tiny-model test yet
   refused           the error a load gives, before anything is read (math variant, omni model, ...)
+The `transformers` column says which transformers a family needs: PINNED (LLaMA-Factory 0.9.5's pin, what
+`llamafactory-cli` runs with) for the families it has (PINNED_FAMILIES), else the installed newer version, which CI
+tests too (`make test-tfnew`). README.md holds two tables: PINNED's every family (HEADING, written under PINNED) and
+the newest's families beyond PINNED's (NEWER_HEADING, written under the newest transformers).
 """
 from __future__ import annotations
 
@@ -20,9 +24,24 @@ from . import derive, experts_math
 from .registry import TESTED, UnsupportedModelError
 
 HEADING = "### Families"
-# What a default config needs so that its model builds and shows its experts (transformers 5.6 defaults that are
-# dense, None or inconsistent); the sizes do not matter on the meta device.
+NEWER_HEADING = "#### Families of a newer transformers"
+PINNED = "5.6.0"  # LLaMA-Factory 0.9.5's transformers (requirements/cpu.txt)
+# Its families (a test under PINNED keeps this equal to family_model_types()): the rows that need no newer one.
+PINNED_FAMILIES = ("afmoe", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "ernie4_5_vl_moe", "exaone_moe",
+                   "flex_olmo", "gemma4", "gemma4_text", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm_moe_dsa",
+                   "gpt_oss", "hunyuan_v1_moe", "hy_v3", "jamba", "lfm2_moe", "minimax", "minimax_m2", "mistral4",
+                   "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe", "qwen3_5_moe_text",
+                   "qwen3_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_omni_moe_thinker", "qwen3_vl_moe",
+                   "solar_open")
+# What a default config needs so that its model builds and shows its experts (defaults that are dense, None or
+# inconsistent, in transformers 5.6 and newer); the sizes do not matter on the meta device.
+_QSA = dict(indexer_n_heads=4, indexer_kv_heads=1, indexer_head_dim=256, indexer_budget=2048, indexer_compress_ratio=4)
 PROBE_KWARGS = {
+    "deepseek_ocr2": dict(text_config=dict(num_hidden_layers=4, num_experts_per_tok=6,
+                                           mlp_layer_types=["dense", "sparse", "sparse", "sparse"])),
+    "diffusion_gemma": dict(text_config=dict(num_experts=8, top_k_experts=2, moe_intermediate_size=256)),
+    "qwen4_exp": dict(text_config=_QSA),
+    "qwen4_exp_text": _QSA,
     "dots1": dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1),
     "gemma4_text": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=256),
     "gemma4": dict(text_config=dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=256)),
@@ -41,9 +60,16 @@ class FamilyRow:
     status: str         # tested / derived-untested / refused
     reason: str = ""    # why refused
 
+    @property
+    def needs(self) -> str:
+        """The transformers this family needs: PINNED if it has it, else the installed (newer) one."""
+        import transformers
+
+        return PINNED if self.model_type in PINNED_FAMILIES else transformers.__version__
+
     def cells(self) -> list[str]:
         status = f"refused: {self.reason}" if self.status == "refused" else self.status
-        return [f"`{self.model_type}`", self.loaded_as, f"`{self.experts}`" if self.experts else "—",
+        return [f"`{self.model_type}`", self.needs, self.loaded_as, f"`{self.experts}`" if self.experts else "—",
                 self.math or "—", status]
 
 
@@ -110,7 +136,17 @@ def table(rows=None) -> str:
     """The markdown table of `rows` (default: every family)."""
     import transformers
 
-    lines = [f"| model_type (transformers {transformers.__version__}) | loaded as | routed experts | experts math | "
-             "kt-sft |", "| --- | --- | --- | --- | --- |"]
+    lines = [f"| model_type (transformers {transformers.__version__}) | needs transformers | loaded as | "
+             "routed experts | experts math | kt-sft |", "| --- | --- | --- | --- | --- | --- |"]
     lines += ["| " + " | ".join(row.cells()) + " |" for row in (family_rows() if rows is None else rows)]
     return "\n".join(lines) + "\n"
+
+
+def readme_table() -> tuple[str, str]:
+    """(heading, table) of README.md that the installed transformers writes: PINNED every family under HEADING,
+    a newer one its families beyond PINNED's under NEWER_HEADING."""
+    import transformers
+
+    if transformers.__version__ == PINNED:
+        return HEADING, table()
+    return NEWER_HEADING, table([family_row(t) for t in family_model_types() if t not in PINNED_FAMILIES])

@@ -14,10 +14,14 @@
              tensor at a time, as before. ERNIE-4.5-VL's ErnieFuseAndSplitTextVisionExperts reads the same way
              per target: target j (text, vision) stacks block j of the on-disk expert list (`expert_block`).
              The in-memory names are the fused names on disk; a Transpose(1, 2)
-             converter on them (Qwen3-VL-MoE) means they may be stored transposed (`disk_transposed`).
+             converter on them (Qwen3-VL-MoE) means they may be stored transposed (`disk_transposed`); any other
+             converter of them (separate gate / up stacks, interleaved rows) is refused, naming it. Patterns are read
+             as names (newer transformers escape them: `\\.experts`), the disk names through the saving direction
+             (no legacy renamings), as save_pretrained writes them.
   math       the probe of kt_sft.models.experts_math on the module's own gate (and its clamp `limit`), mapped to
              the engine's activation rows (silu / clamped silu / gpt-oss swiglu / GELU-tanh glu, relu^2 ungated);
-             biases and transposed / interleaved fused layouts load as they are
+             biases and transposed / interleaved fused layouts load as they are; experts the decorator marks with
+             what the engine lacks (ENGINE_LACKS: a norm on each expert's output) are refused
 A YAML override (kt_sft.models.registry) replaces the derivation; its math is probed against the model all the same.
 """
 from __future__ import annotations
@@ -34,6 +38,8 @@ from .registry import (TESTED, MoEFamily, UnsupportedModelError, fused_projectio
                        template_regex)
 
 EXPERTS_FLAGS = ("has_gate", "has_bias", "is_transposed")  # set on every @use_experts_implementation module
+# Flags of newer transformers' @use_experts_implementation for what the engine does not compute yet: what each means.
+ENGINE_LACKS = {"has_post_expert_norm": "a norm on each expert's output (has_post_expert_norm)"}
 _SENTINEL_LAYER = "987654321"  # stands for {layer} while names go through transformers' regex renamings
 # The auto classes LLaMA-Factory 0.9.5's model/loader.py picks from, in its order: the first whose mapping holds the
 # config's class, else the last.
@@ -128,11 +134,24 @@ def derive_family(model: nn.Module, model_type: str) -> MoEFamily:
     modules = experts_modules(model)
     if not modules:
         raise UnsupportedModelError(_no_experts(model, model_type))
+    _refuse_tied_experts(model, modules)
     rules = []
     for template in experts_templates(modules):
         pattern = template_regex(template)
         rules.append(_derive_set(model, model_type, template, [m for n, m in modules.items() if pattern.match(n)]))
     return dataclasses.replace(rules[0], more=tuple(rules[1:])) if len(rules) > 1 else rules[0]
+
+
+def _refuse_tied_experts(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Experts whose weights transformers ties to other experts (DiffusionGemma's encoder layers are its decoder's)
+    are stored once; two engine copies of them would train apart: refused, naming the tie."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for name in modules:
+        ties = [(t, s) for t, s in tied.items() if t.startswith(name + ".")]
+        if ties:
+            raise UnsupportedModelError(f"{type(model).__name__}: its experts {name} are tied to {ties[0][1]} "
+                                        "(transformers' tied weights): experts shared between modules are not "
+                                        "supported yet")
 
 
 def _derive_set(model: nn.Module, model_type: str, template: str, modules: list) -> MoEFamily:
@@ -142,6 +161,10 @@ def _derive_set(model: nn.Module, model_type: str, template: str, modules: list)
     if any({f: bool(getattr(m, f)) for f in EXPERTS_FLAGS} != flags for m in modules):
         raise UnsupportedModelError(f"{type(model).__name__}: its experts modules {template} differ in "
                                     f"{', '.join(EXPERTS_FLAGS)}")
+    lacks = [what for flag, what in ENGINE_LACKS.items() if getattr(first, flag, False)]
+    if lacks:
+        raise UnsupportedModelError(f"{model_type}: experts with {', '.join(lacks)} ({type(first).__name__}) not "
+                                    "supported yet")
     math = experts_math.probe(first)
     if not isinstance(math, experts_math.ExpertsMath):  # nothing a rule file could name either
         raise UnsupportedModelError(f"{model_type}: {experts_math.engine_gap(math)}")
@@ -155,22 +178,46 @@ def _derive_set(model: nn.Module, model_type: str, template: str, modules: list)
         expert_block=block, source=f"derived from {type(model).__name__}")
 
 
-def _split_conversions(model: nn.Module):
+def _split_conversions(model: nn.Module, legacy: bool = True):
+    """(renamings, converters) of the model's conversion mapping; `legacy` False: without the renamings of old
+    checkpoint layouts, which transformers' saving leaves out too (it is the direction the disk names go)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming
 
-    conversions = get_model_conversion_mapping(model)
+    conversions = get_model_conversion_mapping(model, add_legacy=legacy)
     return ([c for c in conversions if isinstance(c, WeightRenaming)],
             [c for c in conversions if isinstance(c, WeightConverter)])
 
 
+def _literal(pattern: str) -> str:
+    """A converter's source pattern as the name it stands for: anchors dropped, regex escapes undone (transformers
+    newer than 5.6 write `\\.experts.*.w1.weight`); `*` stays, the expert index."""
+    return re.sub(r"\\(.)", r"\1", pattern.strip("^$"))
+
+
+def _names(target: str, name: str) -> bool:
+    """Whether a converter's (literal) target pattern names the parameter `name`: its last dotted parts (an inner
+    match such as `up_proj` in `experts.gate_up_proj` is another parameter)."""
+    return name == target or name.endswith(target if target.startswith(".") else "." + target)
+
+
 def _converter_for(name: str, converters):
     """(converter, target pattern, its index among the converter's targets) of the WeightConverter that builds the
-    parameter `name`, or (None, None, 0)."""
+    fused parameter `name` from per-expert tensors, or (None, None, 0): stored fused, maybe transposed
+    (`disk_transposed`). Any other converter of it (e.g. Step-3.7's gate and up stored as two fused tensors,
+    concatenated on load) is refused, naming it."""
     for converter in converters:
-        for index, target in enumerate(converter.target_patterns):
-            if target.strip("^$") in name and any("*" in s for s in converter.source_patterns):
-                return converter, target.strip("^$"), index
+        for index, target in enumerate(map(_literal, converter.target_patterns)):
+            if not _names(target, name):
+                continue
+            if any("*" in s for s in converter.source_patterns):
+                return converter, target, index
+            ops = [type(op).__name__ for op in converter.operations]
+            if ops != ["Transpose"]:
+                raise UnsupportedModelError(
+                    f"transformers' conversion mapping builds the experts' {name.rsplit('.', 1)[-1]} from "
+                    f"{' + '.join(map(_literal, converter.source_patterns))} ({' -> '.join(ops)}): experts stored "
+                    "as fused tensors that differ from the model's are not supported yet")
     return None, None, 0
 
 
@@ -214,6 +261,7 @@ def disk_names(model: nn.Module, template: str, gated: bool) -> tuple[dict[str, 
     from transformers.core_model_loading import rename_source_key
 
     renamings, converters = _split_conversions(model)
+    saving, _ = _split_conversions(model, legacy=False)
     out, blocks = {}, set()
     for fused in fused_projections(gated):
         param = f"{template.replace('{layer}', _SENTINEL_LAYER)}.{fused}_proj"
@@ -222,9 +270,9 @@ def disk_names(model: nn.Module, template: str, gated: bool) -> tuple[dict[str, 
             continue
         blocks.add(index if _splits_expert_list(converter) else 0)
         # transformers renames a source of a one-to-many converter to its first target (the ops then split it)
-        expected = param.replace(target, converter.target_patterns[0].strip("^$"), 1)
+        expected = param[: len(param) - len(target)] + _literal(converter.target_patterns[0])
         for source, proj in zip(converter.source_patterns, _index_blocks(converter, fused)):
-            disk = _undo_renamings(param.replace(target, source.strip("^$"), 1), renamings)
+            disk = _undo_renamings(param[: len(param) - len(target)] + _literal(source), saving)
             back, matched = rename_source_key(disk.replace("*", "3"), renamings, converters)
             if back != expected or matched is None:
                 raise UnsupportedModelError(f"{disk}: transformers' conversion mapping does not map it back to "
@@ -250,7 +298,7 @@ def disk_transposed(model: nn.Module, template: str, gated: bool) -> bool:
         param = f"{template.replace('{layer}', _SENTINEL_LAYER)}.{fused}_proj"
         for converter in converters:
             ops = converter.operations
-            if (any(t.strip("^$") in param for t in converter.target_patterns) and len(ops) == 1
+            if (any(_names(_literal(t), param) for t in converter.target_patterns) and len(ops) == 1
                     and type(ops[0]).__name__ == "Transpose" and {ops[0].dim0, ops[0].dim1} == {1, 2}):
                 found.append(fused)
     if found and len(found) != len(fused_projections(gated)):
@@ -263,6 +311,10 @@ def check_math(family: MoEFamily, modules: dict[str, nn.Module]) -> None:
     """Each experts module computes the family's math (probed), and the engine runs it; else a clear error naming
     what is missing, e.g. "experts math 'relu2 ungated' not supported yet"."""
     for name, module in modules.items():
+        lacks = [what for flag, what in ENGINE_LACKS.items() if getattr(module, flag, False)]
+        if lacks:
+            raise UnsupportedModelError(f"{family.model_type} ({name}): experts with {', '.join(lacks)} not "
+                                        "supported yet")
         found = experts_math.probe(module)
         gap = experts_math.engine_gap(found)
         if gap:

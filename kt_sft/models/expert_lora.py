@@ -9,10 +9,10 @@ Our experts modules hold no real weights (they are in the engine), so:
    and `down_proj` as parameters again: zero-stride fp32 CPU stand-ins of the right shape (one float of storage).
    PEFT creates, initialises and places the factors from them (fp32, on the CPU); afterwards the stand-ins are
    taken out of the parameter set again, so `.to()`, optimizers and state_dict never see them.
-2. `attach_expert_lora(model)`: the outermost wrapper of each experts module forwards to the engine with the
-   factors of every wrapper in its chain (`ExpertLoRA`), so the engine computes the LoRA terms next to the frozen
-   GEMMs and returns their gradients; the factor modules ignore `.to()` (they stay fp32 in CPU RAM, where the
-   engine reads them without a copy, and the optimizer updates them there); merging is refused.
+2. `attach_expert_lora(model)`: the outermost wrapper of each experts module runs the module's own forward, whose
+   engine call gets the factors of every wrapper in its chain (`ExpertLoRA`), so the engine computes the LoRA terms
+   next to the frozen GEMMs and returns their gradients; the factor modules ignore `.to()` (they stay fp32 in CPU
+   RAM, where the engine reads them without a copy, and the optimizer updates them there); merging is refused.
 
 Why fp32 master factors in CPU RAM: the factors are small next to the experts (r=8 on V2-Lite: 0.27 GB for all
 26 layers), the engine computes the LoRA terms in fp32 anyway, and fp32 keeps AdamW's small updates from rounding
@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from ..engine import ExpertLoRA
-from .experts import kt_experts_forward
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # gated experts' fused parameters; ungated ones: up_proj, down_proj
 ALL_EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
@@ -213,10 +212,16 @@ def _active_factors(chain, experts: nn.Module) -> Optional[ExpertLoRA]:
                       B_d=d[1] if d else None, scale_gu=gu[2] if gu else 1.0, scale_d=d[2] if d else 1.0)
 
 
-def _engine_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+def _engine_forward(self, *args, **kwargs):
+    """The experts module's own forward, as stock PEFT's wrappers run it (a subclass may work around the dispatched
+    call: ERGO's per-route norms), with this chain's factors handed to the engine call (`kt_lora`, which
+    kt_experts_forward reads)."""
     chain, experts = _wrapper_chain(self)
-    return kt_experts_forward(experts, hidden_states, top_k_index, top_k_weights,
-                              lora=_active_factors(chain, experts))
+    experts.kt_lora = _active_factors(chain, experts)
+    try:
+        return experts(*args, **kwargs)
+    finally:
+        experts.kt_lora = None
 
 
 def _refuse_merge(self, *args, **kwargs):

@@ -57,7 +57,10 @@ class ExpertCallPolicy:
 
 def kt_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor, lora=None) -> torch.Tensor:
-    """`lora`: the ExpertLoRA of a PEFT adapter on these experts (see expert_lora.py), computed by the engine."""
+    """`lora`: the ExpertLoRA of a PEFT adapter on these experts (see expert_lora.py), computed by the engine;
+    default: the one its PEFT wrapper set for this call (`kt_lora`)."""
+    if lora is None:
+        lora = getattr(self, "kt_lora", None)
     layer = getattr(self, "kt_layer", None)
     if layer is None:
         raise RuntimeError(f"experts_implementation='{IMPLEMENTATION}' but this {type(self).__name__} has no CPU "
@@ -119,8 +122,10 @@ def install_checkpoint_marking(model) -> None:
     if getattr(original, "_kt_sft_marked", False):
         return
 
-    def set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint):
-        return original(enable=enable, gradient_checkpointing_func=_marked_checkpoint(gradient_checkpointing_func))
+    def set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, **kwargs):
+        # kwargs: what newer transformers pass besides (every_n_layers), handed on as they are
+        return original(enable=enable, gradient_checkpointing_func=_marked_checkpoint(gradient_checkpointing_func),
+                        **kwargs)
 
     set_gradient_checkpointing._kt_sft_marked = True
     model._set_gradient_checkpointing = types.MethodType(set_gradient_checkpointing, model)

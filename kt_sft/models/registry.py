@@ -46,13 +46,18 @@ from . import experts_math
 FAMILY_DIR = Path(__file__).parent / "families"
 DEFAULTS_KEYS = ("format", "threads")
 # The model types whose tiny random model tests/test_families.py (text) and tests/test_vlm.py (vision-language, with
-# images) compare with stock transformers + PEFT (logits, LoRA steps with expert LoRA, greedy generation); a test
-# keeps this list equal to those tables.
-TESTED = ("afmoe", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "ernie4_5_vl_moe", "exaone_moe",
-          "flex_olmo", "gemma4_text", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm_moe_dsa", "gpt_oss",
-          "hunyuan_v1_moe", "hy_v3", "jamba", "lfm2_moe", "minimax", "minimax_m2", "mistral4", "mixtral",
+# images) compare with stock transformers + PEFT (logits, LoRA steps with expert LoRA, greedy generation), under
+# transformers 5.6 (`make test`) and the newest one (`make test-tfnew`); a test keeps the installed transformers'
+# part of it equal to those tables.
+TESTED = ("afmoe", "aria", "aria_text", "axk1", "axk2", "bailing_hybrid", "beam", "cohere2_moe", "deepseek_ocr2",
+          "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "dots1", "dots3_note_text", "ergo",
+          "ernie4_5_moe", "ernie4_5_vl_moe", "exaone_moe", "flex_olmo", "flint", "gemma4", "gemma4_text", "glm4_moe",
+          "glm4_moe_lite", "glm4v_moe", "glm5_next", "glm_moe_dsa", "gpt_oss", "granitemoe", "granitemoe_swa",
+          "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "hy_v4_vl", "inkling_text",
+          "jamba", "kimi_linear", "kolibri1", "kolibri1_1", "laguna", "lara_mini", "lfm2_moe", "longcat_flash",
+          "mellum", "mimo_v2_flash", "minicpm5_moe", "minimax", "minimax_m2", "mistral4", "mistral_large4", "mixtral",
           "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next",
-          "qwen3_vl_moe", "solar_open")
+          "qwen3_omni_moe_thinker", "qwen3_vl_moe", "qwen4_exp", "qwen4_exp_text", "solar_open", "unlimited_ocr", "zaya")
 
 
 class UnsupportedModelError(ValueError):
