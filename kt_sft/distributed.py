@@ -17,6 +17,10 @@ share one copy of the routed experts per host, and keep identical adapters.
   and their gradients averaged over the gloo group at the end of each backward that syncs (accelerate's
   `sync_gradients`: the last micro-batch of a gradient-accumulation step), before the Trainer clips and steps,
   exactly as DDP averages the dense LoRA's.
+- FSDP2 (`set_fsdp`, from the LLaMA-Factory hook when accelerate shards the model): the dense part is sharded by
+  accelerate's `fully_shard` instead of replicated by DDP; the expert-LoRA factors stay out of it
+  (`fsdp_ignored_modules`, which the hook hands to accelerate's FSDP plugin as its ignored modules) and are averaged
+  as above, and `clip_grad_norm` clips FSDP's sharded gradients and theirs together, as one norm.
 Every collective here runs on the gloo group with the timeout `set_timeout` gave (the LLaMA-Factory hook: the
 run's `ddp_timeout`), and a failed one (a rank died or timed out) raises an error saying so.
 """
@@ -33,12 +37,24 @@ import torch
 
 _timeout = datetime.timedelta(minutes=30)  # torch's default for gloo; set_timeout(ddp_timeout) under LLaMA-Factory
 _host: Optional["HostGroup"] = None
+_fsdp = False  # FSDP2 shards the dense part (set_fsdp), instead of DDP replicating it
 
 
 def set_timeout(seconds: float) -> None:
     """The timeout of kt-sft's collectives (a rank that stops answering fails the others after this long)."""
     global _timeout
     _timeout = datetime.timedelta(seconds=float(seconds))
+
+
+def set_fsdp(on: bool) -> None:
+    """Whether accelerate shards the dense part with FSDP2 in this run (the LLaMA-Factory hook says so before the
+    model loads: the dense weights then load to host RAM, and the expert factors stay out of FSDP)."""
+    global _fsdp
+    _fsdp = bool(on)
+
+
+def fsdp() -> bool:
+    return _fsdp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,11 +307,14 @@ class ExpertGradAverager:
 
 def share_expert_grads(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> Optional[ExpertGradAverager]:
     """Under data parallel (`join` made a HostGroup): take the expert-LoRA factors `params` out of DDP and average
-    their gradients over the ranks instead (ExpertGradAverager). None when there is nothing to do."""
+    their gradients over the ranks instead (ExpertGradAverager). None when there is nothing to do. Under FSDP2 the
+    factors stay out of it through `fsdp_ignored_modules` (accelerate's plugin reads them when it shards)."""
     host = current()
     trainable = [p for p in params if p.requires_grad]
     if host is None or not trainable:
         return None
+    if _fsdp:  # FSDP shards frozen weights too: no trainable dense parameter is needed
+        return ExpertGradAverager(host, model, trainable)
     ours = {id(p) for p in params}
     names = [n for n, p in model.named_parameters() if id(p) in ours]
     if not any(p.requires_grad and id(p) not in ours for p in model.parameters()):
@@ -305,3 +324,57 @@ def share_expert_grads(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", None) or [])
     model._ddp_params_and_buffers_to_ignore = list(dict.fromkeys([*ignored, *names]))
     return ExpertGradAverager(host, model, trainable)
+
+
+# ---------------------------------------------------------------- FSDP2
+def fsdp_ignored_modules(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> list[torch.nn.Module]:
+    """The modules whose parameters are all among `params` (the expert-LoRA factors: fp32 CPU tensors the engine
+    reads, which FSDP must neither shard nor move), outermost first: accelerate's FSDP2 plugin takes modules, not
+    parameters, as what `fully_shard` ignores. Every factor lies in one of them (PEFT's ParamWrapper of a routed
+    experts module holds only its factors: the engine holds the experts' weights)."""
+    ours = {id(p) for p in params}
+    modules, covered = [], set()
+    for module in model.modules():
+        own = [id(p) for p in module.parameters()]
+        if own and all(i in ours for i in own) and not covered.issuperset(own):
+            modules.append(module)
+            covered.update(own)
+    missing = ours - covered
+    if missing:  # a factor in a module beside other parameters: FSDP would shard it
+        raise RuntimeError(f"kt-sft: {len(missing)} expert-LoRA factor(s) share a module with other parameters; "
+                           "FSDP cannot leave them out")
+    return modules
+
+
+def clip_grad_norm(parameters: Sequence[torch.nn.Parameter], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ over FSDP2's sharded parameters (DTensors) and the expert-LoRA factors (plain
+    tensors on the CPU, their gradients already averaged, equal on every rank) together, which torch's own refuses
+    to mix: the total norm of both (the DTensors' over all their shards), and every gradient scaled by the one
+    coefficient it gives, as stock clips a model whose parameters FSDP holds all. Returns the total norm."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in parameters if p.grad is not None]
+    groups = [g for g in ([p for p in params if isinstance(p, DTensor)],
+                          [p for p in params if not isinstance(p, DTensor)]) if g]
+    norms = []
+    for group in groups:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type)
+        norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float().cpu())
+    total = torch.nn.utils.get_total_norm(norms, norm_type) if norms else torch.tensor(0.0)  # the norm of norms
+    for group in groups:
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
+
+
+def split_param_groups(optimizer: torch.optim.Optimizer) -> None:
+    """Each param group of `optimizer` that holds both FSDP2's DTensors and plain tensors (the expert-LoRA factors)
+    becomes two with the same settings, so that torch's foreach and fused steps, which batch a group's tensors by
+    device and refuse to mix the two kinds, never get both (on a CPU mesh both are CPU tensors). Each parameter's
+    update is the same either way (the step is per parameter, a schedule scales every group alike)."""
+    from torch.distributed.tensor import DTensor
+
+    for group in list(optimizer.param_groups):
+        plain = [p for p in group["params"] if not isinstance(p, DTensor)]
+        if plain and len(plain) < len(group["params"]):
+            group["params"] = [p for p in group["params"] if isinstance(p, DTensor)]
+            optimizer.param_groups.append({**group, "params": plain})
