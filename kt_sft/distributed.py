@@ -235,6 +235,16 @@ def _buckets(params: Sequence[torch.Tensor]) -> Iterator[list]:
         yield bucket
 
 
+def broadcast_from_first(host: HostGroup, params: Sequence[torch.Tensor], what: str) -> None:
+    """Rank 0's values of `params` (CPU tensors) on every rank, in flat buckets over the gloo group."""
+    with torch.no_grad(), collective(what):
+        for bucket in _buckets(params):
+            flat = torch._utils._flatten_dense_tensors([p.data for p in bucket])
+            torch.distributed.broadcast(flat, src=0, group=host.group)
+            for p, value in zip(bucket, torch._utils._unflatten_dense_tensors(flat, [p.data for p in bucket])):
+                p.data.copy_(value)
+
+
 class ExpertGradAverager:
     """Averages the gradients of the expert-LoRA factors (fp32 CPU parameters outside DDP) over every rank, once
     per optimizer step, as DDP averages the others: each rank divides by the world size, then the gloo group sums
@@ -254,12 +264,7 @@ class ExpertGradAverager:
 
     def _broadcast(self) -> None:
         """Every rank starts from rank 0's factors (as DDP does for the parameters it wraps)."""
-        with torch.no_grad(), collective("broadcasting the expert-LoRA factors"):
-            for bucket in _buckets(self.params):
-                flat = torch._utils._flatten_dense_tensors([p.data for p in bucket])
-                torch.distributed.broadcast(flat, src=0, group=self.host.group)
-                for p, value in zip(bucket, torch._utils._unflatten_dense_tensors(flat, [p.data for p in bucket])):
-                    p.data.copy_(value)
+        broadcast_from_first(self.host, self.params, "broadcasting the expert-LoRA factors")
 
     def _mark_outputs(self, module, args, output) -> None:
         """Forward hook of the PEFT model: a gradient hook on each output that carries gradients (loss, logits).
@@ -327,6 +332,16 @@ def share_expert_grads(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
 
 
 # ---------------------------------------------------------------- FSDP2
+def before_sharding(model: torch.nn.Module) -> None:
+    """Before FSDP2 shards the model: every rank's trainable parameters (the dense LoRA, in host RAM then) become
+    rank 0's, as DDP's wrap and accelerate's rank-0 loading make them; FSDP2 keeps each rank's own slice, so ranks
+    that initialised the adapter apart would otherwise train a mix of their inits."""
+    host = current()
+    trainable = [p for p in model.parameters() if p.requires_grad and p.device.type == "cpu"]
+    if host is not None and trainable:
+        broadcast_from_first(host, trainable, "broadcasting the LoRA before FSDP shards it")
+
+
 def fsdp_ignored_modules(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> list[torch.nn.Module]:
     """The modules whose parameters are all among `params` (the expert-LoRA factors: fp32 CPU tensors the engine
     reads, which FSDP must neither shard nor move), outermost first: accelerate's FSDP2 plugin takes modules, not

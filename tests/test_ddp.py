@@ -1,12 +1,18 @@
-"""Data parallel (kt_sft/distributed.py, issue 22) on CPU with gloo.
+"""Data parallel and FSDP2 of the dense part (kt_sft/distributed.py, issue 22) on CPU with gloo.
 
 Worker runs (tests/ddp_worker.py, two plain processes with the torch.distributed variables, as torchrun sets them):
 one shared expert store per host, mapped by both ranks and gone from the file system once mapped, the experts'
 memory counted once (the ranks' Pss of the store add up to one copy), identical adapters after steps on different
-data; mismatched settings, a packer that fails and a rank that dies stop every rank with a clear error.
+data; the same steps with the dense part under FSDP2 (`fully_shard` on a CPU mesh) give data parallel's losses,
+clipped norms and adapter; mismatched settings, a packer that fails and a rank that dies stop every rank with a
+clear error.
 Through the real CLI (slow): `FORCE_TORCHRUN=1 NPROC_PER_NODE=2 USE_KT=1 llamafactory-cli train` gives stock
 LLaMA-Factory's 2-rank losses (fp32) on tiny models of several families, with and without expert LoRA; a resumed
 2-rank run is exact; two "hosts" on this machine (NNODES=2) keep one store each and train like one host.
+`USE_KT=1 accelerate launch --config_file examples/accelerate/fsdp2_kt.yaml -m llamafactory.launcher` (FSDP2, as
+LLaMA-Factory runs FSDP) gives stock LLaMA-Factory's 2-rank FSDP2 losses with and without expert LoRA, and the
+data-parallel run's adapter. Accelerate runs FSDP on GPUs only (a CPU process group drops its plugin): the shim
+in tests/ddp_shims keeps it on both sides.
 """
 import json
 import os
@@ -75,9 +81,15 @@ def _store_files() -> list[str]:
     return sorted(p.name for p in Path("/dev/shm").glob("kt-sft-experts-*"))
 
 
-def test_two_ranks_share_one_store_and_keep_identical_adapters(model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def ddp_train(model_dir, tmp_path_factory):
+    """The worker's `train` mode on 2 ranks: (the store files before, each rank's report)."""
     before = _store_files()
-    a, b = _run_ranks("train", model_dir, tmp_path)
+    return before, _run_ranks("train", model_dir, tmp_path_factory.mktemp("ddp_train"))
+
+
+def test_two_ranks_share_one_store_and_keep_identical_adapters(ddp_train):
+    before, (a, b) = ddp_train
     assert "error" not in a and "error" not in b, (a.get("traceback"), b.get("traceback"))
     assert a["stores"] == b["stores"] and len(a["stores"]) == 1  # one store, both ranks in it
     store = a["stores"][0]
@@ -95,6 +107,22 @@ def test_two_ranks_share_one_store_and_keep_identical_adapters(model_dir, tmp_pa
     assert a["losses"] != b["losses"]  # each rank trained on its own data...
     assert a["param_sums"] == b["param_sums"]  # ...and both hold the same adapter
     assert _store_files() == before
+
+
+def test_fsdp2_of_the_dense_part_trains_like_data_parallel(model_dir, tmp_path, ddp_train):
+    """The same steps with the dense part sharded by FSDP2 (fully_shard on the CPU mesh over gloo): the expert-LoRA
+    factors stay plain CPU tensors outside it (averaged by kt-sft), the rest are DTensors; each rank's losses, the
+    clipped norms (one norm over the sharded and the plain gradients) and the adapter are data parallel's."""
+    _, ddp = ddp_train
+    fsdp = _run_ranks("fsdp", model_dir, tmp_path)
+    for rank, (got, want) in enumerate(zip(fsdp, ddp)):
+        assert "error" not in got, got.get("traceback", got.get("log"))
+        assert got["losses"] == pytest.approx(want["losses"], abs=1e-5), rank
+        assert got["norms"] == pytest.approx(want["norms"], rel=1e-5), rank
+        assert got["param_sums"] == pytest.approx(want["param_sums"], abs=1e-5), rank
+        assert len(got["plain"]) == 8 and all("experts" in n for n in got["plain"])  # 2 layers x 2 params x A, B
+        assert got["param_groups"] == 2  # AdamW's one group, split: DTensors / the factors
+    assert fsdp[0]["param_sums"] == fsdp[1]["param_sums"]
 
 
 @pytest.mark.slow
@@ -194,17 +222,28 @@ def family_models(tmp_path_factory):
 EXPERT_TARGETS = "mlp.experts.gate_up_proj,mlp.experts.down_proj"
 
 
+@pytest.fixture(scope="module")
+def ddp_with_expert_lora(family_models, tmp_path_factory):
+    """kt-sft's 2-rank data-parallel run with expert LoRA on the demo model: (output dir, log); shared by the stock
+    comparison and the FSDP2 one."""
+    tmp = tmp_path_factory.mktemp("ddp_experts")
+    log = _train(_config(tmp, "kt", family_models["qwen3_moe"], True, lora_target="all,experts"), True)
+    return tmp / "kt", log
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family,experts", [("qwen3_moe", False), ("qwen3_moe", True), ("deepseek_v3", True),
                                             ("mixtral", True)])
-def test_two_ranks_train_like_stock_llamafactory(family_models, tmp_path, family, experts):
+def test_two_ranks_train_like_stock_llamafactory(family_models, tmp_path, family, experts, request):
     model = family_models[family]
-    ours = _config(tmp_path, "kt", model, True, lora_target="all,experts" if experts else "all")
+    if (family, experts) == ("qwen3_moe", True):
+        ours, log = request.getfixturevalue("ddp_with_expert_lora")
+    else:
+        ours, log = tmp_path / "kt", _train(_config(tmp_path, "kt", model, True, lora_target="all"), True)
     stock = _config(tmp_path, "stock", model, False)
-    log = _train(ours, True)
     _train(stock, False, **(dict(KT_TEST_TARGET_PARAMETERS=EXPERT_TARGETS) if experts else {}))
     assert "experts shared by 2 rank(s) of this host (1 host(s), 2 ranks)" in log
-    got, want = _losses(tmp_path / "kt"), _losses(tmp_path / "stock")
+    got, want = _losses(ours), _losses(tmp_path / "stock")
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     for step in got:
         assert got[step] == pytest.approx(want[step], abs=1e-4), (step, got, want)
@@ -238,3 +277,57 @@ def test_two_hosts_keep_one_store_each_and_train_like_one_host(family_models, tm
     _train(_config(tmp_path, "one", model, True, lora_target="all,experts"), True)
     got, want = _losses(tmp_path / "nodes"), _losses(tmp_path / "one")
     assert got == pytest.approx(want, abs=1e-6)
+
+
+# ---------------------------------------------------------------- FSDP2 through accelerate, as LLaMA-Factory runs it
+FSDP2_CONFIG = REPO / "examples" / "accelerate" / "fsdp2_kt.yaml"
+
+
+def _train_fsdp(cfg: Path, use_kt: bool, **env) -> str:
+    """`accelerate launch --config_file examples/accelerate/fsdp2_kt.yaml -m llamafactory.launcher cfg` (LLaMA-Factory's
+    FSDP recipe, `src/train.py` being that module) on 2 CPU ranks in fp32; the log."""
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(FSDP2_CONFIG),
+               "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+               "-m", "llamafactory.launcher", str(cfg)]
+    extra = dict(USE_KT="1" if use_kt else "0", PYTHONPATH=os.pathsep.join([str(REPO), str(SHIMS)]), **env)
+    log_path = cfg.with_suffix(".log")
+    with open(log_path, "w") as log:
+        proc = subprocess.run(command, env=_env(**extra), stdout=log, stderr=subprocess.STDOUT, timeout=900)
+    log = log_path.read_text()
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
+def _adapter(out: Path) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter_model.safetensors")), json.loads((out / "adapter_config.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experts", [False, True])
+def test_fsdp2_through_accelerate_trains_like_stock_llamafactory(family_models, tmp_path, experts, request):
+    """FSDP2 of the dense part: stock LLaMA-Factory's 2-rank FSDP2 losses (PEFT LoRA on the routed experts of the
+    stock model as the reference for expert LoRA); the adapter is an ordinary PEFT adapter, stock's keys and
+    config, and with expert LoRA equal to the data-parallel run's."""
+    model = family_models["qwen3_moe"]
+    log = _train_fsdp(_config(tmp_path, "kt", model, True, lora_target="all,experts" if experts else "all"), True)
+    _train_fsdp(_config(tmp_path, "stock", model, False),
+                False, **(dict(KT_TEST_TARGET_PARAMETERS=EXPERT_TARGETS) if experts else {}))
+    assert "experts shared by 2 rank(s) of this host (1 host(s), 2 ranks)" in log
+    assert f"FSDP2 shards the dense part; {8 if experts else 0} expert-LoRA factors stay out of it" in log
+    got, want = _losses(tmp_path / "kt"), _losses(tmp_path / "stock")
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for step in got:
+        assert got[step] == pytest.approx(want[step], abs=1e-4), (step, got, want)
+    (ours, config), (theirs, stock_config) = _adapter(tmp_path / "kt"), _adapter(tmp_path / "stock")
+    assert sorted(ours) == sorted(theirs)
+    same = lambda value: sorted(value) if isinstance(value, list) else value  # stock writes a set's order
+    for key in ("target_modules", "target_parameters", "r", "lora_alpha", "peft_type", "base_model_name_or_path"):
+        assert same(config.get(key)) == same(stock_config.get(key)), key
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 1e-3
+    if experts:
+        ddp, _ = request.getfixturevalue("ddp_with_expert_lora")
+        data_parallel, ddp_config = _adapter(ddp)
+        assert ddp_config == config
+        assert max((ours[k] - data_parallel[k]).abs().max().item() for k in ours) < 1e-6

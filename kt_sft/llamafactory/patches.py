@@ -376,7 +376,8 @@ def _leave_engine_out(plugin, model) -> None:
     (fp32 CPU tensors the engine reads; kt_sft.distributed averages their gradients), and the plugin's
     cpu_ram_efficient_loading is off: it would move the model to meta and refill it from rank 0's state dict,
     which has no place for parameters FSDP ignores, while kt-sft's loader already put the dense weights in host
-    RAM on every rank (and the routed experts once per host)."""
+    RAM on every rank (and the routed experts once per host); the trainable parameters are rank 0's instead
+    (kt_sft.distributed.before_sharding), as that refill would have made them."""
     from .. import distributed
     from ..models import expert_lora
     from .loading import _logger
@@ -392,6 +393,7 @@ def _leave_engine_out(plugin, model) -> None:
     if isinstance(given, str):  # accelerate's regex over module names (fully matched)
         given = [m for name, m in model.named_modules() if re.fullmatch(given, name)]
     plugin.ignored_modules = list(given or []) + distributed.fsdp_ignored_modules(model, factors)
+    distributed.before_sharding(model)
     _logger().info_rank0(f"kt-sft: FSDP2 shards the dense part; {len(factors)} expert-LoRA factors stay out of it "
                          f"(averaged by kt-sft){note}")
 
