@@ -342,6 +342,26 @@ def before_sharding(model: torch.nn.Module) -> None:
         broadcast_from_first(host, trainable, "broadcasting the LoRA before FSDP shards it")
 
 
+@contextlib.contextmanager
+def frozen_dtype_kept(model: torch.nn.Module) -> Iterator[None]:
+    """While accelerate prepares FSDP2: its upcast of the whole model under mixed precision (`model.to(torch.float32)`,
+    fp32 masters for what trains) leaves the frozen parameters in their dtype. Their bf16 compute copy is the same
+    values either way, and each card keeps 2 bytes per frozen parameter instead of 4; trainable parameters,
+    gradients and buffers are upcast as accelerate does. Any other `to` call is the module's own."""
+    keep = lambda t: (isinstance(t, torch.nn.Parameter) and not t.requires_grad) or not t.is_floating_point()
+
+    def to(*args, **kwargs):
+        if (args, kwargs) in (((torch.float32,), {}), ((), {"dtype": torch.float32})):
+            return model._apply(lambda t: t if keep(t) else t.to(torch.float32))
+        return type(model).to(model, *args, **kwargs)
+
+    model.__dict__["to"] = to  # this instance only, for the prepare call
+    try:
+        yield
+    finally:
+        model.__dict__.pop("to", None)
+
+
 def fsdp_ignored_modules(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> list[torch.nn.Module]:
     """The modules whose parameters are all among `params` (the expert-LoRA factors: fp32 CPU tensors the engine
     reads, which FSDP must neither shard nor move), outermost first: accelerate's FSDP2 plugin takes modules, not

@@ -23,6 +23,10 @@ LLaMA-Factory's own code. The changes:
   one); without `use_kt` it is stock.
 - `llamafactory.chat.hf_engine`: the daemon thread that streams `generate` is stopped and joined when the
   interpreter exits (see `patch_hf_engine`).
+- `accelerate.accelerator` (FSDP2, as LLaMA-Factory's accelerate FSDP configs run it): for a model with engine
+  experts, `fsdp2_prepare_model` leaves the expert-LoRA factors out of FSDP and keeps the frozen weights' dtype,
+  the optimizer keeps the factors in param groups of their own, and the gradient clip takes one norm over FSDP's
+  sharded gradients and theirs (see `patch_accelerator`); other models take accelerate's own paths.
 - Without USE_KT=1 the `.pth` installs only `patch_parser_hint` (in llamafactory-cli processes): a config
   written for kt-sft then fails with "set USE_KT=1" instead of stock's advice to install kt-kernel.
 - `llamafactory.model.loader`:
@@ -371,19 +375,19 @@ def patch_hf_engine(engine_module) -> None:
     atexit.register(_stop_generation_at_exit)
 
 
-def _leave_engine_out(plugin, model) -> None:
+def _leave_engine_out(plugin, model) -> bool:
     """Before accelerate's FSDP2 shards a kt-sft model: the expert-LoRA factors join the plugin's ignored modules
     (fp32 CPU tensors the engine reads; kt_sft.distributed averages their gradients), and the plugin's
     cpu_ram_efficient_loading is off: it would move the model to meta and refill it from rank 0's state dict,
     which has no place for parameters FSDP ignores, while kt-sft's loader already put the dense weights in host
     RAM on every rank (and the routed experts once per host); the trainable parameters are rank 0's instead
-    (kt_sft.distributed.before_sharding), as that refill would have made them."""
+    (kt_sft.distributed.before_sharding), as that refill would have made them. False: not a kt-sft model."""
     from .. import distributed
     from ..models import expert_lora
     from .loading import _logger
 
     if not expert_lora.engine_experts_modules(model):
-        return
+        return False
     note = ""
     if plugin.cpu_ram_efficient_loading:
         plugin.cpu_ram_efficient_loading = False
@@ -396,13 +400,15 @@ def _leave_engine_out(plugin, model) -> None:
     distributed.before_sharding(model)
     _logger().info_rank0(f"kt-sft: FSDP2 shards the dense part; {len(factors)} expert-LoRA factors stay out of it "
                          f"(averaged by kt-sft){note}")
+    return True
 
 
 def patch_accelerator(accelerator_module) -> None:
     """FSDP2 of a kt-sft model through accelerate (how LLaMA-Factory's FSDP configs run): accelerate's
-    `fsdp2_prepare_model`, as the Accelerator calls it, leaves the engine's side out first (`_leave_engine_out`),
-    the optimizer then keeps the factors in param groups of their own (kt_sft.distributed.split_param_groups),
-    and `Accelerator.clip_grad_norm_` clips FSDP's sharded gradients together with the expert-LoRA factors'
+    `fsdp2_prepare_model`, as the Accelerator calls it, leaves the engine's side out first (`_leave_engine_out`)
+    and keeps the frozen weights in their dtype (kt_sft.distributed.frozen_dtype_kept), the optimizer then keeps
+    the factors in param groups of their own (kt_sft.distributed.split_param_groups), and
+    `Accelerator.clip_grad_norm_` clips FSDP's sharded gradients together with the expert-LoRA factors'
     plain ones (kt_sft.distributed.clip_grad_norm; torch's clip_grad_norm_ refuses to mix them). Models without
     such plain gradients, and every other distributed type, take accelerate's own paths."""
     from .. import distributed
@@ -413,8 +419,10 @@ def patch_accelerator(accelerator_module) -> None:
 
     @functools.wraps(original_prepare)
     def fsdp2_prepare_model(accelerator, model):
-        _leave_engine_out(accelerator.state.fsdp_plugin, model)
-        return original_prepare(accelerator, model)
+        if not _leave_engine_out(accelerator.state.fsdp_plugin, model):
+            return original_prepare(accelerator, model)
+        with distributed.frozen_dtype_kept(model):
+            return original_prepare(accelerator, model)
 
     original_clip = accelerator_module.Accelerator.clip_grad_norm_
 
