@@ -413,3 +413,27 @@ def split_param_groups(optimizer: torch.optim.Optimizer) -> None:
         if plain and len(plain) < len(group["params"]):
             group["params"] = [p for p in group["params"] if isinstance(p, DTensor)]
             optimizer.param_groups.append({**group, "params": plain})
+
+
+def reload_adapter_after_fsdp_load(model: torch.nn.Module, checkpoint: str) -> None:
+    """After accelerate loads a FULL_STATE_DICT FSDP2 checkpoint into a PEFT model (a resume): that checkpoint's
+    `pytorch_model_fsdp.bin` holds rank 0's shards of the LoRA only (accelerate 1.11 saves PEFT's state dict of
+    the sharded model as it is) and the other ranks keep their own, so the LoRA is reloaded from the checkpoint's
+    `adapter_model.safetensors` (full tensors, saved through accelerate's gathering path), each rank taking its
+    shard."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    path = Path(checkpoint) / "adapter_model.safetensors"
+    if not path.is_file():
+        return
+    adapter = getattr(model, "active_adapter", "default")
+    names = {n.replace(f".{adapter}.", "."): n for n, p in model.named_parameters() if p.requires_grad}
+    saved = load_file(str(path))
+    missing = sorted(set(names) - set(saved))
+    if missing:
+        raise RuntimeError(f"kt-sft: {path} lacks {len(missing)} trained tensor(s) of the model (first: {missing[0]})")
+    set_model_state_dict(model, {names[k]: v for k, v in saved.items() if k in names},
+                         options=StateDictOptions(full_state_dict=True, strict=False))

@@ -360,9 +360,10 @@ def _adapter(out: Path) -> tuple[dict, dict]:
 def test_fsdp2_through_accelerate_trains_like_stock_llamafactory(family_models, tmp_path, experts, request):
     """FSDP2 of the dense part: stock LLaMA-Factory's 2-rank FSDP2 losses (PEFT LoRA on the routed experts of the
     stock model as the reference for expert LoRA); the adapter is an ordinary PEFT adapter, stock's keys and
-    config, and with expert LoRA equal to the data-parallel run's."""
+    config, and with expert LoRA equal to the data-parallel run's; a resumed run continues exactly."""
     model = family_models["qwen3_moe"]
-    log = _train_fsdp(_config(tmp_path, "kt", model, True, lora_target="all,experts" if experts else "all"), True)
+    target = "all,experts" if experts else "all"
+    log = _train_fsdp(_config(tmp_path, "kt", model, True, lora_target=target, save_steps=2), True)
     _train_fsdp(_config(tmp_path, "stock", model, False),
                 False, **(dict(KT_TEST_TARGET_PARAMETERS=EXPERT_TARGETS) if experts else {}))
     assert "experts shared by 2 rank(s) of this host (1 host(s), 2 ranks)" in log
@@ -382,3 +383,13 @@ def test_fsdp2_through_accelerate_trains_like_stock_llamafactory(family_models, 
         data_parallel, ddp_config = _adapter(ddp)
         assert ddp_config == config
         assert max((ours[k] - data_parallel[k]).abs().max().item() for k in ours) < 1e-6
+        _resumes_exactly(tmp_path, model, target)
+
+
+def _resumes_exactly(tmp: Path, model: Path, target: str) -> None:
+    """A 2-rank FSDP2 run resumed from the checkpoint-2 of tmp/kt continues it exactly (accelerate's FSDP2
+    checkpoint holds rank 0's LoRA shards only; kt-sft reloads the LoRA from the checkpoint's adapter)."""
+    _train_fsdp(_config(tmp, "resumed", model, True, lora_target=target, save_steps=2, overwrite_output_dir=False,
+                        resume_from_checkpoint=str(tmp / "kt" / "checkpoint-2")), True)
+    full, resumed = _losses(tmp / "kt"), _losses(tmp / "resumed")
+    assert [resumed[s] for s in (3, 4)] == [full[s] for s in (3, 4)]

@@ -27,6 +27,8 @@ LLaMA-Factory's own code. The changes:
   experts, `fsdp2_prepare_model` leaves the expert-LoRA factors out of FSDP and keeps the frozen weights' dtype,
   the optimizer keeps the factors in param groups of their own, and the gradient clip takes one norm over FSDP's
   sharded gradients and theirs (see `patch_accelerator`); other models take accelerate's own paths.
+- `transformers.trainer`: resuming such a model from a FULL_STATE_DICT FSDP2 checkpoint reloads the LoRA from the
+  checkpoint's adapter file after accelerate's load (see `patch_trainer`).
 - Without USE_KT=1 the `.pth` installs only `patch_parser_hint` (in llamafactory-cli processes): a config
   written for kt-sft then fails with "set USE_KT=1" instead of stock's advice to install kt-kernel.
 - `llamafactory.model.loader`:
@@ -450,9 +452,33 @@ def patch_accelerator(accelerator_module) -> None:
     accelerator_module.Accelerator.clip_grad_norm_ = clip_grad_norm_
 
 
+def patch_trainer(trainer_module) -> None:
+    """transformers' Trainer resuming a kt-sft model under FSDP2 with FULL_STATE_DICT: after accelerate's
+    `load_fsdp_model`, the LoRA comes from the checkpoint's adapter file (kt_sft.distributed.
+    reload_adapter_after_fsdp_load: accelerate's FSDP2 checkpoint holds rank 0's shards of it only)."""
+    from .. import distributed
+    from ..models import expert_lora
+
+    original_load = trainer_module.load_fsdp_model
+    if getattr(original_load, "_kt_sft", False):
+        return
+
+    @functools.wraps(original_load)
+    def load_fsdp_model(fsdp_plugin, accelerator, model, input_dir, *args, **kwargs):
+        result = original_load(fsdp_plugin, accelerator, model, input_dir, *args, **kwargs)
+        if accelerator.is_fsdp2 and "FULL_STATE_DICT" in str(fsdp_plugin.state_dict_type) \
+                and expert_lora.engine_experts_modules(model):
+            distributed.reload_adapter_after_fsdp_load(model, input_dir)
+        return result
+
+    load_fsdp_model._kt_sft = True
+    trainer_module.load_fsdp_model = load_fsdp_model
+
+
 HINT_PATCHES: dict[str, Callable] = {"llamafactory.hparams.parser": patch_parser_hint}  # USE_KT unset
 PATCHES: dict[str, Callable] = {
     "accelerate.accelerator": patch_accelerator,
+    "transformers.trainer": patch_trainer,
     "llamafactory.chat.hf_engine": patch_hf_engine,
     "llamafactory.hparams.parser": patch_parser,
     "llamafactory.model.loader": patch_loader,
