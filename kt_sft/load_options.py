@@ -86,7 +86,8 @@ class LoadOptions:
     def __post_init__(self) -> None:
         # Frozen: the normalized fields (device with its index, format as an ExpertFormat, numa) are set here, once.
         object.__setattr__(self, "device", _device(self.device))
-        object.__setattr__(self, "dense_device", self.device if self.dense_device is None else _device(self.dense_device))
+        dense = self.device if self.dense_device is None else _device(self.dense_device)
+        object.__setattr__(self, "dense_device", dense)
         if self.format is not None:
             object.__setattr__(self, "format", get_format(self.format))
         if not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):

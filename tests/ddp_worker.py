@@ -74,7 +74,7 @@ def _shard(model):
 
     modules = distributed.fsdp_ignored_modules(model, expert_lora_parameters(model))
     ignored = {p for m in modules for p in m.parameters()}
-    distributed.before_sharding(model)
+    distributed.before_sharding(model, expert_lora_parameters(model))
     for layer in model.base_model.model.model.layers:
         fully_shard(layer, ignored_params=ignored)
     return fully_shard(model, ignored_params=ignored)

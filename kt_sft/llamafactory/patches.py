@@ -399,7 +399,7 @@ def _leave_engine_out(plugin, model) -> bool:
     if isinstance(given, str):  # accelerate's regex over module names (fully matched)
         given = [m for name, m in model.named_modules() if re.fullmatch(given, name)]
     plugin.ignored_modules = list(given or []) + distributed.fsdp_ignored_modules(model, factors)
-    distributed.before_sharding(model)
+    distributed.before_sharding(model, factors)
     _logger().info_rank0(f"kt-sft: FSDP2 shards the dense part; {len(factors)} expert-LoRA factors stay out of it "
                          f"(averaged by kt-sft){note}")
     return True
