@@ -17,6 +17,10 @@ share one copy of the routed experts per host, and keep identical adapters.
   and their gradients averaged over the gloo group at the end of each backward that syncs (accelerate's
   `sync_gradients`: the last micro-batch of a gradient-accumulation step), before the Trainer clips and steps,
   exactly as DDP averages the dense LoRA's.
+- FSDP2 (`set_fsdp`, from the LLaMA-Factory hook when accelerate shards the model): the dense part is sharded by
+  accelerate's `fully_shard` instead of replicated by DDP; the expert-LoRA factors stay out of it
+  (`fsdp_ignored_modules`, which the hook hands to accelerate's FSDP plugin as its ignored modules) and are averaged
+  as above, and `clip_grad_norm` clips FSDP's sharded gradients and theirs together, as one norm.
 Every collective here runs on the gloo group with the timeout `set_timeout` gave (the LLaMA-Factory hook: the
 run's `ddp_timeout`), and a failed one (a rank died or timed out) raises an error saying so.
 """
@@ -33,12 +37,24 @@ import torch
 
 _timeout = datetime.timedelta(minutes=30)  # torch's default for gloo; set_timeout(ddp_timeout) under LLaMA-Factory
 _host: Optional["HostGroup"] = None
+_fsdp = False  # FSDP2 shards the dense part (set_fsdp), instead of DDP replicating it
 
 
 def set_timeout(seconds: float) -> None:
     """The timeout of kt-sft's collectives (a rank that stops answering fails the others after this long)."""
     global _timeout
     _timeout = datetime.timedelta(seconds=float(seconds))
+
+
+def set_fsdp(on: bool) -> None:
+    """Whether accelerate shards the dense part with FSDP2 in this run (the LLaMA-Factory hook says so before the
+    model loads: the dense weights then load to host RAM, and the expert factors stay out of FSDP)."""
+    global _fsdp
+    _fsdp = bool(on)
+
+
+def fsdp() -> bool:
+    return _fsdp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +235,16 @@ def _buckets(params: Sequence[torch.Tensor]) -> Iterator[list]:
         yield bucket
 
 
+def broadcast_from_first(host: HostGroup, params: Sequence[torch.Tensor], what: str) -> None:
+    """Rank 0's values of `params` (CPU tensors) on every rank, in flat buckets over the gloo group."""
+    with torch.no_grad(), collective(what):
+        for bucket in _buckets(params):
+            flat = torch._utils._flatten_dense_tensors([p.data for p in bucket])
+            torch.distributed.broadcast(flat, src=0, group=host.group)
+            for p, value in zip(bucket, torch._utils._unflatten_dense_tensors(flat, [p.data for p in bucket])):
+                p.data.copy_(value)
+
+
 class ExpertGradAverager:
     """Averages the gradients of the expert-LoRA factors (fp32 CPU parameters outside DDP) over every rank, once
     per optimizer step, as DDP averages the others: each rank divides by the world size, then the gloo group sums
@@ -238,12 +264,7 @@ class ExpertGradAverager:
 
     def _broadcast(self) -> None:
         """Every rank starts from rank 0's factors (as DDP does for the parameters it wraps)."""
-        with torch.no_grad(), collective("broadcasting the expert-LoRA factors"):
-            for bucket in _buckets(self.params):
-                flat = torch._utils._flatten_dense_tensors([p.data for p in bucket])
-                torch.distributed.broadcast(flat, src=0, group=self.host.group)
-                for p, value in zip(bucket, torch._utils._unflatten_dense_tensors(flat, [p.data for p in bucket])):
-                    p.data.copy_(value)
+        broadcast_from_first(self.host, self.params, "broadcasting the expert-LoRA factors")
 
     def _mark_outputs(self, module, args, output) -> None:
         """Forward hook of the PEFT model: a gradient hook on each output that carries gradients (loss, logits).
@@ -291,11 +312,14 @@ class ExpertGradAverager:
 
 def share_expert_grads(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> Optional[ExpertGradAverager]:
     """Under data parallel (`join` made a HostGroup): take the expert-LoRA factors `params` out of DDP and average
-    their gradients over the ranks instead (ExpertGradAverager). None when there is nothing to do."""
+    their gradients over the ranks instead (ExpertGradAverager). None when there is nothing to do. Under FSDP2 the
+    factors stay out of it through `fsdp_ignored_modules` (accelerate's plugin reads them when it shards)."""
     host = current()
     trainable = [p for p in params if p.requires_grad]
     if host is None or not trainable:
         return None
+    if _fsdp:  # FSDP shards frozen weights too: no trainable dense parameter is needed
+        return ExpertGradAverager(host, model, trainable)
     ours = {id(p) for p in params}
     names = [n for n, p in model.named_parameters() if id(p) in ours]
     if not any(p.requires_grad and id(p) not in ours for p in model.parameters()):
@@ -305,3 +329,114 @@ def share_expert_grads(model: torch.nn.Module, params: Sequence[torch.nn.Paramet
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", None) or [])
     model._ddp_params_and_buffers_to_ignore = list(dict.fromkeys([*ignored, *names]))
     return ExpertGradAverager(host, model, trainable)
+
+
+# ---------------------------------------------------------------- FSDP2
+def before_sharding(model: torch.nn.Module, factors: Sequence[torch.nn.Parameter]) -> None:
+    """Before FSDP2 shards the model: every rank's trainable parameters (the dense LoRA, in host RAM then) become
+    rank 0's, as DDP's wrap and accelerate's rank-0 loading make them; FSDP2 keeps each rank's own slice, so ranks
+    that initialised the adapter apart would otherwise train a mix of their inits. The expert-LoRA `factors` were
+    broadcast when their averaging was set up (DeepSeek-V3 r=8: 9.7 GB; not twice)."""
+    host, skip = current(), {id(p) for p in factors}
+    trainable = [p for p in model.parameters() if p.requires_grad and p.device.type == "cpu" and id(p) not in skip]
+    if host is not None and trainable:
+        broadcast_from_first(host, trainable, "broadcasting the LoRA before FSDP shards it")
+
+
+@contextlib.contextmanager
+def frozen_dtype_kept(model: torch.nn.Module) -> Iterator[None]:
+    """While accelerate prepares FSDP2: its upcast of the whole model under mixed precision (`model.to(torch.float32)`,
+    fp32 masters for what trains) leaves the frozen parameters in their dtype. Their bf16 compute copy is the same
+    values either way, and each card keeps 2 bytes per frozen parameter instead of 4; trainable parameters,
+    gradients and buffers are upcast as accelerate does. Any other `to` call is the module's own."""
+    keep = lambda t: (isinstance(t, torch.nn.Parameter) and not t.requires_grad) or not t.is_floating_point()
+
+    def to(*args, **kwargs):
+        if (args, kwargs) in (((torch.float32,), {}), ((), {"dtype": torch.float32})):
+            return model._apply(lambda t: t if keep(t) else t.to(torch.float32))
+        return type(model).to(model, *args, **kwargs)
+
+    model.__dict__["to"] = to  # this instance only, for the prepare call
+    try:
+        yield
+    finally:
+        model.__dict__.pop("to", None)
+
+
+def fsdp_ignored_modules(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> list[torch.nn.Module]:
+    """The modules whose parameters are all among `params` (the expert-LoRA factors: fp32 CPU tensors the engine
+    reads, which FSDP must neither shard nor move), outermost first: accelerate's FSDP2 plugin takes modules, not
+    parameters, as what `fully_shard` ignores. Every factor lies in one of them (PEFT's ParamWrapper of a routed
+    experts module holds only its factors: the engine holds the experts' weights)."""
+    ours = {id(p) for p in params}
+    modules, covered = [], set()
+    for module in model.modules():
+        own = [id(p) for p in module.parameters()]
+        if own and all(i in ours for i in own) and not covered.issuperset(own):
+            modules.append(module)
+            covered.update(own)
+    missing = ours - covered
+    if missing:  # a factor in a module beside other parameters: FSDP would shard it
+        raise RuntimeError(f"kt-sft: {len(missing)} expert-LoRA factor(s) share a module with other parameters; "
+                           "FSDP cannot leave them out")
+    return modules
+
+
+def clip_grad_norm(parameters: Sequence[torch.nn.Parameter], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ over FSDP2's sharded parameters (DTensors) and the expert-LoRA factors (plain
+    tensors on the CPU, their gradients already averaged, equal on every rank) together, which torch's own refuses
+    to mix: the total norm of both (the DTensors' over all their shards), and every gradient scaled by the one
+    coefficient it gives, as stock clips a model whose parameters FSDP holds all. Returns the total norm."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in parameters if p.grad is not None]
+    groups = [g for g in ([p for p in params if isinstance(p, DTensor)],
+                          [p for p in params if not isinstance(p, DTensor)]) if g]
+    norms = []
+    for group in groups:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type)
+        norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float().cpu())
+    total = torch.nn.utils.get_total_norm(norms, norm_type) if norms else torch.tensor(0.0)  # the norm of norms
+    for group in groups:
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
+
+
+def split_param_groups(optimizer: torch.optim.Optimizer) -> None:
+    """Each param group of `optimizer` that holds both FSDP2's DTensors and plain tensors (the expert-LoRA factors)
+    becomes two with the same settings, so that torch's foreach and fused steps, which batch a group's tensors by
+    device and refuse to mix the two kinds, never get both (on a CPU mesh both are CPU tensors). Each parameter's
+    update is the same either way (the step is per parameter, a schedule scales every group alike)."""
+    from torch.distributed.tensor import DTensor
+
+    for group in list(optimizer.param_groups):
+        plain = [p for p in group["params"] if not isinstance(p, DTensor)]
+        if plain and len(plain) < len(group["params"]):
+            group["params"] = [p for p in group["params"] if isinstance(p, DTensor)]
+            optimizer.param_groups.append({**group, "params": plain})
+
+
+def reload_adapter_after_fsdp_load(model: torch.nn.Module, checkpoint: str) -> None:
+    """After accelerate loads a FULL_STATE_DICT FSDP2 checkpoint into a PEFT model (a resume): that checkpoint's
+    `pytorch_model_fsdp.bin` holds rank 0's shards of the LoRA only (accelerate 1.11 saves PEFT's state dict of
+    the sharded model as it is) and the other ranks keep their own, so the LoRA is reloaded from the checkpoint's
+    `adapter_model.safetensors` (full tensors, saved through accelerate's gathering path), each rank taking its
+    shard."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    path = Path(checkpoint) / "adapter_model.safetensors"
+    if not path.is_file():
+        return
+    adapter = getattr(model, "active_adapter", "default")
+    names = {n.replace(f".{adapter}.", "."): n for n, p in model.named_parameters() if p.requires_grad}
+    saved = load_file(str(path))
+    missing = sorted(set(names) - set(saved))
+    if missing:
+        raise RuntimeError(f"kt-sft: {path} lacks {len(missing)} trained tensor(s) of the model (first: "
+                           f"{missing[0]}), so the FSDP2 checkpoint cannot be resumed exactly; start a new run from "
+                           "its adapter (adapter_name_or_path) instead")
+    set_model_state_dict(model, {names[k]: v for k, v in saved.items() if k in names},
+                         options=StateDictOptions(full_state_dict=True, strict=False))

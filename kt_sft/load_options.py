@@ -61,6 +61,9 @@ class LoadOptions:
     "off" (one node), or a node count (N > 1 on a one-node host: N virtual nodes, for testing). Each layer's experts
     are cut into one contiguous range per node, their weights in that node's memory and their tasks run by its
     pinned workers first. None: KT_SFT_NUMA (default auto), or what set_numa last set.
+    dense_device: where the non-expert weights go while loading (default: device). "cpu" under FSDP: its
+    `fully_shard` then moves each rank's shard to `device`, so a dense part larger than one GPU loads; `device`
+    stays where the model computes (the GPU share, the memory check's GPU).
     """
 
     device: Union[str, torch.device, None] = None
@@ -78,10 +81,13 @@ class LoadOptions:
     gpu_experts: Union[float, str] = "auto"
     int4_group: Optional[int] = None
     numa: Optional[NumaSetting] = None
+    dense_device: Union[str, torch.device, None] = None
 
     def __post_init__(self) -> None:
         # Frozen: the normalized fields (device with its index, format as an ExpertFormat, numa) are set here, once.
         object.__setattr__(self, "device", _device(self.device))
+        dense = self.device if self.dense_device is None else _device(self.dense_device)
+        object.__setattr__(self, "dense_device", dense)
         if self.format is not None:
             object.__setattr__(self, "format", get_format(self.format))
         if not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):

@@ -144,7 +144,7 @@ def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *
         engine.set_numa(opts.numa)
     _set_threads(plan.threads, host)
     files = scan(plan.path, opts.expert_path)
-    model, placer = plan.model, _Placer(plan.model, opts.device, opts.dtype)
+    model, placer = plan.model, _Placer(plan.model, opts.dense_device, opts.dtype)
     router = _KeyRouter(plan.family, files.headers, placer.renamings, expert_counts(plan.experts_modules))
     placer.expect(router.logical(k) for k in files.headers
                   if router.expert(k) is None and not is_companion(k, plan.source))
@@ -152,7 +152,8 @@ def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *
     if opts.check_memory:  # the experts count once per host: on the rank that packs them
         packs = host is None or host.packs
         check = functools.partial(_check_memory, {f: plan.expert_bytes(f) if packs else 0 for f in _formats_for(plan)},
-                                  plan.dense_bytes, files.largest_shard, opts.device, plan.format, plan.path.name)
+                                  plan.dense_bytes * _dense_copies(host, packs, opts.dense_device),
+                                  files.largest_shard, opts.dense_device, plan.format, plan.path.name)
         if host is None:
             check()
         else:
@@ -168,12 +169,13 @@ def load_model(path: str | os.PathLike, options: Optional[LoadOptions] = None, *
     for at, layer in sorted(layers.items()):
         attach_engine(plan.experts_modules[at], layer, policies[at])
     reserve_launch_cores(plan.threads, any(p.share is not None for p in policies.values()))
-    _finish_dense(model, placer, opts.device)
+    _finish_dense(model, placer, opts.dense_device)
     _read_generation_config(model, plan.path)
     use_engine(model.config)
     install_chunked_loss(model, opts.loss_chunk_tokens)
     install_checkpoint_marking(model)
-    model.kt_summary = _summary(layers, plan, opts.device) + distributed.store_summary(host, list(layers.values()))
+    model.kt_summary = (_summary(layers, plan, opts.dense_device)
+                        + distributed.store_summary(host, list(layers.values())))
     logger.info(model.kt_summary)
     return model
 
@@ -304,7 +306,7 @@ def _rank_settings(path: Path, opts: LoadOptions) -> dict:
     between hosts (threads, ISA of another CPU)."""
     shown = lambda v: f"{v.label} (scale blocks {v.scale_block})" if isinstance(v, ExpertFormat) else repr(v)
     settings = {f"load option {f.name}": shown(getattr(opts, f.name)) for f in dataclasses.fields(opts)
-                if f.name not in ("device", "progress")}
+                if f.name not in ("device", "dense_device", "progress")}
     config_file = path / "config.json"
     if config_file.is_file():
         settings["the checkpoint's config.json"] = hashlib.sha256(config_file.read_bytes()).hexdigest()[:16]
@@ -399,6 +401,14 @@ def _host_need(expert_bytes: int, dense_bytes: int, largest_shard: int, device: 
     """Host RAM a load needs: the packed experts + 10 % (allocator, engine scratch) + one shard being read (mmap)
     + the dense weights when they stay on the CPU."""
     return int(expert_bytes * 1.1) + largest_shard + (dense_bytes if device.type == "cpu" else 0)
+
+
+def _dense_copies(host, packs: bool, device: torch.device) -> int:
+    """The copies of the dense weights a rank's memory check counts: on a GPU its own; in host RAM (a CPU run, or
+    FSDP before it shards them) each rank of the host holds one, all counted by the rank that packs the experts."""
+    if device.type != "cpu" or host is None:
+        return 1
+    return len(host.local) if packs else 0
 
 
 def _formats_for(plan: LoadPlan) -> list[ExpertFormat]:

@@ -1,12 +1,18 @@
-"""Data parallel (kt_sft/distributed.py, issue 22) on CPU with gloo.
+"""Data parallel and FSDP2 of the dense part (kt_sft/distributed.py, issue 22) on CPU with gloo.
 
 Worker runs (tests/ddp_worker.py, two plain processes with the torch.distributed variables, as torchrun sets them):
 one shared expert store per host, mapped by both ranks and gone from the file system once mapped, the experts'
 memory counted once (the ranks' Pss of the store add up to one copy), identical adapters after steps on different
-data; mismatched settings, a packer that fails and a rank that dies stop every rank with a clear error.
+data; the same steps with the dense part under FSDP2 (`fully_shard` on a CPU mesh) give data parallel's losses,
+clipped norms and adapter; mismatched settings, a packer that fails and a rank that dies stop every rank with a
+clear error.
 Through the real CLI (slow): `FORCE_TORCHRUN=1 NPROC_PER_NODE=2 USE_KT=1 llamafactory-cli train` gives stock
 LLaMA-Factory's 2-rank losses (fp32) on tiny models of several families, with and without expert LoRA; a resumed
 2-rank run is exact; two "hosts" on this machine (NNODES=2) keep one store each and train like one host.
+`USE_KT=1 accelerate launch --config_file examples/accelerate/fsdp2_kt.yaml -m llamafactory.launcher` (FSDP2, as
+LLaMA-Factory runs FSDP) gives stock LLaMA-Factory's 2-rank FSDP2 losses with and without expert LoRA, and the
+data-parallel run's adapter. Accelerate runs FSDP on GPUs only (a CPU process group drops its plugin): the shim
+in tests/ddp_shims keeps it on both sides.
 """
 import json
 import os
@@ -18,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from llamafactory_run import llamafactory_cli
@@ -75,9 +82,15 @@ def _store_files() -> list[str]:
     return sorted(p.name for p in Path("/dev/shm").glob("kt-sft-experts-*"))
 
 
-def test_two_ranks_share_one_store_and_keep_identical_adapters(model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def ddp_train(model_dir, tmp_path_factory):
+    """The worker's `train` mode on 2 ranks: (the store files before, each rank's report)."""
     before = _store_files()
-    a, b = _run_ranks("train", model_dir, tmp_path)
+    return before, _run_ranks("train", model_dir, tmp_path_factory.mktemp("ddp_train"))
+
+
+def test_two_ranks_share_one_store_and_keep_identical_adapters(ddp_train):
+    before, (a, b) = ddp_train
     assert "error" not in a and "error" not in b, (a.get("traceback"), b.get("traceback"))
     assert a["stores"] == b["stores"] and len(a["stores"]) == 1  # one store, both ranks in it
     store = a["stores"][0]
@@ -95,6 +108,22 @@ def test_two_ranks_share_one_store_and_keep_identical_adapters(model_dir, tmp_pa
     assert a["losses"] != b["losses"]  # each rank trained on its own data...
     assert a["param_sums"] == b["param_sums"]  # ...and both hold the same adapter
     assert _store_files() == before
+
+
+def test_fsdp2_of_the_dense_part_trains_like_data_parallel(model_dir, tmp_path, ddp_train):
+    """The same steps with the dense part sharded by FSDP2 (fully_shard on the CPU mesh over gloo): the expert-LoRA
+    factors stay plain CPU tensors outside it (averaged by kt-sft), the rest are DTensors; each rank's losses, the
+    clipped norms (one norm over the sharded and the plain gradients) and the adapter are data parallel's."""
+    _, ddp = ddp_train
+    fsdp = _run_ranks("fsdp", model_dir, tmp_path)
+    for rank, (got, want) in enumerate(zip(fsdp, ddp)):
+        assert "error" not in got, got.get("traceback", got.get("log"))
+        assert got["losses"] == pytest.approx(want["losses"], abs=1e-5), rank
+        assert got["norms"] == pytest.approx(want["norms"], rel=1e-5), rank
+        assert got["param_sums"] == pytest.approx(want["param_sums"], abs=1e-5), rank
+        assert len(got["plain"]) == 8 and all("experts" in n for n in got["plain"])  # 2 layers x 2 params x A, B
+        assert got["param_groups"] == 2  # AdamW's one group, split: DTensors / the factors
+    assert fsdp[0]["param_sums"] == fsdp[1]["param_sums"]
 
 
 @pytest.mark.slow
@@ -119,6 +148,56 @@ def test_a_rank_that_dies_stops_the_others_with_a_clear_error(model_dir, tmp_pat
     assert "another rank stopped answering" in a["error"], a
     assert b == {"log": b["log"]}  # rank 1 exited without a report
     assert time.time() - start < 150  # no hang until a long timeout
+
+
+def test_fsdp_leaves_out_exactly_the_expert_lora_factors(monkeypatch):
+    """What kt-sft hands accelerate's FSDP2 plugin: the modules holding the expert-LoRA factors and nothing else
+    (besides the user's own ignored modules), cpu_ram_efficient_loading off; a factor beside another parameter in
+    one module is refused. The dense part loads to host RAM under FSDP."""
+    import types
+
+    from peft import LoraConfig
+
+    import kt_sft
+    from kt_sft import distributed
+    from kt_sft.llamafactory.patches import _leave_engine_out
+    from kt_sft.load_options import LoadOptions
+    from kt_sft.models.expert_lora import expert_lora_parameters, get_peft_model
+
+    model = kt_sft.load_model(REPO / "examples" / "demo" / "model", device="cpu", dtype=torch.float32, format="fp32",
+                              progress=False)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], target_parameters=["experts"],
+                                             lora_dropout=0.0))
+    factors = {id(p) for p in expert_lora_parameters(model)}
+    plugin = types.SimpleNamespace(cpu_ram_efficient_loading=True, ignored_modules=r".*layers\.0\.input_layernorm")
+    _leave_engine_out(plugin, model)
+    assert plugin.cpu_ram_efficient_loading is False
+    user, *ours = plugin.ignored_modules
+    assert user is model.base_model.model.model.layers[0].input_layernorm
+    assert {id(p) for m in ours for p in m.parameters()} == factors and len(factors) == 8
+    holder = next(m for m in ours[0].modules() if any(id(p) in factors for p in m.parameters(recurse=False)))
+    holder.register_parameter("stray", torch.nn.Parameter(torch.zeros(1)))  # beside a factor in its own module
+    with pytest.raises(RuntimeError, match="share a module with other parameters; FSDP cannot leave them out"):
+        distributed.fsdp_ignored_modules(model, expert_lora_parameters(model))
+    options = LoadOptions(device="cpu", dense_device="cpu")
+    assert options.dense_device == torch.device("cpu") and LoadOptions(device="cpu").dense_device == options.device
+
+
+def test_fsdp_keeps_frozen_weights_in_their_dtype_when_accelerate_upcasts():
+    """accelerate's FSDP2 upcast under mixed precision (`model.to(torch.float32)`) leaves frozen parameters as they
+    are and upcasts the rest; other `to` calls and the model after the prepare are untouched."""
+    from kt_sft import distributed
+
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    model.weight.requires_grad_(False)
+    model.register_buffer("scale", torch.ones(2, dtype=torch.bfloat16))
+    with distributed.frozen_dtype_kept(model):
+        assert model.to(torch.float32) is model
+        assert (model.weight.dtype, model.bias.dtype, model.scale.dtype) == (torch.bfloat16, torch.float32,
+                                                                              torch.float32)
+        model.to(dtype=torch.float64)  # not accelerate's upcast: the module's own
+        assert model.weight.dtype == torch.float64
+    assert "to" not in model.__dict__
 
 
 def test_store_space_is_checked_before_packing(tmp_path, monkeypatch):
@@ -194,17 +273,28 @@ def family_models(tmp_path_factory):
 EXPERT_TARGETS = "mlp.experts.gate_up_proj,mlp.experts.down_proj"
 
 
+@pytest.fixture(scope="module")
+def ddp_with_expert_lora(family_models, tmp_path_factory):
+    """kt-sft's 2-rank data-parallel run with expert LoRA on the demo model: (output dir, log); shared by the stock
+    comparison and the FSDP2 one."""
+    tmp = tmp_path_factory.mktemp("ddp_experts")
+    log = _train(_config(tmp, "kt", family_models["qwen3_moe"], True, lora_target="all,experts"), True)
+    return tmp / "kt", log
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family,experts", [("qwen3_moe", False), ("qwen3_moe", True), ("deepseek_v3", True),
                                             ("mixtral", True)])
-def test_two_ranks_train_like_stock_llamafactory(family_models, tmp_path, family, experts):
+def test_two_ranks_train_like_stock_llamafactory(family_models, tmp_path, family, experts, request):
     model = family_models[family]
-    ours = _config(tmp_path, "kt", model, True, lora_target="all,experts" if experts else "all")
+    if (family, experts) == ("qwen3_moe", True):
+        ours, log = request.getfixturevalue("ddp_with_expert_lora")
+    else:
+        ours, log = tmp_path / "kt", _train(_config(tmp_path, "kt", model, True, lora_target="all"), True)
     stock = _config(tmp_path, "stock", model, False)
-    log = _train(ours, True)
     _train(stock, False, **(dict(KT_TEST_TARGET_PARAMETERS=EXPERT_TARGETS) if experts else {}))
     assert "experts shared by 2 rank(s) of this host (1 host(s), 2 ranks)" in log
-    got, want = _losses(tmp_path / "kt"), _losses(tmp_path / "stock")
+    got, want = _losses(ours), _losses(tmp_path / "stock")
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     for step in got:
         assert got[step] == pytest.approx(want[step], abs=1e-4), (step, got, want)
@@ -238,3 +328,68 @@ def test_two_hosts_keep_one_store_each_and_train_like_one_host(family_models, tm
     _train(_config(tmp_path, "one", model, True, lora_target="all,experts"), True)
     got, want = _losses(tmp_path / "nodes"), _losses(tmp_path / "one")
     assert got == pytest.approx(want, abs=1e-6)
+
+
+# ---------------------------------------------------------------- FSDP2 through accelerate, as LLaMA-Factory runs it
+FSDP2_CONFIG = REPO / "examples" / "accelerate" / "fsdp2_kt.yaml"
+
+
+def _train_fsdp(cfg: Path, use_kt: bool, **env) -> str:
+    """`accelerate launch --config_file examples/accelerate/fsdp2_kt.yaml -m llamafactory.launcher cfg` (LLaMA-Factory's
+    FSDP recipe, `src/train.py` being that module) on 2 CPU ranks in fp32; the log."""
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(FSDP2_CONFIG),
+               "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+               "-m", "llamafactory.launcher", str(cfg)]
+    extra = dict(USE_KT="1" if use_kt else "0", PYTHONPATH=os.pathsep.join([str(REPO), str(SHIMS)]), **env)
+    log_path = cfg.with_suffix(".log")
+    with open(log_path, "w") as log:
+        proc = subprocess.run(command, env=_env(**extra), stdout=log, stderr=subprocess.STDOUT, timeout=900)
+    log = log_path.read_text()
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
+def _adapter(out: Path) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter_model.safetensors")), json.loads((out / "adapter_config.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experts", [False, True])
+def test_fsdp2_through_accelerate_trains_like_stock_llamafactory(family_models, tmp_path, experts, request):
+    """FSDP2 of the dense part: stock LLaMA-Factory's 2-rank FSDP2 losses (PEFT LoRA on the routed experts of the
+    stock model as the reference for expert LoRA); the adapter is an ordinary PEFT adapter, stock's keys and
+    config, and with expert LoRA equal to the data-parallel run's; a resumed run continues exactly."""
+    model = family_models["qwen3_moe"]
+    target = "all,experts" if experts else "all"
+    log = _train_fsdp(_config(tmp_path, "kt", model, True, lora_target=target, save_steps=2), True)
+    _train_fsdp(_config(tmp_path, "stock", model, False),
+                False, **(dict(KT_TEST_TARGET_PARAMETERS=EXPERT_TARGETS) if experts else {}))
+    assert "experts shared by 2 rank(s) of this host (1 host(s), 2 ranks)" in log
+    assert f"FSDP2 shards the dense part; {8 if experts else 0} expert-LoRA factors stay out of it" in log
+    got, want = _losses(tmp_path / "kt"), _losses(tmp_path / "stock")
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for step in got:
+        assert got[step] == pytest.approx(want[step], abs=1e-4), (step, got, want)
+    (ours, config), (theirs, stock_config) = _adapter(tmp_path / "kt"), _adapter(tmp_path / "stock")
+    assert sorted(ours) == sorted(theirs)
+    same = lambda value: sorted(value) if isinstance(value, list) else value  # stock writes a set's order
+    for key in ("target_modules", "target_parameters", "r", "lora_alpha", "peft_type", "base_model_name_or_path"):
+        assert same(config.get(key)) == same(stock_config.get(key)), key
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 1e-4
+    if experts:
+        ddp, _ = request.getfixturevalue("ddp_with_expert_lora")
+        data_parallel, ddp_config = _adapter(ddp)
+        assert ddp_config == config
+        assert max((ours[k] - data_parallel[k]).abs().max().item() for k in ours) < 1e-6
+        _resumes_exactly(tmp_path, model, target)
+
+
+def _resumes_exactly(tmp: Path, model: Path, target: str) -> None:
+    """A 2-rank FSDP2 run resumed from the checkpoint-2 of tmp/kt continues it exactly (accelerate's FSDP2
+    checkpoint holds rank 0's LoRA shards only; kt-sft reloads the LoRA from the checkpoint's adapter)."""
+    _train_fsdp(_config(tmp, "resumed", model, True, lora_target=target, save_steps=2, overwrite_output_dir=False,
+                        resume_from_checkpoint=str(tmp / "kt" / "checkpoint-2")), True)
+    full, resumed = _losses(tmp / "kt"), _losses(tmp / "resumed")
+    assert [resumed[s] for s in (3, 4)] == [full[s] for s in (3, 4)]

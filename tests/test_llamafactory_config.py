@@ -182,14 +182,33 @@ def test_zero3_is_refused(get_train_args, tmp_path):
         unset_hf_deepspeed_config()  # process-global in transformers; later tests must not see ZeRO-3
 
 
-def test_fsdp_is_refused_with_the_reason_and_several_processes_are_data_parallel(monkeypatch):
+def test_fsdp2_is_accepted_fsdp1_and_offload_are_refused_and_several_processes_are_data_parallel(monkeypatch):
     from kt_sft import distributed
 
-    training = SimpleNamespace(deepspeed=None, fsdp="full_shard", world_size=2, n_gpu=1, ddp_timeout=77)
-    with pytest.raises(ktc.KTConfigError, match="FSDP with use_kt is not supported yet: .* use data parallel"):
-        ktc._check_training(training)
     monkeypatch.setattr(distributed, "_timeout", distributed._timeout)  # restored after the test
-    ktc._check_training(SimpleNamespace(**{**vars(training), "fsdp": ""}))  # torchrun ranks: accepted
+    monkeypatch.setattr(distributed, "_fsdp", False)
+    for name in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_OFFLOAD_PARAMS"):
+        monkeypatch.delenv(name, raising=False)
+    training = SimpleNamespace(deepspeed=None, fsdp="full_shard auto_wrap", fsdp_config={"version": 2}, world_size=2,
+                               n_gpu=1, ddp_timeout=77)
+    ktc._check_training(training)  # the Trainer's own fsdp keys, version 2
+    assert distributed.fsdp()
+    with pytest.raises(ktc.KTConfigError, match="FSDP version 1 with use_kt: .* fsdp_version: 2"):
+        ktc._check_training(SimpleNamespace(**{**vars(training), "fsdp_config": {}}))
+    with pytest.raises(ktc.KTConfigError, match="fsdp_offload_params.*set fsdp_offload_params: false"):
+        ktc._check_training(SimpleNamespace(**{**vars(training), "fsdp": "full_shard offload"}))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # `accelerate launch` with an FSDP config file
+    with pytest.raises(ktc.KTConfigError, match="FSDP version 1"):  # accelerate's default version
+        ktc._check_training(SimpleNamespace(**{**vars(training), "fsdp": ""}))
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    ktc._check_training(SimpleNamespace(**{**vars(training), "fsdp": ""}))
+    assert distributed.fsdp()
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    with pytest.raises(ktc.KTConfigError, match="fsdp_offload_params"):
+        ktc._check_training(SimpleNamespace(**{**vars(training), "fsdp": ""}))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    ktc._check_training(SimpleNamespace(**{**vars(training), "fsdp": ""}))  # torchrun ranks: data parallel
+    assert not distributed.fsdp()
     assert distributed._timeout.total_seconds() == 77  # kt-sft's collectives take the run's ddp_timeout
     with pytest.raises(ktc.KTConfigError, match="2 GPUs are visible"):
         ktc._check_training(SimpleNamespace(**{**vars(training), "fsdp": "", "n_gpu": 2}))

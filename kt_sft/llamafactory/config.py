@@ -433,11 +433,7 @@ def _check_training(training_args) -> None:
     if getattr(training_args, "deepspeed", None) and is_deepspeed_zero3_enabled():
         raise KTConfigError("DeepSpeed ZeRO-3 with use_kt: ZeRO-3 shards parameters across GPUs but the routed "
                             "experts live in CPU RAM outside it; use ZeRO-2 / no DeepSpeed")
-    if getattr(training_args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        raise KTConfigError("FSDP with use_kt is not supported yet: it would shard the parameters it wraps across "
-                            "GPUs, and the routed experts' CPU engine and expert-LoRA factors live outside it; "
-                            "use data parallel (torchrun without fsdp keys: the dense part replicated on each GPU, "
-                            "one expert store per host; README.md, 'Several GPUs and hosts')")
+    _check_fsdp(training_args)
     if getattr(training_args, "world_size", 1) > 1:
         from .. import distributed
 
@@ -445,6 +441,43 @@ def _check_training(training_args) -> None:
     if getattr(training_args, "n_gpu", 1) > 1:
         raise KTConfigError(f"{training_args.n_gpu} GPUs are visible and the Trainer would replicate the model "
                             "over them (DataParallel); kt-sft uses one GPU: set CUDA_VISIBLE_DEVICES=0")
+
+
+def _fsdp_settings(training_args) -> Optional[tuple[int, bool]]:
+    """(FSDP version, whether it offloads parameters) of this run, None without FSDP: from `accelerate launch`'s
+    FSDP config (the ACCELERATE_USE_FSDP / FSDP_* variables it sets, as LLaMA-Factory documents FSDP) or from the
+    Trainer's own `fsdp` / `fsdp_config` keys."""
+    env = lambda name, default: os.environ.get(name, default).strip().lower()
+    if env("ACCELERATE_USE_FSDP", "false") in ("1", "true"):
+        return int(env("FSDP_VERSION", "1")), env("FSDP_OFFLOAD_PARAMS", "false") in ("1", "true")
+    given = getattr(training_args, "fsdp", None) or []
+    options = given.split() if isinstance(given, str) else [str(getattr(o, "value", o)) for o in given]
+    if not options:
+        return None
+    config = getattr(training_args, "fsdp_config", None) or {}
+    return int(config.get("version", config.get("fsdp_version", 1))), "offload" in options
+
+
+def _check_fsdp(training_args) -> None:
+    """FSDP2 shards the dense part over the GPUs (kt_sft.distributed: the experts and their LoRA factors stay out
+    of it); FSDP1 and parameter offloading are refused, saying what to set instead."""
+    from .. import distributed
+
+    fsdp = _fsdp_settings(training_args)
+    distributed.set_fsdp(fsdp is not None)
+    if fsdp is None:
+        return
+    version, offload = fsdp
+    if version != 2:
+        raise KTConfigError(f"FSDP version {version} with use_kt: FSDP1 flattens each wrapped module's parameters "
+                            "into one, which cannot leave out the expert-LoRA factors (fp32 CPU tensors the engine "
+                            "reads); use FSDP2: fsdp_version: 2 in the accelerate config (or fsdp_config: "
+                            "{version: 2}); README.md, 'The dense part over several GPUs'")
+    if offload:
+        raise KTConfigError("FSDP parameter offloading (fsdp_offload_params) with use_kt is not supported: the "
+                            "routed experts already fill host RAM and its cores run them, where offloading would "
+                            "keep the dense shards and run their optimizer step; set fsdp_offload_params: false, "
+                            "and shard over more GPUs if the dense part does not fit them")
 
 
 def readme_table() -> str:

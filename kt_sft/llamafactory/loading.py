@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..load_options import LoadOptions
 from ..loader import load_model
 from .config import KTSettings, load_fields
@@ -47,8 +48,9 @@ def load_for_llamafactory(path, kwargs: dict, model_args, settings: KTSettings, 
     """Build the model for LLaMA-Factory's `load_class.from_pretrained(**init_kwargs)` call."""
     config = kwargs.get("config")
     dtype = _dtype(kwargs.get("dtype", kwargs.get("torch_dtype", "auto")), config)
+    # Under FSDP the dense weights load to host RAM: accelerate's fully_shard moves each rank's shard to its GPU.
     options = LoadOptions(device=_device(kwargs.get("device_map")), dtype=dtype, progress=True,
-                          **load_fields(settings))
+                          dense_device="cpu" if distributed.fsdp() else None, **load_fields(settings))
     # The hook's checks resolved the family already (config.KTSettings.family): not read again here.
     model = load_model(path, options, config=config, family=settings.family)
     _logger().info_rank0(model.kt_summary)

@@ -23,6 +23,12 @@ LLaMA-Factory's own code. The changes:
   one); without `use_kt` it is stock.
 - `llamafactory.chat.hf_engine`: the daemon thread that streams `generate` is stopped and joined when the
   interpreter exits (see `patch_hf_engine`).
+- `accelerate.accelerator` (FSDP2, as LLaMA-Factory's accelerate FSDP configs run it): for a model with engine
+  experts, `fsdp2_prepare_model` leaves the expert-LoRA factors out of FSDP and keeps the frozen weights' dtype,
+  the optimizer keeps the factors in param groups of their own, and the gradient clip takes one norm over FSDP's
+  sharded gradients and theirs (see `patch_accelerator`); other models take accelerate's own paths.
+- `transformers.trainer`: resuming such a model from a FULL_STATE_DICT FSDP2 checkpoint reloads the LoRA from the
+  checkpoint's adapter file after accelerate's load (see `patch_trainer`).
 - Without USE_KT=1 the `.pth` installs only `patch_parser_hint` (in llamafactory-cli processes): a config
   written for kt-sft then fails with "set USE_KT=1" instead of stock's advice to install kt-kernel.
 - `llamafactory.model.loader`:
@@ -38,6 +44,7 @@ from __future__ import annotations
 import atexit
 import contextvars
 import functools
+import re
 import threading
 import weakref
 from typing import Any, Callable
@@ -370,8 +377,108 @@ def patch_hf_engine(engine_module) -> None:
     atexit.register(_stop_generation_at_exit)
 
 
+def _leave_engine_out(plugin, model) -> bool:
+    """Before accelerate's FSDP2 shards a kt-sft model: the expert-LoRA factors join the plugin's ignored modules
+    (fp32 CPU tensors the engine reads; kt_sft.distributed averages their gradients), and the plugin's
+    cpu_ram_efficient_loading is off: it would move the model to meta and refill it from rank 0's state dict,
+    which has no place for parameters FSDP ignores, while kt-sft's loader already put the dense weights in host
+    RAM on every rank (and the routed experts once per host); the trainable parameters are rank 0's instead
+    (kt_sft.distributed.before_sharding), as that refill would have made them. False: not a kt-sft model."""
+    from .. import distributed
+    from ..models import expert_lora
+    from .loading import _logger
+
+    if not expert_lora.engine_experts_modules(model):
+        return False
+    note = ""
+    if plugin.cpu_ram_efficient_loading:
+        plugin.cpu_ram_efficient_loading = False
+        note = "; fsdp_cpu_ram_efficient_loading unused (kt-sft loaded the dense weights on every rank)"
+    factors = expert_lora.expert_lora_parameters(model)
+    given = plugin.ignored_modules
+    if isinstance(given, str):  # accelerate's regex over module names (fully matched)
+        given = [m for name, m in model.named_modules() if re.fullmatch(given, name)]
+    plugin.ignored_modules = list(given or []) + distributed.fsdp_ignored_modules(model, factors)
+    distributed.before_sharding(model, factors)
+    _logger().info_rank0(f"kt-sft: FSDP2 shards the dense part; {len(factors)} expert-LoRA factors stay out of it "
+                         f"(averaged by kt-sft){note}")
+    return True
+
+
+def patch_accelerator(accelerator_module) -> None:
+    """FSDP2 of a kt-sft model through accelerate (how LLaMA-Factory's FSDP configs run): accelerate's
+    `fsdp2_prepare_model`, as the Accelerator calls it, leaves the engine's side out first (`_leave_engine_out`)
+    and keeps the frozen weights in their dtype (kt_sft.distributed.frozen_dtype_kept), the optimizer then keeps
+    the factors in param groups of their own (kt_sft.distributed.split_param_groups), and
+    `Accelerator.clip_grad_norm_` clips FSDP's sharded gradients together with the expert-LoRA factors'
+    plain ones (kt_sft.distributed.clip_grad_norm; torch's clip_grad_norm_ refuses to mix them). Models without
+    such plain gradients, and every other distributed type, take accelerate's own paths."""
+    from .. import distributed
+
+    original_prepare = accelerator_module.fsdp2_prepare_model
+    if getattr(original_prepare, "_kt_sft", False):
+        return
+
+    @functools.wraps(original_prepare)
+    def fsdp2_prepare_model(accelerator, model):
+        if not _leave_engine_out(accelerator.state.fsdp_plugin, model):
+            return original_prepare(accelerator, model)
+        with distributed.frozen_dtype_kept(model):
+            return original_prepare(accelerator, model)
+
+    original_clip = accelerator_module.Accelerator.clip_grad_norm_
+
+    @functools.wraps(original_clip)
+    def clip_grad_norm_(self, parameters, max_norm, norm_type=2):
+        from torch.distributed.tensor import DTensor
+
+        parameters = list(parameters)
+        kinds = {isinstance(p, DTensor) for p in parameters if p.grad is not None}
+        if self.is_fsdp2 and len(kinds) == 2:
+            self.unscale_gradients()
+            return distributed.clip_grad_norm(parameters, max_norm, norm_type)
+        return original_clip(self, parameters, max_norm, norm_type)
+
+    original_switch = accelerator_module.fsdp2_switch_optimizer_parameters
+
+    @functools.wraps(original_switch)
+    def fsdp2_switch_optimizer_parameters(optimizer, mapping):
+        original_switch(optimizer, mapping)
+        distributed.split_param_groups(optimizer)  # before any state or schedule exists
+
+    fsdp2_prepare_model._kt_sft = True
+    accelerator_module.fsdp2_prepare_model = fsdp2_prepare_model
+    accelerator_module.fsdp2_switch_optimizer_parameters = fsdp2_switch_optimizer_parameters
+    accelerator_module.Accelerator.clip_grad_norm_ = clip_grad_norm_
+
+
+def patch_trainer(trainer_module) -> None:
+    """transformers' Trainer resuming a kt-sft model under FSDP2 with FULL_STATE_DICT: after accelerate's
+    `load_fsdp_model`, the LoRA comes from the checkpoint's adapter file (kt_sft.distributed.
+    reload_adapter_after_fsdp_load: accelerate's FSDP2 checkpoint holds rank 0's shards of it only)."""
+    from .. import distributed
+    from ..models import expert_lora
+
+    original_load = trainer_module.load_fsdp_model
+    if getattr(original_load, "_kt_sft", False):
+        return
+
+    @functools.wraps(original_load)
+    def load_fsdp_model(fsdp_plugin, accelerator, model, input_dir, *args, **kwargs):
+        result = original_load(fsdp_plugin, accelerator, model, input_dir, *args, **kwargs)
+        if accelerator.is_fsdp2 and "FULL_STATE_DICT" in str(fsdp_plugin.state_dict_type) \
+                and expert_lora.engine_experts_modules(model):
+            distributed.reload_adapter_after_fsdp_load(model, input_dir)
+        return result
+
+    load_fsdp_model._kt_sft = True
+    trainer_module.load_fsdp_model = load_fsdp_model
+
+
 HINT_PATCHES: dict[str, Callable] = {"llamafactory.hparams.parser": patch_parser_hint}  # USE_KT unset
 PATCHES: dict[str, Callable] = {
+    "accelerate.accelerator": patch_accelerator,
+    "transformers.trainer": patch_trainer,
     "llamafactory.chat.hf_engine": patch_hf_engine,
     "llamafactory.hparams.parser": patch_parser,
     "llamafactory.model.loader": patch_loader,

@@ -6,6 +6,11 @@
 - CPU-only multi-process runs: the Trainer resumes the optimizer with `torch.load(map_location=args.device)`, which
   is `cpu:0` there, a location torch cannot restore ("don't know how to restore data location ... cpu:0"; stock
   LLaMA-Factory fails the same way). Locations `cpu:N` restore to the CPU. (On GPUs the device is `cuda:N`.)
+- FSDP on CPU (ACCELERATE_USE_FSDP=true, as `accelerate launch` with an FSDP config sets it): accelerate's state
+  makes a CPU process group MULTI_CPU and drops the FSDP plugin there (its FSDP branch lists GPU kinds only), so
+  the run would silently be data parallel. Torch's FSDP2 (`fully_shard`) itself runs on a CPU mesh over gloo;
+  here the state keeps the plugin and says FSDP on CPU, and everything after it (accelerate's fsdp2_prepare_model,
+  the Trainer's FSDP paths) is stock.
 """
 import os
 import re
@@ -38,3 +43,22 @@ if os.environ.get("KT_TEST_TARGET_PARAMETERS"):
         return _original(model, config, *args, **kwargs)
 
     peft.get_peft_model = get_peft_model
+
+if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+    import functools
+
+    from accelerate import state as _state
+
+    _init = _state.AcceleratorState.__init__
+
+    @functools.wraps(_init)
+    def _fsdp_on_cpu(self, mixed_precision=None, cpu=False, *args, fsdp_plugin=None, **kwargs):
+        _init(self, mixed_precision, cpu, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if self.distributed_type == _state.DistributedType.MULTI_CPU and fsdp_plugin is not None:
+            self.distributed_type = _state.DistributedType.FSDP
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+            _state.PartialState._shared_state["distributed_type"] = self.distributed_type  # as the original does
+
+    _state.AcceleratorState.__init__ = _fsdp_on_cpu
