@@ -290,7 +290,8 @@ def test_two_ranks_train_like_stock_llamafactory(family_models, tmp_path, family
     if (family, experts) == ("qwen3_moe", True):
         ours, log = request.getfixturevalue("ddp_with_expert_lora")
     else:
-        ours, log = tmp_path / "kt", _train(_config(tmp_path, "kt", model, True, lora_target="all"), True)
+        target = "all,experts" if experts else "all"
+        ours, log = tmp_path / "kt", _train(_config(tmp_path, "kt", model, True, lora_target=target), True)
     stock = _config(tmp_path, "stock", model, False)
     _train(stock, False, **(dict(KT_TEST_TARGET_PARAMETERS=EXPERT_TARGETS) if experts else {}))
     assert "experts shared by 2 rank(s) of this host (1 host(s), 2 ranks)" in log
