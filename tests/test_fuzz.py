@@ -17,8 +17,9 @@ def test_fuzz_smoke():
 
 
 @pytest.mark.slow
-def test_fuzz_two_minutes():
-    assert fuzz(start=100_000, seconds=120, log=print) >= 20
+def test_fuzz_forty_seconds():
+    """Seeds past the smoke's, for 40 s (was 120 s: trimmed with the suite's growth; `make fuzz` runs 5000 cases)."""
+    assert fuzz(start=100_000, seconds=40, log=print) >= 6
 
 
 # Memory growth allowed after warm-up (tests/soak_train.py `growth`: median of the last fifth of the samples minus
