@@ -264,7 +264,7 @@ def family_models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("families")
     models = {"qwen3_moe": REPO / "examples" / "demo" / "model"}
-    for family in ("deepseek_v3",):
+    for family in ("deepseek_v3", "mixtral"):
         make_tiny_model(family, vocab_size=1024).save_pretrained(root / family)
         models[family] = _with_tokenizer(root / family)
     return models
@@ -283,9 +283,8 @@ def ddp_with_expert_lora(family_models, tmp_path_factory):
 
 
 @pytest.mark.slow
-# Mixtral's 2-rank run was a third family here (72 s): the one-process family tests cover its experts; two families
-# with different routing (softmax top-k, DeepSeek's grouped sigmoid) keep the data-parallel path covered.
-@pytest.mark.parametrize("family,experts", [("qwen3_moe", False), ("qwen3_moe", True), ("deepseek_v3", True)])
+@pytest.mark.parametrize("family,experts", [("qwen3_moe", False), ("qwen3_moe", True), ("deepseek_v3", True),
+                                            ("mixtral", True)])
 def test_two_ranks_train_like_stock_llamafactory(family_models, tmp_path, family, experts, request):
     model = family_models[family]
     if (family, experts) == ("qwen3_moe", True):
