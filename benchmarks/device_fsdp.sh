@@ -6,7 +6,9 @@
 # weights loaded to host RAM and moved by fully_shard) against the same config through plain `llamafactory-cli
 # train` on the GPU, with and without expert LoRA; and stock LLaMA-Factory's FSDP2 run of the same model. Several
 # GPUs are issue 24's (those kinds are not lent); one rank checks everything but the sharding's collectives.
-# Usage there, from the repo root with .whl carried:  bash benchmarks/device_fsdp.sh [outdir]
+# Usage there, from the repo root with .whl and .dev/prelude.sh carried:  bash benchmarks/device_fsdp.sh [outdir]
+# (Written 2026-12-06; its first device call stopped at the hook install, fixed since; not yet run to the end: no
+# device could be started for the rest of that session.)
 set -uo pipefail
 out="${1:-/tmp/kt-sft-device-fsdp}"; mkdir -p "$out"
 source .dev/prelude.sh || exit 1

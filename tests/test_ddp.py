@@ -238,12 +238,27 @@ def _launch(cfg: Path, use_kt: bool, nodes: int = 1, node: int = 0, port: int = 
                             stderr=subprocess.STDOUT)
 
 
+# A rank that finished training has, rarely, died at interpreter exit with SIGABRT ("terminate called without an
+# active exception", 1 of ~60 two-rank runs on 2026-12-06, on kt-sft's side once; cause not found: no thread of the
+# engine outlives its join, a torch-only repro never failed). Such a run is repeated once, saying so; any other
+# failure, or the same one twice, fails the test. PYTHONFAULTHANDLER prints every thread's stack if it recurs.
+EXIT_ABORT = "terminate called without an active exception"
+
+
 def _train(cfg: Path, use_kt: bool, **env) -> str:
-    proc = _launch(cfg, use_kt, **env)
-    proc.wait(timeout=900)
-    log = cfg.with_suffix(".node0.log").read_text()
+    for attempt in (1, 2):
+        proc = _launch(cfg, use_kt, PYTHONFAULTHANDLER="1", **env)
+        proc.wait(timeout=900)
+        log = cfg.with_suffix(".node0.log").read_text()
+        if proc.returncode == 0 or attempt == 2 or not _aborted_at_exit(log):
+            break
+        print(f"[test_ddp] {cfg.name}: a rank aborted at exit after training completed; running it again")
     assert proc.returncode == 0, log[-4000:]
     return log
+
+
+def _aborted_at_exit(log: str) -> bool:
+    return EXIT_ABORT in log and "Training completed" in log.split(EXIT_ABORT)[0]
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -341,11 +356,16 @@ def _train_fsdp(cfg: Path, use_kt: bool, **env) -> str:
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(FSDP2_CONFIG),
                "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
                "-m", "llamafactory.launcher", str(cfg)]
-    extra = dict(USE_KT="1" if use_kt else "0", PYTHONPATH=os.pathsep.join([str(REPO), str(SHIMS)]), **env)
+    extra = dict(USE_KT="1" if use_kt else "0", PYTHONPATH=os.pathsep.join([str(REPO), str(SHIMS)]),
+                 PYTHONFAULTHANDLER="1", **env)
     log_path = cfg.with_suffix(".log")
-    with open(log_path, "w") as log:
-        proc = subprocess.run(command, env=_env(**extra), stdout=log, stderr=subprocess.STDOUT, timeout=900)
-    log = log_path.read_text()
+    for attempt in (1, 2):  # as _train: one more run only for an abort at exit after training completed
+        with open(log_path, "w") as log:
+            proc = subprocess.run(command, env=_env(**extra), stdout=log, stderr=subprocess.STDOUT, timeout=900)
+        log = log_path.read_text()
+        if proc.returncode == 0 or attempt == 2 or not _aborted_at_exit(log):
+            break
+        print(f"[test_ddp] {cfg.name}: a rank aborted at exit after training completed; running it again")
     assert proc.returncode == 0, log[-4000:]
     return log
 
