@@ -461,15 +461,18 @@ def _share_timings(shares: list[dict]) -> dict:
 
 
 def variants(args) -> list[tuple]:
-    """(--gpu-experts value, staging ring MiB or None for the default) in run order: each value with a share once
-    per --ring-mb, 0 once."""
-    return [(value, ring) for value in args.gpu_experts for ring in (args.ring_mb or [None] if value else [None])]
+    """(--gpu-experts value, staging ring MiB, experts per streamed chunk; None: the default) in run order: each
+    value with a share once per --ring-mb and --share-chunk, 0 once."""
+    return [(value, ring, chunk) for value in args.gpu_experts
+            for ring in (args.ring_mb or [None] if value else [None])
+            for chunk in (args.share_chunk or [None] if value else [None])]
 
 
-def use_gpu_experts(model, value, args, device: torch.device, ring_mb=None) -> None:
+def use_gpu_experts(model, value, args, device: torch.device, ring_mb=None, chunk=None) -> None:
     """Every experts module of `model` computes with a GPU share for `value` ("auto" or a fraction of its experts;
     0: none) on the run's device (on the CPU, as under --tiny, the share's code without streams) through a fresh
-    staging ring of ring_mb MiB (None: gpu_share.RING_BYTES as shipped), and the engine's pool is sized as the
+    staging ring of ring_mb MiB (None: gpu_share.RING_BYTES as shipped) in chunks of `chunk` experts (None: the
+    share's default), and the engine's pool is sized as the
     loader sizes it for that setting."""
     import dataclasses
 
@@ -487,7 +490,7 @@ def use_gpu_experts(model, value, args, device: torch.device, ring_mb=None) -> N
             share = None
             if value:
                 experts = "auto" if value == "auto" else max(1, round(value * layer.num_experts))
-                share = ke.GpuShare(layer, experts, device, min_tokens=args.share_min_tokens)
+                share = ke.GpuShare(layer, experts, device, min_tokens=args.share_min_tokens, chunk=chunk)
             module.kt_policy = dataclasses.replace(module.kt_policy, share=share)
     ke.set_num_threads(args.threads)
     reserve_launch_cores(args.threads, bool(value) and device.type == "cuda")
@@ -534,17 +537,17 @@ def run_child(side: str, args):
 
     init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     runs = []
-    for value, ring_mb in variants(args):
-        use_gpu_experts(model, value, args, device, ring_mb)
+    for value, ring_mb, chunk in variants(args):
+        use_gpu_experts(model, value, args, device, ring_mb, chunk)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n in init:
                     p.copy_(init[n])
-        ring = f", staging ring {ring_mb} MiB" if ring_mb else ""
+        ring = (f", staging ring {ring_mb} MiB" if ring_mb else "") + (f", chunks of {chunk} experts" if chunk else "")
         log(f"--- ours, gpu_experts {value}{ring} ({ke.num_threads()} engine threads) ---")
         res = train_side(model, side, args, device, timer, layers)
-        res.update(info, **host, gpu_experts=value, ring_mb=ring_mb, peak_rss_gb=_rss_gb(), isa=ke.current_isa(),
-                   threads=ke.num_threads())
+        res.update(info, **host, gpu_experts=value, ring_mb=ring_mb, share_chunk=chunk, peak_rss_gb=_rss_gb(),
+                   isa=ke.current_isa(), threads=ke.num_threads())
         res["engine"] = f"{res['isa']}, {res['threads']} threads"
         runs.append(res)
     return runs
@@ -588,6 +591,7 @@ def _label(side: str, r: dict, args) -> str:
     value = r.get("gpu_experts")
     share = f", GPU share {_share_name(value)}" if value else ""
     share += f", ring {r['ring_mb']} MiB" if r.get("ring_mb") else ""
+    share += f", chunks of {r['share_chunk']}" if r.get("share_chunk") else ""
     dtype = "" if args.format == "bf16" else f", {args.format}"
     dpo = ", DPO" if args.loss == "dpo" else ""
     return f"kt-sft (ours{dtype}{share}{ckpt}{dpo})" if side == "ours" else f"stock (all on {args.device}{ckpt}{dpo})"
@@ -699,7 +703,8 @@ def result_rows(runs: list[tuple[str, dict]], args, provenance: dict | None = No
     for side, r in runs:
         losses = r.get("losses") or [None]
         ring = f"staging ring {r['ring_mb']} MiB" if r.get("ring_mb") else None
-        notes = [n for n in (r.get("note"), ring, _share_breakdown(r) if r.get("gpu_share_ms") is not None else None,
+        chunk = f"chunks of {r['share_chunk']} experts" if r.get("share_chunk") else None
+        notes = [n for n in (r.get("note"), ring, chunk, _share_breakdown(r) if r.get("gpu_share_ms") is not None else None,
                              _busy_line(r) if r.get("busy") else None) if n]
         row = {**run_info, "gpu_experts": _share_name(r.get("gpu_experts") or 0) if side == "ours" else 0,
                "threads": r.get("threads", run_info["threads"]), "variant": variant(side, args),
@@ -905,6 +910,10 @@ def parse_args():
                    help="ours: the GPU share's staging ring (kt_sft.engine.gpu_share.RING_BYTES, shipped: "
                         f"{SHIPPED_RING_BYTES >> 20}); several values run each --gpu-experts value with a share once "
                         "per size, in the same process (140: the 2 slots of before, for V2-Lite bf16 and int8)")
+    p.add_argument("--share-chunk", type=int, nargs="+", default=None, metavar="N",
+                   help="ours: experts per streamed chunk of the GPU share (GpuShare's chunk; default: ~CHUNK_BYTES "
+                        "of weights per chunk); several values run each --gpu-experts value with a share once per "
+                        "value, in the same process")
     p.add_argument("--share-min-tokens", type=int, default=None,
                    help="ours: calls of at least this many tokens use the GPU share (default 1024 as the loader; "
                         "--tiny: 1, so that the smoke run goes through the share's code on the CPU)")

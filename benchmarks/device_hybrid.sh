@@ -7,6 +7,7 @@
 #      GPU idle, peak GPU, the share's breakdown (CPU waits for GPU / GPU waits for the engine, experts per call)
 #      and the profiled step's busy breakdown (GPU kernels alone / copies alone / both / idle; the engine's calls
 #      with the GPU busy or alone) and the targets (int8 >= 8,000 tokens/s, bf16 >= 6,000, GPU idle < 20 %).
+#   CHUNKS="8 16": each share variant once per number of experts per streamed chunk (default: the share's own).
 #   SWEEP=1 instead: per format the tokens-per-step sweep (SHAPES, default 2x2048 4x2048 8x4096, gradient
 #      checkpointing) with `auto` only: tokens/s, peak GPU and idle per size, how the stream's fixed cost amortizes
 #      (~2 min per format: each size loads once; 8 x 4096 steps take a few seconds each).
@@ -42,10 +43,10 @@ if [ "${SWEEP:-0}" = 1 ]; then
   exit 0
 fi
 for fmt in $FORMATS; do
-  echo "=== $fmt experts: gpu_experts $VARIANTS, staging rings $RINGS MiB ==="
+  echo "=== $fmt experts: gpu_experts $VARIANTS, staging rings $RINGS MiB${CHUNKS:+, chunks of $CHUNKS experts} ==="
   # --line-buffered: if the call runs out of time, what was printed so far still comes back
   python3 benchmarks/bench_e2e.py --dir /tmp/v2lite-rand --layers "$LAYERS" --format "$fmt" --gpu-experts $VARIANTS \
-      --ring-mb $RINGS --steps "$STEPS" --warmup 1 --no-baseline --record --results-dir "$out/results" 2>&1 \
+      --ring-mb $RINGS ${CHUNKS:+--share-chunk $CHUNKS} --steps "$STEPS" --warmup 1 --no-baseline --record --results-dir "$out/results" 2>&1 \
     | grep --line-buffered -v Warning | tee "$out/bench_e2e_$fmt.log" \
     | grep --line-buffered -E "^(kt-sft|  GPU share|  profiled step|  per step|target|device|LoRA|reusing|wrote|---|  step| {20,}tokens)"
 done

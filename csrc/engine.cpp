@@ -87,18 +87,66 @@ void ensure_lora_acc(Engine& eng, size_t floats) {
 Scratch scratch_of(Engine& eng, int worker) {
   return Scratch{static_cast<float*>(eng.c[worker].get()), eng.packed[worker].get(),
                  worker < int(eng.acc.size()) ? static_cast<float*>(eng.acc[worker].get()) : nullptr,
-                 eng.wdq[worker].get()};
+                 eng.wdq[worker].get(),
+                 eng.profiling && worker < int(eng.task_clock.size()) ? eng.task_clock[size_t(worker)].ticks : nullptr};
+}
+
+namespace {
+
+// Adds `seconds` (one call) to the profile entry `name`, made after `after` if new; returns the entry.
+std::vector<std::pair<std::string, PhaseStat>>::iterator add_stat(Engine& eng, const std::string& name,
+                                                                 double seconds, long after) {
+  auto it = std::find_if(eng.profile.begin(), eng.profile.end(), [&](const auto& e) { return e.first == name; });
+  if (it == eng.profile.end()) it = eng.profile.insert(eng.profile.begin() + after, {name, PhaseStat{}});
+  it->second.calls += 1;
+  it->second.seconds += seconds;
+  return it;
+}
+
+const char* const kPartNames[kTaskParts] = {"tiles", "operands", "prefetch", "epilogue", "quantize A", "wait for A",
+                                            "task"};
+
+// The workers' mean seconds of each TaskPart since the last mark, as entries after the phase's (none if no task ran);
+// the counters are cleared.
+void add_task_parts(Engine& eng, const std::string& phase, long at, double wall, uint64_t wall_ticks) {
+  double mean[kTaskParts] = {};
+  const double n = double(std::max<size_t>(1, eng.task_clock.size()));
+  for (TaskClock& c : eng.task_clock)
+    for (int p = 0; p < kTaskParts; ++p) {
+      mean[p] += double(c.ticks[p]) / n;
+      c.ticks[p] = 0;
+    }
+  if (mean[kPartTask] + mean[kPartQuantize] == 0 || wall_ticks == 0) return;
+  const double s_per_tick = wall / double(wall_ticks);
+  double inside = 0;  // the parts timed inside task_gemms
+  for (int p = kPartTiles; p <= kPartEpilogue; ++p) inside += mean[p];
+  long after = at;
+  for (int p = 0; p < kPartTask; ++p)
+    if (mean[p] > 0) add_stat(eng, phase + " | " + kPartNames[p], mean[p] * s_per_tick, ++after);
+  add_stat(eng, phase + " | task set-up", std::max(0.0, mean[kPartTask] - inside) * s_per_tick, ++after);
+  const double busy = mean[kPartTask] + mean[kPartQuantize] + mean[kPartWait];
+  add_stat(eng, phase + " | idle", std::max(0.0, double(wall_ticks) - busy) * s_per_tick, ++after);
+}
+
+}  // namespace
+
+PhaseClock::PhaseClock(Engine& eng) : eng_(eng) {
+  if (!eng.profiling) return;
+  t_ = Clock::now();
+  ticks_ = clock_ticks();
+  eng.task_clock.resize(size_t(eng.pool->size()));
+  for (TaskClock& c : eng.task_clock) c = TaskClock{};
 }
 
 void PhaseClock::mark(const char* phase) {
   if (!eng_.profiling) return;
   const Clock::time_point t = Clock::now();
-  auto it = std::find_if(eng_.profile.begin(), eng_.profile.end(), [&](const auto& e) { return e.first == phase; });
-  if (it == eng_.profile.end()) it = eng_.profile.insert(it, {phase, PhaseStat{}});
-  PhaseStat& p = it->second;
-  p.calls += 1;
-  p.seconds += std::chrono::duration<double>(t - t_).count();
+  const uint64_t ticks = clock_ticks();
+  const double wall = std::chrono::duration<double>(t - t_).count();
+  auto it = add_stat(eng_, phase, wall, long(eng_.profile.size()));
+  add_task_parts(eng_, phase, long(it - eng_.profile.begin()), wall, ticks - ticks_);
   t_ = t;
+  ticks_ = ticks;
 }
 
 // ---------------------------------------------------------------- settings

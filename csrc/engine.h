@@ -51,6 +51,7 @@ struct Engine {
   Buffer l_u, l_q, l_dya, l_tgu, l_h;
   bool profiling = false;                                  // set_profiling: wall time per phase of every call
   std::vector<std::pair<std::string, PhaseStat>> profile;  // (phase, calls + seconds) in first-seen order
+  std::vector<TaskClock> task_clock;  // profiling: per worker, its GEMM phase's ticks by part (kernel_api.h)
 };
 
 Engine& engine();
@@ -65,16 +66,20 @@ Scratch scratch_of(Engine& eng, int worker);
 inline const KernelTable* kernels_for(const Engine& eng, WeightFormat f) { return &eng.kernels->formats[int(f)]; }
 
 // Wall-clock stamps between the phases of one forward/backward (each phase ends with a pool barrier, so the
-// stamps split the call exactly). Free when profiling is off.
+// stamps split the call exactly). Free when profiling is off. A GEMM phase also reports where its workers' time
+// went, as entries "<phase> | <part>" right after it: the workers' mean of each TaskPart (ticks converted with the
+// rate the phase's own wall time and time-stamp counter give), and "idle" = wall - the mean of whole tasks,
+// quantize tasks and waits (barrier imbalance, the pool's hand-out).
 class PhaseClock {
  public:
-  explicit PhaseClock(Engine& eng) : eng_(eng), t_(eng.profiling ? Clock::now() : Clock::time_point{}) {}
+  explicit PhaseClock(Engine& eng);
   void mark(const char* phase);
 
  private:
   using Clock = std::chrono::steady_clock;
   Engine& eng_;
   Clock::time_point t_;
+  uint64_t ticks_ = 0;  // clock_ticks() at t_
 };
 
 // ---- process-wide settings (the bindings' module functions) ----

@@ -8,6 +8,7 @@
 //            the copy the linker keeps); the driver picks a layer's KernelTable once per call, so no task body
 //            branches on the format.
 #pragma once
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 
@@ -159,7 +160,33 @@ struct Scratch {
   float* acc;    // LoRA gradient sums: [r][kBlock] (lora_grad) or per column block (fused bwd_act)
   void* wdq;     // formats that expand their weight blocks (int8, fp8, int4: to bf16; int4 GEMMs: to int8 quads): one
                  // slot per column block (and projection)
+  uint64_t* clock;  // profiling: this worker's TaskClock ticks (null when off)
 };
+
+// Where a worker's time inside a GEMM phase goes (phase profiling: engine.h, PhaseClock), in time-stamp-counter
+// ticks: the micro-kernel calls, making their B operands (backward's repack, forward's expansion), the next
+// chunk's prefetch, the epilogues (finish + fused activation / LoRA / stores), quantizing A (int8 GEMMs), waiting
+// for an expert's quantized rows, and whole tasks (the rest of a task is its set-up).
+enum TaskPart { kPartTiles, kPartOperands, kPartPrefetch, kPartEpilogue, kPartQuantize, kPartWait, kPartTask,
+                kTaskParts };
+struct alignas(64) TaskClock {
+  uint64_t ticks[kTaskParts];
+};
+// The time-stamp counter where the CPU has one (every x86-64 does); elsewhere nanoseconds, which work the same.
+inline uint64_t clock_ticks() {
+#if defined(__x86_64__)
+  return __builtin_ia32_rdtsc();
+#else
+  return uint64_t(std::chrono::steady_clock::now().time_since_epoch().count());
+#endif
+}
+// Adds the ticks since `since` to part p of `clock` (null: profiling off) and returns now.
+inline uint64_t clock_add(uint64_t* clock, TaskPart p, uint64_t since) {
+  if (!clock) return 0;
+  const uint64_t now = clock_ticks();
+  clock[p] += now - since;
+  return now;
+}
 
 // One format's kernels on one ISA. Every entry is a direct instantiation for that format: no run-time dispatch.
 struct KernelTable {

@@ -66,8 +66,14 @@ template <typename Gemm>
 void run_gemm_phase(Engine& eng, const KernelTable* kt, const LayerView& L, const RoutingPlan& plan,
                     const ExpertNodes& nodes, const std::vector<Task>& gemm_tasks, Gemm gemm,
                     const QuantSource* quant, const int8_t** qa, const float** qs) {
+  auto timed_gemm = [&](const Task& t, int wk) {  // a whole task's ticks (profiling)
+    uint64_t* clk = eng.profiling && wk < int(eng.task_clock.size()) ? eng.task_clock[size_t(wk)].ticks : nullptr;
+    const uint64_t t0 = clk ? clock_ticks() : 0;
+    gemm(t, wk);
+    clock_add(clk, kPartTask, t0);
+  };
   if (!quant) {
-    eng.pool->run_by_node(node_begin(gemm_tasks, nodes), [&](int i, int wk) { gemm(gemm_tasks[size_t(i)], wk); });
+    eng.pool->run_by_node(node_begin(gemm_tasks, nodes), [&](int i, int wk) { timed_gemm(gemm_tasks[size_t(i)], wk); });
     return;
   }
   QuantQueue q;
@@ -76,15 +82,19 @@ void run_gemm_phase(Engine& eng, const KernelTable* kt, const LayerView& L, cons
   *qs = q.job.dst_scale;
   eng.pool->run_by_node(q.begin, [&](int i, int wk) {
     const int o = q.order[size_t(i)];
+    uint64_t* clk = eng.profiling && wk < int(eng.task_clock.size()) ? eng.task_clock[size_t(wk)].ticks : nullptr;
+    const uint64_t t0 = clk ? clock_ticks() : 0;
     if (o < 0) {
       const Task& t = q.qtasks[size_t(-1 - o)];
       kt->quantize(L, q.job, t);
       q.done[size_t(t.expert)].fetch_add(1, std::memory_order_release);
+      clock_add(clk, kPartQuantize, t0);
       return;
     }
     const int e = gemm_tasks[size_t(o)].expert;
     while (q.done[size_t(e)].load(std::memory_order_acquire) < q.need[size_t(e)]) _mm_pause();
-    gemm(gemm_tasks[size_t(o)], wk);
+    clock_add(clk, kPartWait, t0);
+    timed_gemm(gemm_tasks[size_t(o)], wk);
   });
 }
 

@@ -214,9 +214,10 @@ def test_phase_profile_names_every_phase_once_per_call():
     profiling stops (and records nothing) outside the block."""
     layer, case = _lora_case(Shape(8, 64, 96, 16, 2, "uniform", 8, 8))
     x, ids, w, dy, lora = case.x, case.ids, case.w, case.dy, case.lora
-    with ke.phase_profile() as phases:
+    with ke.phase_profile() as profile:
         _, handle = layer.forward(x, ids, w, save_for_backward=True, lora=lora)
         layer.backward(handle, dy, lora=lora)
+    phases = {name: v for name, v in profile.items() if " | " not in name}
     assert list(phases) == [
         "forward: plan + gather", "forward: LoRA repack + save x", "forward: LoRA x.B_gu",
         "forward: gate_up GEMM + SiLU-GLU",
@@ -225,9 +226,19 @@ def test_phase_profile_names_every_phase_once_per_call():
         "backward: LoRA dz.A_gu", "backward: dz.W_gu (dx)", "backward: LoRA factor gradients",
         "backward: sum rows + dw"]
     assert all(calls == 1 and seconds >= 0 for calls, seconds in phases.values())
+    for gemm in ("forward: gate_up GEMM + SiLU-GLU", "forward: down GEMM", "backward: dy.W_down + dSiLU-GLU + dw",
+                 "backward: dz.W_gu (dx)"):  # where the workers' time went, right after the phase
+        names = list(profile)
+        parts = {}
+        for name in names[names.index(gemm) + 1:]:
+            if not name.startswith(gemm + " | "):
+                break
+            parts[name.split(" | ")[1]] = profile[name][1]
+        assert {"tiles", "epilogue", "task set-up", "idle"} <= set(parts), (gemm, parts)
+        assert sum(parts.values()) <= 1.05 * profile[gemm][1] + 1e-4, (gemm, parts, profile[gemm])
     layer.forward(x, ids, w)
     with ke.phase_profile() as frozen:
         layer.forward(x, ids, w)
-    assert list(frozen) == ["forward: plan + gather", "forward: gate_up GEMM + SiLU-GLU", "forward: down GEMM",
-                            "forward: sum rows"]
+    assert [name for name in frozen if " | " not in name] == [
+        "forward: plan + gather", "forward: gate_up GEMM + SiLU-GLU", "forward: down GEMM", "forward: sum rows"]
     assert all(calls == 1 for calls, _ in frozen.values())  # the forward before the block is not counted
