@@ -17,7 +17,7 @@ from engine_cases import (SHARE_DEVICES, TOLERANCE, Shape, case_layer, check_lay
                           reference_with_grads)
 from kt_sft.engine import share_plan
 from kt_sft.engine.gpu_share import GpuShare, _runs, panels_to_matrix
-from kt_sft.engine.share_plan import FORWARD, Rates, plan_split
+from kt_sft.engine.share_plan import FORWARD, Rates, plan_split, streaming_order
 from moe_reference import make_experts, make_routing, rel_err
 
 
@@ -367,6 +367,14 @@ def test_plan_split_balances_v2_lite_like_rates():
     assert min(counts[e] for e in chosen) >= max(counts[e] for e in range(64) if e not in chosen)
 
 
+def test_streaming_order_keeps_the_lead_then_goes_by_id():
+    """The copies under way first, in their order; the rest by id (one copy per run of consecutive ids)."""
+    assert streaming_order([0, 1, 4, 2]) == [0, 1, 2, 4]
+    assert streaming_order([2, 1, 0, 4], lead=(2, 1)) == [2, 1, 0, 4]
+    assert streaming_order([4, 0], lead=(4, 5)) == [4, 0]  # a lead expert not chosen is left out
+    assert streaming_order(list(range(63, -1, -1)), lead=tuple(range(8))) == list(range(64))
+
+
 def _frozen_rates(book, engine, stream, gpu):
     """Pin a RateBook to the given rates (the calls' samples no longer move them)."""
     book.rates = Rates(list(engine), list(gpu), stream)
@@ -395,7 +403,7 @@ def test_auto_splits_per_call_and_the_recompute_reuses_the_split():
     share.plan = lambda ids, experts, counts: seen.append(experts) or plan_of(ids, experts, counts)
     with torch.no_grad():
         y0 = ke.moe_experts(x, ids, w, layer, retain=True, share=share)
-    assert seen == [tuple(want)]
+    assert seen == [tuple(sorted(want))]  # streamed in id order (streaming_order; nothing was prefetched)
     _frozen_rates(share.book, (1e9, 1e9), 1.0, (1.0, 1.0))  # the planner would now keep everything on the CPU
     xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
     y1 = ke.moe_experts(xs, ids, ws, layer, share=share)

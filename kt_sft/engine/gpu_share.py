@@ -43,7 +43,7 @@ from . import share_plan
 from .formats import ExpertFormat
 from .lora import ExpertLoRA
 from .runtime import current_isa, num_threads
-from .share_plan import BACKWARD, FORWARD, plan_split
+from .share_plan import BACKWARD, FORWARD, plan_split, streaming_order
 
 _PANEL = 16
 
@@ -345,9 +345,10 @@ class GpuShare:
             experts = self.fixed
         else:
             r, streamed = self.book.rates, len(self.stored) * self.expert_bytes + sum(self.scale_bytes)  # per expert
-            experts = tuple(plan_split(counts, r.engine, r.stream, r.gpu, streamed, backward,
-                                       lead=self._prefetched_experts(), engine_call_s=r.engine_call,
-                                       hidden_s=r.hidden, ring_experts=self.ring_experts))
+            lead = self._prefetched_experts()
+            experts = tuple(streaming_order(plan_split(counts, r.engine, r.stream, r.gpu, streamed, backward,
+                                                       lead=lead, engine_call_s=r.engine_call, hidden_s=r.hidden,
+                                                       ring_experts=self.ring_experts), lead))
         self.book.split(len(experts), sum(counts[e] for e in experts), sum(counts), self.E, log=self.fixed is None)
         if experts:
             self._last = experts
