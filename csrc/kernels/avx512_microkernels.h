@@ -105,41 +105,36 @@ static inline void dequant_row_avx512(const int8_t* q, const float* sv, uint16_t
 // pack_transposed_pairs (moe_common.inc).
 #define KT_TRANSPOSE_SLICE transpose_slice_avx512
 static inline void transpose_slice_avx512(const uint32_t* src, uint16_t* d0, uint16_t* d1) {
+  // Output pair row q of panel P (c < 16: W[2q][k0 + 16P + c], W[2q+1][...]) is the 64-bit word q of the source's
+  // rows 8P .. 8P+7 in order (each row's word q holds n = 2q, 2q+1 at k0 + 2kk, k0 + 2kk + 1), with the middle two
+  // bf16 of every word swapped: an 8x8 transpose of 64-bit words per panel. 32 shuffles per panel (8 in-lane byte
+  // shuffles, 8 unpacks, 16 lane shuffles) where the 16x16 transpose of 32-bit pairs and the bf16 interleave took
+  // 80 for the slice; shuffles bound this repack (~17 GB/s per AMX core, backward's `operands` in BENCHMARKS.md).
   // maskz forms throughout: GCC 12 warns on the unmasked ones (they start from an undefined vector).
-  __m512i r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + 16 * i);
-  // 16x16 transpose of 32-bit elements: afterwards r[n] = (src[0][n], ..., src[15][n]) = W[n][k0 .. k0+31].
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_maskz_unpacklo_epi32(0xffff, r[i], r[i + 1]);
-    t[i + 1] = _mm512_maskz_unpackhi_epi32(0xffff, r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_maskz_unpacklo_epi64(0xff, t[i], t[i + 2]);
-    r[i + 1] = _mm512_maskz_unpackhi_epi64(0xff, t[i], t[i + 2]);
-    r[i + 2] = _mm512_maskz_unpacklo_epi64(0xff, t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_maskz_unpackhi_epi64(0xff, t[i + 1], t[i + 3]);
-  }
-  // r[4q + j] now holds, per 128-bit lane l, column 4l + j' of rows 4q .. 4q+3 (j' = 0, 1, 2, 3 for j = 0..3).
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_maskz_shuffle_i32x4(0xffff, r[i], r[4 + i], 0x88);       // lanes 0, 2 of r[i], then of r[4+i]
-    t[4 + i] = _mm512_maskz_shuffle_i32x4(0xffff, r[i], r[4 + i], 0xdd);   // lanes 1, 3
-    t[8 + i] = _mm512_maskz_shuffle_i32x4(0xffff, r[8 + i], r[12 + i], 0x88);
-    t[12 + i] = _mm512_maskz_shuffle_i32x4(0xffff, r[8 + i], r[12 + i], 0xdd);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_maskz_shuffle_i32x4(0xffff, t[i], t[8 + i], 0x88);           // column i
-    r[8 + i] = _mm512_maskz_shuffle_i32x4(0xffff, t[i], t[8 + i], 0xdd);       // column 8 + i
-    r[4 + i] = _mm512_maskz_shuffle_i32x4(0xffff, t[4 + i], t[12 + i], 0x88);  // column 4 + i
-    r[12 + i] = _mm512_maskz_shuffle_i32x4(0xffff, t[4 + i], t[12 + i], 0xdd); // column 12 + i
-  }
-  alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-                                                  24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
-  for (int p = 0; p < 8; ++p) {
-    _mm512_storeu_si512(d0 + 32 * p, _mm512_maskz_permutex2var_epi16(0xffffffffu, r[2 * p], lo, r[2 * p + 1]));
-    _mm512_storeu_si512(d1 + 32 * p, _mm512_maskz_permutex2var_epi16(0xffffffffu, r[2 * p], hi, r[2 * p + 1]));
+  alignas(64) static const int8_t swap_mid[64] = {0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15,
+                                                  0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15,
+                                                  0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15,
+                                                  0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15};
+  const __m512i sw = _mm512_load_si512(swap_mid);
+  for (int P = 0; P < 2; ++P) {
+    __m512i r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm512_shuffle_epi8(_mm512_loadu_si512(src + 16 * (8 * P + i)), sw);
+    // t[2j + b], lane l: rows 2j, 2j+1 of word q = 2l + b
+    for (int j = 0; j < 4; ++j) {
+      t[2 * j] = _mm512_maskz_unpacklo_epi64(0xff, r[2 * j], r[2 * j + 1]);
+      t[2 * j + 1] = _mm512_maskz_unpackhi_epi64(0xff, r[2 * j], r[2 * j + 1]);
+    }
+    uint16_t* d = P ? d1 : d0;
+    for (int b = 0; b < 2; ++b) {  // 4x4 transpose of 128-bit lanes: lane l of t[b], t[2+b], t[4+b], t[6+b] -> row 2l+b
+      const __m512i u0 = _mm512_maskz_shuffle_i64x2(0xff, t[b], t[2 + b], 0x44);  // lanes 0, 1 of each
+      const __m512i u1 = _mm512_maskz_shuffle_i64x2(0xff, t[b], t[2 + b], 0xee);  // lanes 2, 3
+      const __m512i u2 = _mm512_maskz_shuffle_i64x2(0xff, t[4 + b], t[6 + b], 0x44);
+      const __m512i u3 = _mm512_maskz_shuffle_i64x2(0xff, t[4 + b], t[6 + b], 0xee);
+      _mm512_storeu_si512(d + 32 * b, _mm512_maskz_shuffle_i64x2(0xff, u0, u2, 0x88));        // row b
+      _mm512_storeu_si512(d + 32 * (2 + b), _mm512_maskz_shuffle_i64x2(0xff, u0, u2, 0xdd));  // row 2 + b
+      _mm512_storeu_si512(d + 32 * (4 + b), _mm512_maskz_shuffle_i64x2(0xff, u1, u3, 0x88));  // row 4 + b
+      _mm512_storeu_si512(d + 32 * (6 + b), _mm512_maskz_shuffle_i64x2(0xff, u1, u3, 0xdd));  // row 6 + b
+    }
   }
 }
 
