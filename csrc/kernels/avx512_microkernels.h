@@ -99,6 +99,18 @@ static inline void dequant_row_avx512(const int8_t* q, const float* sv, uint16_t
   _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));  // low half from f0
 }
 
+// 4x4 transpose of 128-bit lanes: out[l] = lane l of a, b, c, d, in that order.
+static inline void transpose_lanes_4x4(__m512i a, __m512i b, __m512i c, __m512i d, __m512i out[4]) {
+  const __m512i u0 = _mm512_maskz_shuffle_i64x2(0xff, a, b, 0x44);  // lanes 0, 1 of a, then of b
+  const __m512i u1 = _mm512_maskz_shuffle_i64x2(0xff, a, b, 0xee);  // lanes 2, 3
+  const __m512i u2 = _mm512_maskz_shuffle_i64x2(0xff, c, d, 0x44);
+  const __m512i u3 = _mm512_maskz_shuffle_i64x2(0xff, c, d, 0xee);
+  out[0] = _mm512_maskz_shuffle_i64x2(0xff, u0, u2, 0x88);
+  out[1] = _mm512_maskz_shuffle_i64x2(0xff, u0, u2, 0xdd);
+  out[2] = _mm512_maskz_shuffle_i64x2(0xff, u1, u3, 0x88);
+  out[3] = _mm512_maskz_shuffle_i64x2(0xff, u1, u3, 0xdd);
+}
+
 // src: 16 pair rows of one panel slice (src[kk][n] = (W[n][k0+2kk], W[n][k0+2kk+1]) as uint32, 64 bytes per kk);
 // d0/d1: the first of 8 consecutive pair rows (32 uint16 each) of the two transposed panels: pair row p gets
 // (W[2p][k0+c], W[2p+1][k0+c]) for c < 16 in d0 and c >= 16 in d1. The same bytes as the plain loop of
@@ -111,11 +123,9 @@ static inline void transpose_slice_avx512(const uint32_t* src, uint16_t* d0, uin
   // shuffles, 8 unpacks, 16 lane shuffles) where the 16x16 transpose of 32-bit pairs and the bf16 interleave took
   // 80 for the slice; shuffles bound this repack (~17 GB/s per AMX core, backward's `operands` in BENCHMARKS.md).
   // maskz forms throughout: GCC 12 warns on the unmasked ones (they start from an undefined vector).
-  alignas(64) static const int8_t swap_mid[64] = {0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15,
-                                                  0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15,
-                                                  0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15,
-                                                  0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15};
-  const __m512i sw = _mm512_load_si512(swap_mid);
+  alignas(16) static const int8_t swap_mid[16] = {0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15};
+  const __m512i sw =
+      _mm512_maskz_broadcast_i32x4(0xffff, _mm_load_si128(reinterpret_cast<const __m128i*>(swap_mid)));
   for (int P = 0; P < 2; ++P) {
     __m512i r[8], t[8];
     for (int i = 0; i < 8; ++i) r[i] = _mm512_shuffle_epi8(_mm512_loadu_si512(src + 16 * (8 * P + i)), sw);
@@ -125,15 +135,10 @@ static inline void transpose_slice_avx512(const uint32_t* src, uint16_t* d0, uin
       t[2 * j + 1] = _mm512_maskz_unpackhi_epi64(0xff, r[2 * j], r[2 * j + 1]);
     }
     uint16_t* d = P ? d1 : d0;
-    for (int b = 0; b < 2; ++b) {  // 4x4 transpose of 128-bit lanes: lane l of t[b], t[2+b], t[4+b], t[6+b] -> row 2l+b
-      const __m512i u0 = _mm512_maskz_shuffle_i64x2(0xff, t[b], t[2 + b], 0x44);  // lanes 0, 1 of each
-      const __m512i u1 = _mm512_maskz_shuffle_i64x2(0xff, t[b], t[2 + b], 0xee);  // lanes 2, 3
-      const __m512i u2 = _mm512_maskz_shuffle_i64x2(0xff, t[4 + b], t[6 + b], 0x44);
-      const __m512i u3 = _mm512_maskz_shuffle_i64x2(0xff, t[4 + b], t[6 + b], 0xee);
-      _mm512_storeu_si512(d + 32 * b, _mm512_maskz_shuffle_i64x2(0xff, u0, u2, 0x88));        // row b
-      _mm512_storeu_si512(d + 32 * (2 + b), _mm512_maskz_shuffle_i64x2(0xff, u0, u2, 0xdd));  // row 2 + b
-      _mm512_storeu_si512(d + 32 * (4 + b), _mm512_maskz_shuffle_i64x2(0xff, u1, u3, 0x88));  // row 4 + b
-      _mm512_storeu_si512(d + 32 * (6 + b), _mm512_maskz_shuffle_i64x2(0xff, u1, u3, 0xdd));  // row 6 + b
+    for (int b = 0; b < 2; ++b) {  // lane l of t[b], t[2+b], t[4+b], t[6+b] -> pair row 2l + b
+      __m512i row[4];
+      transpose_lanes_4x4(t[b], t[2 + b], t[4 + b], t[6 + b], row);
+      for (int l = 0; l < 4; ++l) _mm512_storeu_si512(d + 32 * (2 * l + b), row[l]);
     }
   }
 }
@@ -144,24 +149,16 @@ static inline void transpose_slice_avx512(const uint32_t* src, uint16_t* d0, uin
 static inline void transpose_quads_avx512(const int8_t* src, int8_t* d0, int8_t* d1) {
   // Each 16-byte lane (quad row k4, channels 4q .. 4q+3) is a 4x4 byte matrix [channel][j]: transposed in place it
   // holds columns 4k4 .. 4k4+3, 4 channel bytes each, which is one quarter of output row (q, P = k4 / 4).
-  alignas(64) static const int8_t t4x4[64] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
-                                              0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
-                                              0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
-                                              0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
-  const __m512i sh = _mm512_load_si512(t4x4);
+  alignas(16) static const int8_t t4x4[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+  const __m512i sh =
+      _mm512_maskz_broadcast_i32x4(0xffff, _mm_load_si128(reinterpret_cast<const __m128i*>(t4x4)));
   for (int P = 0; P < 2; ++P) {
     __m512i r[4];
     for (int i = 0; i < 4; ++i) r[i] = _mm512_shuffle_epi8(_mm512_loadu_si512(src + 64 * (4 * P + i)), sh);
-    // 4x4 transpose of 128-bit lanes: output row q = lane q of r[0], r[1], r[2], r[3].
-    const __m512i t0 = _mm512_maskz_shuffle_i64x2(0xff, r[0], r[1], 0x44);  // lanes 0, 1 of r0, then of r1
-    const __m512i t1 = _mm512_maskz_shuffle_i64x2(0xff, r[0], r[1], 0xee);  // lanes 2, 3
-    const __m512i t2 = _mm512_maskz_shuffle_i64x2(0xff, r[2], r[3], 0x44);
-    const __m512i t3 = _mm512_maskz_shuffle_i64x2(0xff, r[2], r[3], 0xee);
+    __m512i row[4];  // output row q = lane q of r[0], r[1], r[2], r[3]
+    transpose_lanes_4x4(r[0], r[1], r[2], r[3], row);
     int8_t* d = P ? d1 : d0;
-    _mm512_storeu_si512(d, _mm512_maskz_shuffle_i64x2(0xff, t0, t2, 0x88));
-    _mm512_storeu_si512(d + 64, _mm512_maskz_shuffle_i64x2(0xff, t0, t2, 0xdd));
-    _mm512_storeu_si512(d + 128, _mm512_maskz_shuffle_i64x2(0xff, t1, t3, 0x88));
-    _mm512_storeu_si512(d + 192, _mm512_maskz_shuffle_i64x2(0xff, t1, t3, 0xdd));
+    for (int q = 0; q < 4; ++q) _mm512_storeu_si512(d + 64 * q, row[q]);
   }
 }
 
