@@ -22,7 +22,7 @@ WHEEL_CHECK  := dist/wheel-check
 TFNEW_VENV  ?= .venv-tfnew
 TFNEW_STAMP := $(TFNEW_VENV)/.kt-sft-tfnew-ok
 TFNEW_TESTS := tests/test_families.py tests/test_vlm.py tests/test_generate_parity.py tests/test_expert_lora_peft.py \
-               tests/test_chunked_loss.py tests/test_offload_parity.py
+               tests/test_chunked_loss.py tests/test_offload_parity.py tests/test_export.py
 TFNEW_LIMIT ?= 900
 
 .PHONY: setup build test test-fast test-tfnew fuzz soak demo bench wheel wheel-check clean distclean

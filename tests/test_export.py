@@ -425,6 +425,7 @@ def _same_checkpoints(ours: Path, stock: Path) -> None:
 def test_llamafactory_export_equals_stock(tmp_path):
     """In process: the hook's export (use_kt) writes what stock LLaMA-Factory's export writes for the same adapter
     (weights, config, tokenizer, Modelfile), and its refusals come before anything is written."""
+    pytest.importorskip("llamafactory")  # the newer-transformers job (make test-tfnew) has none
     from kt_sft.llamafactory.config import KTConfigError
     from kt_sft.llamafactory.startup import activate
 
@@ -449,6 +450,7 @@ def test_llamafactory_export_equals_stock(tmp_path):
 @pytest.mark.slow
 def test_llamafactory_cli_export(tmp_path):
     """The real `USE_KT=1 llamafactory-cli export cfg.yaml` (subprocess) against stock `llamafactory-cli export`."""
+    pytest.importorskip("llamafactory")
     import yaml
 
     from llamafactory_run import llamafactory_cli
