@@ -704,8 +704,8 @@ def result_rows(runs: list[tuple[str, dict]], args, provenance: dict | None = No
         losses = r.get("losses") or [None]
         ring = f"staging ring {r['ring_mb']} MiB" if r.get("ring_mb") else None
         chunk = f"chunks of {r['share_chunk']} experts" if r.get("share_chunk") else None
-        notes = [n for n in (r.get("note"), ring, chunk, _share_breakdown(r) if r.get("gpu_share_ms") is not None else None,
-                             _busy_line(r) if r.get("busy") else None) if n]
+        share = _share_breakdown(r) if r.get("gpu_share_ms") is not None else None
+        notes = [n for n in (r.get("note"), ring, chunk, share, _busy_line(r) if r.get("busy") else None) if n]
         row = {**run_info, "gpu_experts": _share_name(r.get("gpu_experts") or 0) if side == "ours" else 0,
                "threads": r.get("threads", run_info["threads"]), "variant": variant(side, args),
                "tokens_per_s": r["tokens_per_s"], "tokens_per_s_min": r["tokens_per_s_min"],

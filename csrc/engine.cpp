@@ -87,8 +87,7 @@ void ensure_lora_acc(Engine& eng, size_t floats) {
 Scratch scratch_of(Engine& eng, int worker) {
   return Scratch{static_cast<float*>(eng.c[worker].get()), eng.packed[worker].get(),
                  worker < int(eng.acc.size()) ? static_cast<float*>(eng.acc[worker].get()) : nullptr,
-                 eng.wdq[worker].get(),
-                 eng.profiling && worker < int(eng.task_clock.size()) ? eng.task_clock[size_t(worker)].ticks : nullptr};
+                 eng.wdq[worker].get(), worker_clock(eng, worker)};
 }
 
 namespace {

@@ -62,6 +62,10 @@ void ensure_scratch(Engine& eng, const FormatInfo& f, int Hp, int Ip);
 // With mu held: each worker's LoRA gradient sums, `floats` each (backward with LoRA).
 void ensure_lora_acc(Engine& eng, size_t floats);
 Scratch scratch_of(Engine& eng, int worker);
+// Profiling: the worker's TaskClock ticks for the current GEMM phase (null when off).
+inline uint64_t* worker_clock(Engine& eng, int worker) {
+  return eng.profiling && worker < int(eng.task_clock.size()) ? eng.task_clock[size_t(worker)].ticks : nullptr;
+}
 // The kernels of format f on the chosen ISA.
 inline const KernelTable* kernels_for(const Engine& eng, WeightFormat f) { return &eng.kernels->formats[int(f)]; }
 

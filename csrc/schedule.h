@@ -67,7 +67,7 @@ void run_gemm_phase(Engine& eng, const KernelTable* kt, const LayerView& L, cons
                     const ExpertNodes& nodes, const std::vector<Task>& gemm_tasks, Gemm gemm,
                     const QuantSource* quant, const int8_t** qa, const float** qs) {
   auto timed_gemm = [&](const Task& t, int wk) {  // a whole task's ticks (profiling)
-    uint64_t* clk = eng.profiling && wk < int(eng.task_clock.size()) ? eng.task_clock[size_t(wk)].ticks : nullptr;
+    uint64_t* clk = worker_clock(eng, wk);
     const uint64_t t0 = clk ? clock_ticks() : 0;
     gemm(t, wk);
     clock_add(clk, kPartTask, t0);
@@ -82,7 +82,7 @@ void run_gemm_phase(Engine& eng, const KernelTable* kt, const LayerView& L, cons
   *qs = q.job.dst_scale;
   eng.pool->run_by_node(q.begin, [&](int i, int wk) {
     const int o = q.order[size_t(i)];
-    uint64_t* clk = eng.profiling && wk < int(eng.task_clock.size()) ? eng.task_clock[size_t(wk)].ticks : nullptr;
+    uint64_t* clk = worker_clock(eng, wk);
     const uint64_t t0 = clk ? clock_ticks() : 0;
     if (o < 0) {
       const Task& t = q.qtasks[size_t(-1 - o)];
